@@ -1,0 +1,111 @@
+"""jokes: question -> punchline generation from reddit question-answer jokes.
+
+Reads a CSV or JSON/JSON-lines file with Question/Answer columns (any case) or reddit dump records
+with title/body, keeps the question-answer jokes and splits them deterministically from a seed.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import random
+from pathlib import Path
+
+from ..errors import DataError
+from ..metrics.text import generation_scores
+from .registry import Record, Splits, Task
+
+SAMPLE = str(Path(__file__).resolve().parent.parent / "data" / "jokes_sample.csv")
+_COLUMN_PAIRS = (("question", "answer"), ("title", "body"))
+
+
+def _read_rows(path: str) -> list[dict]:
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            if path.endswith(".csv"):
+                return list(csv.DictReader(f))
+            text = f.read()
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file; pass --data with a jokes CSV or JSON file")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 ({e}); re-save the file as UTF-8")
+    except csv.Error as e:
+        raise DataError(f"{path}: not a valid CSV file ({e})")
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError:
+        try:  # JSON lines, as reddit dumps come
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: neither JSON nor JSON lines ({e})")
+    if isinstance(rows, dict):
+        rows = next((v for v in rows.values() if isinstance(v, list)), [rows])
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise DataError(f"{path}: expected a list of records with question/answer or title/body fields")
+    return rows
+
+
+def read_jokes(path: str) -> list[Record]:
+    """Every row as {question, answer}, whichever column pair the file uses (names in any case)."""
+    rows = _read_rows(path)
+    if not rows:
+        return []
+    columns = {str(k).lower(): k for k in rows[0]}
+    pair = next((p for p in _COLUMN_PAIRS if p[0] in columns and p[1] in columns), None)
+    if pair is None:
+        raise DataError(f"{path}: record 0 has columns {sorted(columns)}; expected Question/Answer or title/body")
+    q_key, a_key = columns[pair[0]], columns[pair[1]]
+    return [{"question": str(r.get(q_key) or "").strip(), "answer": str(r.get(a_key) or "").strip()} for r in rows]
+
+
+def is_qa_joke(record: Record, max_question_words: int = 40, max_answer_words: int = 25) -> bool:
+    """A question-answer joke: the question ends in '?', both sides are present and short."""
+    q, a = record["question"], record["answer"]
+    return (q.endswith("?") and bool(a) and len(q.split()) <= max_question_words
+            and len(a.split()) <= max_answer_words)
+
+
+def split_records(records: list[Record], seed: int, validation_fraction: float, test_fraction: float) -> Splits:
+    shuffled = records[:]
+    random.Random(seed).shuffle(shuffled)
+    n_val, n_test = round(len(shuffled) * validation_fraction), round(len(shuffled) * test_fraction)
+    return {
+        "validation": shuffled[:n_val],
+        "test": shuffled[n_val:n_val + n_test],
+        "train": shuffled[n_val + n_test:],
+    }
+
+
+def load_splits(data: str, seed: int = 42, validation_fraction: float = 0.05, test_fraction: float = 0.05,
+                max_question_words: int = 40, max_answer_words: int = 25, **_options) -> Splits:
+    if Path(data).exists() or data.endswith((".csv", ".json", ".jsonl")):
+        records = read_jokes(data)
+    else:
+        import datasets  # a Hub dataset id: needs the network
+
+        records = [
+            {k.lower(): str(v or "").strip() for k, v in r.items()}
+            for r in datasets.load_dataset(data, split="train")
+        ]
+        records = [{"question": r.get("question", r.get("title", "")), "answer": r.get("answer", r.get("body", ""))}
+                   for r in records]
+    kept = [r for r in records if is_qa_joke(r, max_question_words, max_answer_words)]
+    if not kept:
+        raise DataError(f"{data}: none of {len(records)} records is a question-answer joke "
+                        f"(question ending in '?', answer of at most {max_answer_words} words)")
+    return split_records(kept, seed, validation_fraction, test_fraction)
+
+
+TASK = Task(
+    name="jokes",
+    default_model="google/flan-t5-large",
+    default_data=SAMPLE,
+    template="{question}",
+    truncate_field=None,
+    target=lambda record: record["answer"],
+    answer_span=lambda record: None,
+    answer_from_output=str.strip,
+    references=lambda record: [record["answer"]],
+    scores=generation_scores,
+    main_metric="rougeL",
+    load_splits=load_splits,
+)

@@ -1,0 +1,47 @@
+"""A task is one small module that builds a `Task`: how to read records, prompt them and score outputs.
+
+Adding a third task means writing one module beside squad.py and jokes.py and adding it to `_MODULES`.
+Nothing here imports torch, so tasks load and test in milliseconds.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+from ..errors import PeftT5Error
+
+Record = dict
+Splits = dict[str, list[Record]]
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    default_model: str  # Hub id of the base the task was designed for
+    default_data: str  # Hub dataset id or bundled sample path, used when --data is not given
+    template: str  # source prompt, formatted with the record's fields; saved with the adapter
+    truncate_field: str | None  # the field cut when the source is too long (must come last in the template)
+    target: Callable[[Record], str]  # the text the model learns to produce
+    answer_span: Callable[[Record], tuple[int, int] | None]  # char span of the target inside truncate_field
+    answer_from_output: Callable[[str], str]  # generated text -> the task's answer (e.g. no-answer -> "")
+    references: Callable[[Record], list[str]]  # gold answers for scoring
+    scores: Callable[[list[str], list[list[str]]], dict[str, float]]  # answers, references -> metrics
+    main_metric: str  # the metric named in logs and used to compare adapters
+    load_splits: Callable[..., Splits]  # (data, seed=..., **options) -> {"train": [...], "validation": [...], ...}
+
+    def source(self, record: Record) -> str:
+        return self.template.format(**record)
+
+
+_MODULES = {"squad": "peft_t5.tasks.squad", "jokes": "peft_t5.tasks.jokes"}
+
+
+def task_names() -> list[str]:
+    return sorted(_MODULES)
+
+
+def get_task(name: str) -> Task:
+    if name not in _MODULES:
+        raise PeftT5Error(f"unknown task {name!r}; known tasks: {', '.join(task_names())}")
+    return importlib.import_module(_MODULES[name]).TASK
