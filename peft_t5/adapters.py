@@ -1,0 +1,82 @@
+"""Save an adapter folder atomically, read its metadata, load it onto a base with plain PEFT."""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import PeftT5Error
+
+METADATA_FILE = "peft_t5.json"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two directories (Linux renameat2 RENAME_EXCHANGE); False where the OS cannot."""
+    # No library exposes renameat2; it is the only way to replace a non-empty folder in one step.
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        at_fdcwd, rename_exchange = -100, 2
+        return libc.renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+    except (AttributeError, OSError):
+        return False
+
+
+def write_atomically(output_dir: Path, write, keep: tuple[str, ...] = ("checkpoints", "runs")) -> None:
+    """Call write(tmp_dir) on a fresh folder beside output_dir, then swap it in as output_dir in one step.
+
+    Subfolders named in `keep` (training checkpoints and logs) carry over as hard links, so a kill at any
+    moment leaves output_dir holding either the whole old folder or the whole new one.
+    """
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.saving-", dir=output_dir.parent))
+    try:
+        write(tmp)
+        for name in keep:
+            if (output_dir / name).is_dir() and not (tmp / name).exists():
+                shutil.copytree(output_dir / name, tmp / name, copy_function=os.link)
+        if not output_dir.exists():
+            os.rename(tmp, output_dir)
+        elif _exchange(tmp, output_dir):
+            shutil.rmtree(tmp)
+        else:  # no atomic exchange here: two renames, the old folder kept until the new one is in place
+            old = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
+            os.rename(output_dir, old)
+            os.rename(tmp, output_dir)
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_adapter(model, tokenizer, output_dir: str | Path, metadata: dict, model_card: str,
+                 extra_files: dict[str, Path] | None = None) -> None:
+    """adapter_config.json + adapter_model.safetensors (plain PEFT), tokenizer, metadata and model card."""
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str) + "\n", encoding="utf-8")
+        (tmp / "README.md").write_text(model_card, encoding="utf-8")
+        for name, src in (extra_files or {}).items():
+            if Path(src).exists():
+                shutil.copy(src, tmp / name)
+
+    write_atomically(Path(output_dir), write)
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    return all((Path(path) / f).is_file() for f in ADAPTER_FILES)
+
+
+def read_metadata(adapter_dir: str | Path) -> dict:
+    path = Path(adapter_dir)
+    if not is_adapter_dir(path):
+        raise PeftT5Error(f"{path}: not an adapter folder (needs {' and '.join(ADAPTER_FILES)}); "
+                          "pass the folder that train_lora.py wrote")
+    meta = path / METADATA_FILE
+    return json.loads(meta.read_text(encoding="utf-8")) if meta.exists() else {}

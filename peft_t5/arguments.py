@@ -1,0 +1,74 @@
+"""Command-line arguments as dataclasses, parsed by HfArgumentParser (flags, or one JSON/YAML file)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import Seq2SeqTrainingArguments
+from transformers.trainer_utils import IntervalStrategy, SaveStrategy, SchedulerType
+from transformers.training_args import OptimizerNames
+
+from .tasks import task_names
+
+
+@dataclass
+class ModelArguments:
+    model: str | None = field(default=None, metadata={
+        "help": "Hub id, local folder, or 'tiny' (a small random-init T5 that needs no network). "
+                "Default: the task's base (squad: t5-small, jokes: google/flan-t5-large)."})
+    qlora: bool = field(default=False, metadata={"help": "Load the base in 4-bit NF4 (bitsandbytes) and train LoRA on it."})
+
+
+@dataclass
+class DataArguments:
+    task: str = field(metadata={"help": "The task to train.", "choices": task_names()})
+    data: str | None = field(default=None, metadata={
+        "help": "A local data file or a Hub dataset id. Default: the task's Hub set (squad), the bundled "
+                "sample (jokes, and any task with --model tiny)."})
+    validation_data: str | None = field(default=None, metadata={"help": "A separate validation file (squad)."})
+    validation_fraction: float = field(default=0.1, metadata={"help": "Share held out for validation (squad: by article)."})
+    test_fraction: float = field(default=0.05, metadata={"help": "Share held out for testing (jokes)."})
+    max_question_words: int = field(default=40, metadata={"help": "jokes: longest question kept, in words."})
+    max_answer_words: int = field(default=25, metadata={"help": "jokes: longest punchline kept, in words."})
+    max_source_length: int = field(default=512, metadata={"help": "Source tokens; squad cuts the context, never the question."})
+    max_target_length: int = field(default=64, metadata={"help": "Target tokens, and new tokens at generation."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training records."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N validation records."})
+    generation_eval_samples: int = field(default=64, metadata={"help": "Validation records scored by generation at each evaluation."})
+    sample_generations: int = field(default=5, metadata={"help": "Generations printed from the reloaded adapter at the end."})
+
+
+@dataclass
+class LoraArguments:
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input, in [0, 1)."})
+    target_modules: list[str] = field(default_factory=lambda: ["q", "v"], metadata={
+        "help": "Module names to adapt (T5: q k v o wi wo wi_0 wi_1), or all-linear."})
+
+
+@dataclass
+class TrainingArguments(Seq2SeqTrainingArguments):
+    """Seq2SeqTrainingArguments with T5-minded defaults; every Trainer flag still works."""
+
+    output_dir: str | None = field(default=None, metadata={"help": "Where the adapter goes. Default: adapters/<task>."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an adapter already in output_dir."})
+    resume: bool = field(default=False, metadata={"help": "Resume from the latest checkpoint in output_dir."})
+    optim: OptimizerNames | str = field(default="adafactor", metadata={"help": "adafactor (T5's usual, fixed lr) or any Trainer optimizer, e.g. adamw_torch."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "1e-3 suits Adafactor on T5; use ~3e-4 with AdamW."})
+    num_train_epochs: float = field(default=3.0, metadata={"help": "Epochs (or set --max_steps)."})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "Batch size per device for training."})
+    per_device_eval_batch_size: int = field(default=16, metadata={"help": "Batch size per device for evaluation."})
+    lr_scheduler_type: SchedulerType | str = field(default="constant", metadata={"help": "Adafactor on T5 runs at a fixed learning rate."})
+    eval_strategy: IntervalStrategy | str = field(default="epoch", metadata={"help": "When to evaluate: no, steps or epoch."})
+    save_strategy: SaveStrategy | str = field(default="epoch", metadata={"help": "When to checkpoint: no, steps, epoch or best."})
+    eval_on_start: bool = field(default=True, metadata={"help": "Evaluate the untrained adapter first, for a before/after."})
+    logging_steps: float = field(default=10, metadata={"help": "Log the training loss every N steps."})
+    load_best_model_at_end: bool = field(default=True, metadata={"help": "Keep the adapter with the best validation loss."})
+    metric_for_best_model: str | None = field(default="eval_loss", metadata={"help": "The metric that picks the best adapter."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept on disk."})
+    report_to: None | str | list[str] = field(default="tensorboard", metadata={"help": "tensorboard, none, or another integration."})
+    train_sampling_strategy: str = field(default="group_by_length", metadata={"help": "group_by_length batches similar lengths: less padding."})
+
+    def __post_init__(self):
+        self.output_dir_given = self.output_dir is not None  # the parent fills in "trainer_output"
+        super().__post_init__()

@@ -1,0 +1,236 @@
+"""The command line: `peft-t5 train|estimate` (and scripts/*.py). The one module that knows tasks and models."""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from .errors import PeftT5Error
+
+logger = logging.getLogger("peft_t5")
+
+
+def parse_train_args(argv: list[str]):
+    from transformers import HfArgumentParser
+
+    from .arguments import DataArguments, LoraArguments, ModelArguments, TrainingArguments
+
+    parser = HfArgumentParser((ModelArguments, DataArguments, LoraArguments, TrainingArguments),
+                              prog="train_lora.py", description="Train a LoRA/QLoRA adapter on a T5 base.")
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
+        if not Path(argv[0]).is_file():
+            raise PeftT5Error(f"{argv[0]}: no such config file")
+        if argv[0].endswith(".json"):
+            return parser.parse_json_file(argv[0])
+        return parser.parse_yaml_file(argv[0])
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def resolve_defaults(task, model_args, data_args, training_args) -> None:
+    from .modeling import TINY
+
+    model_args.model = model_args.model or task.default_model
+    if data_args.data is None:
+        data_args.data = task.default_data if model_args.model != TINY else _bundled_sample(task)
+    if not training_args.output_dir_given:
+        training_args.output_dir = f"adapters/{task.name}"
+    import torch
+
+    if not torch.cuda.is_available():
+        training_args.dataloader_pin_memory = False  # pinning needs an accelerator; only warns on a CPU
+    if training_args.fp16:
+        raise PeftT5Error("--fp16 is refused for T5: its activations overflow in float16 (NaN or zero loss); "
+                          "use --bf16 on hardware that has it, or float32 (the default)")
+
+
+def _bundled_sample(task) -> str:
+    from .tasks import jokes, squad
+
+    return {"squad": squad.SAMPLE, "jokes": jokes.SAMPLE}.get(task.name, task.default_data)
+
+
+def check_output_dir(adapter_dir: Path, overwrite: bool, resume: bool) -> None:
+    from .adapters import is_adapter_dir
+
+    if is_adapter_dir(adapter_dir) and not (overwrite or resume):
+        raise PeftT5Error(f"{adapter_dir} already holds an adapter; pass --overwrite_output_dir to replace it, "
+                          "or --output_dir for another folder")
+
+
+def model_card(meta: dict) -> str:
+    metrics = "\n".join(f"| {k} | {v:.4g} |" for k, v in meta["metrics"].items() if isinstance(v, (int, float)))
+    return f"""---
+library_name: peft
+base_model: {meta['base_model']}
+tags: [peft, lora, t5, peft-t5, {meta['task']}]
+---
+# {meta['task']} adapter for {meta['base_model']}
+
+A {'QLoRA (4-bit NF4 base)' if meta['qlora'] else 'LoRA'} adapter (r={meta['lora']['r']}, alpha={meta['lora']['alpha']},
+targets {meta['lora']['target_modules']}) trained with [peft-t5](https://github.com/) on the `{meta['task']}` task.
+
+Prompt template: `{meta['template']}`
+
+```python
+from peft import PeftModel
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+base = AutoModelForSeq2SeqLM.from_pretrained("{meta['base_model']}")
+model = PeftModel.from_pretrained(base, "path/to/this/folder")
+tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")
+```
+
+## Final validation metrics
+| metric | value |
+|---|---|
+{metrics}
+"""
+
+
+def train(argv: list[str]) -> dict:
+    """Train an adapter; returns the final metrics. The whole job, top to bottom."""
+    import torch
+    import transformers
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from .adapters import save_adapter
+    from .data import tokenize
+    from .modeling import TINY, add_lora, count_parameters, load_base_model, load_tokenizer
+    from .tasks import get_task
+    from .training import build_trainer, plot_loss_curves
+
+    model_args, data_args, lora_args, training_args = parse_train_args(argv)
+    task = get_task(data_args.task)
+    resolve_defaults(task, model_args, data_args, training_args)
+    adapter_dir = Path(training_args.output_dir)
+    check_output_dir(adapter_dir, training_args.overwrite_output_dir, training_args.resume)
+    training_args.output_dir = str(adapter_dir / "checkpoints")  # checkpoints and logs live inside the adapter folder
+
+    splits = task.load_splits(data_args.data, seed=training_args.seed, validation_fraction=data_args.validation_fraction,
+                              test_fraction=data_args.test_fraction, validation_data=data_args.validation_data,
+                              max_question_words=data_args.max_question_words, max_answer_words=data_args.max_answer_words)
+    train_records = splits["train"][:data_args.max_train_samples]
+    eval_records = splits["validation"][:data_args.max_eval_samples]
+    if not train_records or not eval_records:
+        raise PeftT5Error(f"{data_args.data}: {len(train_records)} training and {len(eval_records)} validation records; "
+                          "need at least one of each")
+    print(f"task {task.name}: {len(train_records)} training, {len(eval_records)} validation records from {data_args.data}")
+
+    tokenizer = load_tokenizer(model_args.model)
+    dtype = torch.bfloat16 if training_args.bf16 else torch.float32
+    model = add_lora(load_base_model(model_args.model, qlora=model_args.qlora, dtype=dtype), lora_args.lora_r,
+                     lora_args.lora_alpha, lora_args.lora_dropout, lora_args.target_modules)
+    trainable, total = count_parameters(model)
+    print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+
+    lengths = dict(max_source_length=data_args.max_source_length, max_target_length=data_args.max_target_length)
+    train_dataset, stats = tokenize(task, train_records, tokenizer, **lengths)
+    eval_dataset, eval_stats = tokenize(task, eval_records, tokenizer, **lengths)
+    print(f"training set: {stats}\nvalidation set: {eval_stats}")
+
+    trainer = build_trainer(model, tokenizer, task, train_dataset, eval_dataset, training_args,
+                            eval_records[:data_args.generation_eval_samples], **lengths)
+    resume = training_args.resume_from_checkpoint
+    if training_args.resume and resume is None:
+        resume = get_last_checkpoint(training_args.output_dir) if Path(training_args.output_dir).is_dir() else None
+        if resume is None:
+            raise PeftT5Error(f"--resume: no checkpoint in {training_args.output_dir}; train without --resume")
+    started = time.time()
+    trainer.train(resume_from_checkpoint=resume)
+    metrics = trainer.evaluate()
+    loss_before = next((e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e), None)
+
+    curve = Path(training_args.output_dir) / "loss_curve.png"
+    plot_loss_curves(trainer.state.log_history, curve)
+    meta = {
+        "task": task.name, "base_model": model_args.model, "template": task.template,
+        "truncate_field": task.truncate_field, "qlora": model_args.qlora,
+        "max_source_length": data_args.max_source_length, "max_target_length": data_args.max_target_length,
+        "lora": {"r": lora_args.lora_r, "alpha": lora_args.lora_alpha, "dropout": lora_args.lora_dropout,
+                 "target_modules": lora_args.target_modules},
+        "data": data_args.data, "train_records": len(train_records), "truncation": vars(stats),
+        "metrics": metrics, "eval_loss_before": loss_before, "train_seconds": round(time.time() - started, 1),
+        "training_args": json.loads(training_args.to_json_string()),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "peft": __import__("peft").__version__, "peft_t5": __import__("peft_t5").__version__},
+    }
+    save_adapter(trainer.model, tokenizer, adapter_dir, meta, model_card(meta), {"loss_curve.png": curve})
+    print(f"validation loss: {loss_before:.4f} before training -> {metrics['eval_loss']:.4f} after"
+          if loss_before is not None else f"validation loss: {metrics['eval_loss']:.4f}")
+    print(f"{task.main_metric}: {metrics.get('eval_' + task.main_metric, float('nan')):.2f}")
+    print(f"adapter saved to {adapter_dir}/ (adapter_model.safetensors, loss_curve.png, README.md)")
+
+    del trainer, model
+    gc.collect()
+    show_reloaded_samples(task, model_args, adapter_dir, splits.get("test") or eval_records, data_args)
+    if model_args.model == TINY:
+        print("\nNote: `tiny` is a small T5 with random weights, a smoke test of the whole pipeline, not a useful "
+              "model.\nFor the real thing: python scripts/train_lora.py --task jokes --data ../shared/data/jokes/qa-jokes.csv "
+              "(google/flan-t5-large), or --task squad (t5-small).")
+    return metrics
+
+
+def show_reloaded_samples(task, model_args, adapter_dir: Path, records: list[dict], data_args) -> None:
+    """Reload the saved adapter with plain PEFT and print a few generations next to the references."""
+    from peft import PeftModel
+
+    from .generation import generate_texts
+    from .modeling import load_base_model
+
+    records = records[:data_args.sample_generations]
+    if not records:
+        return
+    model = PeftModel.from_pretrained(load_base_model(model_args.model, qlora=model_args.qlora), adapter_dir)
+    tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(adapter_dir)
+    outputs = generate_texts(model, tokenizer, [task.source(r) for r in records],
+                             max_source_length=data_args.max_source_length, max_new_tokens=data_args.max_target_length)
+    print(f"\nsample generations from the reloaded adapter ({adapter_dir}):")
+    for record, output in zip(records, outputs):
+        print(f"  Q: {record['question']}\n     reference: {' | '.join(task.references(record)) or '(no answer)'}"
+              f"\n     generated: {task.answer_from_output(output) or '(no answer)'}")
+
+
+def estimate_main(argv: list[str]) -> None:
+    from .estimate import estimate, format_estimate
+
+    parser = argparse.ArgumentParser(prog="peft-t5 estimate", description=(
+        "Parameters and training memory (weights, gradients, optimizer state) from config.json alone."))
+    parser.add_argument("--model", required=True, help="Hub id, folder holding config.json, a config.json, or tiny")
+    parser.add_argument("--qlora", action="store_true", help="Show only the QLoRA row (all rows are shown otherwise)")
+    parser.add_argument("--optim", choices=["adafactor", "adamw"], default="adafactor")
+    parser.add_argument("--lora_r", type=int, default=16)
+    parser.add_argument("--target_modules", nargs="+", default=None)
+    parser.add_argument("--json", action="store_true", help="Print JSON instead of a table")
+    args = parser.parse_args(argv)
+    result = estimate(args.model, optim=args.optim, r=args.lora_r, target_modules=args.target_modules)
+    if args.qlora:
+        result = {k: v for k, v in result.items() if k not in ("full", "lora")}
+        result["trainable_parameters"] = {"qlora": result["trainable_parameters"]["qlora"]}
+    print(json.dumps(result, indent=2) if args.json else format_estimate(result))
+
+
+COMMANDS = {"train": train, "estimate": estimate_main}
+
+
+def run(command, argv: list[str]) -> int:
+    """Run a command; a PeftT5Error becomes one line on stderr and exit status 2."""
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation chatter from PEFT/transformers internals
+    try:
+        command(argv)
+    except PeftT5Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        print(f"usage: peft-t5 {{{','.join(COMMANDS)}}} ...  (peft-t5 COMMAND --help)", file=sys.stderr)
+        return 2
+    return run(COMMANDS[argv[0]], argv[1:])

@@ -1,0 +1,74 @@
+"""Tokenise a task's records with `datasets.map`: sources cut at the task's truncatable field, targets as labels."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import datasets
+from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
+
+from .tasks import Task
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TruncationStats:
+    examples: int = 0
+    truncated: int = 0  # sources longer than max_source_length, cut in the truncatable field
+    answer_cut: int = 0  # of those, how many lost the target's span
+
+    def __str__(self) -> str:
+        return (f"{self.truncated} of {self.examples} sources truncated to fit; "
+                f"the answer was cut away in {self.answer_cut}")
+
+
+def encode_source(task: Task, record: dict, tokenizer, max_length: int) -> tuple[list[int], bool, bool]:
+    """Token ids of the record's source (ending in </s>), whether it was cut, and whether the answer was cut away.
+
+    Everything before the truncatable field (the question) is kept whole; the field is cut at a token boundary.
+    """
+    field = task.truncate_field
+    if field is None:
+        ids = tokenizer(task.source(record), truncation=True, max_length=max_length).input_ids
+        return ids, len(ids) == max_length, False
+    head_template, tail_template = task.template.split("{" + field + "}")
+    assert not tail_template, f"task {task.name}: the truncatable field must end the template"
+    head = tokenizer(head_template.format(**record), add_special_tokens=False).input_ids
+    body = tokenizer(record[field], add_special_tokens=False, return_offsets_mapping=True)
+    room = max(max_length - len(head) - 1, 0)  # one for </s>
+    if len(body.input_ids) <= room:
+        return head + body.input_ids + [tokenizer.eos_token_id], False, False
+    span = task.answer_span(record)
+    kept_chars = body.offset_mapping[room - 1][1] if room else 0
+    answer_cut = span is not None and span[1] > kept_chars
+    return head + body.input_ids[:room] + [tokenizer.eos_token_id], True, answer_cut
+
+
+def tokenize(task: Task, records: list[dict], tokenizer: PreTrainedTokenizerBase, max_source_length: int = 512,
+             max_target_length: int = 64) -> tuple[datasets.Dataset, TruncationStats]:
+    """A dataset of input_ids, attention_mask, labels and length (for length-grouped batches)."""
+
+    def encode(batch: dict) -> dict:
+        rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+        sources = [encode_source(task, r, tokenizer, max_source_length) for r in rows]
+        labels = tokenizer(text_target=[task.target(r) for r in rows], max_length=max_target_length,
+                           truncation=True).input_ids
+        return {
+            "input_ids": [s[0] for s in sources],
+            "attention_mask": [[1] * len(s[0]) for s in sources],
+            "labels": labels,
+            "length": [len(s[0]) for s in sources],
+            "truncated": [s[1] for s in sources],
+            "answer_cut": [s[2] for s in sources],
+        }
+
+    raw = datasets.Dataset.from_list(records)
+    encoded = raw.map(encode, batched=True, remove_columns=raw.column_names, desc=f"tokenizing {task.name}")
+    stats = TruncationStats(len(encoded), sum(encoded["truncated"]), sum(encoded["answer_cut"]))
+    return encoded.remove_columns(["truncated", "answer_cut"]), stats
+
+
+def seq2seq_collator(tokenizer: PreTrainedTokenizerBase, model=None) -> DataCollatorForSeq2Seq:
+    """Pads each batch to its longest (rounded up to 8); padded label positions are -100, so never scored."""
+    return DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100, pad_to_multiple_of=8)

@@ -1,0 +1,92 @@
+"""Parameter counts and training memory of a T5, from its config.json alone (built on the meta device).
+
+Memory is what weights, gradients and optimizer state take; activations depend on batch and length and
+are not counted. Adafactor (the default) keeps a factored second moment: rows + columns for a matrix.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .errors import PeftT5Error
+from .modeling import TINY, TINY_DIR, add_lora
+
+GIB = 1024**3
+NF4_BYTES = 0.5 + (8 / 64 + 32 / (64 * 256)) / 8  # 4 bits + double-quantized absmax (8 bits per 64, fp32 per 256 blocks)
+
+
+def load_config(name: str):
+    from transformers import AutoConfig
+
+    path = TINY_DIR if name == TINY else Path(name)
+    if path.is_file():
+        path = path.parent
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise PeftT5Error(f"{name}: no config.json there; pass a folder holding config.json, the file, or a Hub id")
+    try:
+        config = AutoConfig.from_pretrained(str(path) if path.exists() else name)
+    except (OSError, ValueError) as e:
+        raise PeftT5Error(f"{name}: cannot read a model config ({str(e).splitlines()[0]}); "
+                          "pass a folder holding config.json, the file, or a Hub id")
+    return config
+
+
+def meta_model(config):
+    from transformers import AutoModelForSeq2SeqLM
+
+    with torch.device("meta"):
+        model = AutoModelForSeq2SeqLM.from_config(config)
+        # transformers 5 forces T5Config.tie_word_embeddings=True and keeps the file's flag only as
+        # scale_decoder_outputs; a checkpoint saved untied (flan-t5) gets its own lm_head back on load.
+        head = getattr(model, "lm_head", None)
+        if getattr(config, "scale_decoder_outputs", True) is False and head is not None:
+            head.weight = torch.nn.Parameter(torch.empty_like(head.weight))
+    return model
+
+
+def optimizer_state_numel(shapes: list[torch.Size], optim: str) -> int:
+    if optim == "adamw":
+        return sum(2 * s.numel() for s in shapes)
+    return sum((s[-2] + s[-1]) * (s.numel() // (s[-2] * s[-1])) if len(s) >= 2 else s.numel() for s in shapes)
+
+
+def estimate(name: str, optim: str = "adafactor", r: int = 16, target_modules=None) -> dict:
+    """Counts and GiB for full fine-tuning, LoRA (fp32 base) and QLoRA (NF4 base) of the model `name`."""
+    config = load_config(name)
+    model = meta_model(config)
+    total = sum(p.numel() for p in model.parameters())
+    full_shapes = [p.shape for p in model.parameters()]
+    linear = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    quantizable = sum(m.weight.numel() for n, m in model.named_modules() if n in linear)
+
+    peft_model = add_lora(model, r=r, alpha=2 * r, target_modules=target_modules)
+    trainable, with_adapter = peft_model.get_nb_trainable_parameters()
+    lora_shapes = [p.shape for p in peft_model.parameters() if p.requires_grad]
+
+    def setup(weights_bytes: float, grad_numel: int, shapes) -> dict:
+        optim_bytes = 4 * optimizer_state_numel(shapes, optim)
+        return {"weights_gib": weights_bytes / GIB, "gradients_gib": 4 * grad_numel / GIB,
+                "optimizer_gib": optim_bytes / GIB, "total_gib": (weights_bytes + 4 * grad_numel + optim_bytes) / GIB}
+
+    return {
+        "model": name,
+        "optimizer": optim,
+        "total_parameters": total,
+        "trainable_parameters": {"full": total, "lora": trainable, "qlora": trainable},
+        "full": setup(4 * total, total, full_shapes),
+        "lora": setup(4 * with_adapter, trainable, lora_shapes),
+        # prepare_model_for_kbit_training keeps the non-quantized weights (embeddings, norms, lm_head) in fp32
+        "qlora": setup(NF4_BYTES * quantizable + 4 * (with_adapter - quantizable), trainable, lora_shapes),
+    }
+
+
+def format_estimate(e: dict) -> str:
+    lines = [f"model: {e['model']}  (optimizer state for {e['optimizer']}; activations not counted)",
+             f"total parameters: {e['total_parameters']:,}",
+             f"{'setup':8} {'trainable':>14} {'weights':>9} {'grads':>9} {'optimizer':>9} {'total':>9}  (GiB)"]
+    for setup in ("full", "lora", "qlora"):
+        m = e[setup]
+        lines.append(f"{setup:8} {e['trainable_parameters'][setup]:>14,} {m['weights_gib']:>9.3f} "
+                     f"{m['gradients_gib']:>9.3f} {m['optimizer_gib']:>9.3f} {m['total_gib']:>9.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,28 @@
+"""Batched greedy or beam generation, with batches grouped by source length to waste little on padding."""
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+
+@torch.inference_mode()
+def generate_texts(model, tokenizer: PreTrainedTokenizerBase, sources: list[str], batch_size: int = 16,
+                   max_source_length: int = 512, max_new_tokens: int = 64, num_beams: int = 1,
+                   **generate_kwargs) -> list[str]:
+    """Decoded outputs in the order of `sources`; batches hold sources of similar length."""
+    lengths = [len(ids) for ids in tokenizer(sources, truncation=True, max_length=max_source_length).input_ids]
+    order = sorted(range(len(sources)), key=lambda i: -lengths[i])
+    outputs: list[str] = [""] * len(sources)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        batch = tokenizer([sources[i] for i in idx], return_tensors="pt", padding=True, truncation=True,
+                          max_length=max_source_length).to(device)
+        generated = model.generate(**batch, max_new_tokens=max_new_tokens, num_beams=num_beams,
+                                   do_sample=False, **generate_kwargs)
+        for i, text in zip(idx, tokenizer.batch_decode(generated, skip_special_tokens=True)):
+            outputs[i] = text.strip()
+    model.train(was_training)
+    return outputs

@@ -1,0 +1,163 @@
+"""Load a T5 base (Hub id, local folder, or the built-in `tiny`), optionally in 4-bit, and wrap it with LoRA.
+
+Knows no task. `tiny` is a small T5 built from the config shipped in peft_t5/tiny/, with a sentencepiece
+tokenizer trained on the text of the bundled samples: it needs no network and trains in seconds, which
+makes it the offline demo and the test model. Its weights are random (seeded), so it is a smoke test only.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .errors import PeftT5Error
+
+TINY = "tiny"
+TINY_DIR = Path(__file__).resolve().parent / "tiny"
+DATA_DIR = Path(__file__).resolve().parent / "data"
+TINY_SEED = 0
+LORA_DEFAULT_TARGETS = ["q", "v"]  # T5's attention query and value projections
+
+
+def bf16_supported() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def _sample_texts() -> list[str]:
+    """Every string in the bundled sample files, whatever their layout (modeling knows no task)."""
+    import csv
+
+    def strings(node):
+        if isinstance(node, str):
+            yield node
+        elif isinstance(node, dict):
+            for v in node.values():
+                yield from strings(v)
+        elif isinstance(node, list):
+            for v in node:
+                yield from strings(v)
+
+    texts: list[str] = []
+    for path in sorted(DATA_DIR.iterdir()):
+        if path.suffix == ".json":
+            texts += [s for s in strings(json.loads(path.read_text(encoding="utf-8"))) if len(s) > 3]
+        elif path.suffix == ".csv":
+            with open(path, encoding="utf-8", newline="") as f:
+                texts += [cell for row in csv.reader(f) for cell in row]
+    return texts
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerBase:
+    """A T5 (unigram sentencepiece) tokenizer trained on the bundled samples; deterministic."""
+    import sentencepiece as spm
+    from transformers import T5Tokenizer
+
+    vocab_size = json.loads((TINY_DIR / "config.json").read_text())["vocab_size"]
+    with tempfile.TemporaryDirectory() as tmp:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(_sample_texts()), model_prefix=f"{tmp}/spiece", vocab_size=vocab_size,
+            model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, num_threads=1,
+            character_coverage=1.0, minloglevel=2,
+        )
+        return T5Tokenizer.from_pretrained(tmp, extra_ids=0)
+
+
+def tiny_config():
+    return AutoConfig.from_pretrained(TINY_DIR)
+
+
+def tiny_model() -> PreTrainedModel:
+    """The tiny T5 with weights initialised from its config under a fixed seed: the same on every call."""
+    from transformers import T5ForConditionalGeneration
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        return T5ForConditionalGeneration(tiny_config()).eval()
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    if name == TINY:
+        return tiny_tokenizer()
+    return AutoTokenizer.from_pretrained(name)
+
+
+def quantization_config():
+    """4-bit NF4 with double quantization; compute in bf16 where the hardware has it, else float32."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16 if bf16_supported() else torch.float32,
+    )
+
+
+def check_bitsandbytes() -> None:
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as e:  # ImportError, or a broken native library
+        raise PeftT5Error(f"--qlora needs bitsandbytes with 4-bit support ({type(e).__name__}: {e}); "
+                          "install it with `pip install bitsandbytes`, or train without --qlora")
+
+
+def load_base_model(name: str, qlora: bool = False, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """A seq2seq base from a Hub id, a local folder or `tiny`; with qlora, its linear layers in 4-bit NF4."""
+    if qlora:
+        check_bitsandbytes()
+        if name == TINY:  # quantization happens on load, so the tiny weights go through a folder first
+            with tempfile.TemporaryDirectory() as tmp:
+                tiny_model().save_pretrained(tmp)
+                return AutoModelForSeq2SeqLM.from_pretrained(tmp, quantization_config=quantization_config())
+        return AutoModelForSeq2SeqLM.from_pretrained(name, quantization_config=quantization_config())
+    if name == TINY:
+        return tiny_model().to(dtype)
+    return AutoModelForSeq2SeqLM.from_pretrained(name, dtype=dtype)
+
+
+def linear_module_names(model: torch.nn.Module) -> list[str]:
+    """The distinct leaf names of linear layers, the names LoRA's target_modules match against."""
+    return sorted({name.split(".")[-1] for name, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) or type(m).__name__.startswith("Linear")})
+
+
+def lora_config(r: int = 16, alpha: int = 32, dropout: float = 0.05, target_modules=None):
+    from peft import LoraConfig, TaskType
+
+    if r < 1:
+        raise PeftT5Error(f"--lora_r {r}: the rank must be at least 1")
+    if not 0 <= dropout < 1:
+        raise PeftT5Error(f"--lora_dropout {dropout}: must be in [0, 1)")
+    targets = target_modules or LORA_DEFAULT_TARGETS
+    if targets in (["all-linear"], "all-linear"):
+        targets = "all-linear"
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                      task_type=TaskType.SEQ_2_SEQ_LM)
+
+
+def add_lora(model: PreTrainedModel, r: int = 16, alpha: int = 32, dropout: float = 0.05, target_modules=None):
+    """Wrap `model` with a fresh LoRA adapter; a 4-bit model is first prepared for k-bit training."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    config = lora_config(r, alpha, dropout, target_modules)
+    if config.target_modules != "all-linear":
+        existing = linear_module_names(model)
+        missing = sorted(set(config.target_modules) - set(existing))
+        if missing:
+            raise PeftT5Error(f"--target_modules {','.join(missing)} match no layer of this model; "
+                              f"its linear layers are named: {', '.join(existing)}")
+    if getattr(model, "is_loaded_in_4bit", False):
+        # T5 in k-bit needs this (fp32 norms, input grads) or backward fails with "does not require grad".
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return get_peft_model(model, config)
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters; a PeftModel counts each 4-bit weight as the values it stands for."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        return model.get_nb_trainable_parameters()
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)

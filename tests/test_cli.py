@@ -1,0 +1,76 @@
+"""scripts/train_lora.py end to end in a subprocess, and its argument handling."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+
+from peft_t5.cli import parse_train_args
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAIN = [sys.executable, str(ROOT / "scripts" / "train_lora.py")]
+
+
+def run_train(*args):
+    return subprocess.run(TRAIN + list(args), capture_output=True, text=True, cwd=ROOT)
+
+
+def error_line(proc):
+    return proc.stderr.strip().splitlines()[-1]
+
+
+def test_train_squad_end_to_end_writes_a_loadable_adapter(tmp_path):
+    out = tmp_path / "squad"
+    proc = run_train("--task", "squad", "--model", "tiny", "--output_dir", str(out), "--max_steps", "6",
+                     "--per_device_train_batch_size", "4", "--max_source_length", "128", "--max_eval_samples", "8",
+                     "--generation_eval_samples", "4", "--sample_generations", "2", "--report_to", "none")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "trainable params: 49,152 || all params: 1,492,736" in proc.stdout
+    assert "sources truncated to fit; the answer was cut away in" in proc.stdout
+    assert "sample generations from the reloaded adapter" in proc.stdout
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "peft_t5.json", "README.md"):
+        assert (out / name).is_file(), name
+    assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    meta = json.loads((out / "peft_t5.json").read_text())
+    assert meta["task"] == "squad" and meta["base_model"] == "tiny"
+    assert meta["template"] == "question: {question} context: {context}"
+    assert meta["training_args"]["max_steps"] == 6 and meta["training_args"]["optim"] == "adafactor"
+    assert {"eval_loss", "eval_exact", "eval_f1"} <= meta["metrics"].keys()
+
+    from peft_t5.modeling import tiny_model
+
+    model = PeftModel.from_pretrained(tiny_model(), out)
+    assert any("lora_A" in n for n, _ in model.named_parameters())
+
+    again = run_train("--task", "squad", "--model", "tiny", "--output_dir", str(out), "--max_steps", "1")
+    assert again.returncode == 2
+    assert error_line(again) == f"error: {out} already holds an adapter; pass --overwrite_output_dir to replace it, or --output_dir for another folder"
+
+
+def test_yaml_config_gives_the_same_arguments_as_flags(tmp_path):
+    flags = ["--task", "jokes", "--model", "tiny", "--max_steps", "20", "--learning_rate", "0.0003",
+             "--lora_r", "8", "--target_modules", "q", "k", "v", "--output_dir", "x"]
+    config = tmp_path / "run.yaml"
+    config.write_text("task: jokes\nmodel: tiny\nmax_steps: 20\nlearning_rate: 0.0003\nlora_r: 8\n"
+                      "target_modules: [q, k, v]\noutput_dir: x\n")
+    from_flags, from_yaml = parse_train_args(flags), parse_train_args([str(config)])
+    for a, b in zip(from_flags, from_yaml):
+        assert a == b
+    model, data, lora, training = from_flags
+    assert (lora.lora_r, lora.target_modules, training.max_steps, training.learning_rate) == (8, ["q", "k", "v"], 20, 3e-4)
+    assert training.optim == "adafactor"
+
+
+def test_fp16_is_refused_in_one_line():
+    proc = run_train("--task", "jokes", "--model", "tiny", "--fp16", "--use_cpu", "--max_steps", "1")
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert error_line(proc).startswith("error: --fp16 is refused for T5: its activations overflow in float16")
+
+
+def test_unknown_task_is_an_argument_error():
+    proc = run_train("--task", "poems")
+    assert proc.returncode == 2 and "invalid choice: 'poems'" in proc.stderr
