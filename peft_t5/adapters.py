@@ -80,3 +80,33 @@ def read_metadata(adapter_dir: str | Path) -> dict:
                           "pass the folder that train_lora.py wrote")
     meta = path / METADATA_FILE
     return json.loads(meta.read_text(encoding="utf-8")) if meta.exists() else {}
+
+
+def adapter_shapes(adapter_dir: str | Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes in adapter_model.safetensors, read from its header without loading the weights."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(adapter_dir) / "adapter_model.safetensors"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise PeftT5Error(f"{path}: truncated or corrupt safetensors file ({e}); train or copy the adapter again")
+
+
+def check_adapter_fits(base_model, adapter_dir: str | Path, base_name: str) -> None:
+    """Refuse, naming both, an adapter whose LoRA matrices do not fit the base's layers."""
+    recorded = read_metadata(adapter_dir).get("base_model", "unknown")
+    modules = dict(base_model.named_modules())
+    for key, shape in adapter_shapes(adapter_dir).items():
+        if ".lora_A." not in key and ".lora_B." not in key:
+            continue
+        path = key.split(".lora_")[0].removeprefix("base_model.model.")
+        module = modules.get(path)
+        expected = None if module is None else (module.in_features if ".lora_A." in key else module.out_features)
+        got = shape[1] if ".lora_A." in key else shape[0]
+        if expected != got:
+            has = "no such layer" if module is None else f"{expected} features"
+            raise PeftT5Error(f"{adapter_dir}: adapter trained on base '{recorded}' does not fit base '{base_name}' "
+                              f"({path}: adapter expects {got} features, base has {has}); "
+                              f"load it onto '{recorded}' or a copy of it")

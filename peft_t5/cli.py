@@ -99,7 +99,7 @@ def train(argv: list[str]) -> dict:
 
     from .adapters import save_adapter
     from .data import tokenize
-    from .modeling import TINY, add_lora, count_parameters, load_base_model, load_tokenizer
+    from .modeling import TINY, add_lora, count_parameters, load_base_model, load_tokenizer, quantization_config
     from .tasks import get_task
     from .training import build_trainer, plot_loss_curves
 
@@ -149,6 +149,7 @@ def train(argv: list[str]) -> dict:
     meta = {
         "task": task.name, "base_model": model_args.model, "template": task.template,
         "truncate_field": task.truncate_field, "qlora": model_args.qlora,
+        "quantization": quantization_config().to_dict() if model_args.qlora else None,
         "max_source_length": data_args.max_source_length, "max_target_length": data_args.max_target_length,
         "lora": {"r": lora_args.lora_r, "alpha": lora_args.lora_alpha, "dropout": lora_args.lora_dropout,
                  "target_modules": lora_args.target_modules},
@@ -213,7 +214,89 @@ def estimate_main(argv: list[str]) -> None:
     print(json.dumps(result, indent=2) if args.json else format_estimate(result))
 
 
-COMMANDS = {"train": train, "estimate": estimate_main}
+def merge_main(argv: list[str]) -> None:
+    from .merge import merge_adapter
+
+    parser = argparse.ArgumentParser(prog="merge_adapter.py", description=(
+        "Merge an adapter into its base and write a standalone model folder (safetensors, config, tokenizer)."))
+    parser.add_argument("--adapter", required=True, help="The adapter folder train_lora.py wrote")
+    parser.add_argument("--output", required=True, help="The merged model's folder")
+    parser.add_argument("--base", help="Base model (Hub id, folder, tiny); default: the one recorded in the adapter")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="Dtype of the saved weights")
+    parser.add_argument("--merge_into", choices=["dequantized", "original"], help=(
+        "QLoRA adapters: 'dequantized' (default) merges into the NF4-dequantized base the adapter was trained on; "
+        "'original' into the original full-precision weights"))
+    parser.add_argument("--overwrite", action="store_true", help="Replace a non-empty --output folder")
+    args = parser.parse_args(argv)
+    report = merge_adapter(args.adapter, args.output, args.base, args.dtype, args.merge_into, args.overwrite)
+    into = {"dequantized": "the NF4-dequantized base (as trained)", "original": "the original base weights"}
+    print(f"merged {args.adapter} into {into[report.merge_into]}")
+    check = f"tolerance {report.tolerance:g}: ok" if report.tolerance is not None else "reported, not checked"
+    print(f"largest logit difference, merged vs the model as trained: {report.max_logit_diff:.3g} ({check})")
+    print(f"wrote {report.output}/ ({args.dtype}); load it with T5ForConditionalGeneration.from_pretrained")
+
+
+def read_inputs(args) -> list:
+    """Questions from the command line or --file (one per line, or JSON lines with question/context)."""
+    items: list = list(args.questions)
+    if args.file:
+        try:
+            lines = Path(args.file).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise PeftT5Error(f"{args.file}: cannot read ({e}); pass a UTF-8 text file, one question per line")
+        for i, line in enumerate(l for l in lines if l.strip()):
+            if line.lstrip().startswith("{"):
+                try:
+                    items.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise PeftT5Error(f"{args.file}: line {i + 1} is not valid JSON ({e})")
+            else:
+                items.append(line.strip())
+    if args.context is not None:
+        items = [(q, args.context) if isinstance(q, str) else q for q in items]
+    if not items:
+        raise PeftT5Error("no questions given; pass them as arguments or with --file")
+    return items
+
+
+def generate_main(argv: list[str]) -> None:
+    from .bank import BASE, AdapterBank
+
+    parser = argparse.ArgumentParser(prog="generate.py", description="Generate with adapters on one loaded base.")
+    parser.add_argument("questions", nargs="*", help="Questions (jokes), or questions with --context (squad)")
+    parser.add_argument("--adapter", action="append", required=True, metavar="NAME=FOLDER",
+                        help="An adapter to load, by name; repeat for several")
+    parser.add_argument("--task", required=True, help="Which adapter answers (a NAME, or 'base' for no adapter)")
+    parser.add_argument("--context", help="squad: the context for every question")
+    parser.add_argument("--file", help="Questions, one per line, or JSON lines {\"question\": ..., \"context\": ...}")
+    parser.add_argument("--base", help="Base model; default: the one recorded in the first adapter")
+    parser.add_argument("--qlora", action="store_true", help="Load the base in 4-bit NF4")
+    parser.add_argument("--compare-base", action="store_true", help="Also print the base model's output")
+    parser.add_argument("--num_beams", type=int, default=1)
+    parser.add_argument("--max_new_tokens", type=int, default=64)
+    args = parser.parse_args(argv)
+    adapters = {}
+    for spec in args.adapter:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise PeftT5Error(f"--adapter {spec}: expected NAME=FOLDER, e.g. jokes=adapters/jokes")
+        adapters[name] = path
+    bank = AdapterBank.load(args.base, adapters, qlora=args.qlora)
+    if args.task != BASE and args.task not in adapters:
+        raise PeftT5Error(f"--task {args.task}: no such adapter; loaded: {', '.join(bank.names)}")
+    inputs = read_inputs(args)
+    options = dict(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
+    prompt_of = args.task if args.task != BASE else next(iter(adapters))
+    outputs = bank.generate(args.task, inputs, prompt_of=prompt_of if args.task == BASE else None, **options)
+    base_outputs = bank.generate(BASE, inputs, prompt_of=prompt_of, **options) if args.compare_base else None
+    for i, (item, output) in enumerate(zip(inputs, outputs)):
+        question = item if isinstance(item, str) else (item.get("question") if isinstance(item, dict) else item[0])
+        print(f"Q: {question}\n{args.task}: {output or '(empty)'}")
+        if base_outputs is not None:
+            print(f"base: {base_outputs[i] or '(empty)'}")
+
+
+COMMANDS = {"train": train, "estimate": estimate_main, "merge": merge_main, "generate": generate_main}
 
 
 def run(command, argv: list[str]) -> int:

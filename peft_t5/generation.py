@@ -8,8 +8,11 @@ from transformers import PreTrainedTokenizerBase
 @torch.inference_mode()
 def generate_texts(model, tokenizer: PreTrainedTokenizerBase, sources: list[str], batch_size: int = 16,
                    max_source_length: int = 512, max_new_tokens: int = 64, num_beams: int = 1,
-                   **generate_kwargs) -> list[str]:
-    """Decoded outputs in the order of `sources`; batches hold sources of similar length."""
+                   adapter_names: list[str] | None = None, **generate_kwargs) -> list[str]:
+    """Decoded outputs in the order of `sources`; batches hold sources of similar length.
+
+    adapter_names: one PEFT adapter name per source, for a batch that mixes adapters.
+    """
     lengths = [len(ids) for ids in tokenizer(sources, truncation=True, max_length=max_source_length).input_ids]
     order = sorted(range(len(sources)), key=lambda i: -lengths[i])
     outputs: list[str] = [""] * len(sources)
@@ -20,6 +23,8 @@ def generate_texts(model, tokenizer: PreTrainedTokenizerBase, sources: list[str]
         idx = order[start:start + batch_size]
         batch = tokenizer([sources[i] for i in idx], return_tensors="pt", padding=True, truncation=True,
                           max_length=max_source_length).to(device)
+        if adapter_names is not None:
+            generate_kwargs["adapter_names"] = [adapter_names[i] for i in idx]
         generated = model.generate(**batch, max_new_tokens=max_new_tokens, num_beams=num_beams,
                                    do_sample=False, **generate_kwargs)
         for i, text in zip(idx, tokenizer.batch_decode(generated, skip_special_tokens=True)):

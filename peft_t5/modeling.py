@@ -104,6 +104,20 @@ def check_bitsandbytes() -> None:
                           "install it with `pip install bitsandbytes`, or train without --qlora")
 
 
+def compute_as_in_training(quantized_model: torch.nn.Module) -> None:
+    """Keep 4-bit layers on one compute path: dequantize, then matmul in the compute dtype.
+
+    On CPUs with AVX512-BF16, bitsandbytes' first no-grad eval forward repacks the weights for a bf16
+    kernel that has no autograd; training after an evaluation would then backpropagate through it
+    incorrectly, and merged weights could not reproduce the model as trained.
+    """
+    import bitsandbytes as bnb
+
+    for module in quantized_model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
 def load_base_model(name: str, qlora: bool = False, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """A seq2seq base from a Hub id, a local folder or `tiny`; with qlora, its linear layers in 4-bit NF4."""
     if qlora:
@@ -111,8 +125,11 @@ def load_base_model(name: str, qlora: bool = False, dtype: torch.dtype = torch.f
         if name == TINY:  # quantization happens on load, so the tiny weights go through a folder first
             with tempfile.TemporaryDirectory() as tmp:
                 tiny_model().save_pretrained(tmp)
-                return AutoModelForSeq2SeqLM.from_pretrained(tmp, quantization_config=quantization_config())
-        return AutoModelForSeq2SeqLM.from_pretrained(name, quantization_config=quantization_config())
+                model = AutoModelForSeq2SeqLM.from_pretrained(tmp, quantization_config=quantization_config())
+        else:
+            model = AutoModelForSeq2SeqLM.from_pretrained(name, quantization_config=quantization_config())
+        compute_as_in_training(model)
+        return model
     if name == TINY:
         return tiny_model().to(dtype)
     return AutoModelForSeq2SeqLM.from_pretrained(name, dtype=dtype)

@@ -1,0 +1,110 @@
+"""One base model in memory, several named adapters on it: switch between tasks without reloading the base.
+
+    bank = AdapterBank.load("t5-small", {"squad": "adapters/squad", "jokes": "adapters/jokes"})
+    bank.generate("jokes", ["Why did the scarecrow win an award?"])
+    bank.generate("squad", [("Where is Normandy?", "Normandy is a region in France.")])
+    bank.generate("base", questions, prompt_of="jokes")   # adapters disabled, jokes' prompt, for comparison
+    bank.generate_mixed([("jokes", q1), ("squad", (q2, c2))])   # one forward pass, PEFT's adapter_names
+"""
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass, field
+
+from .adapters import check_adapter_fits, read_metadata
+from .errors import PeftT5Error
+from .generation import generate_texts
+from .tasks import get_task
+
+BASE = "base"
+
+
+def template_fields(template: str) -> list[str]:
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+
+
+@dataclass
+class AdapterBank:
+    model: object  # a PeftModel holding every adapter
+    tokenizer: object
+    metadata: dict[str, dict] = field(default_factory=dict)  # adapter name -> its peft_t5.json
+
+    @classmethod
+    def load(cls, base, adapters: dict[str, str], qlora: bool = False) -> "AdapterBank":
+        """base: a Hub id, folder or `tiny` (None: the base recorded in the first adapter), or a loaded model."""
+        from peft import PeftModel
+        from transformers import AutoTokenizer
+
+        from .modeling import load_base_model
+
+        if not adapters:
+            raise PeftT5Error("no adapters given; pass at least one name=folder")
+        if BASE in adapters:
+            raise PeftT5Error(f"'{BASE}' is reserved for the model with adapters disabled; name the adapter otherwise")
+        metadata = {name: read_metadata(path) for name, path in adapters.items()}
+        first = next(iter(adapters))
+        base_name = base if isinstance(base, str) else getattr(getattr(base, "config", None), "name_or_path", "model")
+        if base is None:
+            base_name = metadata[first].get("base_model")
+            if not base_name:
+                raise PeftT5Error(f"{adapters[first]}: no base model recorded; pass the base explicitly")
+        model = load_base_model(base_name, qlora=qlora) if isinstance(base, str) or base is None else base
+        for name, path in adapters.items():
+            check_adapter_fits(model if name == first else model.get_base_model(), path, base_name)
+            if name == first:
+                model = PeftModel.from_pretrained(model, path, adapter_name=name)
+            else:
+                model.load_adapter(path, adapter_name=name)
+        model.eval()
+        return cls(model, AutoTokenizer.from_pretrained(adapters[first]), metadata)
+
+    @property
+    def names(self) -> list[str]:
+        return [BASE, *self.metadata]
+
+    def sources(self, name: str, inputs: list, prompt_of: str | None = None) -> list[str]:
+        """Prompts from the adapter's saved template: a string fills the one field, a tuple fills them in order.
+
+        For `base`, the template of adapter `prompt_of`; with none given, string inputs are used as they are.
+        """
+        if name == BASE and prompt_of is None:
+            return [str(item) for item in inputs]
+        template = self._meta(prompt_of if name == BASE else name).get("template", "{question}")
+        fields = template_fields(template)
+        records = []
+        for item in inputs:
+            if isinstance(item, str):
+                item = (item,)
+            record = item if isinstance(item, dict) else dict(zip(fields, item))
+            missing = [f for f in fields if f not in record]
+            if missing:
+                raise PeftT5Error(f"{name}: its prompt `{template}` needs {', '.join(fields)}; missing {', '.join(missing)}")
+            records.append(record)
+        return [template.format(**r) for r in records]
+
+    def _meta(self, name: str) -> dict:
+        if name not in self.metadata:
+            raise PeftT5Error(f"no adapter named {name!r}; loaded: {', '.join(self.names)}")
+        return self.metadata[name]
+
+    def answer(self, name: str, output: str, raw: bool = False) -> str:
+        """The task's answer in a generated text (squad: its no-answer word becomes "")."""
+        task = None if raw or name == BASE else self.metadata[name].get("task")
+        return get_task(task).answer_from_output(output) if task else output
+
+    def generate(self, name: str, inputs: list, prompt_of: str | None = None, raw: bool = False, **kwargs) -> list[str]:
+        """Answers from adapter `name` (or `base`), the prompt template applied from its metadata."""
+        sources = self.sources(name, inputs, prompt_of)
+        if name == BASE:
+            with self.model.disable_adapter():
+                return generate_texts(self.model, self.tokenizer, sources, **kwargs)
+        self.model.set_adapter(name)
+        return [self.answer(name, o, raw) for o in generate_texts(self.model, self.tokenizer, sources, **kwargs)]
+
+    def generate_mixed(self, items: list[tuple[str, object]], raw: bool = False, **kwargs) -> list[str]:
+        """A batch that mixes adapters, run in the same forward passes: each example through its own adapter."""
+        names = [name for name, _ in items]
+        sources = [self.sources(name, [item])[0] for name, item in items]
+        adapter_names = ["__base__" if n == BASE else n for n in names]  # PEFT's name for "no adapter"
+        outputs = generate_texts(self.model, self.tokenizer, sources, adapter_names=adapter_names, **kwargs)
+        return [self.answer(n, o, raw) for n, o in zip(names, outputs)]

@@ -1,0 +1,115 @@
+"""Merge an adapter into its base and check the merged model against the model as it was trained.
+
+For a QLoRA adapter the model as trained is the NF4-quantized base + adapter. Merging into the original
+full-precision weights changes that model (the adapter learned to correct the quantized base), and merging
+into the 4-bit weights rounds the small update away. The default for QLoRA, `dequantized`, quantizes the
+base to NF4 exactly as in training, dequantizes it to float32 and adds the LoRA update there.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .adapters import check_adapter_fits, read_metadata, write_atomically
+from .errors import PeftT5Error
+
+LORA_TOLERANCE = 1e-4  # float32 merge vs unmerged: only summation order differs
+# QLoRA, dequantized: the 4-bit layer dequantizes its weight to the compute dtype and multiplies, which is
+# what the merged float32 layer does, so with float32 compute only summation order differs (same bound);
+# with bf16 compute the trained model itself rounds every matmul input to 8 mantissa bits (relative 2^-8).
+QLORA_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2 ** -8}
+PROBES = [
+    "question: Where is Normandy? context: Normandy is a region in the north of France.",
+    "Why did the scarecrow win an award?",
+    "question: Who wrote Hamlet? context: The play was written by William Shakespeare around 1600.",
+    "What do you call a fish with no eyes?",
+]
+
+
+@dataclass
+class MergeReport:
+    merge_into: str
+    max_logit_diff: float
+    tolerance: float | None  # None: reported, not checked (merge into the original weights of a QLoRA base)
+    output: str
+
+
+def probe_logits(model, tokenizer) -> torch.Tensor:
+    batch = tokenizer(PROBES, return_tensors="pt", padding=True)
+    decoder_input_ids = tokenizer(["France is the answer here"] * len(PROBES), return_tensors="pt").input_ids
+    decoder_input_ids = torch.cat([torch.zeros_like(decoder_input_ids[:, :1]), decoder_input_ids[:, :-1]], dim=1)
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        return model(**batch.to(device), decoder_input_ids=decoder_input_ids.to(device)).logits.float().cpu()
+
+
+def dequantize_into(full_model, quantized_model) -> int:
+    """Copy each 4-bit layer's dequantized NF4 weight into the same layer of the full-precision model."""
+    import bitsandbytes as bnb
+
+    count = 0
+    for name, module in quantized_model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+            full_model.get_submodule(name).weight.data.copy_(weight.to(torch.float32))
+            count += 1
+    return count
+
+
+def merge_adapter(adapter_dir: str, output: str, base: str | None = None, dtype: str = "float32",
+                  merge_into: str | None = None, overwrite: bool = False) -> MergeReport:
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from .modeling import load_base_model, quantization_config
+
+    meta = read_metadata(adapter_dir)
+    base_name = base or meta.get("base_model")
+    if not base_name:
+        raise PeftT5Error(f"{adapter_dir}: no base model recorded in peft_t5.json; pass --base")
+    qlora = bool(meta.get("qlora"))
+    merge_into = merge_into or ("dequantized" if qlora else "original")
+    if merge_into == "dequantized" and not qlora:
+        raise PeftT5Error(f"{adapter_dir}: --merge_into dequantized is for QLoRA adapters; this one was trained "
+                          "on a full-precision base, so it merges into the original weights")
+    if Path(output).exists() and any(Path(output).iterdir()) and not overwrite:
+        raise PeftT5Error(f"{output} already exists and is not empty; pass --overwrite or another --output")
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+
+    model = load_base_model(base_name)
+    check_adapter_fits(model, adapter_dir, base_name)
+    if qlora:  # the model as trained: the NF4 base + adapter
+        quantized = load_base_model(base_name, qlora=True)
+        if merge_into == "dequantized":
+            dequantize_into(model, quantized)
+        reference = probe_logits(PeftModel.from_pretrained(quantized, adapter_dir), tokenizer)
+        del quantized
+        tolerance = QLORA_TOLERANCE[quantization_config().bnb_4bit_compute_dtype] if merge_into == "dequantized" else None
+    else:
+        model = PeftModel.from_pretrained(model, adapter_dir)  # merged in place below: one copy of the base
+        reference = probe_logits(model, tokenizer)
+        tolerance = LORA_TOLERANCE
+    peft_model = model if isinstance(model, PeftModel) else PeftModel.from_pretrained(model, adapter_dir)
+    merged = peft_model.merge_and_unload()
+    diff = (probe_logits(merged, tokenizer) - reference).abs().max().item()
+    if tolerance is not None and diff > tolerance:
+        raise PeftT5Error(f"{adapter_dir}: merged logits differ from the model as trained by {diff:.3g} "
+                          f"(tolerance {tolerance:g}); nothing was written")
+
+    merged = merged.to(getattr(torch, dtype))
+    merged_meta = {key: meta.get(key) for key in ("task", "template", "truncate_field", "max_source_length",
+                                                   "max_target_length")}
+    merged_meta.update(base_model=base_name, merged_from=str(adapter_dir), merge_into=merge_into, dtype=dtype,
+                       max_logit_diff=diff)
+
+    def write(tmp: Path) -> None:
+        import json
+
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "peft_t5.json").write_text(json.dumps(merged_meta, indent=2) + "\n", encoding="utf-8")
+
+    write_atomically(Path(output), write, keep=())
+    return MergeReport(merge_into, diff, tolerance, str(output))

@@ -1,0 +1,9 @@
+"""Generate with one or more adapters on one base:
+python scripts/generate.py --adapter squad=adapters/squad --adapter jokes=adapters/jokes --task jokes "Why did the scarecrow win an award?"
+"""
+import sys
+
+from peft_t5.cli import generate_main, run
+
+if __name__ == "__main__":
+    sys.exit(run(generate_main, sys.argv[1:]))
