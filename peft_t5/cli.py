@@ -296,7 +296,127 @@ def generate_main(argv: list[str]) -> None:
             print(f"base: {base_outputs[i] or '(empty)'}")
 
 
-COMMANDS = {"train": train, "estimate": estimate_main, "merge": merge_main, "generate": generate_main}
+def load_for_evaluation(model_name: str, adapter: str | None):
+    """The base (and adapter, when given) and the tokenizer that goes with them."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from .adapters import check_adapter_fits
+    from .modeling import load_base_model, load_tokenizer
+
+    model = load_base_model(model_name)
+    if adapter is None:
+        return model.eval(), load_tokenizer(model_name)
+    check_adapter_fits(model, adapter, model_name)
+    return PeftModel.from_pretrained(model, adapter).eval(), AutoTokenizer.from_pretrained(adapter)
+
+
+def evaluate_main(argv: list[str]) -> None:
+    import contextlib
+
+    from .evaluation import predict, score
+    from .tasks import get_task, task_names
+
+    parser = argparse.ArgumentParser(prog="evaluate.py", description="Generate answers for held-out data and score them.")
+    parser.add_argument("--task", required=True, choices=task_names())
+    parser.add_argument("--model", help="Base model (Hub id, folder, tiny); default: the adapter's recorded base")
+    parser.add_argument("--adapter", help="An adapter folder to evaluate on the base")
+    parser.add_argument("--data", help="squad: a SQuAD v2.0 JSON file (all of it is scored); jokes: a jokes file "
+                                       "(its test split is scored); default: the bundled sample")
+    parser.add_argument("--predictions", required=True, help="Where to write predictions; metrics go beside it")
+    parser.add_argument("--limit", type=int, help="Score only the first N records")
+    parser.add_argument("--num_beams", type=int, default=1)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--max_source_length", type=int, default=512)
+    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=42, help="jokes: the split seed used in training")
+    parser.add_argument("--compare-base", action="store_true", help="With --adapter: score the base model too")
+    args = parser.parse_args(argv)
+    task = get_task(args.task)
+    meta = read_metadata_if(args.adapter)
+    model_name = args.model or meta.get("base_model") or task.default_model
+    data = args.data or _bundled_sample(task)
+
+    if task.name == "squad":
+        from .tasks.squad import read_squad_v2
+
+        records, articles = read_squad_v2(data), json.loads(Path(data).read_text(encoding="utf-8"))["data"]
+    else:
+        records, articles = task.load_splits(data, seed=args.seed)["test"], None
+    records = records[:args.limit]
+    if not records:
+        raise PeftT5Error(f"{data}: no records to evaluate")
+    model, tokenizer = load_for_evaluation(model_name, args.adapter)
+    options = dict(batch_size=args.batch_size, num_beams=args.num_beams, max_source_length=args.max_source_length,
+                   max_new_tokens=args.max_new_tokens)
+    systems = {"adapter" if args.adapter else "model": contextlib.nullcontext}
+    if args.adapter and args.compare_base:
+        systems["base"] = model.disable_adapter
+    out = Path(args.predictions)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for system, context in systems.items():
+        with context():
+            answers = predict(model, tokenizer, task, records, **options)
+        path = out if system != "base" else out.with_name(f"{out.stem}.base{out.suffix}")
+        if task.name == "squad":
+            predictions = {r["id"]: a for r, a in zip(records, answers)}
+        else:
+            predictions = [{"question": r["question"], "reference": r["answer"], "prediction": a}
+                           for r, a in zip(records, answers)]
+        path.write_text(json.dumps(predictions, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        results[system] = score(task, records, answers, articles)
+        path.with_name(f"{path.stem}.metrics.json").write_text(json.dumps(results[system], indent=2) + "\n")
+    for system, metrics in results.items():
+        print(f"{system} ({model_name}{' + ' + args.adapter if system == 'adapter' else ''}):")
+        print(json.dumps(metrics, indent=2))
+
+
+def read_metadata_if(adapter: str | None) -> dict:
+    from .adapters import read_metadata
+
+    return read_metadata(adapter) if adapter else {}
+
+
+def compare_main(argv: list[str]) -> None:
+    from .bank import BASE, AdapterBank
+    from .compare import comparison_rows, markdown_table, read_questions, summarise_ratings, write_rating_sheet
+
+    parser = argparse.ArgumentParser(prog="compare.py", description=(
+        "Write question | reference | base | each adapter as Markdown and as a CSV to rate; or summarise ratings."))
+    parser.add_argument("--questions", help="A jokes CSV/JSON (Question/Answer) or a text file, one question per line")
+    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=FOLDER")
+    parser.add_argument("--base", help="Base model; default: the one recorded in the first adapter")
+    parser.add_argument("--output", default="compare", help="Writes OUTPUT.md and OUTPUT.csv (default: compare)")
+    parser.add_argument("--limit", type=int, default=20, help="At most N questions (default 20)")
+    parser.add_argument("--ratings", help="A filled-in rating CSV to summarise per system")
+    args = parser.parse_args(argv)
+    if args.ratings:
+        print(json.dumps(summarise_ratings(args.ratings), indent=2))
+        return
+    if not args.questions or not args.adapter:
+        raise PeftT5Error("pass --questions FILE and at least one --adapter NAME=FOLDER (or --ratings FILE)")
+    adapters = dict(spec.partition("=")[::2] for spec in args.adapter)
+    if not all(adapters) or not all(adapters.values()):
+        raise PeftT5Error(f"--adapter expects NAME=FOLDER, got {args.adapter}")
+    records = read_questions(args.questions)[:args.limit]
+    if not records:
+        raise PeftT5Error(f"{args.questions}: no questions in it")
+    bank = AdapterBank.load(args.base, adapters)
+    questions = [r["question"] for r in records]
+    first = next(iter(adapters))
+    outputs = {BASE: bank.generate(BASE, questions, prompt_of=first)}
+    outputs.update({name: bank.generate(name, questions) for name in adapters})
+    rows = comparison_rows(records, outputs)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{args.output}.md").write_text(markdown_table(rows), encoding="utf-8")
+    write_rating_sheet(rows, list(outputs), Path(f"{args.output}.csv"))
+    print(markdown_table(rows))
+    print(f"wrote {args.output}.md and {args.output}.csv (fill in the rating columns, then: compare.py --ratings {args.output}.csv)")
+
+
+COMMANDS = {"train": train, "estimate": estimate_main, "merge": merge_main, "generate": generate_main,
+            "evaluate": evaluate_main, "compare": compare_main}
 
 
 def run(command, argv: list[str]) -> int:

@@ -8,7 +8,7 @@ from transformers import PreTrainedTokenizerBase
 @torch.inference_mode()
 def generate_texts(model, tokenizer: PreTrainedTokenizerBase, sources: list[str], batch_size: int = 16,
                    max_source_length: int = 512, max_new_tokens: int = 64, num_beams: int = 1,
-                   adapter_names: list[str] | None = None, **generate_kwargs) -> list[str]:
+                   adapter_names: list[str] | None = None, progress: bool = False, **generate_kwargs) -> list[str]:
     """Decoded outputs in the order of `sources`; batches hold sources of similar length.
 
     adapter_names: one PEFT adapter name per source, for a batch that mixes adapters.
@@ -19,7 +19,12 @@ def generate_texts(model, tokenizer: PreTrainedTokenizerBase, sources: list[str]
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    for start in range(0, len(order), batch_size):
+    starts = range(0, len(order), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="generating", unit="batch")
+    for start in starts:
         idx = order[start:start + batch_size]
         batch = tokenizer([sources[i] for i in idx], return_tensors="pt", padding=True, truncation=True,
                           max_length=max_source_length).to(device)

@@ -75,3 +75,183 @@ def squad_v2_scores(predictions: list[str], references: list[list[str]]) -> dict
             out[f"{prefix}_exact"] = 100.0 * sum(exact[i] for i in idx) / len(idx)
             out[f"{prefix}_f1"] = 100.0 * sum(f1[i] for i in idx) / len(idx)
     return out
+
+
+# --- The official evaluation over a SQuAD v2.0 data file and a {question_id: answer} predictions file ---
+
+def make_qid_to_has_ans(dataset: list[dict]) -> dict[str, bool]:
+    qid_to_has_ans = {}
+    for article in dataset:
+        for p in article["paragraphs"]:
+            for qa in p["qas"]:
+                qid_to_has_ans[qa["id"]] = bool(qa["answers"])
+    return qid_to_has_ans
+
+
+def get_raw_scores(dataset: list[dict], preds: dict[str, str]) -> tuple[dict, dict, list[str]]:
+    """Exact and F1 per question id, and the ids with no prediction (the official script prints and skips them)."""
+    exact_scores, f1_scores, missing = {}, {}, []
+    for article in dataset:
+        for p in article["paragraphs"]:
+            for qa in p["qas"]:
+                qid = qa["id"]
+                golds = gold_answers([a["text"] for a in qa["answers"]])
+                if qid not in preds:
+                    missing.append(qid)
+                    continue
+                a_pred = preds[qid]
+                exact_scores[qid] = max(compute_exact(a, a_pred) for a in golds)
+                f1_scores[qid] = max(compute_f1(a, a_pred) for a in golds)
+    return exact_scores, f1_scores, missing
+
+
+def apply_no_ans_threshold(scores, na_probs, qid_to_has_ans, na_prob_thresh):
+    new_scores = {}
+    for qid, s in scores.items():
+        pred_na = na_probs[qid] > na_prob_thresh
+        if pred_na:
+            new_scores[qid] = float(not qid_to_has_ans[qid])
+        else:
+            new_scores[qid] = s
+    return new_scores
+
+
+def make_eval_dict(exact_scores, f1_scores, qid_list=None):
+    if not qid_list:
+        total = len(exact_scores)
+        return collections.OrderedDict([
+            ("exact", 100.0 * sum(exact_scores.values()) / total),
+            ("f1", 100.0 * sum(f1_scores.values()) / total),
+            ("total", total),
+        ])
+    total = len(qid_list)
+    return collections.OrderedDict([
+        ("exact", 100.0 * sum(exact_scores[k] for k in qid_list) / total),
+        ("f1", 100.0 * sum(f1_scores[k] for k in qid_list) / total),
+        ("total", total),
+    ])
+
+
+def merge_eval(main_eval, new_eval, prefix):
+    for k in new_eval:
+        main_eval["%s_%s" % (prefix, k)] = new_eval[k]
+
+
+def find_best_thresh(preds, scores, na_probs, qid_to_has_ans):
+    num_no_ans = sum(1 for k in qid_to_has_ans if not qid_to_has_ans[k])
+    cur_score = num_no_ans
+    best_score = cur_score
+    best_thresh = 0.0
+    qid_list = sorted(na_probs, key=lambda k: na_probs[k])
+    for qid in qid_list:
+        if qid not in scores:
+            continue
+        if qid_to_has_ans[qid]:
+            diff = scores[qid]
+        else:
+            if preds[qid]:
+                diff = -1
+            else:
+                diff = 0
+        cur_score += diff
+        if cur_score > best_score:
+            best_score = cur_score
+            best_thresh = na_probs[qid]
+    return 100.0 * best_score / len(scores), best_thresh
+
+
+def find_all_best_thresh(main_eval, preds, exact_raw, f1_raw, na_probs, qid_to_has_ans):
+    best_exact, exact_thresh = find_best_thresh(preds, exact_raw, na_probs, qid_to_has_ans)
+    best_f1, f1_thresh = find_best_thresh(preds, f1_raw, na_probs, qid_to_has_ans)
+    main_eval["best_exact"] = best_exact
+    main_eval["best_exact_thresh"] = exact_thresh
+    main_eval["best_f1"] = best_f1
+    main_eval["best_f1_thresh"] = f1_thresh
+
+
+def squad_v2_evaluate(dataset: list[dict], preds: dict[str, str], na_probs: dict[str, float] | None = None,
+                      na_prob_thresh: float = 1.0) -> tuple[collections.OrderedDict, list[str]]:
+    """The official script's main(): its metric dict, and the ids that had no prediction.
+
+    Where predictions are missing, the official script crashes computing HasAns/NoAns; here those
+    halves count only the predicted questions, and the missing ids are returned for reporting.
+    """
+    has_na_file = na_probs is not None
+    if na_probs is None:
+        na_probs = {k: 0.0 for k in preds}
+    qid_to_has_ans = make_qid_to_has_ans(dataset)
+    exact_raw, f1_raw, missing = get_raw_scores(dataset, preds)
+    if not exact_raw:
+        raise ValueError("no prediction matches a question of the data file")
+    has_ans_qids = [k for k, v in qid_to_has_ans.items() if v and k in exact_raw]
+    no_ans_qids = [k for k, v in qid_to_has_ans.items() if not v and k in exact_raw]
+    exact_thresh = apply_no_ans_threshold(exact_raw, na_probs, qid_to_has_ans, na_prob_thresh)
+    f1_thresh = apply_no_ans_threshold(f1_raw, na_probs, qid_to_has_ans, na_prob_thresh)
+    out_eval = make_eval_dict(exact_thresh, f1_thresh)
+    if has_ans_qids:
+        merge_eval(out_eval, make_eval_dict(exact_thresh, f1_thresh, qid_list=has_ans_qids), "HasAns")
+    if no_ans_qids:
+        merge_eval(out_eval, make_eval_dict(exact_thresh, f1_thresh, qid_list=no_ans_qids), "NoAns")
+    if has_na_file:
+        find_all_best_thresh(out_eval, preds, exact_raw, f1_raw, na_probs, qid_to_has_ans)
+    return out_eval, missing
+
+
+def _load_json(path: str, what: str):
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise SystemExit(f"error: {path}: no such {what} file")
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SystemExit(f"error: {path}: the {what} file is not valid JSON ({e})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m peft_t5.metrics.squad_v2 data.json pred.json [-n na_prob.json] [-o eval.json] [-t 1.0]"""
+    import argparse
+    import json
+    import sys
+
+    parser = argparse.ArgumentParser("SQuAD v2.0 evaluation, identical in its numbers to the official script.")
+    parser.add_argument("data_file", metavar="data.json", help="Input data JSON file.")
+    parser.add_argument("pred_file", metavar="pred.json", help="Model predictions.")
+    parser.add_argument("--out-file", "-o", metavar="eval.json", help="Write accuracy metrics to file (default is stdout).")
+    parser.add_argument("--na-prob-file", "-n", metavar="na_prob.json", help="Model estimates of probability of no answer.")
+    parser.add_argument("--na-prob-thresh", "-t", type=float, default=1.0,
+                        help='Predict "" if no-answer probability exceeds this (default = 1.0).')
+    opts = parser.parse_args(argv)
+    data = _load_json(opts.data_file, "data")
+    if not isinstance(data, dict) or not isinstance(data.get("data"), list):
+        raise SystemExit(f"error: {opts.data_file}: not the SQuAD v2.0 layout (a 'data' list of articles)")
+    preds = _load_json(opts.pred_file, "predictions")
+    if not isinstance(preds, dict) or not all(isinstance(v, str) for v in preds.values()):
+        raise SystemExit(f"error: {opts.pred_file}: predictions must be a JSON object mapping question id to answer text")
+    na_probs = _load_json(opts.na_prob_file, "no-answer probability") if opts.na_prob_file else None
+    if na_probs is not None and (not isinstance(na_probs, dict) or set(preds) - set(na_probs)):
+        raise SystemExit(f"error: {opts.na_prob_file}: needs a probability for every predicted question id")
+    try:
+        out_eval, missing = squad_v2_evaluate(data["data"], preds, na_probs, opts.na_prob_thresh)
+    except (KeyError, TypeError) as e:
+        raise SystemExit(f"error: {opts.data_file}: not the SQuAD v2.0 layout (missing {e})")
+    except ValueError as e:
+        raise SystemExit(f"error: {opts.pred_file}: {e}")
+    unknown = set(preds) - set(make_qid_to_has_ans(data["data"]))
+    if missing:
+        print(f"warning: {len(missing)} questions of {opts.data_file} have no prediction (first: {missing[0]}); "
+              "they are left out of every score", file=sys.stderr)
+    if unknown:
+        print(f"warning: {len(unknown)} predicted ids are not in {opts.data_file} (e.g. {sorted(unknown)[0]}); "
+              "ignored", file=sys.stderr)
+    if opts.out_file:
+        with open(opts.out_file, "w") as f:
+            json.dump(out_eval, f)
+    else:
+        print(json.dumps(out_eval, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
