@@ -73,13 +73,40 @@ def is_adapter_dir(path: str | Path) -> bool:
     return all((Path(path) / f).is_file() for f in ADAPTER_FILES)
 
 
-def read_metadata(adapter_dir: str | Path) -> dict:
+def check_adapter_dir(adapter_dir: str | Path, trust_pickle: bool = False) -> None:
+    """An adapter folder PEFT can load: a valid adapter_config.json and safetensors weights (or, with
+    trust_pickle, a pickled adapter_model.bin)."""
     path = Path(adapter_dir)
-    if not is_adapter_dir(path):
-        raise PeftT5Error(f"{path}: not an adapter folder (needs {' and '.join(ADAPTER_FILES)}); "
-                          "pass the folder that train_lora.py wrote")
-    meta = path / METADATA_FILE
-    return json.loads(meta.read_text(encoding="utf-8")) if meta.exists() else {}
+    if not path.is_dir():
+        raise PeftT5Error(f"{path}: no such adapter folder; pass the folder that train_lora.py wrote")
+    if not (path / "adapter_config.json").is_file():
+        raise PeftT5Error(f"{path}: no adapter_config.json, so not an adapter folder; pass the folder that "
+                          "train_lora.py wrote")
+    try:
+        config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+        if not isinstance(config, dict) or "peft_type" not in config:
+            raise ValueError("no peft_type")
+    except (UnicodeDecodeError, ValueError) as e:
+        raise PeftT5Error(f"{path}/adapter_config.json: not a PEFT adapter config ({e}); copy the adapter again")
+    if (path / "adapter_model.safetensors").is_file():
+        adapter_shapes(path)  # reads the header: a truncated or corrupt file fails here, with its name
+    elif (path / "adapter_model.bin").is_file():
+        if not trust_pickle:
+            raise PeftT5Error(f"{path}/adapter_model.bin: pickled weights can run code when loaded and are refused; "
+                              "convert them to safetensors, or pass --trust_pickle if you trust their source")
+    else:
+        raise PeftT5Error(f"{path}: no adapter_model.safetensors, so no adapter weights; pass the folder that "
+                          "train_lora.py wrote")
+
+
+def read_metadata(adapter_dir: str | Path, trust_pickle: bool = False) -> dict:
+    """The adapter's peft_t5.json (task, base, template, ...), after checking the folder is a loadable adapter."""
+    check_adapter_dir(adapter_dir, trust_pickle)
+    meta = Path(adapter_dir) / METADATA_FILE
+    try:
+        return json.loads(meta.read_text(encoding="utf-8")) if meta.exists() else {}
+    except (UnicodeDecodeError, ValueError) as e:
+        raise PeftT5Error(f"{meta}: not valid JSON ({e}); restore it, or delete it and pass --base explicitly")
 
 
 def adapter_shapes(adapter_dir: str | Path) -> dict[str, tuple[int, ...]]:
@@ -96,7 +123,9 @@ def adapter_shapes(adapter_dir: str | Path) -> dict[str, tuple[int, ...]]:
 
 def check_adapter_fits(base_model, adapter_dir: str | Path, base_name: str) -> None:
     """Refuse, naming both, an adapter whose LoRA matrices do not fit the base's layers."""
-    recorded = read_metadata(adapter_dir).get("base_model", "unknown")
+    recorded = read_metadata(adapter_dir, trust_pickle=True).get("base_model", "unknown")
+    if not (Path(adapter_dir) / "adapter_model.safetensors").is_file():
+        return  # a pickled adapter the user chose to trust: PEFT checks its shapes on load
     modules = dict(base_model.named_modules())
     for key, shape in adapter_shapes(adapter_dir).items():
         if ".lora_A." not in key and ".lora_B." not in key:

@@ -16,6 +16,7 @@ class ModelArguments:
         "help": "Hub id, local folder, or 'tiny' (a small random-init T5 that needs no network). "
                 "Default: the task's base (squad: t5-small, jokes: google/flan-t5-large)."})
     qlora: bool = field(default=False, metadata={"help": "Load the base in 4-bit NF4 (bitsandbytes) and train LoRA on it."})
+    trust_pickle: bool = field(default=False, metadata={"help": "Allow pickled .bin weights (they can run code when loaded)."})
 
 
 @dataclass
@@ -63,6 +64,7 @@ class TrainingArguments(Seq2SeqTrainingArguments):
     save_strategy: SaveStrategy | str = field(default="epoch", metadata={"help": "When to checkpoint: no, steps, epoch or best."})
     eval_on_start: bool = field(default=True, metadata={"help": "Evaluate the untrained adapter first, for a before/after."})
     logging_steps: float = field(default=10, metadata={"help": "Log the training loss every N steps."})
+    logging_nan_inf_filter: bool = field(default=False, metadata={"help": "Keep NaN/inf losses visible (the run stops on them)."})
     load_best_model_at_end: bool = field(default=True, metadata={"help": "Keep the adapter with the best validation loss."})
     metric_for_best_model: str | None = field(default="eval_loss", metadata={"help": "The metric that picks the best adapter."})
     save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept on disk."})

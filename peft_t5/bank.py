@@ -30,7 +30,7 @@ class AdapterBank:
     metadata: dict[str, dict] = field(default_factory=dict)  # adapter name -> its peft_t5.json
 
     @classmethod
-    def load(cls, base, adapters: dict[str, str], qlora: bool = False) -> "AdapterBank":
+    def load(cls, base, adapters: dict[str, str], qlora: bool = False, trust_pickle: bool = False) -> "AdapterBank":
         """base: a Hub id, folder or `tiny` (None: the base recorded in the first adapter), or a loaded model."""
         from peft import PeftModel
         from transformers import AutoTokenizer
@@ -41,14 +41,15 @@ class AdapterBank:
             raise PeftT5Error("no adapters given; pass at least one name=folder")
         if BASE in adapters:
             raise PeftT5Error(f"'{BASE}' is reserved for the model with adapters disabled; name the adapter otherwise")
-        metadata = {name: read_metadata(path) for name, path in adapters.items()}
+        metadata = {name: read_metadata(path, trust_pickle) for name, path in adapters.items()}
         first = next(iter(adapters))
         base_name = base if isinstance(base, str) else getattr(getattr(base, "config", None), "name_or_path", "model")
         if base is None:
             base_name = metadata[first].get("base_model")
             if not base_name:
                 raise PeftT5Error(f"{adapters[first]}: no base model recorded; pass the base explicitly")
-        model = load_base_model(base_name, qlora=qlora) if isinstance(base, str) or base is None else base
+        model = (load_base_model(base_name, qlora=qlora, trust_pickle=trust_pickle)
+                 if isinstance(base, str) or base is None else base)
         for name, path in adapters.items():
             check_adapter_fits(model if name == first else model.get_base_model(), path, base_name)
             if name == first:

@@ -121,8 +121,10 @@ def train(argv: list[str]) -> dict:
     print(f"task {task.name}: {len(train_records)} training, {len(eval_records)} validation records from {data_args.data}")
 
     tokenizer = load_tokenizer(model_args.model)
+    transformers.set_seed(training_args.seed)  # before the LoRA init, so that a run is reproducible from its seed
     dtype = torch.bfloat16 if training_args.bf16 else torch.float32
-    model = add_lora(load_base_model(model_args.model, qlora=model_args.qlora, dtype=dtype), lora_args.lora_r,
+    base = load_base_model(model_args.model, qlora=model_args.qlora, dtype=dtype, trust_pickle=model_args.trust_pickle)
+    model = add_lora(base, lora_args.lora_r,
                      lora_args.lora_alpha, lora_args.lora_dropout, lora_args.target_modules)
     trainable, total = count_parameters(model)
     print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
@@ -227,8 +229,10 @@ def merge_main(argv: list[str]) -> None:
         "QLoRA adapters: 'dequantized' (default) merges into the NF4-dequantized base the adapter was trained on; "
         "'original' into the original full-precision weights"))
     parser.add_argument("--overwrite", action="store_true", help="Replace a non-empty --output folder")
+    parser.add_argument("--trust_pickle", action="store_true", help="Allow pickled .bin weights (they can run code)")
     args = parser.parse_args(argv)
-    report = merge_adapter(args.adapter, args.output, args.base, args.dtype, args.merge_into, args.overwrite)
+    report = merge_adapter(args.adapter, args.output, args.base, args.dtype, args.merge_into, args.overwrite,
+                           args.trust_pickle)
     into = {"dequantized": "the NF4-dequantized base (as trained)", "original": "the original base weights"}
     print(f"merged {args.adapter} into {into[report.merge_into]}")
     check = f"tolerance {report.tolerance:g}: ok" if report.tolerance is not None else "reported, not checked"
@@ -272,6 +276,7 @@ def generate_main(argv: list[str]) -> None:
     parser.add_argument("--base", help="Base model; default: the one recorded in the first adapter")
     parser.add_argument("--qlora", action="store_true", help="Load the base in 4-bit NF4")
     parser.add_argument("--compare-base", action="store_true", help="Also print the base model's output")
+    parser.add_argument("--trust_pickle", action="store_true", help="Allow pickled .bin weights (they can run code)")
     parser.add_argument("--num_beams", type=int, default=1)
     parser.add_argument("--max_new_tokens", type=int, default=64)
     args = parser.parse_args(argv)
@@ -281,7 +286,7 @@ def generate_main(argv: list[str]) -> None:
         if not sep or not name or not path:
             raise PeftT5Error(f"--adapter {spec}: expected NAME=FOLDER, e.g. jokes=adapters/jokes")
         adapters[name] = path
-    bank = AdapterBank.load(args.base, adapters, qlora=args.qlora)
+    bank = AdapterBank.load(args.base, adapters, qlora=args.qlora, trust_pickle=args.trust_pickle)
     if args.task != BASE and args.task not in adapters:
         raise PeftT5Error(f"--task {args.task}: no such adapter; loaded: {', '.join(bank.names)}")
     inputs = read_inputs(args)
@@ -296,7 +301,7 @@ def generate_main(argv: list[str]) -> None:
             print(f"base: {base_outputs[i] or '(empty)'}")
 
 
-def load_for_evaluation(model_name: str, adapter: str | None):
+def load_for_evaluation(model_name: str, adapter: str | None, trust_pickle: bool = False):
     """The base (and adapter, when given) and the tokenizer that goes with them."""
     from peft import PeftModel
     from transformers import AutoTokenizer
@@ -304,7 +309,7 @@ def load_for_evaluation(model_name: str, adapter: str | None):
     from .adapters import check_adapter_fits
     from .modeling import load_base_model, load_tokenizer
 
-    model = load_base_model(model_name)
+    model = load_base_model(model_name, trust_pickle=trust_pickle)
     if adapter is None:
         return model.eval(), load_tokenizer(model_name)
     check_adapter_fits(model, adapter, model_name)
@@ -314,6 +319,7 @@ def load_for_evaluation(model_name: str, adapter: str | None):
 def evaluate_main(argv: list[str]) -> None:
     import contextlib
 
+    from .adapters import read_metadata
     from .evaluation import predict, score
     from .tasks import get_task, task_names
 
@@ -331,9 +337,10 @@ def evaluate_main(argv: list[str]) -> None:
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--seed", type=int, default=42, help="jokes: the split seed used in training")
     parser.add_argument("--compare-base", action="store_true", help="With --adapter: score the base model too")
+    parser.add_argument("--trust_pickle", action="store_true", help="Allow pickled .bin weights (they can run code)")
     args = parser.parse_args(argv)
     task = get_task(args.task)
-    meta = read_metadata_if(args.adapter)
+    meta = read_metadata(args.adapter, args.trust_pickle) if args.adapter else {}
     model_name = args.model or meta.get("base_model") or task.default_model
     data = args.data or _bundled_sample(task)
 
@@ -346,7 +353,7 @@ def evaluate_main(argv: list[str]) -> None:
     records = records[:args.limit]
     if not records:
         raise PeftT5Error(f"{data}: no records to evaluate")
-    model, tokenizer = load_for_evaluation(model_name, args.adapter)
+    model, tokenizer = load_for_evaluation(model_name, args.adapter, args.trust_pickle)
     options = dict(batch_size=args.batch_size, num_beams=args.num_beams, max_source_length=args.max_source_length,
                    max_new_tokens=args.max_new_tokens)
     systems = {"adapter" if args.adapter else "model": contextlib.nullcontext}
@@ -372,12 +379,6 @@ def evaluate_main(argv: list[str]) -> None:
         print(json.dumps(metrics, indent=2))
 
 
-def read_metadata_if(adapter: str | None) -> dict:
-    from .adapters import read_metadata
-
-    return read_metadata(adapter) if adapter else {}
-
-
 def compare_main(argv: list[str]) -> None:
     from .bank import BASE, AdapterBank
     from .compare import comparison_rows, markdown_table, read_questions, summarise_ratings, write_rating_sheet
@@ -390,6 +391,7 @@ def compare_main(argv: list[str]) -> None:
     parser.add_argument("--output", default="compare", help="Writes OUTPUT.md and OUTPUT.csv (default: compare)")
     parser.add_argument("--limit", type=int, default=20, help="At most N questions (default 20)")
     parser.add_argument("--ratings", help="A filled-in rating CSV to summarise per system")
+    parser.add_argument("--trust_pickle", action="store_true", help="Allow pickled .bin weights (they can run code)")
     args = parser.parse_args(argv)
     if args.ratings:
         print(json.dumps(summarise_ratings(args.ratings), indent=2))
@@ -402,7 +404,7 @@ def compare_main(argv: list[str]) -> None:
     records = read_questions(args.questions)[:args.limit]
     if not records:
         raise PeftT5Error(f"{args.questions}: no questions in it")
-    bank = AdapterBank.load(args.base, adapters)
+    bank = AdapterBank.load(args.base, adapters, trust_pickle=args.trust_pickle)
     questions = [r["question"] for r in records]
     first = next(iter(adapters))
     outputs = {BASE: bank.generate(BASE, questions, prompt_of=first)}

@@ -59,13 +59,13 @@ def dequantize_into(full_model, quantized_model) -> int:
 
 
 def merge_adapter(adapter_dir: str, output: str, base: str | None = None, dtype: str = "float32",
-                  merge_into: str | None = None, overwrite: bool = False) -> MergeReport:
+                  merge_into: str | None = None, overwrite: bool = False, trust_pickle: bool = False) -> MergeReport:
     from peft import PeftModel
     from transformers import AutoTokenizer
 
     from .modeling import load_base_model, quantization_config
 
-    meta = read_metadata(adapter_dir)
+    meta = read_metadata(adapter_dir, trust_pickle)
     base_name = base or meta.get("base_model")
     if not base_name:
         raise PeftT5Error(f"{adapter_dir}: no base model recorded in peft_t5.json; pass --base")
@@ -78,10 +78,10 @@ def merge_adapter(adapter_dir: str, output: str, base: str | None = None, dtype:
         raise PeftT5Error(f"{output} already exists and is not empty; pass --overwrite or another --output")
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
 
-    model = load_base_model(base_name)
+    model = load_base_model(base_name, trust_pickle=trust_pickle)
     check_adapter_fits(model, adapter_dir, base_name)
     if qlora:  # the model as trained: the NF4 base + adapter
-        quantized = load_base_model(base_name, qlora=True)
+        quantized = load_base_model(base_name, qlora=True, trust_pickle=trust_pickle)
         if merge_into == "dequantized":
             dequantize_into(model, quantized)
         reference = probe_logits(PeftModel.from_pretrained(quantized, adapter_dir), tokenizer)

@@ -23,7 +23,11 @@ LORA_DEFAULT_TARGETS = ["q", "v"]  # T5's attention query and value projections
 
 
 def bf16_supported() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    """bf16 that runs fast here: a CUDA GPU with bf16, or a CPU with AVX512-BF16 or AMX matrix units."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    cpu = getattr(torch, "cpu", None)
+    return any(getattr(cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
 def _sample_texts() -> list[str]:
@@ -92,16 +96,22 @@ def quantization_config():
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16 if bf16_supported() else torch.float32,
+        bnb_4bit_compute_dtype=torch.bfloat16 if torch.cuda.is_available() and bf16_supported() else torch.float32,
     )
 
 
 def check_bitsandbytes() -> None:
+    """bitsandbytes is installed and can quantize to 4-bit here (a tiny round trip), or a one-line error."""
     try:
-        import bitsandbytes  # noqa: F401
-    except Exception as e:  # ImportError, or a broken native library
-        raise PeftT5Error(f"--qlora needs bitsandbytes with 4-bit support ({type(e).__name__}: {e}); "
-                          "install it with `pip install bitsandbytes`, or train without --qlora")
+        import bitsandbytes.functional as bnbf
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        packed, state = bnbf.quantize_4bit(torch.ones(64, 64, device=device), quant_type="nf4")
+        if not torch.allclose(bnbf.dequantize_4bit(packed, state).float().cpu(), torch.ones(64, 64)):
+            raise RuntimeError("4-bit round trip gave wrong values")
+    except Exception as e:  # ImportError, a missing native library, an unsupported device
+        raise PeftT5Error(f"--qlora needs bitsandbytes with 4-bit support on this machine ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}); `pip install bitsandbytes`, or train without --qlora")
 
 
 def compute_as_in_training(quantized_model: torch.nn.Module) -> None:
@@ -118,7 +128,20 @@ def compute_as_in_training(quantized_model: torch.nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def load_base_model(name: str, qlora: bool = False, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+def _from_pretrained(name: str, trust_pickle: bool, **kwargs) -> PreTrainedModel:
+    """from_pretrained that reads safetensors only, unless the user trusts pickled weights."""
+    try:
+        return AutoModelForSeq2SeqLM.from_pretrained(name, use_safetensors=None if trust_pickle else True, **kwargs)
+    except (OSError, ValueError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        hint = (" (pickled .bin weights are refused unless you pass --trust_pickle)"
+                if Path(name).is_dir() and not trust_pickle and list(Path(name).glob("*.bin")) else "")
+        raise PeftT5Error(f"{name}: cannot load a seq2seq model ({first}){hint}; pass a Hub id, a folder with "
+                          "config.json and model.safetensors, or tiny")
+
+
+def load_base_model(name: str, qlora: bool = False, dtype: torch.dtype = torch.float32,
+                    trust_pickle: bool = False) -> PreTrainedModel:
     """A seq2seq base from a Hub id, a local folder or `tiny`; with qlora, its linear layers in 4-bit NF4."""
     if qlora:
         check_bitsandbytes()
@@ -127,12 +150,12 @@ def load_base_model(name: str, qlora: bool = False, dtype: torch.dtype = torch.f
                 tiny_model().save_pretrained(tmp)
                 model = AutoModelForSeq2SeqLM.from_pretrained(tmp, quantization_config=quantization_config())
         else:
-            model = AutoModelForSeq2SeqLM.from_pretrained(name, quantization_config=quantization_config())
+            model = _from_pretrained(name, trust_pickle, quantization_config=quantization_config())
         compute_as_in_training(model)
         return model
     if name == TINY:
         return tiny_model().to(dtype)
-    return AutoModelForSeq2SeqLM.from_pretrained(name, dtype=dtype)
+    return _from_pretrained(name, trust_pickle, dtype=dtype)
 
 
 def linear_module_names(model: torch.nn.Module) -> list[str]:

@@ -5,7 +5,10 @@ import logging
 import math
 from pathlib import Path
 
+import torch
+
 from transformers import Seq2SeqTrainer, TrainerCallback
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from .data import seq2seq_collator
 from .errors import PeftT5Error
@@ -13,6 +16,25 @@ from .generation import generate_texts
 from .tasks import Task
 
 logger = logging.getLogger(__name__)
+
+
+class SeededLengthGroupedSampler(LengthGroupedSampler):
+    """Length-grouped batches whose order depends only on (seed, epoch).
+
+    transformers' LengthGroupedSampler draws from the global RNG when iterated, so a run resumed from a
+    checkpoint replays a different order than the run it continues; accelerate seeds only RandomSampler.
+    """
+
+    def __init__(self, *args, seed: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return super().__iter__()
 
 
 class TaskTrainer(Seq2SeqTrainer):
@@ -23,6 +45,15 @@ class TaskTrainer(Seq2SeqTrainer):
         super().__init__(*args, **kwargs)
         self.task, self.generation_records = task, generation_records
         self.max_source_length, self.max_new_tokens = max_source_length, max_new_tokens
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        columns = getattr(dataset, "column_names", None) or []
+        if self.args.train_sampling_strategy != "group_by_length" or "input_ids" not in columns:
+            return super()._get_train_sampler(train_dataset)
+        lengths = dataset["length"] if "length" in columns else [len(ids) for ids in dataset["input_ids"]]
+        return SeededLengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                          lengths=lengths, seed=self.args.seed)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval", **kwargs) -> dict:
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix, **kwargs)
@@ -41,13 +72,27 @@ class TaskTrainer(Seq2SeqTrainer):
 
 
 class StopOnNonFiniteLoss(TrainerCallback):
-    """Stops the run at the first NaN or infinite training loss; the last good checkpoint stays on disk."""
+    """Stops the run at the first NaN or infinite loss, before a checkpoint can store it.
+
+    A non-finite loss makes the gradients, then the adapter weights, non-finite; the weights are checked
+    after every step (a few MB of LoRA parameters), which is before the Trainer saves that step.
+    """
+
+    def __init__(self, model):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def _stop(self, args, step: int, what: str):
+        raise PeftT5Error(f"{what} at step {step}; stopped, the last good checkpoint is kept in {args.output_dir}; "
+                          "lower --learning_rate, or train in float32 instead of bf16")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not all(torch.isfinite(p).all() for p in self.params):
+            self._stop(args, state.global_step, "the loss diverged (adapter weights became NaN or infinite)")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(loss):
-            raise PeftT5Error(f"training loss became {loss} at step {state.global_step}; the last good checkpoint "
-                              f"is kept in {args.output_dir}; lower --learning_rate, or use float32 instead of bf16")
+            self._stop(args, state.global_step, f"the training loss became {loss}")
 
 
 def plot_loss_curves(log_history: list[dict], path: Path) -> None:
@@ -80,7 +125,7 @@ def build_trainer(model, tokenizer, task: Task, train_dataset, eval_dataset, tra
         eval_dataset=eval_dataset,
         data_collator=seq2seq_collator(tokenizer, model),
         processing_class=tokenizer,
-        callbacks=[StopOnNonFiniteLoss()],
+        callbacks=[StopOnNonFiniteLoss(model)],
         task=task,
         generation_records=generation_records,
         max_source_length=max_source_length,

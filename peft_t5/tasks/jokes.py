@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import random
 from pathlib import Path
 
 from ..errors import DataError
 from ..metrics.text import generation_scores
-from .registry import Record, Splits, Task
+from .registry import Record, Splits, Task, looks_like_hub_id
 
+logger = logging.getLogger(__name__)
 SAMPLE = str(Path(__file__).resolve().parent.parent / "data" / "jokes_sample.csv")
 _COLUMN_PAIRS = (("question", "answer"), ("title", "body"))
 
@@ -22,10 +24,12 @@ def _read_rows(path: str) -> list[dict]:
     try:
         with open(path, encoding="utf-8", newline="") as f:
             if path.endswith(".csv"):
-                return list(csv.DictReader(f))
+                return list(csv.DictReader(f, strict=True))  # malformed quoting is an error, not a silent misparse
             text = f.read()
     except FileNotFoundError:
         raise DataError(f"{path}: no such file; pass --data with a jokes CSV or JSON file")
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder; pass a jokes CSV or JSON file")
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 ({e}); re-save the file as UTF-8")
     except csv.Error as e:
@@ -54,7 +58,25 @@ def read_jokes(path: str) -> list[Record]:
     if pair is None:
         raise DataError(f"{path}: record 0 has columns {sorted(columns)}; expected Question/Answer or title/body")
     q_key, a_key = columns[pair[0]], columns[pair[1]]
-    return [{"question": str(r.get(q_key) or "").strip(), "answer": str(r.get(a_key) or "").strip()} for r in rows]
+    records = [{"question": str(r.get(q_key) or "").strip(), "answer": str(r.get(a_key) or "").strip()} for r in rows]
+    empty = [i for i, r in enumerate(records) if not r["question"] or not r["answer"]]
+    if empty:
+        logger.warning("%s: skipped %d of %d records with an empty %s or %s (first: record %d); fix or remove them",
+                       path, len(empty), len(records), q_key, a_key, empty[0])
+    return [r for r in records if r["question"] and r["answer"]]
+
+
+def read_hub_jokes(dataset_id: str) -> list[Record]:
+    import datasets  # only here: the Hub path needs the network
+
+    try:
+        rows = datasets.load_dataset(dataset_id, split="train")
+    except Exception as e:  # network, authentication, unknown id: all the user can act on is the message
+        raise DataError(f"{dataset_id}: cannot load this Hub dataset ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                        "check the id and the network, or pass a local jokes CSV")
+    records = [{str(k).lower(): str(v or "").strip() for k, v in r.items()} for r in rows]
+    return [{"question": r.get("question", r.get("title", "")), "answer": r.get("answer", r.get("body", ""))}
+            for r in records]
 
 
 def is_qa_joke(record: Record, max_question_words: int = 40, max_answer_words: int = 25) -> bool:
@@ -77,17 +99,7 @@ def split_records(records: list[Record], seed: int, validation_fraction: float, 
 
 def load_splits(data: str, seed: int = 42, validation_fraction: float = 0.05, test_fraction: float = 0.05,
                 max_question_words: int = 40, max_answer_words: int = 25, **_options) -> Splits:
-    if Path(data).exists() or data.endswith((".csv", ".json", ".jsonl")):
-        records = read_jokes(data)
-    else:
-        import datasets  # a Hub dataset id: needs the network
-
-        records = [
-            {k.lower(): str(v or "").strip() for k, v in r.items()}
-            for r in datasets.load_dataset(data, split="train")
-        ]
-        records = [{"question": r.get("question", r.get("title", "")), "answer": r.get("answer", r.get("body", ""))}
-                   for r in records]
+    records = read_hub_jokes(data) if looks_like_hub_id(data) else read_jokes(data)
     kept = [r for r in records if is_qa_joke(r, max_question_words, max_answer_words)]
     if not kept:
         raise DataError(f"{data}: none of {len(records)} records is a question-answer joke "

@@ -6,6 +6,8 @@ Nothing here imports torch, so tasks load and test in milliseconds.
 from __future__ import annotations
 
 import importlib
+import re
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable
 
@@ -32,6 +34,12 @@ class Task:
 
     def source(self, record: Record) -> str:
         return self.template.format(**record)
+
+
+def looks_like_hub_id(data: str) -> bool:
+    """owner/name, with no local file or folder of that name: a Hub dataset id."""
+    return (not Path(data).exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", data) is not None
+            and not data.endswith((".json", ".jsonl", ".csv")))
 
 
 _MODULES = {"squad": "peft_t5.tasks.squad", "jokes": "peft_t5.tasks.jokes"}

@@ -6,50 +6,83 @@ maps back to "" (the official "no answer") in predictions.
 from __future__ import annotations
 
 import json
+import logging
 import random
 from pathlib import Path
 
 from ..errors import DataError
 from ..metrics.squad_v2 import squad_v2_scores
-from .registry import Record, Splits, Task
+from .registry import Record, Splits, Task, looks_like_hub_id
 
 NO_ANSWER = "unanswerable"
+logger = logging.getLogger(__name__)
 SAMPLE = str(Path(__file__).resolve().parent.parent / "data" / "squad_v2_sample.json")
 
 
+def _record(article: dict, paragraph: dict, qa: dict) -> Record | None:
+    """One question as a flat record, or None when a field it needs is missing or empty."""
+    context, question, qid = paragraph.get("context"), qa.get("question"), qa.get("id")
+    if not all(isinstance(v, str) and v.strip() for v in (context, question, qid)):
+        return None
+    answers = [] if qa.get("is_impossible") else qa.get("answers")
+    if not isinstance(answers, list) or not all(
+            isinstance(a, dict) and isinstance(a.get("text"), str) and a["text"].strip()
+            and isinstance(a.get("answer_start"), int) for a in answers):
+        return None
+    if not answers and not qa.get("is_impossible") and "is_impossible" in qa:
+        return None  # marked answerable, but no answer given
+    title = article.get("title")
+    return {"id": qid, "title": title if isinstance(title, str) else "", "question": question.strip(),
+            "context": context, "answers": [a["text"] for a in answers],
+            "answer_starts": [a["answer_start"] for a in answers]}
+
+
 def read_squad_v2(path: str) -> list[Record]:
-    """Flatten the official SQuAD v2.0 JSON layout (data -> paragraphs -> qas) into one record per question."""
+    """Flatten the official SQuAD v2.0 JSON layout (data -> paragraphs -> qas) into one record per question.
+
+    Questions with a missing or empty field are skipped and counted; answers whose text is not at
+    answer_start in the context are counted and kept (the task is abstractive). Nothing usable: DataError.
+    """
     try:
         with open(path, encoding="utf-8") as f:
             articles = json.load(f)["data"]
-        records = []
-        for article in articles:
-            for paragraph in article["paragraphs"]:
-                for qa in paragraph["qas"]:
-                    answers = [] if qa.get("is_impossible") else qa["answers"]
-                    records.append(
-                        {
-                            "id": qa["id"],
-                            "title": article.get("title", ""),
-                            "question": qa["question"].strip(),
-                            "context": paragraph["context"],
-                            "answers": [a["text"] for a in answers],
-                            "answer_starts": [a["answer_start"] for a in answers],
-                        }
-                    )
+        qas = [(article, paragraph, qa) for article in articles for paragraph in article["paragraphs"]
+               for qa in paragraph["qas"]]
+        if not all(isinstance(x, dict) for triple in qas for x in triple):
+            raise TypeError("an article, paragraph or question that is not a JSON object")
     except FileNotFoundError:
         raise DataError(f"{path}: no such file; pass --data with a SQuAD v2.0 JSON file or a Hub dataset id")
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder; pass a SQuAD v2.0 JSON file")
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"{path}: not a UTF-8 JSON file ({e}); pass a SQuAD v2.0 JSON file")
-    except (KeyError, TypeError) as e:
-        raise DataError(f"{path}: not the SQuAD v2.0 layout (data -> paragraphs -> qas; missing {e})")
+    except (KeyError, TypeError, AttributeError) as e:
+        raise DataError(f"{path}: not the SQuAD v2.0 layout (data -> paragraphs -> qas; {type(e).__name__}: {e})")
+    records = [_record(*triple) for triple in qas]
+    skipped = [i for i, r in enumerate(records) if r is None]
+    records = [r for r in records if r is not None]
+    if skipped:
+        logger.warning("%s: skipped %d of %d questions with a missing or empty field (first: question %d); "
+                       "fix or remove them", path, len(skipped), len(qas), skipped[0])
+    if not records:
+        raise DataError(f"{path}: none of its {len(qas)} questions is usable (id, question, context and, "
+                        "for answerable ones, answers with text and answer_start are needed)")
+    misplaced = [r["id"] for r in records if r["answers"] and
+                 r["context"][r["answer_starts"][0]:r["answer_starts"][0] + len(r["answers"][0])] != r["answers"][0]]
+    if misplaced:
+        logger.warning("%s: in %d questions the answer text is not at answer_start in the context (first: id %s); "
+                       "kept, but the truncation report cannot follow them", path, len(misplaced), misplaced[0])
     return records
 
 
 def read_hub(dataset_id: str) -> Splits:
     import datasets  # only here: the Hub path needs the network
 
-    loaded = datasets.load_dataset(dataset_id)
+    try:
+        loaded = datasets.load_dataset(dataset_id)
+    except Exception as e:  # network, authentication, unknown id: all the user can act on is the message
+        raise DataError(f"{dataset_id}: cannot load this Hub dataset ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                        "check the id and the network, or pass a local SQuAD v2.0 JSON file")
     return {
         split: [
             {
@@ -80,7 +113,7 @@ def split_by_article(records: list[Record], validation_fraction: float, seed: in
 
 def load_splits(data: str, seed: int = 42, validation_fraction: float = 0.1, validation_data: str | None = None,
                 **_options) -> Splits:
-    if not Path(data).exists() and "/" in data and not data.endswith(".json"):
+    if looks_like_hub_id(data):
         return read_hub(data)
     records = read_squad_v2(data)
     if validation_data:

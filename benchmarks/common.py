@@ -1,0 +1,116 @@
+"""Shared pieces of the benchmarks: data with the real SQuAD v2 length distribution, models from configs, memory."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+REAL_SQUAD = ROOT.parent / "shared" / "data" / "squad" / "squad-v2-dev-cs224n.json"
+CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def squad_records(limit: int | None = None) -> tuple[list[dict], str]:
+    """SQuAD v2 records (real dev questions when ../shared is there, else the bundled sample), shuffled once."""
+    import random
+
+    from peft_t5.tasks.squad import SAMPLE, read_squad_v2
+
+    path = str(REAL_SQUAD) if REAL_SQUAD.exists() else SAMPLE
+    records = read_squad_v2(path)
+    random.Random(0).shuffle(records)
+    return records[:limit], path
+
+
+def model_from_config(name: str, dtype=torch.float32):
+    """A T5 with random weights from benchmarks/configs/NAME.json: speed does not depend on the values."""
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+    config = AutoConfig.from_pretrained(CONFIGS / f"{name}.json")
+    torch.manual_seed(0)
+    return AutoModelForSeq2SeqLM.from_config(config).to(dtype)
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (CUDA), torch {torch.__version__}"
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+
+
+class PeakMemory:
+    """Peak memory of a block: CUDA allocator peak on a GPU, sampled process RSS growth on a CPU (bytes)."""
+
+    def __enter__(self):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+        else:
+            import psutil
+
+            self.proc, self.stop = psutil.Process(), False
+            self.start = self.peak_rss = self.proc.memory_info().rss
+            self.thread = threading.Thread(target=self._sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def _sample(self):
+        while not self.stop:
+            self.peak_rss = max(self.peak_rss, self.proc.memory_info().rss)
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self.stop = True
+            self.thread.join()
+            self.peak = self.peak_rss
+        return False
+
+
+def matmul_rate(dtype=torch.float32, n: int = 2048, repeats: int = 10) -> float:
+    """The machine's dense matrix-multiply rate in FLOP/s, measured now (the ceiling for model FLOP/s)."""
+    dev = device()
+    a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
+    a @ b
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    sync()
+    return 2 * n**3 * repeats / (time.perf_counter() - start)
+
+
+def write_results(results: dict, output: str, chart: tuple[str, list[str], list[float], str] | None = None) -> None:
+    """The JSON, and a bar chart PNG beside it: (title, labels, values, y label)."""
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    if chart:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        title, labels, values, ylabel = chart
+        fig, ax = plt.subplots(figsize=(7, 4))
+        bars = ax.bar(labels, values, color=["#999999", "#6699cc", "#cc6633", "#dd9955", "#88aa55"][: len(values)])
+        ax.bar_label(bars, fmt="%.3g")
+        ax.set_title(title)
+        ax.set_ylabel(ylabel)
+        plt.setp(ax.get_xticklabels(), rotation=15, ha="right")
+        fig.tight_layout()
+        fig.savefig(out.with_suffix(".png"), dpi=100)
+        plt.close(fig)

@@ -1,0 +1,334 @@
+"""Issue 6: bad input gets one line and exit 2 with nothing written; kills and NaNs lose nothing; no pickles."""
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from peft_t5.cli import generate_main, merge_main, run, train
+from peft_t5.errors import DataError, PeftT5Error
+from peft_t5.tasks import get_task, jokes, squad
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = ["--model", "tiny", "--max_steps", "2", "--report_to", "none", "--sample_generations", "0",
+        "--max_source_length", "64", "--generation_eval_samples", "2", "--disable_tqdm", "true"]
+
+
+def run_cli(command, argv, capsys):
+    status = run(command, argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    return status, (err[-1] if err else "")
+
+
+def squad_json(qas, context="The alpha beta gamma."):
+    return json.dumps({"version": "v2.0", "data": [{"title": "T", "paragraphs": [{"context": context, "qas": qas}]}]})
+
+
+def answerable(i, text="alpha", start=4):
+    return {"id": f"q{i}", "question": f"What is {i}?", "is_impossible": False,
+            "answers": [{"text": text, "answer_start": start}]}
+
+
+BAD_DATA = [
+    ("squad", "missing.json", None, "missing.json: no such file"),
+    ("squad", "latin1.json", "caf\xe9".encode("latin-1"), "not a UTF-8 JSON file"),
+    ("squad", "broken.json", b'{"data": [', "not a UTF-8 JSON file (Expecting value"),
+    ("squad", "layout.json", b'{"articles": []}', "not the SQuAD v2.0 layout"),
+    ("squad", "nested.json", b'{"data": [{"title": "T", "paragraphs": [{"context": "c", "qas": "oops"}]}]}',
+     "not the SQuAD v2.0 layout"),
+    ("squad", "empty.json", squad_json([{"id": "a", "question": "", "answers": []}]).encode(),
+     "none of its 1 questions is usable"),
+    ("jokes", "latin1.csv", "Question,Answer\ncaf\xe9?,x\n".encode("latin-1"), "not UTF-8"),
+    ("jokes", "quotes.csv", b'Question,Answer\n"Why?"x,y\n', "not a valid CSV file"),
+    ("jokes", "columns.csv", b"setup,punch\nWhy?,x\n", "record 0 has columns ['punch', 'setup']; expected Question/Answer or title/body"),
+    ("jokes", "broken.json", b"[{\"title\": ", "neither JSON nor JSON lines"),
+    ("jokes", "nothing.csv", b"Question,Answer\nNot a question.,x\n,\n", "none of 1 records is a question-answer joke"),
+]
+
+
+@pytest.mark.parametrize("task,name,content,message", BAD_DATA, ids=[c[1] for c in BAD_DATA])
+def test_bad_data_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, task, name, content, message):
+    data = tmp_path / name
+    if content is not None:
+        data.write_bytes(content)
+    out = tmp_path / "out"
+    status, line = run_cli(train, ["--task", task, "--data", str(data), "--output_dir", str(out), *FAST], capsys)
+    assert status == 2
+    assert line.startswith(f"error: {data}") and message in line, line
+    assert not out.exists()
+
+
+def test_records_with_empty_fields_are_counted_and_skipped(tmp_path, caplog):
+    path = tmp_path / "squad.json"
+    qas = [answerable(1), {"id": "q2", "question": " ", "answers": []}, answerable(3),
+           {"id": "q4", "question": "Q?", "is_impossible": False, "answers": []}, answerable(5, "delta", 4)]
+    path.write_text(squad_json(qas))
+    with caplog.at_level(logging.WARNING):
+        records = squad.read_squad_v2(str(path))
+    assert [r["id"] for r in records] == ["q1", "q3", "q5"]
+    assert "skipped 2 of 5 questions with a missing or empty field (first: question 1)" in caplog.text
+    assert "in 1 questions the answer text is not at answer_start in the context (first: id q5)" in caplog.text
+    jokes_file = tmp_path / "j.csv"
+    jokes_file.write_text("Question,Answer\nWhy?,Because.\n,Orphan answer\nHow?,\n")
+    with caplog.at_level(logging.WARNING):
+        assert jokes.read_jokes(str(jokes_file)) == [{"question": "Why?", "answer": "Because."}]
+    assert "skipped 2 of 3 records with an empty Question or Answer (first: record 1)" in caplog.text
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--lora_r", "0"], "error: --lora_r 0: the rank must be at least 1"),
+    (["--lora_dropout", "1.5"], "error: --lora_dropout 1.5: must be in [0, 1)"),
+    (["--target_modules", "query", "v"], "error: --target_modules query match no layer of this model; its linear layers are named: k, lm_head, o, q, v, wi_0, wi_1, wo"),
+])
+def test_lora_settings_out_of_range(tmp_path, capsys, flags, message):
+    out = tmp_path / "out"
+    status, line = run_cli(train, ["--task", "jokes", "--output_dir", str(out), *FAST, *flags], capsys)
+    assert (status, line) == (2, message) and not out.exists()
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory):
+    out = tmp_path_factory.mktemp("rel") / "jokes"
+    train(["--task", "jokes", "--output_dir", str(out), *FAST])
+    return out
+
+
+def broken_copy(adapter, tmp_path, name, change):
+    import shutil
+
+    copy = tmp_path / name
+    shutil.copytree(adapter, copy, ignore=shutil.ignore_patterns("checkpoints"))
+    change(copy)
+    return copy
+
+
+def truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+BAD_ADAPTERS = [
+    ("no-config", lambda d: (d / "adapter_config.json").unlink(), "no adapter_config.json, so not an adapter folder"),
+    ("no-weights", lambda d: (d / "adapter_model.safetensors").unlink(), "no adapter_model.safetensors, so no adapter weights"),
+    ("truncated", lambda d: truncate(d / "adapter_model.safetensors"), "truncated or corrupt safetensors file"),
+    ("bad-config", lambda d: (d / "adapter_config.json").write_text("{"), "adapter_config.json: not a PEFT adapter config"),
+]
+
+
+@pytest.mark.parametrize("name,change,message", BAD_ADAPTERS, ids=[c[0] for c in BAD_ADAPTERS])
+def test_broken_adapter_folders_for_merge_and_generate(adapter, tmp_path, capsys, name, change, message):
+    broken = broken_copy(adapter, tmp_path, name, change)
+    status, line = run_cli(merge_main, ["--adapter", str(broken), "--output", str(tmp_path / "merged")], capsys)
+    assert status == 2 and line.startswith(f"error: {broken}") and message in line, line
+    assert not (tmp_path / "merged").exists()
+    status, line = run_cli(generate_main, ["--adapter", f"j={broken}", "--task", "j", "Why?"], capsys)
+    assert status == 2 and message in line
+
+
+def test_pickled_adapter_refused_unless_trusted(adapter, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    def to_pickle(d):
+        torch.save(load_file(d / "adapter_model.safetensors"), d / "adapter_model.bin")
+        (d / "adapter_model.safetensors").unlink()
+
+    pickled = broken_copy(adapter, tmp_path, "pickled", to_pickle)
+    status, line = run_cli(generate_main, ["--adapter", f"j={pickled}", "--task", "j", "Why?"], capsys)
+    assert status == 2 and "adapter_model.bin: pickled weights can run code when loaded and are refused" in line
+    status = run(generate_main, ["--adapter", f"j={pickled}", "--task", "j", "--trust_pickle", "Why?"])
+    assert status == 0 and "Q: Why?" in capsys.readouterr().out
+
+
+def test_pickled_base_model_refused_unless_trusted(tmp_path, capsys):
+    from peft_t5.modeling import load_base_model, tiny_model
+
+    model = tiny_model()
+    model.config.save_pretrained(tmp_path / "base")
+    torch.save(model.state_dict(), tmp_path / "base" / "pytorch_model.bin")
+    with pytest.raises(PeftT5Error, match=r"pickled .bin weights are refused unless you pass --trust_pickle"):
+        load_base_model(str(tmp_path / "base"))
+    trusted = load_base_model(str(tmp_path / "base"), trust_pickle=True)
+    assert torch.equal(trusted.lm_head.weight, model.lm_head.weight)
+
+
+def test_qlora_without_a_working_bitsandbytes(monkeypatch):
+    import bitsandbytes.functional
+
+    from peft_t5.modeling import check_bitsandbytes
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no 4-bit kernel for this device")
+
+    monkeypatch.setattr(bitsandbytes.functional, "quantize_4bit", broken)
+    with pytest.raises(PeftT5Error, match=r"--qlora needs bitsandbytes with 4-bit support on this machine \(RuntimeError: no 4-bit kernel"):
+        check_bitsandbytes()
+    monkeypatch.setitem(sys.modules, "bitsandbytes.functional", None)
+    with pytest.raises(PeftT5Error, match=r"--qlora needs bitsandbytes .*ModuleNotFoundError"):
+        check_bitsandbytes()
+
+
+def test_fields_of_a_record_are_data_never_code_or_paths():
+    task = get_task("squad")
+    record = {"question": "{__import__('os').system('touch /tmp/pwned')}", "context": "../../etc/passwd {context}"}
+    assert task.source(record) == f"question: {record['question']} context: {record['context']}"
+    assert not Path("/tmp/pwned").exists()
+
+
+SAVE_SCRIPT = """
+import sys, time, torch
+from peft_t5.adapters import save_adapter
+from peft_t5.modeling import add_lora, tiny_model, tiny_tokenizer
+model, tokenizer = add_lora(tiny_model()), tiny_tokenizer()
+value = float(sys.argv[2])
+for name, p in model.named_parameters():
+    if "lora_" in name:
+        p.data.fill_(value)
+slow = tokenizer.save_pretrained
+def save_slowly(*a, **k):  # widen the window between the weights and the rest being written
+    print("writing", flush=True); time.sleep(0.5); return slow(*a, **k)
+tokenizer.save_pretrained = save_slowly
+save_adapter(model, tokenizer, sys.argv[1], {"task": "jokes", "base_model": "tiny", "value": value}, "# card\\n")
+print("saved", flush=True)
+"""
+
+
+def test_a_save_killed_part_way_leaves_the_old_or_the_new_adapter(tmp_path):
+    from peft import PeftModel
+
+    from peft_t5.modeling import tiny_model
+
+    out = tmp_path / "adapter"
+    script = tmp_path / "save.py"
+    script.write_text(SAVE_SCRIPT)
+    subprocess.run([sys.executable, str(script), str(out), "1.0"], check=True, capture_output=True)
+    for delay in (0.0, 0.2, 0.45, 0.7):
+        proc = subprocess.Popen([sys.executable, str(script), str(out), "2.0"], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "writing"  # the new adapter's weights are being written now
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        model = PeftModel.from_pretrained(tiny_model(), out)
+        values = {p.data.unique().item() for n, p in model.named_parameters() if "lora_" in n}
+        meta = json.loads((out / "peft_t5.json").read_text())
+        assert values == {meta["value"]} and meta["value"] in (1.0, 2.0)  # whole old or whole new, never a mix
+    proc = subprocess.run([sys.executable, str(script), str(out), "3.0"], check=True, capture_output=True)
+    assert json.loads((out / "peft_t5.json").read_text())["value"] == 3.0
+
+
+RESUME_FLAGS = ["--task", "jokes", "--model", "tiny", "--max_steps", "60", "--save_strategy", "steps",
+                "--save_steps", "20", "--eval_strategy", "no", "--eval_on_start", "false",
+                "--load_best_model_at_end", "false", "--per_device_train_batch_size", "32", "--report_to", "none",
+                "--sample_generations", "0", "--logging_steps", "1", "--disable_tqdm", "true", "--seed", "7"]
+
+
+def adapter_weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(path / "adapter_model.safetensors")
+
+
+def test_a_run_killed_between_checkpoints_resumes_to_the_same_adapter(tmp_path):
+    script = [sys.executable, str(ROOT / "scripts" / "train_lora.py")]
+    subprocess.run(script + RESUME_FLAGS + ["--output_dir", str(tmp_path / "straight")], check=True, capture_output=True)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(script + RESUME_FLAGS + ["--output_dir", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = killed / "checkpoints" / "checkpoint-20" / "trainer_state.json"
+    deadline = time.time() + 120
+    while not marker.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert marker.exists() and not (killed / "adapter_model.safetensors").exists()
+    assert not (killed / "checkpoints" / "checkpoint-60").exists()
+
+    resumed = subprocess.run(script + RESUME_FLAGS + ["--output_dir", str(killed), "--resume"],
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = adapter_weights(tmp_path / "straight"), adapter_weights(killed)
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    state = json.loads((killed / "checkpoints" / "checkpoint-60" / "trainer_state.json").read_text())
+    assert state["global_step"] == 60
+
+
+def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    from transformers import TrainerCallback
+
+    from peft_t5.arguments import TrainingArguments
+    from peft_t5.data import tokenize
+    from peft_t5.modeling import add_lora, tiny_model, tiny_tokenizer
+    from peft_t5.training import build_trainer
+
+    class PoisonAtStep3(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 2:  # the third step runs on a poisoned adapter
+                next(p for n, p in model.named_parameters() if "lora_A" in n).data.fill_(float("nan"))
+
+    tokenizer, task = tiny_tokenizer(), get_task("jokes")
+    dataset, _ = tokenize(task, jokes.load_splits(jokes.SAMPLE)["train"][:16], tokenizer)
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=10, per_device_train_batch_size=4,
+                             save_strategy="steps", save_steps=1, eval_strategy="no", eval_on_start=False,
+                             load_best_model_at_end=False, report_to="none", dataloader_pin_memory=False,
+                             disable_tqdm=True, logging_steps=1)
+    trainer = build_trainer(add_lora(tiny_model()), tokenizer, task, dataset, None, args, [], 64, 32)
+    trainer.add_callback(PoisonAtStep3())
+    with pytest.raises(PeftT5Error, match=r"^the loss diverged \(adapter weights became NaN or infinite\) at step 3; "
+                                          r"stopped, the last good checkpoint is kept in .*run"):
+        trainer.train()
+    checkpoints = sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*"))
+    assert checkpoints[-1] == "checkpoint-2"
+    saved = adapter_weights(tmp_path / "run" / "checkpoint-2")
+    assert all(torch.isfinite(t).all() for t in saved.values())
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=50),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(
+        st.sampled_from(["data", "paragraphs", "qas", "context", "question", "id", "answers", "text",
+                         "answer_start", "is_impossible", "title", "Question", "Answer", "body"]) | st.text(max_size=8),
+        children, max_size=5),
+    max_leaves=30)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(value=json_values, huge=st.booleans())
+def test_fuzz_readers_load_or_raise_their_own_error(tmp_path, value, huge):
+    text = json.dumps(value)
+    if huge:
+        text = text.replace('""', json.dumps("x" * 200_000), 1)
+    for name, reader in (("f.json", squad.read_squad_v2), ("f.json", jokes.read_jokes), ("f.jsonl", jokes.read_jokes)):
+        path = tmp_path / name
+        path.write_text(text, encoding="utf-8")
+        try:
+            records = reader(str(path))
+        except DataError:
+            continue
+        assert isinstance(records, list) and all(isinstance(r, dict) for r in records)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(st.lists(st.text(max_size=30) | st.sampled_from(["Question", "Answer", "title", "body", "x" * 140_000]),
+                              max_size=4), max_size=6), raw=st.binary(max_size=40))
+def test_fuzz_csv_reader_loads_or_raises_its_own_error(tmp_path, rows, raw):
+    import csv
+
+    path = tmp_path / "f.csv"
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        csv.writer(f).writerows(rows)
+    with open(path, "ab") as f:
+        f.write(raw)
+    for loader in (jokes.read_jokes, lambda p: jokes.load_splits(p)):
+        try:
+            loader(str(path))
+        except DataError:
+            pass
