@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-REAL_SQUAD = ROOT.parent / "shared" / "data" / "squad" / "squad-v2-dev-cs224n.json"
+REAL_SQUAD = Path(os.environ.get("SQUAD_V2_FILE", ROOT.parent / "shared" / "data" / "squad" / "squad-v2-dev-cs224n.json"))
 CONFIGS = Path(__file__).resolve().parent / "configs"
 
 

@@ -124,13 +124,14 @@ def run_trainer(config, dataset, tokenizer, steps, warmup, batch_size, toolkit: 
 
     if qlora:
         model = add_lora(load_quantized(config))
-    else:
-        model = add_lora(model_from_config(config))
+    else:  # with bf16 the frozen base is stored in bf16, as train_lora.py --bf16 does
+        model = add_lora(model_from_config(config, torch.bfloat16 if (toolkit and bf16) else torch.float32))
     clock = StepClock(warmup)
     with tempfile.TemporaryDirectory() as tmp:
         common = dict(output_dir=tmp, max_steps=warmup + steps, per_device_train_batch_size=batch_size,
                       report_to="none", save_strategy="no", eval_strategy="no", logging_steps=10**6,
-                      disable_tqdm=True, dataloader_pin_memory=False, seed=0, bf16=bf16)
+                      disable_tqdm=True, dataloader_pin_memory=False, seed=0, bf16=bf16,
+                      use_cpu=not torch.cuda.is_available())
         if toolkit:  # the toolkit's own defaults: Adafactor, length-grouped batches, multiple-of-8 padding
             args = TrainingArguments(eval_on_start=False, load_best_model_at_end=False, **common)
             trainer = build_trainer(model, tokenizer, get_task("squad"), dataset, None, args, [], MAX_SOURCE, MAX_TARGET)
@@ -168,53 +169,74 @@ def summarise(batches, seconds, steps, peak_bytes, flops_per_useful_token) -> di
             "achieved_flop_per_s": flops_per_useful_token * useful / seconds}
 
 
+def run_one(name: str, args) -> dict:
+    steps = args.steps or (1 if args.quick else 20)
+    warmup = 1 if args.quick else 2
+    tokenizer = load_tokenizer("tiny")
+    records, _ = squad_records(1200)  # enough for length grouping to form its mega-batches
+    dataset, _ = tokenize(get_task("squad"), records, tokenizer, MAX_SOURCE, MAX_TARGET)
+    bf16 = bf16_supported()
+    common = (args.config, dataset, tokenizer, steps, warmup, args.batch_size)
+    runners = {
+        "baseline": lambda: run_baseline(*common),
+        "hf_defaults": lambda: run_trainer(*common, toolkit=False, bf16=False),
+        "peft_t5": lambda: run_trainer(*common, toolkit=True, bf16=bf16),
+        "peft_t5_fp32": lambda: run_trainer(*common, toolkit=True, bf16=False),
+        "peft_t5_qlora": lambda: run_trainer(*common, toolkit=True, bf16=bf16, qlora=True),
+    }
+    return runners[name]()
+
+
 def main() -> None:
+    import json
+    import subprocess
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="A few steps per setup (CI-sized machines)")
+    parser.add_argument("--quick", action="store_true", help="Batch 8, 1 timed step per setup (CI-sized machines)")
     parser.add_argument("--output", default="benchmarks/results/train_throughput.json")
     parser.add_argument("--config", default="t5-small", help="A config in benchmarks/configs/ (t5-small, flan-t5-large)")
-    parser.add_argument("--steps", type=int, help="Timed steps per setup (default 3 quick, 20 full)")
-    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--steps", type=int, help="Timed steps per setup (default 1 quick, 20 full)")
+    parser.add_argument("--batch_size", type=int, help="Default 16 (8 with --quick)")
     parser.add_argument("--setups", nargs="+", default=["baseline", "hf_defaults", "peft_t5", "peft_t5_fp32"],
-                        help="Also: peft_t5_qlora (bf16 QLoRA, GPU)")
+                        help="Also: peft_t5_qlora")
+    parser.add_argument("--only", help=argparse.SUPPRESS)  # run one setup in this process, print its JSON
     args = parser.parse_args()
-    steps = args.steps or (3 if args.quick else 20)
-    warmup = 1 if args.quick else 3
-    tokenizer = load_tokenizer("tiny")
-    records, source = squad_records()
-    records = records[: (warmup + steps) * args.batch_size * 2]
-    dataset, stats = tokenize(get_task("squad"), records, tokenizer, MAX_SOURCE, MAX_TARGET)
-    bf16 = bf16_supported()
-    runners = {
-        "baseline": lambda: run_baseline(args.config, dataset, tokenizer, steps, warmup, args.batch_size),
-        "hf_defaults": lambda: run_trainer(args.config, dataset, tokenizer, steps, warmup, args.batch_size, False, False),
-        "peft_t5": lambda: run_trainer(args.config, dataset, tokenizer, steps, warmup, args.batch_size, True, bf16),
-        "peft_t5_fp32": lambda: run_trainer(args.config, dataset, tokenizer, steps, warmup, args.batch_size, True, False),
-        "peft_t5_qlora": lambda: run_trainer(args.config, dataset, tokenizer, steps, warmup, args.batch_size, True, bf16,
-                                             qlora=True),
-    }
+    args.batch_size = args.batch_size or (8 if args.quick else 16)
+    if args.only:
+        print("RESULT " + json.dumps(run_one(args.only, args)))
+        return
     setups = {}
-    for name in args.setups:
-        setups[name] = runners[name]()
+    for name in args.setups:  # one process per setup: a clean heap, so peak memory is that setup's own
+        cmd = [sys.executable, __file__, "--only", name, "--config", args.config, "--batch_size", str(args.batch_size)]
+        cmd += ["--quick"] * args.quick + (["--steps", str(args.steps)] if args.steps else [])
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if line is None:
+            raise SystemExit(f"setup {name} failed:\n{out.stderr[-3000:]}")
+        setups[name] = json.loads(line[len("RESULT "):])
         print(f"{name:14} {setups[name]['useful_tokens_per_s']:10.0f} useful tok/s  "
               f"{setups[name]['seconds_per_step']:7.3f} s/step  pad {setups[name]['pad_share']:.0%}  "
               f"peak {setups[name]['peak_memory_gib']:.2f} GiB", flush=True)
+    bf16 = bf16_supported()
     rate = matmul_rate(torch.bfloat16 if bf16 else torch.float32)
-    for s in setups.values():
-        s["flop_utilisation"] = s["achieved_flop_per_s"] / rate
+    rate_fp32 = rate if not bf16 else matmul_rate(torch.float32)
+    for name, s in setups.items():
+        uses_bf16 = bf16 and name in ("peft_t5", "peft_t5_qlora")
+        s["flop_utilisation"] = s["achieved_flop_per_s"] / (rate if uses_bf16 else rate_fp32)
     tps = {k: v["useful_tokens_per_s"] for k, v in setups.items()}
+    _, source = squad_records(1)
     results = {
-        "machine": machine(), "config": args.config, "data": source, "quick": args.quick, "steps": steps,
-        "batch_size": args.batch_size, "bf16": bf16, "matmul_flop_per_s": rate,
+        "machine": machine(), "config": args.config, "data": source, "quick": args.quick,
+        "batch_size": args.batch_size, "bf16": bf16, "matmul_flop_per_s": {"bf16" if bf16 else "fp32": rate,
+                                                                           "fp32": rate_fp32},
         "tokenizer": "tiny sentencepiece (vocab 2048): more tokens per word than T5's 32k vocabulary",
-        "source_truncation": str(stats), "setups": setups,
-        "speedup_vs_baseline": tps.get("peft_t5", 0) / tps["baseline"] if "baseline" in tps else None,
-        "speedup_vs_hf_defaults": tps.get("peft_t5", 0) / tps["hf_defaults"] if "hf_defaults" in tps else None,
+        "setups": setups,
+        "speedup_vs_baseline": tps["peft_t5"] / tps["baseline"] if {"peft_t5", "baseline"} <= tps.keys() else None,
+        "speedup_vs_hf_defaults": tps["peft_t5"] / tps["hf_defaults"] if {"peft_t5", "hf_defaults"} <= tps.keys() else None,
     }
     write_results(results, args.output, ("useful training tokens per second", list(tps), list(tps.values()), "tokens/s"))
     print(f"peft_t5 vs baseline: {results['speedup_vs_baseline'] or float('nan'):.2f}x, "
-          f"vs HF defaults: {results['speedup_vs_hf_defaults'] or float('nan'):.2f}x; "
-          f"matmul rate {rate / 1e9:.0f} GFLOP/s; wrote {args.output}")
+          f"vs HF defaults: {results['speedup_vs_hf_defaults'] or float('nan'):.2f}x; wrote {args.output}")
 
 
 if __name__ == "__main__":

@@ -20,8 +20,14 @@ def load_config(name: str):
     from transformers import AutoConfig
 
     path = TINY_DIR if name == TINY else Path(name)
-    if path.is_file():
-        path = path.parent
+    if path.is_file():  # a config file of any name
+        import json
+
+        try:
+            values = json.loads(path.read_text(encoding="utf-8"))
+            return AutoConfig.for_model(values.pop("model_type"), **values)
+        except (ValueError, KeyError, UnicodeDecodeError) as e:
+            raise PeftT5Error(f"{name}: not a model config.json ({type(e).__name__}: {e})")
     if path.is_dir() and not (path / "config.json").is_file():
         raise PeftT5Error(f"{name}: no config.json there; pass a folder holding config.json, the file, or a Hub id")
     try:
