@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import subprocess
 import sys
 from pathlib import Path
 
@@ -53,14 +54,24 @@ def main() -> None:
     parser.add_argument("--output", default="benchmarks/results/memory.json")
     parser.add_argument("--config", default="t5-small", help="Measured shapes (benchmarks/configs/)")
     parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--only", help=argparse.SUPPRESS)  # measure one setup in this process
     args = parser.parse_args()
     tokenizer, task = load_tokenizer("tiny"), get_task("squad")
     records, _ = squad_records(args.batch_size)
     dataset, _ = tokenize(task, records, tokenizer, 512, 24)
     batch = seq2seq_collator(tokenizer)([dataset[i] for i in range(len(dataset))])
     batch.pop("length", None)
-    measured = {setup: one_step_peak(args.config, setup, batch, 1 if args.quick else 2)
-                for setup in ("full", "lora", "qlora")}
+    if args.only:
+        print(f"RESULT {one_step_peak(args.config, args.only, batch, 1 if args.quick else 2)}")
+        return
+    measured = {}
+    for setup in ("full", "lora", "qlora"):  # one process each: a CPU process keeps the memory it freed
+        cmd = [sys.executable, __file__, "--only", setup, "--config", args.config, "--batch_size", str(args.batch_size)]
+        out = subprocess.run(cmd + ["--quick"] * args.quick, capture_output=True, text=True)
+        line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if line is None:
+            raise SystemExit(f"setup {setup} failed:\n{out.stderr[-3000:]}")
+        measured[setup] = float(line.split()[1])
     for setup, gib in measured.items():
         print(f"{args.config} {setup:6} measured peak {gib:.3f} GiB", flush=True)
     estimates = {name: estimate(str(CONFIGS / f"{name}.json")) for name in (args.config, "flan-t5-large")}
