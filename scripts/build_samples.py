@@ -37,7 +37,7 @@ BLOCK = re.compile(
     r"britney|rampage|incontinent|69|quadripleg|limp|reptile|pits|buns|gigolo|mohel|mofo|diana|oriental|divorc|lubric|vestite|circum|skin|schizo|caitlyn|bulge|bulemi|bulimi|cosby|tampax|frank|gas|leper|ginger|year old|hips|siamese|riot|dodi|india|soviet|german|bulldog|shih|dirty|adolf|choke|bieber|pp|spanish|taliban|malala|iran|native|egypt|middle east|mooch|chest|ball|period|trailer|addict|alcohol|beer|wine|drink|bar|moron|stupid|idiot|lazy|insan|crazy|mental|anxi|"
     r"female|male|jew|debate|blower|nurse|tweek|doggie|comedian|roof|errect|genes|gladiator|bdsm|hispanic|turn on|"
     r"hindu|prayer|roman|caesar|robber|steal|cop|police|hairy|hair|"
-    r"night stand|grenade|kkk|snow ?blower|masoch|grave|dying|spaniard|saggy|midwife|entendre|punch|"
+    r"limb|crip|sjw|night stand|grenade|kkk|snow ?blower|masoch|grave|dying|spaniard|saggy|midwife|entendre|punch|"
     r"toilet|vomit|semen|sperm|pregnan|boner|wank|jerk|dildo|lick|swallow|screw|bang|nut)",
     re.IGNORECASE,
 )
