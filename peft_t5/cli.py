@@ -240,6 +240,17 @@ def merge_main(argv: list[str]) -> None:
     print(f"wrote {report.output}/ ({args.dtype}); load it with T5ForConditionalGeneration.from_pretrained")
 
 
+def parse_adapter_specs(specs: list[str]) -> dict[str, str]:
+    """--adapter NAME=FOLDER, repeated, as {name: folder}."""
+    adapters = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise PeftT5Error(f"--adapter {spec}: expected NAME=FOLDER, e.g. jokes=adapters/jokes")
+        adapters[name] = path
+    return adapters
+
+
 def read_inputs(args) -> list:
     """Questions from the command line or --file (one per line, or JSON lines with question/context)."""
     items: list = list(args.questions)
@@ -280,12 +291,7 @@ def generate_main(argv: list[str]) -> None:
     parser.add_argument("--num_beams", type=int, default=1)
     parser.add_argument("--max_new_tokens", type=int, default=64)
     args = parser.parse_args(argv)
-    adapters = {}
-    for spec in args.adapter:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not path:
-            raise PeftT5Error(f"--adapter {spec}: expected NAME=FOLDER, e.g. jokes=adapters/jokes")
-        adapters[name] = path
+    adapters = parse_adapter_specs(args.adapter)
     bank = AdapterBank.load(args.base, adapters, qlora=args.qlora, trust_pickle=args.trust_pickle)
     if args.task != BASE and args.task not in adapters:
         raise PeftT5Error(f"--task {args.task}: no such adapter; loaded: {', '.join(bank.names)}")
@@ -398,9 +404,7 @@ def compare_main(argv: list[str]) -> None:
         return
     if not args.questions or not args.adapter:
         raise PeftT5Error("pass --questions FILE and at least one --adapter NAME=FOLDER (or --ratings FILE)")
-    adapters = dict(spec.partition("=")[::2] for spec in args.adapter)
-    if not all(adapters) or not all(adapters.values()):
-        raise PeftT5Error(f"--adapter expects NAME=FOLDER, got {args.adapter}")
+    adapters = parse_adapter_specs(args.adapter)
     records = read_questions(args.questions)[:args.limit]
     if not records:
         raise PeftT5Error(f"{args.questions}: no questions in it")
