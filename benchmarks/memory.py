@@ -17,7 +17,7 @@ from common import CONFIGS, PeakMemory, device, machine, model_from_config, squa
 
 from peft_t5.data import seq2seq_collator, tokenize  # noqa: E402
 from peft_t5.estimate import estimate  # noqa: E402
-from peft_t5.modeling import add_lora, load_tokenizer  # noqa: E402
+from peft_t5.modeling import add_lora, load_tokenizer, quantize  # noqa: E402
 from peft_t5.tasks import get_task  # noqa: E402
 
 PUBLISHED_FLAN_T5_LARGE_LORA_GB = 12
@@ -30,10 +30,7 @@ def one_step_peak(config: str, setup: str, batch, steps: int = 2) -> float:
     gc.collect()
     with PeakMemory() as mem:
         if setup == "qlora":
-            sys.path.insert(0, str(Path(__file__).resolve().parent))
-            from train_throughput import load_quantized
-
-            model = add_lora(load_quantized(config))
+            model = add_lora(quantize(model_from_config(config)))
         else:
             model = model_from_config(config)
             model = add_lora(model) if setup == "lora" else model

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PeakMemory, device, machine, matmul_rate, model_from_config, squad_records, write_results  # noqa: E402
 
 from peft_t5.data import seq2seq_collator, tokenize  # noqa: E402
-from peft_t5.modeling import add_lora, bf16_supported, load_tokenizer  # noqa: E402
+from peft_t5.modeling import add_lora, bf16_supported, load_tokenizer, quantize  # noqa: E402
 from peft_t5.tasks import get_task  # noqa: E402
 
 MAX_SOURCE, MAX_TARGET = 512, 24
@@ -123,7 +123,7 @@ def run_trainer(config, dataset, tokenizer, steps, warmup, batch_size, toolkit: 
     from peft_t5.training import build_trainer
 
     if qlora:
-        model = add_lora(load_quantized(config))
+        model = add_lora(quantize(model_from_config(config)))
     else:  # with bf16 the frozen base is stored in bf16, as train_lora.py --bf16 does
         model = add_lora(model_from_config(config, torch.bfloat16 if (toolkit and bf16) else torch.float32))
     clock = StepClock(warmup)
@@ -147,18 +147,6 @@ def run_trainer(config, dataset, tokenizer, steps, warmup, batch_size, toolkit: 
             trainer.train()
     return summarise(counter.batches[warmup:warmup + steps], clock.end - clock.start, steps, mem.peak - mem.start,
                      flops_per_token(model, dataset, lora=True))
-
-
-def load_quantized(config):
-    from transformers import AutoModelForSeq2SeqLM
-
-    from peft_t5.modeling import compute_as_in_training, quantization_config
-
-    with tempfile.TemporaryDirectory() as tmp:
-        model_from_config(config).save_pretrained(tmp)
-        model = AutoModelForSeq2SeqLM.from_pretrained(tmp, quantization_config=quantization_config())
-    compute_as_in_training(model)
-    return model
 
 
 def summarise(batches, seconds, steps, peak_bytes, flops_per_useful_token) -> dict:

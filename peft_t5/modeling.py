@@ -140,17 +140,27 @@ def _from_pretrained(name: str, trust_pickle: bool, **kwargs) -> PreTrainedModel
                           "config.json and model.safetensors, or tiny")
 
 
+def quantize(model: PreTrainedModel) -> PreTrainedModel:
+    """A model built in memory, loaded again with its linear layers in 4-bit NF4 (as for training).
+
+    bitsandbytes quantizes on load, so the weights go through a temporary folder.
+    """
+    check_bitsandbytes()
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        quantized = AutoModelForSeq2SeqLM.from_pretrained(tmp, quantization_config=quantization_config())
+    compute_as_in_training(quantized)
+    return quantized
+
+
 def load_base_model(name: str, qlora: bool = False, dtype: torch.dtype = torch.float32,
                     trust_pickle: bool = False) -> PreTrainedModel:
     """A seq2seq base from a Hub id, a local folder or `tiny`; with qlora, its linear layers in 4-bit NF4."""
+    if qlora and name == TINY:
+        return quantize(tiny_model())
     if qlora:
         check_bitsandbytes()
-        if name == TINY:  # quantization happens on load, so the tiny weights go through a folder first
-            with tempfile.TemporaryDirectory() as tmp:
-                tiny_model().save_pretrained(tmp)
-                model = AutoModelForSeq2SeqLM.from_pretrained(tmp, quantization_config=quantization_config())
-        else:
-            model = _from_pretrained(name, trust_pickle, quantization_config=quantization_config())
+        model = _from_pretrained(name, trust_pickle, quantization_config=quantization_config())
         compute_as_in_training(model)
         return model
     if name == TINY:
