@@ -36,7 +36,7 @@ def resolve_defaults(task, model_args, data_args, training_args) -> None:
 
     model_args.model = model_args.model or task.default_model
     if data_args.data is None:
-        data_args.data = task.default_data if model_args.model != TINY else _bundled_sample(task)
+        data_args.data = task.default_data if model_args.model != TINY else task.sample
     if not training_args.output_dir_given:
         training_args.output_dir = f"adapters/{task.name}"
     import torch
@@ -46,12 +46,6 @@ def resolve_defaults(task, model_args, data_args, training_args) -> None:
     if training_args.fp16:
         raise PeftT5Error("--fp16 is refused for T5: its activations overflow in float16 (NaN or zero loss); "
                           "use --bf16 on hardware that has it, or float32 (the default)")
-
-
-def _bundled_sample(task) -> str:
-    from .tasks import jokes, squad
-
-    return {"squad": squad.SAMPLE, "jokes": jokes.SAMPLE}.get(task.name, task.default_data)
 
 
 def check_output_dir(adapter_dir: Path, overwrite: bool, resume: bool) -> None:
@@ -348,7 +342,7 @@ def evaluate_main(argv: list[str]) -> None:
     task = get_task(args.task)
     meta = read_metadata(args.adapter, args.trust_pickle) if args.adapter else {}
     model_name = args.model or meta.get("base_model") or task.default_model
-    data = args.data or _bundled_sample(task)
+    data = args.data or task.sample
 
     if task.name == "squad":
         from .tasks.squad import read_squad_v2

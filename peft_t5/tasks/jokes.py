@@ -111,6 +111,7 @@ TASK = Task(
     name="jokes",
     default_model="google/flan-t5-large",
     default_data=SAMPLE,
+    sample=SAMPLE,
     template="{question}",
     truncate_field=None,
     target=lambda record: record["answer"],

@@ -22,6 +22,7 @@ class Task:
     name: str
     default_model: str  # Hub id of the base the task was designed for
     default_data: str  # Hub dataset id or bundled sample path, used when --data is not given
+    sample: str  # the small sample bundled in peft_t5/data/ (offline demo, tests, --model tiny)
     template: str  # source prompt, formatted with the record's fields; saved with the adapter
     truncate_field: str | None  # the field cut when the source is too long (must come last in the template)
     target: Callable[[Record], str]  # the text the model learns to produce

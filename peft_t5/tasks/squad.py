@@ -141,6 +141,7 @@ TASK = Task(
     name="squad",
     default_model="t5-small",
     default_data="rajpurkar/squad_v2",
+    sample=SAMPLE,
     template="question: {question} context: {context}",
     truncate_field="context",
     target=target,
