@@ -35,6 +35,10 @@ class DataArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training records."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N validation records."})
     generation_eval_samples: int = field(default=64, metadata={"help": "Validation records scored by generation at each evaluation."})
+    streaming: bool = field(default=False, metadata={
+        "help": "Read --data lazily with datasets streaming, for data larger than memory; needs --max_steps. "
+                "The first --max_eval_samples records (default 500) are the validation set."})
+    shuffle_buffer: int = field(default=10_000, metadata={"help": "--streaming: records shuffled in memory at a time."})
     sample_generations: int = field(default=5, metadata={"help": "Generations printed from the reloaded adapter at the end."})
 
 
@@ -72,5 +76,10 @@ class TrainingArguments(Seq2SeqTrainingArguments):
     train_sampling_strategy: str = field(default="group_by_length", metadata={"help": "group_by_length batches similar lengths: less padding."})
 
     def __post_init__(self):
+        import torch
+
         self.output_dir_given = self.output_dir is not None  # the parent fills in "trainer_output"
+        if not torch.accelerator.is_available():
+            # without it, processes started by torchrun/accelerate on a CPU machine each train alone (no gloo group)
+            self.use_cpu = True
         super().__post_init__()

@@ -43,6 +43,17 @@ def resolve_defaults(task, model_args, data_args, training_args) -> None:
 
     if not torch.cuda.is_available():
         training_args.dataloader_pin_memory = False  # pinning needs an accelerator; only warns on a CPU
+    if data_args.streaming:
+        from transformers.trainer_utils import IntervalStrategy, SaveStrategy
+
+        # a stream has no epochs: evaluate and checkpoint five times over --max_steps instead
+        if training_args.eval_strategy == IntervalStrategy.EPOCH:
+            training_args.eval_strategy, training_args.eval_steps = IntervalStrategy.STEPS, 0.2
+        if training_args.save_strategy == SaveStrategy.EPOCH:
+            training_args.save_strategy, training_args.save_steps = SaveStrategy.STEPS, 0.2
+        # each process reads the stream and keeps its share of every global batch; dispatching batches from
+        # the main process (accelerate's default for streams) cannot send batches padded to different lengths
+        training_args.accelerator_config.dispatch_batches = False
     if training_args.fp16:
         raise PeftT5Error("--fp16 is refused for T5: its activations overflow in float16 (NaN or zero loss); "
                           "use --bf16 on hardware that has it, or float32 (the default)")
@@ -85,35 +96,72 @@ tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")
 """
 
 
-def train(argv: list[str]) -> dict:
-    """Train an adapter; returns the final metrics. The whole job, top to bottom."""
-    import torch
-    import transformers
-    from transformers.trainer_utils import get_last_checkpoint
+def warn_single_process_launch() -> None:
+    """`accelerate launch --num_processes N` on a machine without GPUs quietly starts one process."""
+    import os
 
-    from .adapters import save_adapter
-    from .data import tokenize
-    from .modeling import TINY, add_lora, count_parameters, load_base_model, load_tokenizer, quantization_config
-    from .tasks import get_task
-    from .training import build_trainer, plot_loss_curves
+    if "ACCELERATE_MIXED_PRECISION" in os.environ and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ:
+        logger.warning("accelerate launch started one process, not the --num_processes asked for: without GPUs it "
+                       "needs --multi_gpu (which starts torchrun; CPU processes talk over gloo), or use torchrun")
 
-    model_args, data_args, lora_args, training_args = parse_train_args(argv)
-    task = get_task(data_args.task)
-    resolve_defaults(task, model_args, data_args, training_args)
-    adapter_dir = Path(training_args.output_dir)
-    check_output_dir(adapter_dir, training_args.overwrite_output_dir, training_args.resume)
-    training_args.output_dir = str(adapter_dir / "checkpoints")  # checkpoints and logs live inside the adapter folder
 
+def load_data(task, data_args, training_args, say) -> tuple:
+    """(training records or stream, validation records, test records), as the data arguments ask."""
+    options = dict(max_question_words=data_args.max_question_words, max_answer_words=data_args.max_answer_words)
+    if data_args.streaming:
+        from .data import stream_splits
+
+        if training_args.max_steps <= 0:
+            raise PeftT5Error("--streaming needs --max_steps: a stream has no length to count epochs in")
+        held_out = data_args.max_eval_samples or 500
+        train_records, eval_records = stream_splits(task, data_args.data, held_out, training_args.seed,
+                                                    data_args.shuffle_buffer, **options)
+        if data_args.max_train_samples:
+            train_records = train_records.take(data_args.max_train_samples)
+        if not eval_records:
+            raise PeftT5Error(f"{data_args.data}: no usable records to stream")
+        say(f"task {task.name}: streaming training records from {data_args.data} (shuffle buffer "
+            f"{data_args.shuffle_buffer:,}); the first {len(eval_records)} are the validation set")
+        return train_records, eval_records, []
     splits = task.load_splits(data_args.data, seed=training_args.seed, validation_fraction=data_args.validation_fraction,
-                              test_fraction=data_args.test_fraction, validation_data=data_args.validation_data,
-                              max_question_words=data_args.max_question_words, max_answer_words=data_args.max_answer_words)
+                              test_fraction=data_args.test_fraction, validation_data=data_args.validation_data, **options)
     train_records = splits["train"][:data_args.max_train_samples]
     eval_records = splits["validation"][:data_args.max_eval_samples]
     if not train_records or not eval_records:
         raise PeftT5Error(f"{data_args.data}: {len(train_records)} training and {len(eval_records)} validation records; "
                           "need at least one of each")
-    print(f"task {task.name}: {len(train_records)} training, {len(eval_records)} validation records from {data_args.data}")
+    say(f"task {task.name}: {len(train_records)} training, {len(eval_records)} validation records from {data_args.data}")
+    return train_records, eval_records, splits.get("test") or []
 
+
+def train(argv: list[str]) -> dict:
+    """Train an adapter; returns the final metrics. The whole job, top to bottom.
+
+    Under torchrun/accelerate every process runs this; only the main one prints, logs and writes the adapter.
+    """
+    import torch
+    import transformers
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from .adapters import save_adapter
+    from .data import tokenize, tokenize_stream
+    from .modeling import TINY, add_lora, count_parameters, load_base_model, load_tokenizer, quantization_config
+    from .tasks import get_task
+    from .training import build_trainer, plot_loss_curves
+
+    warn_single_process_launch()
+    model_args, data_args, lora_args, training_args = parse_train_args(argv)
+    task = get_task(data_args.task)
+    resolve_defaults(task, model_args, data_args, training_args)
+    main_process = training_args.process_index == 0
+    say = print if main_process else (lambda *args, **kwargs: None)
+    if not main_process:
+        logging.getLogger("peft_t5").setLevel(logging.ERROR)  # the main process already says it
+    adapter_dir = Path(training_args.output_dir)
+    check_output_dir(adapter_dir, training_args.overwrite_output_dir, training_args.resume)
+    training_args.output_dir = str(adapter_dir / "checkpoints")  # checkpoints and logs live inside the adapter folder
+
+    train_records, eval_records, test_records = load_data(task, data_args, training_args, say)
     tokenizer = load_tokenizer(model_args.model)
     transformers.set_seed(training_args.seed)  # before the LoRA init, so that a run is reproducible from its seed
     dtype = torch.bfloat16 if training_args.bf16 else torch.float32
@@ -121,12 +169,17 @@ def train(argv: list[str]) -> dict:
     model = add_lora(base, lora_args.lora_r,
                      lora_args.lora_alpha, lora_args.lora_dropout, lora_args.target_modules)
     trainable, total = count_parameters(model)
-    print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+    say(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
 
     lengths = dict(max_source_length=data_args.max_source_length, max_target_length=data_args.max_target_length)
-    train_dataset, stats = tokenize(task, train_records, tokenizer, **lengths)
+    if data_args.streaming:
+        train_dataset, stats = tokenize_stream(task, train_records, tokenizer, **lengths), None
+        say("training set: tokenized as it streams (truncation is not counted)")
+    else:
+        train_dataset, stats = tokenize(task, train_records, tokenizer, **lengths)
+        say(f"training set: {stats}")
     eval_dataset, eval_stats = tokenize(task, eval_records, tokenizer, **lengths)
-    print(f"training set: {stats}\nvalidation set: {eval_stats}")
+    say(f"validation set: {eval_stats}")
 
     trainer = build_trainer(model, tokenizer, task, train_dataset, eval_dataset, training_args,
                             eval_records[:data_args.generation_eval_samples], **lengths)
@@ -138,6 +191,8 @@ def train(argv: list[str]) -> dict:
     started = time.time()
     trainer.train(resume_from_checkpoint=resume)
     metrics = trainer.evaluate()
+    if not trainer.is_world_process_zero():
+        return metrics
     loss_before = next((e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e), None)
 
     curve = Path(training_args.output_dir) / "loss_curve.png"
@@ -149,7 +204,9 @@ def train(argv: list[str]) -> dict:
         "max_source_length": data_args.max_source_length, "max_target_length": data_args.max_target_length,
         "lora": {"r": lora_args.lora_r, "alpha": lora_args.lora_alpha, "dropout": lora_args.lora_dropout,
                  "target_modules": lora_args.target_modules},
-        "data": data_args.data, "train_records": len(train_records), "truncation": vars(stats),
+        "data": data_args.data, "streaming": data_args.streaming,
+        "train_records": None if data_args.streaming else len(train_records),
+        "truncation": vars(stats) if stats else None, "processes": training_args.world_size,
         "metrics": metrics, "eval_loss_before": loss_before, "train_seconds": round(time.time() - started, 1),
         "training_args": json.loads(training_args.to_json_string()),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
@@ -163,7 +220,7 @@ def train(argv: list[str]) -> dict:
 
     del trainer, model
     gc.collect()
-    show_reloaded_samples(task, model_args, adapter_dir, splits.get("test") or eval_records, data_args)
+    show_reloaded_samples(task, model_args, adapter_dir, test_records or eval_records, data_args)
     if model_args.model == TINY:
         print("\nNote: `tiny` is a small T5 with random weights, a smoke test of the whole pipeline, not a useful "
               "model.\nFor the real thing: python scripts/train_lora.py --task jokes --data ../shared/data/jokes/qa-jokes.csv "

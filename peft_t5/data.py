@@ -45,9 +45,8 @@ def encode_source(task: Task, record: dict, tokenizer, max_length: int) -> tuple
     return head + body.input_ids[:room] + [tokenizer.eos_token_id], True, answer_cut
 
 
-def tokenize(task: Task, records: list[dict], tokenizer: PreTrainedTokenizerBase, max_source_length: int = 512,
-             max_target_length: int = 64) -> tuple[datasets.Dataset, TruncationStats]:
-    """A dataset of input_ids, attention_mask, labels and length (for length-grouped batches)."""
+def encode_batch(task: Task, tokenizer, max_source_length: int, max_target_length: int):
+    """The `datasets.map` function (batched) that turns records into input_ids, attention_mask, labels, length."""
 
     def encode(batch: dict) -> dict:
         rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
@@ -63,10 +62,36 @@ def tokenize(task: Task, records: list[dict], tokenizer: PreTrainedTokenizerBase
             "answer_cut": [s[2] for s in sources],
         }
 
+    return encode
+
+
+def tokenize(task: Task, records: list[dict], tokenizer: PreTrainedTokenizerBase, max_source_length: int = 512,
+             max_target_length: int = 64) -> tuple[datasets.Dataset, TruncationStats]:
+    """A dataset of input_ids, attention_mask, labels and length (for length-grouped batches)."""
     raw = datasets.Dataset.from_list(records)
-    encoded = raw.map(encode, batched=True, remove_columns=raw.column_names, desc=f"tokenizing {task.name}")
+    encoded = raw.map(encode_batch(task, tokenizer, max_source_length, max_target_length), batched=True,
+                      remove_columns=raw.column_names, desc=f"tokenizing {task.name}")
     stats = TruncationStats(len(encoded), sum(encoded["truncated"]), sum(encoded["answer_cut"]))
     return encoded.remove_columns(["truncated", "answer_cut"]), stats
+
+
+def stream_splits(task: Task, data: str, validation_records: int, seed: int, shuffle_buffer: int,
+                  **options) -> tuple[datasets.IterableDataset, list[dict]]:
+    """A lazily read, buffer-shuffled training stream, and the first `validation_records` records held out.
+
+    The task reads its own files (same parsing and error messages as without --streaming);
+    `datasets` does the rest: skip/take, the shuffle buffer (reshuffled each epoch), sharding across processes.
+    """
+    stream = datasets.IterableDataset.from_generator(task.stream, gen_kwargs={"data": data, **options})
+    held_out = list(stream.take(validation_records))
+    return stream.skip(validation_records).shuffle(seed=seed, buffer_size=shuffle_buffer), held_out
+
+
+def tokenize_stream(task: Task, stream: datasets.IterableDataset, tokenizer: PreTrainedTokenizerBase,
+                    max_source_length: int = 512, max_target_length: int = 64) -> datasets.IterableDataset:
+    """tokenize() for a stream: records are encoded as the Trainer asks for them, never all at once."""
+    encoded = stream.map(encode_batch(task, tokenizer, max_source_length, max_target_length), batched=True)
+    return encoded.select_columns(["input_ids", "attention_mask", "labels"])
 
 
 def seq2seq_collator(tokenizer: PreTrainedTokenizerBase, model=None) -> DataCollatorForSeq2Seq:

@@ -6,8 +6,9 @@ import math
 from pathlib import Path
 
 import torch
-
+from accelerate.utils import gather_object
 from transformers import Seq2SeqTrainer, TrainerCallback
+from transformers.loss.loss_utils import ForMaskedLMLoss
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from .data import seq2seq_collator
@@ -52,8 +53,10 @@ class TaskTrainer(Seq2SeqTrainer):
         if self.args.train_sampling_strategy != "group_by_length" or "input_ids" not in columns:
             return super()._get_train_sampler(train_dataset)
         lengths = dataset["length"] if "length" in columns else [len(ids) for ids in dataset["input_ids"]]
-        return SeededLengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                                          lengths=lengths, seed=self.args.seed)
+        # grouped by the global batch: accelerate hands consecutive per-device batches to the processes, so
+        # N processes see the same records in a step as one process with N times the batch
+        global_batch = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+        return SeededLengthGroupedSampler(global_batch, lengths=lengths, seed=self.args.seed)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval", **kwargs) -> dict:
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix, **kwargs)
@@ -64,11 +67,27 @@ class TaskTrainer(Seq2SeqTrainer):
         return metrics
 
     def generation_scores(self, records: list[dict]) -> dict[str, float]:
-        outputs = generate_texts(self.model, self.processing_class, [self.task.source(r) for r in records],
-                                 batch_size=self.args.per_device_eval_batch_size,
-                                 max_source_length=self.max_source_length, max_new_tokens=self.max_new_tokens)
+        """Each process generates its share of the records; all of them score the gathered outputs."""
+        sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled  # parameters split across processes
+        with self.accelerator.split_between_processes(records, apply_padding=True) as shard:
+            outputs = generate_texts(self.model, self.processing_class, [self.task.source(r) for r in shard],
+                                     batch_size=self.args.per_device_eval_batch_size,
+                                     max_source_length=self.max_source_length, max_new_tokens=self.max_new_tokens,
+                                     **({"synced_gpus": True} if sharded else {}))
+        outputs = gather_object(outputs)[:len(records)] if self.args.world_size > 1 else outputs
         answers = [self.task.answer_from_output(o) for o in outputs]
         return self.task.scores(answers, [self.task.references(r) for r in records])
+
+
+def target_token_loss(outputs, labels: torch.Tensor, num_items_in_batch: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy summed over target tokens, divided by the target tokens of the whole step.
+
+    T5 computes a per-batch mean and ignores num_items_in_batch, yet the Trainer multiplies the loss by the
+    number of processes as if it did not; with this loss N processes (and gradient accumulation) give the
+    gradient of one big batch.
+    """
+    return ForMaskedLMLoss(outputs.logits, labels, vocab_size=outputs.logits.shape[-1],
+                           num_items_in_batch=num_items_in_batch)
 
 
 class StopOnNonFiniteLoss(TrainerCallback):
@@ -129,6 +148,7 @@ def build_trainer(model, tokenizer, task: Task, train_dataset, eval_dataset, tra
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         data_collator=seq2seq_collator(tokenizer, model),
+        compute_loss_func=target_token_loss,
         processing_class=tokenizer,
         callbacks=[StopOnNonFiniteLoss(model)],
         task=task,

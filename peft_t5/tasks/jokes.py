@@ -10,6 +10,7 @@ import json
 import logging
 import random
 from pathlib import Path
+from typing import Iterator
 
 from ..errors import DataError
 from ..metrics.text import generation_scores
@@ -48,22 +49,82 @@ def _read_rows(path: str) -> list[dict]:
     return rows
 
 
+def _field_names(path: str, columns) -> tuple[str, str]:
+    """The question and answer column of a file, whichever pair it uses (names in any case)."""
+    by_lower = {str(k).lower(): k for k in columns}
+    pair = next((p for p in _COLUMN_PAIRS if p[0] in by_lower and p[1] in by_lower), None)
+    if pair is None:
+        raise DataError(f"{path}: record 0 has columns {sorted(by_lower)}; expected Question/Answer or title/body")
+    return by_lower[pair[0]], by_lower[pair[1]]
+
+
+def _record(row: dict, q_key: str, a_key: str) -> Record:
+    return {"question": str(row.get(q_key) or "").strip(), "answer": str(row.get(a_key) or "").strip()}
+
+
 def read_jokes(path: str) -> list[Record]:
     """Every row as {question, answer}, whichever column pair the file uses (names in any case)."""
     rows = _read_rows(path)
     if not rows:
         return []
-    columns = {str(k).lower(): k for k in rows[0]}
-    pair = next((p for p in _COLUMN_PAIRS if p[0] in columns and p[1] in columns), None)
-    if pair is None:
-        raise DataError(f"{path}: record 0 has columns {sorted(columns)}; expected Question/Answer or title/body")
-    q_key, a_key = columns[pair[0]], columns[pair[1]]
-    records = [{"question": str(r.get(q_key) or "").strip(), "answer": str(r.get(a_key) or "").strip()} for r in rows]
+    q_key, a_key = _field_names(path, rows[0])
+    records = [_record(r, q_key, a_key) for r in rows]
     empty = [i for i, r in enumerate(records) if not r["question"] or not r["answer"]]
     if empty:
         logger.warning("%s: skipped %d of %d records with an empty %s or %s (first: record %d); fix or remove them",
                        path, len(empty), len(records), q_key, a_key, empty[0])
     return [r for r in records if r["question"] and r["answer"]]
+
+
+def _stream_rows(path: str) -> Iterator[dict]:
+    """Rows of a CSV or JSON-lines file one at a time, with the same strict parsing as _read_rows."""
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            if path.endswith(".csv"):
+                reader = csv.DictReader(f, strict=True)
+                while True:
+                    try:
+                        row = next(reader)
+                    except StopIteration:
+                        return
+                    except csv.Error as e:
+                        raise DataError(f"{path}: the record after line {reader.line_num} is not valid CSV ({e}); "
+                                        "fix its quoting")
+                    yield row
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{path}: line {number}: not JSON ({e}); --streaming reads CSV or JSON "
+                                        "lines (one record per line)")
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file; pass --data with a jokes CSV or JSON-lines file")
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder; pass a jokes CSV or JSON-lines file")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 ({e}); re-save the file as UTF-8")
+
+
+def stream_jokes(data: str, max_question_words: int = 40, max_answer_words: int = 25, **_options) -> Iterator[Record]:
+    """The question-answer jokes of a file or Hub dataset, one at a time: for data larger than memory."""
+    if looks_like_hub_id(data):
+        import datasets
+
+        try:
+            rows = datasets.load_dataset(data, split="train", streaming=True)
+        except Exception as e:  # network, authentication, unknown id: all the user can act on is the message
+            raise DataError(f"{data}: cannot stream this Hub dataset ({type(e).__name__}: {str(e).splitlines()[0]})")
+    else:
+        rows = _stream_rows(data)
+    keys = None
+    for row in rows:
+        if not isinstance(row, dict):
+            raise DataError(f"{data}: a record that is not an object ({str(row)[:60]}); expected question/answer fields")
+        keys = keys or _field_names(data, row)
+        record = _record(row, *keys)
+        if is_qa_joke(record, max_question_words, max_answer_words):
+            yield record
 
 
 def read_hub_jokes(dataset_id: str) -> list[Record]:
@@ -121,4 +182,5 @@ TASK = Task(
     scores=generation_scores,
     main_metric="rougeL",
     load_splits=load_splits,
+    stream=stream_jokes,
 )

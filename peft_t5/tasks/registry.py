@@ -9,7 +9,7 @@ import importlib
 import re
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 from ..errors import PeftT5Error
 
@@ -32,6 +32,7 @@ class Task:
     scores: Callable[[list[str], list[list[str]]], dict[str, float]]  # answers, references -> metrics
     main_metric: str  # the metric named in logs and used to compare adapters
     load_splits: Callable[..., Splits]  # (data, seed=..., **options) -> {"train": [...], "validation": [...], ...}
+    stream: Callable[..., Iterator[Record]]  # (data, **options) -> usable records one at a time (--streaming)
 
     def source(self, record: Record) -> str:
         return self.template.format(**record)

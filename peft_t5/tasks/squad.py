@@ -9,6 +9,7 @@ import json
 import logging
 import random
 from pathlib import Path
+from typing import Iterator
 
 from ..errors import DataError
 from ..metrics.squad_v2 import squad_v2_scores
@@ -75,6 +76,16 @@ def read_squad_v2(path: str) -> list[Record]:
     return records
 
 
+def _flat_record(row: dict) -> Record | None:
+    """A record from the flat layout of rajpurkar/squad_v2 (answers: {text: [...], answer_start: [...]}), or None."""
+    answers = row.get("answers") if isinstance(row, dict) else None
+    if not isinstance(answers, dict):
+        return None
+    qa = {"id": row.get("id"), "question": row.get("question"),
+          "answers": [{"text": t, "answer_start": s} for t, s in zip(answers.get("text") or [], answers.get("answer_start") or [])]}
+    return _record({"title": row.get("title")}, {"context": row.get("context")}, qa)
+
+
 def read_hub(dataset_id: str) -> Splits:
     import datasets  # only here: the Hub path needs the network
 
@@ -83,20 +94,48 @@ def read_hub(dataset_id: str) -> Splits:
     except Exception as e:  # network, authentication, unknown id: all the user can act on is the message
         raise DataError(f"{dataset_id}: cannot load this Hub dataset ({type(e).__name__}: {str(e).splitlines()[0]}); "
                         "check the id and the network, or pass a local SQuAD v2.0 JSON file")
-    return {
-        split: [
-            {
-                "id": r["id"],
-                "title": r["title"],
-                "question": r["question"].strip(),
-                "context": r["context"],
-                "answers": list(r["answers"]["text"]),
-                "answer_starts": list(r["answers"]["answer_start"]),
-            }
-            for r in rows
-        ]
-        for split, rows in loaded.items()
-    }
+    return {split: [r for r in map(_flat_record, rows) if r is not None] for split, rows in loaded.items()}
+
+
+def _stream_lines(path: str) -> Iterator[dict]:
+    if not path.endswith(".jsonl"):
+        raise DataError(f"{path}: --streaming reads SQuAD as JSON lines, one question per line in the "
+                        "rajpurkar/squad_v2 layout (.jsonl); the nested SQuAD v2.0 JSON fits in memory: drop --streaming")
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{path}: line {number}: not JSON ({e}); expected one question per line")
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file; pass --data with a SQuAD JSON-lines file or a Hub dataset id")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 ({e}); re-save the file as UTF-8")
+
+
+def stream_squad(data: str, **_options) -> Iterator[Record]:
+    """Questions one at a time from a JSON-lines file or the train split of a Hub dataset: for data larger than memory."""
+    if looks_like_hub_id(data):
+        import datasets
+
+        try:
+            rows = datasets.load_dataset(data, split="train", streaming=True)
+        except Exception as e:  # network, authentication, unknown id: all the user can act on is the message
+            raise DataError(f"{data}: cannot stream this Hub dataset ({type(e).__name__}: {str(e).splitlines()[0]})")
+    else:
+        rows = _stream_lines(data)
+    skipped = 0
+    for number, row in enumerate(rows):
+        record = _flat_record(row)
+        if record is None:
+            if not skipped:  # a stream has no end to report a count at, so the first one is named
+                logger.warning("%s: skipped question %d, which lacks id, question, context or answers (text and "
+                               "answer_start lists); later ones are skipped without a warning", data, number)
+            skipped += 1
+            continue
+        yield record
 
 
 def split_by_article(records: list[Record], validation_fraction: float, seed: int) -> Splits:
@@ -151,4 +190,5 @@ TASK = Task(
     scores=squad_v2_scores,
     main_metric="f1",
     load_splits=load_splits,
+    stream=stream_squad,
 )

@@ -1,0 +1,76 @@
+"""Training under `accelerate launch` with two CPU processes (gloo): the same adapter as one process.
+
+Equal global batch and seed give equal adapters only without dropout: each process draws dropout masks
+from its own RNG stream, so with dropout the runs agree in distribution, not in value. The tests set
+--lora_dropout 0 (the tiny model's own dropout_rate is 0).
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = str(ROOT / "scripts" / "train_lora.py")
+COMMON = ["--task", "jokes", "--model", "tiny", "--max_steps", "8", "--lora_dropout", "0", "--learning_rate", "0.01",
+          "--max_eval_samples", "8", "--generation_eval_samples", "4", "--sample_generations", "1",
+          "--eval_strategy", "no", "--load_best_model_at_end", "false", "--eval_on_start", "false",
+          "--logging_steps", "1", "--report_to", "none"]
+TOLERANCE = 1e-5  # float32 sums in a different order; the weights themselves are ~0.2
+
+
+def free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def train(*args, processes: int = 1) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # two processes on a 2-core machine
+    launcher = ([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                 "--main_process_port", free_port()] if processes > 1 else [sys.executable])
+    proc = subprocess.run(launcher + [SCRIPT, *COMMON, *args], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def largest_difference(a: Path, b: Path) -> float:
+    first, second = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
+    assert first.keys() == second.keys()
+    return max((first[k] - second[k]).abs().max().item() for k in first)
+
+
+def test_two_processes_train_the_adapter_one_process_trains_and_resume_across_process_counts(tmp_path):
+    one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
+    train("--output_dir", str(one), "--per_device_train_batch_size", "8", "--save_strategy", "no")
+    proc = train("--output_dir", str(two), "--per_device_train_batch_size", "4", "--save_strategy", "steps",
+                 "--save_steps", "4", processes=2)
+
+    # one adapter, written and announced by the main process only
+    assert proc.stdout.count("adapter saved to") == 1
+    assert proc.stdout.count("trainable params:") == 1
+    assert proc.stdout.count("sample generations from the reloaded adapter") == 1
+    meta = json.loads((two / "peft_t5.json").read_text())
+    assert meta["processes"] == 2 and meta["training_args"]["per_device_train_batch_size"] == 4
+    assert sorted(p.name for p in two.glob("adapter_*")) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert largest_difference(one, two) < TOLERANCE
+
+    # a 2-process checkpoint resumed by one process (same global batch) ends where the 2-process run ended
+    checkpoint = two / "checkpoints" / "checkpoint-4"
+    assert (checkpoint / "rng_state_1.pth").is_file()  # written by both processes
+    train("--output_dir", str(resumed), "--per_device_train_batch_size", "8", "--save_strategy", "no",
+          "--resume_from_checkpoint", str(checkpoint))
+    assert largest_difference(two, resumed) < TOLERANCE
+
+
+def test_gradient_accumulation_gives_the_gradient_of_the_whole_batch(tmp_path):
+    # T5's own loss is a per-batch mean, and the Trainer sums it over accumulated batches: twice the gradient
+    whole, accumulated = tmp_path / "whole", tmp_path / "accumulated"
+    train("--output_dir", str(whole), "--per_device_train_batch_size", "8", "--save_strategy", "no")
+    train("--output_dir", str(accumulated), "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
+          "--save_strategy", "no")
+    assert largest_difference(whole, accumulated) < TOLERANCE
