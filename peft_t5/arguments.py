@@ -37,7 +37,8 @@ class DataArguments:
     generation_eval_samples: int = field(default=64, metadata={"help": "Validation records scored by generation at each evaluation."})
     streaming: bool = field(default=False, metadata={
         "help": "Read --data lazily with datasets streaming, for data larger than memory; needs --max_steps. "
-                "The first --max_eval_samples records (default 500) are the validation set."})
+                "The first --max_eval_samples records (default 500) of --validation_data, or else of --data, "
+                "are the validation set."})
     shuffle_buffer: int = field(default=10_000, metadata={"help": "--streaming: records shuffled in memory at a time."})
     sample_generations: int = field(default=5, metadata={"help": "Generations printed from the reloaded adapter at the end."})
 

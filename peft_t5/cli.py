@@ -115,13 +115,14 @@ def load_data(task, data_args, training_args, say) -> tuple:
             raise PeftT5Error("--streaming needs --max_steps: a stream has no length to count epochs in")
         held_out = data_args.max_eval_samples or 500
         train_records, eval_records = stream_splits(task, data_args.data, held_out, training_args.seed,
-                                                    data_args.shuffle_buffer, **options)
+                                                    data_args.shuffle_buffer, data_args.validation_data, **options)
         if data_args.max_train_samples:
             train_records = train_records.take(data_args.max_train_samples)
         if not eval_records:
             raise PeftT5Error(f"{data_args.data}: no usable records to stream")
+        source = data_args.validation_data or "them"
         say(f"task {task.name}: streaming training records from {data_args.data} (shuffle buffer "
-            f"{data_args.shuffle_buffer:,}); the first {len(eval_records)} are the validation set")
+            f"{data_args.shuffle_buffer:,}); the first {len(eval_records)} of {source} are the validation set")
         return train_records, eval_records, []
     splits = task.load_splits(data_args.data, seed=training_args.seed, validation_fraction=data_args.validation_fraction,
                               test_fraction=data_args.test_fraction, validation_data=data_args.validation_data, **options)

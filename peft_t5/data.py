@@ -1,6 +1,7 @@
 """Tokenise a task's records with `datasets.map`: sources cut at the task's truncatable field, targets as labels."""
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 
@@ -76,13 +77,17 @@ def tokenize(task: Task, records: list[dict], tokenizer: PreTrainedTokenizerBase
 
 
 def stream_splits(task: Task, data: str, validation_records: int, seed: int, shuffle_buffer: int,
-                  **options) -> tuple[datasets.IterableDataset, list[dict]]:
-    """A lazily read, buffer-shuffled training stream, and the first `validation_records` records held out.
+                  validation_data: str | None = None, **options) -> tuple[datasets.IterableDataset, list[dict]]:
+    """A lazily read, buffer-shuffled training stream, and the first `validation_records` records held out
+    (or, given `validation_data`, the first ones of that file, and the training stream keeps all of `data`).
 
     The task reads its own files (same parsing and error messages as without --streaming);
     `datasets` does the rest: skip/take, the shuffle buffer (reshuffled each epoch), sharding across processes.
     """
     stream = datasets.IterableDataset.from_generator(task.stream, gen_kwargs={"data": data, **options})
+    if validation_data:
+        return stream.shuffle(seed=seed, buffer_size=shuffle_buffer), list(
+            itertools.islice(task.stream(validation_data, **options), validation_records))
     held_out = list(stream.take(validation_records))
     return stream.skip(validation_records).shuffle(seed=seed, buffer_size=shuffle_buffer), held_out
 

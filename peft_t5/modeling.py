@@ -7,6 +7,7 @@ makes it the offline demo and the test model. Its weights are random (seeded), s
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -88,15 +89,27 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(name)
 
 
+def base_is_sharded() -> bool:
+    """Launched by accelerate with FSDP or DeepSpeed ZeRO-3, which split the base's weights across processes."""
+    return (os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+            or os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3")
+
+
 def quantization_config():
-    """4-bit NF4 with double quantization; compute in bf16 where the hardware has it, else float32."""
+    """4-bit NF4 with double quantization; compute in bf16 where the hardware has it, else float32.
+
+    FSDP and ZeRO-3 shard only floating-point tensors, so there the packed 4-bit weights are stored in the
+    compute dtype (bnb_4bit_quant_storage) instead of uint8; the bytes are the same.
+    """
     from transformers import BitsAndBytesConfig
 
+    compute = torch.bfloat16 if torch.cuda.is_available() and bf16_supported() else torch.float32
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16 if torch.cuda.is_available() and bf16_supported() else torch.float32,
+        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=compute if base_is_sharded() else torch.uint8,
     )
 
 
@@ -160,7 +173,10 @@ def load_base_model(name: str, qlora: bool = False, dtype: torch.dtype = torch.f
         return quantize(tiny_model())
     if qlora:
         check_bitsandbytes()
-        model = _from_pretrained(name, trust_pickle, quantization_config=quantization_config())
+        config = quantization_config()
+        # under FSDP/ZeRO-3 the unquantized weights must share the storage dtype, or the shards mix dtypes
+        model = _from_pretrained(name, trust_pickle, quantization_config=config,
+                                 **({"dtype": config.bnb_4bit_quant_storage} if base_is_sharded() else {}))
         compute_as_in_training(model)
         return model
     if name == TINY:

@@ -19,6 +19,7 @@ COMMON = ["--task", "jokes", "--model", "tiny", "--max_steps", "8", "--lora_drop
           "--max_eval_samples", "8", "--generation_eval_samples", "4", "--sample_generations", "1",
           "--eval_strategy", "no", "--load_best_model_at_end", "false", "--eval_on_start", "false",
           "--logging_steps", "1", "--report_to", "none"]
+CONFIGS = ROOT / "configs" / "accelerate"
 TOLERANCE = 1e-5  # float32 sums in a different order; the weights themselves are ~0.2
 
 
@@ -30,9 +31,9 @@ def free_port() -> str:
 
 def train(*args, processes: int = 1) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1")  # two processes on a 2-core machine
-    launcher = ([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                 "--main_process_port", free_port()] if processes > 1 else [sys.executable])
+    launcher = ([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "ddp-cpu.yaml"),
+                 "--num_processes", str(processes), "--main_process_port", free_port()]
+                if processes > 1 else [sys.executable])
     proc = subprocess.run(launcher + [SCRIPT, *COMMON, *args], capture_output=True, text=True, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -74,3 +75,50 @@ def test_gradient_accumulation_gives_the_gradient_of_the_whole_batch(tmp_path):
     train("--output_dir", str(accumulated), "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
           "--save_strategy", "no")
     assert largest_difference(whole, accumulated) < TOLERANCE
+
+
+def test_accelerate_configs_name_what_they_set_up(tiny_model):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    kinds = {name: load_config_from_file(str(CONFIGS / f"{name}.yaml")) for name in
+             ("ddp-cpu", "ddp", "fsdp", "zero2", "zero3")}
+    assert {n: c.distributed_type.value for n, c in kinds.items()} == {
+        "ddp-cpu": "MULTI_GPU", "ddp": "MULTI_GPU", "fsdp": "FSDP", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED"}
+    assert [kinds[n].deepspeed_config["zero_stage"] for n in ("zero2", "zero3")] == [2, 3]
+    assert all(c.mixed_precision == "no" for c in kinds.values())  # bf16 comes from --bf16; fp16 breaks T5
+    wrapped = kinds["fsdp"].fsdp_config["fsdp_transformer_layer_cls_to_wrap"]
+    assert wrapped in {type(m).__name__ for m in tiny_model.modules()}
+
+
+def test_sharded_launch_stores_4bit_weights_in_a_float_dtype_with_the_same_outputs(monkeypatch, tiny_model):
+    import torch
+
+    from peft_t5.modeling import quantize
+
+    def four_bit(model):
+        return {type(p).__name__: p.dtype for p in model.parameters() if type(p).__name__ == "Params4bit"}
+
+    plain = quantize(tiny_model)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what accelerate launch sets for an FSDP config
+    sharded = quantize(tiny_model)
+    assert four_bit(plain) == {"Params4bit": torch.uint8} and four_bit(sharded) == {"Params4bit": torch.float32}
+    ids, decoder_ids = torch.tensor([[5, 6, 7, 1]]), torch.tensor([[0, 5, 6]])
+    with torch.no_grad():
+        a = plain(input_ids=ids, decoder_input_ids=decoder_ids).logits
+        b = sharded(input_ids=ids, decoder_input_ids=decoder_ids).logits
+    assert torch.equal(a, b)
+
+
+def test_a_launch_that_started_one_process_says_so(monkeypatch, caplog):
+    from peft_t5.cli import warn_single_process_launch
+
+    # what `accelerate launch --num_processes 2` (no --multi_gpu, no GPUs) leaves in the environment of its one process
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    warn_single_process_launch()
+    assert "accelerate launch started one process" in caplog.text and "--multi_gpu" in caplog.text
+    caplog.clear()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    warn_single_process_launch()
+    assert caplog.text == ""

@@ -27,6 +27,10 @@ def test_streamed_jokes_are_the_jokes_the_eager_reader_keeps():
     assert sorted(r["question"] for r in streamed) == sorted(r["question"] for r in eager[20:])
     assert streamed != eager[20:]  # shuffled through the buffer
 
+    train, held_out = stream_splits(get_task("jokes"), jokes.SAMPLE, 5, seed=3, shuffle_buffer=50,
+                                    validation_data=jokes.SAMPLE)  # a separate validation file: nothing held out
+    assert held_out == eager[:5] and len(list(train)) == len(eager)
+
 
 def test_streamed_squad_lines_round_trip_to_the_nested_reader(tmp_path):
     records = squad.read_squad_v2(squad.SAMPLE)
@@ -104,7 +108,7 @@ def test_train_from_a_stream_for_max_steps(tmp_path):
 
     proc = subprocess.run(train + ["--max_steps", "5"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "streaming training records from" in proc.stdout and "the first 8 are the validation set" in proc.stdout
+    assert "streaming training records from" in proc.stdout and "the first 8 of them are the validation set" in proc.stdout
     meta = json.loads((out / "peft_t5.json").read_text())
     assert meta["streaming"] is True and meta["train_records"] is None
     state = json.loads((out / "checkpoints" / "checkpoint-5" / "trainer_state.json").read_text())
