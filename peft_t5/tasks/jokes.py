@@ -14,7 +14,7 @@ from typing import Iterator
 
 from ..errors import DataError
 from ..metrics.text import generation_scores
-from .registry import Record, Splits, Task, looks_like_hub_id
+from .registry import Record, Splits, Task, looks_like_hub_id, stream_hub, stream_json_lines
 
 logger = logging.getLogger(__name__)
 SAMPLE = str(Path(__file__).resolve().parent.parent / "data" / "jokes_sample.csv")
@@ -77,46 +77,31 @@ def read_jokes(path: str) -> list[Record]:
 
 
 def _stream_rows(path: str) -> Iterator[dict]:
-    """Rows of a CSV or JSON-lines file one at a time, with the same strict parsing as _read_rows."""
+    """Rows of a CSV or JSON-lines file one at a time, with the same strict CSV parsing as _read_rows."""
+    if not path.endswith(".csv"):
+        yield from stream_json_lines(path, "a jokes CSV or JSON-lines file")
+        return
     try:
         with open(path, encoding="utf-8", newline="") as f:
-            if path.endswith(".csv"):
-                reader = csv.DictReader(f, strict=True)
-                while True:
-                    try:
-                        row = next(reader)
-                    except StopIteration:
-                        return
-                    except csv.Error as e:
-                        raise DataError(f"{path}: the record after line {reader.line_num} is not valid CSV ({e}); "
-                                        "fix its quoting")
-                    yield row
-            for number, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        yield json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{path}: line {number}: not JSON ({e}); --streaming reads CSV or JSON "
-                                        "lines (one record per line)")
+            reader = csv.DictReader(f, strict=True)
+            while True:
+                try:
+                    row = next(reader)
+                except StopIteration:
+                    return
+                except csv.Error as e:
+                    raise DataError(f"{path}: the record after line {reader.line_num} is not valid CSV ({e}); "
+                                    "fix its quoting")
+                yield row
     except FileNotFoundError:
         raise DataError(f"{path}: no such file; pass --data with a jokes CSV or JSON-lines file")
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a folder; pass a jokes CSV or JSON-lines file")
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 ({e}); re-save the file as UTF-8")
 
 
 def stream_jokes(data: str, max_question_words: int = 40, max_answer_words: int = 25, **_options) -> Iterator[Record]:
     """The question-answer jokes of a file or Hub dataset, one at a time: for data larger than memory."""
-    if looks_like_hub_id(data):
-        import datasets
-
-        try:
-            rows = datasets.load_dataset(data, split="train", streaming=True)
-        except Exception as e:  # network, authentication, unknown id: all the user can act on is the message
-            raise DataError(f"{data}: cannot stream this Hub dataset ({type(e).__name__}: {str(e).splitlines()[0]})")
-    else:
-        rows = _stream_rows(data)
+    rows = stream_hub(data) if looks_like_hub_id(data) else _stream_rows(data)
     keys = None
     for row in rows:
         if not isinstance(row, dict):

@@ -6,12 +6,13 @@ Nothing here imports torch, so tasks load and test in milliseconds.
 from __future__ import annotations
 
 import importlib
+import json
 import re
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from ..errors import PeftT5Error
+from ..errors import DataError, PeftT5Error
 
 Record = dict
 Splits = dict[str, list[Record]]
@@ -42,6 +43,35 @@ def looks_like_hub_id(data: str) -> bool:
     """owner/name, with no local file or folder of that name: a Hub dataset id."""
     return (not Path(data).exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", data) is not None
             and not data.endswith((".json", ".jsonl", ".csv")))
+
+
+def stream_json_lines(path: str, what: str) -> Iterator[dict]:
+    """The records of a JSON-lines file one at a time; errors name the file, the line and the fix."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{path}: line {number}: not JSON ({e}); expected one record per line")
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file; pass --data with {what}")
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder; pass --data with {what}")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 ({e}); re-save the file as UTF-8")
+
+
+def stream_hub(dataset_id: str):
+    """The train split of a Hub dataset, streamed (nothing downloaded in full)."""
+    import datasets  # only here: the Hub path needs the network
+
+    try:
+        return datasets.load_dataset(dataset_id, split="train", streaming=True)
+    except Exception as e:  # network, authentication, unknown id: all the user can act on is the message
+        raise DataError(f"{dataset_id}: cannot stream this Hub dataset ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0]}); check the id and the network, or pass a local file")
 
 
 _MODULES = {"squad": "peft_t5.tasks.squad", "jokes": "peft_t5.tasks.jokes"}

@@ -13,7 +13,7 @@ from typing import Iterator
 
 from ..errors import DataError
 from ..metrics.squad_v2 import squad_v2_scores
-from .registry import Record, Splits, Task, looks_like_hub_id
+from .registry import Record, Splits, Task, looks_like_hub_id, stream_hub, stream_json_lines
 
 NO_ANSWER = "unanswerable"
 logger = logging.getLogger(__name__)
@@ -97,35 +97,15 @@ def read_hub(dataset_id: str) -> Splits:
     return {split: [r for r in map(_flat_record, rows) if r is not None] for split, rows in loaded.items()}
 
 
-def _stream_lines(path: str) -> Iterator[dict]:
-    if not path.endswith(".jsonl"):
-        raise DataError(f"{path}: --streaming reads SQuAD as JSON lines, one question per line in the "
-                        "rajpurkar/squad_v2 layout (.jsonl); the nested SQuAD v2.0 JSON fits in memory: drop --streaming")
-    try:
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        yield json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{path}: line {number}: not JSON ({e}); expected one question per line")
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file; pass --data with a SQuAD JSON-lines file or a Hub dataset id")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 ({e}); re-save the file as UTF-8")
-
-
 def stream_squad(data: str, **_options) -> Iterator[Record]:
     """Questions one at a time from a JSON-lines file or the train split of a Hub dataset: for data larger than memory."""
     if looks_like_hub_id(data):
-        import datasets
-
-        try:
-            rows = datasets.load_dataset(data, split="train", streaming=True)
-        except Exception as e:  # network, authentication, unknown id: all the user can act on is the message
-            raise DataError(f"{data}: cannot stream this Hub dataset ({type(e).__name__}: {str(e).splitlines()[0]})")
+        rows = stream_hub(data)
+    elif data.endswith(".jsonl"):
+        rows = stream_json_lines(data, "a SQuAD JSON-lines file (one question per line) or a Hub dataset id")
     else:
-        rows = _stream_lines(data)
+        raise DataError(f"{data}: --streaming reads SQuAD as JSON lines, one question per line in the "
+                        "rajpurkar/squad_v2 layout (.jsonl); the nested SQuAD v2.0 JSON fits in memory: drop --streaming")
     skipped = 0
     for number, row in enumerate(rows):
         record = _flat_record(row)
