@@ -174,9 +174,10 @@ def load_base_model(name: str, qlora: bool = False, dtype: torch.dtype = torch.f
     if qlora:
         check_bitsandbytes()
         config = quantization_config()
-        # under FSDP/ZeRO-3 the unquantized weights must share the storage dtype, or the shards mix dtypes
+        storage = config.bnb_4bit_quant_storage
+        # a float storage (FSDP/ZeRO-3) needs the unquantized weights in that dtype too, or the shards mix dtypes
         model = _from_pretrained(name, trust_pickle, quantization_config=config,
-                                 **({"dtype": config.bnb_4bit_quant_storage} if base_is_sharded() else {}))
+                                 **({"dtype": storage} if storage.is_floating_point else {}))
         compute_as_in_training(model)
         return model
     if name == TINY:

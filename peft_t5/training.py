@@ -74,7 +74,7 @@ class TaskTrainer(Seq2SeqTrainer):
                                      batch_size=self.args.per_device_eval_batch_size,
                                      max_source_length=self.max_source_length, max_new_tokens=self.max_new_tokens,
                                      **({"synced_gpus": True} if sharded else {}))
-        outputs = gather_object(outputs)[:len(records)] if self.args.world_size > 1 else outputs
+        outputs = gather_object(outputs)[:len(records)]  # drops the padding of the last share
         answers = [self.task.answer_from_output(o) for o in outputs]
         return self.task.scores(answers, [self.task.references(r) for r in records])
 

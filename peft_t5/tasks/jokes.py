@@ -14,7 +14,7 @@ from typing import Iterator
 
 from ..errors import DataError
 from ..metrics.text import generation_scores
-from .registry import Record, Splits, Task, looks_like_hub_id, stream_hub, stream_json_lines
+from .registry import Record, Splits, Task, looks_like_hub_id, reading, stream_hub, stream_json_lines
 
 logger = logging.getLogger(__name__)
 SAMPLE = str(Path(__file__).resolve().parent.parent / "data" / "jokes_sample.csv")
@@ -23,16 +23,10 @@ _COLUMN_PAIRS = (("question", "answer"), ("title", "body"))
 
 def _read_rows(path: str) -> list[dict]:
     try:
-        with open(path, encoding="utf-8", newline="") as f:
+        with reading(path, "a jokes CSV or JSON file"), open(path, encoding="utf-8", newline="") as f:
             if path.endswith(".csv"):
                 return list(csv.DictReader(f, strict=True))  # malformed quoting is an error, not a silent misparse
             text = f.read()
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file; pass --data with a jokes CSV or JSON file")
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a folder; pass a jokes CSV or JSON file")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 ({e}); re-save the file as UTF-8")
     except csv.Error as e:
         raise DataError(f"{path}: not a valid CSV file ({e})")
     try:
@@ -81,22 +75,17 @@ def _stream_rows(path: str) -> Iterator[dict]:
     if not path.endswith(".csv"):
         yield from stream_json_lines(path, "a jokes CSV or JSON-lines file")
         return
-    try:
-        with open(path, encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f, strict=True)
-            while True:
-                try:
-                    row = next(reader)
-                except StopIteration:
-                    return
-                except csv.Error as e:
-                    raise DataError(f"{path}: the record after line {reader.line_num} is not valid CSV ({e}); "
-                                    "fix its quoting")
-                yield row
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file; pass --data with a jokes CSV or JSON-lines file")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 ({e}); re-save the file as UTF-8")
+    with reading(path, "a jokes CSV or JSON-lines file"), open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f, strict=True)
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:
+                raise DataError(f"{path}: the record after line {reader.line_num} is not valid CSV ({e}); "
+                                "fix its quoting")
+            yield row
 
 
 def stream_jokes(data: str, max_question_words: int = 40, max_answer_words: int = 25, **_options) -> Iterator[Record]:

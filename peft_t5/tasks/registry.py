@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import json
 import re
+from contextlib import contextmanager
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -45,22 +46,28 @@ def looks_like_hub_id(data: str) -> bool:
             and not data.endswith((".json", ".jsonl", ".csv")))
 
 
-def stream_json_lines(path: str, what: str) -> Iterator[dict]:
-    """The records of a JSON-lines file one at a time; errors name the file, the line and the fix."""
+@contextmanager
+def reading(path: str, what: str):
+    """Turns the errors of opening and decoding a data file into one line naming the file and the fix."""
     try:
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        yield json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{path}: line {number}: not JSON ({e}); expected one record per line")
+        yield
     except FileNotFoundError:
         raise DataError(f"{path}: no such file; pass --data with {what}")
     except IsADirectoryError:
         raise DataError(f"{path}: is a folder; pass --data with {what}")
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 ({e}); re-save the file as UTF-8")
+
+
+def stream_json_lines(path: str, what: str) -> Iterator[dict]:
+    """The records of a JSON-lines file one at a time; errors name the file, the line and the fix."""
+    with reading(path, what), open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}: line {number}: not JSON ({e}); expected one record per line")
 
 
 def stream_hub(dataset_id: str):
