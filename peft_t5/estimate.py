@@ -91,7 +91,7 @@ def format_estimate(e: dict) -> str:
     lines = [f"model: {e['model']}  (optimizer state for {e['optimizer']}; activations not counted)",
              f"total parameters: {e['total_parameters']:,}",
              f"{'setup':8} {'trainable':>14} {'weights':>9} {'grads':>9} {'optimizer':>9} {'total':>9}  (GiB)"]
-    for setup in ("full", "lora", "qlora"):
+    for setup in (s for s in ("full", "lora", "qlora") if s in e):  # --qlora keeps only its own row
         m = e[setup]
         lines.append(f"{setup:8} {e['trainable_parameters'][setup]:>14,} {m['weights_gib']:>9.3f} "
                      f"{m['gradients_gib']:>9.3f} {m['optimizer_gib']:>9.3f} {m['total_gib']:>9.3f}")

@@ -31,6 +31,14 @@ def test_estimate_command_prints_the_table():
     assert any(line.startswith("lora") and "4,718,592" in line for line in out.splitlines())
 
 
+def test_estimate_qlora_prints_its_own_row():
+    out = subprocess.run([sys.executable, "-m", "peft_t5", "estimate", "--model", str(FIXTURES / "flan-t5-large"),
+                          "--qlora"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-500:]
+    rows = [line.split()[0] for line in out.stdout.splitlines()[3:]]
+    assert rows == ["qlora"] and "4,718,592" in out.stdout
+
+
 def test_estimate_of_a_folder_without_config_is_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "peft_t5", "estimate", "--model", str(tmp_path)],
                           capture_output=True, text=True)

@@ -66,6 +66,15 @@ def test_threshold_search_on_a_na_prob_file(tmp_path):
     assert thresholded["exact"] == 75.0  # b, c, d predicted no-answer: b wrong, c and d right
 
 
+def test_threshold_search_on_a_subset_counts_only_the_predicted_questions(tmp_path):
+    # only a and c predicted; d (unanswerable, unpredicted) used to count as a right abstention: best_exact 150
+    (tmp_path / "na.json").write_text(json.dumps({"a": 0.2, "c": 0.9}))
+    out = json.loads(run_squad_cli(tmp_path, {"a": "Eiffel Tower", "c": "Paris"}, "-n", str(tmp_path / "na.json")).stdout)
+    # start at 1 (c right if it abstains), a answered right at 0.2 -> 2 of 2; c answered wrong at 0.9 -> 1
+    assert (out["best_exact"], out["best_exact_thresh"]) == (100.0, 0.2)
+    assert out["best_f1"] <= 100 and out["total"] == 2
+
+
 def test_bad_prediction_files_get_one_line(tmp_path):
     assert run_squad_cli(tmp_path, "not json").stderr.startswith("error: ") and "not valid JSON" in run_squad_cli(tmp_path, "{").stderr
     assert "must be a JSON object mapping question id" in run_squad_cli(tmp_path, "[1, 2]").stderr

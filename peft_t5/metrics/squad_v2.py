@@ -138,7 +138,9 @@ def merge_eval(main_eval, new_eval, prefix):
 
 
 def find_best_thresh(preds, scores, na_probs, qid_to_has_ans):
-    num_no_ans = sum(1 for k in qid_to_has_ans if not qid_to_has_ans[k])
+    # the official script counts every no-answer question of the data; counting only the scored ones is the
+    # same where every question has a prediction, and stays within 100 where only some have
+    num_no_ans = sum(1 for k in scores if not qid_to_has_ans[k])
     cur_score = num_no_ans
     best_score = cur_score
     best_thresh = 0.0
