@@ -12,6 +12,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 REAL_SQUAD = Path(os.environ.get("SQUAD_V2_FILE", ROOT.parent / "shared" / "data" / "squad" / "squad-v2-dev-cs224n.json"))
+REAL_JOKES = Path(os.environ.get("JOKES_FILE", ROOT.parent / "shared" / "data" / "jokes" / "qa-jokes.csv"))
 CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
@@ -27,13 +28,22 @@ def squad_records(limit: int | None = None) -> tuple[list[dict], str]:
     return records[:limit], path
 
 
-def model_from_config(name: str, dtype=torch.float32):
+def jokes_records() -> tuple[list[dict], str]:
+    """The training split of the real reddit QA jokes when ../shared is there (31,761), else of the bundled sample."""
+    from peft_t5.tasks.jokes import SAMPLE, load_splits
+
+    path = str(REAL_JOKES) if REAL_JOKES.exists() else SAMPLE
+    return load_splits(path, seed=42)["train"], path
+
+
+def model_from_config(name: str, dtype=torch.float32, attn_implementation: str | None = None):
     """A T5 with random weights from benchmarks/configs/NAME.json: speed does not depend on the values."""
     from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
     config = AutoConfig.from_pretrained(CONFIGS / f"{name}.json")
     torch.manual_seed(0)
-    return AutoModelForSeq2SeqLM.from_config(config).to(dtype)
+    with device():  # built and initialised where it trains: seconds, not minutes, for flan-t5-large on a GPU
+        return AutoModelForSeq2SeqLM.from_config(config, attn_implementation=attn_implementation).to(dtype)
 
 
 def device() -> torch.device:
@@ -77,20 +87,6 @@ class PeakMemory:
             self.thread.join()
             self.peak = self.peak_rss
         return False
-
-
-def matmul_rate(dtype=torch.float32, n: int = 2048, repeats: int = 10) -> float:
-    """The machine's dense matrix-multiply rate in FLOP/s, measured now (the ceiling for model FLOP/s)."""
-    dev = device()
-    a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
-    a @ b
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    sync()
-    return 2 * n**3 * repeats / (time.perf_counter() - start)
 
 
 def write_results(results: dict, output: str, chart: tuple[str, list[str], list[float], str] | None = None) -> None:

@@ -7,6 +7,7 @@ from transformers import Seq2SeqTrainingArguments
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy, SchedulerType
 from transformers.training_args import OptimizerNames
 
+from .errors import PeftT5Error
 from .tasks import task_names
 
 
@@ -75,9 +76,16 @@ class TrainingArguments(Seq2SeqTrainingArguments):
     save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept on disk."})
     report_to: None | str | list[str] = field(default="tensorboard", metadata={"help": "tensorboard, none, or another integration."})
     train_sampling_strategy: str = field(default="group_by_length", metadata={"help": "group_by_length batches similar lengths: less padding."})
+    max_tokens_per_batch: str = field(default="auto", metadata={
+        "help": "Batches by tokens: at most N padded source + target tokens a batch, length-grouped (so a batch of "
+                "short examples holds many). auto: on a GPU, from its free memory and the model's size; on a CPU, "
+                "off. 0: off, batches of --per_device_train_batch_size examples."})
 
     def __post_init__(self):
         import torch
+
+        if self.max_tokens_per_batch != "auto" and not (str(self.max_tokens_per_batch).isdigit()):
+            raise PeftT5Error(f"--max_tokens_per_batch {self.max_tokens_per_batch}: expected auto, 0 or a number of tokens")
 
         self.output_dir_given = self.output_dir is not None  # the parent fills in "trainer_output"
         if not torch.accelerator.is_available():

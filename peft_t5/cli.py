@@ -135,6 +135,21 @@ def load_data(task, data_args, training_args, say) -> tuple:
     return train_records, eval_records, splits.get("test") or []
 
 
+def token_budget(training_args, model, streaming: bool, say) -> int | None:
+    """--max_tokens_per_batch as a number (None: batches by count), and a line saying what was chosen."""
+    from .batching import auto_token_budget
+
+    if training_args.max_tokens_per_batch == "auto":
+        budget, how = auto_token_budget(model, training_args.bf16)
+    else:
+        budget, how = int(training_args.max_tokens_per_batch) or None, "--max_tokens_per_batch"
+    if budget and streaming:
+        budget, how = None, "--streaming has no lengths to group by"
+    say(f"batches: up to {budget:,} padded tokens each ({how})" if budget else
+        f"batches: {training_args.per_device_train_batch_size} examples each ({how})")
+    return budget
+
+
 def train(argv: list[str]) -> dict:
     """Train an adapter; returns the final metrics. The whole job, top to bottom.
 
@@ -182,8 +197,9 @@ def train(argv: list[str]) -> dict:
     eval_dataset, eval_stats = tokenize(task, eval_records, tokenizer, **lengths)
     say(f"validation set: {eval_stats}")
 
+    budget = token_budget(training_args, model, data_args.streaming, say)
     trainer = build_trainer(model, tokenizer, task, train_dataset, eval_dataset, training_args,
-                            eval_records[:data_args.generation_eval_samples], **lengths)
+                            eval_records[:data_args.generation_eval_samples], **lengths, max_tokens_per_batch=budget)
     resume = training_args.resume_from_checkpoint
     if training_args.resume and resume is None:
         resume = get_last_checkpoint(training_args.output_dir) if Path(training_args.output_dir).is_dir() else None
@@ -209,6 +225,7 @@ def train(argv: list[str]) -> dict:
         "train_records": None if data_args.streaming else len(train_records),
         "truncation": vars(stats) if stats else None, "processes": training_args.world_size,
         "metrics": metrics, "eval_loss_before": loss_before, "train_seconds": round(time.time() - started, 1),
+        "max_tokens_per_batch": budget, "throughput": trainer.throughput.summary(),
         "training_args": json.loads(training_args.to_json_string()),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "peft": __import__("peft").__version__, "peft_t5": __import__("peft_t5").__version__},

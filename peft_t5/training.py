@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import time
 from pathlib import Path
 
 import torch
@@ -10,11 +12,15 @@ from accelerate.utils import gather_object
 from transformers import Seq2SeqTrainer, TrainerCallback
 from transformers.loss.loss_utils import ForMaskedLMLoss
 from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers.trainer_utils import has_length
 
+from .batching import TokenBudgetBatchSampler
 from .data import seq2seq_collator
 from .errors import PeftT5Error
 from .generation import generate_texts
+from .optimizer import GroupedAdafactor
 from .tasks import Task
+from .throughput import ThroughputMeter
 
 logger = logging.getLogger(__name__)
 
@@ -39,13 +45,44 @@ class SeededLengthGroupedSampler(LengthGroupedSampler):
 
 
 class TaskTrainer(Seq2SeqTrainer):
-    """Seq2SeqTrainer whose evaluation adds the task's generation metric, on a bounded set of validation records."""
+    """Seq2SeqTrainer whose evaluation adds the task's generation metric, on a bounded set of validation records;
+    batches by tokens when given a budget; logs tokens/s and model FLOP utilisation."""
 
     def __init__(self, *args, task: Task, generation_records: list[dict], max_source_length: int = 512,
-                 max_new_tokens: int = 64, **kwargs):
+                 max_new_tokens: int = 64, max_tokens_per_batch: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.task, self.generation_records = task, generation_records
         self.max_source_length, self.max_new_tokens = max_source_length, max_new_tokens
+        self.max_tokens_per_batch = max_tokens_per_batch
+        self.throughput = ThroughputMeter(self.model, torch.bfloat16 if self.args.bf16 else torch.float32)
+
+    def get_train_dataloader(self):
+        dataset = self.train_dataset
+        if not self.max_tokens_per_batch or not has_length(dataset):
+            return super().get_train_dataloader()
+        sampler = TokenBudgetBatchSampler(dataset["length"], [len(ids) for ids in dataset["labels"]],
+                                          self.max_tokens_per_batch, seed=self.args.seed,
+                                          count_multiple_of=self.args.world_size * self.args.gradient_accumulation_steps)
+        loader = torch.utils.data.DataLoader(
+            self._remove_unused_columns(dataset, description="Training"), batch_sampler=sampler,
+            collate_fn=self.data_collator, num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory, persistent_workers=self.args.dataloader_persistent_workers,
+            prefetch_factor=self.args.dataloader_prefetch_factor)
+        return self.accelerator.prepare(loader)  # process i takes batches i, i + N, ... of the same list
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.throughput.count(inputs)
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training log: add the throughput since the last one
+            logs.update(self.throughput.read())
+        super().log(logs, start_time)
+
+    def _save_checkpoint(self, model, trial):
+        started = time.perf_counter()
+        super()._save_checkpoint(model, trial)
+        self.throughput.pause(time.perf_counter() - started)
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -59,11 +96,13 @@ class TaskTrainer(Seq2SeqTrainer):
         return SeededLengthGroupedSampler(global_batch, lengths=lengths, seed=self.args.seed)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval", **kwargs) -> dict:
+        started = time.perf_counter()
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix, **kwargs)
         if self.generation_records:
             scores = {f"{metric_key_prefix}_{k}": v for k, v in self.generation_scores(self.generation_records).items()}
             self.log(scores)
             metrics.update(scores)
+        self.throughput.pause(time.perf_counter() - started)
         return metrics
 
     def generation_scores(self, records: list[dict]) -> dict[str, float]:
@@ -93,26 +132,47 @@ def target_token_loss(outputs, labels: torch.Tensor, num_items_in_batch: torch.T
 class StopOnNonFiniteLoss(TrainerCallback):
     """Stops the run at the first NaN or infinite loss, before a checkpoint can store it.
 
-    A non-finite loss makes the gradients, then the adapter weights, non-finite; the weights are checked
-    after every step (a few MB of LoRA parameters), which is before the Trainer saves that step.
+    A non-finite loss makes the gradients, then the adapter weights, non-finite. After every step the norm
+    of the adapter weights is checked on the device, and the first bad step recorded there; the host reads
+    that flag only when the step logs, evaluates or saves (or training ends), so steps in between never wait
+    for the device.
     """
 
     def __init__(self, model):
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.first_bad_step = None
 
     def _stop(self, args, step: int, what: str):
         raise PeftT5Error(f"{what} at step {step}; stopped, the last good checkpoint is kept in {args.output_dir}; "
                           "lower --learning_rate, or train in float32 instead of bf16")
 
     def on_step_end(self, args, state, control, **kwargs):
-        # one sum per tensor and a single host sync: NaN and inf survive the sum
-        if not torch.isfinite(torch.stack([p.detach().float().sum() for p in self.params])).all():
-            self._stop(args, state.global_step, "the loss diverged (adapter weights became NaN or infinite)")
+        norm = torch.nn.utils.get_total_norm(self.params, error_if_nonfinite=False)
+        if self.first_bad_step is None:
+            self.first_bad_step = torch.zeros((), dtype=torch.int64, device=norm.device)
+        bad = ~torch.isfinite(norm) & (self.first_bad_step == 0)
+        self.first_bad_step = torch.where(bad, state.global_step, self.first_bad_step)
+        # the DefaultFlowCallback ran first, so these already say what follows this step
+        if control.should_log or control.should_save or control.should_evaluate or control.should_training_stop \
+                or state.global_step >= state.max_steps:
+            step = int(self.first_bad_step)
+            if step:
+                self._stop(args, step, "the loss diverged (adapter weights became NaN or infinite)")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(loss):
             self._stop(args, state.global_step, f"the training loss became {loss}")
+
+
+class ThroughputClock(TrainerCallback):
+    """Starts the throughput meter when training starts, on the training device."""
+
+    def __init__(self, meter: ThroughputMeter):
+        self.meter = meter
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.meter.start(args.device)
 
 
 def plot_loss_curves(log_history: list[dict], path: Path) -> None:
@@ -137,12 +197,13 @@ def plot_loss_curves(log_history: list[dict], path: Path) -> None:
 
 
 def build_trainer(model, tokenizer, task: Task, train_dataset, eval_dataset, training_args,
-                  generation_records: list[dict], max_source_length: int, max_target_length: int) -> TaskTrainer:
+                  generation_records: list[dict], max_source_length: int, max_target_length: int,
+                  max_tokens_per_batch: int | None = None) -> TaskTrainer:
     if torch.cuda.is_available():
         # cuDNN's attention builds a new plan for every new sequence length, ~40 ms a call on an H100 (measured);
         # dynamic padding changes the length every batch. The other SDPA kernels need no plan.
         torch.backends.cuda.enable_cudnn_sdp(False)
-    return TaskTrainer(
+    trainer = TaskTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
@@ -155,4 +216,18 @@ def build_trainer(model, tokenizer, task: Task, train_dataset, eval_dataset, tra
         generation_records=generation_records,
         max_source_length=max_source_length,
         max_new_tokens=max_target_length,
+        max_tokens_per_batch=max_tokens_per_batch,
     )
+    trainer.add_callback(ThroughputClock(trainer.throughput))
+    trainer.optimizer_cls_and_kwargs = optimizer_for(training_args)  # Seq2SeqTrainer's __init__ does not pass it on
+    return trainer
+
+
+def optimizer_for(training_args) -> tuple[type, dict] | None:
+    """Adafactor with T5's settings as GroupedAdafactor (one step per tensor shape, not per tensor); None leaves
+    the Trainer's own choice (other optimizers, optim_args, and sharded runs whose parameters are DTensors)."""
+    sharded = bool(training_args.fsdp or training_args.deepspeed) or any(
+        os.environ.get(f"ACCELERATE_USE_{name}", "").lower() == "true" for name in ("FSDP", "DEEPSPEED"))
+    if training_args.optim != "adafactor" or training_args.optim_args or sharded:
+        return None
+    return GroupedAdafactor, {"lr": training_args.learning_rate}

@@ -77,6 +77,17 @@ def test_gradient_accumulation_gives_the_gradient_of_the_whole_batch(tmp_path):
     assert largest_difference(whole, accumulated) < TOLERANCE
 
 
+def test_token_budget_batches_on_two_processes_train_what_one_process_accumulating_two_trains(tmp_path):
+    # process i takes batches i, i + 2, ... of one list; one process accumulates batches 2k and 2k + 1
+    one, two = tmp_path / "one", tmp_path / "two"
+    budget = ["--max_tokens_per_batch", "320", "--save_strategy", "no"]
+    train("--output_dir", str(one), "--gradient_accumulation_steps", "2", *budget)
+    proc = train("--output_dir", str(two), *budget, processes=2)
+    assert "batches: up to 320 padded tokens each (--max_tokens_per_batch)" in proc.stdout
+    assert json.loads((two / "peft_t5.json").read_text())["max_tokens_per_batch"] == 320
+    assert largest_difference(one, two) < TOLERANCE
+
+
 def test_accelerate_configs_name_what_they_set_up(tiny_model):
     from accelerate.commands.config.config_args import load_config_from_file
 
