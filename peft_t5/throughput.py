@@ -16,7 +16,8 @@ def matmul_rate(dtype: torch.dtype = torch.float32, device: torch.device | str |
     """The dense matrix-multiply rate in FLOP/s, measured now (the ceiling for model FLOP/s)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     n = n or (8192 if device.type == "cuda" else 1024)
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    generator = torch.Generator(device).manual_seed(0)  # its own: the global RNG drives the run's dropout
+    a, b = (torch.randn(n, n, device=device, dtype=dtype, generator=generator) for _ in range(2))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     a @ b
     sync()
