@@ -28,6 +28,7 @@ class AdapterBank:
     model: object  # a PeftModel holding every adapter
     tokenizer: object
     metadata: dict[str, dict] = field(default_factory=dict)  # adapter name -> its peft_t5.json
+    base_name: str = "model"  # the base as given (Hub id, folder, tiny)
 
     @classmethod
     def load(cls, base, adapters: dict[str, str], qlora: bool = False, trust_pickle: bool = False) -> "AdapterBank":
@@ -57,7 +58,7 @@ class AdapterBank:
             else:
                 model.load_adapter(path, adapter_name=name)
         model.eval()
-        return cls(model, AutoTokenizer.from_pretrained(adapters[first]), metadata)
+        return cls(model, AutoTokenizer.from_pretrained(adapters[first]), metadata, base_name)
 
     @property
     def names(self) -> list[str]:
@@ -95,17 +96,50 @@ class AdapterBank:
 
     def generate(self, name: str, inputs: list, prompt_of: str | None = None, raw: bool = False, **kwargs) -> list[str]:
         """Answers from adapter `name` (or `base`), the prompt template applied from its metadata."""
-        sources = self.sources(name, inputs, prompt_of)
+        outputs = self.generate_switched(name, self.sources(name, inputs, prompt_of), **kwargs)
+        return outputs if name == BASE else [self.answer(name, o, raw) for o in outputs]
+
+    def generate_switched(self, name: str, sources: list[str], **kwargs) -> list[str]:
+        """Raw outputs for ready-made prompts, `name` made the active adapter (or adapters disabled for `base`)."""
+        kwargs.setdefault("max_source_length", self.source_limit(name))
         if name == BASE:
             with self.model.disable_adapter():
                 return generate_texts(self.model, self.tokenizer, sources, **kwargs)
         self.model.set_adapter(name)
-        return [self.answer(name, o, raw) for o in generate_texts(self.model, self.tokenizer, sources, **kwargs)]
+        return generate_texts(self.model, self.tokenizer, sources, **kwargs)
 
     def generate_mixed(self, items: list[tuple[str, object]], raw: bool = False, **kwargs) -> list[str]:
         """A batch that mixes adapters, run in the same forward passes: each example through its own adapter."""
         names = [name for name, _ in items]
-        sources = [self.sources(name, [item])[0] for name, item in items]
-        adapter_names = ["__base__" if n == BASE else n for n in names]  # PEFT's name for "no adapter"
-        outputs = generate_texts(self.model, self.tokenizer, sources, adapter_names=adapter_names, **kwargs)
+        outputs = self.generate_sources(names, [self.sources(name, [item])[0] for name, item in items], **kwargs)
         return [self.answer(n, o, raw) for n, o in zip(names, outputs)]
+
+    def generate_sources(self, names: list[str], sources: list[str], **kwargs) -> list[str]:
+        """Raw outputs for ready-made prompts, source i through adapter names[i], each truncated as it was trained."""
+        if len(set(names)) == 1:  # one adapter: PEFT's per-adapter sub-batches would only add overhead
+            return self.generate_switched(names[0], sources, **kwargs)
+        adapter_names = ["__base__" if n == BASE else n for n in names]  # PEFT's name for "no adapter"
+        kwargs.setdefault("max_source_length", [self.source_limit(n) for n in names])
+        return generate_texts(self.model, self.tokenizer, sources, adapter_names=adapter_names, **kwargs)
+
+    def source_limit(self, name: str) -> int:
+        """The source length (tokens) the adapter was trained with; 512 for the base."""
+        return int(self.metadata.get(name, {}).get("max_source_length") or 512)
+
+    def add(self, name: str, path: str, trust_pickle: bool = False) -> dict:
+        """Load another adapter folder onto the loaded base, after checking it fits; returns its metadata."""
+        if name == BASE or name in self.metadata:
+            raise PeftT5Error(f"an adapter named {name!r} is already loaded; unload it first or pick another name")
+        meta = read_metadata(path, trust_pickle)
+        check_adapter_fits(self.model.get_base_model(), path, self.base_name)
+        self.model.load_adapter(path, adapter_name=name)
+        self.metadata[name] = meta
+        return meta
+
+    def remove(self, name: str) -> None:
+        """Unload an adapter; the last one stays (PEFT needs one to hold the base)."""
+        self._meta(name)
+        if len(self.metadata) == 1:
+            raise PeftT5Error(f"{name!r} is the only adapter loaded; load another before unloading it")
+        self.model.delete_adapter(name)
+        del self.metadata[name]

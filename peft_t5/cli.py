@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 from .errors import PeftT5Error
+from .commands import parse_adapter_specs
 
 logger = logging.getLogger("peft_t5")
 
@@ -309,17 +310,6 @@ def merge_main(argv: list[str]) -> None:
     print(f"wrote {report.output}/ ({args.dtype}); load it with T5ForConditionalGeneration.from_pretrained")
 
 
-def parse_adapter_specs(specs: list[str]) -> dict[str, str]:
-    """--adapter NAME=FOLDER, repeated, as {name: folder}."""
-    adapters = {}
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not path:
-            raise PeftT5Error(f"--adapter {spec}: expected NAME=FOLDER, e.g. jokes=adapters/jokes")
-        adapters[name] = path
-    return adapters
-
-
 def read_inputs(args) -> list:
     """Questions from the command line or --file (one per line, or JSON lines with question/context)."""
     items: list = list(args.questions)
@@ -465,11 +455,16 @@ def compare_main(argv: list[str]) -> None:
     parser.add_argument("--base", help="Base model; default: the one recorded in the first adapter")
     parser.add_argument("--output", default="compare", help="Writes OUTPUT.md and OUTPUT.csv (default: compare)")
     parser.add_argument("--limit", type=int, default=20, help="At most N questions (default 20)")
-    parser.add_argument("--ratings", help="A filled-in rating CSV to summarise per system")
+    parser.add_argument("--ratings", help="A filled-in rating CSV, or the server's ratings.db, to summarise per system")
     parser.add_argument("--trust_pickle", action="store_true", help="Allow pickled .bin weights (they can run code)")
     args = parser.parse_args(argv)
     if args.ratings:
-        print(json.dumps(summarise_ratings(args.ratings), indent=2))
+        from .serve.ratings import RatingStore
+
+        if Path(args.ratings).is_file() and RatingStore.is_database(args.ratings):
+            print(json.dumps(RatingStore(args.ratings).summary(), indent=2))
+        else:
+            print(json.dumps(summarise_ratings(args.ratings), indent=2))
         return
     if not args.questions or not args.adapter:
         raise PeftT5Error("pass --questions FILE and at least one --adapter NAME=FOLDER (or --ratings FILE)")
@@ -490,8 +485,14 @@ def compare_main(argv: list[str]) -> None:
     print(f"wrote {args.output}.md and {args.output}.csv (fill in the rating columns, then: compare.py --ratings {args.output}.csv)")
 
 
+def serve_main(argv: list[str]) -> None:
+    from .commands.serve import serve_main as serve
+
+    serve(argv)
+
+
 COMMANDS = {"train": train, "estimate": estimate_main, "merge": merge_main, "generate": generate_main,
-            "evaluate": evaluate_main, "compare": compare_main}
+            "evaluate": evaluate_main, "compare": compare_main, "serve": serve_main}
 
 
 def run(command, argv: list[str]) -> int:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
 from .errors import DataError
@@ -71,6 +72,17 @@ def summarise_ratings(path: str) -> dict[str, dict[str, dict[str, float]]]:
             if not 1 <= score <= 5:
                 raise DataError(f"{path}: row {i + 2}, column '{rating}': {value} is outside 1 to 5")
             summary.setdefault(row["system"], {}).setdefault(rating, []).append(score)
-    return {system: {rating: {"mean": sum(v) / len(v), "share_4_or_more": sum(s >= 4 for s in v) / len(v),
-                              "count": len(v)} for rating, v in by_rating.items()}
-            for system, by_rating in summary.items()}
+    return rating_summary(summary)
+
+
+def rating_summary(scores: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, dict[str, float]]]:
+    """Per system and rating: mean, share of ratings >= 4, count, and a 95% interval for the mean
+    (normal approximation, mean +- 1.96 standard errors; None below 2 ratings)."""
+    def stats(values: list[float]) -> dict[str, float]:
+        n, mean = len(values), sum(values) / len(values)
+        half = 1.96 * math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n) if n > 1 else None
+        return {"mean": mean, "share_4_or_more": sum(v >= 4 for v in values) / n, "count": n,
+                "ci95": None if half is None else [mean - half, mean + half]}
+
+    return {system: {rating: stats(values) for rating, values in by_rating.items()}
+            for system, by_rating in scores.items()}

@@ -114,9 +114,12 @@ def test_comparison_table_and_rating_summary(tmp_path):
         w.writeheader()
         w.writerows(lines)
     summary = summarise_ratings(str(sheet))
-    assert summary["base"]["funny (1-5)"] == {"mean": 1.5, "share_4_or_more": 0.0, "count": 2}
-    assert summary["jokes"]["funny (1-5)"] == {"mean": 4.5, "share_4_or_more": 1.0, "count": 2}
+    base, jokes = summary["base"]["funny (1-5)"], summary["jokes"]["funny (1-5)"]
+    assert (base["mean"], base["share_4_or_more"], base["count"]) == (1.5, 0.0, 2)
+    assert (jokes["mean"], jokes["share_4_or_more"], jokes["count"]) == (4.5, 1.0, 2)
+    assert base["ci95"] == pytest.approx([1.5 - 0.98, 1.5 + 0.98])  # 1.96 x sd 0.707 / sqrt(2)
     assert summary["base"]["appropriate (1-5)"]["count"] == 1
+    assert summary["base"]["appropriate (1-5)"]["ci95"] is None
     lines[0]["funny (1-5)"] = "great"
     with sheet.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(lines[0]))

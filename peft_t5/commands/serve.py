@@ -1,0 +1,98 @@
+"""`peft-t5 serve`: load a base once with every adapter on it and serve them over HTTP (see peft_t5/serve/)."""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+from pathlib import Path
+
+from ..errors import PeftT5Error
+
+KEY_VARIABLE = "PEFT_T5_API_KEY"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="peft-t5 serve", description=(
+        "Serve adapters on one base over HTTP: POST /v1/generate, GET /v1/adapters, the page at /."))
+    parser.add_argument("--adapter", action="append", required=True, metavar="NAME=FOLDER",
+                        help="An adapter to load at start, by name; repeat for several")
+    parser.add_argument("--base", help="Base model (Hub id, folder, tiny); default: the one recorded in the first adapter")
+    parser.add_argument("--qlora", action="store_true", help="Load the base in 4-bit NF4")
+    parser.add_argument("--host", default="127.0.0.1", help="Address to bind (default 127.0.0.1; others need a key)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api_key", help=f"Require 'Authorization: Bearer KEY' on every route but /health "
+                                          f"(or set {KEY_VARIABLE})")
+    parser.add_argument("--adapter_root", help="Allow POST /v1/adapters to load folders under this one (only)")
+    parser.add_argument("--max_batch_size", type=int, default=32, help="Examples in one generate call (default 32)")
+    parser.add_argument("--max_wait_ms", type=float, default=5.0,
+                        help="How long a request waits for others to share its batch (default 5)")
+    parser.add_argument("--batching", choices=["across", "none", "switch"], default="across",
+                        help="across: batch requests and adapters together (default); none: one request a call; "
+                             "switch: one adapter a call, set per request (for comparison)")
+    parser.add_argument("--max_inputs", type=int, default=32, help="Inputs in one request (default 32)")
+    parser.add_argument("--rate", metavar="QUESTIONS", help="Questions to rate blind (a jokes CSV/JSON or one a line)")
+    parser.add_argument("--rate_systems", help="Comma-separated systems to rate (default: base and every adapter)")
+    parser.add_argument("--ratings", default="ratings.db", help="SQLite file for ratings (default ratings.db)")
+    return parser.parse_args(argv)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Everything that can be checked before the model loads (which takes a while)."""
+    from . import parse_adapter_specs
+
+    args.api_key = args.api_key or os.environ.get(KEY_VARIABLE) or None
+    if not is_loopback(args.host) and not args.api_key:
+        raise PeftT5Error(f"--host {args.host}: refusing to serve beyond this machine without a key; "
+                          f"pass --api_key KEY (or set {KEY_VARIABLE}), or bind 127.0.0.1")
+    if not 0 <= args.port <= 65535:
+        raise PeftT5Error(f"--port {args.port}: not a port number (0 to 65535)")
+    for name in ("max_batch_size", "max_inputs"):
+        if getattr(args, name) < 1:
+            raise PeftT5Error(f"--{name} {getattr(args, name)}: must be at least 1")
+    if args.max_wait_ms < 0:
+        raise PeftT5Error(f"--max_wait_ms {args.max_wait_ms}: must be 0 or more")
+    args.adapters = parse_adapter_specs(args.adapter)
+    for name, path in args.adapters.items():
+        if not Path(path).is_dir():
+            raise PeftT5Error(f"--adapter {name}={path}: no such folder; pass the folder that train_lora.py wrote")
+    if args.adapter_root and not Path(args.adapter_root).is_dir():
+        raise PeftT5Error(f"--adapter_root {args.adapter_root}: no such folder")
+    if args.rate and not Path(args.rate).is_file():
+        raise PeftT5Error(f"--rate {args.rate}: no such file; pass a jokes CSV/JSON or a text file, one question a line")
+    args.rate_systems = [s.strip() for s in args.rate_systems.split(",") if s.strip()] if args.rate_systems else []
+    unknown = [s for s in args.rate_systems if s != "base" and s not in args.adapters]
+    if unknown:
+        raise PeftT5Error(f"--rate_systems: {', '.join(unknown)} not loaded; choose from base, {', '.join(args.adapters)}")
+
+
+def serve_main(argv: list[str]) -> None:
+    args = parse_args(argv)
+    check_args(args)
+
+    import uvicorn
+
+    from ..bank import AdapterBank
+    from ..compare import read_questions
+    from ..serve.app import ServeSettings, create_app
+
+    questions = read_questions(args.rate) if args.rate else []
+    if args.rate and not questions:
+        raise PeftT5Error(f"--rate {args.rate}: no questions in it")
+    bank = AdapterBank.load(args.base, args.adapters, qlora=args.qlora)
+    settings = ServeSettings(api_key=args.api_key, adapter_root=args.adapter_root, max_batch_size=args.max_batch_size,
+                             max_wait_ms=args.max_wait_ms, batching=args.batching, max_inputs=args.max_inputs,
+                             rate_questions=questions, rate_systems=args.rate_systems,
+                             ratings=args.ratings if args.rate else None)
+    app = create_app(bank, settings)
+    print(f"serving {', '.join(bank.names)} on http://{args.host}:{args.port}/ "
+          f"({'API key required' if args.api_key else 'no API key: loopback only'})", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -1,0 +1,136 @@
+"""Concurrent requests -> one mixed-adapter generate call.
+
+Requests that arrive within `max_wait_ms` of the first one waiting, up to `max_batch_size` examples, are served
+together: each example goes through its own adapter (PEFT's adapter_names), sources sorted by length. The model
+runs on one worker thread, so generation never blocks the event loop and never runs twice at once; loading and
+unloading adapters go through the same thread.
+
+Modes (for comparison in benchmarks/serve_throughput.py): "across" batches across requests and adapters,
+"none" runs each request alone, "switch" also sets the active adapter per adapter in the request.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from ..bank import AdapterBank
+
+MODES = ("across", "none", "switch")
+
+
+class AdapterGone(LookupError):
+    """An adapter was unloaded between accepting a request and generating for it."""
+
+
+@dataclass
+class Job:
+    names: list[str]  # adapter per example
+    sources: list[str]  # prompts, already templated
+    options: tuple[int, int]  # (max_new_tokens, num_beams): only jobs with equal options share a generate call
+    future: asyncio.Future
+    queued: float = field(default_factory=time.perf_counter)
+
+
+class Batcher:
+    def __init__(self, bank: AdapterBank, max_batch_size: int = 32, max_wait_ms: float = 5.0, mode: str = "across",
+                 on_batch=None):
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
+        self.bank, self.max_batch_size, self.max_wait, self.mode = bank, max_batch_size, max_wait_ms / 1000, mode
+        self.on_batch = on_batch or (lambda examples, seconds: None)  # metrics hook
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="peft-t5-model")
+        self.queue: asyncio.Queue[Job] | None = None
+        self.task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.queue = asyncio.Queue()
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self.task:
+            self.task.cancel()
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+    async def generate(self, names: list[str], sources: list[str], max_new_tokens: int, num_beams: int) -> list[str]:
+        """Raw outputs for one request, served together with whatever else is waiting."""
+        job = Job(names, sources, (max_new_tokens, num_beams), asyncio.get_running_loop().create_future())
+        await self.queue.put(job)
+        return await job.future
+
+    async def on_model_thread(self, fn, *args):
+        """Run fn(*args) on the model's thread, between batches (loading and unloading adapters)."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def _run(self) -> None:
+        while True:
+            jobs = await self._gather()
+            groups: dict[tuple, list[Job]] = {}
+            for job in jobs:
+                if not job.future.done():  # its client went away: nothing to compute
+                    groups.setdefault(job.options, []).append(job)
+            for options, group in groups.items():
+                try:
+                    results = await self.on_model_thread(self._generate, group, options)
+                except Exception as e:  # a failure in one batch fails its requests, not the server
+                    results = [e] * len(group)
+                for job, result in zip(group, results):
+                    if job.future.done():
+                        continue
+                    if isinstance(result, Exception):
+                        job.future.set_exception(result)
+                    else:
+                        job.future.set_result(result)
+
+    async def _gather(self) -> list[Job]:
+        """The first waiting job, and those that arrive within max_wait of it, up to max_batch_size examples."""
+        jobs = [await self.queue.get()]
+        if self.mode != "across":
+            return jobs
+        size, deadline = len(jobs[0].names), time.perf_counter() + self.max_wait
+        while size < self.max_batch_size:
+            try:
+                job = self.queue.get_nowait()
+            except asyncio.QueueEmpty:
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    break
+                try:
+                    job = await asyncio.wait_for(self.queue.get(), left)
+                except asyncio.TimeoutError:
+                    break
+            if size + len(job.names) > self.max_batch_size:
+                self.queue.put_nowait(job)  # next round; asyncio.Queue has no put-front, so it goes last
+                break
+            jobs.append(job)
+            size += len(job.names)
+        return jobs
+
+    def _generate(self, jobs: list[Job], options: tuple[int, int]) -> list[list[str] | Exception]:
+        """On the model thread: one generate call for all jobs (or one per adapter in "switch" mode)."""
+        started = time.perf_counter()
+        live = [j for j in jobs if all(n in self.bank.names for n in j.names)]
+        live_ids = {id(j) for j in live}
+        names = [n for j in live for n in j.names]
+        sources = [s for j in live for s in j.sources]
+        max_new_tokens, num_beams = options
+        kwargs = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, batch_size=max(1, len(sources)))
+        if self.mode == "switch":
+            outputs = [""] * len(sources)
+            for name in dict.fromkeys(names):
+                idx = [i for i, n in enumerate(names) if n == name]
+                for i, text in zip(idx, self.bank.generate_switched(name, [sources[i] for i in idx], **kwargs)):
+                    outputs[i] = text
+        else:
+            outputs = self.bank.generate_sources(names, sources, **kwargs) if sources else []
+        self.on_batch(len(sources), time.perf_counter() - started)
+        results, start = [], 0
+        for job in jobs:
+            if id(job) not in live_ids:
+                gone = sorted(set(job.names) - set(self.bank.names))
+                results.append(AdapterGone(f"adapter {', '.join(map(repr, gone))} was unloaded before this request ran"))
+                continue
+            results.append(outputs[start:start + len(job.names)])
+            start += len(job.names)
+        return results

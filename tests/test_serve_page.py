@@ -1,0 +1,88 @@
+"""The page at / in a real headless Chromium: generate from the form, rate blind, see the summary; output is escaped."""
+import os
+import shutil
+
+import pytest
+
+from peft_t5.bank import AdapterBank
+from peft_t5.serve.app import ServeSettings, create_app, running
+from test_serve import JOKES, KEY, make_adapter
+
+if not (shutil.which("chromium") and shutil.which("chromedriver")):
+    if os.environ.get("CI"):
+        raise RuntimeError("CI needs chromium and chromium-driver (Debian packages; .ci/run installs them)")
+    pytest.skip("no chromium/chromedriver here (apt-get install chromium chromium-driver)", allow_module_level=True)
+
+from selenium import webdriver  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.select import Select  # noqa: E402
+from selenium.webdriver.support.wait import WebDriverWait  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def browser():
+    options = webdriver.ChromeOptions()
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(flag)
+    options.binary_location = shutil.which("chromium")
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(shutil.which("chromedriver")))
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    bank = AdapterBank.load("tiny", {"jokes": make_adapter(root / "jokes", "jokes", 1),
+                                     "squad": make_adapter(root / "squad", "squad", 2)})
+    questions = [{"question": q, "answer": ""} for q in ["<b id='injected'>bold?</b>", *JOKES[:1]]]
+    settings = ServeSettings(api_key=KEY, rate_questions=questions, rate_systems=["base", "jokes"],
+                             ratings=str(tmp_path_factory.mktemp("r") / "ratings.db"))
+    with running(create_app(bank, settings)) as url:
+        yield url, bank
+
+
+def wait(driver, condition, timeout=60):
+    return WebDriverWait(driver, timeout).until(lambda d: condition(d))
+
+
+def test_page_generates_rates_blind_and_summarises(browser, site):
+    url, bank = site
+    browser.get(f"{url}/?key={KEY}")
+    assert browser.current_url == f"{url}/"  # the key leaves the address bar (kept for this tab only)
+    boxes = wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#systems input"))
+    assert [b.get_attribute("value") for b in boxes] == ["base", "jokes", "squad"]
+    boxes[2].click()  # squad off: no context needed
+    assert not browser.find_element(By.ID, "context-label").is_displayed()
+    boxes[0].click()  # base on
+    question = "<img src=x onerror=alert(1)>Why?"
+    browser.find_element(By.ID, "question").send_keys(question)
+    browser.find_element(By.ID, "generate").click()
+    rows = wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#outputs tbody tr"))
+    shown = {r.find_elements(By.TAG_NAME, "td")[0].text: r.find_elements(By.TAG_NAME, "td")[1].text for r in rows}
+    expected = bank.generate("jokes", [question])[0]
+    assert shown["jokes"] == expected and set(shown) == {"base", "jokes"}
+    assert browser.find_element(By.ID, "error").text == ""
+
+    browser.find_element(By.ID, "tab-rate").click()
+    for _ in range(2):
+        wait(browser, lambda d: d.find_element(By.ID, "rate-question").text not in ("", "saved"))
+        items = wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#rate-items tbody tr"))
+        assert len(items) == 2
+        question_text = browser.find_element(By.ID, "rate-question").text
+        for i, (funny, ok) in enumerate([("5", "4"), ("2", "4")]):
+            Select(browser.find_element(By.NAME, f"funny-{i}")).select_by_value(funny)
+            Select(browser.find_element(By.NAME, f"appropriate-{i}")).select_by_value(ok)
+        browser.find_element(By.ID, "submit-rating").click()
+        wait(browser, lambda d: d.find_element(By.ID, "rate-question").text != question_text)
+    assert browser.find_element(By.ID, "rate-question").text == "(all rated: thank you)"
+    assert not browser.find_elements(By.ID, "injected")  # the question was shown as text, not as HTML
+
+    browser.find_element(By.ID, "tab-summary").click()
+    rows = wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#summary-table tbody tr"))
+    cells = [[td.text for td in r.find_elements(By.TAG_NAME, "td")] for r in rows]
+    assert len(cells) == 4 and {c[0] for c in cells} == {"base", "jokes"}
+    funny = {c[0]: c for c in cells if c[1] == "funny"}
+    assert sum(float(c[2]) * int(c[4]) for c in funny.values()) == 2 * (5 + 2)  # each item: one 5, one 2
+    assert all(c[4] == "2" for c in cells) and all(c[3] == "100%" for c in cells if c[1] == "appropriate")
