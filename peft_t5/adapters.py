@@ -53,6 +53,15 @@ def write_atomically(output_dir: Path, write, keep: tuple[str, ...] = ("checkpoi
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def check_writable_folder(path: str | Path, flag: str) -> None:
+    """Refuse, before anything is written, a target that is a file or lies under one."""
+    path = Path(path)
+    for part in [path, *path.parents]:
+        if part.exists() and not part.is_dir():
+            where = "is a file" if part == path else f"lies under {part}, a file"
+            raise PeftT5Error(f"{flag} {path}: {where}; pass a folder path")
+
+
 def save_adapter(model, tokenizer, output_dir: str | Path, metadata: dict, model_card: str,
                  extra_files: dict[str, Path] | None = None) -> None:
     """adapter_config.json + adapter_model.safetensors (plain PEFT), tokenizer, metadata and model card."""

@@ -87,6 +87,12 @@ class TrainingArguments(Seq2SeqTrainingArguments):
         if self.max_tokens_per_batch != "auto" and not (str(self.max_tokens_per_batch).isdigit()):
             raise PeftT5Error(f"--max_tokens_per_batch {self.max_tokens_per_batch}: expected auto, 0 or a number of tokens")
 
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise PeftT5Error(f"--{name} {getattr(self, name)}: must be at least 1")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise PeftT5Error(f"--max_steps {self.max_steps}: must be at least 1 (or -1, the default, to train "
+                              "--num_train_epochs)")
         self.output_dir_given = self.output_dir is not None  # the parent fills in "trainer_output"
         if not torch.accelerator.is_available():
             # without it, processes started by torchrun/accelerate on a CPU machine each train alone (no gloo group)

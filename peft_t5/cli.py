@@ -17,19 +17,62 @@ logger = logging.getLogger("peft_t5")
 
 
 def parse_train_args(argv: list[str]):
+    """Flags, or a YAML/JSON config file first with flags after it that override it. Misspelled or prefixed
+    flags and unknown config keys are refused, naming the closest real flag."""
     from transformers import HfArgumentParser
 
     from .arguments import DataArguments, LoraArguments, ModelArguments, TrainingArguments
 
     parser = HfArgumentParser((ModelArguments, DataArguments, LoraArguments, TrainingArguments),
-                              prog="train_lora.py", description="Train a LoRA/QLoRA adapter on a T5 base.")
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
-        if not Path(argv[0]).is_file():
-            raise PeftT5Error(f"{argv[0]}: no such config file")
-        if argv[0].endswith(".json"):
-            return parser.parse_json_file(argv[0])
-        return parser.parse_yaml_file(argv[0])
-    return parser.parse_args_into_dataclasses(args=argv)
+                              prog="train_lora.py", description="Train a LoRA/QLoRA adapter on a T5 base.",
+                              allow_abbrev=False)
+    known = {a.dest: a for a in parser._actions}
+    if argv and argv[0].endswith((".yaml", ".yml", ".json")):
+        path, argv = argv[0], argv[1:]
+        config = read_config(path)
+        for key in config:
+            if key not in known:
+                raise PeftT5Error(f"{path}: unknown key '{key}'{closest(key, known)}")
+            action = known[key]
+            action.required = False
+            if isinstance(config[key], str) and callable(action.type):  # YAML reads 3e-4 as a string
+                config[key] = convert(path, key, config[key], action.type)
+        parser.set_defaults(**config)
+    *dataclasses, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if rest:
+        flag = next((a for a in rest if a.startswith("-")), rest[0])
+        name = flag.lstrip("-").split("=")[0]
+        raise PeftT5Error(f"{flag}: unknown flag{closest(name, known, prefix='--')}; train_lora.py --help lists them")
+    return dataclasses
+
+
+def read_config(path: str) -> dict:
+    import yaml
+
+    if not Path(path).is_file():
+        raise PeftT5Error(f"{path}: no such config file")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+        config = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (UnicodeDecodeError, ValueError, yaml.YAMLError) as e:
+        raise PeftT5Error(f"{path}: not valid {'JSON' if path.endswith('.json') else 'YAML'} ({e})".replace("\n", " "))
+    if not isinstance(config, dict):
+        raise PeftT5Error(f"{path}: expected a mapping of flag names to values, e.g. task: jokes")
+    return config
+
+
+def convert(path: str, key: str, value: str, type_):
+    try:
+        return type_(value)
+    except (TypeError, ValueError) as e:
+        raise PeftT5Error(f"{path}: {key}: {value!r} is not valid ({e})")
+
+
+def closest(name: str, known, prefix: str = "") -> str:
+    import difflib
+
+    match = difflib.get_close_matches(name, [k for k in known if k != "help"], n=1, cutoff=0.6)
+    return f"; did you mean {prefix}{match[0]}?" if match else ""
 
 
 def resolve_defaults(task, model_args, data_args, training_args) -> None:
@@ -61,8 +104,9 @@ def resolve_defaults(task, model_args, data_args, training_args) -> None:
 
 
 def check_output_dir(adapter_dir: Path, overwrite: bool, resume: bool) -> None:
-    from .adapters import is_adapter_dir
+    from .adapters import check_writable_folder, is_adapter_dir
 
+    check_writable_folder(adapter_dir, "--output_dir")
     if is_adapter_dir(adapter_dir) and not (overwrite or resume):
         raise PeftT5Error(f"{adapter_dir} already holds an adapter; pass --overwrite_output_dir to replace it, "
                           "or --output_dir for another folder")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .adapters import check_adapter_fits, read_metadata, write_atomically
+from .adapters import check_adapter_fits, check_writable_folder, read_metadata, write_atomically
 from .errors import PeftT5Error
 
 LORA_TOLERANCE = 1e-4  # float32 merge vs unmerged: only summation order differs
@@ -74,6 +74,7 @@ def merge_adapter(adapter_dir: str, output: str, base: str | None = None, dtype:
     if merge_into == "dequantized" and not qlora:
         raise PeftT5Error(f"{adapter_dir}: --merge_into dequantized is for QLoRA adapters; this one was trained "
                           "on a full-precision base, so it merges into the original weights")
+    check_writable_folder(output, "--output")
     if Path(output).exists() and any(Path(output).iterdir()) and not overwrite:
         raise PeftT5Error(f"{output} already exists and is not empty; pass --overwrite or another --output")
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)

@@ -9,6 +9,7 @@ import torch
 from peft import PeftModel
 
 from peft_t5.cli import parse_train_args
+from peft_t5.errors import PeftT5Error
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = [sys.executable, str(ROOT / "scripts" / "train_lora.py")]
@@ -74,3 +75,57 @@ def test_fp16_is_refused_in_one_line():
 def test_unknown_task_is_an_argument_error():
     proc = run_train("--task", "poems")
     assert proc.returncode == 2 and "invalid choice: 'poems'" in proc.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--task", "jokes", "--max_stpes", "3"], "error: --max_stpes: unknown flag; did you mean --max_steps?"),
+    (["--task", "jokes", "--learnig_rate", "0.1"], "error: --learnig_rate: unknown flag; did you mean --learning_rate?"),
+    (["--task", "jokes", "--max_step", "3"], "error: --max_step: unknown flag; did you mean --max_steps?"),
+])
+def test_misspelled_and_prefixed_flags_are_refused_naming_the_closest(argv, message):
+    with pytest.raises(PeftT5Error) as error:
+        parse_train_args(argv)
+    assert f"error: {error.value}".startswith(message)
+
+
+def test_config_file_then_flags_override_it_and_unknown_keys_are_named(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("task: jokes\nmodel: tiny\nmax_steps: 20\nlearning_rate: 3e-4\n")
+    model, data, lora, training = parse_train_args([str(config), "--max_steps", "5", "--lora_r", "4"])
+    assert (data.task, model.model, training.max_steps, training.learning_rate, lora.lora_r) == ("jokes", "tiny", 5, 3e-4, 4)
+    config.write_text("task: jokes\nmax_stpes: 20\n")
+    with pytest.raises(PeftT5Error, match=r"run.yaml: unknown key 'max_stpes'; did you mean max_steps\?"):
+        parse_train_args([str(config)])
+    config.write_text("task: jokes\nlearning_rate: fast\n")
+    with pytest.raises(PeftT5Error, match=r"run.yaml: learning_rate: 'fast' is not valid"):
+        parse_train_args([str(config)])
+    (tmp_path / "run.json").write_text('{"task": "jokes", "max_steps": 2')
+    with pytest.raises(PeftT5Error, match=r"run.json: not valid JSON"):
+        parse_train_args([str(tmp_path / "run.json")])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size 0: must be at least 1"),
+    (["--max_steps", "0"], "--max_steps 0: must be at least 1 (or -1"),
+])
+def test_bad_settings_are_refused_before_anything_is_written(tmp_path, flags, message):
+    with pytest.raises(PeftT5Error, match=message.replace("(", r"\(")):
+        parse_train_args(["--task", "jokes", "--output_dir", str(tmp_path / "out"), *flags])
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_output_path_that_is_a_file_is_refused_in_one_line(tmp_path):
+    from test_serve import make_adapter
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(PeftT5Error, match=r"--output_dir .*/file: is a file; pass a folder path"):
+        main_raises(["train", "--task", "jokes", "--model", "tiny", "--output_dir", str(tmp_path / "file")])
+    with pytest.raises(PeftT5Error, match=r"--output .*/file/merged: lies under .*/file, a file"):
+        main_raises(["merge", "--adapter", make_adapter(tmp_path / "jokes", "jokes", 0),
+                     "--output", str(tmp_path / "file" / "merged")])
+
+
+def main_raises(argv):
+    from peft_t5.cli import COMMANDS
+
+    COMMANDS[argv[0]](argv[1:])
