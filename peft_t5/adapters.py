@@ -33,9 +33,11 @@ def write_atomically(output_dir: Path, write, keep: tuple[str, ...] = ("checkpoi
     """
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.saving-", dir=output_dir.parent))
+    remove_interrupted_saves(output_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.saving-{os.getpid()}-", dir=output_dir.parent))
     try:
         write(tmp)
+        apply_umask(tmp)
         for name in keep:
             if (output_dir / name).is_dir() and not (tmp / name).exists():
                 shutil.copytree(output_dir / name, tmp / name, copy_function=os.link)
@@ -60,6 +62,34 @@ def check_writable_folder(path: str | Path, flag: str) -> None:
         if part.exists() and not part.is_dir():
             where = "is a file" if part == path else f"lies under {part}, a file"
             raise PeftT5Error(f"{flag} {path}: {where}; pass a folder path")
+
+
+def remove_interrupted_saves(output_dir: Path) -> None:
+    """Delete the temporary folders of saves to output_dir whose process is gone (killed mid-save)."""
+    for stale in output_dir.parent.glob(f".{output_dir.name}.saving-*"):
+        pid = stale.name.removeprefix(f".{output_dir.name}.saving-").split("-")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def apply_umask(folder: Path) -> None:
+    """mkdtemp makes the folder 700: give it, and what is in it, the user's usual permissions."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(folder, 0o777 & ~mask)
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def save_adapter(model, tokenizer, output_dir: str | Path, metadata: dict, model_card: str,

@@ -98,6 +98,12 @@ def resolve_defaults(task, model_args, data_args, training_args) -> None:
         # each process reads the stream and keeps its share of every global batch; dispatching batches from
         # the main process (accelerate's default for streams) cannot send batches padded to different lengths
         training_args.accelerator_config.dispatch_batches = False
+    if training_args.bf16 and not torch.cuda.is_available():
+        from .modeling import bf16_supported
+
+        if not bf16_supported():
+            logger.warning("--bf16 on this CPU (no AVX512-BF16 or AMX units) runs several times slower than "
+                           "float32; leave --bf16 off here")
     if training_args.fp16:
         raise PeftT5Error("--fp16 is refused for T5: its activations overflow in float16 (NaN or zero loss); "
                           "use --bf16 on hardware that has it, or float32 (the default)")
@@ -212,6 +218,8 @@ def train(argv: list[str]) -> dict:
 
     warn_single_process_launch()
     model_args, data_args, lora_args, training_args = parse_train_args(argv)
+    if not sys.stderr.isatty() and not any(a.startswith("--disable_tqdm") for a in argv):
+        training_args.disable_tqdm = True  # a log file gets a plain line per logging step, not bar redraws
     task = get_task(data_args.task)
     resolve_defaults(task, model_args, data_args, training_args)
     main_process = training_args.process_index == 0
@@ -286,9 +294,15 @@ def train(argv: list[str]) -> dict:
     show_reloaded_samples(task, model_args, adapter_dir, test_records or eval_records, data_args)
     if model_args.model == TINY:
         print("\nNote: `tiny` is a small T5 with random weights, a smoke test of the whole pipeline, not a useful "
-              "model.\nFor the real thing: python scripts/train_lora.py --task jokes --data ../shared/data/jokes/qa-jokes.csv "
-              "(google/flan-t5-large), or --task squad (t5-small).")
+              f"model.\nFor the real thing: python scripts/train_lora.py --task {task.name} {real_data(task)} "
+              f"(base {task.default_model}).")
     return metrics
+
+
+def real_data(task) -> str:
+    """The --data a real run of `task` takes: its Hub set, or the user's own file where the default is a demo."""
+    bundled = Path(task.default_data).exists()
+    return "--data YOUR_FILE (the bundled sample is a demo)" if bundled else f"(data: {task.default_data})"
 
 
 def show_reloaded_samples(task, model_args, adapter_dir: Path, records: list[dict], data_args) -> None:
@@ -405,9 +419,9 @@ def generate_main(argv: list[str]) -> None:
     base_outputs = bank.generate(BASE, inputs, prompt_of=prompt_of, **options) if args.compare_base else None
     for i, (item, output) in enumerate(zip(inputs, outputs)):
         question = item if isinstance(item, str) else (item.get("question") if isinstance(item, dict) else item[0])
-        print(f"Q: {question}\n{args.task}: {output or '(empty)'}")
+        print(f"Q: {question}\n{args.task}: {output or '(no answer)'}")
         if base_outputs is not None:
-            print(f"base: {base_outputs[i] or '(empty)'}")
+            print(f"base: {base_outputs[i] or '(no answer)'}")
 
 
 def load_for_evaluation(model_name: str, adapter: str | None, trust_pickle: bool = False):
@@ -450,6 +464,9 @@ def evaluate_main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     task = get_task(args.task)
     meta = read_metadata(args.adapter, args.trust_pickle) if args.adapter else {}
+    if meta.get("task") and meta["task"] != task.name:
+        raise PeftT5Error(f"--adapter {args.adapter} was trained for task '{meta['task']}', not '{task.name}'; "
+                          f"pass --task {meta['task']} or an adapter trained for {task.name}")
     model_name = args.model or meta.get("base_model") or task.default_model
     data = args.data or task.sample
 
@@ -506,9 +523,13 @@ def compare_main(argv: list[str]) -> None:
         from .serve.ratings import RatingStore
 
         if Path(args.ratings).is_file() and RatingStore.is_database(args.ratings):
-            print(json.dumps(RatingStore(args.ratings).summary(), indent=2))
+            summary = RatingStore(args.ratings).summary()
         else:
-            print(json.dumps(summarise_ratings(args.ratings), indent=2))
+            summary = summarise_ratings(args.ratings)
+        if not summary:
+            raise PeftT5Error(f"{args.ratings}: nothing was rated yet; fill in the 1-5 rating columns (or rate on "
+                              "the server's page) and run this again")
+        print(json.dumps(summary, indent=2))
         return
     if not args.questions or not args.adapter:
         raise PeftT5Error("pass --questions FILE and at least one --adapter NAME=FOLDER (or --ratings FILE)")
@@ -526,7 +547,7 @@ def compare_main(argv: list[str]) -> None:
     Path(f"{args.output}.md").write_text(markdown_table(rows), encoding="utf-8")
     write_rating_sheet(rows, list(outputs), Path(f"{args.output}.csv"))
     print(markdown_table(rows))
-    print(f"wrote {args.output}.md and {args.output}.csv (fill in the rating columns, then: compare.py --ratings {args.output}.csv)")
+    print(f"wrote {args.output}.md and {args.output}.csv (fill in the rating columns, then: python scripts/compare.py --ratings {args.output}.csv)")
 
 
 def serve_main(argv: list[str]) -> None:
@@ -551,9 +572,29 @@ def run(command, argv: list[str]) -> int:
     return 0
 
 
+SUMMARIES = {
+    "train": "train a LoRA/QLoRA adapter on a task (scripts/train_lora.py)",
+    "evaluate": "generate answers for held-out data and score them (scripts/evaluate.py)",
+    "generate": "answer questions with adapters on one loaded base (scripts/generate.py)",
+    "compare": "base vs adapters side by side, a sheet to rate, or a ratings summary (scripts/compare.py)",
+    "merge": "merge an adapter into its base as a plain transformers model (scripts/merge_adapter.py)",
+    "estimate": "memory a run would need, before loading anything",
+    "serve": "serve adapters over HTTP: batched across clients, a page to try and rate them",
+}
+
+
+def usage() -> str:
+    lines = [f"  {name:9s} {SUMMARIES[name]}" for name in COMMANDS]
+    return "usage: peft-t5 COMMAND [--help] ...\n\ncommands:\n" + "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
     if not argv or argv[0] not in COMMANDS:
-        print(f"usage: peft-t5 {{{','.join(COMMANDS)}}} ...  (peft-t5 COMMAND --help)", file=sys.stderr)
+        unknown = f"peft-t5: unknown command {argv[0]!r}\n" if argv else ""
+        print(unknown + usage(), file=sys.stderr)
         return 2
     return run(COMMANDS[argv[0]], argv[1:])

@@ -129,3 +129,72 @@ def main_raises(argv):
     from peft_t5.cli import COMMANDS
 
     COMMANDS[argv[0]](argv[1:])
+
+
+def test_help_lists_each_command_with_what_it_does_and_exits_0(capsys):
+    from peft_t5.cli import COMMANDS, main
+
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"  {name}" in out for name in COMMANDS) and "serve adapters over HTTP" in out
+    assert main([]) == 2 and "train a LoRA/QLoRA adapter" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_an_adapter_of_another_task(tmp_path):
+    from test_serve import make_adapter
+
+    adapter = make_adapter(tmp_path / "jokes", "jokes", 0)
+    with pytest.raises(PeftT5Error, match="was trained for task 'jokes', not 'squad'; pass --task jokes"):
+        main_raises(["evaluate", "--task", "squad", "--adapter", adapter, "--predictions", str(tmp_path / "p.json")])
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_compare_says_when_nothing_was_rated(tmp_path):
+    from peft_t5.compare import write_rating_sheet
+
+    sheet = tmp_path / "sheet.csv"
+    write_rating_sheet([{"question": "Q?", "reference": "", "base": "a", "jokes": "b"}], ["base", "jokes"], sheet)
+    with pytest.raises(PeftT5Error, match="sheet.csv: nothing was rated yet"):
+        main_raises(["compare", "--ratings", str(sheet)])
+
+
+def test_saved_adapters_get_the_users_permissions_and_interrupted_saves_are_cleaned(tmp_path):
+    import os
+
+    from test_serve import make_adapter
+
+    stale = tmp_path / ".jokes.saving-999999999-abc"  # a save whose process is gone
+    stale.mkdir()
+    live = tmp_path / f".jokes.saving-{os.getpid()}-xyz"  # this process's own: in progress, kept
+    live.mkdir()
+    old = os.umask(0o022)
+    try:
+        adapter = make_adapter(tmp_path / "jokes", "jokes", 0)
+    finally:
+        os.umask(old)
+    assert oct(os.stat(adapter).st_mode & 0o777) == "0o755"
+    assert oct(os.stat(f"{adapter}/adapter_model.safetensors").st_mode & 0o777) == "0o644"
+    assert not stale.exists() and live.exists()
+
+
+def test_a_log_file_gets_plain_lines_not_progress_bar_redraws(tmp_path):
+    proc = run_train("--task", "jokes", "--model", "tiny", "--output_dir", str(tmp_path / "a"), "--max_steps", "4",
+                     "--logging_steps", "2", "--report_to", "none", "--sample_generations", "0",
+                     "--generation_eval_samples", "2", "--max_eval_samples", "4")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    log = proc.stdout + proc.stderr
+    assert "\r" not in log and "\x1b[A" not in log
+    assert sum("'loss':" in line for line in log.splitlines()) == 2  # one plain line per logging step
+
+
+def test_bf16_on_a_cpu_without_fast_bf16_warns_once(monkeypatch, caplog):
+    import peft_t5.modeling
+    from peft_t5.cli import resolve_defaults
+    from peft_t5.tasks import get_task
+
+    monkeypatch.setattr(peft_t5.modeling, "bf16_supported", lambda: False)
+    model, data, lora, training = parse_train_args(["--task", "jokes", "--model", "tiny", "--bf16", "--use_cpu"])
+    with caplog.at_level("WARNING", logger="peft_t5"):
+        resolve_defaults(get_task("jokes"), model, data, training)
+    assert [r.message for r in caplog.records if "--bf16 on this CPU" in r.message] == [
+        "--bf16 on this CPU (no AVX512-BF16 or AMX units) runs several times slower than float32; leave --bf16 off here"]
