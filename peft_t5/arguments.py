@@ -13,6 +13,8 @@ from .tasks import task_names
 
 @dataclass
 class ModelArguments:
+    _argument_group_name = "the base model"
+
     model: str | None = field(default=None, metadata={
         "help": "Hub id, local folder, or 'tiny' (a small random-init T5 that needs no network). "
                 "Default: the task's base (squad: t5-small, jokes: google/flan-t5-large)."})
@@ -22,6 +24,8 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
+    _argument_group_name = "task and data"
+
     task: str = field(metadata={"help": "The task to train.", "choices": task_names()})
     data: str | None = field(default=None, metadata={
         "help": "A local data file or a Hub dataset id. Default: the task's Hub set (squad), the bundled "
@@ -46,6 +50,8 @@ class DataArguments:
 
 @dataclass
 class LoraArguments:
+    _argument_group_name = "LoRA"
+
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input, in [0, 1)."})
@@ -56,6 +62,8 @@ class LoraArguments:
 @dataclass
 class TrainingArguments(Seq2SeqTrainingArguments):
     """Seq2SeqTrainingArguments with T5-minded defaults; every Trainer flag still works."""
+
+    _argument_group_name = "training (every Seq2SeqTrainingArguments flag)"
 
     output_dir: str | None = field(default=None, metadata={"help": "Where the adapter goes. Default: adapters/<task>."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an adapter already in output_dir."})

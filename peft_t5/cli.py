@@ -25,6 +25,8 @@ def parse_train_args(argv: list[str]):
 
     parser = HfArgumentParser((ModelArguments, DataArguments, LoraArguments, TrainingArguments),
                               prog="train_lora.py", description="Train a LoRA/QLoRA adapter on a T5 base.",
+                              usage="train_lora.py [CONFIG.yaml|json] --task {jokes,squad} [--model M] [--data FILE] "
+                                    "[--lora_r R] [any Seq2SeqTrainingArguments flag]",
                               allow_abbrev=False)
     known = {a.dest: a for a in parser._actions}
     if argv and argv[0].endswith((".yaml", ".yml", ".json")):
@@ -75,6 +77,33 @@ def closest(name: str, known, prefix: str = "") -> str:
     return f"; did you mean {prefix}{match[0]}?" if match else ""
 
 
+PRECHECKED = ("task", "data", "validation_data", "output_dir")
+
+
+def precheck_train(argv: list[str]) -> None:
+    """Check the task, data files and output folder before the heavy imports (transformers' training arguments
+    pull in PEFT and bitsandbytes: ~10 s), so that a typo is reported at once."""
+    from .adapters import check_writable_folder
+    from .tasks import get_task
+    from .tasks.registry import looks_like_hub_id
+
+    values = {}
+    if argv and argv[0].endswith((".yaml", ".yml", ".json")):
+        values.update({k: str(v) for k, v in read_config(argv[0]).items() if k in PRECHECKED and v is not None})
+    for i, arg in enumerate(argv):
+        name, eq, value = arg.partition("=")
+        if name.startswith("--") and name[2:] in PRECHECKED and (eq or i + 1 < len(argv)):
+            values[name[2:]] = value if eq else argv[i + 1]
+    if "task" in values:
+        get_task(values["task"])
+    for key in ("data", "validation_data"):
+        path = values.get(key)
+        if path and not looks_like_hub_id(path) and not Path(path).exists():
+            raise PeftT5Error(f"{path}: no such file; pass --{key} with a local data file or a Hub dataset id")
+    if "output_dir" in values:
+        check_writable_folder(values["output_dir"], "--output_dir")
+
+
 def resolve_defaults(task, model_args, data_args, training_args) -> None:
     from .modeling import TINY
 
@@ -118,8 +147,15 @@ def check_output_dir(adapter_dir: Path, overwrite: bool, resume: bool) -> None:
                           "or --output_dir for another folder")
 
 
-def model_card(meta: dict) -> str:
-    metrics = "\n".join(f"| {k} | {v:.4g} |" for k, v in meta["metrics"].items() if isinstance(v, (int, float)))
+def model_card(meta: dict, adapter_dir: str) -> str:
+    from .modeling import TINY
+
+    metrics = "\n".join(f"| {k} | {v:.4g} |" for k, v in meta["metrics"].items()
+                        if isinstance(v, (int, float)) and not any(w in k for w in ("runtime", "per_second", "epoch")))
+    if meta["base_model"] == TINY:  # not on the Hub: the toolkit builds it
+        load_base = "from peft_t5.modeling import tiny_model\nbase = tiny_model()  # peft-t5's tiny test T5"
+    else:
+        load_base = 'base = AutoModelForSeq2SeqLM.from_pretrained("%s")' % meta["base_model"]
     return f"""---
 library_name: peft
 base_model: {meta['base_model']}
@@ -128,16 +164,16 @@ tags: [peft, lora, t5, peft-t5, {meta['task']}]
 # {meta['task']} adapter for {meta['base_model']}
 
 A {'QLoRA (4-bit NF4 base)' if meta['qlora'] else 'LoRA'} adapter (r={meta['lora']['r']}, alpha={meta['lora']['alpha']},
-targets {meta['lora']['target_modules']}) trained with [peft-t5](https://github.com/) on the `{meta['task']}` task.
+targets {meta['lora']['target_modules']}) trained with peft-t5 on the `{meta['task']}` task.
 
 Prompt template: `{meta['template']}`
 
 ```python
 from peft import PeftModel
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
-base = AutoModelForSeq2SeqLM.from_pretrained("{meta['base_model']}")
-model = PeftModel.from_pretrained(base, "path/to/this/folder")
-tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")
+{load_base}
+model = PeftModel.from_pretrained(base, "{adapter_dir}")
+tokenizer = AutoTokenizer.from_pretrained("{adapter_dir}")
 ```
 
 ## Final validation metrics
@@ -154,6 +190,23 @@ def warn_single_process_launch() -> None:
     if "ACCELERATE_MIXED_PRECISION" in os.environ and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ:
         logger.warning("accelerate launch started one process, not the --num_processes asked for: without GPUs it "
                        "needs --multi_gpu (which starts torchrun; CPU processes talk over gloo), or use torchrun")
+
+
+def record_fates(splits: dict, data_args) -> str:
+    """Where every record of the data went, in one line."""
+    from collections import Counter
+
+    used = {"train": data_args.max_train_samples, "validation": data_args.max_eval_samples}
+    parts = []
+    for name, label in (("train", "training"), ("validation", "validation"), ("test", "test")):
+        if name in splits:
+            n, cap = len(splits[name]), used.get(name)
+            parts.append(f"{n:,} {label}" + (f" ({cap:,} used)" if cap is not None and cap < n else ""))
+    reasons = Counter(r["reason"] for r in splits.get("skipped", []))
+    total = sum(len(splits[k]) for k in splits)
+    skipped = f", {sum(reasons.values()):,} skipped: " + ", ".join(f"{n:,} {why}" for why, n in reasons.items()) \
+        if reasons else ""
+    return f"{total:,} records: " + ", ".join(parts) + skipped
 
 
 def load_data(task, data_args, training_args, say) -> tuple:
@@ -182,7 +235,7 @@ def load_data(task, data_args, training_args, say) -> tuple:
     if not train_records or not eval_records:
         raise PeftT5Error(f"{data_args.data}: {len(train_records)} training and {len(eval_records)} validation records; "
                           "need at least one of each")
-    say(f"task {task.name}: {len(train_records)} training, {len(eval_records)} validation records from {data_args.data}")
+    say(f"task {task.name}: {record_fates(splits, data_args)} from {data_args.data}")
     return train_records, eval_records, splits.get("test") or []
 
 
@@ -206,6 +259,7 @@ def train(argv: list[str]) -> dict:
 
     Under torchrun/accelerate every process runs this; only the main one prints, logs and writes the adapter.
     """
+    precheck_train(argv)
     import torch
     import transformers
     from transformers.trainer_utils import get_last_checkpoint
@@ -266,7 +320,7 @@ def train(argv: list[str]) -> dict:
     loss_before = next((e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e), None)
 
     curve = Path(training_args.output_dir) / "loss_curve.png"
-    plot_loss_curves(trainer.state.log_history, curve)
+    plot_loss_curves(trainer.state.log_history, curve, f"{task.name} adapter on {model_args.model}")
     meta = {
         "task": task.name, "base_model": model_args.model, "template": task.template,
         "truncate_field": task.truncate_field, "qlora": model_args.qlora,
@@ -283,7 +337,8 @@ def train(argv: list[str]) -> dict:
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "peft": __import__("peft").__version__, "peft_t5": __import__("peft_t5").__version__},
     }
-    save_adapter(trainer.model, tokenizer, adapter_dir, meta, model_card(meta), {"loss_curve.png": curve})
+    save_adapter(trainer.model, tokenizer, adapter_dir, meta, model_card(meta, str(adapter_dir)),
+                 {"loss_curve.png": curve})
     print(f"validation loss: {loss_before:.4f} before training -> {metrics['eval_loss']:.4f} after"
           if loss_before is not None else f"validation loss: {metrics['eval_loss']:.4f}")
     print(f"{task.main_metric}: {metrics.get('eval_' + task.main_metric, float('nan')):.2f}")
@@ -312,7 +367,7 @@ def show_reloaded_samples(task, model_args, adapter_dir: Path, records: list[dic
     from .generation import generate_texts
     from .modeling import load_base_model
 
-    records = records[:data_args.sample_generations]
+    records = printable_records(task, records)[:data_args.sample_generations]
     if not records:
         return
     model = PeftModel.from_pretrained(load_base_model(model_args.model, qlora=model_args.qlora), adapter_dir)
@@ -322,7 +377,18 @@ def show_reloaded_samples(task, model_args, adapter_dir: Path, records: list[dic
     print(f"\nsample generations from the reloaded adapter ({adapter_dir}):")
     for record, output in zip(records, outputs):
         print(f"  Q: {record['question']}\n     reference: {' | '.join(task.references(record)) or '(no answer)'}"
-              f"\n     generated: {task.answer_from_output(output) or '(no answer)'}")
+              f"\n     generated: {shown(task, task.answer_from_output(output))}")
+
+
+def printable_records(task, records: list[dict]) -> list[dict]:
+    """The records a log may print: those the task's word filter passes (the real jokes data has offensive ones)."""
+    return [r for r in records if task.printable(" ".join([task.source(r), *task.references(r)]))]
+
+
+def shown(task, text: str) -> str:
+    if not text:
+        return "(no answer)"
+    return text if task.printable(text) else "(hidden: the word filter flags it)"
 
 
 def estimate_main(argv: list[str]) -> None:

@@ -14,7 +14,7 @@ def read_questions(path: str) -> list[dict]:
     """Jokes as {question, answer} from a CSV/JSON file (answer = reference), or one question per text line."""
     from .tasks.jokes import read_jokes
 
-    if path.endswith((".csv", ".json", ".jsonl")):
+    if path.lower().endswith((".csv", ".tsv", ".json", ".jsonl")):
         return read_jokes(path)
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()

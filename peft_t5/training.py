@@ -175,7 +175,7 @@ class ThroughputClock(TrainerCallback):
         self.meter.start(args.device)
 
 
-def plot_loss_curves(log_history: list[dict], path: Path) -> None:
+def plot_loss_curves(log_history: list[dict], path: Path, title: str | None = None) -> None:
     """Training and validation loss against the step, as a PNG."""
     import matplotlib
 
@@ -189,6 +189,8 @@ def plot_loss_curves(log_history: list[dict], path: Path) -> None:
             ax.plot(*zip(*points), marker="o" if key == "eval_loss" else None, label=label)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
+    if title:
+        ax.set_title(title)
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()

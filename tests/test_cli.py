@@ -74,7 +74,7 @@ def test_fp16_is_refused_in_one_line():
 
 def test_unknown_task_is_an_argument_error():
     proc = run_train("--task", "poems")
-    assert proc.returncode == 2 and "invalid choice: 'poems'" in proc.stderr
+    assert proc.returncode == 2 and error_line(proc) == "error: unknown task 'poems'; known tasks: jokes, squad"
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -198,3 +198,53 @@ def test_bf16_on_a_cpu_without_fast_bf16_warns_once(monkeypatch, caplog):
         resolve_defaults(get_task("jokes"), model, data, training)
     assert [r.message for r in caplog.records if "--bf16 on this CPU" in r.message] == [
         "--bf16 on this CPU (no AVX512-BF16 or AMX units) runs several times slower than float32; leave --bf16 off here"]
+
+
+def test_model_card_says_how_to_load_this_adapter_and_lists_only_task_metrics():
+    from peft_t5.cli import model_card
+
+    meta = {"task": "jokes", "base_model": "tiny", "qlora": False, "template": "{question}",
+            "lora": {"r": 16, "alpha": 32, "target_modules": ["q", "v"]},
+            "metrics": {"eval_loss": 2.5, "eval_rougeL": 10.0, "eval_runtime": 3.2, "eval_samples_per_second": 9.0,
+                        "epoch": 1.0}}
+    card = model_card(meta, "adapters/jokes")
+    assert "base = tiny_model()" in card and 'from_pretrained("tiny")' not in card and "github.com/" not in card
+    assert 'PeftModel.from_pretrained(base, "adapters/jokes")' in card
+    assert "| eval_loss | 2.5 |" in card and "| eval_rougeL | 10 |" in card
+    assert "runtime" not in card and "per_second" not in card and "| epoch" not in card
+    card = model_card(dict(meta, base_model="google/flan-t5-large"), "adapters/jokes")
+    assert 'base = AutoModelForSeq2SeqLM.from_pretrained("google/flan-t5-large")' in card
+
+
+def test_printed_samples_skip_what_the_jokes_word_filter_flags():
+    from peft_t5.cli import printable_records, shown
+    from peft_t5.tasks import get_task
+
+    task = get_task("jokes")
+    records = [{"question": "Why did my wife leave?", "answer": "x"}, {"question": "Why is the sky blue?", "answer": "y"}]
+    assert printable_records(task, records) == records[1:]
+    assert shown(task, "a crude joke about your mom") == "(hidden: the word filter flags it)"
+    assert shown(task, "") == "(no answer)" and shown(task, "Rayleigh.") == "Rayleigh."
+    assert printable_records(get_task("squad"), [{"question": "Who killed him?", "context": "c", "answers": ["x"],
+                                                  "answer_starts": [0]}])  # squad prints everything
+
+
+def test_train_help_starts_with_the_toolkits_own_options(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        parse_train_args(["--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and out.startswith("usage: train_lora.py [CONFIG.yaml|json] --task")
+    head = out[:out.index("training (every Seq2SeqTrainingArguments flag)")]
+    assert all(f"--{flag}" in head for flag in ("model", "qlora", "task", "data", "lora_r", "target_modules"))
+    assert "--learning_rate" not in head
+
+
+def test_a_typo_in_the_task_data_or_output_is_reported_before_the_heavy_imports(tmp_path):
+    (tmp_path / "file").write_text("x")
+    code = ("import sys; from peft_t5.cli import run, train; rc = run(train, sys.argv[1:]); "
+            "assert 'transformers' not in sys.modules, 'imported transformers first'; sys.exit(rc)")
+    for args, message in [(["--task", "jokez"], "unknown task 'jokez'; known tasks: jokes, squad"),
+                          (["--task", "jokes", "--data", "missing.csv"], "missing.csv: no such file; pass --data"),
+                          (["--task", "jokes", f"--output_dir={tmp_path / 'file'}"], "is a file; pass a folder path")]:
+        proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT)
+        assert proc.returncode == 2 and message in error_line(proc), proc.stderr[-1500:]

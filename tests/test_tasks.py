@@ -98,3 +98,69 @@ def test_squad_v2_scores_by_hand():
     assert scores["exact"] == pytest.approx(100 * 2 / 4)
     assert scores["f1"] == pytest.approx(100 * (1 + 0.5 + 1 + 0) / 4)
     assert scores["HasAns_f1"] == pytest.approx(75.0) and scores["NoAns_exact"] == pytest.approx(50.0)
+
+
+JOKE_ROWS = [("Why did the café close?", "It ran out of crème brûlée."), ("What is a; b?", 'A "joke", of sorts.')]
+
+
+def write_table(path, rows, delimiter=",", encoding="utf-8", newline="\n", bom=False):
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, delimiter=delimiter, lineterminator=newline)
+    writer.writerow(["Question", "Answer"])
+    writer.writerows(rows)
+    path.write_bytes(("\ufeff" if bom else "").encode("utf-8") + buffer.getvalue().encode(encoding))
+    return str(path)
+
+
+@pytest.mark.parametrize("name, options", [
+    ("excel-utf8.csv", dict(bom=True, newline="\r\n")),  # Excel "CSV UTF-8"
+    ("excel-windows.csv", dict(encoding="cp1252", newline="\r\n")),  # Excel "CSV" on Western Windows
+    ("excel-europe.csv", dict(delimiter=";", bom=True)),  # where the decimal mark is a comma
+    ("sheet.tsv", dict(delimiter="\t")),
+    ("excel-unicode.txt", dict(delimiter="\t", encoding="utf-16")),  # Excel "Unicode text" (BOM + UTF-16)
+    ("mac-classic.csv", dict(newline="\r")),
+])
+def test_jokes_files_as_spreadsheets_and_editors_save_them_read_the_same(tmp_path, name, options, caplog):
+    from peft_t5.tasks.jokes import read_jokes
+
+    path = write_table(tmp_path / name, JOKE_ROWS, **options)
+    assert [(r["question"], r["answer"]) for r in read_jokes(path)] == JOKE_ROWS
+    assert ("read as Windows-1252" in caplog.text) == (options.get("encoding") == "cp1252")
+
+
+def test_squad_json_with_a_byte_order_mark_reads(tmp_path):
+    from peft_t5.tasks.squad import SAMPLE, read_squad_v2
+
+    path = tmp_path / "bom.json"
+    path.write_bytes(b"\xef\xbb\xbf" + open(SAMPLE, "rb").read())
+    assert read_squad_v2(str(path)) == read_squad_v2(SAMPLE)
+
+
+def test_one_squad_article_is_split_by_paragraph_and_one_paragraph_by_question(tmp_path, caplog):
+    one = article("Only", 4)
+    one["paragraphs"] = [dict(one["paragraphs"][0], context=f"The alpha beta {i}.",
+                              qas=[dict(q, id=f"{i}-{q['id']}") for q in one["paragraphs"][0]["qas"]]) for i in range(10)]
+    splits = squad.load_splits(squad_file(tmp_path, [one]), seed=1, validation_fraction=0.2)
+    assert len(splits["validation"]) == 8 and len(splits["train"]) == 32
+    assert not {r["context"] for r in splits["train"]} & {r["context"] for r in splits["validation"]}
+    assert "only one article in the data, so whole paragraphs are held out" in caplog.text
+    caplog.clear()
+    splits = squad.load_splits(squad_file(tmp_path, [article("One", 20)]), seed=1, validation_fraction=0.2)
+    assert (len(splits["train"]), len(splits["validation"])) == (16, 4)
+    assert "only one paragraph in the data, so whole questions are held out" in caplog.text
+
+
+def test_jokes_splits_account_for_every_record(tmp_path):
+    from types import SimpleNamespace
+
+    from peft_t5.cli import record_fates
+
+    rows = [(f"Why {i}?", f"Because {i}.") for i in range(40)] + [("No question mark", "x"), ("Empty?", "")]
+    path = write_table(tmp_path / "j.csv", rows)
+    splits = jokes.load_splits(path, seed=1, validation_fraction=0.1, test_fraction=0.1)
+    line = record_fates(splits, SimpleNamespace(max_train_samples=None, max_eval_samples=2))
+    assert line == ("42 records: 32 training, 4 validation (2 used), 4 test, 2 skipped: 1 empty question or answer, "
+                    "1 not question-answer jokes (no '?', or over 40/25 words)")

@@ -9,23 +9,55 @@ import csv
 import json
 import logging
 import random
+import re
 from pathlib import Path
 from typing import Iterator
 
 from ..errors import DataError
 from ..metrics.text import generation_scores
-from .registry import Record, Splits, Task, looks_like_hub_id, reading, stream_hub, stream_json_lines
+from .registry import (Record, Splits, Task, csv_delimiter, looks_like_hub_id, reading, stream_hub, stream_json_lines,
+                       text_encoding)
 
 logger = logging.getLogger(__name__)
 SAMPLE = str(Path(__file__).resolve().parent.parent / "data" / "jokes_sample.csv")
 _COLUMN_PAIRS = (("question", "answer"), ("title", "body"))
+TABLES = (".csv", ".tsv", ".txt")
+# Word stems that mark a joke (the bundled sample's filter, and what samples printed after training skip) as crude, sexual, violent or about groups of people.
+OFFENSIVE = re.compile(
+    r"\b(sex|porn|rape|penis|vagina|dick|cock|pussy|boob|tit|ass|anal|butt|cum|fuck|shit|bitch|whore|slut|"
+    r"hooker|prostitut|nigg|negro|black|white|asian|chinese|mexican|jew|muslim|arab|islam|christian|jesus|god|"
+    r"gay|lesbian|trans|dead|die|kill|murder|abort|hitler|nazi|holocaust|terror|bomb|isis|blind|deaf|retard|"
+    r"midget|fat|ugly|wife|girlfriend|husband|boyfriend|blonde|women|woman|girl|wom|nun|priest|pedo|child|kid|"
+    r"orgasm|erect|horny|virgin|condom|nipple|breast|balls|testic|poop|fart|piss|pee|drug|weed|cocaine|drunk|"
+    r"gun|shoot|suicid|cancer|aids|disab|crap|damn|hell|sucks?|blow|hole|wet|hard|length|inch|naked|strip|bra|"
+    r"paedo|legs?|arms?|organ|jfk|kennedy|crash|paralymp|dwarf|amput|wheelchair|autis|epilep|handicap|tight|"
+    r"stripper|moist|rubber|mother|mom|dad|wives|dating|date|bed|undress|spank|whip|slave|racist|gypsy|"
+    r"mexic|irish|polish|indian|african|russian|korean|afghan|syria|iraq|israel|palestin|9/11|twin tower|"
+    r"masturb|fap|kinky|pervert|coke|bab(y|ies)|bum|skirt|razor|depress|pms|mile high|underwear|stroke|fluid|"
+    r"clinton|trump|hillary|putin|bully|wub|smell|eye|bernie|ill|sick|hospital|doctor|disease|prison|arrest|"
+    r"rapist|homeless|urinal|parakeet|chirp|milk|puss|homosex|dill|doe|landmine|seizure|mummy|circumcis|fogle|crowbar|"
+    r"mermaid|shell|gasoline|fire|minute|cannibal|fece|poo|redneck|border|juan|catholic|church|korea|blond|greek|"
+    r"republican|democrat|politic|nostril|finger|lay|laid|sleep|touch|rub|wood|rear|behind|bottom|beaver|"
+    r"doggy|bishop|coroner|houston|cond|offender|baiter|michael jackson|jihad|qaeda|grasshole|sensitive|stimulat|rehab|"
+    r"molly|high|manure|bathroom|constipat|apartheid|terminal|fairies|stiff|sack|diabet|orphan|deport|mormon|"
+    r"tweaker|dyslex|shot|shins|ali|\w*hole|boys|men|man|guy|lady|ladies|"
+    r"feminis|kink|nast|diarr|rect|anus|cunt|fist|laxativ|syndrome|downs|pubic|hand job|necroph|prostat|urin|urolog|gynec|swinger|commando|tranny|drag|zipper|dolezal|anorex|abus|chav|slapper|extremist|laden|wheel ?chair|flea|dahmer|bobbit|hawking|stevie|robin williams|ledger|ray rice|zimmerman|darren wilson|michael brown|hummer|megan fox|newborn|booty|proctolog|coathanger|ebola|mesothelioma|traumatic|alabama|inbred|italian|postal|baptist|jamaican|rasta|aborigin|thai|somali|ethiopia|sikh|turban|hooligan|vietnam|deutsch|nsa|tap|dre|bullet|stones|smallest|saddam|kilt|sheep|pot|smoke|dna|goat|bloody|tongue|ethic|breed|witch|texas|unemploy|stink|funeral|taste|slip|thermometer|jockie|kicked|bucket|chick|cross|hit|wall|lighter|rated|lead|flint|rapper|tupac|shake|crack|cold one|steak|loving|hard|wreck|"
+    r"britney|rampage|incontinent|69|quadripleg|limp|reptile|pits|buns|gigolo|mohel|mofo|diana|oriental|divorc|lubric|vestite|circum|skin|schizo|caitlyn|bulge|bulemi|bulimi|cosby|tampax|frank|gas|leper|ginger|year old|hips|siamese|riot|dodi|india|soviet|german|bulldog|shih|dirty|adolf|choke|bieber|pp|spanish|taliban|malala|iran|native|egypt|middle east|mooch|chest|ball|period|trailer|addict|alcohol|beer|wine|drink|bar|moron|stupid|idiot|lazy|insan|crazy|mental|anxi|"
+    r"female|male|jew|debate|blower|nurse|tweek|doggie|comedian|roof|errect|genes|gladiator|bdsm|hispanic|turn on|"
+    r"hindu|prayer|roman|caesar|robber|steal|cop|police|hairy|hair|"
+    r"limb|crip|sjw|night stand|grenade|kkk|snow ?blower|masoch|grave|dying|spaniard|saggy|midwife|entendre|punch|"
+    r"toilet|vomit|semen|sperm|pregnan|boner|wank|jerk|dildo|lick|swallow|screw|bang|nut)",
+    re.IGNORECASE,
+)
+  # read as delimited text (comma, semicolon or tab)
 
 
 def _read_rows(path: str) -> list[dict]:
     try:
-        with reading(path, "a jokes CSV or JSON file"), open(path, encoding="utf-8", newline="") as f:
-            if path.endswith(".csv"):
-                return list(csv.DictReader(f, strict=True))  # malformed quoting is an error, not a silent misparse
+        encoding = text_encoding(path, what="a jokes CSV or JSON file")
+        with reading(path, "a jokes CSV or JSON file"), open(path, encoding=encoding, newline="") as f:
+            if path.lower().endswith(TABLES):  # malformed quoting is an error, not a silent misparse
+                return list(csv.DictReader(f, delimiter=csv_delimiter(f), strict=True))
             text = f.read()
     except csv.Error as e:
         raise DataError(f"{path}: not a valid CSV file ({e})")
@@ -58,25 +90,31 @@ def _record(row: dict, q_key: str, a_key: str) -> Record:
 
 def read_jokes(path: str) -> list[Record]:
     """Every row as {question, answer}, whichever column pair the file uses (names in any case)."""
+    return _read_with_empty(path)[0]
+
+
+def _read_with_empty(path: str) -> tuple[list[Record], int]:
+    """The non-empty records, and how many had an empty question or answer (named once in a warning)."""
     rows = _read_rows(path)
     if not rows:
-        return []
+        return [], 0
     q_key, a_key = _field_names(path, rows[0])
     records = [_record(r, q_key, a_key) for r in rows]
     empty = [i for i, r in enumerate(records) if not r["question"] or not r["answer"]]
     if empty:
         logger.warning("%s: skipped %d of %d records with an empty %s or %s (first: record %d); fix or remove them",
                        path, len(empty), len(records), q_key, a_key, empty[0])
-    return [r for r in records if r["question"] and r["answer"]]
+    return [r for r in records if r["question"] and r["answer"]], len(empty)
 
 
 def _stream_rows(path: str) -> Iterator[dict]:
     """Rows of a CSV or JSON-lines file one at a time, with the same strict CSV parsing as _read_rows."""
-    if not path.endswith(".csv"):
+    if not path.lower().endswith(TABLES):
         yield from stream_json_lines(path, "a jokes CSV or JSON-lines file")
         return
-    with reading(path, "a jokes CSV or JSON-lines file"), open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f, strict=True)
+    encoding = text_encoding(path, 1 << 20, "a jokes CSV or JSON-lines file")
+    with reading(path, "a jokes CSV or JSON-lines file"), open(path, encoding=encoding, newline="") as f:
+        reader = csv.DictReader(f, delimiter=csv_delimiter(f), strict=True)
         while True:
             try:
                 row = next(reader)
@@ -134,12 +172,16 @@ def split_records(records: list[Record], seed: int, validation_fraction: float, 
 
 def load_splits(data: str, seed: int = 42, validation_fraction: float = 0.05, test_fraction: float = 0.05,
                 max_question_words: int = 40, max_answer_words: int = 25, **_options) -> Splits:
-    records = read_hub_jokes(data) if looks_like_hub_id(data) else read_jokes(data)
+    records, empty = (read_hub_jokes(data), 0) if looks_like_hub_id(data) else _read_with_empty(data)
     kept = [r for r in records if is_qa_joke(r, max_question_words, max_answer_words)]
     if not kept:
         raise DataError(f"{data}: none of {len(records)} records is a question-answer joke "
                         f"(question ending in '?', answer of at most {max_answer_words} words)")
-    return split_records(kept, seed, validation_fraction, test_fraction)
+    splits = split_records(kept, seed, validation_fraction, test_fraction)
+    not_qa = f"not question-answer jokes (no '?', or over {max_question_words}/{max_answer_words} words)"
+    splits["skipped"] = ([{"reason": "empty question or answer"}] * empty
+                         + [{"reason": not_qa}] * (len(records) - len(kept)))
+    return splits
 
 
 TASK = Task(
@@ -157,4 +199,5 @@ TASK = Task(
     main_metric="rougeL",
     load_splits=load_splits,
     stream=stream_jokes,
+    printable=lambda text: not OFFENSIVE.search(text),
 )

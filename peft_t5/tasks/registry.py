@@ -5,8 +5,10 @@ Nothing here imports torch, so tasks load and test in milliseconds.
 """
 from __future__ import annotations
 
+import codecs
 import importlib
 import json
+import logging
 import re
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +19,7 @@ from ..errors import DataError, PeftT5Error
 
 Record = dict
 Splits = dict[str, list[Record]]
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,7 @@ class Task:
     main_metric: str  # the metric named in logs and used to compare adapters
     load_splits: Callable[..., Splits]  # (data, seed=..., **options) -> {"train": [...], "validation": [...], ...}
     stream: Callable[..., Iterator[Record]]  # (data, **options) -> usable records one at a time (--streaming)
+    printable: Callable[[str], bool] = lambda text: True  # may this text be printed in a log (jokes: word filter)
 
     def source(self, record: Record) -> str:
         return self.template.format(**record)
@@ -43,7 +47,7 @@ class Task:
 def looks_like_hub_id(data: str) -> bool:
     """owner/name, with no local file or folder of that name: a Hub dataset id."""
     return (not Path(data).exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", data) is not None
-            and not data.endswith((".json", ".jsonl", ".csv")))
+            and not data.endswith((".json", ".jsonl", ".csv", ".tsv", ".txt")))
 
 
 @contextmanager
@@ -59,9 +63,43 @@ def reading(path: str, what: str):
         raise DataError(f"{path}: not UTF-8 ({e}); re-save the file as UTF-8")
 
 
+def text_encoding(path: str, check_bytes: int | None = None, what: str = "a UTF-8 text file") -> str:
+    """The encoding a text file was saved in, as spreadsheet programs and editors save them: a byte-order mark
+    says UTF-8 or UTF-16 (Excel's "CSV UTF-8", "Unicode text"); else UTF-8 if it decodes, else Windows-1252
+    (Excel's plain "CSV" on Western Windows), said once. check_bytes: decode only the start (streams)."""
+    with reading(path, what), open(path, "rb") as f:
+        head = f.read(4)
+        if head.startswith(codecs.BOM_UTF8):
+            return "utf-8-sig"
+        if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+            return "utf-16"
+        f.seek(0)
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        try:
+            read = 0
+            while chunk := f.read(1 << 20):
+                decoder.decode(chunk)
+                read += len(chunk)
+                if check_bytes and read >= check_bytes:
+                    return "utf-8"
+            decoder.decode(b"", final=True)
+            return "utf-8"
+        except UnicodeDecodeError:
+            logger.warning("%s: not UTF-8; read as Windows-1252, as Excel saves CSV on Windows (re-save it as "
+                           "\"CSV UTF-8\" if characters look wrong)", path)
+            return "cp1252"
+
+
+def csv_delimiter(f) -> str:
+    """, or ; (Excel where the decimal mark is a comma) or a tab, whichever the header line has most of."""
+    header = f.readline()
+    f.seek(0)
+    return max((",", ";", "\t"), key=header.count) if any(d in header for d in ",;\t") else ","
+
+
 def stream_json_lines(path: str, what: str) -> Iterator[dict]:
     """The records of a JSON-lines file one at a time; errors name the file, the line and the fix."""
-    with reading(path, what), open(path, encoding="utf-8") as f:
+    with reading(path, what), open(path, encoding=text_encoding(path, 1 << 20, what)) as f:
         for number, line in enumerate(f, 1):
             if line.strip():
                 try:

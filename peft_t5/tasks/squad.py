@@ -13,7 +13,7 @@ from typing import Iterator
 
 from ..errors import DataError
 from ..metrics.squad_v2 import squad_v2_scores
-from .registry import Record, Splits, Task, looks_like_hub_id, stream_hub, stream_json_lines
+from .registry import Record, Splits, Task, looks_like_hub_id, stream_hub, stream_json_lines, text_encoding
 
 NO_ANSWER = "unanswerable"
 logger = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def read_squad_v2(path: str) -> list[Record]:
     answer_start in the context are counted and kept (the task is abstractive). Nothing usable: DataError.
     """
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding=text_encoding(path, what="a SQuAD v2.0 JSON file or a Hub dataset id")) as f:
             articles = json.load(f)["data"]
         qas = [(article, paragraph, qa) for article in articles for paragraph in article["paragraphs"]
                for qa in paragraph["qas"]]
@@ -119,15 +119,23 @@ def stream_squad(data: str, **_options) -> Iterator[Record]:
 
 
 def split_by_article(records: list[Record], validation_fraction: float, seed: int) -> Splits:
-    """Whole articles go to one side, so validation questions never share a context with training ones."""
-    titles = sorted({r["title"] for r in records})
-    random.Random(seed).shuffle(titles)
-    n_val = max(1, round(len(titles) * validation_fraction)) if len(titles) > 1 else 0
-    held_out = set(titles[:n_val])
-    return {
-        "train": [r for r in records if r["title"] not in held_out],
-        "validation": [r for r in records if r["title"] in held_out],
-    }
+    """Whole articles go to one side, so validation questions never share a context with training ones.
+
+    A file of one article is split by paragraph instead, and one paragraph by question, said in one line."""
+    groups = [("article", lambda r: r["title"]), ("paragraph", lambda r: r["context"]), ("question", lambda r: r["id"])]
+    for level, (unit, key) in enumerate(groups):
+        names = sorted({key(r) for r in records})
+        if len(names) > 1 or level == len(groups) - 1:
+            break
+    if level:
+        logger.warning("only one %s in the data, so whole %ss are held out for validation instead%s",
+                       groups[level - 1][0], unit, " (they share their context with training questions)"
+                       if unit == "question" else "")
+    random.Random(seed).shuffle(names)
+    n_val = max(1, round(len(names) * validation_fraction)) if len(names) > 1 else 0
+    held_out = set(names[:n_val])
+    return {"train": [r for r in records if key(r) not in held_out],
+            "validation": [r for r in records if key(r) in held_out]}
 
 
 def load_splits(data: str, seed: int = 42, validation_fraction: float = 0.1, validation_data: str | None = None,
