@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from .adapters import check_adapter_fits, read_metadata
 from .errors import PeftT5Error
-from .generation import generate_texts
+from .generation import generate_texts, no_answer_probs
 from .tasks import get_task
 
 BASE = "base"
@@ -94,10 +94,25 @@ class AdapterBank:
         task = None if raw or name == BASE else self.metadata[name].get("task")
         return get_task(task).answer_from_output(output) if task else output
 
-    def generate(self, name: str, inputs: list, prompt_of: str | None = None, raw: bool = False, **kwargs) -> list[str]:
-        """Answers from adapter `name` (or `base`), the prompt template applied from its metadata."""
-        outputs = self.generate_switched(name, self.sources(name, inputs, prompt_of), **kwargs)
-        return outputs if name == BASE else [self.answer(name, o, raw) for o in outputs]
+    def generate(self, name: str, inputs: list, prompt_of: str | None = None, raw: bool = False,
+                 na_threshold: float | None = None, **kwargs) -> list[str]:
+        """Answers from adapter `name` (or `base`), the prompt template applied from its metadata.
+
+        An adapter of a task with a no-answer target (squad) answers "" where its no-answer probability is over
+        na_threshold (default: the threshold recorded in training, where there is one)."""
+        sources = self.sources(name, inputs, prompt_of)
+        outputs = self.generate_switched(name, sources, **kwargs)
+        if name == BASE or raw:
+            return outputs
+        answers = [self.answer(name, o) for o in outputs]
+        task = get_task(self.metadata[name]["task"]) if self.metadata[name].get("task") else None
+        threshold = na_threshold if na_threshold is not None else self.metadata[name].get("na_threshold")
+        if task is None or not task.no_answer or threshold is None or threshold >= 1.0:
+            return answers
+        options = {k: v for k, v in kwargs.items() if k in ("batch_size", "max_new_tokens")}
+        probs = no_answer_probs(self.model, self.tokenizer, sources, outputs, task.no_answer,
+                                max_source_length=self.source_limit(name), **options)
+        return ["" if p > threshold else a for a, p in zip(answers, probs)]
 
     def generate_switched(self, name: str, sources: list[str], **kwargs) -> list[str]:
         """Raw outputs for ready-made prompts, `name` made the active adapter (or adapters disabled for `base`)."""

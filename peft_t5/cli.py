@@ -331,7 +331,8 @@ def train(argv: list[str]) -> dict:
         "data": data_args.data, "streaming": data_args.streaming,
         "train_records": None if data_args.streaming else len(train_records),
         "truncation": vars(stats) if stats else None, "processes": training_args.world_size,
-        "metrics": metrics, "eval_loss_before": loss_before, "train_seconds": round(time.time() - started, 1),
+        "metrics": metrics, "eval_loss_before": loss_before, "na_threshold": metrics.get("eval_best_f1_thresh"),
+        "train_seconds": round(time.time() - started, 1),
         "max_tokens_per_batch": budget, "throughput": trainer.throughput.summary(),
         "training_args": json.loads(training_args.to_json_string()),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
@@ -349,15 +350,15 @@ def train(argv: list[str]) -> dict:
     show_reloaded_samples(task, model_args, adapter_dir, test_records or eval_records, data_args)
     if model_args.model == TINY:
         print("\nNote: `tiny` is a small T5 with random weights, a smoke test of the whole pipeline, not a useful "
-              f"model.\nFor the real thing: python scripts/train_lora.py --task {task.name} {real_data(task)} "
-              f"(base {task.default_model}).")
+              f"model.\nFor the real thing: python scripts/train_lora.py --task {task.name} {real_data(task)}.")
     return metrics
 
 
 def real_data(task) -> str:
     """The --data a real run of `task` takes: its Hub set, or the user's own file where the default is a demo."""
-    bundled = Path(task.default_data).exists()
-    return "--data YOUR_FILE (the bundled sample is a demo)" if bundled else f"(data: {task.default_data})"
+    if Path(task.default_data).exists():
+        return f"--data YOUR_FILE (base {task.default_model}; the bundled sample is a demo)"
+    return f"(base {task.default_model}, data {task.default_data} from the Hub)"
 
 
 def show_reloaded_samples(task, model_args, adapter_dir: Path, records: list[dict], data_args) -> None:
@@ -473,6 +474,8 @@ def generate_main(argv: list[str]) -> None:
     parser.add_argument("--trust_pickle", action="store_true", help="Allow pickled .bin weights (they can run code)")
     parser.add_argument("--num_beams", type=int, default=1)
     parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--na_threshold", type=float, help="squad: answer nothing where the no-answer probability is "
+                        "over this (default: the adapter's recorded threshold)")
     args = parser.parse_args(argv)
     adapters = parse_adapter_specs(args.adapter)
     bank = AdapterBank.load(args.base, adapters, qlora=args.qlora, trust_pickle=args.trust_pickle)
@@ -481,7 +484,8 @@ def generate_main(argv: list[str]) -> None:
     inputs = read_inputs(args)
     options = dict(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
     prompt_of = args.task if args.task != BASE else next(iter(adapters))
-    outputs = bank.generate(args.task, inputs, prompt_of=prompt_of if args.task == BASE else None, **options)
+    outputs = bank.generate(args.task, inputs, prompt_of=prompt_of if args.task == BASE else None,
+                            na_threshold=args.na_threshold, **options)
     base_outputs = bank.generate(BASE, inputs, prompt_of=prompt_of, **options) if args.compare_base else None
     for i, (item, output) in enumerate(zip(inputs, outputs)):
         question = item if isinstance(item, str) else (item.get("question") if isinstance(item, dict) else item[0])
@@ -526,10 +530,14 @@ def evaluate_main(argv: list[str]) -> None:
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--seed", type=int, default=42, help="jokes: the split seed used in training")
     parser.add_argument("--compare-base", action="store_true", help="With --adapter: score the base model too")
+    parser.add_argument("--na_threshold", type=float, help="squad: answers whose no-answer probability is over this "
+                        "count as no answer (default: the adapter's recorded threshold, else 1.0, i.e. none)")
     parser.add_argument("--trust_pickle", action="store_true", help="Allow pickled .bin weights (they can run code)")
     args = parser.parse_args(argv)
     task = get_task(args.task)
     meta = read_metadata(args.adapter, args.trust_pickle) if args.adapter else {}
+    recorded = meta.get("na_threshold")
+    na_threshold = args.na_threshold if args.na_threshold is not None else (1.0 if recorded is None else recorded)
     if meta.get("task") and meta["task"] != task.name:
         raise PeftT5Error(f"--adapter {args.adapter} was trained for task '{meta['task']}', not '{task.name}'; "
                           f"pass --task {meta['task']} or an adapter trained for {task.name}")
@@ -556,7 +564,7 @@ def evaluate_main(argv: list[str]) -> None:
     results = {}
     for system, context in systems.items():
         with context():
-            answers = predict(model, tokenizer, task, records, **options)
+            answers, na_probs = predict(model, tokenizer, task, records, **options)
         path = out if system != "base" else out.with_name(f"{out.stem}.base{out.suffix}")
         if task.name == "squad":
             predictions = {r["id"]: a for r, a in zip(records, answers)}
@@ -564,11 +572,18 @@ def evaluate_main(argv: list[str]) -> None:
             predictions = [{"question": r["question"], "reference": r["answer"], "prediction": a}
                            for r, a in zip(records, answers)]
         path.write_text(json.dumps(predictions, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-        results[system] = score(task, records, answers, articles)
+        if na_probs is not None:  # the official na_prob file: python -m peft_t5.metrics.squad_v2 ... -n it
+            na_path = path.with_name(f"{path.stem}.na_prob.json")
+            na_path.write_text(json.dumps({r["id"]: p for r, p in zip(records, na_probs)}, indent=1) + "\n")
+        results[system] = score(task, records, answers, articles, na_probs, na_threshold)
         path.with_name(f"{path.stem}.metrics.json").write_text(json.dumps(results[system], indent=2) + "\n")
     for system, metrics in results.items():
         print(f"{system} ({model_name}{' + ' + args.adapter if system == 'adapter' else ''}):")
         print(json.dumps(metrics, indent=2))
+    if task.name == "squad":
+        print(f"no-answer threshold applied: {na_threshold:g}; the official script gives the same from the files: "
+              f"python -m peft_t5.metrics.squad_v2 {data} {out} -n {out.with_name(out.stem + '.na_prob.json')} "
+              f"-t {na_threshold!r}")
 
 
 def compare_main(argv: list[str]) -> None:

@@ -17,7 +17,7 @@ from transformers.trainer_utils import has_length
 from .batching import TokenBudgetBatchSampler
 from .data import seq2seq_collator
 from .errors import PeftT5Error
-from .generation import generate_texts
+from .generation import generate_texts, no_answer_probs
 from .optimizer import GroupedAdafactor
 from .tasks import Task
 from .throughput import ThroughputMeter
@@ -106,16 +106,23 @@ class TaskTrainer(Seq2SeqTrainer):
         return metrics
 
     def generation_scores(self, records: list[dict]) -> dict[str, float]:
-        """Each process generates its share of the records; all of them score the gathered outputs."""
+        """Each process generates its share of the records; all of them score the gathered outputs. A task with
+        a no-answer target also gets the official best_f1 and its no-answer threshold."""
         sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled  # parameters split across processes
+        options = dict(batch_size=self.args.per_device_eval_batch_size, max_source_length=self.max_source_length)
         with self.accelerator.split_between_processes(records, apply_padding=True) as shard:
-            outputs = generate_texts(self.model, self.processing_class, [self.task.source(r) for r in shard],
-                                     batch_size=self.args.per_device_eval_batch_size,
-                                     max_source_length=self.max_source_length, max_new_tokens=self.max_new_tokens,
-                                     **({"synced_gpus": True} if sharded else {}))
+            sources = [self.task.source(r) for r in shard]
+            outputs = generate_texts(self.model, self.processing_class, sources, max_new_tokens=self.max_new_tokens,
+                                     **options, **({"synced_gpus": True} if sharded else {}))
+            na = (no_answer_probs(self.model, self.processing_class, sources, outputs, self.task.no_answer,
+                                  max_new_tokens=self.max_new_tokens, **options)
+                  if self.task.no_answer and not sharded else None)
         outputs = gather_object(outputs)[:len(records)]  # drops the padding of the last share
         answers = [self.task.answer_from_output(o) for o in outputs]
-        return self.task.scores(answers, [self.task.references(r) for r in records])
+        references = [self.task.references(r) for r in records]
+        if na is None:
+            return self.task.scores(answers, references)
+        return self.task.scores(answers, references, na_probs=gather_object(na)[:len(records)])
 
 
 def target_token_loss(outputs, labels: torch.Tensor, num_items_in_batch: torch.Tensor | None = None) -> torch.Tensor:

@@ -149,6 +149,23 @@ def test_evaluate_script_on_the_bundled_sample(tmp_path):
     assert metrics["total"] == base["total"] == 24
     assert metrics["HasAns_total"] + metrics["NoAns_total"] == 24
     articles = json.loads((ROOT / "peft_t5" / "data" / "squad_v2_sample.json").read_text())["data"]
-    official, _ = squad_v2.squad_v2_evaluate(squad_subset(articles, set(predictions)), predictions)
-    assert dict(official) == metrics
+    na_probs = json.loads((preds.parent / "preds.na_prob.json").read_text())
+    assert set(na_probs) == set(predictions) and all(0 <= p <= 1 for p in na_probs.values())
+    threshold = json.loads((adapter / "peft_t5.json").read_text())["na_threshold"]
+    assert threshold == json.loads((adapter / "peft_t5.json").read_text())["metrics"]["eval_best_f1_thresh"]
+    official, _ = squad_v2.squad_v2_evaluate(squad_subset(articles, set(predictions)), predictions, na_probs, threshold)
+    assert dict(official) == metrics and "best_f1" in metrics  # what the official script prints from the files
+    assert f"-t {threshold!r}" in proc.stdout
     assert "adapter (tiny + " in proc.stdout and "base (tiny):" in proc.stdout
+
+
+def test_applying_the_best_threshold_reproduces_best_f1_on_the_set_it_was_found_on():
+    answers = ["Paris", "", "1066", "France", "", "a guess"]
+    references = [["Paris"], [], ["1066"], [], ["Normans"], []]
+    na_probs = [0.1, 0.9, 0.3, 0.6, 0.8, 0.7]
+    scores = squad_v2.squad_v2_scores(answers, references, na_probs)
+    assert scores["f1"] == pytest.approx(100 * 3 / 6)  # Paris, 1066, the empty no-answer
+    thresh = scores["best_f1_thresh"]
+    applied = ["" if p > thresh else a for a, p in zip(answers, na_probs)]
+    assert squad_v2.squad_v2_scores(applied, references)["f1"] == pytest.approx(scores["best_f1"])
+    assert scores["best_f1"] == pytest.approx(100 * 5 / 6) and thresh == 0.3

@@ -63,12 +63,18 @@ def gold_answers(answer_texts: list[str]) -> list[str]:
     return golds or [""]
 
 
-def squad_v2_scores(predictions: list[str], references: list[list[str]]) -> dict[str, float]:
-    """exact, f1 (0-100) and their HasAns/NoAns halves for parallel lists of answers and gold texts."""
+def squad_v2_scores(predictions: list[str], references: list[list[str]],
+                    na_probs: list[float] | None = None) -> dict[str, float]:
+    """exact, f1 (0-100) and their HasAns/NoAns halves for parallel lists of answers and gold texts; with
+    no-answer probabilities, also the official best_exact/best_f1 and the thresholds that reach them."""
     exact = [max(compute_exact(g, p) for g in gold_answers(r)) for p, r in zip(predictions, references)]
     f1 = [max(compute_f1(g, p) for g in gold_answers(r)) for p, r in zip(predictions, references)]
     has_ans = [bool(r) for r in references]
     out = {"exact": 100.0 * sum(exact) / max(len(exact), 1), "f1": 100.0 * sum(f1) / max(len(f1), 1)}
+    if na_probs is not None and predictions:
+        ids = range(len(predictions))
+        preds, probs, has = dict(zip(ids, predictions)), dict(zip(ids, na_probs)), dict(zip(ids, has_ans))
+        find_all_best_thresh(out, preds, dict(zip(ids, exact)), dict(zip(ids, f1)), probs, has)
     for prefix, keep in (("HasAns", True), ("NoAns", False)):
         idx = [i for i, h in enumerate(has_ans) if h == keep]
         if idx:

@@ -39,6 +39,7 @@ class Task:
     load_splits: Callable[..., Splits]  # (data, seed=..., **options) -> {"train": [...], "validation": [...], ...}
     stream: Callable[..., Iterator[Record]]  # (data, **options) -> usable records one at a time (--streaming)
     printable: Callable[[str], bool] = lambda text: True  # may this text be printed in a log (jokes: word filter)
+    no_answer: str | None = None  # the target that means "no answer" (squad), for the no-answer probability
 
     def source(self, record: Record) -> str:
         return self.template.format(**record)

@@ -179,4 +179,5 @@ TASK = Task(
     main_metric="f1",
     load_splits=load_splits,
     stream=stream_squad,
+    no_answer=NO_ANSWER,
 )
