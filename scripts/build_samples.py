@@ -6,7 +6,6 @@ jokes_sample.csv: 500 question-answer jokes with crude or offensive ones left ou
 import csv
 import json
 import random
-import re
 import sys
 from pathlib import Path
 

@@ -1,7 +1,7 @@
 """python scripts/compare.py --help"""
 import sys
 
-from peft_t5.cli import compare_main, run
+from peft_t5.cli import main
 
 if __name__ == "__main__":
-    sys.exit(run(compare_main, sys.argv[1:]))
+    sys.exit(main(["compare", *sys.argv[1:]]))

@@ -1,7 +1,7 @@
 """python scripts/evaluate.py --help"""
 import sys
 
-from peft_t5.cli import evaluate_main, run
+from peft_t5.cli import main
 
 if __name__ == "__main__":
-    sys.exit(run(evaluate_main, sys.argv[1:]))
+    sys.exit(main(["evaluate", *sys.argv[1:]]))

@@ -3,7 +3,7 @@ python scripts/generate.py --adapter squad=adapters/squad --adapter jokes=adapte
 """
 import sys
 
-from peft_t5.cli import generate_main, run
+from peft_t5.cli import main
 
 if __name__ == "__main__":
-    sys.exit(run(generate_main, sys.argv[1:]))
+    sys.exit(main(["generate", *sys.argv[1:]]))

@@ -6,7 +6,7 @@ from transformers import AutoTokenizer, T5ForConditionalGeneration
 
 from peft_t5 import merge
 from peft_t5.bank import AdapterBank
-from peft_t5.cli import train
+from peft_t5.commands.train import train
 from peft_t5.errors import PeftT5Error
 from peft_t5.merge import merge_adapter, probe_logits
 from peft_t5.modeling import add_lora, load_base_model, tiny_model

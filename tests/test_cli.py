@@ -8,7 +8,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from peft_t5.cli import parse_train_args
+from peft_t5.commands.train import parse_train_args
 from peft_t5.errors import PeftT5Error
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -126,9 +126,9 @@ def test_an_output_path_that_is_a_file_is_refused_in_one_line(tmp_path):
 
 
 def main_raises(argv):
-    from peft_t5.cli import COMMANDS
+    from peft_t5.cli import command
 
-    COMMANDS[argv[0]](argv[1:])
+    command(argv[0])(argv[1:])
 
 
 def test_help_lists_each_command_with_what_it_does_and_exits_0(capsys):
@@ -189,7 +189,7 @@ def test_a_log_file_gets_plain_lines_not_progress_bar_redraws(tmp_path):
 
 def test_bf16_on_a_cpu_without_fast_bf16_warns_once(monkeypatch, caplog):
     import peft_t5.modeling
-    from peft_t5.cli import resolve_defaults
+    from peft_t5.commands.train import resolve_defaults
     from peft_t5.tasks import get_task
 
     monkeypatch.setattr(peft_t5.modeling, "bf16_supported", lambda: False)
@@ -201,7 +201,7 @@ def test_bf16_on_a_cpu_without_fast_bf16_warns_once(monkeypatch, caplog):
 
 
 def test_model_card_says_how_to_load_this_adapter_and_lists_only_task_metrics():
-    from peft_t5.cli import model_card
+    from peft_t5.commands.train import model_card
 
     meta = {"task": "jokes", "base_model": "tiny", "qlora": False, "template": "{question}",
             "lora": {"r": 16, "alpha": 32, "target_modules": ["q", "v"]},
@@ -217,7 +217,7 @@ def test_model_card_says_how_to_load_this_adapter_and_lists_only_task_metrics():
 
 
 def test_printed_samples_skip_what_the_jokes_word_filter_flags():
-    from peft_t5.cli import printable_records, shown
+    from peft_t5.commands.train import printable_records, shown
     from peft_t5.tasks import get_task
 
     task = get_task("jokes")
@@ -241,7 +241,7 @@ def test_train_help_starts_with_the_toolkits_own_options(capsys):
 
 def test_a_typo_in_the_task_data_or_output_is_reported_before_the_heavy_imports(tmp_path):
     (tmp_path / "file").write_text("x")
-    code = ("import sys; from peft_t5.cli import run, train; rc = run(train, sys.argv[1:]); "
+    code = ("import sys; from peft_t5.cli import main; rc = main(['train', *sys.argv[1:]]); "
             "assert 'transformers' not in sys.modules, 'imported transformers first'; sys.exit(rc)")
     for args, message in [(["--task", "jokez"], "unknown task 'jokez'; known tasks: jokes, squad"),
                           (["--task", "jokes", "--data", "missing.csv"], "missing.csv: no such file; pass --data"),

@@ -121,7 +121,7 @@ def test_sharded_launch_stores_4bit_weights_in_a_float_dtype_with_the_same_outpu
 
 
 def test_a_launch_that_started_one_process_says_so(monkeypatch, caplog):
-    from peft_t5.cli import warn_single_process_launch
+    from peft_t5.commands.train import warn_single_process_launch
 
     # what `accelerate launch --num_processes 2` (no --multi_gpu, no GPUs) leaves in the environment of its one process
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")

@@ -130,7 +130,7 @@ def test_comparison_table_and_rating_summary(tmp_path):
 
 
 def test_evaluate_script_on_the_bundled_sample(tmp_path):
-    from peft_t5.cli import train
+    from peft_t5.commands.train import train
 
     adapter = tmp_path / "squad"
     train(["--task", "squad", "--model", "tiny", "--output_dir", str(adapter), "--max_steps", "10",

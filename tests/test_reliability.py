@@ -13,7 +13,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from peft_t5.cli import generate_main, merge_main, run, train
+from peft_t5.cli import run
+from peft_t5.commands.generate import generate_main
+from peft_t5.commands.merge import merge_main
+from peft_t5.commands.train import train
 from peft_t5.errors import DataError, PeftT5Error
 from peft_t5.tasks import get_task, jokes, squad
 

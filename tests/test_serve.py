@@ -1,10 +1,8 @@
 """peft-t5 serve over a real loopback socket: outputs equal AdapterBank.generate, requests batch across adapters,
 adapters load and unload at run time, bad requests get a 4xx naming the field, the API key and adapter root hold."""
 import json
-import os
 import socket
 import sqlite3
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx

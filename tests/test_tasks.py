@@ -156,7 +156,7 @@ def test_one_squad_article_is_split_by_paragraph_and_one_paragraph_by_question(t
 def test_jokes_splits_account_for_every_record(tmp_path):
     from types import SimpleNamespace
 
-    from peft_t5.cli import record_fates
+    from peft_t5.commands.train import record_fates
 
     rows = [(f"Why {i}?", f"Because {i}.") for i in range(40)] + [("No question mark", "x"), ("Empty?", "")]
     path = write_table(tmp_path / "j.csv", rows)

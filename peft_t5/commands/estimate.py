@@ -1,0 +1,24 @@
+"""`peft-t5 estimate`: the memory a run would need, before loading anything."""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def estimate_main(argv: list[str]) -> None:
+    from ..estimate import estimate, format_estimate
+
+    parser = argparse.ArgumentParser(prog="peft-t5 estimate", description=(
+        "Parameters and training memory (weights, gradients, optimizer state) from config.json alone."))
+    parser.add_argument("--model", required=True, help="Hub id, folder holding config.json, a config.json, or tiny")
+    parser.add_argument("--qlora", action="store_true", help="Show only the QLoRA row (all rows are shown otherwise)")
+    parser.add_argument("--optim", choices=["adafactor", "adamw"], default="adafactor")
+    parser.add_argument("--lora_r", type=int, default=16)
+    parser.add_argument("--target_modules", nargs="+", default=None)
+    parser.add_argument("--json", action="store_true", help="Print JSON instead of a table")
+    args = parser.parse_args(argv)
+    result = estimate(args.model, optim=args.optim, r=args.lora_r, target_modules=args.target_modules)
+    if args.qlora:
+        result = {k: v for k, v in result.items() if k not in ("full", "lora")}
+        result["trainable_parameters"] = {"qlora": result["trainable_parameters"]["qlora"]}
+    print(json.dumps(result, indent=2) if args.json else format_estimate(result))

@@ -1,0 +1,68 @@
+"""`peft-t5 generate` (scripts/generate.py): answer questions with adapters on one loaded base."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..errors import PeftT5Error
+from . import parse_adapter_specs
+
+
+def read_inputs(args) -> list:
+    """Questions from the command line or --file (one per line, or JSON lines with question/context)."""
+    items: list = list(args.questions)
+    if args.file:
+        try:
+            lines = Path(args.file).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise PeftT5Error(f"{args.file}: cannot read ({e}); pass a UTF-8 text file, one question per line")
+        for i, line in enumerate(l for l in lines if l.strip()):
+            if line.lstrip().startswith("{"):
+                try:
+                    items.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise PeftT5Error(f"{args.file}: line {i + 1} is not valid JSON ({e})")
+            else:
+                items.append(line.strip())
+    if args.context is not None:
+        items = [(q, args.context) if isinstance(q, str) else q for q in items]
+    if not items:
+        raise PeftT5Error("no questions given; pass them as arguments or with --file")
+    return items
+
+
+def generate_main(argv: list[str]) -> None:
+    from ..bank import BASE, AdapterBank
+
+    parser = argparse.ArgumentParser(prog="generate.py", description="Generate with adapters on one loaded base.")
+    parser.add_argument("questions", nargs="*", help="Questions (jokes), or questions with --context (squad)")
+    parser.add_argument("--adapter", action="append", required=True, metavar="NAME=FOLDER",
+                        help="An adapter to load, by name; repeat for several")
+    parser.add_argument("--task", required=True, help="Which adapter answers (a NAME, or 'base' for no adapter)")
+    parser.add_argument("--context", help="squad: the context for every question")
+    parser.add_argument("--file", help="Questions, one per line, or JSON lines {\"question\": ..., \"context\": ...}")
+    parser.add_argument("--base", help="Base model; default: the one recorded in the first adapter")
+    parser.add_argument("--qlora", action="store_true", help="Load the base in 4-bit NF4")
+    parser.add_argument("--compare-base", action="store_true", help="Also print the base model's output")
+    parser.add_argument("--trust_pickle", action="store_true", help="Allow pickled .bin weights (they can run code)")
+    parser.add_argument("--num_beams", type=int, default=1)
+    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--na_threshold", type=float, help="squad: answer nothing where the no-answer probability is "
+                        "over this (default: the adapter's recorded threshold)")
+    args = parser.parse_args(argv)
+    adapters = parse_adapter_specs(args.adapter)
+    bank = AdapterBank.load(args.base, adapters, qlora=args.qlora, trust_pickle=args.trust_pickle)
+    if args.task != BASE and args.task not in adapters:
+        raise PeftT5Error(f"--task {args.task}: no such adapter; loaded: {', '.join(bank.names)}")
+    inputs = read_inputs(args)
+    options = dict(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
+    prompt_of = args.task if args.task != BASE else next(iter(adapters))
+    outputs = bank.generate(args.task, inputs, prompt_of=prompt_of if args.task == BASE else None,
+                            na_threshold=args.na_threshold, **options)
+    base_outputs = bank.generate(BASE, inputs, prompt_of=prompt_of, **options) if args.compare_base else None
+    for i, (item, output) in enumerate(zip(inputs, outputs)):
+        question = item if isinstance(item, str) else (item.get("question") if isinstance(item, dict) else item[0])
+        print(f"Q: {question}\n{args.task}: {output or '(no answer)'}")
+        if base_outputs is not None:
+            print(f"base: {base_outputs[i] or '(no answer)'}")

@@ -1,0 +1,28 @@
+"""`peft-t5 merge` (scripts/merge_adapter.py): merge an adapter into its base as a plain transformers model."""
+from __future__ import annotations
+
+import argparse
+
+
+def merge_main(argv: list[str]) -> None:
+    from ..merge import merge_adapter
+
+    parser = argparse.ArgumentParser(prog="merge_adapter.py", description=(
+        "Merge an adapter into its base and write a standalone model folder (safetensors, config, tokenizer)."))
+    parser.add_argument("--adapter", required=True, help="The adapter folder train_lora.py wrote")
+    parser.add_argument("--output", required=True, help="The merged model's folder")
+    parser.add_argument("--base", help="Base model (Hub id, folder, tiny); default: the one recorded in the adapter")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="Dtype of the saved weights")
+    parser.add_argument("--merge_into", choices=["dequantized", "original"], help=(
+        "QLoRA adapters: 'dequantized' (default) merges into the NF4-dequantized base the adapter was trained on; "
+        "'original' into the original full-precision weights"))
+    parser.add_argument("--overwrite", action="store_true", help="Replace a non-empty --output folder")
+    parser.add_argument("--trust_pickle", action="store_true", help="Allow pickled .bin weights (they can run code)")
+    args = parser.parse_args(argv)
+    report = merge_adapter(args.adapter, args.output, args.base, args.dtype, args.merge_into, args.overwrite,
+                           args.trust_pickle)
+    into = {"dequantized": "the NF4-dequantized base (as trained)", "original": "the original base weights"}
+    print(f"merged {args.adapter} into {into[report.merge_into]}")
+    check = f"tolerance {report.tolerance:g}: ok" if report.tolerance is not None else "reported, not checked"
+    print(f"largest logit difference, merged vs the model as trained: {report.max_logit_diff:.3g} ({check})")
+    print(f"wrote {report.output}/ ({args.dtype}); load it with T5ForConditionalGeneration.from_pretrained")

@@ -1,0 +1,390 @@
+"""`peft-t5 train` (scripts/train_lora.py): the whole train job, top to bottom: parse, check, data, model,
+trainer, save, samples."""
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from ..errors import PeftT5Error
+
+logger = logging.getLogger(__name__)
+
+
+def parse_train_args(argv: list[str]):
+    """Flags, or a YAML/JSON config file first with flags after it that override it. Misspelled or prefixed
+    flags and unknown config keys are refused, naming the closest real flag."""
+    from transformers import HfArgumentParser
+
+    from ..arguments import DataArguments, LoraArguments, ModelArguments, TrainingArguments
+
+    parser = HfArgumentParser((ModelArguments, DataArguments, LoraArguments, TrainingArguments),
+                              prog="train_lora.py", description="Train a LoRA/QLoRA adapter on a T5 base.",
+                              usage="train_lora.py [CONFIG.yaml|json] --task {jokes,squad} [--model M] [--data FILE] "
+                                    "[--lora_r R] [any Seq2SeqTrainingArguments flag]",
+                              allow_abbrev=False)
+    known = {a.dest: a for a in parser._actions}
+    if argv and argv[0].endswith((".yaml", ".yml", ".json")):
+        path, argv = argv[0], argv[1:]
+        config = read_config(path)
+        for key in config:
+            if key not in known:
+                raise PeftT5Error(f"{path}: unknown key '{key}'{closest(key, known)}")
+            action = known[key]
+            action.required = False
+            if isinstance(config[key], str) and callable(action.type):  # YAML reads 3e-4 as a string
+                config[key] = convert(path, key, config[key], action.type)
+        parser.set_defaults(**config)
+    *dataclasses, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if rest:
+        flag = next((a for a in rest if a.startswith("-")), rest[0])
+        name = flag.lstrip("-").split("=")[0]
+        raise PeftT5Error(f"{flag}: unknown flag{closest(name, known, prefix='--')}; train_lora.py --help lists them")
+    return dataclasses
+
+
+def read_config(path: str) -> dict:
+    import yaml
+
+    if not Path(path).is_file():
+        raise PeftT5Error(f"{path}: no such config file")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+        config = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (UnicodeDecodeError, ValueError, yaml.YAMLError) as e:
+        raise PeftT5Error(f"{path}: not valid {'JSON' if path.endswith('.json') else 'YAML'} ({e})".replace("\n", " "))
+    if not isinstance(config, dict):
+        raise PeftT5Error(f"{path}: expected a mapping of flag names to values, e.g. task: jokes")
+    return config
+
+
+def convert(path: str, key: str, value: str, type_):
+    try:
+        return type_(value)
+    except (TypeError, ValueError) as e:
+        raise PeftT5Error(f"{path}: {key}: {value!r} is not valid ({e})")
+
+
+def closest(name: str, known, prefix: str = "") -> str:
+    import difflib
+
+    match = difflib.get_close_matches(name, [k for k in known if k != "help"], n=1, cutoff=0.6)
+    return f"; did you mean {prefix}{match[0]}?" if match else ""
+
+
+PRECHECKED = ("task", "data", "validation_data", "output_dir")
+
+
+def precheck_train(argv: list[str]) -> None:
+    """Check the task, data files and output folder before the heavy imports (transformers' training arguments
+    pull in PEFT and bitsandbytes: ~10 s), so that a typo is reported at once."""
+    from ..adapters import check_writable_folder
+    from ..tasks import get_task
+    from ..tasks.registry import looks_like_hub_id
+
+    values = {}
+    if argv and argv[0].endswith((".yaml", ".yml", ".json")):
+        values.update({k: str(v) for k, v in read_config(argv[0]).items() if k in PRECHECKED and v is not None})
+    for i, arg in enumerate(argv):
+        name, eq, value = arg.partition("=")
+        if name.startswith("--") and name[2:] in PRECHECKED and (eq or i + 1 < len(argv)):
+            values[name[2:]] = value if eq else argv[i + 1]
+    if "task" in values:
+        get_task(values["task"])
+    for key in ("data", "validation_data"):
+        path = values.get(key)
+        if path and not looks_like_hub_id(path) and not Path(path).exists():
+            raise PeftT5Error(f"{path}: no such file; pass --{key} with a local data file or a Hub dataset id")
+    if "output_dir" in values:
+        check_writable_folder(values["output_dir"], "--output_dir")
+
+
+def resolve_defaults(task, model_args, data_args, training_args) -> None:
+    from ..modeling import TINY
+
+    model_args.model = model_args.model or task.default_model
+    if data_args.data is None:
+        data_args.data = task.default_data if model_args.model != TINY else task.sample
+    if not training_args.output_dir_given:
+        training_args.output_dir = f"adapters/{task.name}"
+    import torch
+
+    if not torch.cuda.is_available():
+        training_args.dataloader_pin_memory = False  # pinning needs an accelerator; only warns on a CPU
+    if data_args.streaming:
+        from transformers.trainer_utils import IntervalStrategy, SaveStrategy
+
+        # a stream has no epochs: evaluate and checkpoint five times over --max_steps instead
+        if training_args.eval_strategy == IntervalStrategy.EPOCH:
+            training_args.eval_strategy, training_args.eval_steps = IntervalStrategy.STEPS, 0.2
+        if training_args.save_strategy == SaveStrategy.EPOCH:
+            training_args.save_strategy, training_args.save_steps = SaveStrategy.STEPS, 0.2
+        # each process reads the stream and keeps its share of every global batch; dispatching batches from
+        # the main process (accelerate's default for streams) cannot send batches padded to different lengths
+        training_args.accelerator_config.dispatch_batches = False
+    if training_args.bf16 and not torch.cuda.is_available():
+        from ..modeling import bf16_supported
+
+        if not bf16_supported():
+            logger.warning("--bf16 on this CPU (no AVX512-BF16 or AMX units) runs several times slower than "
+                           "float32; leave --bf16 off here")
+    if training_args.fp16:
+        raise PeftT5Error("--fp16 is refused for T5: its activations overflow in float16 (NaN or zero loss); "
+                          "use --bf16 on hardware that has it, or float32 (the default)")
+
+
+def check_output_dir(adapter_dir: Path, overwrite: bool, resume: bool) -> None:
+    from ..adapters import check_writable_folder, is_adapter_dir
+
+    check_writable_folder(adapter_dir, "--output_dir")
+    if is_adapter_dir(adapter_dir) and not (overwrite or resume):
+        raise PeftT5Error(f"{adapter_dir} already holds an adapter; pass --overwrite_output_dir to replace it, "
+                          "or --output_dir for another folder")
+
+
+def model_card(meta: dict, adapter_dir: str) -> str:
+    from ..modeling import TINY
+
+    metrics = "\n".join(f"| {k} | {v:.4g} |" for k, v in meta["metrics"].items()
+                        if isinstance(v, (int, float)) and not any(w in k for w in ("runtime", "per_second", "epoch")))
+    if meta["base_model"] == TINY:  # not on the Hub: the toolkit builds it
+        load_base = "from peft_t5.modeling import tiny_model\nbase = tiny_model()  # peft-t5's tiny test T5"
+    else:
+        load_base = 'base = AutoModelForSeq2SeqLM.from_pretrained("%s")' % meta["base_model"]
+    return f"""---
+library_name: peft
+base_model: {meta['base_model']}
+tags: [peft, lora, t5, peft-t5, {meta['task']}]
+---
+# {meta['task']} adapter for {meta['base_model']}
+
+A {'QLoRA (4-bit NF4 base)' if meta['qlora'] else 'LoRA'} adapter (r={meta['lora']['r']}, alpha={meta['lora']['alpha']},
+targets {meta['lora']['target_modules']}) trained with peft-t5 on the `{meta['task']}` task.
+
+Prompt template: `{meta['template']}`
+
+```python
+from peft import PeftModel
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+{load_base}
+model = PeftModel.from_pretrained(base, "{adapter_dir}")
+tokenizer = AutoTokenizer.from_pretrained("{adapter_dir}")
+```
+
+## Final validation metrics
+| metric | value |
+|---|---|
+{metrics}
+"""
+
+
+def warn_single_process_launch() -> None:
+    """`accelerate launch --num_processes N` on a machine without GPUs quietly starts one process."""
+    import os
+
+    if "ACCELERATE_MIXED_PRECISION" in os.environ and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ:
+        logger.warning("accelerate launch started one process, not the --num_processes asked for: without GPUs it "
+                       "needs --multi_gpu (which starts torchrun; CPU processes talk over gloo), or use torchrun")
+
+
+def record_fates(splits: dict, data_args) -> str:
+    """Where every record of the data went, in one line."""
+    from collections import Counter
+
+    used = {"train": data_args.max_train_samples, "validation": data_args.max_eval_samples}
+    parts = []
+    for name, label in (("train", "training"), ("validation", "validation"), ("test", "test")):
+        if name in splits:
+            n, cap = len(splits[name]), used.get(name)
+            parts.append(f"{n:,} {label}" + (f" ({cap:,} used)" if cap is not None and cap < n else ""))
+    reasons = Counter(r["reason"] for r in splits.get("skipped", []))
+    total = sum(len(splits[k]) for k in splits)
+    skipped = f", {sum(reasons.values()):,} skipped: " + ", ".join(f"{n:,} {why}" for why, n in reasons.items()) \
+        if reasons else ""
+    return f"{total:,} records: " + ", ".join(parts) + skipped
+
+
+def load_data(task, data_args, training_args, say) -> tuple:
+    """(training records or stream, validation records, test records), as the data arguments ask."""
+    options = dict(max_question_words=data_args.max_question_words, max_answer_words=data_args.max_answer_words)
+    if data_args.streaming:
+        from ..data import stream_splits
+
+        if training_args.max_steps <= 0:
+            raise PeftT5Error("--streaming needs --max_steps: a stream has no length to count epochs in")
+        held_out = data_args.max_eval_samples or 500
+        train_records, eval_records = stream_splits(task, data_args.data, held_out, training_args.seed,
+                                                    data_args.shuffle_buffer, data_args.validation_data, **options)
+        if data_args.max_train_samples:
+            train_records = train_records.take(data_args.max_train_samples)
+        if not eval_records:
+            raise PeftT5Error(f"{data_args.data}: no usable records to stream")
+        source = data_args.validation_data or "them"
+        say(f"task {task.name}: streaming training records from {data_args.data} (shuffle buffer "
+            f"{data_args.shuffle_buffer:,}); the first {len(eval_records)} of {source} are the validation set")
+        return train_records, eval_records, []
+    splits = task.load_splits(data_args.data, seed=training_args.seed, validation_fraction=data_args.validation_fraction,
+                              test_fraction=data_args.test_fraction, validation_data=data_args.validation_data, **options)
+    train_records = splits["train"][:data_args.max_train_samples]
+    eval_records = splits["validation"][:data_args.max_eval_samples]
+    if not train_records or not eval_records:
+        raise PeftT5Error(f"{data_args.data}: {len(train_records)} training and {len(eval_records)} validation records; "
+                          "need at least one of each")
+    say(f"task {task.name}: {record_fates(splits, data_args)} from {data_args.data}")
+    return train_records, eval_records, splits.get("test") or []
+
+
+def token_budget(training_args, model, streaming: bool, say) -> int | None:
+    """--max_tokens_per_batch as a number (None: batches by count), and a line saying what was chosen."""
+    from ..batching import auto_token_budget
+
+    if training_args.max_tokens_per_batch == "auto":
+        budget, how = auto_token_budget(model, training_args.bf16)
+    else:
+        budget, how = int(training_args.max_tokens_per_batch) or None, "--max_tokens_per_batch"
+    if budget and streaming:
+        budget, how = None, "--streaming has no lengths to group by"
+    say(f"batches: up to {budget:,} padded tokens each ({how})" if budget else
+        f"batches: {training_args.per_device_train_batch_size} examples each ({how})")
+    return budget
+
+
+def train(argv: list[str]) -> dict:
+    """Train an adapter; returns the final metrics. The whole job, top to bottom.
+
+    Under torchrun/accelerate every process runs this; only the main one prints, logs and writes the adapter.
+    """
+    precheck_train(argv)
+    import torch
+    import transformers
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from ..adapters import save_adapter
+    from ..data import tokenize, tokenize_stream
+    from ..modeling import TINY, add_lora, count_parameters, load_base_model, load_tokenizer, quantization_config
+    from ..tasks import get_task
+    from ..training import build_trainer, plot_loss_curves
+
+    warn_single_process_launch()
+    model_args, data_args, lora_args, training_args = parse_train_args(argv)
+    if not sys.stderr.isatty() and not any(a.startswith("--disable_tqdm") for a in argv):
+        training_args.disable_tqdm = True  # a log file gets a plain line per logging step, not bar redraws
+    task = get_task(data_args.task)
+    resolve_defaults(task, model_args, data_args, training_args)
+    main_process = training_args.process_index == 0
+    say = print if main_process else (lambda *args, **kwargs: None)
+    if not main_process:
+        logging.getLogger("peft_t5").setLevel(logging.ERROR)  # the main process already says it
+    adapter_dir = Path(training_args.output_dir)
+    check_output_dir(adapter_dir, training_args.overwrite_output_dir, training_args.resume)
+    training_args.output_dir = str(adapter_dir / "checkpoints")  # checkpoints and logs live inside the adapter folder
+
+    train_records, eval_records, test_records = load_data(task, data_args, training_args, say)
+    tokenizer = load_tokenizer(model_args.model)
+    transformers.set_seed(training_args.seed)  # before the LoRA init, so that a run is reproducible from its seed
+    dtype = torch.bfloat16 if training_args.bf16 else torch.float32
+    base = load_base_model(model_args.model, qlora=model_args.qlora, dtype=dtype, trust_pickle=model_args.trust_pickle)
+    model = add_lora(base, lora_args.lora_r,
+                     lora_args.lora_alpha, lora_args.lora_dropout, lora_args.target_modules)
+    trainable, total = count_parameters(model)
+    say(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+
+    lengths = dict(max_source_length=data_args.max_source_length, max_target_length=data_args.max_target_length)
+    if data_args.streaming:
+        train_dataset, stats = tokenize_stream(task, train_records, tokenizer, **lengths), None
+        say("training set: tokenized as it streams (truncation is not counted)")
+    else:
+        train_dataset, stats = tokenize(task, train_records, tokenizer, **lengths)
+        say(f"training set: {stats}")
+    eval_dataset, eval_stats = tokenize(task, eval_records, tokenizer, **lengths)
+    say(f"validation set: {eval_stats}")
+
+    budget = token_budget(training_args, model, data_args.streaming, say)
+    trainer = build_trainer(model, tokenizer, task, train_dataset, eval_dataset, training_args,
+                            eval_records[:data_args.generation_eval_samples], **lengths, max_tokens_per_batch=budget)
+    resume = training_args.resume_from_checkpoint
+    if training_args.resume and resume is None:
+        resume = get_last_checkpoint(training_args.output_dir) if Path(training_args.output_dir).is_dir() else None
+        if resume is None:
+            raise PeftT5Error(f"--resume: no checkpoint in {training_args.output_dir}; train without --resume")
+    started = time.time()
+    trainer.train(resume_from_checkpoint=resume)
+    metrics = trainer.evaluate()
+    if not trainer.is_world_process_zero():
+        return metrics
+    loss_before = next((e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e), None)
+
+    curve = Path(training_args.output_dir) / "loss_curve.png"
+    plot_loss_curves(trainer.state.log_history, curve, f"{task.name} adapter on {model_args.model}")
+    meta = {
+        "task": task.name, "base_model": model_args.model, "template": task.template,
+        "truncate_field": task.truncate_field, "qlora": model_args.qlora,
+        "quantization": quantization_config().to_dict() if model_args.qlora else None,
+        "max_source_length": data_args.max_source_length, "max_target_length": data_args.max_target_length,
+        "lora": {"r": lora_args.lora_r, "alpha": lora_args.lora_alpha, "dropout": lora_args.lora_dropout,
+                 "target_modules": lora_args.target_modules},
+        "data": data_args.data, "streaming": data_args.streaming,
+        "train_records": None if data_args.streaming else len(train_records),
+        "truncation": vars(stats) if stats else None, "processes": training_args.world_size,
+        "metrics": metrics, "eval_loss_before": loss_before, "na_threshold": metrics.get("eval_best_f1_thresh"),
+        "train_seconds": round(time.time() - started, 1),
+        "max_tokens_per_batch": budget, "throughput": trainer.throughput.summary(),
+        "training_args": json.loads(training_args.to_json_string()),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "peft": __import__("peft").__version__, "peft_t5": __import__("peft_t5").__version__},
+    }
+    save_adapter(trainer.model, tokenizer, adapter_dir, meta, model_card(meta, str(adapter_dir)),
+                 {"loss_curve.png": curve})
+    print(f"validation loss: {loss_before:.4f} before training -> {metrics['eval_loss']:.4f} after"
+          if loss_before is not None else f"validation loss: {metrics['eval_loss']:.4f}")
+    print(f"{task.main_metric}: {metrics.get('eval_' + task.main_metric, float('nan')):.2f}")
+    print(f"adapter saved to {adapter_dir}/ (adapter_model.safetensors, loss_curve.png, README.md)")
+
+    del trainer, model
+    gc.collect()
+    show_reloaded_samples(task, model_args, adapter_dir, test_records or eval_records, data_args)
+    if model_args.model == TINY:
+        print("\nNote: `tiny` is a small T5 with random weights, a smoke test of the whole pipeline, not a useful "
+              f"model.\nFor the real thing: python scripts/train_lora.py --task {task.name} {real_data(task)}.")
+    return metrics
+
+
+def real_data(task) -> str:
+    """The --data a real run of `task` takes: its Hub set, or the user's own file where the default is a demo."""
+    if Path(task.default_data).exists():
+        return f"--data YOUR_FILE (base {task.default_model}; the bundled sample is a demo)"
+    return f"(base {task.default_model}, data {task.default_data} from the Hub)"
+
+
+def show_reloaded_samples(task, model_args, adapter_dir: Path, records: list[dict], data_args) -> None:
+    """Reload the saved adapter with plain PEFT and print a few generations next to the references."""
+    from peft import PeftModel
+
+    from ..generation import generate_texts
+    from ..modeling import load_base_model
+
+    records = printable_records(task, records)[:data_args.sample_generations]
+    if not records:
+        return
+    model = PeftModel.from_pretrained(load_base_model(model_args.model, qlora=model_args.qlora), adapter_dir)
+    tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(adapter_dir)
+    outputs = generate_texts(model, tokenizer, [task.source(r) for r in records],
+                             max_source_length=data_args.max_source_length, max_new_tokens=data_args.max_target_length)
+    print(f"\nsample generations from the reloaded adapter ({adapter_dir}):")
+    for record, output in zip(records, outputs):
+        print(f"  Q: {record['question']}\n     reference: {' | '.join(task.references(record)) or '(no answer)'}"
+              f"\n     generated: {shown(task, task.answer_from_output(output))}")
+
+
+def printable_records(task, records: list[dict]) -> list[dict]:
+    """The records a log may print: those the task's word filter passes (the real jokes data has offensive ones)."""
+    return [r for r in records if task.printable(" ".join([task.source(r), *task.references(r)]))]
+
+
+def shown(task, text: str) -> str:
+    if not text:
+        return "(no answer)"
+    return text if task.printable(text) else "(hidden: the word filter flags it)"
