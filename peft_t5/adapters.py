@@ -93,11 +93,13 @@ def apply_umask(folder: Path) -> None:
 
 
 def save_adapter(model, tokenizer, output_dir: str | Path, metadata: dict, model_card: str,
-                 extra_files: dict[str, Path] | None = None) -> None:
-    """adapter_config.json + adapter_model.safetensors (plain PEFT), tokenizer, metadata and model card."""
+                 extra_files: dict[str, Path] | None = None, state_dict: dict | None = None) -> None:
+    """adapter_config.json + adapter_model.safetensors (plain PEFT), tokenizer, metadata and model card.
+
+    state_dict: the model's full state dict where training sharded it (see training.gathered_state_dict)."""
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
         tokenizer.save_pretrained(tmp)
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str) + "\n", encoding="utf-8")
         (tmp / "README.md").write_text(model_card, encoding="utf-8")

@@ -182,6 +182,22 @@ class ThroughputClock(TrainerCallback):
         self.meter.start(args.device)
 
 
+def gathered_state_dict(model, accelerator=None) -> dict | None:
+    """The whole model's state dict, full tensors on the CPU, where training sharded the parameters (FSDP 1 or
+    2, DeepSpeed ZeRO-3); None where nothing is sharded. Every process must call it (it gathers)."""
+    from accelerate.utils import DistributedType
+    from torch.distributed.tensor import DTensor
+
+    if accelerator is not None and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return accelerator.get_state_dict(model)  # the engine; under ZeRO-3 this gathers the 16-bit weights
+    sharded = any(isinstance(p, DTensor) for p in model.parameters()) or type(model).__name__ == "FullyShardedDataParallel"
+    if not sharded:
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def plot_loss_curves(log_history: list[dict], path: Path, title: str | None = None) -> None:
     """Training and validation loss against the step, as a PNG."""
     import matplotlib

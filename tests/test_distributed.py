@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -133,3 +134,39 @@ def test_a_launch_that_started_one_process_says_so(monkeypatch, caplog):
     monkeypatch.setenv("WORLD_SIZE", "2")
     warn_single_process_launch()
     assert caplog.text == ""
+
+
+def test_an_fsdp2_sharded_adapter_is_gathered_and_saved_whole(tmp_path):
+    """accelerate's FSDP needs GPUs; torch's FSDP2 shards on CPU processes too, so the save path train_lora.py
+    takes under FSDP (gathered_state_dict, then save_adapter) is checked here with 2 processes over gloo."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", free_port(), str(ROOT / "tests" / "fixtures" / "fsdp2_save.py"),
+                           str(tmp_path)], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sharded, unsharded = load_file(tmp_path / "sharded" / "adapter_model.safetensors"), \
+        load_file(tmp_path / "unsharded" / "adapter_model.safetensors")
+    assert sharded.keys() == unsharded.keys() and len(sharded) > 0
+    assert all(sharded[k].shape == unsharded[k].shape for k in sharded)  # whole tensors, not one process's shard
+    assert largest_difference(tmp_path / "sharded", tmp_path / "unsharded") == 0.0
+    assert "Error" in (tmp_path / "naive.txt").read_text()  # saving without gathering fails under FSDP2
+    from peft import PeftModel
+
+    from peft_t5.modeling import tiny_model
+
+    loaded = PeftModel.from_pretrained(tiny_model(), tmp_path / "sharded")  # plain PEFT, unsharded base
+    b = next(p for n, p in loaded.named_parameters() if "lora_B" in n)
+    assert b.abs().max() > 0.1  # the trained values, not a fresh (zero) init
+
+
+def test_fsdp_or_deepspeed_configs_on_a_cpu_are_refused_not_run_unsharded(monkeypatch):
+    from peft_t5.commands.train import parse_train_args, resolve_defaults
+    from peft_t5.errors import PeftT5Error
+    from peft_t5.tasks import get_task
+
+    model, data, lora, training = parse_train_args(["--task", "jokes", "--model", "tiny"])
+    for variable, kind in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        monkeypatch.setenv(variable, "true")
+        with pytest.raises(PeftT5Error, match=f"asks for {kind}, which accelerate runs only on GPUs"):
+            resolve_defaults(get_task("jokes"), model, data, training)
+        monkeypatch.delenv(variable)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -131,6 +132,11 @@ def resolve_defaults(task, model_args, data_args, training_args) -> None:
         if not bf16_supported():
             logger.warning("--bf16 on this CPU (no AVX512-BF16 or AMX units) runs several times slower than "
                            "float32; leave --bf16 off here")
+    for variable, kind in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(variable, "false").lower() == "true" and not torch.cuda.is_available():
+            # accelerate would run these processes as plain DDP over gloo, without a word, sharding nothing
+            raise PeftT5Error(f"the accelerate config asks for {kind}, which accelerate runs only on GPUs; on a CPU "
+                              "it would train unsharded, so use configs/accelerate/ddp-cpu.yaml here")
     if training_args.fp16:
         raise PeftT5Error("--fp16 is refused for T5: its activations overflow in float16 (NaN or zero loss); "
                           "use --bf16 on hardware that has it, or float32 (the default)")
@@ -266,7 +272,7 @@ def train(argv: list[str]) -> dict:
     from ..data import tokenize, tokenize_stream
     from ..modeling import TINY, add_lora, count_parameters, load_base_model, load_tokenizer, quantization_config
     from ..tasks import get_task
-    from ..training import build_trainer, plot_loss_curves
+    from ..training import build_trainer, gathered_state_dict, plot_loss_curves
 
     warn_single_process_launch()
     model_args, data_args, lora_args, training_args = parse_train_args(argv)
@@ -313,6 +319,8 @@ def train(argv: list[str]) -> dict:
     started = time.time()
     trainer.train(resume_from_checkpoint=resume)
     metrics = trainer.evaluate()
+    # under FSDP / ZeRO-3 each process holds a shard: gather the full tensors (every process takes part)
+    state_dict = gathered_state_dict(trainer.model_wrapped, trainer.accelerator)
     if not trainer.is_world_process_zero():
         return metrics
     loss_before = next((e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e), None)
@@ -336,8 +344,8 @@ def train(argv: list[str]) -> dict:
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "peft": __import__("peft").__version__, "peft_t5": __import__("peft_t5").__version__},
     }
-    save_adapter(trainer.model, tokenizer, adapter_dir, meta, model_card(meta, str(adapter_dir)),
-                 {"loss_curve.png": curve})
+    save_adapter(trainer.accelerator.unwrap_model(trainer.model), tokenizer, adapter_dir, meta,
+                 model_card(meta, str(adapter_dir)), {"loss_curve.png": curve}, state_dict=state_dict)
     print(f"validation loss: {loss_before:.4f} before training -> {metrics['eval_loss']:.4f} after"
           if loss_before is not None else f"validation loss: {metrics['eval_loss']:.4f}")
     print(f"{task.main_metric}: {metrics.get('eval_' + task.main_metric, float('nan')):.2f}")
