@@ -159,7 +159,7 @@ def test_an_fsdp2_sharded_adapter_is_gathered_and_saved_whole(tmp_path):
     assert b.abs().max() > 0.1  # the trained values, not a fresh (zero) init
 
 
-def test_fsdp_or_deepspeed_configs_on_a_cpu_are_refused_not_run_unsharded(monkeypatch):
+def test_fsdp_on_a_cpu_and_adafactor_under_deepspeed_are_refused(monkeypatch):
     from peft_t5.commands.train import parse_train_args, resolve_defaults
     from peft_t5.errors import PeftT5Error
     from peft_t5.tasks import get_task
@@ -167,6 +167,31 @@ def test_fsdp_or_deepspeed_configs_on_a_cpu_are_refused_not_run_unsharded(monkey
     model, data, lora, training = parse_train_args(["--task", "jokes", "--model", "tiny"])
     for variable, kind in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
         monkeypatch.setenv(variable, "true")
-        with pytest.raises(PeftT5Error, match=f"asks for {kind}, which accelerate runs only on GPUs"):
-            resolve_defaults(get_task("jokes"), model, data, training)
+        if kind == "FSDP":
+            with pytest.raises(PeftT5Error, match="asks for FSDP, which accelerate runs only on GPUs"):
+                resolve_defaults(get_task("jokes"), model, data, training)
+        else:  # DeepSpeed runs on CPU processes, but Adafactor there is not T5's Adafactor
+            with pytest.raises(PeftT5Error, match="--optim adafactor under DeepSpeed: ZeRO hands the optimizer flat"):
+                resolve_defaults(get_task("jokes"), model, data, training)
         monkeypatch.delenv(variable)
+
+
+def test_zero3_on_two_cpu_processes_saves_whole_lora_tensors_equal_to_one_process(tmp_path):
+    """DeepSpeed runs ZeRO-3 on CPU processes (gloo): the real sharded save path, end to end."""
+    pytest.importorskip("deepspeed")
+    options = ["--optim", "adamw_torch", "--learning_rate", "0.001", "--save_strategy", "no", "--sample_generations", "0"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "zero3.yaml"),
+                "--main_process_port", free_port()]
+    proc = subprocess.run(launcher + [SCRIPT, *COMMON, *options, "--output_dir", str(tmp_path / "zero3")],
+                          capture_output=True, text=True, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train(*options, "--per_device_train_batch_size", "16", "--output_dir", str(tmp_path / "one"))
+    assert largest_difference(tmp_path / "zero3", tmp_path / "one") < TOLERANCE
+    from peft import PeftModel
+
+    from peft_t5.modeling import tiny_model
+
+    loaded = PeftModel.from_pretrained(tiny_model(), tmp_path / "zero3")  # plain PEFT, unsharded base
+    shapes = {n: tuple(p.shape) for n, p in loaded.named_parameters() if "lora_" in n}
+    assert shapes and all(0 not in s for s in shapes.values())  # whole tensors, not ZeRO-3's empty placeholders
