@@ -177,7 +177,8 @@ def test_fsdp_on_a_cpu_and_adafactor_under_deepspeed_are_refused(monkeypatch):
 
 
 def test_zero3_on_two_cpu_processes_saves_whole_lora_tensors_equal_to_one_process(tmp_path):
-    """DeepSpeed runs ZeRO-3 on CPU processes (gloo): the real sharded save path, end to end."""
+    """DeepSpeed runs ZeRO-3 on CPU processes (gloo): the real sharded save path, end to end. Not in CI (the dev
+    extras leave DeepSpeed out): a DeepSpeed CPU process aborted at start-up once in 4 runs of this file here."""
     pytest.importorskip("deepspeed")
     options = ["--optim", "adamw_torch", "--learning_rate", "0.001", "--save_strategy", "no", "--sample_generations", "0"]
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -8,6 +8,9 @@ from peft_t5.bank import AdapterBank
 from peft_t5.serve.app import ServeSettings, create_app, running
 from test_serve import JOKES, KEY, make_adapter
 
+os.environ.setdefault("SE_AVOID_STATS", "true")  # selenium would report usage over the network
+os.environ.setdefault("SE_OFFLINE", "true")
+
 if not (shutil.which("chromium") and shutil.which("chromedriver")):
     if os.environ.get("CI"):
         raise RuntimeError("CI needs chromium and chromium-driver (Debian packages; .ci/run installs them)")
