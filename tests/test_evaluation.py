@@ -169,3 +169,40 @@ def test_applying_the_best_threshold_reproduces_best_f1_on_the_set_it_was_found_
     applied = ["" if p > thresh else a for a, p in zip(answers, na_probs)]
     assert squad_v2.squad_v2_scores(applied, references)["f1"] == pytest.approx(scores["best_f1"])
     assert scores["best_f1"] == pytest.approx(100 * 5 / 6) and thresh == 0.3
+
+
+def toy_squad(path):
+    """Answerable questions ("alpha") and unanswerable ones with very different contexts: learnable in seconds."""
+    articles = []
+    for a in range(6):
+        paragraphs = []
+        for p in range(4):
+            paragraphs.append({"context": f"alpha beta gamma delta {a} {p}.", "qas": [
+                {"id": f"{a}-{p}-a{i}", "question": f"What is the first word {i}?", "is_impossible": False,
+                 "answers": [{"text": "alpha", "answer_start": 0}]} for i in range(2)]})
+            paragraphs.append({"context": f"zzz qqq xxx www {a} {p}.", "qas": [
+                {"id": f"{a}-{p}-n{i}", "question": f"Why zzz qqq xxx {i}?", "is_impossible": True, "answers": []}
+                for i in range(2)]})
+        articles.append({"title": f"T{a}", "paragraphs": paragraphs})
+    path.write_text(json.dumps({"version": "v2.0", "data": articles}))
+    return str(path)
+
+
+def test_no_answer_probability_is_higher_where_the_trained_model_abstains(tmp_path):
+    from peft_t5.cli import command
+    from peft_t5.commands.train import train
+
+    data, adapter, preds = toy_squad(tmp_path / "toy.json"), tmp_path / "adapter", tmp_path / "out" / "preds.json"
+    train(["--task", "squad", "--model", "tiny", "--data", data, "--output_dir", str(adapter), "--max_steps", "250",
+           "--learning_rate", "0.005", "--target_modules", "all-linear", "--lora_r", "32", "--lora_dropout", "0",
+           "--max_source_length", "32", "--max_target_length", "8", "--per_device_train_batch_size", "16",
+           "--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "false",
+           "--eval_on_start", "false", "--generation_eval_samples", "8", "--max_eval_samples", "8",
+           "--sample_generations", "0", "--report_to", "none", "--disable_tqdm", "true"])
+    command("evaluate")(["--task", "squad", "--adapter", str(adapter), "--data", data, "--predictions", str(preds),
+                         "--max_source_length", "32", "--max_new_tokens", "8", "--na_threshold", "1.0"])
+    answers, na_probs = json.loads(preds.read_text()), json.loads((preds.parent / "preds.na_prob.json").read_text())
+    abstained = [na_probs[q] for q, a in answers.items() if a == ""]
+    answered = [na_probs[q] for q, a in answers.items() if a != ""]
+    assert abstained and answered, answers  # the model learned to do both
+    assert min(abstained) > 0.5 > max(answered)
