@@ -6,6 +6,7 @@ with title/body, keeps the question-answer jokes and splits them deterministical
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import random
@@ -15,14 +16,15 @@ from typing import Iterator
 
 from ..errors import DataError
 from ..metrics.text import generation_scores
-from .registry import (Record, Splits, Task, csv_delimiter, looks_like_hub_id, reading, stream_hub, stream_json_lines,
-                       text_encoding)
+from .registry import (Record, Splits, Task, csv_delimiter, looks_like_hub_id, read_text, reading, stream_hub,
+                       stream_json_lines, text_encoding)
 
 logger = logging.getLogger(__name__)
 SAMPLE = str(Path(__file__).resolve().parent.parent / "data" / "jokes_sample.csv")
 _COLUMN_PAIRS = (("question", "answer"), ("title", "body"))
-TABLES = (".csv", ".tsv", ".txt")
-# Word stems that mark a joke (the bundled sample's filter, and what samples printed after training skip) as crude, sexual, violent or about groups of people.
+TABLES = (".csv", ".tsv", ".txt")  # read as delimited text (comma, semicolon or tab)
+# Word stems that mark a joke as crude, sexual, violent or about groups of people: the bundled sample's filter,
+# and what the samples printed after training skip.
 OFFENSIVE = re.compile(
     r"\b(sex|porn|rape|penis|vagina|dick|cock|pussy|boob|tit|ass|anal|butt|cum|fuck|shit|bitch|whore|slut|"
     r"hooker|prostitut|nigg|negro|black|white|asian|chinese|mexican|jew|muslim|arab|islam|christian|jesus|god|"
@@ -49,18 +51,16 @@ OFFENSIVE = re.compile(
     r"toilet|vomit|semen|sperm|pregnan|boner|wank|jerk|dildo|lick|swallow|screw|bang|nut)",
     re.IGNORECASE,
 )
-  # read as delimited text (comma, semicolon or tab)
 
 
 def _read_rows(path: str) -> list[dict]:
-    try:
-        encoding = text_encoding(path, what="a jokes CSV or JSON file")
-        with reading(path, "a jokes CSV or JSON file"), open(path, encoding=encoding, newline="") as f:
-            if path.lower().endswith(TABLES):  # malformed quoting is an error, not a silent misparse
-                return list(csv.DictReader(f, delimiter=csv_delimiter(f), strict=True))
-            text = f.read()
-    except csv.Error as e:
-        raise DataError(f"{path}: not a valid CSV file ({e})")
+    text = read_text(path, "a jokes CSV or JSON file")
+    if path.lower().endswith(TABLES):
+        table = io.StringIO(text, newline="")
+        try:  # malformed quoting is an error, not a silent misparse
+            return list(csv.DictReader(table, delimiter=csv_delimiter(table), strict=True))
+        except csv.Error as e:
+            raise DataError(f"{path}: not a valid CSV file ({e})")
     try:
         rows = json.loads(text)
     except json.JSONDecodeError:
@@ -112,7 +112,7 @@ def _stream_rows(path: str) -> Iterator[dict]:
     if not path.lower().endswith(TABLES):
         yield from stream_json_lines(path, "a jokes CSV or JSON-lines file")
         return
-    encoding = text_encoding(path, 1 << 20, "a jokes CSV or JSON-lines file")
+    encoding = text_encoding(path, "a jokes CSV or JSON-lines file")
     with reading(path, "a jokes CSV or JSON-lines file"), open(path, encoding=encoding, newline="") as f:
         reader = csv.DictReader(f, delimiter=csv_delimiter(f), strict=True)
         while True:

@@ -64,31 +64,34 @@ def reading(path: str, what: str):
         raise DataError(f"{path}: not UTF-8 ({e}); re-save the file as UTF-8")
 
 
-def text_encoding(path: str, check_bytes: int | None = None, what: str = "a UTF-8 text file") -> str:
-    """The encoding a text file was saved in, as spreadsheet programs and editors save them: a byte-order mark
-    says UTF-8 or UTF-16 (Excel's "CSV UTF-8", "Unicode text"); else UTF-8 if it decodes, else Windows-1252
-    (Excel's plain "CSV" on Western Windows), said once. check_bytes: decode only the start (streams)."""
+def _guess_encoding(path: str, data: bytes, complete: bool) -> str:
+    """The encoding spreadsheet programs and editors save text in: a byte-order mark says UTF-8 or UTF-16 (Excel's
+    "CSV UTF-8", "Unicode text"); else UTF-8 if `data` decodes, else Windows-1252 (Excel's plain "CSV" on Western
+    Windows), said once. complete: `data` is the whole file (else its start, which may end mid-character)."""
+    if data.startswith(codecs.BOM_UTF8):
+        return "utf-8-sig"
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "utf-16"
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(data, final=complete)
+        return "utf-8"
+    except UnicodeDecodeError:
+        logger.warning("%s: not UTF-8; read as Windows-1252, as Excel saves CSV on Windows (re-save it as "
+                       "\"CSV UTF-8\" if characters look wrong)", path)
+        return "cp1252"
+
+
+def read_text(path: str, what: str) -> str:
+    """A whole text file, read once and decoded as it was saved (see _guess_encoding); errors name the file."""
+    with reading(path, what):
+        data = Path(path).read_bytes()
+        return data.decode(_guess_encoding(path, data, complete=True))
+
+
+def text_encoding(path: str, what: str) -> str:
+    """The encoding of a file too large to read whole (streams), guessed from its first MiB."""
     with reading(path, what), open(path, "rb") as f:
-        head = f.read(4)
-        if head.startswith(codecs.BOM_UTF8):
-            return "utf-8-sig"
-        if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-            return "utf-16"
-        f.seek(0)
-        decoder = codecs.getincrementaldecoder("utf-8")()
-        try:
-            read = 0
-            while chunk := f.read(1 << 20):
-                decoder.decode(chunk)
-                read += len(chunk)
-                if check_bytes and read >= check_bytes:
-                    return "utf-8"
-            decoder.decode(b"", final=True)
-            return "utf-8"
-        except UnicodeDecodeError:
-            logger.warning("%s: not UTF-8; read as Windows-1252, as Excel saves CSV on Windows (re-save it as "
-                           "\"CSV UTF-8\" if characters look wrong)", path)
-            return "cp1252"
+        return _guess_encoding(path, f.read(1 << 20), complete=False)
 
 
 def csv_delimiter(f) -> str:
@@ -100,7 +103,7 @@ def csv_delimiter(f) -> str:
 
 def stream_json_lines(path: str, what: str) -> Iterator[dict]:
     """The records of a JSON-lines file one at a time; errors name the file, the line and the fix."""
-    with reading(path, what), open(path, encoding=text_encoding(path, 1 << 20, what)) as f:
+    with reading(path, what), open(path, encoding=text_encoding(path, what)) as f:
         for number, line in enumerate(f, 1):
             if line.strip():
                 try:

@@ -13,7 +13,7 @@ from typing import Iterator
 
 from ..errors import DataError
 from ..metrics.squad_v2 import squad_v2_scores
-from .registry import Record, Splits, Task, looks_like_hub_id, stream_hub, stream_json_lines, text_encoding
+from .registry import Record, Splits, Task, looks_like_hub_id, read_text, stream_hub, stream_json_lines
 
 NO_ANSWER = "unanswerable"
 logger = logging.getLogger(__name__)
@@ -45,17 +45,12 @@ def read_squad_v2(path: str) -> list[Record]:
     answer_start in the context are counted and kept (the task is abstractive). Nothing usable: DataError.
     """
     try:
-        with open(path, encoding=text_encoding(path, what="a SQuAD v2.0 JSON file or a Hub dataset id")) as f:
-            articles = json.load(f)["data"]
+        articles = json.loads(read_text(path, "a SQuAD v2.0 JSON file or a Hub dataset id"))["data"]
         qas = [(article, paragraph, qa) for article in articles for paragraph in article["paragraphs"]
                for qa in paragraph["qas"]]
         if not all(isinstance(x, dict) for triple in qas for x in triple):
             raise TypeError("an article, paragraph or question that is not a JSON object")
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file; pass --data with a SQuAD v2.0 JSON file or a Hub dataset id")
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a folder; pass a SQuAD v2.0 JSON file")
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except json.JSONDecodeError as e:  # read_text names a missing, folder or undecodable file itself
         raise DataError(f"{path}: not a UTF-8 JSON file ({e}); pass a SQuAD v2.0 JSON file")
     except (KeyError, TypeError, AttributeError) as e:
         raise DataError(f"{path}: not the SQuAD v2.0 layout (data -> paragraphs -> qas; {type(e).__name__}: {e})")
