@@ -186,12 +186,13 @@ def gathered_state_dict(model, accelerator=None) -> dict | None:
     """The whole model's state dict, full tensors on the CPU, where training sharded the parameters (FSDP 1 or
     2, DeepSpeed ZeRO-3); None where nothing is sharded. Every process must call it (it gathers)."""
     from accelerate.utils import DistributedType
+    from torch.distributed.fsdp import FullyShardedDataParallel
     from torch.distributed.tensor import DTensor
 
     if accelerator is not None and accelerator.distributed_type == DistributedType.DEEPSPEED:
         return accelerator.get_state_dict(model)  # the engine; under ZeRO-3 this gathers the 16-bit weights
-    sharded = any(isinstance(p, DTensor) for p in model.parameters()) or type(model).__name__ == "FullyShardedDataParallel"
-    if not sharded:
+    fsdp2 = any(isinstance(p, DTensor) for p in model.parameters())
+    if not (fsdp2 or isinstance(model, FullyShardedDataParallel)):
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -248,11 +249,15 @@ def build_trainer(model, tokenizer, task: Task, train_dataset, eval_dataset, tra
     return trainer
 
 
+def launched_with(kind: str) -> bool:
+    """Whether `accelerate launch` asked for FSDP or DEEPSPEED: it says so in the processes' environment."""
+    return os.environ.get(f"ACCELERATE_USE_{kind}", "false").lower() == "true"
+
+
 def optimizer_for(training_args) -> tuple[type, dict] | None:
     """Adafactor with T5's settings as GroupedAdafactor (one step per tensor shape, not per tensor); None leaves
     the Trainer's own choice (other optimizers, optim_args, and sharded runs whose parameters are DTensors)."""
-    sharded = bool(training_args.fsdp or training_args.deepspeed) or any(
-        os.environ.get(f"ACCELERATE_USE_{name}", "").lower() == "true" for name in ("FSDP", "DEEPSPEED"))
+    sharded = bool(training_args.fsdp or training_args.deepspeed) or launched_with("FSDP") or launched_with("DEEPSPEED")
     if training_args.optim != "adafactor" or training_args.optim_args or sharded:
         return None
     return GroupedAdafactor, {"lr": training_args.learning_rate}

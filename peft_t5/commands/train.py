@@ -13,6 +13,7 @@ from pathlib import Path
 from ..errors import PeftT5Error
 
 logger = logging.getLogger(__name__)
+CONFIG_FILES = (".yaml", ".yml", ".json")  # a first argument ending so is a config file of flags
 
 
 def parse_train_args(argv: list[str]):
@@ -28,7 +29,7 @@ def parse_train_args(argv: list[str]):
                                     "[--lora_r R] [any Seq2SeqTrainingArguments flag]",
                               allow_abbrev=False)
     known = {a.dest: a for a in parser._actions}
-    if argv and argv[0].endswith((".yaml", ".yml", ".json")):
+    if argv and argv[0].endswith(CONFIG_FILES):
         path, argv = argv[0], argv[1:]
         config = read_config(path)
         for key in config:
@@ -87,7 +88,7 @@ def precheck_train(argv: list[str]) -> None:
     from ..tasks.registry import looks_like_hub_id
 
     values = {}
-    if argv and argv[0].endswith((".yaml", ".yml", ".json")):
+    if argv and argv[0].endswith(CONFIG_FILES):
         values.update({k: str(v) for k, v in read_config(argv[0]).items() if k in PRECHECKED and v is not None})
     for i, arg in enumerate(argv):
         name, eq, value = arg.partition("=")
@@ -105,6 +106,7 @@ def precheck_train(argv: list[str]) -> None:
 
 def resolve_defaults(task, model_args, data_args, training_args) -> None:
     from ..modeling import TINY
+    from ..training import launched_with
 
     model_args.model = model_args.model or task.default_model
     if data_args.data is None:
@@ -132,11 +134,11 @@ def resolve_defaults(task, model_args, data_args, training_args) -> None:
         if not bf16_supported():
             logger.warning("--bf16 on this CPU (no AVX512-BF16 or AMX units) runs several times slower than "
                            "float32; leave --bf16 off here")
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not torch.cuda.is_available():
+    if launched_with("FSDP") and not torch.cuda.is_available():
         # accelerate would run these processes as plain DDP over gloo, without a word, sharding nothing
         raise PeftT5Error("the accelerate config asks for FSDP, which accelerate runs only on GPUs; on a CPU "
                           "it would train unsharded, so use configs/accelerate/ddp-cpu.yaml here")
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and training_args.optim == "adafactor":
+    if launched_with("DEEPSPEED") and training_args.optim == "adafactor":
         # measured: 0.011 apart from the 1-process adapter after 4 steps, against 3e-6 with AdamW
         raise PeftT5Error("--optim adafactor under DeepSpeed: ZeRO hands the optimizer flat partitions, so Adafactor "
                           "loses the factored statistics T5's recipe relies on and trains a different adapter; pass "
@@ -193,8 +195,6 @@ tokenizer = AutoTokenizer.from_pretrained("{adapter_dir}")
 
 def warn_single_process_launch() -> None:
     """`accelerate launch --num_processes N` on a machine without GPUs quietly starts one process."""
-    import os
-
     if "ACCELERATE_MIXED_PRECISION" in os.environ and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ:
         logger.warning("accelerate launch started one process, not the --num_processes asked for: without GPUs it "
                        "needs --multi_gpu (which starts torchrun; CPU processes talk over gloo), or use torchrun")
