@@ -212,8 +212,8 @@ def test_model_card_says_how_to_load_this_adapter_and_lists_only_task_metrics():
     assert 'PeftModel.from_pretrained(base, "adapters/jokes")' in card
     assert "| eval_loss | 2.5 |" in card and "| eval_rougeL | 10 |" in card
     assert "runtime" not in card and "per_second" not in card and "| epoch" not in card
-    card = model_card(dict(meta, base_model="google/flan-t5-large"), "adapters/jokes")
-    assert 'base = AutoModelForSeq2SeqLM.from_pretrained("google/flan-t5-large")' in card
+    card = model_card(dict(meta, base_model="models/my-flan-t5"), "adapters/jokes")  # a recorded base: a folder
+    assert 'base = AutoModelForSeq2SeqLM.from_pretrained("models/my-flan-t5")' in card
 
 
 def test_printed_samples_skip_what_the_jokes_word_filter_flags():

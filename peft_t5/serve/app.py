@@ -120,6 +120,7 @@ def create_app(bank: AdapterBank, settings: ServeSettings | None = None) -> Fast
     batcher = Batcher(bank, settings.max_batch_size, settings.max_wait_ms, settings.batching, on_batch=metrics.batch)
     store = RatingStore(settings.ratings) if settings.ratings else None
     systems = settings.rate_systems or bank.names
+    page_html = PAGE.read_text(encoding="utf-8")
 
     @asynccontextmanager
     async def lifespan(app):
@@ -163,7 +164,7 @@ def create_app(bank: AdapterBank, settings: ServeSettings | None = None) -> Fast
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
-        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+        return HTMLResponse(page_html)
 
     @app.get("/metrics")
     async def prometheus():
@@ -175,20 +176,17 @@ def create_app(bank: AdapterBank, settings: ServeSettings | None = None) -> Fast
 
     @app.post("/v1/generate")
     async def generate(body: GenerateRequest):
-        names, sources, truncated = check_generate(bank, settings, body)
-        if body.max_new_tokens > settings.max_new_tokens:
-            raise ApiError(422, f"max_new_tokens: {body.max_new_tokens} is over this server's limit of "
-                                f"{settings.max_new_tokens}", "max_new_tokens")
+        names, sources, truncated = check_generate(body)
         try:
             raws = await batcher.generate(names, sources, body.max_new_tokens, body.num_beams)
         except AdapterGone as e:
             raise ApiError(404, str(e), "adapter")
         metrics.generated_tokens.inc(sum(len(ids) for ids in bank.tokenizer(raws).input_ids) if raws else 0)
         return {"adapter": body.adapter, "outputs": [
-            {"output": raw if body.adapter == BASE else bank.answer(body.adapter, raw), "raw": raw,
+            {"output": bank.answer(body.adapter, raw), "raw": raw,
              "truncated": cut} for raw, cut in zip(raws, truncated)]}
 
-    def check_generate(bank: AdapterBank, settings: ServeSettings, body: GenerateRequest):
+    def check_generate(body: GenerateRequest):
         if body.adapter not in bank.names:
             raise ApiError(404, f"adapter: no adapter named {body.adapter!r}; loaded: {', '.join(bank.names)}",
                            "adapter")
@@ -209,6 +207,9 @@ def create_app(bank: AdapterBank, settings: ServeSettings | None = None) -> Fast
             sources = bank.sources(body.adapter, body.inputs, body.prompt_of)
         except PeftT5Error as e:
             raise ApiError(422, f"inputs: {e}", "inputs")
+        if body.max_new_tokens > settings.max_new_tokens:
+            raise ApiError(422, f"max_new_tokens: {body.max_new_tokens} is over this server's limit of "
+                                f"{settings.max_new_tokens}", "max_new_tokens")
         limit = bank.source_limit(body.adapter)
         lengths = [len(ids) for ids in bank.tokenizer(sources).input_ids]
         metrics.source_tokens.inc(sum(min(n, limit) for n in lengths))
@@ -256,7 +257,7 @@ def create_app(bank: AdapterBank, settings: ServeSettings | None = None) -> Fast
             prompt_of = next(iter(bank.metadata))
             sources = [bank.sources(s, [question], prompt_of if s == BASE else None)[0] for s in systems]
             raws = await batcher.generate(list(systems), sources, 64, 1)
-            ratings.cache_outputs(question_id, {s: r if s == BASE else bank.answer(s, r) for s, r in zip(systems, raws)})
+            ratings.cache_outputs(question_id, {s: bank.answer(s, r) for s, r in zip(systems, raws)})
             outputs = ratings.cached_outputs(question_id)
         return {"done": False, **ratings.show(question_id, question, {s: outputs[s] for s in systems}, rater)}
 
