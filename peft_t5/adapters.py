@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ctypes
+import fnmatch
 import json
 import os
 import shutil
@@ -12,6 +13,11 @@ from .errors import PeftT5Error
 
 METADATA_FILE = "peft_t5.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+TOKENIZER_FILES = ("tokenizer*", "spiece.model", "special_tokens_map.json", "added_tokens.json")
+# what a save of each kind writes: replaced by the next save even where it writes no file of that name
+ADAPTER_OWNS = ("adapter_config.json", "adapter_model.*", *TOKENIZER_FILES, METADATA_FILE, "README.md", "loss_curve.png")
+MODEL_OWNS = ("config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
+              *TOKENIZER_FILES, METADATA_FILE)
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -25,11 +31,12 @@ def _exchange(a: Path, b: Path) -> bool:
         return False
 
 
-def write_atomically(output_dir: Path, write, keep: tuple[str, ...] = ("checkpoints", "runs")) -> None:
+def write_atomically(output_dir: Path, write, owns: tuple[str, ...] = ADAPTER_OWNS) -> None:
     """Call write(tmp_dir) on a fresh folder beside output_dir, then swap it in as output_dir in one step.
 
-    Subfolders named in `keep` (training checkpoints and logs) carry over as hard links, so a kill at any
-    moment leaves output_dir holding either the whole old folder or the whole new one.
+    Of the old folder, only what the new save writes, or what matches `owns` (the names a save of this kind
+    writes), is replaced: everything else (training checkpoints and logs, the user's own files) carries over
+    as hard links. A kill at any moment leaves output_dir holding either the whole old folder or the whole new one.
     """
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -38,9 +45,13 @@ def write_atomically(output_dir: Path, write, keep: tuple[str, ...] = ("checkpoi
     try:
         write(tmp)
         apply_umask(tmp)
-        for name in keep:
-            if (output_dir / name).is_dir() and not (tmp / name).exists():
-                shutil.copytree(output_dir / name, tmp / name, copy_function=os.link)
+        for old in output_dir.iterdir() if output_dir.is_dir() else ():
+            if (tmp / old.name).exists() or any(fnmatch.fnmatch(old.name, pattern) for pattern in owns):
+                continue
+            if old.is_dir() and not old.is_symlink():
+                shutil.copytree(old, tmp / old.name, copy_function=os.link, symlinks=True)
+            else:
+                os.link(old, tmp / old.name, follow_symlinks=False)
         if not output_dir.exists():
             os.rename(tmp, output_dir)
         elif _exchange(tmp, output_dir):
@@ -108,6 +119,14 @@ def save_adapter(model, tokenizer, output_dir: str | Path, metadata: dict, model
                 shutil.copy(src, tmp / name)
 
     write_atomically(Path(output_dir), write)
+
+
+def foreign_files(folder: str | Path, owns: tuple[str, ...] = ADAPTER_OWNS) -> list[str]:
+    """The entries of a folder that no save of the toolkit wrote (training also writes checkpoints/ and runs/)."""
+    folder = Path(folder)
+    ours = (*owns, "checkpoints", "runs")
+    return sorted(p.name for p in folder.iterdir() if not any(fnmatch.fnmatch(p.name, o) for o in ours)) \
+        if folder.is_dir() else []
 
 
 def is_adapter_dir(path: str | Path) -> bool:

@@ -74,8 +74,11 @@ class TrainingArguments(Seq2SeqTrainingArguments):
     per_device_train_batch_size: int = field(default=8, metadata={"help": "Batch size per device for training."})
     per_device_eval_batch_size: int = field(default=16, metadata={"help": "Batch size per device for evaluation."})
     lr_scheduler_type: SchedulerType | str = field(default="constant", metadata={"help": "Adafactor on T5 runs at a fixed learning rate."})
-    eval_strategy: IntervalStrategy | str = field(default="epoch", metadata={"help": "When to evaluate: no, steps or epoch."})
-    save_strategy: SaveStrategy | str = field(default="epoch", metadata={"help": "When to checkpoint: no, steps, epoch or best."})
+    eval_strategy: IntervalStrategy | str | None = field(default=None, metadata={
+        "help": "When to evaluate: no, steps or epoch. Default: as --save_strategy, else epoch."})
+    save_strategy: SaveStrategy | str | None = field(default=None, metadata={
+        "help": "When to checkpoint: no, steps, epoch or best. Default: as --eval_strategy (the best adapter is "
+                "picked among checkpoints, so they come with evaluations), else epoch."})
     eval_on_start: bool = field(default=True, metadata={"help": "Evaluate the untrained adapter first, for a before/after."})
     logging_steps: float = field(default=10, metadata={"help": "Log the training loss every N steps."})
     logging_nan_inf_filter: bool = field(default=False, metadata={"help": "Keep NaN/inf losses visible (the run stops on them)."})
@@ -102,7 +105,22 @@ class TrainingArguments(Seq2SeqTrainingArguments):
             raise PeftT5Error(f"--max_steps {self.max_steps}: must be at least 1 (or -1, the default, to train "
                               "--num_train_epochs)")
         self.output_dir_given = self.output_dir is not None  # the parent fills in "trainer_output"
+        self.follow_strategies()
         if not torch.accelerator.is_available():
             # without it, processes started by torchrun/accelerate on a CPU machine each train alone (no gloo group)
             self.use_cpu = True
         super().__post_init__()
+
+    def follow_strategies(self) -> None:
+        """--load_best_model_at_end (on by default) needs a checkpoint at every evaluation: the strategy the user did
+        not set follows the one they did, steps included."""
+        evaluate, save = (str(getattr(v, "value", v)) if v is not None else None
+                          for v in (self.eval_strategy, self.save_strategy))
+        if evaluate is None and save in ("steps", "epoch", "no"):
+            self.eval_strategy, self.eval_steps = save, self.eval_steps or self.save_steps
+        elif save is None and evaluate in ("steps", "epoch", "no"):
+            self.save_strategy = evaluate
+            if evaluate == "steps" and self.save_steps == 500:  # the Trainer's default: save with each evaluation
+                self.save_steps = self.eval_steps or self.logging_steps
+        self.eval_strategy = self.eval_strategy or "epoch"
+        self.save_strategy = self.save_strategy or "epoch"

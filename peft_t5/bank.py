@@ -8,19 +8,14 @@
 """
 from __future__ import annotations
 
-import string
 from dataclasses import dataclass, field
 
 from .adapters import check_adapter_fits, read_metadata
 from .errors import PeftT5Error
 from .generation import generate_texts, no_answer_probs
-from .tasks import get_task
+from .tasks import Task, get_task, template_fields
 
 BASE = "base"
-
-
-def template_fields(template: str) -> list[str]:
-    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
 
 
 @dataclass
@@ -70,7 +65,10 @@ class AdapterBank:
         For `base`, the template of adapter `prompt_of`; with none given, string inputs are used as they are.
         """
         if name == BASE and prompt_of is None:
-            return [str(item) for item in inputs]
+            if not all(isinstance(item, str) for item in inputs):
+                raise PeftT5Error(f"{BASE} without prompt_of takes text inputs only; pass prompt_of=ADAPTER to fill "
+                                  "that adapter's prompt from these fields")
+            return list(inputs)
         template = self._meta(prompt_of if name == BASE else name).get("template", "{question}")
         fields = template_fields(template)
         records = []
@@ -91,8 +89,18 @@ class AdapterBank:
 
     def answer(self, name: str, output: str, raw: bool = False) -> str:
         """The task's answer in a generated text (squad: its no-answer word becomes "")."""
-        task = None if raw or name == BASE else self.metadata[name].get("task")
-        return get_task(task).answer_from_output(output) if task else output
+        return output if raw else self.answerer(name)(output)
+
+    def empty_output(self, name: str) -> str:
+        """How the adapter's task shows an empty answer: "(no answer)" for squad, "(empty output)" otherwise."""
+        task = self.metadata.get(name, {}).get("task")
+        return get_task(task).empty_output if task else Task.empty_output
+
+    def answerer(self, name: str):
+        """answer() for adapter `name`, bound now: it keeps working if the adapter is unloaded meanwhile."""
+        task = None if name == BASE else self._meta(name).get("task")
+        return get_task(task).answer_from_output if task else (lambda output: output)
+
 
     def generate(self, name: str, inputs: list, prompt_of: str | None = None, raw: bool = False,
                  na_threshold: float | None = None, **kwargs) -> list[str]:

@@ -3,11 +3,11 @@ function), imported only when run, so `peft-t5 --help` and a typo answer at once
 from __future__ import annotations
 
 import importlib
-import logging
+import os
 import sys
-import warnings
 
-from .errors import PeftT5Error
+from .errors import Interrupted, PeftT5Error
+from .logs import setup_logging
 
 COMMANDS = {  # name -> (module in peft_t5/commands, its function, what it does)
     "train": ("train", "train", "train a LoRA/QLoRA adapter on a task (scripts/train_lora.py)"),
@@ -28,12 +28,18 @@ def command(name: str):
 
 def run(command, argv: list[str]) -> int:
     """Run a command; a PeftT5Error becomes one line on stderr and exit status 2."""
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
-    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation chatter from PEFT/transformers internals
+    setup_logging()
     try:
         command(argv)
+    except Interrupted as e:
+        print(str(e), file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C); what was finished before it is kept", file=sys.stderr)
+        return 130
     except PeftT5Error as e:
-        print(f"error: {e}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # every process of a launch fails alike; one line is enough
+            print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
 
@@ -49,7 +55,12 @@ def main(argv: list[str] | None = None) -> int:
         print(usage())
         return 0
     if not argv or argv[0] not in COMMANDS:
-        unknown = f"peft-t5: unknown command {argv[0]!r}\n" if argv else ""
-        print(unknown + usage(), file=sys.stderr)
+        if argv:
+            import difflib
+
+            match = difflib.get_close_matches(argv[0], COMMANDS, n=1, cutoff=0.6)
+            print(f"peft-t5: unknown command {argv[0]!r}" + (f"; did you mean {match[0]}?" if match else ""),
+                  file=sys.stderr)
+        print(usage(), file=sys.stderr)
         return 2
     return run(command(argv[0]), argv[1:])

@@ -75,14 +75,17 @@ def summarise_ratings(path: str) -> dict[str, dict[str, dict[str, float]]]:
     return rating_summary(summary)
 
 
+SCALE = (1.0, 5.0)  # the rating scale: no mean can lie outside it, so neither does its interval
+
+
 def rating_summary(scores: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, dict[str, float]]]:
     """Per system and rating: mean, share of ratings >= 4, count, and a 95% interval for the mean
-    (normal approximation, mean +- 1.96 standard errors; None below 2 ratings)."""
+    (normal approximation, mean +- 1.96 standard errors, clipped to the 1-5 scale; None below 2 ratings)."""
     def stats(values: list[float]) -> dict[str, float]:
         n, mean = len(values), sum(values) / len(values)
         half = 1.96 * math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n) if n > 1 else None
         return {"mean": mean, "share_4_or_more": sum(v >= 4 for v in values) / n, "count": n,
-                "ci95": None if half is None else [mean - half, mean + half]}
+                "ci95": None if half is None else [max(SCALE[0], mean - half), min(SCALE[1], mean + half)]}
 
     return {system: {rating: stats(values) for rating, values in by_rating.items()}
             for system, by_rating in scores.items()}

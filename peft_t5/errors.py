@@ -7,3 +7,7 @@ class PeftT5Error(Exception):
 
 class DataError(PeftT5Error):
     """A data file that cannot be read as the task expects."""
+
+
+class Interrupted(PeftT5Error):
+    """Ctrl-C: the CLI prints what was kept and how to continue, and exits 130 as a shell expects."""

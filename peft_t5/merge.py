@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .adapters import check_adapter_fits, check_writable_folder, read_metadata, write_atomically
+from .adapters import MODEL_OWNS, check_adapter_fits, check_writable_folder, read_metadata, write_atomically
 from .errors import PeftT5Error
 
 LORA_TOLERANCE = 1e-4  # float32 merge vs unmerged: only summation order differs
@@ -75,8 +75,14 @@ def merge_adapter(adapter_dir: str, output: str, base: str | None = None, dtype:
         raise PeftT5Error(f"{adapter_dir}: --merge_into dequantized is for QLoRA adapters; this one was trained "
                           "on a full-precision base, so it merges into the original weights")
     check_writable_folder(output, "--output")
+    adapter, target = Path(adapter_dir).resolve(), Path(output).resolve()
+    if target.is_relative_to(adapter) or adapter.is_relative_to(target):
+        where = "is" if target == adapter else "lies inside" if target.is_relative_to(adapter) else "holds"
+        raise PeftT5Error(f"--output {output} {where} the adapter folder {adapter_dir}: the merged model would "
+                          f"replace the adapter; pass a folder elsewhere, e.g. --output merged/{adapter.name}")
     if Path(output).exists() and any(Path(output).iterdir()) and not overwrite:
-        raise PeftT5Error(f"{output} already exists and is not empty; pass --overwrite or another --output")
+        raise PeftT5Error(f"{output} already exists and is not empty; pass another --output, or --overwrite (the "
+                          "files of a merged model are replaced, other files kept)")
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
 
     model = load_base_model(base_name, trust_pickle=trust_pickle)
@@ -112,5 +118,5 @@ def merge_adapter(adapter_dir: str, output: str, base: str | None = None, dtype:
         tokenizer.save_pretrained(tmp)
         (tmp / "peft_t5.json").write_text(json.dumps(merged_meta, indent=2) + "\n", encoding="utf-8")
 
-    write_atomically(Path(output), write, keep=())
+    write_atomically(Path(output), write, owns=MODEL_OWNS)
     return MergeReport(merge_into, diff, tolerance, str(output))

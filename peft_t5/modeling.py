@@ -15,8 +15,8 @@ import torch
 from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .errors import PeftT5Error
-
-TINY = "tiny"
+from .hub import TINY, model_problem
+from .logs import explain_4bit_kernels
 TINY_DIR = Path(__file__).resolve().parent / "tiny"
 DATA_DIR = Path(__file__).resolve().parent / "data"
 TINY_SEED = 0
@@ -86,7 +86,15 @@ def tiny_model() -> PreTrainedModel:
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     if name == TINY:
         return tiny_tokenizer()
-    return AutoTokenizer.from_pretrained(name)
+    problem = model_problem(name)
+    if problem:
+        raise PeftT5Error(problem)
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as e:  # no tokenizer files, the Hub unreachable, a gated or missing repo
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise PeftT5Error(f"{name}: cannot load its tokenizer ({first}); pass a local model folder, a Hub id you "
+                          "can reach, or tiny")
 
 
 def base_is_sharded() -> bool:
@@ -125,6 +133,7 @@ def check_bitsandbytes() -> None:
     except Exception as e:  # ImportError, a missing native library, an unsupported device
         raise PeftT5Error(f"--qlora needs bitsandbytes with 4-bit support on this machine ({type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''}); `pip install bitsandbytes`, or train without --qlora")
+    explain_4bit_kernels()
 
 
 def compute_as_in_training(quantized_model: torch.nn.Module) -> None:
@@ -143,6 +152,9 @@ def compute_as_in_training(quantized_model: torch.nn.Module) -> None:
 
 def _from_pretrained(name: str, trust_pickle: bool, **kwargs) -> PreTrainedModel:
     """from_pretrained that reads safetensors only, unless the user trusts pickled weights."""
+    problem = model_problem(name)
+    if problem:
+        raise PeftT5Error(problem)
     try:
         return AutoModelForSeq2SeqLM.from_pretrained(name, use_safetensors=None if trust_pickle else True, **kwargs)
     except (OSError, ValueError) as e:

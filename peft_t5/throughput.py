@@ -91,6 +91,11 @@ class ThroughputMeter:
             self.total[key] += value
         return self._rates(source + target, padded, flops, seconds)
 
+    def finish(self) -> None:
+        """Fold the steps since the last read into the totals (training ended between logging steps)."""
+        if self.window is not None and self.padded > self.window[2]:
+            self.read()
+
     def _rates(self, useful: int, padded: int, flops: float, seconds: float) -> dict[str, float]:
         return {"tokens_per_s": round(useful / seconds, 1), "pad_share": round(1 - useful / max(padded, 1), 4),
                 "mfu": round(flops / seconds / self.peak, 4)}

@@ -79,6 +79,14 @@ class TaskTrainer(Seq2SeqTrainer):
             logs.update(self.throughput.read())
         super().log(logs, start_time)
 
+    def _run_epoch(self, *args, **kwargs):
+        # transformers takes a step before it checks max_steps, so a run resumed from its last checkpoint trained
+        # one step past --max_steps at every resume
+        if self.state.global_step >= self.state.max_steps:
+            self.control.should_training_stop = True
+            return
+        return super()._run_epoch(*args, **kwargs)
+
     def _save_checkpoint(self, model, trial):
         started = time.perf_counter()
         super()._save_checkpoint(model, trial)
@@ -150,8 +158,12 @@ class StopOnNonFiniteLoss(TrainerCallback):
         self.first_bad_step = None
 
     def _stop(self, args, step: int, what: str):
-        raise PeftT5Error(f"{what} at step {step}; stopped, the last good checkpoint is kept in {args.output_dir}; "
-                          "lower --learning_rate, or train in float32 instead of bf16")
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+        kept = f"the last good checkpoint, {last}, is kept" if last else "no checkpoint was saved before it"
+        raise PeftT5Error(f"{what} at step {step}; stopped, {kept}; lower --learning_rate, or train in float32 "
+                          "instead of bf16")
 
     def on_step_end(self, args, state, control, **kwargs):
         norm = torch.nn.utils.get_total_norm(self.params, error_if_nonfinite=False)
@@ -180,6 +192,9 @@ class ThroughputClock(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.meter.start(args.device)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.meter.finish()  # the steps since the last logging step (all of them in a run shorter than one)
 
 
 def gathered_state_dict(model, accelerator=None) -> dict | None:

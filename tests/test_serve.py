@@ -252,9 +252,9 @@ def test_concurrent_raters_lose_nothing_and_a_restart_keeps_every_rating(tmp_pat
 
     store = RatingStore(tmp_path / "r.db")
     store.cache_outputs(0, {"a": "one", "b": "two"})
-    shown = [store.show(0, "Q?", {"a": "one", "b": "two"}, f"rater{i}")["id"] for i in range(40)]
+    shown = [(store.show(0, "Q?", {"a": "one", "b": "two"}, f"rater{i}")["id"], f"rater{i}") for i in range(40)]
     with ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda s: RatingStore(tmp_path / "r.db").rate(s, [{"funny": 3, "appropriate": 5}] * 2, "x"),
+        list(pool.map(lambda s: RatingStore(tmp_path / "r.db").rate(s[0], [{"funny": 3, "appropriate": 5}] * 2, s[1]),
                       shown))
     summary = RatingStore(tmp_path / "r.db").summary()
     assert summary["a"]["funny"]["count"] == 40 and summary["b"]["appropriate"]["share_4_or_more"] == 1.0

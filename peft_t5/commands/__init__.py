@@ -11,5 +11,39 @@ def parse_adapter_specs(specs: list[str]) -> dict[str, str]:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
             raise PeftT5Error(f"--adapter {spec}: expected NAME=FOLDER, e.g. jokes=adapters/jokes")
+        if name in adapters:
+            raise PeftT5Error(f"--adapter {spec}: the name {name!r} is given twice ({adapters[name]} and {path}); "
+                              "give each adapter its own name")
         adapters[name] = path
     return adapters
+
+
+MAX_NEW_TOKENS = 1024  # T5's targets are far shorter; a larger ask is a typo that would run unbounded
+
+
+def check_ranges(args, **bounds: tuple[float, float]) -> None:
+    """Numeric flags within [low, high] (None: not given), or one line naming the flag and its range."""
+    for name, (low, high) in bounds.items():
+        value = getattr(args, name)
+        if value is not None and not low <= value <= high:
+            raise PeftT5Error(f"--{name} {value}: must be from {low:g} to {high:g}")
+
+
+def check_output_file(path: str, flag: str) -> None:
+    """A file path that can be written: not a folder, not under a file, its nearest existing folder writable.
+    Checked before anything is loaded; nothing is created."""
+    import tempfile
+    from pathlib import Path
+
+    from ..adapters import check_writable_folder
+
+    target = Path(path)
+    if target.is_dir():
+        raise PeftT5Error(f"{flag} {path}: is a folder; pass a file path, e.g. {target / 'preds.json'}")
+    check_writable_folder(target.parent, flag)
+    existing = next(p for p in (target.parent, *target.parent.parents) if p.exists())
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise PeftT5Error(f"{flag} {path}: cannot write in {existing} ({e.strerror}); pass a path you can write to")

@@ -6,23 +6,29 @@ import json
 from pathlib import Path
 
 from ..errors import PeftT5Error
-from . import parse_adapter_specs
+from . import check_ranges, parse_adapter_specs
 
 
-def compare_main(argv: list[str]) -> None:
-    from ..bank import BASE, AdapterBank
-    from ..compare import comparison_rows, markdown_table, read_questions, summarise_ratings, write_rating_sheet
-
-    parser = argparse.ArgumentParser(prog="compare.py", description=(
-        "Write question | reference | base | each adapter as Markdown and as a CSV to rate; or summarise ratings."))
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="peft-t5 compare", description=(
+        "Write question | reference | base | each adapter as Markdown and as a CSV to rate; or summarise ratings "
+        "(also: python scripts/compare.py)."))
     parser.add_argument("--questions", help="A jokes CSV/JSON (Question/Answer) or a text file, one question per line")
-    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=FOLDER")
+    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=FOLDER",
+                        help="An adapter to compare, by name; repeat for several")
     parser.add_argument("--base", help="Base model; default: the one recorded in the first adapter")
     parser.add_argument("--output", default="compare", help="Writes OUTPUT.md and OUTPUT.csv (default: compare)")
     parser.add_argument("--limit", type=int, default=20, help="At most N questions (default 20)")
     parser.add_argument("--ratings", help="A filled-in rating CSV, or the server's ratings.db, to summarise per system")
     parser.add_argument("--trust_pickle", action="store_true", help="Allow pickled .bin weights (they can run code)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def compare_main(argv: list[str]) -> None:
+    from ..compare import comparison_rows, markdown_table, read_questions, summarise_ratings, write_rating_sheet
+
+    args = build_parser().parse_args(argv)
+    check_ranges(args, limit=(1, float("inf")))
     if args.ratings:
         from ..serve.ratings import RatingStore
 
@@ -38,9 +44,12 @@ def compare_main(argv: list[str]) -> None:
     if not args.questions or not args.adapter:
         raise PeftT5Error("pass --questions FILE and at least one --adapter NAME=FOLDER (or --ratings FILE)")
     adapters = parse_adapter_specs(args.adapter)
-    records = read_questions(args.questions)[:args.limit]
+    records = read_questions(args.questions, "--questions")[:args.limit]
     if not records:
         raise PeftT5Error(f"{args.questions}: no questions in it")
+
+    from ..bank import BASE, AdapterBank
+
     bank = AdapterBank.load(args.base, adapters, trust_pickle=args.trust_pickle)
     questions = [r["question"] for r in records]
     first = next(iter(adapters))

@@ -4,19 +4,29 @@ from __future__ import annotations
 import argparse
 import json
 
+from . import check_ranges
 
-def estimate_main(argv: list[str]) -> None:
-    from ..estimate import estimate, format_estimate
 
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peft-t5 estimate", description=(
         "Parameters and training memory (weights, gradients, optimizer state) from config.json alone."))
     parser.add_argument("--model", required=True, help="Hub id, folder holding config.json, a config.json, or tiny")
     parser.add_argument("--qlora", action="store_true", help="Show only the QLoRA row (all rows are shown otherwise)")
-    parser.add_argument("--optim", choices=["adafactor", "adamw"], default="adafactor")
-    parser.add_argument("--lora_r", type=int, default=16)
-    parser.add_argument("--target_modules", nargs="+", default=None)
+    parser.add_argument("--optim", choices=["adafactor", "adamw"], default="adafactor",
+                        help="Optimizer whose state is counted (default adafactor, T5's)")
+    parser.add_argument("--lora_r", type=int, default=16, help="LoRA rank (default 16)")
+    parser.add_argument("--target_modules", nargs="+", default=None,
+                        help="Layers LoRA adapts (default: q v; all-linear for every linear layer)")
     parser.add_argument("--json", action="store_true", help="Print JSON instead of a table")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def estimate_main(argv: list[str]) -> None:
+    args = build_parser().parse_args(argv)
+    check_ranges(args, lora_r=(1, 65536))
+
+    from ..estimate import estimate, format_estimate
+
     result = estimate(args.model, optim=args.optim, r=args.lora_r, target_modules=args.target_modules)
     if args.qlora:
         result = {k: v for k, v in result.items() if k not in ("full", "lora")}

@@ -23,31 +23,54 @@ def load_for_evaluation(model_name: str, adapter: str | None, trust_pickle: bool
     return PeftModel.from_pretrained(model, adapter).eval(), AutoTokenizer.from_pretrained(adapter)
 
 
-def evaluate_main(argv: list[str]) -> None:
-    import contextlib
+def write_json_files(files: dict[Path, object], flag: str) -> None:
+    for path, content in files.items():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(content, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        except OSError as e:
+            raise PeftT5Error(f"{flag}: cannot write {path} ({e.strerror}); pass a path you can write to")
 
-    from ..adapters import read_metadata
-    from ..evaluation import predict, score
-    from ..tasks import get_task, task_names
 
-    parser = argparse.ArgumentParser(prog="evaluate.py", description="Generate answers for held-out data and score them.")
-    parser.add_argument("--task", required=True, choices=task_names())
+def build_parser() -> argparse.ArgumentParser:
+    from ..tasks import task_names
+
+    parser = argparse.ArgumentParser(prog="peft-t5 evaluate", description=(
+        "Generate answers for held-out data and score them (also: python scripts/evaluate.py)."))
+    parser.add_argument("--task", required=True, choices=task_names(), help="The task the adapter was trained for")
     parser.add_argument("--model", help="Base model (Hub id, folder, tiny); default: the adapter's recorded base")
     parser.add_argument("--adapter", help="An adapter folder to evaluate on the base")
     parser.add_argument("--data", help="squad: a SQuAD v2.0 JSON file (all of it is scored); jokes: a jokes file "
                                        "(its test split is scored); default: the bundled sample")
     parser.add_argument("--predictions", required=True, help="Where to write predictions; metrics go beside it")
     parser.add_argument("--limit", type=int, help="Score only the first N records")
-    parser.add_argument("--num_beams", type=int, default=1)
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--max_source_length", type=int, default=512)
-    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--num_beams", type=int, default=1, help="Beams for beam search (default 1: greedy)")
+    parser.add_argument("--batch_size", type=int, default=16, help="Sources generated together (default 16)")
+    parser.add_argument("--max_source_length", type=int, default=512,
+                        help="Source tokens kept; longer sources are cut as in training (default 512)")
+    parser.add_argument("--max_new_tokens", type=int, default=64, help="Longest answer generated, in tokens (default 64)")
     parser.add_argument("--seed", type=int, default=42, help="jokes: the split seed used in training")
     parser.add_argument("--compare-base", action="store_true", help="With --adapter: score the base model too")
     parser.add_argument("--na_threshold", type=float, help="squad: answers whose no-answer probability is over this "
                         "count as no answer (default: the adapter's recorded threshold, else 1.0, i.e. none)")
     parser.add_argument("--trust_pickle", action="store_true", help="Allow pickled .bin weights (they can run code)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def evaluate_main(argv: list[str]) -> None:
+    import contextlib
+
+    from . import MAX_NEW_TOKENS, check_output_file, check_ranges
+
+    args = build_parser().parse_args(argv)
+    check_ranges(args, num_beams=(1, 16), batch_size=(1, 4096), max_source_length=(1, 65536),
+                 max_new_tokens=(1, MAX_NEW_TOKENS), limit=(1, float("inf")), na_threshold=(0, 1))
+    check_output_file(args.predictions, "--predictions")
+
+    from ..adapters import read_metadata
+    from ..evaluation import predict, score
+    from ..tasks import get_task
+
     task = get_task(args.task)
     meta = read_metadata(args.adapter, args.trust_pickle) if args.adapter else {}
     recorded = meta.get("na_threshold")
@@ -74,7 +97,6 @@ def evaluate_main(argv: list[str]) -> None:
     if args.adapter and args.compare_base:
         systems["base"] = model.disable_adapter
     out = Path(args.predictions)
-    out.parent.mkdir(parents=True, exist_ok=True)
     results = {}
     for system, context in systems.items():
         with context():
@@ -85,12 +107,11 @@ def evaluate_main(argv: list[str]) -> None:
         else:
             predictions = [{"question": r["question"], "reference": r["answer"], "prediction": a}
                            for r, a in zip(records, answers)]
-        path.write_text(json.dumps(predictions, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-        if na_probs is not None:  # the official na_prob file: python -m peft_t5.metrics.squad_v2 ... -n it
-            na_path = path.with_name(f"{path.stem}.na_prob.json")
-            na_path.write_text(json.dumps({r["id"]: p for r, p in zip(records, na_probs)}, indent=1) + "\n")
         results[system] = score(task, records, answers, articles, na_probs, na_threshold)
-        path.with_name(f"{path.stem}.metrics.json").write_text(json.dumps(results[system], indent=2) + "\n")
+        files = {path: predictions, path.with_name(f"{path.stem}.metrics.json"): results[system]}
+        if na_probs is not None:  # the official na_prob file: python -m peft_t5.metrics.squad_v2 ... -n it
+            files[path.with_name(f"{path.stem}.na_prob.json")] = {r["id"]: p for r, p in zip(records, na_probs)}
+        write_json_files(files, "--predictions")
     for system, metrics in results.items():
         print(f"{system} ({model_name}{' + ' + args.adapter if system == 'adapter' else ''}):")
         print(json.dumps(metrics, indent=2))

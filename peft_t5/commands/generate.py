@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from ..errors import PeftT5Error
-from . import parse_adapter_specs
+from . import MAX_NEW_TOKENS, check_ranges, parse_adapter_specs
 
 
 def read_inputs(args) -> list:
@@ -32,10 +32,9 @@ def read_inputs(args) -> list:
     return items
 
 
-def generate_main(argv: list[str]) -> None:
-    from ..bank import BASE, AdapterBank
-
-    parser = argparse.ArgumentParser(prog="generate.py", description="Generate with adapters on one loaded base.")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="peft-t5 generate", description=(
+        "Generate with adapters on one loaded base (also: python scripts/generate.py)."))
     parser.add_argument("questions", nargs="*", help="Questions (jokes), or questions with --context (squad)")
     parser.add_argument("--adapter", action="append", required=True, metavar="NAME=FOLDER",
                         help="An adapter to load, by name; repeat for several")
@@ -46,23 +45,32 @@ def generate_main(argv: list[str]) -> None:
     parser.add_argument("--qlora", action="store_true", help="Load the base in 4-bit NF4")
     parser.add_argument("--compare-base", action="store_true", help="Also print the base model's output")
     parser.add_argument("--trust_pickle", action="store_true", help="Allow pickled .bin weights (they can run code)")
-    parser.add_argument("--num_beams", type=int, default=1)
-    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--num_beams", type=int, default=1, help="Beams for beam search (default 1: greedy)")
+    parser.add_argument("--max_new_tokens", type=int, default=64, help="Longest answer generated, in tokens (default 64)")
     parser.add_argument("--na_threshold", type=float, help="squad: answer nothing where the no-answer probability is "
                         "over this (default: the adapter's recorded threshold)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def generate_main(argv: list[str]) -> None:
+    args = build_parser().parse_args(argv)
+    check_ranges(args, num_beams=(1, 16), max_new_tokens=(1, MAX_NEW_TOKENS), na_threshold=(0, 1))
     adapters = parse_adapter_specs(args.adapter)
+    inputs = read_inputs(args)
+
+    from ..bank import BASE, AdapterBank
+
     bank = AdapterBank.load(args.base, adapters, qlora=args.qlora, trust_pickle=args.trust_pickle)
     if args.task != BASE and args.task not in adapters:
         raise PeftT5Error(f"--task {args.task}: no such adapter; loaded: {', '.join(bank.names)}")
-    inputs = read_inputs(args)
     options = dict(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
     prompt_of = args.task if args.task != BASE else next(iter(adapters))
     outputs = bank.generate(args.task, inputs, prompt_of=prompt_of if args.task == BASE else None,
                             na_threshold=args.na_threshold, **options)
     base_outputs = bank.generate(BASE, inputs, prompt_of=prompt_of, **options) if args.compare_base else None
+    empty = bank.empty_output(args.task if args.task != BASE else prompt_of)
     for i, (item, output) in enumerate(zip(inputs, outputs)):
         question = item if isinstance(item, str) else (item.get("question") if isinstance(item, dict) else item[0])
-        print(f"Q: {question}\n{args.task}: {output or '(no answer)'}")
+        print(f"Q: {question}\n{args.task}: {output or empty}")
         if base_outputs is not None:
-            print(f"base: {base_outputs[i] or '(no answer)'}")
+            print(f"base: {base_outputs[i] or empty}")

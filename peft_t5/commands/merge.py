@@ -4,11 +4,10 @@ from __future__ import annotations
 import argparse
 
 
-def merge_main(argv: list[str]) -> None:
-    from ..merge import merge_adapter
-
-    parser = argparse.ArgumentParser(prog="merge_adapter.py", description=(
-        "Merge an adapter into its base and write a standalone model folder (safetensors, config, tokenizer)."))
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="peft-t5 merge", description=(
+        "Merge an adapter into its base and write a standalone model folder (safetensors, config, tokenizer); also: "
+        "python scripts/merge_adapter.py."))
     parser.add_argument("--adapter", required=True, help="The adapter folder train_lora.py wrote")
     parser.add_argument("--output", required=True, help="The merged model's folder")
     parser.add_argument("--base", help="Base model (Hub id, folder, tiny); default: the one recorded in the adapter")
@@ -16,9 +15,17 @@ def merge_main(argv: list[str]) -> None:
     parser.add_argument("--merge_into", choices=["dequantized", "original"], help=(
         "QLoRA adapters: 'dequantized' (default) merges into the NF4-dequantized base the adapter was trained on; "
         "'original' into the original full-precision weights"))
-    parser.add_argument("--overwrite", action="store_true", help="Replace a non-empty --output folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Write into a non-empty --output folder: a merged model's files are replaced, others kept")
     parser.add_argument("--trust_pickle", action="store_true", help="Allow pickled .bin weights (they can run code)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def merge_main(argv: list[str]) -> None:
+    args = build_parser().parse_args(argv)
+
+    from ..merge import merge_adapter
+
     report = merge_adapter(args.adapter, args.output, args.base, args.dtype, args.merge_into, args.overwrite,
                            args.trust_pickle)
     into = {"dequantized": "the NF4-dequantized base (as trained)", "original": "the original base weights"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import socket
 from pathlib import Path
 
 from ..errors import PeftT5Error
@@ -11,15 +12,17 @@ from ..errors import PeftT5Error
 KEY_VARIABLE = "PEFT_T5_API_KEY"
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peft-t5 serve", description=(
         "Serve adapters on one base over HTTP: POST /v1/generate, GET /v1/adapters, the page at /."))
     parser.add_argument("--adapter", action="append", required=True, metavar="NAME=FOLDER",
                         help="An adapter to load at start, by name; repeat for several")
     parser.add_argument("--base", help="Base model (Hub id, folder, tiny); default: the one recorded in the first adapter")
     parser.add_argument("--qlora", action="store_true", help="Load the base in 4-bit NF4")
+    parser.add_argument("--trust_pickle", action="store_true",
+                        help="Allow pickled .bin weights, at start and in run-time loads (they can run code)")
     parser.add_argument("--host", default="127.0.0.1", help="Address to bind (default 127.0.0.1; others need a key)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=8000, help="Port to listen on (default 8000; 0: any free one)")
     parser.add_argument("--api_key", help=f"Require 'Authorization: Bearer KEY' on every route but /health "
                                           f"(or set {KEY_VARIABLE})")
     parser.add_argument("--adapter_root", help="Allow POST /v1/adapters to load folders under this one (only)")
@@ -33,7 +36,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--rate", metavar="QUESTIONS", help="Questions to rate blind (a jokes CSV/JSON or one a line)")
     parser.add_argument("--rate_systems", help="Comma-separated systems to rate (default: base and every adapter)")
     parser.add_argument("--ratings", default="ratings.db", help="SQLite file for ratings (default ratings.db)")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def is_loopback(host: str) -> bool:
@@ -47,6 +54,8 @@ def is_loopback(host: str) -> bool:
 
 def check_args(args: argparse.Namespace) -> None:
     """Everything that can be checked before the model loads (which takes a while)."""
+    from ..adapters import read_metadata
+    from ..serve.ratings import rating_plan
     from . import parse_adapter_specs
 
     args.api_key = args.api_key or os.environ.get(KEY_VARIABLE) or None
@@ -61,9 +70,11 @@ def check_args(args: argparse.Namespace) -> None:
     if args.max_wait_ms < 0:
         raise PeftT5Error(f"--max_wait_ms {args.max_wait_ms}: must be 0 or more")
     args.adapters = parse_adapter_specs(args.adapter)
+    metadata = {}
     for name, path in args.adapters.items():
         if not Path(path).is_dir():
             raise PeftT5Error(f"--adapter {name}={path}: no such folder; pass the folder that train_lora.py wrote")
+        metadata[name] = read_metadata(path, args.trust_pickle)
     if args.adapter_root and not Path(args.adapter_root).is_dir():
         raise PeftT5Error(f"--adapter_root {args.adapter_root}: no such folder")
     if args.rate and not Path(args.rate).is_file():
@@ -72,11 +83,28 @@ def check_args(args: argparse.Namespace) -> None:
     unknown = [s for s in args.rate_systems if s != "base" and s not in args.adapters]
     if unknown:
         raise PeftT5Error(f"--rate_systems: {', '.join(unknown)} not loaded; choose from base, {', '.join(args.adapters)}")
+    if args.rate:
+        rating_plan(metadata, args.rate_systems)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, taken before the model loads: a port in use is said at once, in one line."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restart over TIME_WAIT
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise PeftT5Error(f"--port {port}: cannot listen on {host}:{port} ({e.strerror}); pass another --port, or "
+                          "stop the program that holds it")
+    return sock
 
 
 def serve_main(argv: list[str]) -> None:
     args = parse_args(argv)
     check_args(args)
+    listening = bind(args.host, args.port)
 
     import uvicorn
 
@@ -87,12 +115,16 @@ def serve_main(argv: list[str]) -> None:
     questions = read_questions(args.rate) if args.rate else []
     if args.rate and not questions:
         raise PeftT5Error(f"--rate {args.rate}: no questions in it")
-    bank = AdapterBank.load(args.base, args.adapters, qlora=args.qlora)
+    bank = AdapterBank.load(args.base, args.adapters, qlora=args.qlora, trust_pickle=args.trust_pickle)
     settings = ServeSettings(api_key=args.api_key, adapter_root=args.adapter_root, max_batch_size=args.max_batch_size,
                              max_wait_ms=args.max_wait_ms, batching=args.batching, max_inputs=args.max_inputs,
                              rate_questions=questions, rate_systems=args.rate_systems,
-                             ratings=args.ratings if args.rate else None)
+                             ratings=args.ratings if args.rate else None, trust_pickle=args.trust_pickle)
     app = create_app(bank, settings)
-    print(f"serving {', '.join(bank.names)} on http://{args.host}:{args.port}/ "
+    port = listening.getsockname()[1]
+    if app.state.rating and app.state.rating["left_out"]:
+        print(f"blind rating leaves out {', '.join(app.state.rating['left_out'])}: raters see only a question, and "
+              "its prompt needs more", flush=True)
+    print(f"serving {', '.join(bank.names)} on http://{args.host}:{port}/ "
           f"({'API key required' if args.api_key else 'no API key: loopback only'})", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[listening])

@@ -6,11 +6,13 @@ import gc
 import json
 import logging
 import os
+import shlex
 import sys
 import time
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from ..errors import PeftT5Error
+from ..errors import Interrupted, PeftT5Error
 
 logger = logging.getLogger(__name__)
 CONFIG_FILES = (".yaml", ".yml", ".json")  # a first argument ending so is a config file of flags
@@ -24,8 +26,9 @@ def parse_train_args(argv: list[str]):
     from ..arguments import DataArguments, LoraArguments, ModelArguments, TrainingArguments
 
     parser = HfArgumentParser((ModelArguments, DataArguments, LoraArguments, TrainingArguments),
-                              prog="train_lora.py", description="Train a LoRA/QLoRA adapter on a T5 base.",
-                              usage="train_lora.py [CONFIG.yaml|json] --task {jokes,squad} [--model M] [--data FILE] "
+                              prog="peft-t5 train", description="Train a LoRA/QLoRA adapter on a T5 base (also: "
+                              "python scripts/train_lora.py).",
+                              usage="peft-t5 train [CONFIG.yaml|json] --task {jokes,squad} [--model M] [--data FILE] "
                                     "[--lora_r R] [any Seq2SeqTrainingArguments flag]",
                               allow_abbrev=False)
     known = {a.dest: a for a in parser._actions}
@@ -40,7 +43,10 @@ def parse_train_args(argv: list[str]):
             if isinstance(config[key], str) and callable(action.type):  # YAML reads 3e-4 as a string
                 config[key] = convert(path, key, config[key], action.type)
         parser.set_defaults(**config)
-    *dataclasses, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    try:
+        *dataclasses, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    except ValueError as e:  # the Trainer's own checks of its arguments, e.g. strategies that do not match
+        raise PeftT5Error(f"training arguments: {' '.join(str(e).split())}; see train_lora.py --help")
     if rest:
         flag = next((a for a in rest if a.startswith("-")), rest[0])
         name = flag.lstrip("-").split("=")[0]
@@ -77,13 +83,14 @@ def closest(name: str, known, prefix: str = "") -> str:
     return f"; did you mean {prefix}{match[0]}?" if match else ""
 
 
-PRECHECKED = ("task", "data", "validation_data", "output_dir")
+PRECHECKED = ("task", "model", "data", "validation_data", "output_dir")
 
 
 def precheck_train(argv: list[str]) -> None:
     """Check the task, data files and output folder before the heavy imports (transformers' training arguments
     pull in PEFT and bitsandbytes: ~10 s), so that a typo is reported at once."""
     from ..adapters import check_writable_folder
+    from ..hub import model_problem
     from ..tasks import get_task
     from ..tasks.registry import looks_like_hub_id
 
@@ -96,6 +103,9 @@ def precheck_train(argv: list[str]) -> None:
             values[name[2:]] = value if eq else argv[i + 1]
     if "task" in values:
         get_task(values["task"])
+    problem = model_problem(values["model"]) if "model" in values else None
+    if problem:
+        raise PeftT5Error(f"--model {problem}")
     for key in ("data", "validation_data"):
         path = values.get(key)
         if path and not looks_like_hub_id(path) and not Path(path).exists():
@@ -149,12 +159,116 @@ def resolve_defaults(task, model_args, data_args, training_args) -> None:
 
 
 def check_output_dir(adapter_dir: Path, overwrite: bool, resume: bool) -> None:
-    from ..adapters import check_writable_folder, is_adapter_dir
+    """An adapter is replaced only with --overwrite_output_dir, and files peft-t5 did not write are never replaced:
+    a folder holding them is refused without the flag, and with it they stay beside the adapter."""
+    from ..adapters import check_writable_folder, foreign_files, is_adapter_dir
 
     check_writable_folder(adapter_dir, "--output_dir")
     if is_adapter_dir(adapter_dir) and not (overwrite or resume):
         raise PeftT5Error(f"{adapter_dir} already holds an adapter; pass --overwrite_output_dir to replace it, "
                           "or --output_dir for another folder")
+    foreign = foreign_files(adapter_dir)
+    if foreign and not overwrite:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise PeftT5Error(f"--output_dir {adapter_dir} holds files peft-t5 did not write ({shown}); pass a new or "
+                          "empty folder, or --overwrite_output_dir to save the adapter beside them (they are kept)")
+
+
+@contextmanager
+def output_lock(adapter_dir: Path):
+    """Hold `.NAME.lock` beside the adapter folder for the whole run, with this process's id in it: a second run
+    into the same folder is refused, naming the first. The kernel releases the lock of a process that dies."""
+    import fcntl
+
+    adapter_dir.parent.mkdir(parents=True, exist_ok=True)
+    path = adapter_dir.parent / f".{adapter_dir.name}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise PeftT5Error(f"--output_dir {adapter_dir}: another training (process {owner}) is writing to it; wait "
+                          "for it to end, or pass another --output_dir")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """What an interrupted save left out of a checkpoint folder, or None where it is whole."""
+    from ..adapters import adapter_shapes
+
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "no readable trainer_state.json"
+    try:
+        adapter_shapes(checkpoint)
+    except PeftT5Error:
+        return "no readable adapter_model.safetensors"
+    return None
+
+
+def resume_checkpoint(training_args, say) -> str | None:
+    """The checkpoint to continue from: --resume_from_checkpoint, or with --resume the newest whole one in the
+    checkpoints folder; incomplete ones (a kill or a full disk during a save) are named and removed."""
+    import shutil
+
+    if training_args.resume_from_checkpoint:
+        chosen = Path(training_args.resume_from_checkpoint)
+        problem = checkpoint_problem(chosen) if chosen.is_dir() else "no such folder"
+        if problem:
+            raise PeftT5Error(f"--resume_from_checkpoint {chosen}: {problem}; pass a whole checkpoint, or --resume for "
+                              "the newest whole one")
+        return str(chosen)
+    if not training_args.resume:
+        return None
+    folder = Path(training_args.output_dir)
+    steps = {int(p.name.split("-")[1]): p for p in folder.glob("checkpoint-*") if p.name.split("-")[1].isdigit()}
+    for step in sorted(steps, reverse=True):
+        problem = checkpoint_problem(steps[step])
+        if problem is None:
+            say(f"resuming from {steps[step]}")
+            return str(steps[step])
+        say(f"--resume: {steps[step].name} is incomplete ({problem}; its save was interrupted): removed")
+        if training_args.process_index == 0:
+            shutil.rmtree(steps[step], ignore_errors=True)
+    raise PeftT5Error(f"--resume: no whole checkpoint in {folder}; train without --resume")
+
+
+def disk_full(error: BaseException | None) -> bool:
+    """A full disk, as Python (ENOSPC), safetensors and tokenizers (Rust's 'os error 28') report it."""
+    import errno
+
+    while error is not None:
+        if getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error) \
+                or "os error 28" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+@contextmanager
+def saving_into(folder: Path, model):
+    """A full disk while checkpointing or saving becomes one line naming the folder and the space a save needs."""
+    import shutil
+
+    try:
+        yield
+    except Exception as e:
+        if not disk_full(e):
+            raise
+        adapter = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+        existing = next(p for p in (folder, *folder.parents) if p.exists())
+        raise PeftT5Error(f"{folder}: no space left on the device ({shutil.disk_usage(existing).free / 2**20:,.1f} MiB "
+                          f"free); a checkpoint needs about {3 * adapter / 2**20:,.1f} MiB (adapter weights and "
+                          "optimizer state), the adapter itself "
+                          f"{adapter / 2**20:,.1f} MiB; free some space or pass --output_dir on another disk") from None
 
 
 def model_card(meta: dict, adapter_dir: str) -> str:
@@ -243,7 +357,9 @@ def load_data(task, data_args, training_args, say) -> tuple:
     if not train_records or not eval_records:
         raise PeftT5Error(f"{data_args.data}: {len(train_records)} training and {len(eval_records)} validation records; "
                           "need at least one of each")
-    say(f"task {task.name}: {record_fates(splits, data_args)} from {data_args.data}")
+    sources = (f"training from {data_args.data}, validation from {data_args.validation_data}"
+               if data_args.validation_data else f"from {data_args.data}")
+    say(f"task {task.name}: {record_fates(splits, data_args)} ({sources})")
     return train_records, eval_records, splits.get("test") or []
 
 
@@ -263,14 +379,18 @@ def token_budget(training_args, model, streaming: bool, say) -> int | None:
 
 
 def train(argv: list[str]) -> dict:
-    """Train an adapter; returns the final metrics. The whole job, top to bottom.
+    """Train an adapter; returns the final metrics. The whole job, top to bottom (in run_training).
 
     Under torchrun/accelerate every process runs this; only the main one prints, logs and writes the adapter.
     """
+    with ExitStack() as held:  # the output folder's lock, released however the run ends
+        return run_training(argv, held)
+
+
+def run_training(argv: list[str], held: ExitStack) -> dict:
     precheck_train(argv)
     import torch
     import transformers
-    from transformers.trainer_utils import get_last_checkpoint
 
     from ..adapters import save_adapter
     from ..data import tokenize, tokenize_stream
@@ -289,7 +409,10 @@ def train(argv: list[str]) -> dict:
     if not main_process:
         logging.getLogger("peft_t5").setLevel(logging.ERROR)  # the main process already says it
     adapter_dir = Path(training_args.output_dir)
-    check_output_dir(adapter_dir, training_args.overwrite_output_dir, training_args.resume)
+    if main_process:
+        held.enter_context(output_lock(adapter_dir))
+    check_output_dir(adapter_dir, training_args.overwrite_output_dir,
+                     training_args.resume or bool(training_args.resume_from_checkpoint))
     training_args.output_dir = str(adapter_dir / "checkpoints")  # checkpoints and logs live inside the adapter folder
 
     train_records, eval_records, test_records = load_data(task, data_args, training_args, say)
@@ -315,13 +438,13 @@ def train(argv: list[str]) -> dict:
     budget = token_budget(training_args, model, data_args.streaming, say)
     trainer = build_trainer(model, tokenizer, task, train_dataset, eval_dataset, training_args,
                             eval_records[:data_args.generation_eval_samples], **lengths, max_tokens_per_batch=budget)
-    resume = training_args.resume_from_checkpoint
-    if training_args.resume and resume is None:
-        resume = get_last_checkpoint(training_args.output_dir) if Path(training_args.output_dir).is_dir() else None
-        if resume is None:
-            raise PeftT5Error(f"--resume: no checkpoint in {training_args.output_dir}; train without --resume")
+    resume = resume_checkpoint(training_args, say)
     started = time.time()
-    trainer.train(resume_from_checkpoint=resume)
+    try:
+        with saving_into(adapter_dir, model):
+            trainer.train(resume_from_checkpoint=resume)
+    except KeyboardInterrupt:
+        raise interrupted(trainer, argv) from None
     metrics = trainer.evaluate()
     # under FSDP / ZeRO-3 each process holds a shard: gather the full tensors (every process takes part)
     state_dict = gathered_state_dict(trainer.model_wrapped, trainer.accelerator)
@@ -348,8 +471,9 @@ def train(argv: list[str]) -> dict:
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "peft": __import__("peft").__version__, "peft_t5": __import__("peft_t5").__version__},
     }
-    save_adapter(trainer.accelerator.unwrap_model(trainer.model), tokenizer, adapter_dir, meta,
-                 model_card(meta, str(adapter_dir)), {"loss_curve.png": curve}, state_dict=state_dict)
+    with saving_into(adapter_dir, model):
+        save_adapter(trainer.accelerator.unwrap_model(trainer.model), tokenizer, adapter_dir, meta,
+                     model_card(meta, str(adapter_dir)), {"loss_curve.png": curve}, state_dict=state_dict)
     print(f"validation loss: {loss_before:.4f} before training -> {metrics['eval_loss']:.4f} after"
           if loss_before is not None else f"validation loss: {metrics['eval_loss']:.4f}")
     print(f"{task.main_metric}: {metrics.get('eval_' + task.main_metric, float('nan')):.2f}")
@@ -362,6 +486,20 @@ def train(argv: list[str]) -> dict:
         print("\nNote: `tiny` is a small T5 with random weights, a smoke test of the whole pipeline, not a useful "
               f"model.\nFor the real thing: python scripts/train_lora.py --task {task.name} {real_data(task)}.")
     return metrics
+
+
+def interrupted(trainer, argv: list[str]) -> Interrupted:
+    """Ctrl-C during training: the step reached, the checkpoint kept and the command that continues from it."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    folder = trainer.args.output_dir
+    last = get_last_checkpoint(folder) if Path(folder).is_dir() else None
+    if last is None:
+        return Interrupted(f"interrupted at step {trainer.state.global_step}; no checkpoint was saved yet, so nothing "
+                           "is kept (checkpoints come with --save_strategy, each epoch by default)")
+    command = [*(["python"] if sys.argv[0].endswith(".py") else []), sys.argv[0], *argv]
+    again = shlex.join(command + ([] if "--resume" in argv else ["--resume"]))
+    return Interrupted(f"interrupted at step {trainer.state.global_step}; {last} is kept; continue with: {again}")
 
 
 def real_data(task) -> str:
@@ -387,7 +525,7 @@ def show_reloaded_samples(task, model_args, adapter_dir: Path, records: list[dic
                              max_source_length=data_args.max_source_length, max_new_tokens=data_args.max_target_length)
     print(f"\nsample generations from the reloaded adapter ({adapter_dir}):")
     for record, output in zip(records, outputs):
-        print(f"  Q: {record['question']}\n     reference: {' | '.join(task.references(record)) or '(no answer)'}"
+        print(f"  Q: {record['question']}\n     reference: {' | '.join(task.references(record)) or task.empty_output}"
               f"\n     generated: {shown(task, task.answer_from_output(output))}")
 
 
@@ -398,5 +536,5 @@ def printable_records(task, records: list[dict]) -> list[dict]:
 
 def shown(task, text: str) -> str:
     if not text:
-        return "(no answer)"
+        return task.empty_output
     return text if task.printable(text) else "(hidden: the word filter flags it)"

@@ -15,6 +15,9 @@ from pathlib import Path
 
 from ..compare import rating_summary
 from ..errors import PeftT5Error
+from ..tasks import template_fields
+
+BASE = "base"  # the model with adapters disabled (bank.BASE; not imported, so that this module needs no torch)
 
 RATINGS = ("funny", "appropriate")
 SCHEMA = """
@@ -25,6 +28,29 @@ CREATE TABLE IF NOT EXISTS ratings (shown_id TEXT, slot INTEGER, system TEXT, qu
                                     funny INTEGER, appropriate INTEGER, rater TEXT, created REAL,
                                     PRIMARY KEY (shown_id, slot));
 """
+
+
+def rating_plan(metadata: dict[str, dict], requested: list[str]) -> tuple[list[str], str | None, list[str]]:
+    """(systems to rate, the adapter whose prompt the base gets, adapters left out) for blind rating.
+
+    A rater sees a question alone, so only adapters whose prompt a question fills can be rated: by default the
+    others are left out (and said so); asked for by name, they are refused. metadata: adapter name -> peft_t5.json.
+    """
+    def needs(name: str) -> list[str]:
+        return [f for f in template_fields(metadata[name].get("template", "{question}")) if f != "question"]
+
+    refused = [name for name in requested if name != BASE and needs(name)]
+    if refused:
+        name = refused[0]
+        raise PeftT5Error(f"--rate_systems: {name} cannot be rated blind: its prompt needs {', '.join(needs(name))} "
+                          "besides the question, and raters see only questions; leave it out of --rate_systems")
+    systems = requested or [BASE, *(name for name in metadata if not needs(name))]
+    left_out = [] if requested else [name for name in metadata if needs(name)]
+    prompt_of = next((s for s in systems if s != BASE), None) or next((n for n in metadata if not needs(n)), None)
+    if BASE in systems and prompt_of is None:
+        raise PeftT5Error("blind rating of base needs an adapter whose prompt takes a question alone (jokes), to "
+                          "prompt the base with; load one, or rate without base")
+    return systems, prompt_of, left_out
 
 
 class RatingStore:
@@ -81,12 +107,16 @@ class RatingStore:
         return {"id": shown_id, "question": question, "outputs": [outputs[s] for s in systems]}
 
     def rate(self, shown_id: str, scores: list[dict], rater: str) -> int:
-        """Store one rating per shown output ({"funny": 1-5, "appropriate": 1-5}); a second rating replaces the first."""
+        """Store one rating per shown output ({"funny": 1-5, "appropriate": 1-5}); a second rating by the same rater
+        replaces the first. KeyError: never shown; PermissionError: shown to another rater."""
         with closing(self._connect()) as db, db:
-            row = db.execute("SELECT question_id, question, systems FROM shown WHERE id = ?", (shown_id,)).fetchone()
+            row = db.execute("SELECT question_id, question, systems, rater FROM shown WHERE id = ?",
+                             (shown_id,)).fetchone()
             if row is None:
                 raise KeyError(shown_id)
             question_id, question, systems = row[0], row[1], json.loads(row[2])
+            if row[3] != rater:
+                raise PermissionError(shown_id)
             if len(scores) != len(systems):
                 raise ValueError(f"ratings: {len(scores)} given for {len(systems)} outputs; rate each output once")
             outputs = self.cached_outputs(question_id)

@@ -1,3 +1,3 @@
-from .registry import Task, get_task, task_names
+from .registry import Task, get_task, task_names, template_fields
 
-__all__ = ["Task", "get_task", "task_names"]
+__all__ = ["Task", "get_task", "task_names", "template_fields"]

@@ -173,6 +173,8 @@ def split_records(records: list[Record], seed: int, validation_fraction: float, 
 def load_splits(data: str, seed: int = 42, validation_fraction: float = 0.05, test_fraction: float = 0.05,
                 max_question_words: int = 40, max_answer_words: int = 25, **_options) -> Splits:
     records, empty = (read_hub_jokes(data), 0) if looks_like_hub_id(data) else _read_with_empty(data)
+    if not records and not empty:
+        raise DataError(f"{data}: the file has no rows (a header at most); add question-answer rows")
     kept = [r for r in records if is_qa_joke(r, max_question_words, max_answer_words)]
     if not kept:
         raise DataError(f"{data}: none of {len(records)} records is a question-answer joke "

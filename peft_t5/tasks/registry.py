@@ -22,6 +22,13 @@ Splits = dict[str, list[Record]]
 logger = logging.getLogger(__name__)
 
 
+def template_fields(template: str) -> list[str]:
+    """The fields a prompt template fills, in order: `question: {question} context: {context}` -> question, context."""
+    import string
+
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+
+
 @dataclass(frozen=True)
 class Task:
     name: str
@@ -40,6 +47,7 @@ class Task:
     stream: Callable[..., Iterator[Record]]  # (data, **options) -> usable records one at a time (--streaming)
     printable: Callable[[str], bool] = lambda text: True  # may this text be printed in a log (jokes: word filter)
     no_answer: str | None = None  # the target that means "no answer" (squad), for the no-answer probability
+    empty_output: str = "(empty output)"  # how an empty answer is shown (squad: "(no answer)", a real answer)
 
     def source(self, record: Record) -> str:
         return self.template.format(**record)
@@ -57,9 +65,9 @@ def reading(path: str, what: str):
     try:
         yield
     except FileNotFoundError:
-        raise DataError(f"{path}: no such file; pass --data with {what}")
+        raise DataError(f"{path}: no such file; pass {what}")
     except IsADirectoryError:
-        raise DataError(f"{path}: is a folder; pass --data with {what}")
+        raise DataError(f"{path}: is a folder; pass {what}")
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 ({e}); re-save the file as UTF-8")
 
@@ -81,8 +89,13 @@ def _guess_encoding(path: str, data: bytes, complete: bool) -> str:
         return "cp1252"
 
 
+SPREADSHEETS = (".xlsx", ".xlsm", ".xls", ".ods", ".numbers")
+
+
 def read_text(path: str, what: str) -> str:
     """A whole text file, read once and decoded as it was saved (see _guess_encoding); errors name the file."""
+    if path.lower().endswith(SPREADSHEETS):
+        raise DataError(f"{path}: a spreadsheet, not a text file; save it as CSV (\"CSV UTF-8\") and pass that")
     with reading(path, what):
         data = Path(path).read_bytes()
         return data.decode(_guess_encoding(path, data, complete=True))

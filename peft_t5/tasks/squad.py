@@ -51,6 +51,9 @@ def read_squad_v2(path: str) -> list[Record]:
         if not all(isinstance(x, dict) for triple in qas for x in triple):
             raise TypeError("an article, paragraph or question that is not a JSON object")
     except json.JSONDecodeError as e:  # read_text names a missing, folder or undecodable file itself
+        if path.lower().endswith((".csv", ".tsv", ".txt")):
+            raise DataError(f"{path}: a {Path(path).suffix[1:].upper()} file; the squad task reads SQuAD v2.0 JSON "
+                            "(data -> paragraphs -> qas, as dev-v2.0.json), or a Hub dataset id")
         raise DataError(f"{path}: not a UTF-8 JSON file ({e}); pass a SQuAD v2.0 JSON file")
     except (KeyError, TypeError, AttributeError) as e:
         raise DataError(f"{path}: not the SQuAD v2.0 layout (data -> paragraphs -> qas; {type(e).__name__}: {e})")
@@ -175,4 +178,5 @@ TASK = Task(
     load_splits=load_splits,
     stream=stream_squad,
     no_answer=NO_ANSWER,
+    empty_output="(no answer)",
 )

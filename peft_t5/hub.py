@@ -1,0 +1,49 @@
+"""Where a base model comes from (`tiny`, a local folder, the Hub or its local cache), and in one line why a name
+cannot be loaded, found without loading anything: no torch here, so the check runs before the heavy imports."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+TINY = "tiny"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "t5-small", "google/flan-t5-large"
+FIX = "pass a local model folder (with config.json), a Hub id, or tiny"
+
+
+def hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def model_problem(name: str) -> str | None:
+    """Why `name` cannot be loaded as a model, or None where it may load (tiny, a model folder, a Hub id that is
+    cached or may be downloaded)."""
+    if name == TINY:
+        return None
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return None if (path / "config.json").is_file() else f"{name}: a folder without config.json, not a model; {FIX}"
+    if path.exists():
+        return f"{name}: is a file, not a model folder; {FIX}"
+    if name.startswith(("/", "./", "../", "~")) or name.endswith("/") or name.count("/") > 1:
+        return f"{name}: no such folder; {FIX}"
+    if not HUB_ID.match(name):
+        return f"{name}: neither a local folder nor a Hub model id; {FIX}"
+    if name.lower() == TINY:
+        return f"{name}: no such model; did you mean {TINY}?"
+    if hub_offline() and not cached(name):
+        return (f"{name}: not a local folder, and the Hub is off (HF_HUB_OFFLINE is set) with no copy in the local "
+                "cache; pass a local model folder or tiny, or unset HF_HUB_OFFLINE to download it")
+    return None
+
+
+def cached(repo_id: str) -> bool:
+    """A copy of the model's config.json is in the local Hugging Face cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # not a valid repo id
+        return False
+

@@ -1,0 +1,38 @@
+"""Logging for the commands: one format, and library chatter that misleads users kept out of it."""
+from __future__ import annotations
+
+import logging
+import warnings
+
+logger = logging.getLogger(__name__)
+# bitsandbytes logs this at import on CPUs with AVX512-BF16, whether or not anything is quantized; transformers'
+# training arguments import bitsandbytes, so every run printed it and users read it as a broken install
+BNB_KERNELS_LOGGER = "bitsandbytes.backends.cpu.ops"
+
+
+class OptionalKernelNotice(logging.Filter):
+    """Drops bitsandbytes' 'Failed to load CPU gemm_4bit_forward from kernels-community' warning, remembering it."""
+
+    seen = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "kernels-community" in record.getMessage():
+            OptionalKernelNotice.seen = True
+            return False
+        return True
+
+
+def setup_logging() -> None:
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation chatter from PEFT/transformers internals
+    bnb = logging.getLogger(BNB_KERNELS_LOGGER)
+    if not any(isinstance(f, OptionalKernelNotice) for f in bnb.filters):
+        bnb.addFilter(OptionalKernelNotice())
+
+
+def explain_4bit_kernels() -> None:
+    """Where 4-bit layers are used: what bitsandbytes' dropped warning meant, in one line."""
+    if OptionalKernelNotice.seen:
+        logger.warning("bitsandbytes has no optional fast CPU kernel for 4-bit layers here (the `kernels` package "
+                       "is not installed); it uses its built-in CPU code, which gives the same results, slower")
+        OptionalKernelNotice.seen = False  # said once
