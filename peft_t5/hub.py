@@ -32,9 +32,32 @@ def model_problem(name: str) -> str | None:
         return f"{name}: neither a local folder nor a Hub model id; {FIX}"
     if name.lower() == TINY:
         return f"{name}: no such model; did you mean {TINY}?"
-    if hub_offline() and not cached(name):
+    if cached(name):
+        return None
+    if hub_offline():
         return (f"{name}: not a local folder, and the Hub is off (HF_HUB_OFFLINE is set) with no copy in the local "
                 "cache; pass a local model folder or tiny, or unset HF_HUB_OFFLINE to download it")
+    return hub_problem(name)
+
+
+def hub_problem(name: str) -> str | None:
+    """Ask the Hub once whether it has the model: from_pretrained retries an unreachable Hub for ~50 s (measured)
+    and then fails with a traceback."""
+    from huggingface_hub import model_info
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    try:
+        model_info(name, timeout=10)
+    except GatedRepoError:
+        return f"{name}: a gated model on the Hub; accept its terms on its page, then log in (hf auth login)"
+    except RepositoryNotFoundError:
+        return f"{name}: no such model on the Hub (a private one needs you logged in: hf auth login); {FIX}"
+    except HfHubHTTPError:
+        return None  # the Hub answered; loading says the rest
+    except Exception as e:  # no network, no DNS, a proxy: the HTTP client's own error types
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        return (f"{name}: the Hub cannot be reached ({first}) and no copy is in the local cache; pass a local model "
+                "folder or tiny, or check the network (HF_ENDPOINT, proxies)")
     return None
 
 

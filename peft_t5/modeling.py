@@ -20,7 +20,8 @@ from .logs import explain_4bit_kernels
 TINY_DIR = Path(__file__).resolve().parent / "tiny"
 DATA_DIR = Path(__file__).resolve().parent / "data"
 TINY_SEED = 0
-LORA_DEFAULT_TARGETS = ["q", "v"]  # T5's attention query and value projections
+LORA_DEFAULT_TARGETS = ["q", "v"]
+TOKENIZER_FILES = ("tokenizer.json", "spiece.model")  # a T5 tokenizer: the fast one's JSON or sentencepiece's model  # T5's attention query and value projections
 
 
 def bf16_supported() -> bool:
@@ -89,6 +90,10 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     problem = model_problem(name)
     if problem:
         raise PeftT5Error(problem)
+    if Path(name).is_dir() and not any((Path(name) / f).is_file() for f in TOKENIZER_FILES):
+        # transformers would build an empty T5 tokenizer here, mapping every word to <unk>, without a word
+        raise PeftT5Error(f"{name}: cannot load its tokenizer (no {' or '.join(TOKENIZER_FILES)} in the folder); "
+                          "copy the tokenizer files of the model you started from into it")
     try:
         return AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as e:  # no tokenizer files, the Hub unreachable, a gated or missing repo

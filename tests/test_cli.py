@@ -224,7 +224,7 @@ def test_printed_samples_skip_what_the_jokes_word_filter_flags():
     records = [{"question": "Why did my wife leave?", "answer": "x"}, {"question": "Why is the sky blue?", "answer": "y"}]
     assert printable_records(task, records) == records[1:]
     assert shown(task, "a crude joke about your mom") == "(hidden: the word filter flags it)"
-    assert shown(task, "") == "(no answer)" and shown(task, "Rayleigh.") == "Rayleigh."
+    assert shown(task, "") == "(empty output)" and shown(task, "Rayleigh.") == "Rayleigh."
     assert printable_records(get_task("squad"), [{"question": "Who killed him?", "context": "c", "answers": ["x"],
                                                   "answer_starts": [0]}])  # squad prints everything
 
@@ -233,7 +233,7 @@ def test_train_help_starts_with_the_toolkits_own_options(capsys):
     with pytest.raises(SystemExit) as exit_:
         parse_train_args(["--help"])
     out = capsys.readouterr().out
-    assert exit_.value.code == 0 and out.startswith("usage: train_lora.py [CONFIG.yaml|json] --task")
+    assert exit_.value.code == 0 and out.startswith("usage: peft-t5 train [CONFIG.yaml|json] --task")
     head = out[:out.index("training (every Seq2SeqTrainingArguments flag)")]
     assert all(f"--{flag}" in head for flag in ("model", "qlora", "task", "data", "lora_r", "target_modules"))
     assert "--learning_rate" not in head

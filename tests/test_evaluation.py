@@ -117,7 +117,7 @@ def test_comparison_table_and_rating_summary(tmp_path):
     base, jokes = summary["base"]["funny (1-5)"], summary["jokes"]["funny (1-5)"]
     assert (base["mean"], base["share_4_or_more"], base["count"]) == (1.5, 0.0, 2)
     assert (jokes["mean"], jokes["share_4_or_more"], jokes["count"]) == (4.5, 1.0, 2)
-    assert base["ci95"] == pytest.approx([1.5 - 0.98, 1.5 + 0.98])  # 1.96 x sd 0.707 / sqrt(2)
+    assert base["ci95"] == pytest.approx([1.0, 1.5 + 0.98])  # 1.96 x sd 0.707 / sqrt(2), clipped to the 1-5 scale
     assert summary["base"]["appropriate (1-5)"]["count"] == 1
     assert summary["base"]["appropriate (1-5)"]["ci95"] is None
     lines[0]["funny (1-5)"] = "great"

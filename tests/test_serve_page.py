@@ -79,7 +79,7 @@ def test_page_generates_rates_blind_and_summarises(browser, site):
             Select(browser.find_element(By.NAME, f"appropriate-{i}")).select_by_value(ok)
         browser.find_element(By.ID, "submit-rating").click()
         wait(browser, lambda d: d.find_element(By.ID, "rate-question").text != question_text)
-    assert browser.find_element(By.ID, "rate-question").text == "(all rated: thank you)"
+    wait(browser, lambda d: d.find_element(By.ID, "rate-question").text == "(all rated: thank you)")
     assert not browser.find_elements(By.ID, "injected")  # the question was shown as text, not as HTML
 
     browser.find_element(By.ID, "tab-summary").click()
@@ -89,3 +89,29 @@ def test_page_generates_rates_blind_and_summarises(browser, site):
     funny = {c[0]: c for c in cells if c[1] == "funny"}
     assert sum(float(c[2]) * int(c[4]) for c in funny.values()) == 2 * (5 + 2)  # each item: one 5, one 2
     assert all(c[4] == "2" for c in cells) and all(c[3] == "100%" for c in cells if c[1] == "appropriate")
+
+
+def test_the_rate_tab_says_it_is_working_while_the_first_outputs_generate(browser, tmp_path, monkeypatch):
+    import threading
+
+    release = threading.Event()
+    real = AdapterBank.generate_sources
+
+    def held(self, *args, **kwargs):  # generation that waits until the test has looked at the page
+        release.wait(60)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(AdapterBank, "generate_sources", held)
+    bank = AdapterBank.load("tiny", {"jokes": make_adapter(tmp_path / "jokes", "jokes", 1)})
+    settings = ServeSettings(api_key=KEY, rate_questions=[{"question": "Why?"}], ratings=str(tmp_path / "r.db"))
+    with running(create_app(bank, settings)) as url:
+        browser.get(f"{url}/?key={KEY}")
+        wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#systems input"))
+        browser.find_element(By.ID, "tab-rate").click()
+        status = wait(browser, lambda d: d.find_element(By.ID, "rate-status").text)
+        assert status.startswith("generating the outputs to rate")
+        assert not browser.find_element(By.ID, "submit-rating").is_enabled()
+        release.set()
+        wait(browser, lambda d: d.find_element(By.ID, "rate-question").text == "Why?")
+        assert browser.find_element(By.ID, "rate-status").text == ""
+        assert browser.find_element(By.ID, "submit-rating").is_enabled()

@@ -35,12 +35,12 @@ def check_output_file(path: str, flag: str) -> None:
     import tempfile
     from pathlib import Path
 
-    from ..adapters import check_writable_folder
-
     target = Path(path)
     if target.is_dir():
         raise PeftT5Error(f"{flag} {path}: is a folder; pass a file path, e.g. {target / 'preds.json'}")
-    check_writable_folder(target.parent, flag)
+    under_file = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
+    if under_file:
+        raise PeftT5Error(f"{flag} {path}: lies under {under_file}, a file; pass a path in a folder")
     existing = next(p for p in (target.parent, *target.parent.parents) if p.exists())
     try:
         with tempfile.TemporaryFile(dir=existing):

@@ -44,7 +44,7 @@ def compare_main(argv: list[str]) -> None:
     if not args.questions or not args.adapter:
         raise PeftT5Error("pass --questions FILE and at least one --adapter NAME=FOLDER (or --ratings FILE)")
     adapters = parse_adapter_specs(args.adapter)
-    records = read_questions(args.questions, "--questions")[:args.limit]
+    records = read_questions(args.questions)[:args.limit]
     if not records:
         raise PeftT5Error(f"{args.questions}: no questions in it")
 

@@ -9,10 +9,11 @@ import os
 import shlex
 import sys
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 from ..errors import Interrupted, PeftT5Error
+from ..outputs import checkpoint_problem, checkpoints_newest_first, output_lock, saving_into
 
 logger = logging.getLogger(__name__)
 CONFIG_FILES = (".yaml", ".yml", ".json")  # a first argument ending so is a config file of flags
@@ -101,17 +102,18 @@ def precheck_train(argv: list[str]) -> None:
         name, eq, value = arg.partition("=")
         if name.startswith("--") and name[2:] in PRECHECKED and (eq or i + 1 < len(argv)):
             values[name[2:]] = value if eq else argv[i + 1]
-    if "task" in values:
-        get_task(values["task"])
-    problem = model_problem(values["model"]) if "model" in values else None
-    if problem:
-        raise PeftT5Error(f"--model {problem}")
+    task = get_task(values["task"]) if "task" in values else None
     for key in ("data", "validation_data"):
         path = values.get(key)
         if path and not looks_like_hub_id(path) and not Path(path).exists():
             raise PeftT5Error(f"{path}: no such file; pass --{key} with a local data file or a Hub dataset id")
     if "output_dir" in values:
         check_writable_folder(values["output_dir"], "--output_dir")
+    model = values.get("model") or (task.default_model if task else None)
+    problem = model_problem(model) if model else None
+    if problem:
+        given = "--model" if "model" in values else f"the {task.name} task's base model (--model to choose another)"
+        raise PeftT5Error(f"{given}: {problem}")
 
 
 def resolve_defaults(task, model_args, data_args, training_args) -> None:
@@ -174,46 +176,6 @@ def check_output_dir(adapter_dir: Path, overwrite: bool, resume: bool) -> None:
                           "empty folder, or --overwrite_output_dir to save the adapter beside them (they are kept)")
 
 
-@contextmanager
-def output_lock(adapter_dir: Path):
-    """Hold `.NAME.lock` beside the adapter folder for the whole run, with this process's id in it: a second run
-    into the same folder is refused, naming the first. The kernel releases the lock of a process that dies."""
-    import fcntl
-
-    adapter_dir.parent.mkdir(parents=True, exist_ok=True)
-    path = adapter_dir.parent / f".{adapter_dir.name}.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise PeftT5Error(f"--output_dir {adapter_dir}: another training (process {owner}) is writing to it; wait "
-                          "for it to end, or pass another --output_dir")
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    try:
-        yield
-    finally:
-        path.unlink(missing_ok=True)
-        os.close(fd)
-
-
-def checkpoint_problem(checkpoint: Path) -> str | None:
-    """What an interrupted save left out of a checkpoint folder, or None where it is whole."""
-    from ..adapters import adapter_shapes
-
-    try:
-        json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return "no readable trainer_state.json"
-    try:
-        adapter_shapes(checkpoint)
-    except PeftT5Error:
-        return "no readable adapter_model.safetensors"
-    return None
-
-
 def resume_checkpoint(training_args, say) -> str | None:
     """The checkpoint to continue from: --resume_from_checkpoint, or with --resume the newest whole one in the
     checkpoints folder; incomplete ones (a kill or a full disk during a save) are named and removed."""
@@ -229,46 +191,15 @@ def resume_checkpoint(training_args, say) -> str | None:
     if not training_args.resume:
         return None
     folder = Path(training_args.output_dir)
-    steps = {int(p.name.split("-")[1]): p for p in folder.glob("checkpoint-*") if p.name.split("-")[1].isdigit()}
-    for step in sorted(steps, reverse=True):
-        problem = checkpoint_problem(steps[step])
+    for checkpoint in checkpoints_newest_first(folder):
+        problem = checkpoint_problem(checkpoint)
         if problem is None:
-            say(f"resuming from {steps[step]}")
-            return str(steps[step])
-        say(f"--resume: {steps[step].name} is incomplete ({problem}; its save was interrupted): removed")
+            say(f"resuming from {checkpoint}")
+            return str(checkpoint)
+        say(f"--resume: {checkpoint.name} is incomplete ({problem}; its save was interrupted): removed")
         if training_args.process_index == 0:
-            shutil.rmtree(steps[step], ignore_errors=True)
+            shutil.rmtree(checkpoint, ignore_errors=True)
     raise PeftT5Error(f"--resume: no whole checkpoint in {folder}; train without --resume")
-
-
-def disk_full(error: BaseException | None) -> bool:
-    """A full disk, as Python (ENOSPC), safetensors and tokenizers (Rust's 'os error 28') report it."""
-    import errno
-
-    while error is not None:
-        if getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error) \
-                or "os error 28" in str(error):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
-
-
-@contextmanager
-def saving_into(folder: Path, model):
-    """A full disk while checkpointing or saving becomes one line naming the folder and the space a save needs."""
-    import shutil
-
-    try:
-        yield
-    except Exception as e:
-        if not disk_full(e):
-            raise
-        adapter = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-        existing = next(p for p in (folder, *folder.parents) if p.exists())
-        raise PeftT5Error(f"{folder}: no space left on the device ({shutil.disk_usage(existing).free / 2**20:,.1f} MiB "
-                          f"free); a checkpoint needs about {3 * adapter / 2**20:,.1f} MiB (adapter weights and "
-                          "optimizer state), the adapter itself "
-                          f"{adapter / 2**20:,.1f} MiB; free some space or pass --output_dir on another disk") from None
 
 
 def model_card(meta: dict, adapter_dir: str) -> str:
@@ -490,10 +421,8 @@ def run_training(argv: list[str], held: ExitStack) -> dict:
 
 def interrupted(trainer, argv: list[str]) -> Interrupted:
     """Ctrl-C during training: the step reached, the checkpoint kept and the command that continues from it."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    folder = trainer.args.output_dir
-    last = get_last_checkpoint(folder) if Path(folder).is_dir() else None
+    folder = Path(trainer.args.output_dir)
+    last = next((c for c in checkpoints_newest_first(folder) if checkpoint_problem(c) is None), None)
     if last is None:
         return Interrupted(f"interrupted at step {trainer.state.global_step}; no checkpoint was saved yet, so nothing "
                            "is kept (checkpoints come with --save_strategy, each epoch by default)")

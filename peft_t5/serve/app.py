@@ -31,6 +31,7 @@ from .ratings import RatingStore, rating_plan
 logger = logging.getLogger(__name__)
 PAGE = Path(__file__).with_name("page.html")
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+PUBLIC = ("/health", "/openapi.json", "/docs")  # no key needed: they hold no data (the spec: routes and limits)
 MAX_PATH = 4096  # characters in a run-time adapter path (Linux's PATH_MAX); a segment may hold 255 bytes
 
 
@@ -181,7 +182,7 @@ def create_app(bank: AdapterBank, settings: ServeSettings | None = None) -> Fast
     async def authorize_and_count(request: Request, call_next):
         started = time.perf_counter()
         path = request.url.path
-        if settings.api_key and path != "/health" and not authorized(request, settings.api_key):
+        if settings.api_key and path not in PUBLIC and not authorized(request, settings.api_key):
             response = unauthorized(request)
         else:
             try:
@@ -407,7 +408,7 @@ def openapi_spec(app: FastAPI, settings: ServeSettings) -> dict:
             responses = operation["responses"]
             if "422" in responses:
                 responses["422"] = {"description": "A field is invalid", "content": ref}
-            if settings.api_key and path != "/health":
+            if settings.api_key and path not in PUBLIC:
                 responses.setdefault("401", {"description": "Missing or wrong API key", "content": ref})
     schemas = spec["components"]["schemas"]
     for name in ("HTTPValidationError", "ValidationError"):
