@@ -1,7 +1,6 @@
 """A new user's mistakes: nothing of theirs is destroyed (output folders with their files, merging onto the adapter,
 two runs into one folder), and every ordinary mistake is one line, not a traceback (subprocesses where it is the
 command line that is tested)."""
-import json
 import os
 import shutil
 import signal
@@ -11,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 
@@ -21,8 +19,8 @@ from peft_t5.commands.train import load_data, parse_train_args, shown, train
 from peft_t5.compare import rating_summary
 from peft_t5.errors import PeftT5Error
 from peft_t5.tasks import get_task
-from test_reliability import FAST, adapter_weights, run_cli
-from test_serve import AUTH, KEY, make_adapter, post
+from test_reliability import FAST, run_cli
+from test_serve import KEY, make_adapter, post
 
 ROOT = Path(__file__).resolve().parent.parent
 OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}

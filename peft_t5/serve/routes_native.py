@@ -1,0 +1,181 @@
+"""The native API's routes: generation, adapters loaded and unloaded at run time, blind rating. Each router is built
+over the server's bank, batcher and settings (create_app includes them)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from pydantic import AfterValidator
+
+from ..bank import BASE, AdapterBank
+from ..errors import PeftT5Error
+from .batcher import AdapterGone, Batcher
+from .ratings import RatingStore
+from .schemas import (ADAPTER_NAME, ApiError, GenerateRequest, LoadRequest, RateRequest, errors,
+                      unicode_text)
+
+
+def generation_routes(bank: AdapterBank, batcher: Batcher, settings, metrics) -> APIRouter:
+    router = APIRouter()
+
+    @router.post("/v1/generate", responses=errors(400, 401, 404, 413, 422))
+    async def generate(body: GenerateRequest):
+        names, sources, truncated, answer = check_generate(body)
+        try:
+            raws = await batcher.generate(names, sources, body.max_new_tokens, body.num_beams)
+        except AdapterGone as e:
+            raise ApiError(404, str(e), "adapter")
+        metrics.generated_tokens.inc(sum(len(ids) for ids in bank.tokenizer(raws).input_ids) if raws else 0)
+        return {"adapter": body.adapter, "outputs": [
+            {"output": answer(raw), "raw": raw, "truncated": cut} for raw, cut in zip(raws, truncated)]}
+
+    def check_generate(body: GenerateRequest):
+        if body.adapter not in bank.names:
+            raise ApiError(404, f"adapter: no adapter named {body.adapter!r}; loaded: {', '.join(bank.names)}",
+                           "adapter")
+        if body.prompt_of is not None and body.prompt_of not in bank.metadata:
+            raise ApiError(404, f"prompt_of: no adapter named {body.prompt_of!r}; loaded: "
+                                f"{', '.join(bank.metadata)}", "prompt_of")
+        if not body.inputs:
+            raise ApiError(422, "inputs: empty; send at least one input", "inputs")
+        if len(body.inputs) > settings.max_inputs:
+            raise ApiError(413, f"inputs: {len(body.inputs)} inputs, over this server's limit of {settings.max_inputs} "
+                                "a request; split them", "inputs")
+        for i, item in enumerate(body.inputs):
+            size = len(item) if isinstance(item, str) else sum(len(v) for v in item.values())
+            if size > settings.max_input_chars:
+                raise ApiError(413, f"inputs[{i}]: {size:,} characters, over this server's limit of "
+                                    f"{settings.max_input_chars:,}", f"inputs[{i}]")
+        if body.max_new_tokens > settings.max_new_tokens:
+            raise ApiError(422, f"max_new_tokens: {body.max_new_tokens} is over this server's limit of "
+                                f"{settings.max_new_tokens}", "max_new_tokens")
+        try:  # unloads run on the model thread: an adapter checked above may be gone by now
+            answer = bank.answerer(body.adapter)  # bound now, so that the reply needs no metadata
+            sources = bank.sources(body.adapter, body.inputs, body.prompt_of)
+            limit = bank.source_limit(body.adapter)
+        except PeftT5Error as e:
+            gone = [n for n in (body.adapter, body.prompt_of) if n and n not in bank.names]
+            if gone:
+                raise ApiError(404, f"adapter: {gone[0]!r} was unloaded before this request ran", "adapter")
+            raise ApiError(422, f"inputs: {e}", "inputs")
+        lengths = [len(ids) for ids in bank.tokenizer(sources).input_ids]
+        metrics.source_tokens.inc(sum(min(n, limit) for n in lengths))
+        return [body.adapter] * len(sources), sources, [n > limit for n in lengths], answer
+
+    return router
+
+
+def adapter_routes(bank: AdapterBank, batcher: Batcher, settings, rating: dict | None, pinned: set[str]) -> APIRouter:
+    """pinned: adapters blind rating needs loaded."""
+    router = APIRouter()
+
+    @router.get("/v1/adapters", responses=errors(401))
+    async def adapters():
+        return {"adapters": [describe(bank, name) for name in bank.names], "rating": rating or False}
+
+    @router.post("/v1/adapters", status_code=201, responses=errors(400, 401, 403, 404, 409, 422))
+    async def load_adapter(body: LoadRequest):
+        if settings.adapter_root is None:
+            raise ApiError(403, "loading adapters at run time is off; start the server with --adapter_root DIR")
+        if not ADAPTER_NAME.match(body.name) or body.name == BASE:
+            raise ApiError(422, f"name: {body.name!r} is not a valid adapter name (letters, digits, _ . -, at most "
+                                f"64, not '{BASE}')", "name")
+        path = inside_root(settings.adapter_root, body.path)
+        try:
+            meta = await batcher.on_model_thread(bank.add, body.name, str(path), settings.trust_pickle)
+        except PeftT5Error as e:
+            status = 409 if "already loaded" in str(e) else 404 if "no such adapter folder" in str(e) else 422
+            raise ApiError(status, str(e), "name" if status == 409 else "path")
+        return {"loaded": body.name, "task": meta.get("task")}
+
+    @router.delete("/v1/adapters/{name}", responses=errors(401, 404, 409))
+    async def unload_adapter(name: str):
+        if name not in bank.metadata:
+            raise ApiError(404, f"no adapter named {name!r}; loaded: {', '.join(bank.metadata)}", "name")
+        if name in pinned:
+            raise ApiError(409, f"{name!r} is rated blind on this server (its outputs, or its prompt for base); it "
+                                "stays loaded while rating is on", "name")
+        try:
+            await batcher.on_model_thread(bank.remove, name)
+        except PeftT5Error as e:
+            raise ApiError(409, str(e), "name")
+        return {"unloaded": name}
+
+    return router
+
+
+def rating_routes(bank: AdapterBank, batcher: Batcher, settings, store: RatingStore | None, systems: list[str],
+                  rate_prompt_of: str | None) -> APIRouter:
+    router = APIRouter()
+
+    def rating_store() -> RatingStore:
+        if store is None:
+            raise ApiError(404, "rating is off; start the server with --rate QUESTIONS --ratings ratings.db")
+        return store
+
+    @router.get("/v1/rate/next", responses=errors(401, 404, 422))
+    async def rate_next(rater: Annotated[str, Query(min_length=1, max_length=64), AfterValidator(unicode_text)]):
+        ratings = rating_store()
+        question_id = ratings.next_question(rater, len(settings.rate_questions))
+        if question_id is None:
+            return {"done": True}
+        question = settings.rate_questions[question_id]["question"]
+        outputs = ratings.cached_outputs(question_id)
+        if not set(systems) <= set(outputs):
+            sources = [bank.sources(s, [question], rate_prompt_of if s == BASE else None)[0] for s in systems]
+            raws = await batcher.generate(list(systems), sources, 64, 1)
+            ratings.cache_outputs(question_id, {s: bank.answer(s, r) for s, r in zip(systems, raws)})
+            outputs = ratings.cached_outputs(question_id)
+        return {"done": False, **ratings.show(question_id, question, {s: outputs[s] for s in systems}, rater)}
+
+    @router.post("/v1/ratings", status_code=201, responses=errors(400, 401, 403, 404, 422))
+    async def rate(body: RateRequest):
+        try:
+            stored = rating_store().rate(body.id, [s.model_dump() for s in body.scores], body.rater)
+        except KeyError:
+            raise ApiError(404, f"id: {body.id!r} was never shown; ask GET /v1/rate/next for an item", "id")
+        except PermissionError:
+            raise ApiError(403, f"id: {body.id!r} was shown to another rater; rate the items GET /v1/rate/next "
+                                "shows you", "id")
+        except ValueError as e:
+            raise ApiError(422, str(e), "scores")
+        return {"stored": stored}
+
+    @router.get("/v1/ratings/summary", responses=errors(401, 404))
+    async def summary():
+        return {"systems": rating_store().summary()}
+
+    return router
+
+
+def inside_root(root: str, path: str) -> Path:
+    """The folder `path` names under `root`, refused if it, or any file in it, resolves (symlinks followed)
+    outside the root."""
+    if "\x00" in path or any(len(os.fsencode(part)) > 255 for part in Path(path).parts):
+        raise ApiError(404, "path: no such adapter folder (no path holds a NUL byte or a name over 255 bytes); give "
+                            "a folder under the adapter root", "path")
+    base = Path(root).resolve()
+    try:
+        target = (base / path).resolve()
+        outside = [target] if not target.is_relative_to(base) else \
+            [p for p in (target.rglob("*") if target.is_dir() else ()) if not p.resolve().is_relative_to(base)]
+    except (OSError, RuntimeError) as e:  # a loop of links, a name too long for the file system
+        raise ApiError(422, f"path: {path[:100]!r} cannot be resolved ({type(e).__name__}); give a folder under the "
+                            "adapter root", "path")
+    if outside:
+        what = "" if outside[0] == target else f" (its {outside[0].relative_to(target)} links out)"
+        raise ApiError(403, f"path: {path!r} is outside the adapter root{what}; give a folder under it", "path")
+    return target
+
+
+def describe(bank: AdapterBank, name: str) -> dict:
+    if name == BASE:
+        return {"name": BASE, "task": None, "base_model": bank.base_name, "template": None}
+    meta = bank.metadata[name]
+    return {"name": name, "task": meta.get("task"), "base_model": meta.get("base_model"),
+            "template": meta.get("template"), "max_source_length": bank.source_limit(name),
+            "qlora": meta.get("qlora"), "metrics": {k: v for k, v in (meta.get("metrics") or {}).items()
+                                                    if k.startswith("eval_") and "runtime" not in k
+                                                    and "per_second" not in k}}

@@ -1,0 +1,79 @@
+"""What the HTTP API takes and gives: request bodies (strict, valid Unicode, limits the spec can state), the one
+error shape, and the exception routes raise to answer with it."""
+from __future__ import annotations
+
+import re
+from typing import Annotated, Union
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StrictStr
+
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MAX_PATH = 4096  # characters in a run-time adapter path (Linux's PATH_MAX); a segment may hold 255 bytes
+
+
+def unicode_text(text: str) -> str:
+    """JSON can carry a lone surrogate (\\ud800), which is no Unicode text: the tokenizer and SQLite fail on it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"not valid Unicode text (a lone surrogate at character {e.start}); send UTF-8 text")
+    return text
+
+
+def whole_number(value):
+    """JSON's 6.0 is the integer 6 (as JSON Schema says); "6" stays refused."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def Int(low: int, high: int | None = None):  # noqa: N802 (a type)
+    """A whole number in [low, high]: StrictInt's "6" refused, JSON's 6.0 accepted, the bounds in the spec."""
+    return Annotated[StrictInt, Field(ge=low, le=high), BeforeValidator(whole_number)]
+
+
+Text = Annotated[StrictStr, AfterValidator(unicode_text)]
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    adapter: Text
+    # the limits the server checks itself (its own messages, 413 for too many) are stated for clients in the spec
+    inputs: Annotated[list[Union[Text, dict[Text, Text]]], Field(json_schema_extra={"minItems": 1})]
+    prompt_of: Text | None = None
+    max_new_tokens: Int(1) = 64
+    num_beams: Int(1, 8) = 1
+
+
+class LoadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: Annotated[Text, Field(json_schema_extra={"pattern": ADAPTER_NAME.pattern})]
+    path: Annotated[StrictStr, Field(min_length=1, max_length=MAX_PATH), AfterValidator(unicode_text)]
+
+
+class Scores(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    funny: Int(1, 5)
+    appropriate: Int(1, 5)
+
+
+class RateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: Text
+    rater: Annotated[StrictStr, Field(min_length=1, max_length=64), AfterValidator(unicode_text)]
+    scores: list[Scores]
+
+
+class ErrorBody(BaseModel):
+    """Every error the server sends: one line, and the request field it is about."""
+    error: str
+    field: str | None = None
+
+
+def errors(*statuses: int) -> dict:
+    """The error responses a route sends, for the OpenAPI spec."""
+    return {status: {"model": ErrorBody} for status in statuses}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, field: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.field = status, message, field
