@@ -46,7 +46,7 @@ def write_atomically(output_dir: Path, write, owns: tuple[str, ...] = ADAPTER_OW
         write(tmp)
         apply_umask(tmp)
         for old in output_dir.iterdir() if output_dir.is_dir() else ():
-            if (tmp / old.name).exists() or any(fnmatch.fnmatch(old.name, pattern) for pattern in owns):
+            if (tmp / old.name).exists() or matches(old.name, owns):
                 continue
             if old.is_dir() and not old.is_symlink():
                 shutil.copytree(old, tmp / old.name, copy_function=os.link, symlinks=True)
@@ -124,9 +124,12 @@ def save_adapter(model, tokenizer, output_dir: str | Path, metadata: dict, model
 def foreign_files(folder: str | Path, owns: tuple[str, ...] = ADAPTER_OWNS) -> list[str]:
     """The entries of a folder that no save of the toolkit wrote (training also writes checkpoints/ and runs/)."""
     folder = Path(folder)
-    ours = (*owns, "checkpoints", "runs")
-    return sorted(p.name for p in folder.iterdir() if not any(fnmatch.fnmatch(p.name, o) for o in ours)) \
+    return sorted(p.name for p in folder.iterdir() if not matches(p.name, (*owns, "checkpoints", "runs"))) \
         if folder.is_dir() else []
+
+
+def matches(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatch(name, pattern) for pattern in patterns)
 
 
 def is_adapter_dir(path: str | Path) -> bool:
@@ -157,6 +160,13 @@ def check_adapter_dir(adapter_dir: str | Path, trust_pickle: bool = False) -> No
     else:
         raise PeftT5Error(f"{path}: no adapter_model.safetensors, so no adapter weights; pass the folder that "
                           "train_lora.py wrote")
+
+
+def adapter_method(adapter_dir: str | Path):
+    """The PEFT method (methods.Method) of a saved adapter, from its adapter_config.json."""
+    from .methods import method_of
+
+    return method_of(json.loads((Path(adapter_dir) / "adapter_config.json").read_text(encoding="utf-8")))
 
 
 def read_metadata(adapter_dir: str | Path, trust_pickle: bool = False) -> dict:

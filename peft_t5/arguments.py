@@ -8,6 +8,7 @@ from transformers.trainer_utils import IntervalStrategy, SaveStrategy, Scheduler
 from transformers.training_args import OptimizerNames
 
 from .errors import PeftT5Error
+from .methods import INIT_LORA_WEIGHTS, METHOD_FLAGS, METHODS, REFUSED
 from .tasks import task_names
 
 
@@ -50,13 +51,39 @@ class DataArguments:
 
 @dataclass
 class LoraArguments:
-    _argument_group_name = "LoRA"
+    """The PEFT method and its flags. Unset flags are None: the method's own defaults fill them (methods.DEFAULTS),
+    and a flag of another method is refused."""
 
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input, in [0, 1)."})
-    target_modules: list[str] = field(default_factory=lambda: ["q", "v"], metadata={
-        "help": "Module names to adapt (T5: q k v o wi wo wi_0 wi_1), or all-linear."})
+    _argument_group_name = "PEFT method"
+
+    method: str = field(default="lora", metadata={
+        "help": "lora, dora, ia3, adalora, prompt_tuning or vera (default lora).",
+        "choices": [*METHODS, *REFUSED]})
+    lora_r: int | None = field(default=None, metadata={"help": "lora, dora, vera: the rank (16; vera's shared "
+                                                               "matrices take 16 too)."})
+    lora_alpha: int | None = field(default=None, metadata={"help": "lora, dora, adalora: scaling numerator (32; "
+                                                                   "scale = alpha / r)."})
+    lora_dropout: float | None = field(default=None, metadata={"help": "lora, dora, adalora, vera: dropout on the "
+                                                                       "adapter's input, in [0, 1) (0.05)."})
+    target_modules: list[str] | None = field(default=None, metadata={
+        "help": "lora, dora, adalora, vera: module names to adapt (T5: q k v o wi wo wi_0 wi_1), or all-linear "
+                "(default: q v)."})
+    init_lora_weights: str | None = field(default=None, metadata={
+        "help": "lora, dora: default (B = 0), gaussian, pissa or olora (start from the weights' principal or "
+                "orthonormal directions).", "choices": list(INIT_LORA_WEIGHTS)})
+    loraplus_lr_ratio: float | None = field(default=None, metadata={
+        "help": "lora, dora: LoRA+, B's learning rate is this many times A's (e.g. 16)."})
+    num_virtual_tokens: int | None = field(default=None, metadata={"help": "prompt_tuning: soft prompt length (20)."})
+    init_r: int | None = field(default=None, metadata={"help": "adalora: starting rank of each layer (12)."})
+    target_r: int | None = field(default=None, metadata={"help": "adalora: average rank it ends with (4)."})
+    tinit: float | None = field(default=None, metadata={"help": "adalora: share of the steps before ranks are "
+                                                                "pruned (0.1)."})
+    tfinal: float | None = field(default=None, metadata={"help": "adalora: share of the steps at the end with ranks "
+                                                                 "fixed (0.3)."})
+    deltaT: int | None = field(default=None, metadata={"help": "adalora: steps between reallocations (1)."})
+
+    def given(self) -> dict:
+        return {flag: getattr(self, flag) for flag in METHOD_FLAGS}
 
 
 @dataclass

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .adapters import check_adapter_fits, read_metadata
+from .adapters import adapter_method, check_adapter_fits, read_metadata
 from .errors import PeftT5Error
 from .generation import generate_texts, no_answer_probs
 from .tasks import Task, get_task, template_fields
@@ -24,6 +24,7 @@ class AdapterBank:
     tokenizer: object
     metadata: dict[str, dict] = field(default_factory=dict)  # adapter name -> its peft_t5.json
     base_name: str = "model"  # the base as given (Hub id, folder, tiny)
+    methods: dict[str, object] = field(default_factory=dict)  # adapter name -> its methods.Method
 
     @classmethod
     def load(cls, base, adapters: dict[str, str], qlora: bool = False, trust_pickle: bool = False) -> "AdapterBank":
@@ -38,6 +39,8 @@ class AdapterBank:
         if BASE in adapters:
             raise PeftT5Error(f"'{BASE}' is reserved for the model with adapters disabled; name the adapter otherwise")
         metadata = {name: read_metadata(path, trust_pickle) for name, path in adapters.items()}
+        methods = {name: adapter_method(path) for name, path in adapters.items()}
+        one_base_methods(methods)
         first = next(iter(adapters))
         base_name = base if isinstance(base, str) else getattr(getattr(base, "config", None), "name_or_path", "model")
         if base is None:
@@ -53,7 +56,7 @@ class AdapterBank:
             else:
                 model.load_adapter(path, adapter_name=name)
         model.eval()
-        return cls(model, AutoTokenizer.from_pretrained(adapters[first]), metadata, base_name)
+        return cls(model, AutoTokenizer.from_pretrained(adapters[first]), metadata, base_name, methods)
 
     @property
     def names(self) -> list[str]:
@@ -101,7 +104,6 @@ class AdapterBank:
         task = None if name == BASE else self._meta(name).get("task")
         return get_task(task).answer_from_output if task else (lambda output: output)
 
-
     def generate(self, name: str, inputs: list, prompt_of: str | None = None, raw: bool = False,
                  na_threshold: float | None = None, **kwargs) -> list[str]:
         """Answers from adapter `name` (or `base`), the prompt template applied from its metadata.
@@ -141,9 +143,24 @@ class AdapterBank:
         """Raw outputs for ready-made prompts, source i through adapter names[i], each truncated as it was trained."""
         if len(set(names)) == 1:  # one adapter: PEFT's per-adapter sub-batches would only add overhead
             return self.generate_switched(names[0], sources, **kwargs)
+        if not self.mixes(set(names)):  # a method PEFT's adapter_names cannot mix
+            return self.generate_per_adapter(names, sources, **kwargs)
         adapter_names = ["__base__" if n == BASE else n for n in names]  # PEFT's name for "no adapter"
         kwargs.setdefault("max_source_length", [self.source_limit(n) for n in names])
         return generate_texts(self.model, self.tokenizer, sources, adapter_names=adapter_names, **kwargs)
+
+    def generate_per_adapter(self, names: list[str], sources: list[str], **kwargs) -> list[str]:
+        """Raw outputs, one sub-batch per adapter (each made active in turn), in the order of `sources`."""
+        outputs = [""] * len(sources)
+        for name in dict.fromkeys(names):
+            rows = [i for i, n in enumerate(names) if n == name]
+            for i, text in zip(rows, self.generate_switched(name, [sources[i] for i in rows], **kwargs)):
+                outputs[i] = text
+        return outputs
+
+    def mixes(self, names: set[str]) -> bool:
+        """Whether these adapters (and base) run in one batch (PEFT's adapter_names), or need one sub-batch each."""
+        return all(self.methods[n].mixed_batches for n in names if n != BASE and n in self.methods)
 
     def source_limit(self, name: str) -> int:
         """The source length (tokens) the adapter was trained with; 512 for the base."""
@@ -154,9 +171,11 @@ class AdapterBank:
         if name == BASE or name in self.metadata:
             raise PeftT5Error(f"an adapter named {name!r} is already loaded; unload it first or pick another name")
         meta = read_metadata(path, trust_pickle)
+        method = adapter_method(path)
+        one_base_methods({**self.methods, name: method})
         check_adapter_fits(self.model.get_base_model(), path, self.base_name)
         self.model.load_adapter(path, adapter_name=name)
-        self.metadata[name] = meta
+        self.metadata[name], self.methods[name] = meta, method
         return meta
 
     def remove(self, name: str) -> None:
@@ -165,4 +184,19 @@ class AdapterBank:
         if len(self.metadata) == 1:
             raise PeftT5Error(f"{name!r} is the only adapter loaded; load another before unloading it")
         self.model.delete_adapter(name)
-        del self.metadata[name]
+        del self.metadata[name], self.methods[name]
+
+
+def one_base_methods(methods: dict) -> None:
+    """PEFT holds adapters of one type on one loaded base (LoRA and DoRA are one type): refuse a mix, naming it."""
+    types = {}
+    for name, method in methods.items():
+        types.setdefault("lora" if method.name == "dora" else method.name, name)
+    if len(types) > 1:
+        (a, first), (b, second) = list(types.items())[:2]
+        raise PeftT5Error(f"adapters {first!r} ({a}) and {second!r} ({b}) are of different PEFT methods, which one "
+                          "loaded base cannot hold together yet; serve or load them on separate bases")
+    single = [name for name, method in methods.items() if method.one_per_base]
+    if len(single) > 1:
+        raise PeftT5Error(f"adapters {single[0]!r} and {single[1]!r} are both {methods[single[0]].name}, of which PEFT "
+                          "holds one on a loaded base; serve or load them on separate bases")

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from .errors import PeftT5Error
-from .modeling import TINY, TINY_DIR, add_lora
+from .methods import METHODS
+from .modeling import TINY, TINY_DIR, add_adapter, add_lora
 
 GIB = 1024**3
 NF4_BYTES = 0.5 + (8 / 64 + 32 / (64 * 256)) / 8  # 4 bits + double-quantized absmax (8 bits per 64, fp32 per 256 blocks)
@@ -75,10 +76,18 @@ def estimate(name: str, optim: str = "adafactor", r: int = 16, target_modules=No
         return {"weights_gib": weights_bytes / GIB, "gradients_gib": 4 * grad_numel / GIB,
                 "optimizer_gib": optim_bytes / GIB, "total_gib": (weights_bytes + 4 * grad_numel + optim_bytes) / GIB}
 
+    methods = {}
+    for method in METHODS.values():  # each on a fresh meta model: PEFT injects its layers in place
+        adapted = add_adapter(meta_model(config), method.build(method.settings({}), 1000))
+        numel, _ = adapted.get_nb_trainable_parameters()
+        methods[method.name] = {"trainable_parameters": numel, **setup(4 * total + 4 * numel, numel,
+                                                                     [p.shape for p in adapted.parameters()
+                                                                      if p.requires_grad])}
     return {
         "model": name,
         "optimizer": optim,
         "total_parameters": total,
+        "methods": methods,  # each method with its defaults, on an fp32 base
         "trainable_parameters": {"full": total, "lora": trainable, "qlora": trainable},
         "full": setup(4 * total, total, full_shapes),
         "lora": setup(4 * with_adapter, trainable, lora_shapes),
@@ -95,4 +104,9 @@ def format_estimate(e: dict) -> str:
         m = e[setup]
         lines.append(f"{setup:8} {e['trainable_parameters'][setup]:>14,} {m['weights_gib']:>9.3f} "
                      f"{m['gradients_gib']:>9.3f} {m['optimizer_gib']:>9.3f} {m['total_gib']:>9.3f}")
+    if "methods" in e:
+        lines.append("PEFT methods with their defaults (fp32 base; --method and its flags in train_lora.py):")
+        for name, m in e["methods"].items():
+            lines.append(f"{name:14} {m['trainable_parameters']:>9,} {m['weights_gib']:>9.3f} "
+                         f"{m['gradients_gib']:>9.3f} {m['optimizer_gib']:>9.3f} {m['total_gib']:>9.3f}")
     return "\n".join(lines)

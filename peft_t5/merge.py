@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .adapters import MODEL_OWNS, check_adapter_fits, check_writable_folder, read_metadata, write_atomically
+from .adapters import MODEL_OWNS, adapter_method, check_adapter_fits, check_writable_folder, read_metadata, write_atomically
 from .errors import PeftT5Error
 
 LORA_TOLERANCE = 1e-4  # float32 merge vs unmerged: only summation order differs
@@ -66,6 +66,9 @@ def merge_adapter(adapter_dir: str, output: str, base: str | None = None, dtype:
     from .modeling import load_base_model, quantization_config
 
     meta = read_metadata(adapter_dir, trust_pickle)
+    method = adapter_method(adapter_dir)
+    if not method.can_merge:
+        raise PeftT5Error(f"{adapter_dir}: a {method.name} adapter cannot be merged: {method.why_no_merge}")
     base_name = base or meta.get("base_model")
     if not base_name:
         raise PeftT5Error(f"{adapter_dir}: no base model recorded in peft_t5.json; pass --base")

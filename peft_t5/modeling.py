@@ -17,10 +17,10 @@ from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer, PreTr
 from .errors import PeftT5Error
 from .hub import TINY, model_problem
 from .logs import explain_4bit_kernels
+from .methods import get_method
 TINY_DIR = Path(__file__).resolve().parent / "tiny"
 DATA_DIR = Path(__file__).resolve().parent / "data"
 TINY_SEED = 0
-LORA_DEFAULT_TARGETS = ["q", "v"]
 TOKENIZER_FILES = ("tokenizer.json", "spiece.model")  # a T5 tokenizer: the fast one's JSON or sentencepiece's model  # T5's attention query and value projections
 
 
@@ -208,28 +208,15 @@ def linear_module_names(model: torch.nn.Module) -> list[str]:
                    if isinstance(m, torch.nn.Linear) or type(m).__name__.startswith("Linear")})
 
 
-def lora_config(r: int = 16, alpha: int = 32, dropout: float = 0.05, target_modules=None):
-    from peft import LoraConfig, TaskType
-
-    if r < 1:
-        raise PeftT5Error(f"--lora_r {r}: the rank must be at least 1")
-    if not 0 <= dropout < 1:
-        raise PeftT5Error(f"--lora_dropout {dropout}: must be in [0, 1)")
-    targets = target_modules or LORA_DEFAULT_TARGETS
-    if targets in (["all-linear"], "all-linear"):
-        targets = "all-linear"
-    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-                      task_type=TaskType.SEQ_2_SEQ_LM)
-
-
-def add_lora(model: PreTrainedModel, r: int = 16, alpha: int = 32, dropout: float = 0.05, target_modules=None):
-    """Wrap `model` with a fresh LoRA adapter; a 4-bit model is first prepared for k-bit training."""
+def add_adapter(model: PreTrainedModel, config):
+    """Wrap `model` with a fresh adapter of a PEFT config (see methods.py); a 4-bit model is first prepared for
+    k-bit training, and target modules that match no layer are refused."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    config = lora_config(r, alpha, dropout, target_modules)
-    if config.target_modules != "all-linear":
+    targets = getattr(config, "target_modules", None)
+    if targets and targets != "all-linear":
         existing = linear_module_names(model)
-        missing = sorted(set(config.target_modules) - set(existing))
+        missing = sorted(set(targets) - set(existing))
         if missing:
             raise PeftT5Error(f"--target_modules {','.join(missing)} match no layer of this model; "
                               f"its linear layers are named: {', '.join(existing)}")
@@ -237,6 +224,14 @@ def add_lora(model: PreTrainedModel, r: int = 16, alpha: int = 32, dropout: floa
         # T5 in k-bit needs this (fp32 norms, input grads) or backward fails with "does not require grad".
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return get_peft_model(model, config)
+
+
+def add_lora(model: PreTrainedModel, r: int = 16, alpha: int = 32, dropout: float = 0.05, target_modules=None):
+    """Wrap `model` with a fresh LoRA adapter (the default method, with its usual flags)."""
+    lora = get_method("lora")
+    settings = lora.settings({"lora_r": r, "lora_alpha": alpha, "lora_dropout": dropout,
+                              "target_modules": target_modules})
+    return add_adapter(model, lora.build(settings, 0))
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

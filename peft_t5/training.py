@@ -184,6 +184,17 @@ class StopOnNonFiniteLoss(TrainerCallback):
             self._stop(args, state.global_step, f"the training loss became {loss}")
 
 
+class AdaLoraRankBudget(TrainerCallback):
+    """AdaLoRA moves rank between layers by the gradients' sensitivity: after each optimizer step, before the
+    gradients are zeroed (PEFT's update_and_allocate), as its training loop needs."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.model.base_model.update_and_allocate(state.global_step)
+
+
 class ThroughputClock(TrainerCallback):
     """Starts the throughput meter when training starts, on the training device."""
 
@@ -239,7 +250,7 @@ def plot_loss_curves(log_history: list[dict], path: Path, title: str | None = No
 
 def build_trainer(model, tokenizer, task: Task, train_dataset, eval_dataset, training_args,
                   generation_records: list[dict], max_source_length: int, max_target_length: int,
-                  max_tokens_per_batch: int | None = None) -> TaskTrainer:
+                  max_tokens_per_batch: int | None = None, loraplus_lr_ratio: float | None = None) -> TaskTrainer:
     if torch.cuda.is_available():
         # cuDNN's attention builds a new plan for every new sequence length, ~40 ms a call on an H100 (measured);
         # dynamic padding changes the length every batch. The other SDPA kernels need no plan.
@@ -260,7 +271,16 @@ def build_trainer(model, tokenizer, task: Task, train_dataset, eval_dataset, tra
         max_tokens_per_batch=max_tokens_per_batch,
     )
     trainer.add_callback(ThroughputClock(trainer.throughput))
+    if getattr(model, "peft_type", None) == "ADALORA":
+        trainer.add_callback(AdaLoraRankBudget(model))
     trainer.optimizer_cls_and_kwargs = optimizer_for(training_args)  # Seq2SeqTrainer's __init__ does not pass it on
+    if loraplus_lr_ratio:  # LoRA+: B learns loraplus_lr_ratio times faster than A, in the optimizer the run uses
+        from peft.optimizers import create_loraplus_optimizer
+
+        cls, kwargs = trainer.optimizer_cls_and_kwargs or Seq2SeqTrainer.get_optimizer_cls_and_kwargs(training_args, model)
+        trainer.optimizer = create_loraplus_optimizer(model, cls, lr=training_args.learning_rate,
+                                                      loraplus_lr_ratio=loraplus_lr_ratio,
+                                                      **{k: v for k, v in kwargs.items() if k != "lr"})
     return trainer
 
 

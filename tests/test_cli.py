@@ -204,12 +204,13 @@ def test_model_card_says_how_to_load_this_adapter_and_lists_only_task_metrics():
     from peft_t5.commands.train import model_card
 
     meta = {"task": "jokes", "base_model": "tiny", "qlora": False, "template": "{question}",
-            "lora": {"r": 16, "alpha": 32, "target_modules": ["q", "v"]},
+            "method": "lora", "settings": {"lora_r": 16, "lora_alpha": 32, "target_modules": ["q", "v"]},
             "metrics": {"eval_loss": 2.5, "eval_rougeL": 10.0, "eval_runtime": 3.2, "eval_samples_per_second": 9.0,
                         "epoch": 1.0}}
     card = model_card(meta, "adapters/jokes")
     assert "base = tiny_model()" in card and 'from_pretrained("tiny")' not in card and "github.com/" not in card
     assert 'PeftModel.from_pretrained(base, "adapters/jokes")' in card
+    assert "A lora adapter (lora_r=16, lora_alpha=32, target_modules=['q', 'v'])" in card
     assert "| eval_loss | 2.5 |" in card and "| eval_rougeL | 10 |" in card
     assert "runtime" not in card and "per_second" not in card and "| epoch" not in card
     card = model_card(dict(meta, base_model="models/my-flan-t5"), "adapters/jokes")  # a recorded base: a folder

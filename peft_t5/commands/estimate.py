@@ -29,6 +29,6 @@ def estimate_main(argv: list[str]) -> None:
 
     result = estimate(args.model, optim=args.optim, r=args.lora_r, target_modules=args.target_modules)
     if args.qlora:
-        result = {k: v for k, v in result.items() if k not in ("full", "lora")}
+        result = {k: v for k, v in result.items() if k not in ("full", "lora", "methods")}
         result["trainable_parameters"] = {"qlora": result["trainable_parameters"]["qlora"]}
     print(json.dumps(result, indent=2) if args.json else format_estimate(result))

@@ -13,6 +13,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from ..errors import Interrupted, PeftT5Error
+from ..methods import get_method
 from ..outputs import checkpoint_problem, checkpoints_newest_first, output_lock, saving_into
 
 logger = logging.getLogger(__name__)
@@ -205,6 +206,7 @@ def resume_checkpoint(training_args, say) -> str | None:
 def model_card(meta: dict, adapter_dir: str) -> str:
     from ..modeling import TINY
 
+    settings = ", ".join(f"{k}={v}" for k, v in meta["settings"].items() if v is not None) or "PEFT's defaults"
     metrics = "\n".join(f"| {k} | {v:.4g} |" for k, v in meta["metrics"].items()
                         if isinstance(v, (int, float)) and not any(w in k for w in ("runtime", "per_second", "epoch")))
     if meta["base_model"] == TINY:  # not on the Hub: the toolkit builds it
@@ -214,12 +216,12 @@ def model_card(meta: dict, adapter_dir: str) -> str:
     return f"""---
 library_name: peft
 base_model: {meta['base_model']}
-tags: [peft, lora, t5, peft-t5, {meta['task']}]
+tags: [peft, {meta['method']}, t5, peft-t5, {meta['task']}]
 ---
 # {meta['task']} adapter for {meta['base_model']}
 
-A {'QLoRA (4-bit NF4 base)' if meta['qlora'] else 'LoRA'} adapter (r={meta['lora']['r']}, alpha={meta['lora']['alpha']},
-targets {meta['lora']['target_modules']}) trained with peft-t5 on the `{meta['task']}` task.
+A {meta['method']} adapter{' on a 4-bit NF4 base (QLoRA)' if meta['qlora'] else ''} ({settings}) trained with
+peft-t5 on the `{meta['task']}` task.
 
 Prompt template: `{meta['template']}`
 
@@ -294,6 +296,21 @@ def load_data(task, data_args, training_args, say) -> tuple:
     return train_records, eval_records, splits.get("test") or []
 
 
+def planned_steps(method, training_args, train_records, budget: int | None) -> int:
+    """The optimizer steps the run will take, for a method whose schedule spans the run (AdaLoRA); 0 for others."""
+    import math
+
+    if not method.needs_steps or training_args.max_steps > 0:
+        return max(training_args.max_steps, 0)
+    if budget:
+        raise PeftT5Error(f"--method {method.name} plans its schedule over the run's steps, and with batches by tokens "
+                          "their number is known only once batching starts; pass --max_steps, or "
+                          "--max_tokens_per_batch 0")
+    per_step = (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+                * training_args.world_size)
+    return math.ceil(math.ceil(len(train_records) / per_step) * training_args.num_train_epochs)
+
+
 def token_budget(training_args, model, streaming: bool, say) -> int | None:
     """--max_tokens_per_batch as a number (None: batches by count), and a line saying what was chosen."""
     from ..batching import auto_token_budget
@@ -325,12 +342,14 @@ def run_training(argv: list[str], held: ExitStack) -> dict:
 
     from ..adapters import save_adapter
     from ..data import tokenize, tokenize_stream
-    from ..modeling import TINY, add_lora, count_parameters, load_base_model, load_tokenizer, quantization_config
+    from ..modeling import TINY, add_adapter, count_parameters, load_base_model, load_tokenizer, quantization_config
     from ..tasks import get_task
     from ..training import build_trainer, gathered_state_dict, plot_loss_curves
 
     warn_single_process_launch()
     model_args, data_args, lora_args, training_args = parse_train_args(argv)
+    method = get_method(lora_args.method)
+    settings = method.settings(lora_args.given())  # a flag of another method is refused before anything is written
     if not sys.stderr.isatty() and not any(a.startswith("--disable_tqdm") for a in argv):
         training_args.disable_tqdm = True  # a log file gets a plain line per logging step, not bar redraws
     task = get_task(data_args.task)
@@ -351,8 +370,8 @@ def run_training(argv: list[str], held: ExitStack) -> dict:
     transformers.set_seed(training_args.seed)  # before the LoRA init, so that a run is reproducible from its seed
     dtype = torch.bfloat16 if training_args.bf16 else torch.float32
     base = load_base_model(model_args.model, qlora=model_args.qlora, dtype=dtype, trust_pickle=model_args.trust_pickle)
-    model = add_lora(base, lora_args.lora_r,
-                     lora_args.lora_alpha, lora_args.lora_dropout, lora_args.target_modules)
+    budget = token_budget(training_args, base, data_args.streaming, say)
+    model = add_adapter(base, method.build(settings, planned_steps(method, training_args, train_records, budget)))
     trainable, total = count_parameters(model)
     say(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
 
@@ -366,9 +385,9 @@ def run_training(argv: list[str], held: ExitStack) -> dict:
     eval_dataset, eval_stats = tokenize(task, eval_records, tokenizer, **lengths)
     say(f"validation set: {eval_stats}")
 
-    budget = token_budget(training_args, model, data_args.streaming, say)
     trainer = build_trainer(model, tokenizer, task, train_dataset, eval_dataset, training_args,
-                            eval_records[:data_args.generation_eval_samples], **lengths, max_tokens_per_batch=budget)
+                            eval_records[:data_args.generation_eval_samples], **lengths, max_tokens_per_batch=budget,
+                            loraplus_lr_ratio=settings.get("loraplus_lr_ratio"))
     resume = resume_checkpoint(training_args, say)
     started = time.time()
     try:
@@ -390,8 +409,7 @@ def run_training(argv: list[str], held: ExitStack) -> dict:
         "truncate_field": task.truncate_field, "qlora": model_args.qlora,
         "quantization": quantization_config().to_dict() if model_args.qlora else None,
         "max_source_length": data_args.max_source_length, "max_target_length": data_args.max_target_length,
-        "lora": {"r": lora_args.lora_r, "alpha": lora_args.lora_alpha, "dropout": lora_args.lora_dropout,
-                 "target_modules": lora_args.target_modules},
+        "method": method.name, "settings": settings,
         "data": data_args.data, "streaming": data_args.streaming,
         "train_records": None if data_args.streaming else len(train_records),
         "truncation": vars(stats) if stats else None, "processes": training_args.world_size,
@@ -407,7 +425,8 @@ def run_training(argv: list[str], held: ExitStack) -> dict:
                      model_card(meta, str(adapter_dir)), {"loss_curve.png": curve}, state_dict=state_dict)
     print(f"validation loss: {loss_before:.4f} before training -> {metrics['eval_loss']:.4f} after"
           if loss_before is not None else f"validation loss: {metrics['eval_loss']:.4f}")
-    print(f"{task.main_metric}: {metrics.get('eval_' + task.main_metric, float('nan')):.2f}")
+    if f"eval_{task.main_metric}" in metrics:  # not with --generation_eval_samples 0
+        print(f"{task.main_metric}: {metrics[f'eval_{task.main_metric}']:.2f}")
     print(f"adapter saved to {adapter_dir}/ (adapter_model.safetensors, loss_curve.png, README.md)")
 
     del trainer, model

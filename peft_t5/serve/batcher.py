@@ -117,11 +117,7 @@ class Batcher:
         max_new_tokens, num_beams = options
         kwargs = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, batch_size=max(1, len(sources)))
         if self.mode == "switch":
-            outputs = [""] * len(sources)
-            for name in dict.fromkeys(names):
-                idx = [i for i, n in enumerate(names) if n == name]
-                for i, text in zip(idx, self.bank.generate_switched(name, [sources[i] for i in idx], **kwargs)):
-                    outputs[i] = text
+            outputs = self.bank.generate_per_adapter(names, sources, **kwargs)
         else:
             outputs = self.bank.generate_sources(names, sources, **kwargs) if sources else []
         self.on_batch(len(sources), time.perf_counter() - started)

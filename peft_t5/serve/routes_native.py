@@ -73,7 +73,8 @@ def adapter_routes(bank: AdapterBank, batcher: Batcher, settings, rating: dict |
 
     @router.get("/v1/adapters", responses=errors(401))
     async def adapters():
-        return {"adapters": [describe(bank, name) for name in bank.names], "rating": rating or False}
+        described = (describe(bank, name) for name in bank.names)
+        return {"adapters": [d for d in described if d], "rating": rating or False}
 
     @router.post("/v1/adapters", status_code=201, responses=errors(400, 401, 403, 404, 409, 422))
     async def load_adapter(body: LoadRequest):
@@ -170,11 +171,15 @@ def inside_root(root: str, path: str) -> Path:
     return target
 
 
-def describe(bank: AdapterBank, name: str) -> dict:
+def describe(bank: AdapterBank, name: str) -> dict | None:
+    """What GET /v1/adapters says of an adapter; None where it was unloaded meanwhile (on the model thread)."""
     if name == BASE:
         return {"name": BASE, "task": None, "base_model": bank.base_name, "template": None}
-    meta = bank.metadata[name]
-    return {"name": name, "task": meta.get("task"), "base_model": meta.get("base_model"),
+    meta, method = bank.metadata.get(name), bank.methods.get(name)
+    if meta is None or method is None:
+        return None
+    return {"name": name, "task": meta.get("task"), "base_model": meta.get("base_model"), "method": method.name,
+            "batches": "mixed with other adapters" if method.mixed_batches else "one sub-batch per adapter",
             "template": meta.get("template"), "max_source_length": bank.source_limit(name),
             "qlora": meta.get("qlora"), "metrics": {k: v for k, v in (meta.get("metrics") or {}).items()
                                                     if k.startswith("eval_") and "runtime" not in k

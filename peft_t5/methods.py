@@ -1,0 +1,135 @@
+"""The PEFT methods peft-t5 trains, one row each (as PEFT's tuners/): the flags that are the method's own, the PEFT
+config built from them, and what the method supports (merging, mixing adapters in one batch, a 4-bit base).
+
+    method = get_method("ia3")
+    settings = method.settings(given)        # given: flag -> value the user set; defaults filled, others refused
+    config = method.build(settings, total_steps)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from .errors import PeftT5Error
+
+DEFAULTS = {  # every method flag's default; a method takes only those in its row
+    "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": ["q", "v"],
+    "init_lora_weights": "default", "loraplus_lr_ratio": None,
+    "num_virtual_tokens": 20,
+    "init_r": 12, "target_r": 4, "tinit": 0.1, "tfinal": 0.3, "deltaT": 1,
+}
+LORA_FLAGS = ("lora_r", "lora_alpha", "lora_dropout", "target_modules", "init_lora_weights", "loraplus_lr_ratio")
+INIT_LORA_WEIGHTS = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
+
+
+def _lora(s: dict, total_steps: int, use_dora: bool = False):
+    from peft import LoraConfig, TaskType
+
+    if s["lora_r"] < 1:
+        raise PeftT5Error(f"--lora_r {s['lora_r']}: the rank must be at least 1")
+    if not 0 <= s["lora_dropout"] < 1:
+        raise PeftT5Error(f"--lora_dropout {s['lora_dropout']}: must be in [0, 1)")
+    return LoraConfig(r=s["lora_r"], lora_alpha=s["lora_alpha"], lora_dropout=s["lora_dropout"],
+                      target_modules=targets(s["target_modules"]), use_dora=use_dora,
+                      init_lora_weights=INIT_LORA_WEIGHTS[s["init_lora_weights"]], task_type=TaskType.SEQ_2_SEQ_LM)
+
+
+def _ia3(s: dict, total_steps: int):
+    from peft import IA3Config, TaskType
+
+    return IA3Config(task_type=TaskType.SEQ_2_SEQ_LM)  # PEFT's T5 rows: scale k, v and wo (wo as feed-forward)
+
+
+def _adalora(s: dict, total_steps: int):
+    from peft import AdaLoraConfig, TaskType
+
+    if not s["target_r"] <= s["init_r"]:
+        raise PeftT5Error(f"--target_r {s['target_r']} is over --init_r {s['init_r']}: AdaLoRA shrinks the rank budget")
+    tinit, tfinal = round(s["tinit"] * total_steps), round(s["tfinal"] * total_steps)
+    if tinit + tfinal >= total_steps:
+        raise PeftT5Error(f"--tinit {s['tinit']} and --tfinal {s['tfinal']} (shares of the {total_steps} steps) leave "
+                          "no steps to reallocate the rank in; lower them or train longer")
+    return AdaLoraConfig(init_r=s["init_r"], target_r=s["target_r"], tinit=tinit, tfinal=tfinal, deltaT=s["deltaT"],
+                         total_step=total_steps, lora_alpha=s["lora_alpha"], lora_dropout=s["lora_dropout"],
+                         target_modules=targets(s["target_modules"]), task_type=TaskType.SEQ_2_SEQ_LM)
+
+
+def _prompt_tuning(s: dict, total_steps: int):
+    from peft import PromptTuningConfig, TaskType
+
+    if s["num_virtual_tokens"] < 1:
+        raise PeftT5Error(f"--num_virtual_tokens {s['num_virtual_tokens']}: must be at least 1")
+    return PromptTuningConfig(num_virtual_tokens=s["num_virtual_tokens"], task_type=TaskType.SEQ_2_SEQ_LM)
+
+
+def _vera(s: dict, total_steps: int):
+    from peft import TaskType, VeraConfig
+
+    return VeraConfig(r=s["lora_r"], vera_dropout=s["lora_dropout"], target_modules=targets(s["target_modules"]),
+                      task_type=TaskType.SEQ_2_SEQ_LM)
+
+
+def targets(modules):
+    return "all-linear" if modules in (["all-linear"], "all-linear") else modules
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    flags: tuple[str, ...]  # the method's own flags; any other method flag is refused
+    build: Callable[[dict, int], object]  # (settings, total training steps) -> a PEFT config
+    can_merge: bool  # PEFT's merge_and_unload gives a plain model
+    mixed_batches: bool  # PEFT's adapter_names mixes adapters of this method in one batch
+    kbit: bool  # trains on a 4-bit base (--qlora)
+    why_no_merge: str = ""
+    needs_steps: bool = False  # its schedule spans the run: the total number of steps must be known
+    one_per_base: bool = False  # PEFT holds one adapter of it on a loaded base
+
+    def settings(self, given: dict) -> dict:
+        """The user's flags for this method, with defaults for the rest; a flag of another method is refused."""
+        foreign = [flag for flag, value in given.items() if value is not None and flag not in self.flags]
+        if foreign:
+            takes = ", ".join(f"--{f}" for f in self.flags) or "no flags of its own"
+            raise PeftT5Error(f"--{foreign[0]} does not apply to --method {self.name} (it takes {takes}); leave it out")
+        return {flag: given[flag] if given.get(flag) is not None else DEFAULTS[flag] for flag in self.flags}
+
+
+METHODS = {m.name: m for m in (
+    Method("lora", LORA_FLAGS, _lora, can_merge=True, mixed_batches=True, kbit=True),
+    Method("dora", LORA_FLAGS, lambda s, n: _lora(s, n, use_dora=True), can_merge=True, mixed_batches=False,
+           kbit=True),
+    Method("ia3", (), _ia3, can_merge=True, mixed_batches=False, kbit=True),
+    Method("adalora", ("lora_alpha", "lora_dropout", "target_modules", "init_r", "target_r", "tinit", "tfinal",
+                       "deltaT"), _adalora, can_merge=True, mixed_batches=False, kbit=True, needs_steps=True,
+           one_per_base=True),
+    Method("prompt_tuning", ("num_virtual_tokens",), _prompt_tuning, can_merge=False, mixed_batches=False, kbit=True,
+           why_no_merge="its virtual tokens are inputs prepended to every source, not weights, so there is nothing to "
+                        "add to the base; serve or load it as an adapter"),
+    Method("vera", ("lora_r", "lora_dropout", "target_modules"), _vera, can_merge=True, mixed_batches=False, kbit=True),
+)}
+# offered by PEFT for T5, refused here, with why
+REFUSED = {"prefix_tuning": "prefix tuning on an encoder-decoder puts its prefix in the decoder's cache, which broke "
+                            "with transformers' cache changes (PEFT #1188, #869); peft-t5 has not verified that it "
+                            "trains and generates correctly with the installed versions, so it does not offer it; "
+                            "use prompt_tuning"}
+METHOD_FLAGS = tuple(DEFAULTS)
+PEFT_TYPES = {"LORA": "lora", "IA3": "ia3", "ADALORA": "adalora", "PROMPT_TUNING": "prompt_tuning", "VERA": "vera"}
+
+
+def get_method(name: str) -> Method:
+    if name in REFUSED:
+        raise PeftT5Error(f"--method {name}: {REFUSED[name]}")
+    if name not in METHODS:
+        raise PeftT5Error(f"--method {name}: unknown; choose one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def method_of(adapter_config: dict) -> Method:
+    """The method of a saved adapter, from its adapter_config.json (DoRA is LoRA with use_dora)."""
+    name = PEFT_TYPES.get(adapter_config.get("peft_type", ""), "")
+    if name == "lora" and adapter_config.get("use_dora"):
+        name = "dora"
+    if name not in METHODS:
+        raise PeftT5Error(f"an adapter of PEFT type {adapter_config.get('peft_type')!r}, which peft-t5 does not "
+                          f"handle; it handles {', '.join(METHODS)}")
+    return METHODS[name]

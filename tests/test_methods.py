@@ -1,0 +1,171 @@
+"""Every PEFT method of the table trains (the loss moves), saves as a plain PEFT folder that reloads to identical
+logits, merges within the LoRA bound where PEFT can merge it (and is refused in one line where not), and serves;
+AdaLoRA's rank budget really shrinks; LoRA+ gives B the larger learning rate; a flag of another method is refused."""
+import json
+import re
+
+import pytest
+import torch
+from peft import PeftModel
+
+from peft_t5.bank import AdapterBank
+from peft_t5.commands.merge import merge_main
+from peft_t5.commands.train import train
+from peft_t5.merge import LORA_TOLERANCE
+from peft_t5.methods import METHODS, get_method
+from peft_t5.modeling import add_adapter, tiny_model, tiny_tokenizer
+from test_reliability import FAST, run_cli
+
+QUESTIONS = ["Why did the chicken cross the road?", "What do you call a fish with no eyes?"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny jokes adapter per method, trained 8 steps at a high learning rate."""
+    root = tmp_path_factory.mktemp("methods")
+    for name in METHODS:
+        train(["--task", "jokes", "--method", name, "--output_dir", str(root / name), *FAST, "--max_steps", "8",
+               "--learning_rate", "0.01", "--eval_strategy", "no", "--load_best_model_at_end", "false"])
+    return root
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_each_method_trains_records_itself_and_reloads_with_plain_peft(trained, name):
+    meta = json.loads((trained / name / "peft_t5.json").read_text())
+    assert meta["method"] == name and meta["settings"] == get_method(name).settings({})
+    assert meta["metrics"]["eval_loss"] < meta["eval_loss_before"] - 0.01, meta["metrics"]  # it learned something
+    config = json.loads((trained / name / "adapter_config.json").read_text())
+    assert get_method(name).name in (config["peft_type"].lower(), "dora" if config.get("use_dora") else "")
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_save_then_plain_peft_reload_gives_identical_logits(tmp_path, name):
+    torch.manual_seed(0)
+    method = get_method(name)
+    model = add_adapter(tiny_model(), method.build(method.settings({}), 100))
+    with torch.no_grad():  # move every trainable tensor off its (often identity) start
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    model.eval()
+    batch = tiny_tokenizer()(QUESTIONS, return_tensors="pt", padding=True)
+    decoder = torch.zeros_like(batch.input_ids[:, :4])
+    with torch.no_grad():
+        before = model(**batch, decoder_input_ids=decoder).logits
+        model.save_pretrained(tmp_path)
+        after = PeftModel.from_pretrained(tiny_model(), tmp_path).eval()(**batch, decoder_input_ids=decoder).logits
+    assert (after - before).abs().max().item() < 1e-6
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_merge_where_peft_can_and_a_one_line_refusal_where_not(trained, tmp_path, capsys, name):
+    status, line = run_cli(merge_main, ["--adapter", str(trained / name), "--output", str(tmp_path / "merged")], capsys)
+    if get_method(name).can_merge:
+        assert status == 0, line
+        diff = json.loads((tmp_path / "merged" / "peft_t5.json").read_text())["max_logit_diff"]
+        assert diff <= LORA_TOLERANCE
+    else:
+        assert status == 2 and line == (f"error: {trained / name}: a {name} adapter cannot be merged: its virtual "
+                                        "tokens are inputs prepended to every source, not weights, so there is "
+                                        "nothing to add to the base; serve or load it as an adapter")
+        assert not (tmp_path / "merged").exists()
+
+
+@pytest.mark.parametrize("name", [n for n in METHODS if n != "lora" and not METHODS[n].one_per_base])
+def test_two_adapters_of_a_method_serve_in_sub_batches_equal_to_one_at_a_time(trained, tmp_path, name):
+    import shutil
+
+    shutil.copytree(trained / name, tmp_path / "again")
+    bank = AdapterBank.load("tiny", {"a": str(trained / name), "b": str(tmp_path / "again")})
+    alone = bank.generate("a", QUESTIONS, max_new_tokens=8)
+    mixed = bank.generate_mixed([("a", QUESTIONS[0]), ("b", QUESTIONS[1]), ("a", QUESTIONS[1])], max_new_tokens=8)
+    assert mixed == [alone[0], alone[1], alone[1]] and not bank.mixes({"a", "b"})
+
+
+def test_adapters_of_different_methods_on_one_base_are_refused_in_one_line(trained):
+    from peft_t5.errors import PeftT5Error
+
+    with pytest.raises(PeftT5Error, match=r"^adapters 'l' \(lora\) and 'i' \(ia3\) are of different PEFT methods"):
+        AdapterBank.load("tiny", {"l": str(trained / "lora"), "i": str(trained / "ia3")})
+    with pytest.raises(PeftT5Error, match=r"^adapters 'a' and 'b' are both adalora, of which PEFT holds one"):
+        AdapterBank.load("tiny", {"a": str(trained / "adalora"), "b": str(trained / "adalora")})
+    bank = AdapterBank.load("tiny", {"l": str(trained / "lora"), "d": str(trained / "dora")})  # one PEFT type
+    assert not bank.mixes({"l", "d"}) and bank.mixes({"l", "base"})
+
+
+def test_adalora_shrinks_its_rank_budget_during_training(trained):
+    config = json.loads((trained / "adalora" / "adapter_config.json").read_text())
+    ranks = list((config["rank_pattern"] or {}).values())
+    assert ranks, "no rank was reallocated"
+    kept = sum(sum(r) for r in ranks)
+    assert kept < config["init_r"] * len(ranks)  # fewer singular values kept than it started with
+    assert kept <= config["target_r"] * len(ranks) + len(ranks)
+
+
+def test_loraplus_gives_b_a_larger_learning_rate_than_a(tmp_path):
+    from peft_t5.arguments import TrainingArguments
+    from peft_t5.data import tokenize
+    from peft_t5.modeling import add_lora
+    from peft_t5.tasks import get_task, jokes
+    from peft_t5.training import build_trainer
+
+    tokenizer, task = tiny_tokenizer(), get_task("jokes")
+    dataset, _ = tokenize(task, jokes.load_splits(jokes.SAMPLE)["train"][:8], tokenizer)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to="none", learning_rate=1e-3,
+                             eval_strategy="no", load_best_model_at_end=False, dataloader_pin_memory=False)
+    model = add_lora(tiny_model())
+    trainer = build_trainer(model, tokenizer, task, dataset, None, args, [], 64, 32, loraplus_lr_ratio=16)
+    names = {id(p): n for n, p in model.named_parameters()}
+    lrs = {("lora_B" if "lora_B" in names[id(p)] else "lora_A"): g["lr"]
+           for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert lrs == {"lora_A": 1e-3, "lora_B": 16e-3}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "ia3", "--lora_r", "8"], "--lora_r does not apply to --method ia3 (it takes no flags of its own)"),
+    (["--method", "prompt_tuning", "--target_modules", "q"],
+     "--target_modules does not apply to --method prompt_tuning (it takes --num_virtual_tokens)"),
+    (["--method", "lora", "--num_virtual_tokens", "5"], "--num_virtual_tokens does not apply to --method lora"),
+    (["--method", "adalora", "--init_r", "2", "--target_r", "4"], "--target_r 4 is over --init_r 2"),
+    (["--method", "prefix_tuning"], "--method prefix_tuning: prefix tuning on an encoder-decoder puts its prefix in "
+                                    "the decoder's cache"),
+])
+def test_a_flag_of_another_method_is_refused_in_one_line_before_anything_is_written(tmp_path, capsys, argv, message):
+    status, line = run_cli(train, ["--task", "jokes", "--output_dir", str(tmp_path / "out"), *FAST, *argv], capsys)
+    assert status == 2 and message in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_estimate_counts_each_methods_trainable_parameters_from_the_shapes_of_t5():
+    from pathlib import Path
+
+    from peft_t5.estimate import estimate, format_estimate
+
+    fixture = Path(__file__).parent / "fixtures" / "flan-t5-large"
+    result = estimate(str(fixture))
+    counts = {name: row["trainable_parameters"] for name, row in result["methods"].items()}
+    d, ff, layers, r = 1024, 2816, 24, 16  # flan-t5-large: d_model, d_ff, layers each side; the default rank
+    attention = layers + 2 * layers  # encoder self-attention, decoder self- and cross-attention blocks
+    assert counts["lora"] == attention * 2 * r * (d + d) == 4_718_592  # q and v, A and B each
+    assert counts["dora"] == counts["lora"] + attention * 2 * d  # plus a magnitude vector per adapted layer
+    assert counts["ia3"] == attention * 2 * d + 2 * layers * ff == 282_624  # k and v outputs, wo's input
+    assert counts["prompt_tuning"] == 20 * d * 2  # 20 virtual tokens, for the encoder and the decoder
+    assert counts["lora"] == result["trainable_parameters"]["lora"]
+    assert re.search(r"^prompt_tuning +40,960 ", format_estimate(result), re.MULTILINE)
+
+
+@pytest.mark.parametrize("name", [n for n in METHODS if METHODS[n].kbit])
+def test_methods_that_claim_a_4bit_base_train_on_one(name):
+    from peft_t5.modeling import load_base_model
+
+    torch.manual_seed(0)
+    method = get_method(name)
+    model = add_adapter(load_base_model("tiny", qlora=True), method.build(method.settings({}), 100))
+    tokenizer = tiny_tokenizer()
+    batch = tokenizer(QUESTIONS, return_tensors="pt", padding=True)
+    labels = tokenizer(["To get away.", "Fish."], return_tensors="pt", padding=True).input_ids
+    loss = model(**batch, labels=labels).loss
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert torch.isfinite(loss) and grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
