@@ -9,6 +9,7 @@ import torch
 from peft import PeftModel
 
 from peft_t5.bank import AdapterBank
+from peft_t5.cli import run
 from peft_t5.commands.merge import merge_main
 from peft_t5.commands.train import train
 from peft_t5.merge import LORA_TOLERANCE
@@ -55,6 +56,24 @@ def test_save_then_plain_peft_reload_gives_identical_logits(tmp_path, name):
         model.save_pretrained(tmp_path)
         after = PeftModel.from_pretrained(tiny_model(), tmp_path).eval()(**batch, decoder_input_ids=decoder).logits
     assert (after - before).abs().max().item() < 1e-6
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_each_method_evaluates_and_generates_from_the_command_line(trained, tmp_path, capsys, name):
+    from peft_t5.commands.evaluate import evaluate_main
+    from peft_t5.commands.generate import generate_main
+
+    predictions = tmp_path / "preds.json"
+    status, line = run_cli(evaluate_main, ["--task", "jokes", "--adapter", str(trained / name), "--predictions",
+                                           str(predictions), "--limit", "4", "--max_new_tokens", "8"], capsys)
+    assert status == 0, line
+    assert len(json.loads(predictions.read_text())) == 4 and predictions.with_name("preds.metrics.json").is_file()
+    assert run(generate_main, ["--adapter", f"{name}={trained / name}", "--task", name, "--max_new_tokens", "8",
+                               *QUESTIONS]) == 0
+    printed = capsys.readouterr().out
+    expected = AdapterBank.load("tiny", {name: str(trained / name)}).generate(name, QUESTIONS, max_new_tokens=8)
+    for question, answer in zip(QUESTIONS, expected):
+        assert f"Q: {question}\n{name}: {answer or '(empty output)'}\n" in printed
 
 
 @pytest.mark.parametrize("name", list(METHODS))
