@@ -3,6 +3,7 @@ cannot be loaded, found without loading anything: no torch here, so the check ru
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from pathlib import Path
 
 TINY = "tiny"
@@ -40,6 +41,7 @@ def model_problem(name: str) -> str | None:
     return hub_problem(name)
 
 
+@lru_cache(maxsize=16)  # asked by the pre-check, the tokenizer and the model load: one query a process
 def hub_problem(name: str) -> str | None:
     """Ask the Hub once whether it has the model: from_pretrained retries an unreachable Hub for ~50 s (measured)
     and then fails with a traceback."""
