@@ -29,17 +29,18 @@ def command(name: str):
 def run(command, argv: list[str]) -> int:
     """Run a command; a PeftT5Error becomes one line on stderr and exit status 2."""
     setup_logging()
+    # every process of a launch fails alike: only the main one says so
+    say = print if int(os.environ.get("RANK", "0")) == 0 else (lambda *a, **k: None)
     try:
         command(argv)
     except Interrupted as e:
-        print(str(e), file=sys.stderr)
+        say(str(e), file=sys.stderr)
         return 130
     except KeyboardInterrupt:
-        print("interrupted (Ctrl-C); what was finished before it is kept", file=sys.stderr)
+        say("interrupted (Ctrl-C); what was finished before it is kept", file=sys.stderr)
         return 130
     except PeftT5Error as e:
-        if int(os.environ.get("RANK", "0")) == 0:  # every process of a launch fails alike; one line is enough
-            print(f"error: {e}", file=sys.stderr)
+        say(f"error: {e}", file=sys.stderr)
         return 2
     return 0
 

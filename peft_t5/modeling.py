@@ -21,7 +21,7 @@ from .methods import get_method
 TINY_DIR = Path(__file__).resolve().parent / "tiny"
 DATA_DIR = Path(__file__).resolve().parent / "data"
 TINY_SEED = 0
-TOKENIZER_FILES = ("tokenizer.json", "spiece.model")  # a T5 tokenizer: the fast one's JSON or sentencepiece's model  # T5's attention query and value projections
+TOKENIZER_FILES = ("tokenizer.json", "spiece.model")  # a T5 tokenizer: the fast one's JSON or sentencepiece's model
 
 
 def bf16_supported() -> bool:

@@ -54,6 +54,10 @@ def checkpoints_newest_first(folder: Path) -> list[Path]:
     return [steps[step] for step in sorted(steps, reverse=True)]
 
 
+def newest_whole_checkpoint(folder: str | Path) -> Path | None:
+    return next((c for c in checkpoints_newest_first(Path(folder)) if checkpoint_problem(c) is None), None)
+
+
 def disk_full(error: BaseException | None) -> bool:
     """A full disk, as Python (ENOSPC), safetensors and tokenizers (Rust's 'os error 28') report it."""
     import errno

@@ -158,9 +158,9 @@ class StopOnNonFiniteLoss(TrainerCallback):
         self.first_bad_step = None
 
     def _stop(self, args, step: int, what: str):
-        from transformers.trainer_utils import get_last_checkpoint
+        from .outputs import newest_whole_checkpoint
 
-        last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+        last = newest_whole_checkpoint(args.output_dir)
         kept = f"the last good checkpoint, {last}, is kept" if last else "no checkpoint was saved before it"
         raise PeftT5Error(f"{what} at step {step}; stopped, {kept}; lower --learning_rate, or train in float32 "
                           "instead of bf16")

@@ -122,9 +122,6 @@ def serve_main(argv: list[str]) -> None:
                              ratings=args.ratings if args.rate else None, trust_pickle=args.trust_pickle)
     app = create_app(bank, settings)
     port = listening.getsockname()[1]
-    if app.state.rating and app.state.rating["left_out"]:
-        print(f"blind rating leaves out {', '.join(app.state.rating['left_out'])}: raters see only a question, and "
-              "its prompt needs more", flush=True)
     print(f"serving {', '.join(bank.names)} on http://{args.host}:{port}/ "
           f"({'API key required' if args.api_key else 'no API key: loopback only'})", flush=True)
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[listening])

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from ..errors import Interrupted, PeftT5Error
 from ..methods import get_method
-from ..outputs import checkpoint_problem, checkpoints_newest_first, output_lock, saving_into
+from ..outputs import (checkpoint_problem, checkpoints_newest_first, newest_whole_checkpoint, output_lock,
+                       saving_into)
 
 logger = logging.getLogger(__name__)
 CONFIG_FILES = (".yaml", ".yml", ".json")  # a first argument ending so is a config file of flags
@@ -440,8 +441,7 @@ def run_training(argv: list[str], held: ExitStack) -> dict:
 
 def interrupted(trainer, argv: list[str]) -> Interrupted:
     """Ctrl-C during training: the step reached, the checkpoint kept and the command that continues from it."""
-    folder = Path(trainer.args.output_dir)
-    last = next((c for c in checkpoints_newest_first(folder) if checkpoint_problem(c) is None), None)
+    last = newest_whole_checkpoint(trainer.args.output_dir)
     if last is None:
         return Interrupted(f"interrupted at step {trainer.state.global_step}; no checkpoint was saved yet, so nothing "
                            "is kept (checkpoints come with --save_strategy, each epoch by default)")

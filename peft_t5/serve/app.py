@@ -94,7 +94,8 @@ def create_app(bank: AdapterBank, settings: ServeSettings | None = None) -> Fast
     store = RatingStore(settings.ratings) if rating_on else None
     systems, rate_prompt_of, left_out = rating_plan(bank.metadata, settings.rate_systems) if rating_on else ([], None, [])
     if left_out:
-        logger.warning("blind rating leaves out %s: its prompt needs more than a question", ", ".join(left_out))
+        logger.warning("blind rating leaves out %s: raters see only a question, and its prompt needs more",
+                       ", ".join(left_out))
     pinned = {n for n in (*systems, rate_prompt_of) if n and n != BASE}  # rating needs them loaded
     page_html = PAGE.read_text(encoding="utf-8")
 
@@ -204,7 +205,7 @@ def unauthorized(request: Request) -> Response:
 
 def openapi_spec(app: FastAPI, settings: ServeSettings) -> dict:
     """FastAPI's spec, corrected: errors have the server's one shape ({"error", "field"}, not FastAPI's
-    {"detail": [...]}), every route but /health may answer 401 when a key is set, and the limits are this
+    {"detail": [...]}), every route but the PUBLIC ones may answer 401 when a key is set, and the limits are this
     server's."""
     spec = get_openapi(title="peft-t5", version="1", routes=app.routes,
                        description="LoRA adapters for T5 on one base: generate, load/unload adapters, rate blind.")
