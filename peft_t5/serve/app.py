@@ -17,15 +17,17 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
 from ..bank import BASE, AdapterBank
 from ..errors import PeftT5Error
 from .batcher import Batcher
+from .engine import Engine
 from .ratings import RatingStore, rating_plan
 from .routes_native import adapter_routes, generation_routes, rating_routes
+from .routes_openai import openai_routes
 from .schemas import ApiError, errors
 
 logger = logging.getLogger(__name__)
@@ -37,9 +39,14 @@ PUBLIC = ("/health", "/openapi.json", "/docs")  # no key needed: they hold no da
 class ServeSettings:
     api_key: str | None = None
     adapter_root: str | None = None  # POST /v1/adapters loads only folders under it (None: run-time loading off)
-    max_batch_size: int = 32  # examples in one generate call
-    max_wait_ms: float = 5.0  # how long the first waiting request waits for others to join its batch
-    batching: str = "across"  # across | none | switch (see batcher.py)
+    engine: str = "continuous"  # continuous (engine.py) | static (batcher.py: requests -> generate() calls)
+    max_rows: int = 64  # continuous: rows decoding at once
+    max_queue_rows: int = 1024  # continuous: rows waiting for a slot; beyond, requests get 503
+    request_timeout: float | None = 300.0  # seconds a request may take; then 504 (None: no limit)
+    max_request_tokens: int = 8192  # inputs x beams x max_new_tokens in one request
+    max_batch_size: int = 32  # static: examples in one generate call
+    max_wait_ms: float = 5.0  # static: how long the first waiting request waits for others to join its batch
+    batching: str = "across"  # static: across | none | switch (see batcher.py)
     max_inputs: int = 32  # inputs in one request
     max_input_chars: int = 20_000  # characters in one input (its fields together)
     max_new_tokens: int = 256  # the most a request may ask for
@@ -67,10 +74,23 @@ class Metrics:
         self.batch_seconds = Histogram("peft_t5_batch_seconds", "Seconds per generate call", registry=r)
         self.source_tokens = Counter("peft_t5_source_tokens", "Source tokens generated from", registry=r)
         self.generated_tokens = Counter("peft_t5_generated_tokens", "Tokens generated", registry=r)
+        self.active_rows = Gauge("peft_t5_active_rows", "Rows decoding in the continuous engine", registry=r)
+        self.queued_rows = Gauge("peft_t5_queued_rows", "Rows waiting for a slot in the continuous engine",
+                                 registry=r)
+        self.step_rows = Histogram("peft_t5_step_rows", "Rows in one decoding step of the continuous engine",
+                                   registry=r, buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+        self.steps = Histogram("peft_t5_step_seconds", "Seconds per decoding step of the continuous engine",
+                               registry=r, buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1))
 
     def batch(self, examples: int, seconds: float) -> None:
         self.batch_examples.observe(examples)
         self.batch_seconds.observe(seconds)
+
+    def step(self, rows: int, waiting: int, seconds: float) -> None:
+        self.active_rows.set(rows)
+        self.step_rows.observe(rows)
+        self.queued_rows.set(waiting)
+        self.steps.observe(seconds)
 
 
 def field_name(loc: tuple) -> str:
@@ -89,7 +109,7 @@ def field_name(loc: tuple) -> str:
 def create_app(bank: AdapterBank, settings: ServeSettings | None = None) -> FastAPI:
     settings = settings or ServeSettings()
     metrics = Metrics()
-    batcher = Batcher(bank, settings.max_batch_size, settings.max_wait_ms, settings.batching, on_batch=metrics.batch)
+    batcher = make_engine(bank, settings, metrics)
     rating_on = bool(settings.ratings and settings.rate_questions)
     store = RatingStore(settings.ratings) if rating_on else None
     systems, rate_prompt_of, left_out = rating_plan(bank.metadata, settings.rate_systems) if rating_on else ([], None, [])
@@ -166,6 +186,7 @@ def create_app(bank: AdapterBank, settings: ServeSettings | None = None) -> Fast
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(generation_routes(bank, batcher, settings, metrics))
+    app.include_router(openai_routes(bank, batcher, settings, metrics))
     app.include_router(adapter_routes(bank, batcher, settings, app.state.rating, pinned))
     app.include_router(rating_routes(bank, batcher, settings, store, systems, rate_prompt_of))
 
@@ -176,6 +197,18 @@ def create_app(bank: AdapterBank, settings: ServeSettings | None = None) -> Fast
 
     app.openapi = cached_spec
     return app
+
+
+def make_engine(bank: AdapterBank, settings: ServeSettings, metrics: Metrics):
+    """The continuous engine, or the static batcher where asked, or where an adapter's method cannot be mixed per
+    row by PEFT (it needs one sub-batch per adapter, which static batches give)."""
+    if settings.engine == "continuous":
+        unmixable = [name for name, method in bank.methods.items() if not method.mixed_batches]
+        if not unmixable:
+            return Engine(bank, settings.max_rows, settings.max_queue_rows, on_step=metrics.step)
+        logger.warning("serving with static batches: %s is %s, which PEFT cannot mix per row", unmixable[0],
+                       bank.methods[unmixable[0]].name)
+    return Batcher(bank, settings.max_batch_size, settings.max_wait_ms, settings.batching, on_batch=metrics.batch)
 
 
 def allowed_methods(app: FastAPI, scope: dict) -> list[str]:

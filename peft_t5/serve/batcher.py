@@ -16,12 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ..bank import AdapterBank
+from .failures import AdapterGone, DeadlineExceeded
 
 MODES = ("across", "none", "switch")
-
-
-class AdapterGone(LookupError):
-    """An adapter was unloaded between accepting a request and generating for it."""
 
 
 @dataclass
@@ -53,11 +50,24 @@ class Batcher:
             self.task.cancel()
         self.executor.shutdown(wait=True, cancel_futures=True)
 
-    async def generate(self, names: list[str], sources: list[str], max_new_tokens: int, num_beams: int) -> list[str]:
+    async def generate(self, names: list[str], sources: list[str], max_new_tokens: int, num_beams: int = 1,
+                       timeout: float | None = None) -> list[str]:
         """Raw outputs for one request, served together with whatever else is waiting."""
         job = Job(names, sources, (max_new_tokens, num_beams), asyncio.get_running_loop().create_future())
         await self.queue.put(job)
-        return await job.future
+        try:
+            return await asyncio.wait_for(job.future, timeout)
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded(f"the request took over {timeout:g} s") from None
+
+    async def stream(self, names: list[str], sources: list[str], max_new_tokens: int, num_beams: int = 1,
+                     timeout: float | None = None):
+        """(index, text): a static batch ends all at once, so each output comes whole."""
+        for i, text in enumerate(await self.generate(names, sources, max_new_tokens, num_beams, timeout)):
+            yield i, text
+
+    def add_adapter(self, name: str, path: str, trust_pickle: bool = False) -> dict:
+        return self.bank.add(name, path, trust_pickle)
 
     async def on_model_thread(self, fn, *args):
         """Run fn(*args) on the model's thread, between batches (loading and unloading adapters)."""

@@ -7,29 +7,53 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Query
+from fastapi.responses import StreamingResponse
 from pydantic import AfterValidator
 
 from ..bank import BASE, AdapterBank
 from ..errors import PeftT5Error
-from .batcher import AdapterGone, Batcher
+from .batcher import Batcher
+from .failures import api_error
 from .ratings import RatingStore
-from .schemas import (ADAPTER_NAME, ApiError, GenerateRequest, LoadRequest, RateRequest, errors,
+from .schemas import (ADAPTER_NAME, ApiError, GenerateRequest, LoadRequest, RateRequest, errors, sse,
                       unicode_text)
 
 
 def generation_routes(bank: AdapterBank, batcher: Batcher, settings, metrics) -> APIRouter:
     router = APIRouter()
 
-    @router.post("/v1/generate", responses=errors(400, 401, 404, 413, 422))
+    @router.post("/v1/generate", responses=errors(400, 401, 404, 413, 422, 503, 504))
     async def generate(body: GenerateRequest):
         names, sources, truncated, answer = check_generate(body)
+        if body.stream:
+            return StreamingResponse(stream(body, names, sources, truncated, answer), media_type="text/event-stream")
         try:
-            raws = await batcher.generate(names, sources, body.max_new_tokens, body.num_beams)
-        except AdapterGone as e:
-            raise ApiError(404, str(e), "adapter")
+            raws = await batcher.generate(names, sources, body.max_new_tokens, body.num_beams, settings.request_timeout)
+        except Exception as e:
+            raise api_error(e) or e
+        return reply(body, raws, truncated, answer)
+
+    def reply(body: GenerateRequest, raws: list[str], truncated: list[bool], answer) -> dict:
         metrics.generated_tokens.inc(sum(len(ids) for ids in bank.tokenizer(raws).input_ids) if raws else 0)
         return {"adapter": body.adapter, "outputs": [
             {"output": answer(raw), "raw": raw, "truncated": cut} for raw, cut in zip(raws, truncated)]}
+
+    async def stream(body: GenerateRequest, names, sources, truncated, answer):
+        """Events {"index", "piece"} as raw outputs grow, then the reply /v1/generate gives, then [DONE]."""
+        raws = [""] * len(sources)
+        try:
+            async for i, piece in batcher.stream(names, sources, body.max_new_tokens, body.num_beams,
+                                                 settings.request_timeout):
+                raws[i] += piece
+                yield sse({"index": i, "piece": piece})
+            yield sse(reply(body, raws, truncated, answer))
+        except Exception as e:  # the status line is sent: the error goes in the stream, in the one error shape
+            known = api_error(e)
+            yield sse({"error": known.message, "field": known.field} if known else
+                      {"error": "internal error; the server logged it"})
+            if not known:
+                raise
+        yield "data: [DONE]\n\n"
 
     def check_generate(body: GenerateRequest):
         if body.adapter not in bank.names:
@@ -51,6 +75,12 @@ def generation_routes(bank: AdapterBank, batcher: Batcher, settings, metrics) ->
         if body.max_new_tokens > settings.max_new_tokens:
             raise ApiError(422, f"max_new_tokens: {body.max_new_tokens} is over this server's limit of "
                                 f"{settings.max_new_tokens}", "max_new_tokens")
+        cost = len(body.inputs) * body.num_beams * body.max_new_tokens
+        if cost > settings.max_request_tokens:
+            raise ApiError(413, f"max_new_tokens: {len(body.inputs)} inputs x {body.num_beams} beams x "
+                                f"{body.max_new_tokens} tokens is {cost:,}, over this server's limit of "
+                                f"{settings.max_request_tokens:,} a request; send fewer inputs, beams or tokens",
+                           "max_new_tokens")
         try:  # unloads run on the model thread: an adapter checked above may be gone by now
             answer = bank.answerer(body.adapter)  # bound now, so that the reply needs no metadata
             sources = bank.sources(body.adapter, body.inputs, body.prompt_of)
@@ -85,7 +115,7 @@ def adapter_routes(bank: AdapterBank, batcher: Batcher, settings, rating: dict |
                                 f"64, not '{BASE}')", "name")
         path = inside_root(settings.adapter_root, body.path)
         try:
-            meta = await batcher.on_model_thread(bank.add, body.name, str(path), settings.trust_pickle)
+            meta = await batcher.on_model_thread(batcher.add_adapter, body.name, str(path), settings.trust_pickle)
         except PeftT5Error as e:
             status = 409 if "already loaded" in str(e) else 404 if "no such adapter folder" in str(e) else 422
             raise ApiError(status, str(e), "name" if status == 409 else "path")

@@ -2,10 +2,11 @@
 error shape, and the exception routes raise to answer with it."""
 from __future__ import annotations
 
+import json
 import re
-from typing import Annotated, Union
+from typing import Annotated, Literal, Union
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MAX_PATH = 4096  # characters in a run-time adapter path (Linux's PATH_MAX); a segment may hold 255 bytes
@@ -41,6 +42,49 @@ class GenerateRequest(BaseModel):
     prompt_of: Text | None = None
     max_new_tokens: Int(1) = 64
     num_beams: Int(1, 8) = 1
+    stream: StrictBool = False  # server-sent events: pieces of each output as they are decoded
+
+
+Number = Annotated[float, Field(ge=0)]
+
+
+class OpenAIFields(BaseModel):
+    """The OpenAI request fields peft-t5 takes. Decoding is greedy: the sampling fields clients send by default
+    (temperature, top_p, seed, penalties, user) are accepted and have no effect; fields that would change what
+    comes back (n, best_of, logprobs, echo, stop, suffix) are refused unless they ask for the default."""
+    model_config = ConfigDict(extra="forbid")
+    model: Text
+    max_tokens: Int(1) | None = None
+    max_completion_tokens: Int(1) | None = None
+    stream: StrictBool = False
+    stream_options: dict | None = None
+    temperature: Number | None = None
+    top_p: Number | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    user: Text | None = None
+    n: Int(1, 1) | None = None
+    best_of: Int(1, 1) | None = None
+    logprobs: None = None
+    echo: Literal[False] | None = None
+    stop: None = None
+    suffix: None = None
+
+
+class CompletionRequest(OpenAIFields):
+    prompt: Union[Text, Annotated[list[Text], Field(min_length=1)]]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Text
+    content: Text
+    name: Text | None = None
+
+
+class ChatRequest(OpenAIFields):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
 
 
 class LoadRequest(BaseModel):
@@ -77,3 +121,8 @@ class ApiError(Exception):
     def __init__(self, status: int, message: str, field: str | None = None):
         super().__init__(message)
         self.status, self.message, self.field = status, message, field
+
+
+def sse(payload: dict) -> str:
+    """One server-sent event."""
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"

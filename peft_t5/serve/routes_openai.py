@@ -1,0 +1,117 @@
+"""The OpenAI API over the same engine: /v1/completions, /v1/chat/completions and /v1/models, in the shapes the
+`openai` client parses. `model` names an adapter (`base`: none); the prompt (or the last user message) fills the
+adapter's prompt template, as an input of /v1/generate does (a chat: its last user message, or its last
+message if none is the user's; T5 adapters answer one input, with no conversation). `stream: true` answers with server-sent events."""
+from __future__ import annotations
+
+import secrets
+import time
+
+from fastapi import APIRouter
+from fastapi.responses import StreamingResponse
+
+from ..bank import AdapterBank
+from ..errors import PeftT5Error
+from .failures import api_error
+from .schemas import ApiError, ChatRequest, CompletionRequest, OpenAIFields, errors, sse
+
+
+def openai_routes(bank: AdapterBank, engine, settings, metrics) -> APIRouter:
+    router = APIRouter()
+    started = int(time.time())
+
+    @router.get("/v1/models", responses=errors(401))
+    async def models():
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": started, "owned_by": "peft-t5"}
+                                           for name in bank.names]}
+
+    @router.post("/v1/completions", responses=errors(400, 401, 404, 413, 422, 503, 504))
+    async def completions(body: CompletionRequest):
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        return await complete(body, prompts, "text_completion", "cmpl")
+
+    @router.post("/v1/chat/completions", responses=errors(400, 401, 404, 413, 422, 503, 504))
+    async def chat(body: ChatRequest):
+        users = [m.content for m in body.messages if m.role == "user"] or [body.messages[-1].content]
+        return await complete(body, users[-1:], "chat.completion", "chatcmpl")
+
+    async def complete(body: OpenAIFields, prompts: list[str], kind: str, prefix: str):
+        max_tokens = body.max_completion_tokens or body.max_tokens or 64
+        sources = check(body.model, prompts, max_tokens)
+        reply = {"id": f"{prefix}-{secrets.token_hex(12)}", "created": int(time.time()), "model": body.model}
+        names = [body.model] * len(sources)
+        if body.stream:
+            return StreamingResponse(events(reply, kind, names, sources, max_tokens), media_type="text/event-stream")
+        try:
+            texts = await engine.generate(names, sources, max_tokens, 1, settings.request_timeout)
+        except Exception as e:
+            raise api_error(e) or e
+        choices = [{"index": i, **shape(kind, text), "finish_reason": finish_reason(text, max_tokens)}
+                   for i, text in enumerate(texts)]
+        return {**reply, "object": kind, "choices": choices, "usage": usage(sources, texts)}
+
+    async def events(reply: dict, kind: str, names: list[str], sources: list[str], max_tokens: int):
+        kind = kind + ".chunk" if kind == "chat.completion" else kind
+        texts = [""] * len(sources)
+        try:
+            if kind == "chat.completion.chunk":
+                yield sse({**reply, "object": kind, "choices": [
+                    {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
+            async for i, piece in engine.stream(names, sources, max_tokens, 1, settings.request_timeout):
+                texts[i] += piece
+                yield sse({**reply, "object": kind, "choices": [{"index": i, **shape(kind, piece, delta=True),
+                                                                 "finish_reason": None}]})
+            yield sse({**reply, "object": kind, "choices": [
+                {"index": i, **shape(kind, "", delta=True), "finish_reason": finish_reason(t, max_tokens)}
+                for i, t in enumerate(texts)], "usage": usage(sources, texts)})
+        except Exception as e:  # the status line is sent: the error goes in the stream, in the one error shape
+            known = api_error(e)
+            yield sse({"error": known.message if known else "internal error; the server logged it"})
+            if not known:
+                raise
+        yield "data: [DONE]\n\n"
+
+    def check(model: str, prompts: list[str], max_tokens: int) -> list[str]:
+        if model not in bank.names:
+            raise ApiError(404, f"model: no adapter named {model!r}; GET /v1/models lists them", "model")
+        if len(prompts) > settings.max_inputs:
+            raise ApiError(413, f"prompt: {len(prompts)} prompts, over this server's limit of {settings.max_inputs}",
+                           "prompt")
+        for i, prompt in enumerate(prompts):
+            if len(prompt) > settings.max_input_chars:
+                raise ApiError(413, f"prompt: {len(prompt):,} characters, over this server's limit of "
+                                    f"{settings.max_input_chars:,}", "prompt")
+        if max_tokens > settings.max_new_tokens:
+            raise ApiError(422, f"max_tokens: {max_tokens} is over this server's limit of {settings.max_new_tokens}",
+                           "max_tokens")
+        if len(prompts) * max_tokens > settings.max_request_tokens:
+            raise ApiError(413, f"max_tokens: {len(prompts)} prompts x {max_tokens} tokens is over this server's "
+                                f"limit of {settings.max_request_tokens:,} tokens a request; send fewer prompts or "
+                                "lower max_tokens", "max_tokens")
+        try:
+            sources = bank.sources(model, prompts)
+        except PeftT5Error as e:  # a template of several fields (squad: question and context)
+            raise ApiError(422, f"prompt: {e}; a prompt fills one field: use POST /v1/generate for this adapter",
+                           "prompt")
+        metrics.source_tokens.inc(sum(len(ids) for ids in bank.tokenizer(sources).input_ids))
+        return sources
+
+    def usage(sources: list[str], texts: list[str]) -> dict:
+        prompt = sum(len(ids) for ids in bank.tokenizer(sources).input_ids)
+        completion = sum(tokens(text) for text in texts)
+        metrics.generated_tokens.inc(completion)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def tokens(text: str) -> int:
+        return len(bank.tokenizer(text, add_special_tokens=False).input_ids)
+
+    def finish_reason(text: str, max_tokens: int) -> str:
+        return "length" if tokens(text) >= max_tokens else "stop"
+
+    return router
+
+
+def shape(kind: str, text: str, delta: bool = False) -> dict:
+    if kind.startswith("chat"):
+        return {"delta": {"content": text}} if delta else {"message": {"role": "assistant", "content": text}}
+    return {"text": text, "logprobs": None}

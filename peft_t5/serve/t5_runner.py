@@ -1,0 +1,175 @@
+"""T5's inference math for the engine: encode new rows, then decode one token for every active row, each row
+through its own LoRA adapter, with caches kept in slots that rows enter and leave.
+
+Written by hand rather than calling `generate()` because `generate()` decodes one fixed batch from start to end:
+rows cannot join or leave it, and its caches grow by concatenation each step. Here each row has a slot in
+preallocated caches (self-attention keys at the row's own positions, cross-attention keys computed once when it
+joins). T5's self-attention bias depends only on key position minus query position, so rows at different lengths
+share a step: row i's query sits at its own length and sees its own keys. Every module is called as the model's own
+(LoRA wrappers, 4-bit or int8 layers), with PEFT's `adapter_names` for the per-row adapter.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.lora import LoraLayer
+
+BASE_ADAPTER = "__base__"  # PEFT's adapter_names entry for "no adapter"
+
+
+def linear(module, x: torch.Tensor, names: list[str] | None) -> torch.Tensor:
+    return module(x, adapter_names=names) if names is not None and isinstance(module, LoraLayer) else module(x)
+
+
+def attention(att, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
+              names: list[str] | None) -> torch.Tensor:
+    """T5 attention of queries from x over given keys/values (no 1/sqrt(d) scaling: T5 folds it into q)."""
+    n, length = x.shape[:2]
+    q = linear(att.q, x, names).view(n, length, att.n_heads, att.key_value_proj_dim).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias.to(q.dtype), scale=1.0)
+    return linear(att.o, out.transpose(1, 2).reshape(n, length, -1), names)
+
+
+def project(att, x: torch.Tensor, names: list[str] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    n, length = x.shape[:2]
+    shape = (n, length, att.n_heads, att.key_value_proj_dim)
+    return (linear(att.k, x, names).view(shape).transpose(1, 2),
+            linear(att.v, x, names).view(shape).transpose(1, 2))
+
+
+def feed_forward(dense, x: torch.Tensor, names: list[str] | None) -> torch.Tensor:
+    if hasattr(dense, "wi_0"):  # gated (flan-t5, t5 v1.1)
+        h = dense.act(linear(dense.wi_0, x, names)) * linear(dense.wi_1, x, names)
+    else:
+        h = dense.act(linear(dense.wi, x, names))
+    weight = getattr(dense.wo, "weight", None)  # T5 keeps wo in float32: cast into it as T5 does
+    if isinstance(weight, torch.Tensor) and weight.dtype not in (h.dtype, torch.int8) and weight.is_floating_point():
+        h = h.to(weight.dtype)
+    return linear(dense.wo, h, names)
+
+
+class T5Runner:
+    """Slots of decoder state for up to `capacity` rows; rows 0..n-1 are active (a leaving row's slot is filled by
+    the last one, so the active rows stay contiguous and a step slices, never gathers)."""
+
+    def __init__(self, model, capacity: int = 8):
+        t5 = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.t5, self.config = t5, t5.config
+        first = t5.decoder.block[0].layer[0].SelfAttention
+        self.heads, self.head_dim = first.n_heads, first.key_value_proj_dim
+        self.layers = len(t5.decoder.block)
+        self.scale = self.config.d_model ** -0.5 if getattr(self.config, "scale_decoder_outputs",
+                                                            self.config.tie_word_embeddings) else 1.0
+        self.dtype = t5.shared.weight.dtype if t5.shared.weight.is_floating_point() else torch.float32
+        self.device = t5.shared.weight.device
+        self.n = 0
+        self._allocate(capacity, 16, 16)
+
+    def _allocate(self, rows: int, length: int, source: int) -> None:
+        """(Re)allocate the slots, keeping what the active rows hold."""
+        fresh = not hasattr(self, "self_k")
+
+        def grown(old: torch.Tensor | None, size: int) -> torch.Tensor:
+            new = torch.zeros((rows, self.heads, size, self.head_dim), dtype=self.dtype, device=self.device)
+            if old is not None and self.n:
+                new[:self.n, :, :old.shape[2]] = old[:self.n]
+            return new
+
+        for name, size in (("self_k", length), ("self_v", length), ("cross_k", source), ("cross_v", source)):
+            setattr(self, name, [grown(None if fresh else getattr(self, name)[i], size) for i in range(self.layers)])
+        for name in ("lengths", "source_lengths"):
+            new = torch.zeros(rows, dtype=torch.long, device=self.device)
+            if not fresh:
+                new[:self.n] = getattr(self, name)[:self.n]
+            setattr(self, name, new)
+
+    @property
+    def capacity(self) -> tuple[int, int, int]:
+        return self.self_k[0].shape[0], self.self_k[0].shape[2], self.cross_k[0].shape[2]
+
+    def _fit(self, rows: int, length: int, source: int) -> None:
+        have_rows, have_length, have_source = self.capacity
+        if rows > have_rows or length > have_length or source > have_source:
+            self._allocate(max(rows, have_rows * 2 if rows > have_rows else have_rows),
+                           max(length, have_length * 2 if length > have_length else have_length),
+                           max(source, have_source))
+
+    @torch.inference_mode()
+    def add(self, sources: list[list[int]], names: list[str] | None) -> None:
+        """Encode new rows (token ids, each ending with </s>) and give them slots n.. n+len-1."""
+        m, longest = len(sources), max(len(s) for s in sources)
+        ids = torch.zeros((m, longest), dtype=torch.long, device=self.device)
+        mask = torch.zeros((m, longest), dtype=torch.bool, device=self.device)
+        for i, s in enumerate(sources):
+            ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), True
+        hidden = self._encode(ids, mask, names)
+        self._fit(self.n + m, 1, longest)
+        rows = slice(self.n, self.n + m)
+        for i, block in enumerate(self.t5.decoder.block):
+            k, v = project(block.layer[1].EncDecAttention, hidden, names)
+            self.cross_k[i][rows, :, :longest], self.cross_v[i][rows, :, :longest] = k, v  # beyond: masked
+        self.lengths[rows] = 0
+        self.source_lengths[rows] = mask.sum(1)
+        self.n += m
+
+    def _encode(self, ids: torch.Tensor, mask: torch.Tensor, names: list[str] | None) -> torch.Tensor:
+        encoder = self.t5.encoder
+        h = encoder.embed_tokens(ids)
+        length = ids.shape[1]
+        first = encoder.block[0].layer[0].SelfAttention
+        bias = first.compute_bias(length, length, device=ids.device)  # [1, heads, L, L]
+        bias = bias + torch.where(mask, 0.0, torch.finfo(bias.dtype).min)[:, None, None, :]
+        for block in encoder.block:
+            sa, ff = block.layer[0], block.layer[-1]
+            x = sa.layer_norm(h)
+            k, v = project(sa.SelfAttention, x, names)
+            h = h + attention(sa.SelfAttention, x, k, v, bias, names)
+            h = h + feed_forward(ff.DenseReluDense, ff.layer_norm(h), names)
+        return encoder.final_layer_norm(h)
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor, names: list[str] | None) -> torch.Tensor:
+        """Logits [n, vocab] of the next token for every active row, given each row's last token [n]."""
+        n = self.n
+        lengths = self.lengths[:n]
+        span = int(lengths.max()) + 1
+        self._fit(n, span, 1)
+        decoder = self.t5.decoder
+        h = decoder.embed_tokens(tokens[:, None])
+        positions = torch.arange(span, device=self.device)
+        first = decoder.block[0].layer[0].SelfAttention
+        buckets = first._relative_position_bucket(positions[None, :] - lengths[:, None], bidirectional=False,
+                                                  num_buckets=first.relative_attention_num_buckets,
+                                                  max_distance=first.relative_attention_max_distance)
+        self_bias = first.relative_attention_bias(buckets).permute(0, 2, 1)[:, :, None, :]  # [n, heads, 1, span]
+        minimum = torch.finfo(self_bias.dtype).min
+        self_bias = self_bias + torch.where(positions[None, :] <= lengths[:, None], 0.0, minimum)[:, None, None, :]
+        source = int(self.source_lengths[:n].max())
+        cross_bias = torch.where(torch.arange(source, device=self.device)[None, :] < self.source_lengths[:n, None],
+                                 0.0, minimum)[:, None, None, :]
+        rows = torch.arange(n, device=self.device)
+        for i, block in enumerate(decoder.block):
+            sa, ca, ff = block.layer
+            x = sa.layer_norm(h)
+            k, v = project(sa.SelfAttention, x, names)
+            self.self_k[i][rows, :, lengths] = k[:, :, 0]
+            self.self_v[i][rows, :, lengths] = v[:, :, 0]
+            h = h + attention(sa.SelfAttention, x, self.self_k[i][:n, :, :span], self.self_v[i][:n, :, :span],
+                              self_bias, names)
+            h = h + attention(ca.EncDecAttention, ca.layer_norm(h), self.cross_k[i][:n, :, :source],
+                              self.cross_v[i][:n, :, :source], cross_bias, names)
+            h = h + feed_forward(ff.DenseReluDense, ff.layer_norm(h), names)
+        self.lengths[:n] += 1
+        h = decoder.final_layer_norm(h) * self.scale
+        return linear(self.t5.lm_head, h, names)[:, 0].float()
+
+    @torch.inference_mode()
+    def remove(self, row: int) -> None:
+        """Free row's slot: the last active row moves into it."""
+        last = self.n - 1
+        if row != last:
+            for tensors in (self.self_k, self.self_v, self.cross_k, self.cross_v):
+                for t in tensors:
+                    t[row] = t[last]
+            self.lengths[row], self.source_lengths[row] = self.lengths[last], self.source_lengths[last]
+        self.n = last
