@@ -39,6 +39,7 @@ class Request:
     deadline: float | None  # time.monotonic() by which it must end
     future: asyncio.Future
     on_text: object = None  # callable(index, piece) on the event loop, for streaming
+    min_new_tokens: int = 0  # </s> is not chosen before (as generate()'s min_new_tokens)
     outputs: list = field(default_factory=list)
     left: int = 0
     active: int = 0  # its rows holding a slot now
@@ -102,13 +103,13 @@ class Engine:
         return sum(len(rows) for rows in self.waiting.values())
 
     async def generate(self, names: list[str], sources: list[str], max_new_tokens: int, num_beams: int = 1,
-                       timeout: float | None = None, on_text=None) -> list[str]:
+                       timeout: float | None = None, on_text=None, min_new_tokens: int = 0) -> list[str]:
         """Raw outputs for one request; DeadlineExceeded after `timeout` seconds, Busy if the queue is full."""
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + timeout if timeout else None
         if num_beams > 1:
             return await self._beam_search(names, sources, max_new_tokens, num_beams, deadline)
-        request = Request(names, sources, max_new_tokens, deadline, loop.create_future(), on_text)
+        request = Request(names, sources, max_new_tokens, deadline, loop.create_future(), on_text, min_new_tokens)
         rows = deque(Row(request, i, self.encoder_tokenizer(source, truncation=True,
                                                              max_length=self.bank.source_limit(name)).input_ids)
                      for i, (name, source) in enumerate(zip(names, sources)))
@@ -184,6 +185,7 @@ class Engine:
         self.loop.call_soon_threadsafe(settle)
 
     # --- the model thread ------------------------------------------------------------------------------------
+    @torch.inference_mode()
     def _run(self) -> None:
         while True:
             with self.wake:
@@ -244,7 +246,11 @@ class Engine:
     def _step(self) -> None:
         started = time.perf_counter()
         last = torch.tensor([row.tokens[-1] if row.tokens else self.start_token for row in self.active])
-        chosen = self.runner.step(last, [peft_name(row.name) for row in self.active]).argmax(-1).tolist()
+        logits = self.runner.step(last, [peft_name(row.name) for row in self.active])
+        early = [i for i, row in enumerate(self.active) if len(row.tokens) < row.request.min_new_tokens]
+        if early:
+            logits[early, self.eos] = -float("inf")
+        chosen = logits.argmax(-1).tolist()
         leaving = []
         for i, (row, token) in enumerate(zip(self.active, chosen)):
             row.tokens.append(token)

@@ -97,19 +97,22 @@ class T5Runner:
     @torch.inference_mode()
     def add(self, sources: list[list[int]], names: list[str] | None) -> None:
         """Encode new rows (token ids, each ending with </s>) and give them slots n.. n+len-1."""
-        m, longest = len(sources), max(len(s) for s in sources)
-        ids = torch.zeros((m, longest), dtype=torch.long, device=self.device)
-        mask = torch.zeros((m, longest), dtype=torch.bool, device=self.device)
-        for i, s in enumerate(sources):
-            ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), True
-        hidden = self._encode(ids, mask, names)
-        self._fit(self.n + m, 1, longest)
-        rows = slice(self.n, self.n + m)
-        for i, block in enumerate(self.t5.decoder.block):
-            k, v = project(block.layer[1].EncDecAttention, hidden, names)
-            self.cross_k[i][rows, :, :longest], self.cross_v[i][rows, :, :longest] = k, v  # beyond: masked
-        self.lengths[rows] = 0
-        self.source_lengths[rows] = mask.sum(1)
+        m = len(sources)
+        self._fit(self.n + m, 1, max(len(s) for s in sources))
+        for group in length_groups(sources):
+            longest = max(len(sources[i]) for i in group)
+            ids = torch.zeros((len(group), longest), dtype=torch.long, device=self.device)
+            mask = torch.zeros((len(group), longest), dtype=torch.bool, device=self.device)
+            for row, i in enumerate(group):
+                ids[row, :len(sources[i])], mask[row, :len(sources[i])] = torch.tensor(sources[i]), True
+            group_names = [names[i] for i in group] if names is not None else None
+            hidden = self._encode(ids, mask, group_names)
+            slots = torch.tensor([self.n + i for i in group], device=self.device)
+            for layer, block in enumerate(self.t5.decoder.block):
+                k, v = project(block.layer[1].EncDecAttention, hidden, group_names)
+                self.cross_k[layer][slots, :, :longest], self.cross_v[layer][slots, :, :longest] = k, v  # beyond: masked
+            self.source_lengths[slots] = mask.sum(1)
+        self.lengths[self.n:self.n + m] = 0
         self.n += m
 
     def _encode(self, ids: torch.Tensor, mask: torch.Tensor, names: list[str] | None) -> torch.Tensor:
@@ -173,3 +176,18 @@ class T5Runner:
                     t[row] = t[last]
             self.lengths[row], self.source_lengths[row] = self.lengths[last], self.source_lengths[last]
         self.n = last
+
+
+def length_groups(sources: list[list[int]], waste: float = 0.15, most_tokens: int = 16384) -> list[list[int]]:
+    """Indices of sources in groups of similar length, so that encoding pads at most `waste` of the tokens."""
+    groups: list[list[int]] = []
+    total = 0
+    for i in sorted(range(len(sources)), key=lambda i: len(sources[i])):
+        length = len(sources[i])
+        if groups and (len(groups[-1]) + 1) * length <= min((1 + waste) * (total + length), most_tokens):
+            groups[-1].append(i)
+            total += length
+        else:
+            groups.append([i])
+            total = length
+    return groups

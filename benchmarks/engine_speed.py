@@ -1,0 +1,143 @@
+"""CPU cost per sequence of the serving engine against today's generate() path and CTranslate2, side by side in one
+run: t5-small shapes (random weights), real SQuAD v2 prompts, every sequence forced to exactly --tokens new tokens.
+
+  generate:     AdapterBank.generate_sources (what the static batcher runs), 2 LoRA adapters unmerged, one batch
+  engine:       serve/engine.py, the same 2 adapters unmerged, rows of both in every step (float32)
+  engine_int8:  the same after quantize_int8 (serve --quantize int8)
+  ct2:          CTranslate2 on the merged model (one adapter: what `peft-t5 export` writes), float32
+  ct2_int8:     the same converted with --quantization int8
+
+python benchmarks/engine_speed.py [--quick] [--tokens 32] [--batches 1 32]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, squad_records, write_results  # noqa: E402
+from serve_throughput import make_adapters  # noqa: E402
+
+
+def timed(fn) -> tuple[float, float, object]:
+    """(CPU seconds of this process, wall seconds, result)."""
+    cpu, wall = time.process_time(), time.perf_counter()
+    result = fn()
+    return time.process_time() - cpu, time.perf_counter() - wall, result
+
+
+def engine_outputs(bank, names, sources, tokens: int, batch: int) -> list[str]:
+    from peft_t5.serve.engine import Engine
+
+    async def run():
+        engine = Engine(bank, max_rows=batch, max_encode_tokens=512 * batch)
+        engine.start()
+        try:
+            outputs = []
+            for start in range(0, len(sources), batch):
+                outputs += await engine.generate(names[start:start + batch], sources[start:start + batch], tokens,
+                                                 min_new_tokens=tokens)
+            return outputs
+        finally:
+            await engine.stop()
+    return asyncio.run(run())
+
+
+def ct2_outputs(translator, tokenizer, sources, tokens: int, batch: int) -> list[str]:
+    pieces = [tokenizer.convert_ids_to_tokens(tokenizer(s, truncation=True, max_length=512).input_ids) for s in sources]
+    results = translator.translate_batch(pieces, max_batch_size=batch, beam_size=1, max_decoding_length=tokens,
+                                         min_decoding_length=tokens, max_input_length=512)
+    return [tokenizer.convert_tokens_to_string(r.hypotheses[0]) for r in results]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="Fewer sequences")
+    parser.add_argument("--tokens", type=int, default=32, help="New tokens per sequence (forced)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--output", default="benchmarks/results/engine_speed.json")
+    args = parser.parse_args()
+
+    import ctranslate2
+    from peft import PeftModel
+
+    from peft_t5.bank import AdapterBank
+    from peft_t5.modeling import load_base_model
+    from peft_t5.quantize import quantize_int8
+    from peft_t5.tasks import get_task
+
+    template = get_task("squad").template
+    records, data = squad_records(256)
+    results = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "data": data, "tokens": args.tokens,
+               "setup": "t5-small shapes, random weights, 2 LoRA adapters (r16 q,v); CTranslate2 on one merged",
+               "cpu_s_per_sequence": {}, "wall_s_per_sequence": {}}
+    threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory() as tmp:
+        base, adapters = make_adapters(Path(tmp), "t5-small")
+        merged = PeftModel.from_pretrained(load_base_model(base), adapters["jokes_a"]).merge_and_unload()
+        merged.save_pretrained(f"{tmp}/merged")
+        bank = AdapterBank.load(base, adapters)
+        bank.tokenizer.save_pretrained(f"{tmp}/merged")
+        for quantization in ("float32", "int8"):
+            ctranslate2.converters.TransformersConverter(f"{tmp}/merged").convert(
+                f"{tmp}/ct2_{quantization}", quantization=quantization, force=True)
+        translators = {q: ctranslate2.Translator(f"{tmp}/ct2_{q}", device="cpu", intra_threads=threads)
+                       for q in ("float32", "int8")}
+        engine_float = {}
+        for batch in args.batches:
+            count = batch * (1 if args.quick else 2) if batch > 1 else (4 if args.quick else 8)
+            chosen = records[:count]
+            sources = [template.format(question=r["question"], context=r["context"]) for r in chosen]
+            names = [list(adapters)[i % 2] for i in range(count)]
+            systems = {
+                "generate": lambda: bank.generate_sources(names, sources, max_new_tokens=args.tokens,
+                                                          min_new_tokens=args.tokens, batch_size=batch),
+                "engine": lambda: engine_outputs(bank, names, sources, args.tokens, batch),
+                "ct2": lambda: ct2_outputs(translators["float32"], bank.tokenizer, sources, args.tokens, batch),
+                "ct2_int8": lambda: ct2_outputs(translators["int8"], bank.tokenizer, sources, args.tokens, batch),
+            }
+            for name, fn in systems.items():
+                fn() if batch > 1 else None  # warm-up at the larger sizes (allocators, caches)
+                cpu, wall, outputs = timed(fn)
+                if name == "engine":
+                    engine_float[batch] = outputs
+                results["cpu_s_per_sequence"].setdefault(name, {})[str(batch)] = cpu / count
+                results["wall_s_per_sequence"].setdefault(name, {})[str(batch)] = wall / count
+                print(f"batch {batch:3d} {name:12s} {cpu / count:.4f} CPU-s/seq  {wall / count:.4f} s/seq", flush=True)
+        quantize_int8(bank.model)
+        agreement = []
+        for batch in args.batches:
+            count = len(engine_float[batch])
+            chosen = records[:count]
+            sources = [template.format(question=r["question"], context=r["context"]) for r in chosen]
+            names = [list(adapters)[i % 2] for i in range(count)]
+            engine_outputs(bank, names, sources, args.tokens, batch) if batch > 1 else None
+            cpu, wall, outputs = timed(lambda: engine_outputs(bank, names, sources, args.tokens, batch))
+            results["cpu_s_per_sequence"].setdefault("engine_int8", {})[str(batch)] = cpu / count
+            results["wall_s_per_sequence"].setdefault("engine_int8", {})[str(batch)] = wall / count
+            print(f"batch {batch:3d} {'engine_int8':12s} {cpu / count:.4f} CPU-s/seq  {wall / count:.4f} s/seq")
+            agreement += [a == b for a, b in zip(outputs, engine_float[batch])]
+    cost = results["cpu_s_per_sequence"]
+    top = str(max(args.batches))
+    results["int8_outputs_equal_float32"] = sum(agreement) / len(agreement)
+    results["ratios"] = {  # throughput ratios (higher: the first is faster)
+        f"engine_vs_generate_at_{top}": cost["generate"][top] / cost["engine"][top],
+        f"engine_vs_ct2_float32_at_{top}": cost["ct2"][top] / cost["engine"][top],
+        f"engine_int8_vs_ct2_int8_at_{top}": cost["ct2_int8"][top] / cost["engine_int8"][top],
+        "engine_vs_ct2_float32_at_1": cost["ct2"]["1"] / cost["engine"]["1"] if "1" in cost["ct2"] else None,
+    }
+    print({k: round(v, 2) for k, v in results["ratios"].items() if v is not None},
+          f"int8 outputs equal to float32: {results['int8_outputs_equal_float32']:.0%}")
+    labels = [f"{n} b{top}" for n in cost]
+    write_results(results, args.output, (f"CPU-s per sequence, batch {top}, {args.tokens} tokens (lower is better)",
+                                         labels, [cost[n][top] for n in cost], "CPU seconds"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""int8 for serving on a CPU: the frozen base's linear layers become dynamic int8 (weights int8 per channel,
+activations quantized per batch), LoRA's A and B stay in float32 beside them.
+
+    quantize_int8(bank.model)   # after the adapters are loaded or before: new adapters wrap the int8 layers too
+
+PyTorch's dynamic quantization (torch.ao) is what runs int8 matmuls on a CPU without extra packages; it is marked
+deprecated in favour of torchao, which is why its one warning is silenced here.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+
+def quantize_int8(model: nn.Module) -> int:
+    """Replace every float nn.Linear of the base (not LoRA's own) by a dynamic int8 one; returns how many."""
+    from torch.ao.nn.quantized.dynamic import Linear as Int8Linear
+    from torch.ao.quantization import per_channel_dynamic_qconfig
+
+    if not torch.backends.quantized.supported_engines or torch.cuda.is_available() and next(
+            model.parameters()).is_cuda:
+        raise ValueError("int8 dynamic quantization runs on a CPU; serve a GPU model in bf16 instead")
+    targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+               if type(child) is nn.Linear and not is_adapter_weight(parent)]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*deprecated", category=UserWarning)
+        warnings.filterwarnings("ignore", message=".*torch.ao.quantization.*deprecated", category=DeprecationWarning)
+        for parent, name, child in targets:
+            child.qconfig = per_channel_dynamic_qconfig
+            setattr(parent, name, Int8Linear.from_float(child.float()))
+    return len(targets)
+
+
+def is_adapter_weight(parent: nn.Module) -> bool:
+    """LoRA's A and B (and other adapters' own layers) live in ModuleDicts keyed by adapter name."""
+    return isinstance(parent, nn.ModuleDict)
