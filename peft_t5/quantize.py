@@ -13,6 +13,8 @@ import warnings
 import torch
 from torch import nn
 
+from .errors import PeftT5Error
+
 
 def quantize_int8(model: nn.Module) -> int:
     """Replace every float nn.Linear of the base (not LoRA's own) by a dynamic int8 one; returns how many."""
@@ -21,7 +23,7 @@ def quantize_int8(model: nn.Module) -> int:
 
     if not torch.backends.quantized.supported_engines or torch.cuda.is_available() and next(
             model.parameters()).is_cuda:
-        raise ValueError("int8 dynamic quantization runs on a CPU; serve a GPU model in bf16 instead")
+        raise PeftT5Error("--quantize int8: dynamic int8 runs on a CPU; on a GPU serve the base in bf16 instead")
     targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
                if type(child) is nn.Linear and not is_adapter_weight(parent)]
     with warnings.catch_warnings():

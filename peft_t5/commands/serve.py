@@ -26,12 +26,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--api_key", help=f"Require 'Authorization: Bearer KEY' on every route but /health "
                                           f"(or set {KEY_VARIABLE})")
     parser.add_argument("--adapter_root", help="Allow POST /v1/adapters to load folders under this one (only)")
-    parser.add_argument("--max_batch_size", type=int, default=32, help="Examples in one generate call (default 32)")
+    parser.add_argument("--engine", choices=["continuous", "static"], default="continuous",
+                        help="continuous: every decoding step runs every request's rows, each with its adapter, and "
+                             "rows join and leave between steps (default); static: requests -> generate() calls "
+                             "(used by itself where an adapter's method cannot be mixed per row)")
+    parser.add_argument("--quantize", choices=["int8"], help="int8: the base's linear layers in dynamic int8 (CPU)")
+    parser.add_argument("--max_rows", type=int, default=64, help="continuous: rows decoding at once (default 64)")
+    parser.add_argument("--max_queue_rows", type=int, default=1024,
+                        help="continuous: rows waiting for a slot, beyond which requests get 503 (default 1024)")
+    parser.add_argument("--request_timeout", type=float, default=300.0,
+                        help="Seconds a generation request may take, then 504 (default 300; 0: no limit)")
+    parser.add_argument("--max_request_tokens", type=int, default=8192,
+                        help="inputs x beams x max_new_tokens of one request (default 8192)")
+    parser.add_argument("--max_new_tokens", type=int, default=256,
+                        help="The most tokens a request may ask for an output (default 256)")
+    parser.add_argument("--max_batch_size", type=int, default=32,
+                        help="static: examples in one generate call (default 32)")
     parser.add_argument("--max_wait_ms", type=float, default=5.0,
-                        help="How long a request waits for others to share its batch (default 5)")
+                        help="static: how long a request waits for others to share its batch (default 5)")
     parser.add_argument("--batching", choices=["across", "none", "switch"], default="across",
-                        help="across: batch requests and adapters together (default); none: one request a call; "
-                             "switch: one adapter a call, set per request (for comparison)")
+                        help="static: across: batch requests and adapters together (default); none: one request a "
+                             "call; switch: one adapter a call, set per request (for comparison)")
     parser.add_argument("--max_inputs", type=int, default=32, help="Inputs in one request (default 32)")
     parser.add_argument("--rate", metavar="QUESTIONS", help="Questions to rate blind (a jokes CSV/JSON or one a line)")
     parser.add_argument("--rate_systems", help="Comma-separated systems to rate (default: base and every adapter)")
@@ -64,11 +79,16 @@ def check_args(args: argparse.Namespace) -> None:
                           f"pass --api_key KEY (or set {KEY_VARIABLE}), or bind 127.0.0.1")
     if not 0 <= args.port <= 65535:
         raise PeftT5Error(f"--port {args.port}: not a port number (0 to 65535)")
-    for name in ("max_batch_size", "max_inputs"):
+    for name in ("max_batch_size", "max_inputs", "max_rows", "max_queue_rows", "max_request_tokens",
+                 "max_new_tokens"):
         if getattr(args, name) < 1:
             raise PeftT5Error(f"--{name} {getattr(args, name)}: must be at least 1")
     if args.max_wait_ms < 0:
         raise PeftT5Error(f"--max_wait_ms {args.max_wait_ms}: must be 0 or more")
+    if args.request_timeout < 0:
+        raise PeftT5Error(f"--request_timeout {args.request_timeout}: must be 0 (no limit) or more seconds")
+    if args.quantize and args.qlora:
+        raise PeftT5Error("--quantize int8 and --qlora both quantize the base; pick one")
     args.adapters = parse_adapter_specs(args.adapter)
     metadata = {}
     for name, path in args.adapters.items():
@@ -116,8 +136,15 @@ def serve_main(argv: list[str]) -> None:
     if args.rate and not questions:
         raise PeftT5Error(f"--rate {args.rate}: no questions in it")
     bank = AdapterBank.load(args.base, args.adapters, qlora=args.qlora, trust_pickle=args.trust_pickle)
+    if args.quantize:
+        from ..quantize import quantize_int8
+
+        quantize_int8(bank.model)
     settings = ServeSettings(api_key=args.api_key, adapter_root=args.adapter_root, max_batch_size=args.max_batch_size,
                              max_wait_ms=args.max_wait_ms, batching=args.batching, max_inputs=args.max_inputs,
+                             engine=args.engine, max_rows=args.max_rows, max_queue_rows=args.max_queue_rows,
+                             request_timeout=args.request_timeout or None, max_request_tokens=args.max_request_tokens,
+                             max_new_tokens=args.max_new_tokens,
                              rate_questions=questions, rate_systems=args.rate_systems,
                              ratings=args.ratings if args.rate else None, trust_pickle=args.trust_pickle)
     app = create_app(bank, settings)

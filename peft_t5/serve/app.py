@@ -27,8 +27,8 @@ from .batcher import Batcher
 from .engine import Engine
 from .ratings import RatingStore, rating_plan
 from .routes_native import adapter_routes, generation_routes, rating_routes
-from .routes_openai import openai_routes
-from .schemas import ApiError, errors
+from .routes_openai import OPENAI_PATHS, openai_routes
+from .schemas import ApiError, errors, openai_error
 
 logger = logging.getLogger(__name__)
 PAGE = Path(__file__).with_name("page.html")
@@ -56,7 +56,11 @@ class ServeSettings:
     trust_pickle: bool = False  # run-time loads may read pickled .bin adapters
 
 
-def error(status: int, message: str, field: str | None = None, headers: dict | None = None) -> JSONResponse:
+def error(status: int, message: str, field: str | None = None, headers: dict | None = None,
+          request: Request | None = None) -> JSONResponse:
+    """The server's error shape; on the OpenAI routes, OpenAI's (which the openai client reads the message from)."""
+    if request is not None and request.url.path in OPENAI_PATHS:
+        return JSONResponse(openai_error(status, message, field), status_code=status, headers=headers)
     return JSONResponse({"error": message, **({"field": field} if field else {})}, status_code=status, headers=headers)
 
 
@@ -86,10 +90,8 @@ class Metrics:
         self.batch_examples.observe(examples)
         self.batch_seconds.observe(seconds)
 
-    def step(self, rows: int, waiting: int, seconds: float) -> None:
-        self.active_rows.set(rows)
+    def step(self, rows: int, seconds: float) -> None:
         self.step_rows.observe(rows)
-        self.queued_rows.set(waiting)
         self.steps.observe(seconds)
 
 
@@ -140,7 +142,7 @@ def create_app(bank: AdapterBank, settings: ServeSettings | None = None) -> Fast
                 response = await call_next(request)
             except Exception:  # a bug, not the client's fault: logged, answered and counted like any other reply
                 logger.exception("%s %s failed", request.method, path)
-                response = error(500, "internal error; the server logged it")
+                response = error(500, "internal error; the server logged it", request=request)
         route = getattr(request.scope.get("route"), "path", "unmatched")
         metrics.requests.labels(route, str(response.status_code)).inc()
         if response.status_code >= 400:
@@ -153,9 +155,10 @@ def create_app(bank: AdapterBank, settings: ServeSettings | None = None) -> Fast
         # of a union's branches, the one that got furthest into the value says what is wrong
         first = max(exc.errors(), key=lambda e: len(e.get("loc", ())))
         if first.get("type") == "json_invalid":
-            return error(400, f"the body is not valid JSON ({first.get('ctx', {}).get('error', first['msg'])})")
+            return error(400, f"the body is not valid JSON ({first.get('ctx', {}).get('error', first['msg'])})",
+                         request=request)
         name = field_name(tuple(first.get("loc", ())))
-        return error(422, f"{name}: {first['msg']}", name)
+        return error(422, f"{name}: {first['msg']}", name, request=request)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
@@ -167,11 +170,11 @@ def create_app(bank: AdapterBank, settings: ServeSettings | None = None) -> Fast
         headers = exc.headers
         if exc.status_code == 405:  # Starlette's Allow names one route's methods; a path may have several routes
             headers = {"Allow": ", ".join(allowed_methods(app, request.scope))}
-        return error(exc.status_code, message, headers=headers)
+        return error(exc.status_code, message, headers=headers, request=request)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
-        return error(exc.status, exc.message, exc.field)
+        return error(exc.status, exc.message, exc.field, request=request)
 
     @app.get("/health")
     async def health():
@@ -205,7 +208,10 @@ def make_engine(bank: AdapterBank, settings: ServeSettings, metrics: Metrics):
     if settings.engine == "continuous":
         unmixable = [name for name, method in bank.methods.items() if not method.mixed_batches]
         if not unmixable:
-            return Engine(bank, settings.max_rows, settings.max_queue_rows, on_step=metrics.step)
+            engine = Engine(bank, settings.max_rows, settings.max_queue_rows, on_step=metrics.step)
+            metrics.active_rows.set_function(lambda: engine.active_rows)  # read when /metrics is scraped
+            metrics.queued_rows.set_function(lambda: engine.waiting_rows)
+            return engine
         logger.warning("serving with static batches: %s is %s, which PEFT cannot mix per row", unmixable[0],
                        bank.methods[unmixable[0]].name)
     return Batcher(bank, settings.max_batch_size, settings.max_wait_ms, settings.batching, on_batch=metrics.batch)
@@ -233,7 +239,7 @@ def unauthorized(request: Request) -> Response:
         return HTMLResponse("<!doctype html><title>peft-t5: key needed</title><h1>This server needs its API key</h1>"
                             "<p>Open this page as <code>/?key=KEY</code>, with the key the server was started with "
                             "(<code>--api_key</code>).</p>", status_code=401)
-    return error(401, message)
+    return error(401, message, request=request)
 
 
 def openapi_spec(app: FastAPI, settings: ServeSettings) -> dict:
@@ -242,8 +248,9 @@ def openapi_spec(app: FastAPI, settings: ServeSettings) -> dict:
     server's."""
     spec = get_openapi(title="peft-t5", version="1", routes=app.routes,
                        description="LoRA adapters for T5 on one base: generate, load/unload adapters, rate blind.")
-    ref = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
     for path, operations in spec["paths"].items():
+        body = "OpenAIErrorBody" if path in OPENAI_PATHS else "ErrorBody"
+        ref = {"application/json": {"schema": {"$ref": f"#/components/schemas/{body}"}}}
         for operation in operations.values():
             responses = operation["responses"]
             if "422" in responses:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import threading
 import time
 from collections import deque
@@ -71,7 +72,7 @@ class Engine:
                  max_encode_tokens: int = 2048, on_step=None):
         self.bank, self.max_rows, self.max_queue_rows = bank, max_rows, max_queue_rows
         self.max_encode_tokens = max_encode_tokens
-        self.on_step = on_step or (lambda rows, waiting, seconds: None)  # metrics hook
+        self.on_step = on_step or (lambda rows, seconds: None)  # metrics hook
         # a fast tokenizer is not thread-safe: the event loop encodes with one copy, the model thread decodes with another
         self.encoder_tokenizer, self.tokenizer = copy.deepcopy(bank.tokenizer), copy.deepcopy(bank.tokenizer)
         self.runner = T5Runner(bank.model, capacity=8)
@@ -100,7 +101,12 @@ class Engine:
 
     @property
     def waiting_rows(self) -> int:
-        return sum(len(rows) for rows in self.waiting.values())
+        with self.wake:
+            return sum(len(rows) for rows in self.waiting.values())
+
+    @property
+    def active_rows(self) -> int:
+        return len(self.active)
 
     async def generate(self, names: list[str], sources: list[str], max_new_tokens: int, num_beams: int = 1,
                        timeout: float | None = None, on_text=None, min_new_tokens: int = 0) -> list[str]:
@@ -114,9 +120,10 @@ class Engine:
                                                              max_length=self.bank.source_limit(name)).input_ids)
                      for i, (name, source) in enumerate(zip(names, sources)))
         with self.wake:
-            if self.waiting_rows + len(sources) > self.max_queue_rows:
-                raise Busy(f"{self.waiting_rows} rows are waiting, the most this server queues is "
-                           f"{self.max_queue_rows}; retry shortly")
+            waiting = sum(len(rows) for rows in self.waiting.values())
+            if waiting + len(sources) > self.max_queue_rows:
+                raise Busy(f"{waiting} rows are waiting, the most this server queues is {self.max_queue_rows}; "
+                           "retry shortly")
             self.waiting[request] = rows
             self.wake.notify()
         try:
@@ -172,8 +179,8 @@ class Engine:
                 raise DeadlineExceeded("the request ran past its deadline")
             if name not in self.bank.names:
                 raise AdapterGone(f"adapter {name!r} was unloaded before this request ran")
-            outputs += await self.on_model_thread(self.bank.generate_sources, [name], [source],
-                                                  max_new_tokens=max_new_tokens, num_beams=num_beams)
+            outputs += await self.on_model_thread(functools.partial(
+                self.bank.generate_sources, [name], [source], max_new_tokens=max_new_tokens, num_beams=num_beams))
         return outputs
 
     def _resolve(self, request: Request, result=None, error: Exception | None = None) -> None:
@@ -261,7 +268,7 @@ class Engine:
                 leaving.append(i)
         for i in reversed(leaving):
             self._retire(i)
-        self.on_step(len(self.active) + len(leaving), self.waiting_rows, time.perf_counter() - started)
+        self.on_step(len(self.active) + len(leaving), time.perf_counter() - started)
 
     def _stream(self, row: Row, ended: bool) -> None:
         text = self.tokenizer.decode(row.tokens, skip_special_tokens=True).strip()

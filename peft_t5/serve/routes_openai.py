@@ -13,24 +13,26 @@ from fastapi.responses import StreamingResponse
 from ..bank import AdapterBank
 from ..errors import PeftT5Error
 from .failures import api_error
-from .schemas import ApiError, ChatRequest, CompletionRequest, OpenAIFields, errors, sse
+from .schemas import ApiError, ChatRequest, CompletionRequest, OpenAIErrorBody, OpenAIFields, errors, openai_error, sse
+
+OPENAI_PATHS = ("/v1/models", "/v1/completions", "/v1/chat/completions")
 
 
 def openai_routes(bank: AdapterBank, engine, settings, metrics) -> APIRouter:
     router = APIRouter()
     started = int(time.time())
 
-    @router.get("/v1/models", responses=errors(401))
+    @router.get("/v1/models", responses=errors(401, body=OpenAIErrorBody))
     async def models():
         return {"object": "list", "data": [{"id": name, "object": "model", "created": started, "owned_by": "peft-t5"}
                                            for name in bank.names]}
 
-    @router.post("/v1/completions", responses=errors(400, 401, 404, 413, 422, 503, 504))
+    @router.post("/v1/completions", responses=errors(400, 401, 404, 413, 422, 503, 504, body=OpenAIErrorBody))
     async def completions(body: CompletionRequest):
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         return await complete(body, prompts, "text_completion", "cmpl")
 
-    @router.post("/v1/chat/completions", responses=errors(400, 401, 404, 413, 422, 503, 504))
+    @router.post("/v1/chat/completions", responses=errors(400, 401, 404, 413, 422, 503, 504, body=OpenAIErrorBody))
     async def chat(body: ChatRequest):
         users = [m.content for m in body.messages if m.role == "user"] or [body.messages[-1].content]
         return await complete(body, users[-1:], "chat.completion", "chatcmpl")
@@ -66,7 +68,8 @@ def openai_routes(bank: AdapterBank, engine, settings, metrics) -> APIRouter:
                 for i, t in enumerate(texts)], "usage": usage(sources, texts)})
         except Exception as e:  # the status line is sent: the error goes in the stream, in the one error shape
             known = api_error(e)
-            yield sse({"error": known.message if known else "internal error; the server logged it"})
+            yield sse(openai_error(known.status, known.message, known.field) if known else
+                      openai_error(500, "internal error; the server logged it"))
             if not known:
                 raise
         yield "data: [DONE]\n\n"

@@ -112,9 +112,27 @@ class ErrorBody(BaseModel):
     field: str | None = None
 
 
-def errors(*statuses: int) -> dict:
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIErrorBody(BaseModel):
+    """Errors of the OpenAI routes, in OpenAI's shape: the same message and field, as error.message and error.param."""
+    error: OpenAIErrorDetail
+
+
+def openai_error(status: int, message: str, field: str | None = None) -> dict:
+    kind = {401: "authentication_error", 404: "not_found_error", 503: "server_error", 504: "timeout"}.get(
+        status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "param": field, "code": None}}
+
+
+def errors(*statuses: int, body: type[BaseModel] = ErrorBody) -> dict:
     """The error responses a route sends, for the OpenAPI spec."""
-    return {status: {"model": ErrorBody} for status in statuses}
+    return {status: {"model": body} for status in statuses}
 
 
 class ApiError(Exception):

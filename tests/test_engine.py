@@ -1,0 +1,207 @@
+"""The continuous engine: greedy outputs equal generate() token for token, with adapters mixed per row, rows joining
+mid-flight and rows of different lengths; finished rows free their slots; deadlines, a full queue, int8."""
+import asyncio
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from peft_t5.bank import AdapterBank
+from peft_t5.modeling import tiny_model, tiny_tokenizer
+from peft_t5.quantize import quantize_int8
+from peft_t5.serve.engine import Engine
+from peft_t5.serve.failures import Busy, DeadlineExceeded
+from peft_t5.serve.t5_runner import T5Runner, length_groups
+
+SOURCES = ["why did the chicken cross the road", "what is the capital of france and why is it so very big today",
+           "hello", "question: a b c d e f g h i j k", "Where is Normandy? context: Normandy is a region in France.",
+           "no"]
+
+
+@pytest.fixture(scope="module")
+def erratic():
+    """The tiny T5 with weights spread wide enough that greedy decoding wanders over the vocabulary (a random T5
+    repeats one token, which would hide a wrong position), and two LoRA adapters on every linear layer."""
+    torch.manual_seed(0)
+    model = tiny_model()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "layer_norm" not in name:
+                param.normal_(0, 1.0 if "relative" in name else 0.2)
+    config = dict(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    model = get_peft_model(model, LoraConfig(**config), adapter_name="one")
+    model.add_adapter("two", LoraConfig(**config))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    return model.eval()
+
+
+def generate_alone(model, tokenizer, source: str, adapter: str, max_new_tokens: int) -> list[int]:
+    batch = tokenizer([source], return_tensors="pt")
+    with torch.inference_mode():
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, adapter_names=[adapter])
+    tokens = out[0, 1:].tolist()
+    return tokens[:tokens.index(1) + 1] if 1 in tokens else tokens
+
+
+def test_rows_joining_and_leaving_mid_flight_decode_as_generate_does_alone(erratic, tokenizer):
+    names = ["one", "two", "__base__", "one", "two", "__base__"]
+    budgets = [20, 7, 13, 20, 3, 11]
+    expected = [generate_alone(erratic, tokenizer, s, n, b) for s, n, b in zip(SOURCES, names, budgets)]
+    assert len({tuple(e) for e in expected}) == 6 and all(len(set(e)) > 3 for e in expected[:1])
+    runner = T5Runner(erratic, capacity=2)
+    rows, done = [], {}  # rows: [index, tokens], in slot order
+
+    def admit(indices):
+        runner.add([tokenizer(SOURCES[i]).input_ids for i in indices], [names[i] for i in indices])
+        rows.extend([i, []] for i in indices)
+
+    admit([0, 1])
+    most = 0
+    for step in range(40):
+        if step in (2, 5):
+            admit([2, 3] if step == 2 else [4, 5])
+        most = max(most, runner.n)
+        last = torch.tensor([tokens[-1] if tokens else 0 for _, tokens in rows])
+        chosen = runner.step(last, [names[i] for i, _ in rows]).argmax(-1).tolist()
+        for row, token in zip(rows, chosen):
+            row[1].append(token)
+        for slot in reversed(range(len(rows))):
+            i, tokens = rows[slot]
+            if tokens[-1] == 1 or len(tokens) == budgets[i]:
+                done[i] = tokens
+                runner.remove(slot)
+                rows[slot] = rows[-1]
+                rows.pop()
+        if not rows:
+            break
+    assert [done[i] for i in range(6)] == expected
+    assert runner.n == 0 and most <= 6 and runner.capacity[0] <= 8  # every slot freed, none grown past need
+
+
+def test_encoding_groups_pad_little_and_cover_every_source():
+    sources = [[0] * n for n in (500, 12, 480, 13, 14, 300, 90)]
+    groups = length_groups(sources)
+    assert sorted(i for g in groups for i in g) == list(range(7))
+    for group in groups:
+        lengths = [len(sources[i]) for i in group]
+        assert max(lengths) * len(group) <= 1.15 * sum(lengths)
+
+
+@pytest.fixture(scope="module")
+def bank(tmp_path_factory):
+    from test_serve import make_adapter
+
+    root = tmp_path_factory.mktemp("engine_adapters")
+    return AdapterBank.load("tiny", {"jokes": make_adapter(root / "jokes", "jokes", 1),
+                                     "jokes2": make_adapter(root / "jokes2", "jokes", 3)})
+
+
+def run(coroutine_fn, bank, **engine_options):
+    async def main():
+        engine = Engine(bank, **engine_options)
+        engine.start()
+        try:
+            return await coroutine_fn(engine)
+        finally:
+            await engine.stop()
+    return asyncio.run(main())
+
+
+def test_concurrent_requests_arriving_at_different_times_get_what_generate_gives_each(bank):
+    plan = [(["jokes", "jokes2"], SOURCES[:2], 24, 0.0), (["base"], SOURCES[2:3], 5, 0.01),
+            (["jokes2", "jokes", "jokes"], SOURCES[3:6], 40, 0.03), (["jokes"], SOURCES[1:2], 2, 0.05)]
+    expected = [bank.generate_per_adapter(names, sources, max_new_tokens=budget) for names, sources, budget, _ in plan]
+
+    async def clients(engine):
+        async def one(names, sources, budget, delay):
+            await asyncio.sleep(delay)
+            return await engine.generate(names, sources, budget)
+        return await asyncio.gather(*(one(*p) for p in plan))
+
+    assert run(clients, bank, max_rows=3) == expected  # 3 slots for 7 rows: rows wait, join and leave
+
+
+def test_beam_search_keeps_generates_path_between_steps(bank):
+    async def scenario(engine):
+        greedy = asyncio.ensure_future(engine.generate(["jokes2"] * 2, SOURCES[:2], 20))
+        beams = await engine.generate(["jokes", "base"], SOURCES[2:4], 12, num_beams=3)
+        return beams, await greedy
+
+    beams, greedy = run(scenario, bank)
+    assert beams == bank.generate_per_adapter(["jokes", "base"], SOURCES[2:4], max_new_tokens=12, num_beams=3)
+    assert greedy == bank.generate_per_adapter(["jokes2"] * 2, SOURCES[:2], max_new_tokens=20)
+
+
+def test_a_request_past_its_deadline_ends_and_frees_its_slots_while_others_finish(bank):
+    async def scenario(engine):
+        slow = asyncio.ensure_future(engine.generate(["jokes"] * 4, SOURCES[:4], 1000, min_new_tokens=1000,
+                                                     timeout=0.3))
+        quick = await engine.generate(["jokes2"], SOURCES[:1], 8, timeout=30)
+        with pytest.raises(DeadlineExceeded, match="took over 0.3 s"):
+            await slow
+        for _ in range(100):
+            if not engine.active and not engine.waiting:
+                break
+            await asyncio.sleep(0.02)
+        return quick, len(engine.active), engine.runner.n
+
+    quick, active, slots = run(scenario, bank)
+    assert quick == bank.generate_per_adapter(["jokes2"], SOURCES[:1], max_new_tokens=8)
+    assert active == 0 and slots == 0
+
+
+def test_a_full_queue_refuses_a_request_at_once(bank):
+    async def scenario(engine):
+        first = asyncio.ensure_future(engine.generate(["jokes"] * 2, SOURCES[:2], 200, min_new_tokens=200))
+        while not engine.active:  # one row decodes, the other waits for the one slot
+            await asyncio.sleep(0.01)
+        with pytest.raises(Busy, match="1 rows are waiting, the most this server queues is 2"):
+            await engine.generate(["jokes"] * 2, SOURCES[:2], 4)
+        return await first
+
+    assert len(run(scenario, bank, max_rows=1, max_queue_rows=2)) == 2
+
+
+def test_streamed_pieces_concatenate_to_the_whole_outputs(bank):
+    async def scenario(engine):
+        pieces = ["", ""]
+        counts = [0, 0]
+        async for index, piece in engine.stream(["jokes", "jokes2"], SOURCES[:2], 30):
+            pieces[index] += piece
+            counts[index] += 1
+        return pieces, counts
+
+    pieces, counts = run(scenario, bank)
+    assert pieces == bank.generate_per_adapter(["jokes", "jokes2"], SOURCES[:2], max_new_tokens=30)
+    assert max(counts) > 1  # it came in pieces, not whole
+
+
+def test_int8_base_stays_close_to_float32_and_the_engine_still_equals_generate(tmp_path):
+    from peft_t5.adapters import save_adapter
+    from peft_t5.modeling import add_lora
+
+    torch.manual_seed(0)
+    model = add_lora(tiny_model(), dropout=0.0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.02)  # the size a trained adapter's B has
+    tokenizer = tiny_tokenizer()
+    save_adapter(model, tokenizer, tmp_path / "a", {"task": "jokes", "base_model": "tiny", "template": "{question}"},
+                 "test adapter")
+    bank = AdapterBank.load("tiny", {"jokes": str(tmp_path / "a")})
+    batch = tokenizer(SOURCES[:3], return_tensors="pt", padding=True)
+    start = torch.zeros((3, 1), dtype=torch.long)
+    with torch.inference_mode():
+        before = bank.model(**batch, decoder_input_ids=start).logits
+        replaced = quantize_int8(bank.model)
+        after = bank.model(**batch, decoder_input_ids=start).logits
+    assert replaced == sum(type(m) is torch.nn.Linear for m in tiny_model().modules())  # the base's, not LoRA's
+    assert all(type(m) is torch.nn.Linear for n, m in bank.model.named_modules() if ".lora_A." in n)
+    assert (after - before).norm() < 0.05 * before.norm()
+    assert (after.argmax(-1) == before.argmax(-1)).all()
+    assert run(lambda e: e.generate(["jokes"] * 3, SOURCES[:3], 16), bank) == \
+        bank.generate_per_adapter(["jokes"] * 3, SOURCES[:3], max_new_tokens=16)
