@@ -58,6 +58,19 @@ def dequantize_into(full_model, quantized_model) -> int:
     return count
 
 
+def check_model_output(adapter_dir: str, output: str, overwrite: bool, what: str) -> None:
+    """Refuse, before anything is loaded, an --output that is a file, holds or lies in the adapter, or is in use."""
+    check_writable_folder(output, "--output")
+    adapter, target = Path(adapter_dir).resolve(), Path(output).resolve()
+    if target.is_relative_to(adapter) or adapter.is_relative_to(target):
+        where = "is" if target == adapter else "lies inside" if target.is_relative_to(adapter) else "holds"
+        raise PeftT5Error(f"--output {output} {where} the adapter folder {adapter_dir}: the {what} would "
+                          f"replace the adapter; pass a folder elsewhere, e.g. --output merged/{adapter.name}")
+    if Path(output).exists() and any(Path(output).iterdir()) and not overwrite:
+        raise PeftT5Error(f"{output} already exists and is not empty; pass another --output, or --overwrite (the "
+                          f"files of a {what} are replaced, other files kept)")
+
+
 def merge_adapter(adapter_dir: str, output: str, base: str | None = None, dtype: str = "float32",
                   merge_into: str | None = None, overwrite: bool = False, trust_pickle: bool = False) -> MergeReport:
     from peft import PeftModel
@@ -77,15 +90,7 @@ def merge_adapter(adapter_dir: str, output: str, base: str | None = None, dtype:
     if merge_into == "dequantized" and not qlora:
         raise PeftT5Error(f"{adapter_dir}: --merge_into dequantized is for QLoRA adapters; this one was trained "
                           "on a full-precision base, so it merges into the original weights")
-    check_writable_folder(output, "--output")
-    adapter, target = Path(adapter_dir).resolve(), Path(output).resolve()
-    if target.is_relative_to(adapter) or adapter.is_relative_to(target):
-        where = "is" if target == adapter else "lies inside" if target.is_relative_to(adapter) else "holds"
-        raise PeftT5Error(f"--output {output} {where} the adapter folder {adapter_dir}: the merged model would "
-                          f"replace the adapter; pass a folder elsewhere, e.g. --output merged/{adapter.name}")
-    if Path(output).exists() and any(Path(output).iterdir()) and not overwrite:
-        raise PeftT5Error(f"{output} already exists and is not empty; pass another --output, or --overwrite (the "
-                          "files of a merged model are replaced, other files kept)")
+    check_model_output(adapter_dir, output, overwrite, "merged model")
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
 
     model = load_base_model(base_name, trust_pickle=trust_pickle)
