@@ -1,6 +1,6 @@
 """Serving throughput and latency: `peft-t5 serve` with 2 adapters, mixed-adapter requests from 1, 8, 32 clients.
 
-Three servers, side by side in one run (each its own process on 127.0.0.1, clients in this one):
+The static batcher's modes (--engine static; the continuous engine is measured in serve_engine.py). Three servers, side by side in one run (each its own process on 127.0.0.1, clients in this one):
   across: batching across requests and adapters (the default);
   none:   the same server, one request per generate call;
   switch: one request at a time, setting the active adapter per request (what a plain PeftModel loop does).
@@ -65,12 +65,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(base: str, adapters: dict[str, str], mode: str, max_wait_ms: float) -> tuple[subprocess.Popen, str]:
+def start_server(base: str, adapters: dict[str, str], mode: str, max_wait_ms: float,
+                 extra: tuple[str, ...] = ("--engine", "static")) -> tuple[subprocess.Popen, str]:
     import httpx
 
     port = free_port()
     cmd = [sys.executable, "-m", "peft_t5", "serve", "--base", base, "--port", str(port), "--batching", mode,
-           "--max_wait_ms", str(max_wait_ms), *[a for n, p in adapters.items() for a in ("--adapter", f"{n}={p}")]]
+           "--max_wait_ms", str(max_wait_ms), *extra,
+           *[a for n, p in adapters.items() for a in ("--adapter", f"{n}={p}")]]
     process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
     url = f"http://127.0.0.1:{port}"

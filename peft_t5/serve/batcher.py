@@ -25,7 +25,7 @@ MODES = ("across", "none", "switch")
 class Job:
     names: list[str]  # adapter per example
     sources: list[str]  # prompts, already templated
-    options: tuple[int, int]  # (max_new_tokens, num_beams): only jobs with equal options share a generate call
+    options: tuple[int, int, int]  # (max_new_tokens, num_beams, min_new_tokens): equal options share a generate call
     future: asyncio.Future
     queued: float = field(default_factory=time.perf_counter)
 
@@ -51,9 +51,9 @@ class Batcher:
         self.executor.shutdown(wait=True, cancel_futures=True)
 
     async def generate(self, names: list[str], sources: list[str], max_new_tokens: int, num_beams: int = 1,
-                       timeout: float | None = None) -> list[str]:
+                       timeout: float | None = None, min_new_tokens: int = 0) -> list[str]:
         """Raw outputs for one request, served together with whatever else is waiting."""
-        job = Job(names, sources, (max_new_tokens, num_beams), asyncio.get_running_loop().create_future())
+        job = Job(names, sources, (max_new_tokens, num_beams, min_new_tokens), asyncio.get_running_loop().create_future())
         await self.queue.put(job)
         try:
             return await asyncio.wait_for(job.future, timeout)
@@ -61,9 +61,10 @@ class Batcher:
             raise DeadlineExceeded(f"the request took over {timeout:g} s") from None
 
     async def stream(self, names: list[str], sources: list[str], max_new_tokens: int, num_beams: int = 1,
-                     timeout: float | None = None):
+                     timeout: float | None = None, min_new_tokens: int = 0):
         """(index, text): a static batch ends all at once, so each output comes whole."""
-        for i, text in enumerate(await self.generate(names, sources, max_new_tokens, num_beams, timeout)):
+        for i, text in enumerate(await self.generate(names, sources, max_new_tokens, num_beams, timeout,
+                                                     min_new_tokens)):
             yield i, text
 
     def add_adapter(self, name: str, path: str, trust_pickle: bool = False) -> dict:
@@ -117,15 +118,16 @@ class Batcher:
             size += len(job.names)
         return jobs
 
-    def _generate(self, jobs: list[Job], options: tuple[int, int]) -> list[list[str] | Exception]:
+    def _generate(self, jobs: list[Job], options: tuple[int, int, int]) -> list[list[str] | Exception]:
         """On the model thread: one generate call for all jobs (or one per adapter in "switch" mode)."""
         started = time.perf_counter()
         live = [j for j in jobs if all(n in self.bank.names for n in j.names)]
         live_ids = {id(j) for j in live}
         names = [n for j in live for n in j.names]
         sources = [s for j in live for s in j.sources]
-        max_new_tokens, num_beams = options
-        kwargs = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, batch_size=max(1, len(sources)))
+        max_new_tokens, num_beams, min_new_tokens = options
+        kwargs = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, batch_size=max(1, len(sources)),
+                      **({"min_new_tokens": min_new_tokens} if min_new_tokens else {}))
         if self.mode == "switch":
             outputs = self.bank.generate_per_adapter(names, sources, **kwargs)
         else:

@@ -114,7 +114,7 @@ class Engine:
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + timeout if timeout else None
         if num_beams > 1:
-            return await self._beam_search(names, sources, max_new_tokens, num_beams, deadline)
+            return await self._beam_search(names, sources, max_new_tokens, num_beams, deadline, min_new_tokens)
         request = Request(names, sources, max_new_tokens, deadline, loop.create_future(), on_text, min_new_tokens)
         rows = deque(Row(request, i, self.encoder_tokenizer(source, truncation=True,
                                                              max_length=self.bank.source_limit(name)).input_ids)
@@ -135,11 +135,11 @@ class Engine:
                 request.future.cancel()  # the client left or the deadline passed: the model thread drops its rows
 
     async def stream(self, names: list[str], sources: list[str], max_new_tokens: int, num_beams: int = 1,
-                     timeout: float | None = None):
+                     timeout: float | None = None, min_new_tokens: int = 0):
         """(index, piece) as output `index` grows; the pieces of an output concatenate to generate()'s text."""
         pieces: asyncio.Queue = asyncio.Queue()
         task = asyncio.ensure_future(self.generate(names, sources, max_new_tokens, num_beams, timeout,
-                                                   on_text=lambda i, piece: pieces.put_nowait((i, piece))))
+                                                   lambda i, piece: pieces.put_nowait((i, piece)), min_new_tokens))
         task.add_done_callback(lambda _: pieces.put_nowait(None))
         try:
             while (item := await pieces.get()) is not None:
@@ -172,7 +172,7 @@ class Engine:
                               "row (LoRA); serve it with --engine static")
         return self.bank.add(name, path, trust_pickle)
 
-    async def _beam_search(self, names, sources, max_new_tokens, num_beams, deadline) -> list[str]:
+    async def _beam_search(self, names, sources, max_new_tokens, num_beams, deadline, min_new_tokens) -> list[str]:
         outputs = []
         for name, source in zip(names, sources):  # one input at a time: the other rows step in between
             if deadline is not None and time.monotonic() > deadline:
@@ -180,7 +180,8 @@ class Engine:
             if name not in self.bank.names:
                 raise AdapterGone(f"adapter {name!r} was unloaded before this request ran")
             outputs += await self.on_model_thread(functools.partial(
-                self.bank.generate_sources, [name], [source], max_new_tokens=max_new_tokens, num_beams=num_beams))
+                self.bank.generate_sources, [name], [source], max_new_tokens=max_new_tokens, num_beams=num_beams,
+                **({"min_new_tokens": min_new_tokens} if min_new_tokens else {})))
         return outputs
 
     def _resolve(self, request: Request, result=None, error: Exception | None = None) -> None:

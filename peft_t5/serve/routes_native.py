@@ -28,7 +28,8 @@ def generation_routes(bank: AdapterBank, batcher: Batcher, settings, metrics) ->
         if body.stream:
             return StreamingResponse(stream(body, names, sources, truncated, answer), media_type="text/event-stream")
         try:
-            raws = await batcher.generate(names, sources, body.max_new_tokens, body.num_beams, settings.request_timeout)
+            raws = await batcher.generate(names, sources, body.max_new_tokens, body.num_beams, settings.request_timeout,
+                                          min_new_tokens=body.min_new_tokens)
         except Exception as e:
             raise api_error(e) or e
         return reply(body, raws, truncated, answer)
@@ -43,7 +44,7 @@ def generation_routes(bank: AdapterBank, batcher: Batcher, settings, metrics) ->
         raws = [""] * len(sources)
         try:
             async for i, piece in batcher.stream(names, sources, body.max_new_tokens, body.num_beams,
-                                                 settings.request_timeout):
+                                                 settings.request_timeout, body.min_new_tokens):
                 raws[i] += piece
                 yield sse({"index": i, "piece": piece})
             yield sse(reply(body, raws, truncated, answer))
@@ -75,6 +76,9 @@ def generation_routes(bank: AdapterBank, batcher: Batcher, settings, metrics) ->
         if body.max_new_tokens > settings.max_new_tokens:
             raise ApiError(422, f"max_new_tokens: {body.max_new_tokens} is over this server's limit of "
                                 f"{settings.max_new_tokens}", "max_new_tokens")
+        if body.min_new_tokens > body.max_new_tokens:
+            raise ApiError(422, f"min_new_tokens: {body.min_new_tokens} is over max_new_tokens "
+                                f"({body.max_new_tokens})", "min_new_tokens")
         cost = len(body.inputs) * body.num_beams * body.max_new_tokens
         if cost > settings.max_request_tokens:
             raise ApiError(413, f"max_new_tokens: {len(body.inputs)} inputs x {body.num_beams} beams x "

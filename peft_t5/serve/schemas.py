@@ -42,6 +42,7 @@ class GenerateRequest(BaseModel):
     prompt_of: Text | None = None
     max_new_tokens: Int(1) = 64
     num_beams: Int(1, 8) = 1
+    min_new_tokens: Int(0) = 0  # </s> is not chosen before this many tokens (as generate()'s)
     stream: StrictBool = False  # server-sent events: pieces of each output as they are decoded
 
 
