@@ -36,7 +36,7 @@ def engine_outputs(bank, names, sources, tokens: int, batch: int) -> list[str]:
     from peft_t5.serve.engine import Engine
 
     async def run():
-        engine = Engine(bank, max_rows=batch, max_encode_tokens=512 * batch)
+        engine = Engine(bank, max_rows=batch, max_encode_tokens=512 * batch, max_rows_per_request=batch)
         engine.start()
         try:
             outputs = []

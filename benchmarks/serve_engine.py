@@ -198,6 +198,7 @@ def main() -> None:
                     cell["load"] = asyncio.run(load(url, args.clients, requests, args.seconds, questions,
                                                     list(adapters)))
                 cell["peak_rss_bytes"] = rss.peak
+                print(engine, "load", json.dumps(cell["load"]), flush=True)
                 cell["hostile"] = hostile(url, big, questions[0])
                 cell["first_piece_s"] = min(first_piece(url, questions[1]) for _ in range(5))
                 results["engines"][engine] = cell

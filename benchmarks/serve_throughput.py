@@ -42,6 +42,10 @@ def make_adapters(folder: Path, config: str) -> tuple[str, dict[str, str]]:
 
         torch.manual_seed(0)
         model = AutoModelForSeq2SeqLM.from_config(AutoConfig.from_pretrained(CONFIGS / f"{config}.json"))
+        with torch.no_grad():  # padding and the tokens the tiny tokenizer lacks get zero weights: random weights
+            for weight in (model.shared.weight, model.lm_head.weight):  # then decode to text, which streams
+                weight[len(tiny_tokenizer()):] = 0
+                weight[model.config.pad_token_id] = 0
         base = str(folder / "base")
         model.save_pretrained(base)
         tiny_tokenizer().save_pretrained(base)

@@ -135,6 +135,23 @@ def test_beam_search_keeps_generates_path_between_steps(bank):
     assert greedy == bank.generate_per_adapter(["jokes2"] * 2, SOURCES[:2], max_new_tokens=20)
 
 
+def test_a_large_request_decodes_a_few_rows_at_a_time_and_a_small_one_joins_beside_it(bank):
+    async def scenario(engine):
+        seen = []
+        engine.on_step = lambda rows, seconds: seen.append(sorted(r.name for r in engine.active))
+        big = asyncio.ensure_future(engine.generate(["jokes"] * 6, SOURCES, 30, min_new_tokens=30))
+        while len(seen) < 3:
+            await asyncio.sleep(0.01)
+        small = await engine.generate(["jokes2"], SOURCES[:1], 5)
+        return await big, small, seen
+
+    big, small, seen = run(scenario, bank, max_rows_per_request=2)
+    assert big == bank.generate_per_adapter(["jokes"] * 6, SOURCES, max_new_tokens=30, min_new_tokens=30)
+    assert small == bank.generate_per_adapter(["jokes2"], SOURCES[:1], max_new_tokens=5)
+    assert max(names.count("jokes") for names in seen) == 2  # the large request never held more than 2 slots
+    assert any(names == ["jokes", "jokes", "jokes2"] for names in seen)  # the small one decoded beside it
+
+
 def test_a_request_past_its_deadline_ends_and_frees_its_slots_while_others_finish(bank):
     async def scenario(engine):
         slow = asyncio.ensure_future(engine.generate(["jokes"] * 4, SOURCES[:4], 1000, min_new_tokens=1000,

@@ -104,3 +104,18 @@ def test_a_request_past_the_timeout_gets_a_504_and_the_server_goes_on(tmp_path):
         metrics = httpx.get(url + "/metrics").text
         assert 'peft_t5_requests_total{route="/v1/generate",status="504"} 1.0' in metrics
         assert "peft_t5_active_rows 0.0" in metrics
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--quantize", "int8", "--qlora"], "--quantize int8 and --qlora both quantize the base; pick one"),
+    (["--request_timeout", "-1"], "--request_timeout -1.0: must be 0 (no limit) or more seconds"),
+    (["--max_rows", "0"], "--max_rows 0: must be at least 1"),
+    (["--max_request_tokens", "0"], "--max_request_tokens 0: must be at least 1"),
+])
+def test_engine_flags_are_checked_before_the_model_loads(tmp_path, flags, message):
+    from peft_t5.commands.serve import check_args, parse_args
+    from peft_t5.errors import PeftT5Error
+
+    adapter = make_adapter(tmp_path / "jokes", "jokes", 1)
+    with pytest.raises(PeftT5Error, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check_args(parse_args(["--adapter", f"jokes={adapter}", *flags]))

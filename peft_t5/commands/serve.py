@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "(used by itself where an adapter's method cannot be mixed per row)")
     parser.add_argument("--quantize", choices=["int8"], help="int8: the base's linear layers in dynamic int8 (CPU)")
     parser.add_argument("--max_rows", type=int, default=64, help="continuous: rows decoding at once (default 64)")
+    parser.add_argument("--max_rows_per_request", type=int, default=8,
+                        help="continuous: rows of one request decoding at once, so that one large request cannot slow "
+                             "the others much (default 8; raise it for a server with one batch client)")
     parser.add_argument("--max_queue_rows", type=int, default=1024,
                         help="continuous: rows waiting for a slot, beyond which requests get 503 (default 1024)")
     parser.add_argument("--request_timeout", type=float, default=300.0,
@@ -79,7 +82,7 @@ def check_args(args: argparse.Namespace) -> None:
                           f"pass --api_key KEY (or set {KEY_VARIABLE}), or bind 127.0.0.1")
     if not 0 <= args.port <= 65535:
         raise PeftT5Error(f"--port {args.port}: not a port number (0 to 65535)")
-    for name in ("max_batch_size", "max_inputs", "max_rows", "max_queue_rows", "max_request_tokens",
+    for name in ("max_batch_size", "max_inputs", "max_rows", "max_rows_per_request", "max_queue_rows", "max_request_tokens",
                  "max_new_tokens"):
         if getattr(args, name) < 1:
             raise PeftT5Error(f"--{name} {getattr(args, name)}: must be at least 1")
@@ -143,6 +146,7 @@ def serve_main(argv: list[str]) -> None:
     settings = ServeSettings(api_key=args.api_key, adapter_root=args.adapter_root, max_batch_size=args.max_batch_size,
                              max_wait_ms=args.max_wait_ms, batching=args.batching, max_inputs=args.max_inputs,
                              engine=args.engine, max_rows=args.max_rows, max_queue_rows=args.max_queue_rows,
+                             max_rows_per_request=args.max_rows_per_request,
                              request_timeout=args.request_timeout or None, max_request_tokens=args.max_request_tokens,
                              max_new_tokens=args.max_new_tokens,
                              rate_questions=questions, rate_systems=args.rate_systems,

@@ -41,6 +41,7 @@ class ServeSettings:
     adapter_root: str | None = None  # POST /v1/adapters loads only folders under it (None: run-time loading off)
     engine: str = "continuous"  # continuous (engine.py) | static (batcher.py: requests -> generate() calls)
     max_rows: int = 64  # continuous: rows decoding at once
+    max_rows_per_request: int = 8  # continuous: rows of one request decoding at once (the rest wait their turn)
     max_queue_rows: int = 1024  # continuous: rows waiting for a slot; beyond, requests get 503
     request_timeout: float | None = 300.0  # seconds a request may take; then 504 (None: no limit)
     max_request_tokens: int = 8192  # inputs x beams x max_new_tokens in one request
@@ -208,7 +209,8 @@ def make_engine(bank: AdapterBank, settings: ServeSettings, metrics: Metrics):
     if settings.engine == "continuous":
         unmixable = [name for name, method in bank.methods.items() if not method.mixed_batches]
         if not unmixable:
-            engine = Engine(bank, settings.max_rows, settings.max_queue_rows, on_step=metrics.step)
+            engine = Engine(bank, settings.max_rows, settings.max_queue_rows,
+                            max_rows_per_request=settings.max_rows_per_request, on_step=metrics.step)
             metrics.active_rows.set_function(lambda: engine.active_rows)  # read when /metrics is scraped
             metrics.queued_rows.set_function(lambda: engine.waiting_rows)
             return engine

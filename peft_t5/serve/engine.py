@@ -69,8 +69,9 @@ class Row:
 
 class Engine:
     def __init__(self, bank: AdapterBank, max_rows: int = 64, max_queue_rows: int = 1024,
-                 max_encode_tokens: int = 2048, on_step=None):
+                 max_encode_tokens: int = 512, max_rows_per_request: int | None = 8, on_step=None):
         self.bank, self.max_rows, self.max_queue_rows = bank, max_rows, max_queue_rows
+        self.max_rows_per_request = max_rows_per_request or max_rows
         self.max_encode_tokens = max_encode_tokens
         self.on_step = on_step or (lambda rows, seconds: None)  # metrics hook
         # a fast tokenizer is not thread-safe: the event loop encodes with one copy, the model thread decodes with another
@@ -226,7 +227,7 @@ class Engine:
         admitted, budget = [], self.max_encode_tokens
         while self.waiting and len(self.active) + len(admitted) < self.max_rows:
             request = min(self.waiting, key=lambda r: r.active)  # the request holding fewest slots goes first
-            if admitted and len(self.waiting[request][0].source) > budget:
+            if request.active >= self.max_rows_per_request or admitted and len(self.waiting[request][0].source) > budget:
                 break
             row = self.waiting[request].popleft()
             if not self.waiting[request]:
