@@ -25,18 +25,34 @@ from common import machine, squad_records, write_results  # noqa: E402
 from serve_throughput import make_adapters  # noqa: E402
 
 
+THREADS = torch.get_num_threads()
+
+
 def timed(fn) -> tuple[float, float, object]:
-    """(CPU seconds of this process, wall seconds, result)."""
+    """(CPU seconds of this process, wall seconds, result), fn run on a thread of its own with all torch threads:
+    the main thread keeps one (as `peft-t5 serve` does, see engine.model_thread_threads), so that whichever thread
+    computes is the only one with an OpenMP team."""
+    import threading
+
+    found = {}
+
+    def run():
+        torch.set_num_threads(THREADS)
+        found["result"] = fn()
+
     cpu, wall = time.process_time(), time.perf_counter()
-    result = fn()
-    return time.process_time() - cpu, time.perf_counter() - wall, result
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    return time.process_time() - cpu, time.perf_counter() - wall, found["result"]
 
 
 def engine_outputs(bank, names, sources, tokens: int, batch: int) -> list[str]:
     from peft_t5.serve.engine import Engine
 
     async def run():
-        engine = Engine(bank, max_rows=batch, max_encode_tokens=512 * batch, max_rows_per_request=batch)
+        engine = Engine(bank, max_rows=batch, max_encode_tokens=512 * batch, max_rows_per_request=batch,
+                        threads=THREADS)
         engine.start()
         try:
             outputs = []
@@ -72,12 +88,12 @@ def main() -> None:
     from peft_t5.quantize import quantize_int8
     from peft_t5.tasks import get_task
 
+    torch.set_num_threads(1)
     template = get_task("squad").template
     records, data = squad_records(256)
     results = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "data": data, "tokens": args.tokens,
                "setup": "t5-small shapes, random weights, 2 LoRA adapters (r16 q,v); CTranslate2 on one merged",
                "cpu_s_per_sequence": {}, "wall_s_per_sequence": {}}
-    threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:
         base, adapters = make_adapters(Path(tmp), "t5-small")
         merged = PeftModel.from_pretrained(load_base_model(base), adapters["jokes_a"]).merge_and_unload()
@@ -87,7 +103,7 @@ def main() -> None:
         for quantization in ("float32", "int8"):
             ctranslate2.converters.TransformersConverter(f"{tmp}/merged").convert(
                 f"{tmp}/ct2_{quantization}", quantization=quantization, force=True)
-        translators = {q: ctranslate2.Translator(f"{tmp}/ct2_{q}", device="cpu", intra_threads=threads)
+        translators = {q: ctranslate2.Translator(f"{tmp}/ct2_{q}", device="cpu", intra_threads=THREADS)
                        for q in ("float32", "int8")}
         engine_float = {}
         for batch in args.batches:
@@ -103,7 +119,7 @@ def main() -> None:
                 "ct2_int8": lambda: ct2_outputs(translators["int8"], bank.tokenizer, sources, args.tokens, batch),
             }
             for name, fn in systems.items():
-                fn() if batch > 1 else None  # warm-up at the larger sizes (allocators, caches)
+                timed(fn) if batch > 1 else None  # warm-up at the larger sizes (allocators, caches)
                 cpu, wall, outputs = timed(fn)
                 if name == "engine":
                     engine_float[batch] = outputs
@@ -117,7 +133,7 @@ def main() -> None:
             chosen = records[:count]
             sources = [template.format(question=r["question"], context=r["context"]) for r in chosen]
             names = [list(adapters)[i % 2] for i in range(count)]
-            engine_outputs(bank, names, sources, args.tokens, batch) if batch > 1 else None
+            timed(lambda: engine_outputs(bank, names, sources, args.tokens, batch)) if batch > 1 else None
             cpu, wall, outputs = timed(lambda: engine_outputs(bank, names, sources, args.tokens, batch))
             results["cpu_s_per_sequence"].setdefault("engine_int8", {})[str(batch)] = cpu / count
             results["wall_s_per_sequence"].setdefault("engine_int8", {})[str(batch)] = wall / count

@@ -138,6 +138,9 @@ def serve_main(argv: list[str]) -> None:
     questions = read_questions(args.rate) if args.rate else []
     if args.rate and not questions:
         raise PeftT5Error(f"--rate {args.rate}: no questions in it")
+    from ..serve.engine import model_thread_threads
+
+    threads = model_thread_threads()
     bank = AdapterBank.load(args.base, args.adapters, qlora=args.qlora, trust_pickle=args.trust_pickle)
     if args.quantize:
         from ..quantize import quantize_int8
@@ -146,7 +149,7 @@ def serve_main(argv: list[str]) -> None:
     settings = ServeSettings(api_key=args.api_key, adapter_root=args.adapter_root, max_batch_size=args.max_batch_size,
                              max_wait_ms=args.max_wait_ms, batching=args.batching, max_inputs=args.max_inputs,
                              engine=args.engine, max_rows=args.max_rows, max_queue_rows=args.max_queue_rows,
-                             max_rows_per_request=args.max_rows_per_request,
+                             max_rows_per_request=args.max_rows_per_request, threads=threads,
                              request_timeout=args.request_timeout or None, max_request_tokens=args.max_request_tokens,
                              max_new_tokens=args.max_new_tokens,
                              rate_questions=questions, rate_systems=args.rate_systems,

@@ -42,6 +42,7 @@ class ServeSettings:
     engine: str = "continuous"  # continuous (engine.py) | static (batcher.py: requests -> generate() calls)
     max_rows: int = 64  # continuous: rows decoding at once
     max_rows_per_request: int = 8  # continuous: rows of one request decoding at once (the rest wait their turn)
+    threads: int | None = None  # torch threads of the model thread (engine.model_thread_threads)
     max_queue_rows: int = 1024  # continuous: rows waiting for a slot; beyond, requests get 503
     request_timeout: float | None = 300.0  # seconds a request may take; then 504 (None: no limit)
     max_request_tokens: int = 8192  # inputs x beams x max_new_tokens in one request
@@ -210,13 +211,15 @@ def make_engine(bank: AdapterBank, settings: ServeSettings, metrics: Metrics):
         unmixable = [name for name, method in bank.methods.items() if not method.mixed_batches]
         if not unmixable:
             engine = Engine(bank, settings.max_rows, settings.max_queue_rows,
-                            max_rows_per_request=settings.max_rows_per_request, on_step=metrics.step)
+                            max_rows_per_request=settings.max_rows_per_request, threads=settings.threads,
+                            on_step=metrics.step)
             metrics.active_rows.set_function(lambda: engine.active_rows)  # read when /metrics is scraped
             metrics.queued_rows.set_function(lambda: engine.waiting_rows)
             return engine
         logger.warning("serving with static batches: %s is %s, which PEFT cannot mix per row", unmixable[0],
                        bank.methods[unmixable[0]].name)
-    return Batcher(bank, settings.max_batch_size, settings.max_wait_ms, settings.batching, on_batch=metrics.batch)
+    return Batcher(bank, settings.max_batch_size, settings.max_wait_ms, settings.batching, on_batch=metrics.batch,
+                   threads=settings.threads)
 
 
 def allowed_methods(app: FastAPI, scope: dict) -> list[str]:

@@ -15,6 +15,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import torch
+
 from ..bank import AdapterBank
 from .failures import AdapterGone, DeadlineExceeded
 
@@ -32,12 +34,13 @@ class Job:
 
 class Batcher:
     def __init__(self, bank: AdapterBank, max_batch_size: int = 32, max_wait_ms: float = 5.0, mode: str = "across",
-                 on_batch=None):
+                 on_batch=None, threads: int | None = None):
         if mode not in MODES:
             raise ValueError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
         self.bank, self.max_batch_size, self.max_wait, self.mode = bank, max_batch_size, max_wait_ms / 1000, mode
         self.on_batch = on_batch or (lambda examples, seconds: None)  # metrics hook
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="peft-t5-model")
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="peft-t5-model", initializer=(
+            lambda: torch.set_num_threads(threads) if threads else None))  # see engine.model_thread_threads
         self.queue: asyncio.Queue[Job] | None = None
         self.task: asyncio.Task | None = None
 

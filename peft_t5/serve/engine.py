@@ -69,9 +69,11 @@ class Row:
 
 class Engine:
     def __init__(self, bank: AdapterBank, max_rows: int = 64, max_queue_rows: int = 1024,
-                 max_encode_tokens: int = 512, max_rows_per_request: int | None = 8, on_step=None):
+                 max_encode_tokens: int = 512, max_rows_per_request: int | None = 8, threads: int | None = None,
+                 on_step=None):
         self.bank, self.max_rows, self.max_queue_rows = bank, max_rows, max_queue_rows
         self.max_rows_per_request = max_rows_per_request or max_rows
+        self.threads = threads  # torch's threads on the model thread (see model_thread_threads)
         self.max_encode_tokens = max_encode_tokens
         self.on_step = on_step or (lambda rows, seconds: None)  # metrics hook
         # a fast tokenizer is not thread-safe: the event loop encodes with one copy, the model thread decodes with another
@@ -196,6 +198,8 @@ class Engine:
     # --- the model thread ------------------------------------------------------------------------------------
     @torch.inference_mode()
     def _run(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)
         while True:
             with self.wake:
                 while not (self.stopping or self.controls or self.waiting or self.active):
@@ -306,6 +310,16 @@ class Engine:
         with self.wake:
             for request in [r for r in self.waiting if r.over]:
                 del self.waiting[request]
+
+
+def model_thread_threads() -> int:
+    """Call on the main thread before it loads the model: it keeps one torch thread, and the number to give the
+    model thread is returned. libgomp throttles its workers' spinning once two threads have OpenMP teams on a
+    small machine, which made every small op of the model thread 2-3x slower (measured on 2 cores): so only the
+    model thread gets a team."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    return threads
 
 
 def peft_name(name: str) -> str:
