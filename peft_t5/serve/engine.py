@@ -220,7 +220,7 @@ class Engine:
                 if self.active:
                     self._step()
             except Exception as e:  # a failure fails the rows in flight, not the server
-                for row in self.active:
+                for row in [*self.active, *admitted]:
                     self._resolve(row.request, error=e)
                 while self.runner.n:
                     self.runner.remove(self.runner.n - 1)
@@ -282,14 +282,19 @@ class Engine:
             piece, row.sent = text[len(row.sent):], text
             self.loop.call_soon_threadsafe(row.request.on_text, row.index, piece)
 
-    def _retire(self, i: int) -> None:
-        """Row i leaves; the last active row takes its slot."""
+    def _free(self, i: int) -> Row:
+        """Row i leaves its slot; the last active row takes it."""
         row = self.active[i]
         self.runner.remove(i)
         self.active[i] = self.active[-1]
         self.active.pop()
+        row.request.active -= 1
+        return row
+
+    def _retire(self, i: int) -> None:
+        """Row i has ended: its text goes into its request, which is answered when its last row ends."""
+        row = self._free(i)
         request = row.request
-        request.active -= 1
         request.outputs[row.index] = self.tokenizer.decode(row.tokens, skip_special_tokens=True).strip()
         request.left -= 1
         if request.left == 0:
@@ -303,10 +308,7 @@ class Engine:
                 self._resolve(row.request, error=AdapterGone(f"adapter {row.name!r} was unloaded before this "
                                                              "request ended"))
             if row.request.over:
-                self.runner.remove(i)
-                self.active[i] = self.active[-1]
-                self.active.pop()
-                row.request.active -= 1
+                self._free(i)
         with self.wake:
             for request in [r for r in self.waiting if r.over]:
                 del self.waiting[request]
