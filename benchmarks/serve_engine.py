@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import random
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import jokes_records, machine, squad_records, write_results  # noqa: E402
-from serve_throughput import make_adapters, start_server  # noqa: E402
+from serve_throughput import load, make_adapters, start_server  # noqa: E402
 
 ENGINES = {"continuous": ("--engine", "continuous"), "static": ("--engine", "static")}
 
@@ -52,35 +51,6 @@ class PeakRss:
     def __exit__(self, *exc):
         self.stop = True
         self.thread.join()
-
-
-async def load(url: str, clients: int, requests: int, seconds: float, questions: list[str], names: list[str]) -> dict:
-    rng = random.Random(0)
-    plan = [(rng.choice(names), rng.choice(questions), rng.randint(4, 64)) for _ in range(requests)]
-    latencies, failures = [], 0
-    started = time.perf_counter()
-
-    async def client(http: httpx.AsyncClient):
-        nonlocal failures
-        while plan and time.perf_counter() - started < seconds:
-            adapter, question, tokens = plan.pop()
-            sent = time.perf_counter()
-            reply = await http.post(url + "/v1/generate", json={"adapter": adapter, "inputs": [question],
-                                                               "max_new_tokens": tokens, "min_new_tokens": tokens},
-                                    timeout=seconds)
-            if reply.status_code == 200:
-                latencies.append(time.perf_counter() - sent)
-            else:
-                failures += 1
-
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(limits=limits) as http:
-        await asyncio.gather(*(client(http) for _ in range(clients)))
-    elapsed = time.perf_counter() - started
-    latencies.sort()
-    pick = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]  # noqa: E731
-    return {"requests": len(latencies), "failures": failures, "seconds": elapsed,
-            "requests_per_s": len(latencies) / elapsed, "p50_s": pick(0.5), "p99_s": pick(0.99)}
 
 
 def small_request(url: str, question: str) -> float:
@@ -197,7 +167,7 @@ def main() -> None:
                 cell = {}
                 with PeakRss(process.pid) as rss:
                     cell["load"] = asyncio.run(load(url, args.clients, requests, args.seconds, questions,
-                                                    list(adapters)))
+                                                    list(adapters), (4, 64)))
                 cell["peak_rss_bytes"] = rss.peak
                 print(engine, "load", json.dumps(cell["load"]), flush=True)
                 cell["hostile"] = hostile(url, big, questions[0])

@@ -94,22 +94,26 @@ def start_server(base: str, adapters: dict[str, str], mode: str, max_wait_ms: fl
 
 
 async def load(url: str, clients: int, requests: int, seconds: float, questions: list[str], names: list[str],
-               max_new_tokens: int) -> dict:
-    """`clients` closed-loop clients share `requests` requests; sending stops after `seconds`."""
+               max_new_tokens: int | tuple[int, int]) -> dict:
+    """`clients` closed-loop clients share `requests` requests; sending stops after `seconds`. max_new_tokens: a
+    number, or a (low, high) range each request draws its forced output length from."""
     import httpx
 
     rng = random.Random(0)
-    plan = [(rng.choice(names), rng.choice(questions)) for _ in range(requests)]
+    plan = [(rng.choice(names), rng.choice(questions),
+             rng.randint(*max_new_tokens) if isinstance(max_new_tokens, tuple) else None) for _ in range(requests)]
     latencies, failures = [], 0
     started = time.perf_counter()
 
     async def client(http: httpx.AsyncClient):
         nonlocal failures
         while plan and time.perf_counter() - started < seconds:
-            adapter, question = plan.pop()
+            adapter, question, forced = plan.pop()
+            length = {"max_new_tokens": forced, "min_new_tokens": forced} if forced else {"max_new_tokens":
+                                                                                         max_new_tokens}
             sent = time.perf_counter()
-            reply = await http.post(url + "/v1/generate", json={"adapter": adapter, "inputs": [question],
-                                                               "max_new_tokens": max_new_tokens}, timeout=seconds)
+            reply = await http.post(url + "/v1/generate", json={"adapter": adapter, "inputs": [question], **length},
+                                    timeout=seconds)
             if reply.status_code == 200:
                 latencies.append(time.perf_counter() - sent)
             else:

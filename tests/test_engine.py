@@ -18,16 +18,21 @@ SOURCES = ["why did the chicken cross the road", "what is the capital of france 
            "no"]
 
 
+def spread_weights(model, std: float):
+    """Weights drawn wide (relative-position biases wider still): greedy decoding then wanders over the vocabulary."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "layer_norm" not in name:
+                param.normal_(0, 1.0 if "relative" in name else std)
+    return model
+
+
 @pytest.fixture(scope="module")
 def erratic():
     """The tiny T5 with weights spread wide enough that greedy decoding wanders over the vocabulary (a random T5
     repeats one token, which would hide a wrong position), and two LoRA adapters on every linear layer."""
     torch.manual_seed(0)
-    model = tiny_model()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "layer_norm" not in name:
-                param.normal_(0, 1.0 if "relative" in name else 0.2)
+    model = spread_weights(tiny_model(), 0.2)
     config = dict(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
     model = get_peft_model(model, LoraConfig(**config), adapter_name="one")
     model.add_adapter("two", LoraConfig(**config))

@@ -12,6 +12,7 @@ from peft_t5.cli import main
 from peft_t5.errors import PeftT5Error
 from peft_t5.export import export_ctranslate2
 from peft_t5.modeling import add_lora, tiny_model, tiny_tokenizer
+from test_engine import spread_weights
 
 
 @pytest.fixture(scope="module")
@@ -20,11 +21,7 @@ def adapter(tmp_path_factory):
     vocabulary (the tiny T5's random weights repeat one token, which every converter would get right)."""
     folder = tmp_path_factory.mktemp("export")
     torch.manual_seed(0)
-    base = tiny_model()
-    with torch.no_grad():
-        for name, param in base.named_parameters():
-            if "layer_norm" not in name:
-                param.normal_(0, 1.0 if "relative" in name else 0.1)
+    base = spread_weights(tiny_model(), 0.1)
     base.save_pretrained(folder / "base")
     tiny_tokenizer().save_pretrained(folder / "base")
     model = add_lora(base, dropout=0.0)
