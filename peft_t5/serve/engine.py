@@ -17,6 +17,7 @@ unloading adapters, beam-search inputs).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import copy
 import functools
 import threading
@@ -122,8 +123,8 @@ class Engine:
         rows = deque(Row(request, i, self.encoder_tokenizer(source, truncation=True,
                                                              max_length=self.bank.source_limit(name)).input_ids)
                      for i, (name, source) in enumerate(zip(names, sources)))
-        with self.wake:
-            waiting = sum(len(rows) for rows in self.waiting.values())
+        with self.wake:  # a Condition's lock is re-entrant: waiting_rows takes it again
+            waiting = self.waiting_rows
             if waiting + len(sources) > self.max_queue_rows:
                 raise Busy(f"{waiting} rows are waiting, the most this server queues is {self.max_queue_rows}; "
                            "retry shortly")
@@ -156,8 +157,6 @@ class Engine:
 
     async def on_model_thread(self, fn, *args):
         """Run fn(*args) on the model's thread between two steps (loading, unloading adapters)."""
-        import concurrent.futures
-
         done: concurrent.futures.Future = concurrent.futures.Future()
         with self.wake:
             self.controls.append((fn, args, done))
