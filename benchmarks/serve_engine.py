@@ -146,6 +146,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="Fewer requests")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=240.0, help="Longest the load cell sends for")
+    parser.add_argument("--engines", nargs="+", choices=list(ENGINES), default=list(ENGINES))
+    parser.add_argument("--max_rows_per_request", type=int, default=8, help="The continuous server's setting")
     parser.add_argument("--output", default="benchmarks/results/serve_engine.json")
     args = parser.parse_args()
     questions = [r["question"] for r in jokes_records()[0][:2000]]
@@ -161,7 +163,9 @@ def main() -> None:
                "requests": requests, "output_tokens": "4..64, forced", "engines": {}}
     with tempfile.TemporaryDirectory() as tmp:
         base, adapters = make_adapters(Path(tmp), "t5-small")
-        for engine, flags in ENGINES.items():
+        for engine in args.engines:
+            flags = ENGINES[engine] + (("--max_rows_per_request", str(args.max_rows_per_request))
+                                       if engine == "continuous" else ())
             process, url = start_server(base, adapters, "across", 5.0, flags)
             try:
                 cell = {}
@@ -182,6 +186,10 @@ def main() -> None:
         results["encoder_and_step_s"] = encoder_and_step(base, adapters, questions[1])
         results["peak_rss_bytes"] = {"server_" + e: c["peak_rss_bytes"] for e, c in results["engines"].items()}
         results["peak_rss_bytes"].update(ct2_peak_rss(Path(tmp), base, adapters["jokes_a"], questions[:requests]))
+    results["max_rows_per_request"] = args.max_rows_per_request
+    if set(results["engines"]) != set(ENGINES):
+        write_results(results, args.output)
+        return
     cont, static = results["engines"]["continuous"], results["engines"]["static"]
     results["ratios"] = {
         "requests_per_s_continuous_vs_static": cont["load"]["requests_per_s"] / static["load"]["requests_per_s"],

@@ -22,3 +22,6 @@ def test_notebook_runs_and_switches_merges(tmp_path):
     assert summary["mixed_equals_separate"] is True
     assert summary["merge_max_logit_diff"] < 1e-4
     assert summary["merged_class"] == "T5ForConditionalGeneration"
+    assert summary["methods"]["ia3"] == "merged"
+    assert summary["methods"]["prompt_tuning"].startswith("refused: ") and "cannot be merged" in summary["methods"][
+        "prompt_tuning"]
