@@ -104,24 +104,21 @@ def test_a_second_run_into_a_busy_folder_is_refused_naming_the_first_and_ctrl_c_
     argv = ["train", "--task", "jokes", "--output_dir", out, *FAST[:2], "--max_steps", "1000000", "--report_to", "none",
             "--save_strategy", "steps", "--save_steps", "1", "--eval_strategy", "no", "--load_best_model_at_end",
             "false", "--eval_on_start", "false", "--save_total_limit", "3", "--max_source_length", "64"]
-    logs = tmp_path / "stdout.txt", tmp_path / "stderr.txt"  # files, not pipes: a full pipe would stop the run
-    with open(logs[0], "w") as stdout_file, open(logs[1], "w") as stderr_file:
-        first = subprocess.Popen([sys.executable, "-m", "peft_t5", *map(str, argv)], stdout=stdout_file,
-                                 stderr=stderr_file, text=True, cwd=ROOT, env=OFFLINE)
+    first = subprocess.Popen([sys.executable, "-m", "peft_t5", *map(str, argv)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, cwd=ROOT, env=OFFLINE)
     try:
         deadline = time.monotonic() + 240
         while not list((out / "checkpoints").glob("checkpoint-*/trainer_state.json")):
-            assert first.poll() is None and time.monotonic() < deadline, logs[1].read_text()[-3000:]
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()[1][-3000:]
             time.sleep(0.2)
         second = peft_t5(*argv)
         assert second.returncode == 2
         assert one_line(second) == (f"error: --output_dir {out}: another training (process {first.pid}) is writing "
                                     "to it; wait for it to end, or pass another --output_dir")
         first.send_signal(signal.SIGINT)
-        first.wait(timeout=120)
+        stdout, stderr = first.communicate(timeout=120)
     finally:
         first.kill()
-    stdout, stderr = logs[0].read_text(), logs[1].read_text()
     assert first.returncode == 130, stderr[-3000:]
     last = stderr.strip().splitlines()[-1]
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
