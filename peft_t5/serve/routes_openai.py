@@ -39,20 +39,23 @@ def openai_routes(bank: AdapterBank, engine, settings, metrics) -> APIRouter:
 
     async def complete(body: OpenAIFields, prompts: list[str], kind: str, prefix: str):
         max_tokens = body.max_completion_tokens or body.max_tokens or 64
-        sources = check(body.model, prompts, max_tokens)
+        sources, prompt_tokens = check(body.model, prompts, max_tokens)
         reply = {"id": f"{prefix}-{secrets.token_hex(12)}", "created": int(time.time()), "model": body.model}
         names = [body.model] * len(sources)
         if body.stream:
-            return StreamingResponse(events(reply, kind, names, sources, max_tokens), media_type="text/event-stream")
+            return StreamingResponse(events(reply, kind, names, sources, max_tokens, prompt_tokens),
+                                     media_type="text/event-stream")
         try:
             texts = await engine.generate(names, sources, max_tokens, 1, settings.request_timeout)
         except Exception as e:
             raise api_error(e) or e
-        choices = [{"index": i, **shape(kind, text), "finish_reason": finish_reason(text, max_tokens)}
-                   for i, text in enumerate(texts)]
-        return {**reply, "object": kind, "choices": choices, "usage": usage(sources, texts)}
+        reasons, used = ends(texts, max_tokens, prompt_tokens)
+        choices = [{"index": i, **shape(kind, text), "finish_reason": reason}
+                   for i, (text, reason) in enumerate(zip(texts, reasons))]
+        return {**reply, "object": kind, "choices": choices, "usage": used}
 
-    async def events(reply: dict, kind: str, names: list[str], sources: list[str], max_tokens: int):
+    async def events(reply: dict, kind: str, names: list[str], sources: list[str], max_tokens: int,
+                     prompt_tokens: int):
         kind = kind + ".chunk" if kind == "chat.completion" else kind
         texts = [""] * len(sources)
         try:
@@ -63,9 +66,10 @@ def openai_routes(bank: AdapterBank, engine, settings, metrics) -> APIRouter:
                 texts[i] += piece
                 yield sse({**reply, "object": kind, "choices": [{"index": i, **shape(kind, piece, delta=True),
                                                                  "finish_reason": None}]})
+            reasons, used = ends(texts, max_tokens, prompt_tokens)
             yield sse({**reply, "object": kind, "choices": [
-                {"index": i, **shape(kind, "", delta=True), "finish_reason": finish_reason(t, max_tokens)}
-                for i, t in enumerate(texts)], "usage": usage(sources, texts)})
+                {"index": i, **shape(kind, "", delta=True), "finish_reason": reason}
+                for i, reason in enumerate(reasons)], "usage": used})
         except Exception as e:  # the status line is sent: the error goes in the stream, in the one error shape
             known = api_error(e)
             yield sse(openai_error(known.status, known.message, known.field) if known else
@@ -74,13 +78,14 @@ def openai_routes(bank: AdapterBank, engine, settings, metrics) -> APIRouter:
                 raise
         yield "data: [DONE]\n\n"
 
-    def check(model: str, prompts: list[str], max_tokens: int) -> list[str]:
+    def check(model: str, prompts: list[str], max_tokens: int) -> tuple[list[str], int]:
+        """The prompts as sources for the adapter, and their token count; refused beyond the server's limits."""
         if model not in bank.names:
             raise ApiError(404, f"model: no adapter named {model!r}; GET /v1/models lists them", "model")
         if len(prompts) > settings.max_inputs:
             raise ApiError(413, f"prompt: {len(prompts)} prompts, over this server's limit of {settings.max_inputs}",
                            "prompt")
-        for i, prompt in enumerate(prompts):
+        for prompt in prompts:
             if len(prompt) > settings.max_input_chars:
                 raise ApiError(413, f"prompt: {len(prompt):,} characters, over this server's limit of "
                                     f"{settings.max_input_chars:,}", "prompt")
@@ -96,20 +101,17 @@ def openai_routes(bank: AdapterBank, engine, settings, metrics) -> APIRouter:
         except PeftT5Error as e:  # a template of several fields (squad: question and context)
             raise ApiError(422, f"prompt: {e}; a prompt fills one field: use POST /v1/generate for this adapter",
                            "prompt")
-        metrics.source_tokens.inc(sum(len(ids) for ids in bank.tokenizer(sources).input_ids))
-        return sources
+        prompt_tokens = sum(len(ids) for ids in bank.tokenizer(sources).input_ids)
+        metrics.source_tokens.inc(prompt_tokens)
+        return sources, prompt_tokens
 
-    def usage(sources: list[str], texts: list[str]) -> dict:
-        prompt = sum(len(ids) for ids in bank.tokenizer(sources).input_ids)
-        completion = sum(tokens(text) for text in texts)
-        metrics.generated_tokens.inc(completion)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-    def tokens(text: str) -> int:
-        return len(bank.tokenizer(text, add_special_tokens=False).input_ids)
-
-    def finish_reason(text: str, max_tokens: int) -> str:
-        return "length" if tokens(text) >= max_tokens else "stop"
+    def ends(texts: list[str], max_tokens: int, prompt_tokens: int) -> tuple[list[str], dict]:
+        """Each output's finish_reason, and the usage; each output tokenized once."""
+        counts = [len(ids) for ids in bank.tokenizer(texts, add_special_tokens=False).input_ids] if texts else []
+        metrics.generated_tokens.inc(sum(counts))
+        reasons = ["length" if n >= max_tokens else "stop" for n in counts]
+        return reasons, {"prompt_tokens": prompt_tokens, "completion_tokens": sum(counts),
+                         "total_tokens": prompt_tokens + sum(counts)}
 
     return router
 
