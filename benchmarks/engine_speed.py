@@ -126,7 +126,7 @@ def main() -> None:
                 results["cpu_s_per_sequence"].setdefault(name, {})[str(batch)] = cpu / count
                 results["wall_s_per_sequence"].setdefault(name, {})[str(batch)] = wall / count
                 print(f"batch {batch:3d} {name:12s} {cpu / count:.4f} CPU-s/seq  {wall / count:.4f} s/seq", flush=True)
-        quantize_int8(bank.model)
+        quantize_int8(*bank.models())
         agreement = []
         for batch in args.batches:
             count = len(engine_float[batch])

@@ -1,12 +1,14 @@
 """Save an adapter folder atomically, read its metadata, load it onto a base with plain PEFT."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import fnmatch
 import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 from .errors import PeftT5Error
@@ -104,13 +106,20 @@ def apply_umask(folder: Path) -> None:
 
 
 def save_adapter(model, tokenizer, output_dir: str | Path, metadata: dict, model_card: str,
-                 extra_files: dict[str, Path] | None = None, state_dict: dict | None = None) -> None:
+                 extra_files: dict[str, Path] | None = None, state_dict: dict | None = None,
+                 initial_adapter: str | None = None) -> None:
     """adapter_config.json + adapter_model.safetensors (plain PEFT), tokenizer, metadata and model card.
 
-    state_dict: the model's full state dict where training sharded it (see training.gathered_state_dict)."""
+    state_dict: the model's full state dict where training sharded it (see training.gathered_state_dict).
+    initial_adapter: a PiSSA or OLoRA adapter as it started (save_initial_adapter): it is saved as plain LoRA."""
+    options = {"state_dict": state_dict} if state_dict else {}
+    if initial_adapter:
+        options["path_initial_model_for_weight_conversion"] = initial_adapter
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
+        with warnings.catch_warnings():  # PEFT's conversion loads the initial adapter beside the trained one
+            warnings.filterwarnings("ignore", message=r"(PiSSA|OLoRA) changes the base weights")
+            model.save_pretrained(tmp, safe_serialization=True, **options)
         tokenizer.save_pretrained(tmp)
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str) + "\n", encoding="utf-8")
         (tmp / "README.md").write_text(model_card, encoding="utf-8")
@@ -119,6 +128,21 @@ def save_adapter(model, tokenizer, output_dir: str | Path, metadata: dict, model
                 shutil.copy(src, tmp / name)
 
     write_atomically(Path(output_dir), write)
+
+
+def save_initial_adapter(model, held: contextlib.ExitStack) -> str:
+    """PiSSA and OLoRA start LoRA from the base's principal (or orthonormal) directions and take them out of the base
+    weights, so the adapter as trained fits only that changed base: loaded, it changes the weights of the base it is
+    put on, under every other adapter there. PEFT converts it at save into a plain LoRA adapter (twice the rank) for
+    the original base, given the adapter as it started: written here, to a folder that lives as long as `held`."""
+    folder = Path(held.enter_context(tempfile.TemporaryDirectory(prefix="peft-t5-"))) / "initial"
+    config = model.peft_config["default"]
+    started_as, config.init_lora_weights = config.init_lora_weights, True  # as PEFT's conversion requires
+    try:
+        model.save_pretrained(folder)
+    finally:
+        config.init_lora_weights = started_as
+    return str(folder)
 
 
 def foreign_files(folder: str | Path, owns: tuple[str, ...] = ADAPTER_OWNS) -> list[str]:
@@ -160,6 +184,35 @@ def check_adapter_dir(adapter_dir: str | Path, trust_pickle: bool = False) -> No
     else:
         raise PeftT5Error(f"{path}: no adapter_model.safetensors, so no adapter weights; pass the folder that "
                           "train_lora.py wrote")
+
+
+@contextlib.contextmanager
+def quiet_adalora_warnings(is_adalora: bool = True):
+    """PEFT warns, wrongly for AdaLoRA, that a layer whose rank AdaLoRA pruned to 0 is an ungathered ZeRO-3 shard
+    (on save), and that the saved rank pattern was ignored (on load, which applies it afterwards)."""
+    with warnings.catch_warnings():
+        if is_adalora:
+            warnings.filterwarnings("ignore", message=r".*LoRA tensor\(s\) have invalid shape")
+            warnings.filterwarnings("ignore", message=r"The following rank_pattern keys did not match")
+        yield
+
+
+def peft_from_pretrained(model, adapter_dir: str | Path, **kwargs):
+    """PeftModel.from_pretrained, without PEFT's false AdaLoRA warnings."""
+    from peft import PeftModel
+
+    with quiet_adalora_warnings(adapter_method(adapter_dir).name == "adalora"):
+        return PeftModel.from_pretrained(model, adapter_dir, **kwargs)
+
+
+def check_keeps_base(adapter_dir: str | Path) -> None:
+    """Refuse a PiSSA / OLoRA adapter saved for the base it changed: loading it changes the base's weights."""
+    init = json.loads((Path(adapter_dir) / "adapter_config.json").read_text(encoding="utf-8")).get("init_lora_weights")
+    if isinstance(init, str) and init.split("_")[0] in ("pissa", "olora", "corda"):
+        raise PeftT5Error(f"{adapter_dir}: a {init} adapter saved for the base it changed (adapter_config.json: "
+                          f"init_lora_weights {init!r}); loading it would change the weights under the base and "
+                          "every other adapter; save it as plain LoRA (PEFT's save_pretrained with "
+                          "path_initial_model_for_weight_conversion, as peft-t5's training does) and load that")
 
 
 def adapter_method(adapter_dir: str | Path):

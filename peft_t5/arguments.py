@@ -81,6 +81,8 @@ class LoraArguments:
     tfinal: float | None = field(default=None, metadata={"help": "adalora: share of the steps at the end with ranks "
                                                                  "fixed (0.3)."})
     deltaT: int | None = field(default=None, metadata={"help": "adalora: steps between reallocations (1)."})
+    orth_reg_weight: float | None = field(default=None, metadata={
+        "help": "adalora: weight of the penalty that keeps P and Q orthogonal (0.5; 0: none)."})
 
     def given(self) -> dict:
         return {flag: getattr(self, flag) for flag in METHOD_FLAGS}

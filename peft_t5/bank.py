@@ -5,12 +5,17 @@
     bank.generate("squad", [("Where is Normandy?", "Normandy is a region in France.")])
     bank.generate("base", questions, prompt_of="jokes")   # adapters disabled, jokes' prompt, for comparison
     bank.generate_mixed([("jokes", q1), ("squad", (q2, c2))])   # one forward pass, PEFT's adapter_names
+
+Adapters of several PEFT methods share the base: one PeftModel holds each method's adapters (LoRA and DoRA are one
+type; each AdaLoRA adapter gets its own), each over a module tree of its own whose layers are the base's very layers.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
-from .adapters import adapter_method, check_adapter_fits, read_metadata
+from .adapters import (adapter_method, check_adapter_fits, check_keeps_base, quiet_adalora_warnings,
+                       read_metadata)
 from .errors import PeftT5Error
 from .generation import generate_texts, no_answer_probs
 from .tasks import Task, get_task, template_fields
@@ -20,16 +25,17 @@ BASE = "base"
 
 @dataclass
 class AdapterBank:
-    model: object  # a PeftModel holding every adapter
+    model: object  # the PeftModel holding the first adapter and every other of its PEFT type
     tokenizer: object
     metadata: dict[str, dict] = field(default_factory=dict)  # adapter name -> its peft_t5.json
     base_name: str = "model"  # the base as given (Hub id, folder, tiny)
     methods: dict[str, object] = field(default_factory=dict)  # adapter name -> its methods.Method
+    holders: dict[str, object] = field(default_factory=dict)  # adapter name -> the PeftModel holding it
+    base: object = None  # the base with no adapter; its layers are those every holder wraps
 
     @classmethod
     def load(cls, base, adapters: dict[str, str], qlora: bool = False, trust_pickle: bool = False) -> "AdapterBank":
         """base: a Hub id, folder or `tiny` (None: the base recorded in the first adapter), or a loaded model."""
-        from peft import PeftModel
         from transformers import AutoTokenizer
 
         from .modeling import load_base_model
@@ -40,7 +46,6 @@ class AdapterBank:
             raise PeftT5Error(f"'{BASE}' is reserved for the model with adapters disabled; name the adapter otherwise")
         metadata = {name: read_metadata(path, trust_pickle) for name, path in adapters.items()}
         methods = {name: adapter_method(path) for name, path in adapters.items()}
-        one_base_methods(methods)
         first = next(iter(adapters))
         base_name = base if isinstance(base, str) else getattr(getattr(base, "config", None), "name_or_path", "model")
         if base is None:
@@ -49,14 +54,29 @@ class AdapterBank:
                 raise PeftT5Error(f"{adapters[first]}: no base model recorded; pass the base explicitly")
         model = (load_base_model(base_name, qlora=qlora, trust_pickle=trust_pickle)
                  if isinstance(base, str) or base is None else base)
-        for name, path in adapters.items():
-            check_adapter_fits(model if name == first else model.get_base_model(), path, base_name)
-            if name == first:
-                model = PeftModel.from_pretrained(model, path, adapter_name=name)
-            else:
-                model.load_adapter(path, adapter_name=name)
         model.eval()
-        return cls(model, AutoTokenizer.from_pretrained(adapters[first]), metadata, base_name, methods)
+        bank = cls(None, AutoTokenizer.from_pretrained(adapters[first]), base_name=base_name, base=shared_layers(model))
+        for name, path in adapters.items():
+            bank.attach(name, path, metadata[name], methods[name], onto=model if name == first else None)
+        return bank
+
+    def attach(self, name: str, path: str, meta: dict, method, onto=None) -> None:
+        """Load an adapter into the PeftModel of its PEFT type, or into a new one over the same layers (onto: the
+        base model to wrap, else a new module tree sharing the base's layers)."""
+        from peft import PeftModel
+
+        check_keeps_base(path)
+        check_adapter_fits(self.base, path, self.base_name)
+        holder = next((self.holders[n] for n in self.metadata if holder_key(n, self.methods[n]) == holder_key(
+            name, method)), None)
+        with quiet_adalora_warnings(method.name == "adalora"):
+            if holder is not None:
+                holder.load_adapter(path, adapter_name=peft_name(name, method))
+            else:
+                holder = PeftModel.from_pretrained(onto if onto is not None else shared_layers(self.base), path,
+                                                   adapter_name=peft_name(name, method)).eval()
+            self.model = self.model or holder
+        self.metadata[name], self.methods[name], self.holders[name] = meta, method, holder
 
     @property
     def names(self) -> list[str]:
@@ -120,7 +140,7 @@ class AdapterBank:
         if task is None or not task.no_answer or threshold is None or threshold >= 1.0:
             return answers
         options = {k: v for k, v in kwargs.items() if k in ("batch_size", "max_new_tokens")}
-        probs = no_answer_probs(self.model, self.tokenizer, sources, outputs, task.no_answer,
+        probs = no_answer_probs(self.holders[name], self.tokenizer, sources, outputs, task.no_answer,
                                 max_source_length=self.source_limit(name), **options)
         return ["" if p > threshold else a for a, p in zip(answers, probs)]
 
@@ -128,10 +148,10 @@ class AdapterBank:
         """Raw outputs for ready-made prompts, `name` made the active adapter (or adapters disabled for `base`)."""
         kwargs.setdefault("max_source_length", self.source_limit(name))
         if name == BASE:
-            with self.model.disable_adapter():
-                return generate_texts(self.model, self.tokenizer, sources, **kwargs)
-        self.model.set_adapter(name)
-        return generate_texts(self.model, self.tokenizer, sources, **kwargs)
+            return generate_texts(self.base, self.tokenizer, sources, **kwargs)
+        self._meta(name)
+        self.holders[name].set_adapter(peft_name(name, self.methods[name]))
+        return generate_texts(self.holders[name], self.tokenizer, sources, **kwargs)
 
     def generate_mixed(self, items: list[tuple[str, object]], raw: bool = False, **kwargs) -> list[str]:
         """A batch that mixes adapters, run in the same forward passes: each example through its own adapter."""
@@ -140,23 +160,33 @@ class AdapterBank:
         return [self.answer(n, o, raw) for n, o in zip(names, outputs)]
 
     def generate_sources(self, names: list[str], sources: list[str], **kwargs) -> list[str]:
-        """Raw outputs for ready-made prompts, source i through adapter names[i], each truncated as it was trained."""
-        if len(set(names)) == 1:  # one adapter: PEFT's per-adapter sub-batches would only add overhead
-            return self.generate_switched(names[0], sources, **kwargs)
-        if not self.mixes(set(names)):  # a method PEFT's adapter_names cannot mix
-            return self.generate_per_adapter(names, sources, **kwargs)
-        adapter_names = ["__base__" if n == BASE else n for n in names]  # PEFT's name for "no adapter"
-        kwargs.setdefault("max_source_length", [self.source_limit(n) for n in names])
-        return generate_texts(self.model, self.tokenizer, sources, adapter_names=adapter_names, **kwargs)
+        """Raw outputs for ready-made prompts, source i through adapter names[i], each truncated as it was trained:
+        adapters PEFT mixes per row (LoRA, with base) in one batch, every other adapter in a sub-batch of its own."""
+        mixed = {n for n in names if n in self.methods and self.methods[n].mixed_batches}
+        together = [mixed | ({BASE} & set(names))] if len(mixed) > 1 or mixed and BASE in names else []
+        return self._by_sub_batch(names, sources, [*together, *({n} for n in dict.fromkeys(names)
+                                                                  if not any(n in t for t in together))], **kwargs)
 
     def generate_per_adapter(self, names: list[str], sources: list[str], **kwargs) -> list[str]:
         """Raw outputs, one sub-batch per adapter (each made active in turn), in the order of `sources`."""
+        return self._by_sub_batch(names, sources, [{n} for n in dict.fromkeys(names)], **kwargs)
+
+    def _by_sub_batch(self, names: list[str], sources: list[str], batches: list[set[str]], **kwargs) -> list[str]:
         outputs = [""] * len(sources)
-        for name in dict.fromkeys(names):
-            rows = [i for i, n in enumerate(names) if n == name]
-            for i, text in zip(rows, self.generate_switched(name, [sources[i] for i in rows], **kwargs)):
+        for batch in batches:
+            rows = [i for i, n in enumerate(names) if n in batch]
+            for i, text in zip(rows, self._generate_batch([names[i] for i in rows], [sources[i] for i in rows],
+                                                          **kwargs)):
                 outputs[i] = text
         return outputs
+
+    def _generate_batch(self, names: list[str], sources: list[str], **kwargs) -> list[str]:
+        if len(set(names)) == 1:  # one adapter: PEFT's per-adapter sub-batches would only add overhead
+            return self.generate_switched(names[0], sources, **kwargs)
+        adapter_names = ["__base__" if n == BASE else n for n in names]  # PEFT's name for "no adapter"
+        kwargs.setdefault("max_source_length", [self.source_limit(n) for n in names])
+        holder = self.holders[next(n for n in names if n != BASE)]
+        return generate_texts(holder, self.tokenizer, sources, adapter_names=adapter_names, **kwargs)
 
     def mixes(self, names: set[str]) -> bool:
         """Whether these adapters (and base) run in one batch (PEFT's adapter_names), or need one sub-batch each."""
@@ -171,11 +201,7 @@ class AdapterBank:
         if name == BASE or name in self.metadata:
             raise PeftT5Error(f"an adapter named {name!r} is already loaded; unload it first or pick another name")
         meta = read_metadata(path, trust_pickle)
-        method = adapter_method(path)
-        one_base_methods({**self.methods, name: method})
-        check_adapter_fits(self.model.get_base_model(), path, self.base_name)
-        self.model.load_adapter(path, adapter_name=name)
-        self.metadata[name], self.methods[name] = meta, method
+        self.attach(name, path, meta, adapter_method(path))
         return meta
 
     def remove(self, name: str) -> None:
@@ -183,20 +209,37 @@ class AdapterBank:
         self._meta(name)
         if len(self.metadata) == 1:
             raise PeftT5Error(f"{name!r} is the only adapter loaded; load another before unloading it")
-        self.model.delete_adapter(name)
+        holder = self.holders.pop(name)
         del self.metadata[name], self.methods[name]
+        if any(h is holder for h in self.holders.values()):
+            holder.delete_adapter(name)
+        elif holder is self.model:  # its last adapter: the holder goes, its layers stay with the others
+            self.model = next(iter(self.holders.values()))
+
+    def models(self) -> list:
+        """The base and each PeftModel holding adapters: distinct module trees over the same layers."""
+        return [self.base, *{id(h): h for h in self.holders.values()}.values()]
 
 
-def one_base_methods(methods: dict) -> None:
-    """PEFT holds adapters of one type on one loaded base (LoRA and DoRA are one type): refuse a mix, naming it."""
-    types = {}
-    for name, method in methods.items():
-        types.setdefault("lora" if method.name == "dora" else method.name, name)
-    if len(types) > 1:
-        (a, first), (b, second) = list(types.items())[:2]
-        raise PeftT5Error(f"adapters {first!r} ({a}) and {second!r} ({b}) are of different PEFT methods, which one "
-                          "loaded base cannot hold together yet; serve or load them on separate bases")
-    single = [name for name, method in methods.items() if method.one_per_base]
-    if len(single) > 1:
-        raise PeftT5Error(f"adapters {single[0]!r} and {single[1]!r} are both {methods[single[0]].name}, of which PEFT "
-                          "holds one on a loaded base; serve or load them on separate bases")
+def holder_key(name: str, method) -> str:
+    """Adapters with the same key share one PeftModel: PEFT holds adapters of one type in one (LoRA and DoRA are one
+    type), and of some methods (AdaLoRA) only one adapter."""
+    return name if method.one_per_model else "lora" if method.name == "dora" else method.name
+
+
+def peft_name(name: str, method) -> str:
+    """The adapter's name inside its PeftModel. PEFT's AdaLoRA loader tells its rank pattern's keys apart by whether
+    the adapter's name occurs in them (an AdaLoRA adapter named "a" or "q" fails to load); it has a PeftModel of its
+    own, so it keeps PEFT's default name there."""
+    return "default" if method.one_per_model else name
+
+
+def shared_layers(model):
+    """A new module tree over the same layers. PEFT adapts a model by replacing layers in their parent modules, and
+    one PeftModel holds one PEFT type; copying the parents (every leaf layer kept as it is) gives each type its own
+    tree to wrap, while the weights stay in memory once."""
+    import itertools
+
+    memo = {id(m): m for m in model.modules() if next(m.children(), None) is None}
+    memo.update({id(t): t for t in itertools.chain(model.parameters(), model.buffers())})
+    return copy.deepcopy(model, memo)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .adapters import MODEL_OWNS, adapter_method, check_adapter_fits, check_writable_folder, read_metadata, write_atomically
+from .adapters import (MODEL_OWNS, adapter_method, check_adapter_fits, check_writable_folder, peft_from_pretrained,
+                       read_metadata, write_atomically)
 from .errors import PeftT5Error
 
 LORA_TOLERANCE = 1e-4  # float32 merge vs unmerged: only summation order differs
@@ -99,14 +100,14 @@ def merge_adapter(adapter_dir: str, output: str, base: str | None = None, dtype:
         quantized = load_base_model(base_name, qlora=True, trust_pickle=trust_pickle)
         if merge_into == "dequantized":
             dequantize_into(model, quantized)
-        reference = probe_logits(PeftModel.from_pretrained(quantized, adapter_dir), tokenizer)
+        reference = probe_logits(peft_from_pretrained(quantized, adapter_dir), tokenizer)
         del quantized
         tolerance = QLORA_TOLERANCE[quantization_config().bnb_4bit_compute_dtype] if merge_into == "dequantized" else None
     else:
-        model = PeftModel.from_pretrained(model, adapter_dir)  # merged in place below: one copy of the base
+        model = peft_from_pretrained(model, adapter_dir)  # merged in place below: one copy of the base
         reference = probe_logits(model, tokenizer)
         tolerance = LORA_TOLERANCE
-    peft_model = model if isinstance(model, PeftModel) else PeftModel.from_pretrained(model, adapter_dir)
+    peft_model = model if isinstance(model, PeftModel) else peft_from_pretrained(model, adapter_dir)
     merged = peft_model.merge_and_unload()
     diff = (probe_logits(merged, tokenizer) - reference).abs().max().item()
     if tolerance is not None and diff > tolerance:

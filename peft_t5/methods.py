@@ -16,7 +16,7 @@ DEFAULTS = {  # every method flag's default; a method takes only those in its ro
     "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": ["q", "v"],
     "init_lora_weights": "default", "loraplus_lr_ratio": None,
     "num_virtual_tokens": 20,
-    "init_r": 12, "target_r": 4, "tinit": 0.1, "tfinal": 0.3, "deltaT": 1,
+    "init_r": 12, "target_r": 4, "tinit": 0.1, "tfinal": 0.3, "deltaT": 1, "orth_reg_weight": 0.5,
 }
 LORA_FLAGS = ("lora_r", "lora_alpha", "lora_dropout", "target_modules", "init_lora_weights", "loraplus_lr_ratio")
 INIT_LORA_WEIGHTS = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
@@ -49,9 +49,12 @@ def _adalora(s: dict, total_steps: int):
     if tinit + tfinal >= total_steps:
         raise PeftT5Error(f"--tinit {s['tinit']} and --tfinal {s['tfinal']} (shares of the {total_steps} steps) leave "
                           "no steps to reallocate the rank in; lower them or train longer")
+    if s["orth_reg_weight"] < 0:
+        raise PeftT5Error(f"--orth_reg_weight {s['orth_reg_weight']}: must be at least 0 (0: no penalty)")
     return AdaLoraConfig(init_r=s["init_r"], target_r=s["target_r"], tinit=tinit, tfinal=tfinal, deltaT=s["deltaT"],
-                         total_step=total_steps, lora_alpha=s["lora_alpha"], lora_dropout=s["lora_dropout"],
-                         target_modules=targets(s["target_modules"]), task_type=TaskType.SEQ_2_SEQ_LM)
+                         total_step=total_steps, orth_reg_weight=s["orth_reg_weight"], lora_alpha=s["lora_alpha"],
+                         lora_dropout=s["lora_dropout"], target_modules=targets(s["target_modules"]),
+                         task_type=TaskType.SEQ_2_SEQ_LM)
 
 
 def _prompt_tuning(s: dict, total_steps: int):
@@ -83,7 +86,7 @@ class Method:
     kbit: bool  # trains on a 4-bit base (--qlora)
     why_no_merge: str = ""
     needs_steps: bool = False  # its schedule spans the run: the total number of steps must be known
-    one_per_base: bool = False  # PEFT holds one adapter of it on a loaded base
+    one_per_model: bool = False  # a PeftModel holds one adapter of it (AdaLoRA)
 
     def settings(self, given: dict) -> dict:
         """The user's flags for this method, with defaults for the rest; a flag of another method is refused."""
@@ -100,8 +103,8 @@ METHODS = {m.name: m for m in (
            kbit=True),
     Method("ia3", (), _ia3, can_merge=True, mixed_batches=False, kbit=True),
     Method("adalora", ("lora_alpha", "lora_dropout", "target_modules", "init_r", "target_r", "tinit", "tfinal",
-                       "deltaT"), _adalora, can_merge=True, mixed_batches=False, kbit=True, needs_steps=True,
-           one_per_base=True),
+                       "deltaT", "orth_reg_weight"), _adalora, can_merge=True, mixed_batches=False, kbit=True,
+           needs_steps=True, one_per_model=True),
     Method("prompt_tuning", ("num_virtual_tokens",), _prompt_tuning, can_merge=False, mixed_batches=False, kbit=True,
            why_no_merge="its virtual tokens are inputs prepended to every source, not weights, so there is nothing to "
                         "add to the base; serve or load it as an adapter"),

@@ -1,7 +1,7 @@
 """int8 for serving on a CPU: the frozen base's linear layers become dynamic int8 (weights int8 per channel,
 activations quantized per batch), LoRA's A and B stay in float32 beside them.
 
-    quantize_int8(bank.model)   # after the adapters are loaded or before: new adapters wrap the int8 layers too
+    quantize_int8(*bank.models())   # after the adapters are loaded or before: new adapters wrap the int8 layers too
 
 PyTorch's dynamic quantization (torch.ao) is what runs int8 matmuls on a CPU without extra packages; it is marked
 deprecated in favour of torchao, which is why its one warning is silenced here.
@@ -16,23 +16,28 @@ from torch import nn
 from .errors import PeftT5Error
 
 
-def quantize_int8(model: nn.Module) -> int:
-    """Replace every float nn.Linear of the base (not LoRA's own) by a dynamic int8 one; returns how many."""
+def quantize_int8(*models: nn.Module) -> int:
+    """Replace every float nn.Linear of the base (not LoRA's own) by a dynamic int8 one; returns how many. Models
+    that share a layer (an AdapterBank's, see bank.models()) get one int8 layer for it."""
     from torch.ao.nn.quantized.dynamic import Linear as Int8Linear
     from torch.ao.quantization import per_channel_dynamic_qconfig
 
     if not torch.backends.quantized.supported_engines or torch.cuda.is_available() and next(
-            model.parameters()).is_cuda:
+            models[0].parameters()).is_cuda:
         raise PeftT5Error("--quantize int8: dynamic int8 runs on a CPU; on a GPU serve the base in bf16 instead")
-    targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+    targets = [(parent, name, child) for model in models for parent in model.modules()
+               for name, child in parent.named_children()
                if type(child) is nn.Linear and not is_adapter_weight(parent)]
+    replaced: dict[int, nn.Module] = {}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*deprecated", category=UserWarning)
         warnings.filterwarnings("ignore", message=".*torch.ao.quantization.*deprecated", category=DeprecationWarning)
         for parent, name, child in targets:
-            child.qconfig = per_channel_dynamic_qconfig
-            setattr(parent, name, Int8Linear.from_float(child.float()))
-    return len(targets)
+            if id(child) not in replaced:
+                child.qconfig = per_channel_dynamic_qconfig
+                replaced[id(child)] = Int8Linear.from_float(child.float())
+            setattr(parent, name, replaced[id(child)])
+    return len(replaced)
 
 
 def is_adapter_weight(parent: nn.Module) -> bool:

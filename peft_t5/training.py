@@ -70,6 +70,15 @@ class TaskTrainer(Seq2SeqTrainer):
             prefetch_factor=self.args.dataloader_prefetch_factor)
         return self.accelerator.prepare(loader)  # process i takes batches i, i + N, ... of the same list
 
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        weight = adalora_penalty_weight(self.model)
+        if not weight or not model.training:
+            return result
+        # the loss of every micro-batch is summed (not averaged) over accumulation: the penalty counts once a step
+        penalty = weight * adalora_orthogonality(self.model) / getattr(self, "current_gradient_accumulation_steps", 1)
+        return (result[0] + penalty, result[1]) if return_outputs else result + penalty
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         self.throughput.count(inputs)
         return super().training_step(model, inputs, num_items_in_batch)
@@ -142,6 +151,24 @@ def target_token_loss(outputs, labels: torch.Tensor, num_items_in_batch: torch.T
     """
     return ForMaskedLMLoss(outputs.logits, labels, vocab_size=outputs.logits.shape[-1],
                            num_items_in_batch=num_items_in_batch)
+
+
+def adalora_penalty_weight(model) -> float:
+    config = getattr(model, "peft_config", {}).get("default")
+    return getattr(config, "orth_reg_weight", 0.0) if getattr(model, "peft_type", None) == "ADALORA" else 0.0
+
+
+def adalora_orthogonality(model, adapter: str = "default") -> torch.Tensor:
+    """AdaLoRA's penalty on P and Q drifting from orthogonal: the mean over its layers of ||PP^T - I|| and
+    ||Q^TQ - I||. PEFT adds it to the loss inside the model's forward, but only to a loss the model computes, and
+    peft-t5 computes its token loss outside (target_token_loss); so it is added here, as PEFT computes it."""
+    terms = []
+    for name, p in model.named_parameters():
+        if name.endswith(f".lora_A.{adapter}") or name.endswith(f".lora_B.{adapter}"):
+            if p.numel():  # a shard left empty on this process (FSDP / ZeRO-3) adds nothing here
+                cov = p @ p.T if ".lora_A." in name else p.T @ p
+                terms.append(torch.linalg.matrix_norm(cov - torch.eye(len(cov), dtype=cov.dtype, device=cov.device)))
+    return torch.stack(terms).mean() if terms else torch.zeros(())
 
 
 class StopOnNonFiniteLoss(TrainerCallback):

@@ -219,7 +219,7 @@ def test_int8_base_stays_close_to_float32_and_the_engine_still_equals_generate(t
     start = torch.zeros((3, 1), dtype=torch.long)
     with torch.inference_mode():
         before = bank.model(**batch, decoder_input_ids=start).logits
-        replaced = quantize_int8(bank.model)
+        replaced = quantize_int8(*bank.models())  # the base and the PeftModel: one int8 layer each shared layer
         after = bank.model(**batch, decoder_input_ids=start).logits
     assert replaced == sum(type(m) is torch.nn.Linear for m in tiny_model().modules())  # the base's, not LoRA's
     assert all(type(m) is torch.nn.Linear for n, m in bank.model.named_modules() if ".lora_A." in n)

@@ -14,7 +14,7 @@ from peft_t5.commands.merge import merge_main
 from peft_t5.commands.train import train
 from peft_t5.merge import LORA_TOLERANCE
 from peft_t5.methods import METHODS, get_method
-from peft_t5.modeling import add_adapter, tiny_model, tiny_tokenizer
+from peft_t5.modeling import add_adapter, load_base_model, tiny_model, tiny_tokenizer
 from test_reliability import FAST, run_cli
 
 QUESTIONS = ["Why did the chicken cross the road?", "What do you call a fish with no eyes?"]
@@ -90,7 +90,7 @@ def test_merge_where_peft_can_and_a_one_line_refusal_where_not(trained, tmp_path
         assert not (tmp_path / "merged").exists()
 
 
-@pytest.mark.parametrize("name", [n for n in METHODS if n != "lora" and not METHODS[n].one_per_base])
+@pytest.mark.parametrize("name", [n for n in METHODS if n != "lora"])
 def test_two_adapters_of_a_method_serve_in_sub_batches_equal_to_one_at_a_time(trained, tmp_path, name):
     import shutil
 
@@ -101,15 +101,85 @@ def test_two_adapters_of_a_method_serve_in_sub_batches_equal_to_one_at_a_time(tr
     assert mixed == [alone[0], alone[1], alone[1]] and not bank.mixes({"a", "b"})
 
 
-def test_adapters_of_different_methods_on_one_base_are_refused_in_one_line(trained):
-    from peft_t5.errors import PeftT5Error
+def generate_py(capsys, adapters: dict, task: str) -> list[str]:
+    """What scripts/generate.py prints for QUESTIONS, as a list of outputs."""
+    from peft_t5.commands.generate import generate_main
 
-    with pytest.raises(PeftT5Error, match=r"^adapters 'l' \(lora\) and 'i' \(ia3\) are of different PEFT methods"):
-        AdapterBank.load("tiny", {"l": str(trained / "lora"), "i": str(trained / "ia3")})
-    with pytest.raises(PeftT5Error, match=r"^adapters 'a' and 'b' are both adalora, of which PEFT holds one"):
-        AdapterBank.load("tiny", {"a": str(trained / "adalora"), "b": str(trained / "adalora")})
+    specs = [arg for name, path in adapters.items() for arg in ("--adapter", f"{name}={path}")]
+    assert run(generate_main, [*specs, "--task", task, "--max_new_tokens", "8", *QUESTIONS]) == 0
+    return re.findall(rf"^{task}: (.*)$", capsys.readouterr().out, re.MULTILINE)
+
+
+@pytest.fixture(scope="module")
+def distinct(tmp_path_factory):
+    """A base whose greedy output wanders over the vocabulary (the tiny T5 ends at once, which would hide a prompt
+    that is not applied), and one adapter per method on it, its trainable weights moved well off their start."""
+    from peft_t5.adapters import save_adapter
+    from test_engine import spread_weights
+
+    root = tmp_path_factory.mktemp("distinct")
+    torch.manual_seed(0)
+    spread_weights(tiny_model(), 0.2).save_pretrained(root / "base")
+    tiny_tokenizer().save_pretrained(root / "base")
+    for seed, name in enumerate(METHODS):
+        torch.manual_seed(seed)
+        method = get_method(name)
+        model = add_adapter(load_base_model(str(root / "base")), method.build(method.settings({}), 100))
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.5)
+        save_adapter(model, tiny_tokenizer(), root / name, {"task": "jokes", "base_model": str(root / "base"),
+                                                            "method": name, "template": "{question}"}, "test adapter")
+    return root
+
+
+@pytest.mark.parametrize("name", [n for n in METHODS if n != "lora"])
+def test_an_adapter_of_each_method_served_beside_lora_equals_generate_py(distinct, capsys, name):
+    """One server, one base: LoRA, the other method and the bare base asked at once, gathered into one batch (LoRA
+    and base mixed per row, the other method in its own sub-batch); each answers as generate.py does with that
+    adapter alone on its base."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from peft_t5.serve.app import ServeSettings, create_app, running
+
+    lora, other = str(distinct / "lora"), str(distinct / name)
+    expected = {"l": generate_py(capsys, {"l": lora}, "l"), name: generate_py(capsys, {name: other}, name),
+                "base": generate_py(capsys, {"l": lora}, "base")}
+    assert len({tuple(outputs) for outputs in expected.values()}) == 3, expected  # three different answers
+    bank = AdapterBank.load(None, {"l": lora, name: other})  # the base recorded in the adapters
+    bodies = [{"adapter": a, "inputs": QUESTIONS, "max_new_tokens": 8, **({"prompt_of": "l"} if a == "base" else {})}
+              for a in expected]
+    with running(create_app(bank, ServeSettings(max_wait_ms=2000, max_batch_size=len(QUESTIONS) * 3))) as url:
+        with ThreadPoolExecutor(3) as pool:
+            replies = list(pool.map(lambda b: httpx.post(url + "/v1/generate", json=b, timeout=60), bodies))
+        listed = {a["name"]: a for a in httpx.get(url + "/v1/adapters").json()["adapters"]}
+        metrics = httpx.get(url + "/metrics").text
+    served = {b["adapter"]: [o["output"] or "(empty output)" for o in r.json()["outputs"]]
+              for b, r in zip(bodies, replies)}
+    assert served == expected
+    assert "peft_t5_batch_examples_count 1.0" in metrics  # the three requests ran as one batch
+    assert listed["l"]["batches"] == "mixed with other adapters"
+    assert listed[name]["method"] == name and listed[name]["batches"] == "one sub-batch per adapter"
+
+
+def test_adapters_of_different_methods_share_the_base_layers_and_come_and_go(trained):
+    bank = AdapterBank.load("tiny", {"l": str(trained / "lora"), "i": str(trained / "ia3"),
+                                     "a": str(trained / "adalora"), "b": str(trained / "adalora")})
+    models = bank.models()
+    assert len(models) == 5  # the base, one PeftModel for LoRA, IA3 and each AdaLoRA adapter (PEFT holds one)
+    weights = [{p.data_ptr() for n, p in m.named_parameters() if n.endswith("shared.weight")} for m in models]
+    assert all(w == weights[0] and len(w) == 1 for w in weights)  # one embedding in memory for all of them
+    before = bank.generate("l", QUESTIONS, max_new_tokens=8)
+    bank.remove("i")
+    assert len(bank.models()) == 4 and bank.generate("l", QUESTIONS, max_new_tokens=8) == before
+    bank.add("i", str(trained / "ia3"))
+    assert bank.generate("i", QUESTIONS, max_new_tokens=8) == AdapterBank.load(
+        "tiny", {"i": str(trained / "ia3")}).generate("i", QUESTIONS, max_new_tokens=8)
     bank = AdapterBank.load("tiny", {"l": str(trained / "lora"), "d": str(trained / "dora")})  # one PEFT type
-    assert not bank.mixes({"l", "d"}) and bank.mixes({"l", "base"})
+    assert len(bank.models()) == 2 and not bank.mixes({"l", "d"}) and bank.mixes({"l", "base"})
 
 
 def test_adalora_shrinks_its_rank_budget_during_training(trained):
@@ -119,6 +189,63 @@ def test_adalora_shrinks_its_rank_budget_during_training(trained):
     kept = sum(sum(r) for r in ranks)
     assert kept < config["init_r"] * len(ranks)  # fewer singular values kept than it started with
     assert kept <= config["target_r"] * len(ranks) + len(ranks)
+
+
+def test_adalora_adds_peft_s_orthogonality_penalty_to_the_training_loss_and_not_to_evaluation(tmp_path):
+    from transformers import Seq2SeqTrainer
+
+    from peft_t5.arguments import TrainingArguments
+    from peft_t5.data import tokenize
+    from peft_t5.tasks import get_task, jokes
+    from peft_t5.training import adalora_orthogonality, build_trainer
+
+    tokenizer, task, method = tiny_tokenizer(), get_task("jokes"), get_method("adalora")
+    dataset, _ = tokenize(task, jokes.load_splits(jokes.SAMPLE)["train"][:4], tokenizer)
+    model = add_adapter(tiny_model(), method.build(method.settings({"orth_reg_weight": 0.3}), 100))
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to="none", eval_strategy="no",
+                             load_best_model_at_end=False, dataloader_pin_memory=False)
+    trainer = build_trainer(model, tokenizer, task, dataset, None, args, [], 64, 32)
+    batch = trainer.data_collator([{k: dataset[i][k] for k in ("input_ids", "attention_mask", "labels")}
+                                   for i in range(4)])
+    model.eval()
+    with torch.no_grad():  # PEFT's own: added to the loss T5 computes, inside AdaLoraModel.forward
+        by_peft = (model(**batch).loss - model.base_model.model(**batch).loss) / 0.3
+        assert abs(adalora_orthogonality(model) - by_peft) < 1e-5 and by_peft > 0.1
+        assert trainer.compute_loss(model, dict(batch)) == Seq2SeqTrainer.compute_loss(trainer, model, dict(batch))
+        model.train()
+        torch.manual_seed(0)  # the same dropout in both
+        penalised = trainer.compute_loss(model, dict(batch))
+        torch.manual_seed(0)
+        plain = Seq2SeqTrainer.compute_loss(trainer, model, dict(batch))
+    assert abs((penalised - plain) - 0.3 * by_peft) < 1e-5
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_pissa_and_olora_save_as_plain_lora_for_the_original_base(tmp_path, init):
+    """PiSSA and OLoRA train on a base with their starting directions taken out; the saved adapter, converted by
+    PEFT, gives the trained model's logits on the original base and leaves that base's weights as they were."""
+    out = tmp_path / "out"
+    train(["--task", "jokes", "--method", "lora", "--init_lora_weights", init, "--output_dir", str(out), *FAST,
+           "--max_steps", "4", "--learning_rate", "0.01", "--eval_strategy", "no", "--load_best_model_at_end",
+           "false", "--save_strategy", "steps", "--save_steps", "4"])
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["init_lora_weights"] is True and config["r"] == 32  # plain LoRA, twice the rank
+    batch = tiny_tokenizer()(QUESTIONS, return_tensors="pt", padding=True)
+    decoder = torch.zeros_like(batch.input_ids[:, :4])
+    base = tiny_model()
+    original = [(p, p.clone()) for p in base.parameters()]
+    with torch.no_grad():  # the checkpoint is the model as trained: loading it re-derives the changed base
+        as_trained = PeftModel.from_pretrained(tiny_model(), out / "checkpoints" / "checkpoint-4").eval()
+        expected = as_trained(**batch, decoder_input_ids=decoder).logits
+        saved = PeftModel.from_pretrained(base, out).eval()
+        got = saved(**batch, decoder_input_ids=decoder).logits
+    assert (got - expected).abs().max().item() < 1e-4
+    assert (expected - tiny_model()(**batch, decoder_input_ids=decoder).logits).abs().max().item() > 1e-3
+    assert all(torch.equal(p, before) for p, before in original)  # the base's own weights, as they were
+    from peft_t5.errors import PeftT5Error
+
+    with pytest.raises(PeftT5Error, match=rf"checkpoint-4: a {init} adapter saved for the base it changed"):
+        AdapterBank.load("tiny", {"a": str(out), "b": str(out / "checkpoints" / "checkpoint-4")})
 
 
 def test_loraplus_gives_b_a_larger_learning_rate_than_a(tmp_path):
@@ -145,6 +272,8 @@ def test_loraplus_gives_b_a_larger_learning_rate_than_a(tmp_path):
     (["--method", "prompt_tuning", "--target_modules", "q"],
      "--target_modules does not apply to --method prompt_tuning (it takes --num_virtual_tokens)"),
     (["--method", "lora", "--num_virtual_tokens", "5"], "--num_virtual_tokens does not apply to --method lora"),
+    (["--method", "lora", "--orth_reg_weight", "0.1"], "--orth_reg_weight does not apply to --method lora"),
+    (["--method", "adalora", "--orth_reg_weight", "-1"], "--orth_reg_weight -1.0: must be at least 0"),
     (["--method", "adalora", "--init_r", "2", "--target_r", "4"], "--target_r 4 is over --init_r 2"),
     (["--method", "prefix_tuning"], "--method prefix_tuning: prefix tuning on an encoder-decoder puts its prefix in "
                                     "the decoder's cache"),

@@ -10,17 +10,16 @@ from ..errors import PeftT5Error
 
 def load_for_evaluation(model_name: str, adapter: str | None, trust_pickle: bool = False):
     """The base (and adapter, when given) and the tokenizer that goes with them."""
-    from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from ..adapters import check_adapter_fits
+    from ..adapters import check_adapter_fits, peft_from_pretrained
     from ..modeling import load_base_model, load_tokenizer
 
     model = load_base_model(model_name, trust_pickle=trust_pickle)
     if adapter is None:
         return model.eval(), load_tokenizer(model_name)
     check_adapter_fits(model, adapter, model_name)
-    return PeftModel.from_pretrained(model, adapter).eval(), AutoTokenizer.from_pretrained(adapter)
+    return peft_from_pretrained(model, adapter).eval(), AutoTokenizer.from_pretrained(adapter)
 
 
 def write_json_files(files: dict[Path, object], flag: str) -> None:

@@ -145,7 +145,7 @@ def serve_main(argv: list[str]) -> None:
     if args.quantize:
         from ..quantize import quantize_int8
 
-        quantize_int8(bank.model)
+        quantize_int8(*bank.models())
     settings = ServeSettings(api_key=args.api_key, adapter_root=args.adapter_root, max_batch_size=args.max_batch_size,
                              max_wait_ms=args.max_wait_ms, batching=args.batching, max_inputs=args.max_inputs,
                              engine=args.engine, max_rows=args.max_rows, max_queue_rows=args.max_queue_rows,

@@ -341,7 +341,7 @@ def run_training(argv: list[str], held: ExitStack) -> dict:
     import torch
     import transformers
 
-    from ..adapters import save_adapter
+    from ..adapters import quiet_adalora_warnings, save_adapter, save_initial_adapter
     from ..data import tokenize, tokenize_stream
     from ..modeling import TINY, add_adapter, count_parameters, load_base_model, load_tokenizer, quantization_config
     from ..tasks import get_task
@@ -350,6 +350,7 @@ def run_training(argv: list[str], held: ExitStack) -> dict:
     warn_single_process_launch()
     model_args, data_args, lora_args, training_args = parse_train_args(argv)
     method = get_method(lora_args.method)
+    held.enter_context(quiet_adalora_warnings(method.name == "adalora"))  # for checkpoints too
     settings = method.settings(lora_args.given())  # a flag of another method is refused before anything is written
     if not sys.stderr.isatty() and not any(a.startswith("--disable_tqdm") for a in argv):
         training_args.disable_tqdm = True  # a log file gets a plain line per logging step, not bar redraws
@@ -373,6 +374,7 @@ def run_training(argv: list[str], held: ExitStack) -> dict:
     base = load_base_model(model_args.model, qlora=model_args.qlora, dtype=dtype, trust_pickle=model_args.trust_pickle)
     budget = token_budget(training_args, base, data_args.streaming, say)
     model = add_adapter(base, method.build(settings, planned_steps(method, training_args, train_records, budget)))
+    initial = save_initial_adapter(model, held) if settings.get("init_lora_weights") in ("pissa", "olora") else None
     trainable, total = count_parameters(model)
     say(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
 
@@ -423,7 +425,8 @@ def run_training(argv: list[str], held: ExitStack) -> dict:
     }
     with saving_into(adapter_dir, model):
         save_adapter(trainer.accelerator.unwrap_model(trainer.model), tokenizer, adapter_dir, meta,
-                     model_card(meta, str(adapter_dir)), {"loss_curve.png": curve}, state_dict=state_dict)
+                     model_card(meta, str(adapter_dir)), {"loss_curve.png": curve}, state_dict=state_dict,
+                     initial_adapter=initial)
     print(f"validation loss: {loss_before:.4f} before training -> {metrics['eval_loss']:.4f} after"
           if loss_before is not None else f"validation loss: {metrics['eval_loss']:.4f}")
     if f"eval_{task.main_metric}" in metrics:  # not with --generation_eval_samples 0
