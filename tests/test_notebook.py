@@ -18,7 +18,8 @@ def test_notebook_runs_and_switches_merges(tmp_path):
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     last = nb.cells[-1].outputs[-1]["text"].strip().splitlines()[-1]
     summary = json.loads(last)
-    assert summary["names"] == ["base", "squad", "jokes"]
+    assert summary["names"] == ["base", "squad", "jokes", "ia3", "prompt_tuning"]  # three methods on one base
+    assert summary["methods_mixed_equals_separate"] is True
     assert summary["mixed_equals_separate"] is True
     assert summary["merge_max_logit_diff"] < 1e-4
     assert summary["merged_class"] == "T5ForConditionalGeneration"
