@@ -162,10 +162,12 @@ class AdapterBank:
     def generate_sources(self, names: list[str], sources: list[str], **kwargs) -> list[str]:
         """Raw outputs for ready-made prompts, source i through adapter names[i], each truncated as it was trained:
         adapters PEFT mixes per row (LoRA, with base) in one batch, every other adapter in a sub-batch of its own."""
-        mixed = {n for n in names if n in self.methods and self.methods[n].mixed_batches}
-        together = [mixed | ({BASE} & set(names))] if len(mixed) > 1 or mixed and BASE in names else []
-        return self._by_sub_batch(names, sources, [*together, *({n} for n in dict.fromkeys(names)
-                                                                  if not any(n in t for t in together))], **kwargs)
+        mixed = {n for n in names if n == BASE or n in self.methods and self.methods[n].mixed_batches}
+        if len(mixed) < 2:
+            mixed = set()
+        batches = [mixed] if mixed else []
+        return self._by_sub_batch(names, sources, batches + [{n} for n in dict.fromkeys(names) if n not in mixed],
+                                  **kwargs)
 
     def generate_per_adapter(self, names: list[str], sources: list[str], **kwargs) -> list[str]:
         """Raw outputs, one sub-batch per adapter (each made active in turn), in the order of `sources`."""
