@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import jokes_records, machine, write_results  # noqa: E402
-from serve_throughput import make_adapters  # noqa: E402
+from serve_throughput import make_base  # noqa: E402
 
 QUESTIONS = 8  # per adapter
 
@@ -34,7 +34,7 @@ def make_method_adapters(folder: Path, config: str) -> dict[str, str]:
     from peft_t5.methods import METHODS
     from peft_t5.modeling import add_adapter, load_base_model, tiny_tokenizer
 
-    base, _ = make_adapters(folder, config)
+    base = make_base(folder, config)
     adapters = {}
     for seed, name in enumerate(METHODS):
         torch.manual_seed(seed)

@@ -30,25 +30,33 @@ from common import CONFIGS, jokes_records, machine, write_results  # noqa: E402
 MODES = ("across", "none", "switch")
 
 
+def make_base(folder: Path, config: str) -> str:
+    """tiny, or a random-weight model from benchmarks/configs saved under folder/base (with the tiny tokenizer)."""
+    from peft_t5.modeling import TINY, tiny_tokenizer
+
+    if config == TINY:
+        return TINY
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+    torch.manual_seed(0)
+    model = AutoModelForSeq2SeqLM.from_config(AutoConfig.from_pretrained(CONFIGS / f"{config}.json"))
+    with torch.no_grad():  # padding and the tokens the tiny tokenizer lacks get zero weights: random weights
+        for weight in (model.shared.weight, model.lm_head.weight):  # then decode to text, which streams
+            weight[len(tiny_tokenizer()):] = 0
+            weight[model.config.pad_token_id] = 0
+    base = str(folder / "base")
+    model.save_pretrained(base)
+    tiny_tokenizer().save_pretrained(base)
+    return base
+
+
 def make_adapters(folder: Path, config: str) -> tuple[str, dict[str, str]]:
-    """A base (tiny, or a random-weight model from benchmarks/configs) and 2 jokes adapters with random LoRA."""
+    """A base (make_base) and 2 jokes adapters with random LoRA."""
     from peft_t5.adapters import save_adapter
-    from peft_t5.modeling import TINY, add_lora, load_base_model, tiny_tokenizer
+    from peft_t5.modeling import add_lora, load_base_model, tiny_tokenizer
     from peft_t5.tasks import get_task
 
-    base = TINY
-    if config != TINY:
-        from transformers import AutoConfig, AutoModelForSeq2SeqLM
-
-        torch.manual_seed(0)
-        model = AutoModelForSeq2SeqLM.from_config(AutoConfig.from_pretrained(CONFIGS / f"{config}.json"))
-        with torch.no_grad():  # padding and the tokens the tiny tokenizer lacks get zero weights: random weights
-            for weight in (model.shared.weight, model.lm_head.weight):  # then decode to text, which streams
-                weight[len(tiny_tokenizer()):] = 0
-                weight[model.config.pad_token_id] = 0
-        base = str(folder / "base")
-        model.save_pretrained(base)
-        tiny_tokenizer().save_pretrained(base)
+    base = make_base(folder, config)
     task, adapters = get_task("jokes"), {}
     for seed, name in enumerate(["jokes_a", "jokes_b"]):
         torch.manual_seed(seed)
