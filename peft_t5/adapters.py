@@ -11,7 +11,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from .errors import PeftT5Error
+from .errors import NotFoundError, PeftT5Error
 
 METADATA_FILE = "peft_t5.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -165,9 +165,9 @@ def check_adapter_dir(adapter_dir: str | Path, trust_pickle: bool = False) -> No
     trust_pickle, a pickled adapter_model.bin)."""
     path = Path(adapter_dir)
     if not path.is_dir():
-        raise PeftT5Error(f"{path}: no such adapter folder; pass the folder that train_lora.py wrote")
+        raise NotFoundError(f"{path}: no such adapter folder; pass the folder that train_lora.py wrote")
     if not (path / "adapter_config.json").is_file():
-        raise PeftT5Error(f"{path}: no adapter_config.json, so not an adapter folder; pass the folder that "
+        raise NotFoundError(f"{path}: no adapter_config.json, so not an adapter folder; pass the folder that "
                           "train_lora.py wrote")
     try:
         config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))

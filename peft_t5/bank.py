@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from .adapters import (adapter_method, check_adapter_fits, check_keeps_base, quiet_adalora_warnings,
                        read_metadata)
-from .errors import PeftT5Error
+from .errors import ConflictError, PeftT5Error
 from .generation import generate_texts, no_answer_probs
 from .tasks import Task, get_task, template_fields
 
@@ -201,7 +201,7 @@ class AdapterBank:
     def add(self, name: str, path: str, trust_pickle: bool = False) -> dict:
         """Load another adapter folder onto the loaded base, after checking it fits; returns its metadata."""
         if name == BASE or name in self.metadata:
-            raise PeftT5Error(f"an adapter named {name!r} is already loaded; unload it first or pick another name")
+            raise ConflictError(f"an adapter named {name!r} is already loaded; unload it first or pick another name")
         meta = read_metadata(path, trust_pickle)
         self.attach(name, path, meta, adapter_method(path))
         return meta

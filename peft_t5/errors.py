@@ -11,3 +11,11 @@ class DataError(PeftT5Error):
 
 class Interrupted(PeftT5Error):
     """Ctrl-C: the CLI prints what was kept and how to continue, and exits 130 as a shell expects."""
+
+
+class NotFoundError(PeftT5Error):
+    """What was named does not exist (no such folder, no adapter in it): a server answers 404."""
+
+
+class ConflictError(PeftT5Error):
+    """The request clashes with what is already there (a name in use): a server answers 409."""

@@ -158,12 +158,14 @@ def test_adapters_load_and_unload_at_run_time_only_from_under_the_root(server, r
     (root / "link-out").symlink_to(tmp_path)
     make_adapter(tmp_path / "outside", "jokes", 4)
     (root / "corrupt").mkdir()
+    (root / "empty").mkdir()
     (root / "corrupt" / "adapter_config.json").write_text('{"peft_type": "LORA"}')
     (root / "corrupt" / "adapter_model.safetensors").write_bytes(b"\x00" * 10)
     cases = [({"name": "x", "path": "../outside"}, 403, "path: '../outside' is outside the adapter root"),
              ({"name": "x", "path": str(tmp_path / "outside")}, 403, "outside the adapter root"),
              ({"name": "x", "path": "link-out/outside"}, 403, "outside the adapter root"),
              ({"name": "x", "path": "missing"}, 404, "no such adapter folder"),
+             ({"name": "x", "path": "empty"}, 404, "no adapter_config.json, so not an adapter folder"),
              ({"name": "x", "path": "corrupt"}, 422, "truncated or corrupt safetensors file"),
              ({"name": "base", "path": "jokes2"}, 422, "name: 'base' is not a valid adapter name"),
              ({"name": "x"}, 422, "path: Field required")]

@@ -11,7 +11,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import AfterValidator
 
 from ..bank import BASE, AdapterBank
-from ..errors import PeftT5Error
+from ..errors import ConflictError, NotFoundError, PeftT5Error
 from .batcher import Batcher
 from .failures import api_error
 from .ratings import RatingStore
@@ -121,7 +121,7 @@ def adapter_routes(bank: AdapterBank, batcher: Batcher, settings, rating: dict |
         try:
             meta = await batcher.on_model_thread(batcher.add_adapter, body.name, str(path), settings.trust_pickle)
         except PeftT5Error as e:
-            status = 409 if "already loaded" in str(e) else 404 if "no such adapter folder" in str(e) else 422
+            status = 409 if isinstance(e, ConflictError) else 404 if isinstance(e, NotFoundError) else 422
             raise ApiError(status, str(e), "name" if status == 409 else "path")
         return {"loaded": body.name, "task": meta.get("task")}
 
