@@ -51,6 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="static: across: batch requests and adapters together (default); none: one request a "
                              "call; switch: one adapter a call, set per request (for comparison)")
     parser.add_argument("--max_inputs", type=int, default=32, help="Inputs in one request (default 32)")
+    parser.add_argument("--max_input_chars", type=int, default=20_000,
+                        help="Characters in one input (default 20000); with --max_inputs it bounds the request body, "
+                             "which is refused (413) from its Content-Length, or as it arrives, before it is buffered")
+    parser.add_argument("--read_timeout", type=float, default=30.0,
+                        help="Seconds a client has to send a request's head, then again its body; then the connection "
+                             "is closed (head) or answered 408 (body) (default 30)")
+    parser.add_argument("--limit_concurrency", type=int, default=512,
+                        help="Open connections; beyond, requests get 503 (uvicorn's setting; default 512)")
+    parser.add_argument("--shutdown_timeout", type=float, default=10.0,
+                        help="On SIGTERM or Ctrl-C: waiting requests get 503 at once, rows decoding get this many "
+                             "seconds to finish, then the server exits (default 10)")
     parser.add_argument("--rate", metavar="QUESTIONS", help="Questions to rate blind (a jokes CSV/JSON or one a line)")
     parser.add_argument("--rate_systems", help="Comma-separated systems to rate (default: base and every adapter)")
     parser.add_argument("--ratings", default="ratings.db", help="SQLite file for ratings (default ratings.db)")
@@ -82,12 +93,15 @@ def check_args(args: argparse.Namespace) -> None:
                           f"pass --api_key KEY (or set {KEY_VARIABLE}), or bind 127.0.0.1")
     if not 0 <= args.port <= 65535:
         raise PeftT5Error(f"--port {args.port}: not a port number (0 to 65535)")
-    for name in ("max_batch_size", "max_inputs", "max_rows", "max_rows_per_request", "max_queue_rows", "max_request_tokens",
-                 "max_new_tokens"):
+    for name in ("max_batch_size", "max_inputs", "max_input_chars", "max_rows", "max_rows_per_request", "max_queue_rows",
+                 "max_request_tokens", "max_new_tokens", "limit_concurrency"):
         if getattr(args, name) < 1:
             raise PeftT5Error(f"--{name} {getattr(args, name)}: must be at least 1")
     if args.max_wait_ms < 0:
         raise PeftT5Error(f"--max_wait_ms {args.max_wait_ms}: must be 0 or more")
+    for name in ("read_timeout", "shutdown_timeout"):
+        if not getattr(args, name) > 0:
+            raise PeftT5Error(f"--{name} {getattr(args, name)}: must be more than 0 seconds")
     if args.request_timeout < 0:
         raise PeftT5Error(f"--request_timeout {args.request_timeout}: must be 0 (no limit) or more seconds")
     if args.quantize and args.qlora:
@@ -121,6 +135,7 @@ def bind(host: str, port: int) -> socket.socket:
         sock.close()
         raise PeftT5Error(f"--port {port}: cannot listen on {host}:{port} ({e.strerror}); pass another --port, or "
                           "stop the program that holds it")
+    sock.listen(2048)  # connections made once "serving ... on" is printed wait for uvicorn instead of being refused
     return sock
 
 
@@ -129,11 +144,9 @@ def serve_main(argv: list[str]) -> None:
     check_args(args)
     listening = bind(args.host, args.port)
 
-    import uvicorn
-
     from ..bank import AdapterBank
     from ..compare import read_questions
-    from ..serve.app import ServeSettings, create_app
+    from ..serve.app import ServeSettings, create_app, make_server
 
     questions = read_questions(args.rate) if args.rate else []
     if args.rate and not questions:
@@ -148,6 +161,8 @@ def serve_main(argv: list[str]) -> None:
         quantize_int8(*bank.models())
     settings = ServeSettings(api_key=args.api_key, adapter_root=args.adapter_root, max_batch_size=args.max_batch_size,
                              max_wait_ms=args.max_wait_ms, batching=args.batching, max_inputs=args.max_inputs,
+                             max_input_chars=args.max_input_chars, read_timeout=args.read_timeout,
+                             limit_concurrency=args.limit_concurrency, shutdown_timeout=args.shutdown_timeout,
                              engine=args.engine, max_rows=args.max_rows, max_queue_rows=args.max_queue_rows,
                              max_rows_per_request=args.max_rows_per_request, threads=threads,
                              request_timeout=args.request_timeout or None, max_request_tokens=args.max_request_tokens,
@@ -158,4 +173,4 @@ def serve_main(argv: list[str]) -> None:
     port = listening.getsockname()[1]
     print(f"serving {', '.join(bank.names)} on http://{args.host}:{port}/ "
           f"({'API key required' if args.api_key else 'no API key: loopback only'})", flush=True)
-    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[listening])
+    make_server(app).run(sockets=[listening])

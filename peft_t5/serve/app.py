@@ -1,11 +1,13 @@
 """The HTTP server: settings, the API key, one error shape for everything (Starlette's refusals and bugs too),
-Prometheus metrics, the page, the OpenAPI spec; the native API's routes are in routes_native.py.
+Prometheus metrics, the page, the OpenAPI spec, the limits on what a client sends, and shutdown; the routes are in
+routes_native.py and routes_openai.py.
 
     app = create_app(bank, ServeSettings(api_key="...", adapter_root="adapters"))
-    uvicorn.run(app, host="127.0.0.1", port=8000)
+    make_server(app).run()                            # or: with running(app) as url: ...
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import time
@@ -27,7 +29,7 @@ from .batcher import Batcher
 from .engine import Engine
 from .ratings import RatingStore, rating_plan
 from .routes_native import adapter_routes, generation_routes, rating_routes
-from .routes_openai import OPENAI_PATHS, openai_routes
+from .routes_openai import is_openai_path, openai_routes
 from .schemas import ApiError, errors, openai_error
 
 logger = logging.getLogger(__name__)
@@ -56,12 +58,21 @@ class ServeSettings:
     rate_systems: list[str] = field(default_factory=list)  # systems whose outputs are rated (default: all)
     ratings: str | None = None  # SQLite file of ratings
     trust_pickle: bool = False  # run-time loads may read pickled .bin adapters
+    read_timeout: float = 30.0  # seconds to receive a request's head, and then its body; then the connection closes
+    limit_concurrency: int = 512  # open connections; beyond, requests get 503 (uvicorn's setting)
+    shutdown_timeout: float = 10.0  # on SIGTERM: seconds rows in flight may take to finish; then they are cut
+
+    @property
+    def max_body_bytes(self) -> int:
+        """The largest body a request within this server's limits can have: every input at its longest, each
+        character JSON-escaped at its widest (12 bytes: a surrogate pair as two \\uXXXX), and 1 MiB for the rest."""
+        return 12 * self.max_inputs * self.max_input_chars + 2**20
 
 
 def error(status: int, message: str, field: str | None = None, headers: dict | None = None,
           request: Request | None = None) -> JSONResponse:
     """The server's error shape; on the OpenAI routes, OpenAI's (which the openai client reads the message from)."""
-    if request is not None and request.url.path in OPENAI_PATHS:
+    if request is not None and is_openai_path(request.url.path):
         return JSONResponse(openai_error(status, message, field), status_code=status, headers=headers)
     return JSONResponse({"error": message, **({"field": field} if field else {})}, status_code=status, headers=headers)
 
@@ -130,14 +141,15 @@ def create_app(bank: AdapterBank, settings: ServeSettings | None = None) -> Fast
         await batcher.stop()
 
     app = FastAPI(title="peft-t5", lifespan=lifespan, docs_url="/docs", redoc_url=None, openapi_url="/openapi.json")
-    app.state.batcher, app.state.bank, app.state.metrics = batcher, bank, metrics
+    app.state.batcher, app.state.bank, app.state.metrics, app.state.settings = batcher, bank, metrics, settings
     app.state.rating = {"systems": systems, "left_out": left_out} if rating_on else None
 
     @app.middleware("http")
     async def authorize_and_count(request: Request, call_next):
         started = time.perf_counter()
         path = request.url.path
-        if settings.api_key and path not in PUBLIC and not authorized(request, settings.api_key):
+        if settings.api_key and path not in PUBLIC and routed(app, request.scope) and \
+                not authorized(request, settings.api_key):
             response = unauthorized(request)
         else:
             try:
@@ -201,7 +213,55 @@ def create_app(bank: AdapterBank, settings: ServeSettings | None = None) -> Fast
         return app.openapi_schema
 
     app.openapi = cached_spec
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, timeout=settings.read_timeout)
     return app
+
+
+class BodyLimit:
+    """Reads a request's body before the app does, refusing (413) one over `limit` bytes by its Content-Length or,
+    chunked, as soon as it passes the limit, and (408) one that takes over `timeout` seconds: Starlette buffers and
+    parses a body whole, with no limit of its own."""
+
+    def __init__(self, app, limit: int, timeout: float):
+        self.app, self.limit, self.timeout = app, limit, timeout
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request = Request(scope)
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await self.refuse(request, 413, f"{int(declared):,} bytes", send)
+        chunks, size, deadline = [], 0, time.monotonic() + self.timeout
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                return await self.refuse(request, 408, f"not received within {self.timeout:g} s", send)
+            if message["type"] != "http.request":
+                return await self.app(scope, replay([message], receive), send)  # the client left: the app sees it
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await self.refuse(request, 413, f"over {size:,} bytes", send)
+            if not message.get("more_body"):
+                break
+        body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        await self.app(scope, replay([body], receive), send)
+
+    async def refuse(self, request: Request, status: int, why: str, send) -> None:
+        fix = (f"this server takes at most {self.limit:,} bytes; send fewer or shorter inputs" if status == 413 else
+               "send the whole body at once")
+        response = error(status, f"the request body: {why}; {fix}", request=request)
+        response.headers["connection"] = "close"
+        await response(request.scope, request.receive, send)
+
+
+def replay(messages: list[dict], receive):
+    """An ASGI receive that gives `messages` first, then what `receive` gives."""
+    async def replayed():
+        return messages.pop(0) if messages else await receive()
+    return replayed
 
 
 def make_engine(bank: AdapterBank, settings: ServeSettings, metrics: Metrics):
@@ -220,6 +280,11 @@ def make_engine(bank: AdapterBank, settings: ServeSettings, metrics: Metrics):
                        bank.methods[unmixable[0]].name)
     return Batcher(bank, settings.max_batch_size, settings.max_wait_ms, settings.batching, on_batch=metrics.batch,
                    threads=settings.threads)
+
+
+def routed(app: FastAPI, scope: dict) -> bool:
+    """A route answers this method at this path; elsewhere the answer is 404 or 405 (as the spec says), key or not."""
+    return scope["method"] in allowed_methods(app, scope)
 
 
 def allowed_methods(app: FastAPI, scope: dict) -> list[str]:
@@ -254,14 +319,19 @@ def openapi_spec(app: FastAPI, settings: ServeSettings) -> dict:
     spec = get_openapi(title="peft-t5", version="1", routes=app.routes,
                        description="LoRA adapters for T5 on one base: generate, load/unload adapters, rate blind.")
     for path, operations in spec["paths"].items():
-        body = "OpenAIErrorBody" if path in OPENAI_PATHS else "ErrorBody"
+        body = "OpenAIErrorBody" if is_openai_path(path) else "ErrorBody"
         ref = {"application/json": {"schema": {"$ref": f"#/components/schemas/{body}"}}}
         for operation in operations.values():
             responses = operation["responses"]
             if "422" in responses:
                 responses["422"] = {"description": "A field is invalid", "content": ref}
             if settings.api_key and path not in PUBLIC:
-                responses.setdefault("401", {"description": "Missing or wrong API key", "content": ref})
+                responses.setdefault("401", {"description": "Missing or wrong API key"})
+            for status, response in responses.items():
+                if status >= "400":  # errors are JSON, also on routes whose success is a page or text
+                    response["content"] = dict(ref)
+            if path == "/" and "401" in responses:  # a browser asking for a page is told how to pass the key
+                responses["401"]["content"]["text/html"] = {"schema": {"type": "string"}}
     schemas = spec["components"]["schemas"]
     for name in ("HTTPValidationError", "ValidationError"):
         schemas.pop(name, None)
@@ -274,14 +344,57 @@ def openapi_spec(app: FastAPI, settings: ServeSettings) -> dict:
     return spec
 
 
+def make_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0):
+    """uvicorn around the app, with the server's limits: a deadline for a request's head (uvicorn has none, so a
+    client sending a byte every few seconds held its connection forever), open connections, and a shutdown that
+    refuses queued requests at once (503) and gives rows in flight --shutdown_timeout seconds."""
+    import uvicorn
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    settings, engine = app.state.settings, app.state.batcher
+
+    class TimedProtocol(H11Protocol):
+        head_timer = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self.head_timer = self.loop.call_later(settings.read_timeout, transport.close)
+
+        def data_received(self, data: bytes) -> None:
+            idle = self.cycle is None or self.cycle.response_complete
+            if idle and self.head_timer is None:  # the first byte of the next request's head: its deadline starts
+                self.head_timer = self.loop.call_later(settings.read_timeout, self.transport.close)
+            super().data_received(data)
+            if self.head_timer is not None and self.cycle is not None and not self.cycle.response_complete:
+                self.head_timer.cancel()  # the head is in (the body has its own deadline in BodyLimit)
+                self.head_timer = None
+
+        def connection_lost(self, exc) -> None:
+            if self.head_timer is not None:
+                self.head_timer.cancel()
+            super().connection_lost(exc)
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            engine.stop_admitting()
+            cut = asyncio.get_running_loop().call_later(settings.shutdown_timeout, engine.stop_decoding)
+            try:
+                await super().shutdown(sockets)
+            finally:
+                cut.cancel()
+
+    # uvicorn's own grace period is the backstop: it cancels what is left (a stream whose client stopped reading)
+    return Server(uvicorn.Config(app, host=host, port=port, log_level="warning", http=TimedProtocol,
+                                 limit_concurrency=settings.limit_concurrency,
+                                 timeout_graceful_shutdown=settings.shutdown_timeout + 5))
+
+
 @contextmanager
 def running(app: FastAPI, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0):
     """Serve `app` on a background thread (a notebook, a test, a benchmark); yields its base URL, stops on exit."""
     import threading
 
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    server = make_server(app, host, port)
     thread = threading.Thread(target=server.run, daemon=True, name="peft-t5-server")
     thread.start()
     deadline = time.monotonic() + timeout

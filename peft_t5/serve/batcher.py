@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..bank import AdapterBank
-from .failures import AdapterGone, DeadlineExceeded
+from .failures import AdapterGone, DeadlineExceeded, Stopping
 
 MODES = ("across", "none", "switch")
 
@@ -43,10 +43,22 @@ class Batcher:
             lambda: torch.set_num_threads(threads) if threads else None))  # see engine.model_thread_threads
         self.queue: asyncio.Queue[Job] | None = None
         self.task: asyncio.Task | None = None
+        self.admitting = True
 
     def start(self) -> None:
         self.queue = asyncio.Queue()
         self.task = asyncio.get_running_loop().create_task(self._run())
+
+    def stop_admitting(self) -> None:
+        """The server begins to stop: queued and new requests fail with Stopping (503)."""
+        self.admitting = False
+        while not self.queue.empty():
+            job = self.queue.get_nowait()
+            if not job.future.done():
+                job.future.set_exception(Stopping("this request had not started"))
+
+    def stop_decoding(self) -> None:
+        """A static batch cannot be cut short: uvicorn cancels its requests when the grace period is over."""
 
     async def stop(self) -> None:
         if self.task:
@@ -56,6 +68,8 @@ class Batcher:
     async def generate(self, names: list[str], sources: list[str], max_new_tokens: int, num_beams: int = 1,
                        timeout: float | None = None, min_new_tokens: int = 0) -> list[str]:
         """Raw outputs for one request, served together with whatever else is waiting."""
+        if not self.admitting:
+            raise Stopping("it takes no new requests")
         job = Job(names, sources, (max_new_tokens, num_beams, min_new_tokens), asyncio.get_running_loop().create_future())
         await self.queue.put(job)
         try:

@@ -29,7 +29,7 @@ import torch
 
 from ..bank import BASE, AdapterBank
 from ..errors import PeftT5Error
-from .failures import AdapterGone, Busy, DeadlineExceeded
+from .failures import AdapterGone, Busy, DeadlineExceeded, Stopping
 from .t5_runner import BASE_ADAPTER, T5Runner
 
 
@@ -87,6 +87,7 @@ class Engine:
         self.controls: deque = deque()  # (fn, args, concurrent future) to run between steps
         self.wake = threading.Condition()
         self.stopping = False
+        self.admitting = True  # False once the server stops: new and waiting requests get Stopping
         self.thread: threading.Thread | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
 
@@ -95,6 +96,23 @@ class Engine:
         self.loop = asyncio.get_running_loop()
         self.thread = threading.Thread(target=self._run, daemon=True, name="peft-t5-model")
         self.thread.start()
+
+    def stop_admitting(self) -> None:
+        """On the event loop, when the server begins to stop: requests not yet decoding fail with Stopping (503);
+        rows in flight go on (the server gives them a grace period)."""
+        self.admitting = False
+        with self.wake:
+            waiting, self.waiting = list(self.waiting), {}
+        for request in waiting:
+            if not request.future.done():
+                request.future.set_exception(Stopping("this request had not started"))
+
+    def stop_decoding(self) -> None:
+        """On the event loop, once the grace period is over: requests still decoding fail with Stopping (503) and
+        the model thread drops their rows at its next step."""
+        for request in {row.request for row in list(self.active)}:
+            if not request.future.done():
+                request.future.set_exception(Stopping("it stopped before this request finished"))
 
     async def stop(self) -> None:
         with self.wake:
@@ -115,6 +133,8 @@ class Engine:
     async def generate(self, names: list[str], sources: list[str], max_new_tokens: int, num_beams: int = 1,
                        timeout: float | None = None, on_text=None, min_new_tokens: int = 0) -> list[str]:
         """Raw outputs for one request; DeadlineExceeded after `timeout` seconds, Busy if the queue is full."""
+        if not self.admitting:
+            raise Stopping("it takes no new requests")
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + timeout if timeout else None
         if num_beams > 1:

@@ -6,14 +6,14 @@ import os
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import AfterValidator
 
 from ..bank import BASE, AdapterBank
 from ..errors import ConflictError, NotFoundError, PeftT5Error
 from .batcher import Batcher
-from .failures import api_error
+from .failures import api_error, while_connected
 from .ratings import RatingStore
 from .schemas import (ADAPTER_NAME, ApiError, GenerateRequest, LoadRequest, RateRequest, errors, sse,
                       unicode_text)
@@ -23,13 +23,14 @@ def generation_routes(bank: AdapterBank, batcher: Batcher, settings, metrics) ->
     router = APIRouter()
 
     @router.post("/v1/generate", responses=errors(400, 401, 404, 413, 422, 503, 504))
-    async def generate(body: GenerateRequest):
+    async def generate(body: GenerateRequest, request: Request):
         names, sources, truncated, answer = check_generate(body)
         if body.stream:
             return StreamingResponse(stream(body, names, sources, truncated, answer), media_type="text/event-stream")
         try:
-            raws = await batcher.generate(names, sources, body.max_new_tokens, body.num_beams, settings.request_timeout,
-                                          min_new_tokens=body.min_new_tokens)
+            raws = await while_connected(request, batcher.generate(
+                names, sources, body.max_new_tokens, body.num_beams, settings.request_timeout,
+                min_new_tokens=body.min_new_tokens))
         except Exception as e:
             raise api_error(e) or e
         return reply(body, raws, truncated, answer)

@@ -1,43 +1,59 @@
 """The OpenAI API over the same engine: /v1/completions, /v1/chat/completions and /v1/models, in the shapes the
 `openai` client parses. `model` names an adapter (`base`: none); the prompt (or the last user message) fills the
-adapter's prompt template, as an input of /v1/generate does (a chat: its last user message, or its last
-message if none is the user's; T5 adapters answer one input, with no conversation). `stream: true` answers with server-sent events."""
+adapter's prompt template, as an input of /v1/generate does (a chat: its last user message; T5 adapters answer one
+input, with no conversation). `stream: true` answers with server-sent events."""
 from __future__ import annotations
 
 import secrets
 import time
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from ..bank import AdapterBank
 from ..errors import PeftT5Error
-from .failures import api_error
+from .failures import api_error, while_connected
 from .schemas import ApiError, ChatRequest, CompletionRequest, OpenAIErrorBody, OpenAIFields, errors, openai_error, sse
 
 OPENAI_PATHS = ("/v1/models", "/v1/completions", "/v1/chat/completions")
+
+
+def is_openai_path(path: str) -> bool:
+    """A route answered in OpenAI's shapes (its errors too): the paths above and /v1/models/{model}."""
+    return path in OPENAI_PATHS or path.startswith("/v1/models/")
 
 
 def openai_routes(bank: AdapterBank, engine, settings, metrics) -> APIRouter:
     router = APIRouter()
     started = int(time.time())
 
+    def model_card(name: str) -> dict:
+        return {"id": name, "object": "model", "created": started, "owned_by": "peft-t5"}
+
     @router.get("/v1/models", responses=errors(401, body=OpenAIErrorBody))
     async def models():
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": started, "owned_by": "peft-t5"}
-                                           for name in bank.names]}
+        return {"object": "list", "data": [model_card(name) for name in bank.names]}
+
+    @router.get("/v1/models/{model}", responses=errors(401, 404, body=OpenAIErrorBody))
+    async def model(model: str):
+        if model not in bank.names:
+            raise ApiError(404, f"model: no adapter named {model!r}; GET /v1/models lists them", "model")
+        return model_card(model)
 
     @router.post("/v1/completions", responses=errors(400, 401, 404, 413, 422, 503, 504, body=OpenAIErrorBody))
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        return await complete(body, prompts, "text_completion", "cmpl")
+        return await complete(body, prompts, "text_completion", "cmpl", request)
 
     @router.post("/v1/chat/completions", responses=errors(400, 401, 404, 413, 422, 503, 504, body=OpenAIErrorBody))
-    async def chat(body: ChatRequest):
-        users = [m.content for m in body.messages if m.role == "user"] or [body.messages[-1].content]
-        return await complete(body, users[-1:], "chat.completion", "chatcmpl")
+    async def chat(body: ChatRequest, request: Request):
+        users = [m.content for m in body.messages if m.role == "user"]
+        if not users:
+            raise ApiError(422, "messages: no message with role 'user'; the adapter answers the last user message",
+                           "messages")
+        return await complete(body, users[-1:], "chat.completion", "chatcmpl", request)
 
-    async def complete(body: OpenAIFields, prompts: list[str], kind: str, prefix: str):
+    async def complete(body: OpenAIFields, prompts: list[str], kind: str, prefix: str, request: Request):
         max_tokens = body.max_completion_tokens or body.max_tokens or 64
         sources, prompt_tokens = check(body.model, prompts, max_tokens)
         reply = {"id": f"{prefix}-{secrets.token_hex(12)}", "created": int(time.time()), "model": body.model}
@@ -46,7 +62,8 @@ def openai_routes(bank: AdapterBank, engine, settings, metrics) -> APIRouter:
             return StreamingResponse(events(reply, kind, names, sources, max_tokens, prompt_tokens),
                                      media_type="text/event-stream")
         try:
-            texts = await engine.generate(names, sources, max_tokens, 1, settings.request_timeout)
+            texts = await while_connected(request, engine.generate(names, sources, max_tokens, 1,
+                                                                   settings.request_timeout))
         except Exception as e:
             raise api_error(e) or e
         reasons, used = ends(texts, max_tokens, prompt_tokens)

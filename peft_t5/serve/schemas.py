@@ -79,13 +79,15 @@ class CompletionRequest(OpenAIFields):
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    role: Text
+    role: Literal["system", "developer", "user", "assistant", "tool"]  # OpenAI's roles
     content: Text
     name: Text | None = None
 
 
 class ChatRequest(OpenAIFields):
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    # the adapter answers the last user message: the spec says one is needed (the route refuses a chat without)
+    messages: Annotated[list[ChatMessage], Field(min_length=1, json_schema_extra={
+        "contains": {"type": "object", "properties": {"role": {"const": "user"}}, "required": ["role"]}})]
 
 
 class LoadRequest(BaseModel):
