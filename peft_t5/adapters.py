@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 
 from .errors import NotFoundError, PeftT5Error
+from .metadata import check_adapter_config, check_metadata
 
 METADATA_FILE = "peft_t5.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -175,6 +176,7 @@ def check_adapter_dir(adapter_dir: str | Path, trust_pickle: bool = False) -> No
             raise ValueError("no peft_type")
     except (UnicodeDecodeError, ValueError) as e:
         raise PeftT5Error(f"{path}/adapter_config.json: not a PEFT adapter config ({e}); copy the adapter again")
+    check_adapter_config(config, path / "adapter_config.json")
     if (path / "adapter_model.safetensors").is_file():
         adapter_shapes(path)  # reads the header: a truncated or corrupt file fails here, with its name
     elif (path / "adapter_model.bin").is_file():
@@ -227,9 +229,10 @@ def read_metadata(adapter_dir: str | Path, trust_pickle: bool = False) -> dict:
     check_adapter_dir(adapter_dir, trust_pickle)
     meta = Path(adapter_dir) / METADATA_FILE
     try:
-        return json.loads(meta.read_text(encoding="utf-8")) if meta.exists() else {}
+        data = json.loads(meta.read_text(encoding="utf-8")) if meta.exists() else {}
     except (UnicodeDecodeError, ValueError) as e:
         raise PeftT5Error(f"{meta}: not valid JSON ({e}); restore it, or delete it and pass --base explicitly")
+    return check_metadata(data, meta)
 
 
 def adapter_shapes(adapter_dir: str | Path) -> dict[str, tuple[int, ...]]:

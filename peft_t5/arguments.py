@@ -1,13 +1,10 @@
-"""Command-line arguments as dataclasses, parsed by HfArgumentParser (flags, or one JSON/YAML file)."""
+"""Command-line arguments as dataclasses, parsed by HfArgumentParser (flags, or one JSON/YAML file). These three
+import no torch, so flags are checked at once; TrainingArguments (training_arguments.py) pulls in transformers'
+Trainer, PEFT and bitsandbytes (~10 s) and is imported on first use."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from transformers import Seq2SeqTrainingArguments
-from transformers.trainer_utils import IntervalStrategy, SaveStrategy, SchedulerType
-from transformers.training_args import OptimizerNames
-
-from .errors import PeftT5Error
 from .methods import INIT_LORA_WEIGHTS, METHOD_FLAGS, METHODS, REFUSED
 from .tasks import task_names
 
@@ -88,68 +85,61 @@ class LoraArguments:
         return {flag: getattr(self, flag) for flag in METHOD_FLAGS}
 
 
-@dataclass
-class TrainingArguments(Seq2SeqTrainingArguments):
-    """Seq2SeqTrainingArguments with T5-minded defaults; every Trainer flag still works."""
+def own_flags() -> list[str]:
+    """The flags peft-t5 itself adds (not the Trainer's)."""
+    import dataclasses
 
-    _argument_group_name = "training (every Seq2SeqTrainingArguments flag)"
+    return [f.name for dc in (ModelArguments, DataArguments, LoraArguments) for f in dataclasses.fields(dc)]
 
-    output_dir: str | None = field(default=None, metadata={"help": "Where the adapter goes. Default: adapters/<task>."})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an adapter already in output_dir."})
-    resume: bool = field(default=False, metadata={"help": "Resume from the latest checkpoint in output_dir."})
-    optim: OptimizerNames | str = field(default="adafactor", metadata={"help": "adafactor (T5's usual, fixed lr) or any Trainer optimizer, e.g. adamw_torch."})
-    learning_rate: float = field(default=1e-3, metadata={"help": "1e-3 suits Adafactor on T5; use ~3e-4 with AdamW."})
-    num_train_epochs: float = field(default=3.0, metadata={"help": "Epochs (or set --max_steps)."})
-    per_device_train_batch_size: int = field(default=8, metadata={"help": "Batch size per device for training."})
-    per_device_eval_batch_size: int = field(default=16, metadata={"help": "Batch size per device for evaluation."})
-    lr_scheduler_type: SchedulerType | str = field(default="constant", metadata={"help": "Adafactor on T5 runs at a fixed learning rate."})
-    eval_strategy: IntervalStrategy | str | None = field(default=None, metadata={
-        "help": "When to evaluate: no, steps or epoch. Default: as --save_strategy, else epoch."})
-    save_strategy: SaveStrategy | str | None = field(default=None, metadata={
-        "help": "When to checkpoint: no, steps, epoch or best. Default: as --eval_strategy (the best adapter is "
-                "picked among checkpoints, so they come with evaluations), else epoch."})
-    eval_on_start: bool = field(default=True, metadata={"help": "Evaluate the untrained adapter first, for a before/after."})
-    logging_steps: float = field(default=10, metadata={"help": "Log the training loss every N steps."})
-    logging_nan_inf_filter: bool = field(default=False, metadata={"help": "Keep NaN/inf losses visible (the run stops on them)."})
-    load_best_model_at_end: bool = field(default=True, metadata={"help": "Keep the adapter with the best validation loss."})
-    metric_for_best_model: str | None = field(default="eval_loss", metadata={"help": "The metric that picks the best adapter."})
-    save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept on disk."})
-    report_to: None | str | list[str] = field(default="tensorboard", metadata={"help": "tensorboard, none, or another integration."})
-    train_sampling_strategy: str = field(default="group_by_length", metadata={"help": "group_by_length batches similar lengths: less padding."})
-    max_tokens_per_batch: str = field(default="auto", metadata={
-        "help": "Batches by tokens: at most N padded source + target tokens a batch, length-grouped (so a batch of "
-                "short examples holds many). auto: on a GPU, from its free memory and the model's size; on a CPU, "
-                "off. 0: off, batches of --per_device_train_batch_size examples."})
 
-    def __post_init__(self):
-        import torch
+def all_flags() -> set[str]:
+    """Every flag train takes: its own, and the fields of TrainingArguments and the transformers classes it extends,
+    read from their source without importing them (~10 s). Empty where that source cannot be read."""
+    import ast
+    import importlib.util
+    from pathlib import Path
 
-        if self.max_tokens_per_batch != "auto" and not (str(self.max_tokens_per_batch).isdigit()):
-            raise PeftT5Error(f"--max_tokens_per_batch {self.max_tokens_per_batch}: expected auto, 0 or a number of tokens")
+    try:  # the packages' folders, found without importing them
+        transformers = Path(importlib.util.find_spec("transformers").origin).parent
+    except (AttributeError, ImportError, ValueError):
+        return set()
+    files = {Path(__file__).with_name("training_arguments.py"): "TrainingArguments",
+             transformers / "training_args.py": "TrainingArguments",
+             transformers / "training_args_seq2seq.py": "Seq2SeqTrainingArguments"}
+    names = set(own_flags())
+    for path, name in files.items():
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (OSError, SyntaxError, ValueError):
+            return set()
+        body = next((n.body for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name), None)
+        if body is None:
+            return set()
+        names |= {n.target.id for n in body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
+    return names
 
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
-            if getattr(self, name) < 1:
-                raise PeftT5Error(f"--{name} {getattr(self, name)}: must be at least 1")
-        if self.max_steps == 0 or self.max_steps < -1:
-            raise PeftT5Error(f"--max_steps {self.max_steps}: must be at least 1 (or -1, the default, to train "
-                              "--num_train_epochs)")
-        self.output_dir_given = self.output_dir is not None  # the parent fills in "trainer_output"
-        self.follow_strategies()
-        if not torch.accelerator.is_available():
-            # without it, processes started by torchrun/accelerate on a CPU machine each train alone (no gloo group)
-            self.use_cpu = True
-        super().__post_init__()
 
-    def follow_strategies(self) -> None:
-        """--load_best_model_at_end (on by default) needs a checkpoint at every evaluation: the strategy the user did
-        not set follows the one they did, steps included."""
-        evaluate, save = (str(getattr(v, "value", v)) if v is not None else None
-                          for v in (self.eval_strategy, self.save_strategy))
-        if evaluate is None and save in ("steps", "epoch", "no"):
-            self.eval_strategy, self.eval_steps = save, self.eval_steps or self.save_steps
-        elif save is None and evaluate in ("steps", "epoch", "no"):
-            self.save_strategy = evaluate
-            if evaluate == "steps" and self.save_steps == 500:  # the Trainer's default: save with each evaluation
-                self.save_steps = self.eval_steps or self.logging_steps
-        self.eval_strategy = self.eval_strategy or "epoch"
-        self.save_strategy = self.save_strategy or "epoch"
+def method_flag_values(argv: list[str], defaults: dict) -> LoraArguments:
+    """The PEFT method's flags alone, from `defaults` (a config file's) and argv; the rest of argv is left to the
+    full parse. argparse, not HfArgumentParser: importing transformers takes seconds, and this runs first."""
+    import argparse
+    import dataclasses
+    import typing
+
+    parser = argparse.ArgumentParser(allow_abbrev=False, add_help=False)
+    for f in dataclasses.fields(LoraArguments):
+        kind = next(t for t in typing.get_args(typing.get_type_hints(LoraArguments)[f.name]) or
+                    (typing.get_type_hints(LoraArguments)[f.name],) if t is not type(None))
+        many = typing.get_origin(kind) is list
+        parser.add_argument(f"--{f.name}", type=typing.get_args(kind)[0] if many else kind,
+                            nargs="+" if many else None, choices=f.metadata.get("choices"), default=f.default)
+    parser.set_defaults(**{k: v for k, v in defaults.items() if k in {f.name for f in dataclasses.fields(LoraArguments)}})
+    return LoraArguments(**vars(parser.parse_known_args(argv)[0]))
+
+
+def __getattr__(name: str):
+    if name == "TrainingArguments":
+        from .training_arguments import TrainingArguments
+
+        return TrainingArguments
+    raise AttributeError(name)

@@ -22,12 +22,17 @@ class OptionalKernelNotice(logging.Filter):
         return True
 
 
-def setup_logging() -> None:
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
-    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation chatter from PEFT/transformers internals
+def quiet_optional_kernel_notice() -> None:
+    """Called when peft_t5 is imported (a notebook, a script importing the bank), before bitsandbytes is."""
     bnb = logging.getLogger(BNB_KERNELS_LOGGER)
     if not any(isinstance(f, OptionalKernelNotice) for f in bnb.filters):
         bnb.addFilter(OptionalKernelNotice())
+
+
+def setup_logging() -> None:
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation chatter from PEFT/transformers internals
+    quiet_optional_kernel_notice()
 
 
 def explain_4bit_kernels() -> None:

@@ -25,10 +25,6 @@ INIT_LORA_WEIGHTS = {"default": True, "gaussian": "gaussian", "pissa": "pissa", 
 def _lora(s: dict, total_steps: int, use_dora: bool = False):
     from peft import LoraConfig, TaskType
 
-    if s["lora_r"] < 1:
-        raise PeftT5Error(f"--lora_r {s['lora_r']}: the rank must be at least 1")
-    if not 0 <= s["lora_dropout"] < 1:
-        raise PeftT5Error(f"--lora_dropout {s['lora_dropout']}: must be in [0, 1)")
     return LoraConfig(r=s["lora_r"], lora_alpha=s["lora_alpha"], lora_dropout=s["lora_dropout"],
                       target_modules=targets(s["target_modules"]), use_dora=use_dora,
                       init_lora_weights=INIT_LORA_WEIGHTS[s["init_lora_weights"]], task_type=TaskType.SEQ_2_SEQ_LM)
@@ -43,14 +39,10 @@ def _ia3(s: dict, total_steps: int):
 def _adalora(s: dict, total_steps: int):
     from peft import AdaLoraConfig, TaskType
 
-    if not s["target_r"] <= s["init_r"]:
-        raise PeftT5Error(f"--target_r {s['target_r']} is over --init_r {s['init_r']}: AdaLoRA shrinks the rank budget")
     tinit, tfinal = round(s["tinit"] * total_steps), round(s["tfinal"] * total_steps)
     if tinit + tfinal >= total_steps:
         raise PeftT5Error(f"--tinit {s['tinit']} and --tfinal {s['tfinal']} (shares of the {total_steps} steps) leave "
                           "no steps to reallocate the rank in; lower them or train longer")
-    if s["orth_reg_weight"] < 0:
-        raise PeftT5Error(f"--orth_reg_weight {s['orth_reg_weight']}: must be at least 0 (0: no penalty)")
     return AdaLoraConfig(init_r=s["init_r"], target_r=s["target_r"], tinit=tinit, tfinal=tfinal, deltaT=s["deltaT"],
                          total_step=total_steps, orth_reg_weight=s["orth_reg_weight"], lora_alpha=s["lora_alpha"],
                          lora_dropout=s["lora_dropout"], target_modules=targets(s["target_modules"]),
@@ -60,8 +52,6 @@ def _adalora(s: dict, total_steps: int):
 def _prompt_tuning(s: dict, total_steps: int):
     from peft import PromptTuningConfig, TaskType
 
-    if s["num_virtual_tokens"] < 1:
-        raise PeftT5Error(f"--num_virtual_tokens {s['num_virtual_tokens']}: must be at least 1")
     return PromptTuningConfig(num_virtual_tokens=s["num_virtual_tokens"], task_type=TaskType.SEQ_2_SEQ_LM)
 
 
@@ -94,7 +84,23 @@ class Method:
         if foreign:
             takes = ", ".join(f"--{f}" for f in self.flags) or "no flags of its own"
             raise PeftT5Error(f"--{foreign[0]} does not apply to --method {self.name} (it takes {takes}); leave it out")
-        return {flag: given[flag] if given.get(flag) is not None else DEFAULTS[flag] for flag in self.flags}
+        settings = {flag: given[flag] if given.get(flag) is not None else DEFAULTS[flag] for flag in self.flags}
+        check_ranges(settings)
+        return settings
+
+
+def check_ranges(s: dict) -> None:
+    """The settings' values in range, checked with the flags (before anything loads)."""
+    for flag, what in (("lora_r", "the rank"), ("init_r", "the rank"), ("target_r", "the rank"),
+                       ("num_virtual_tokens", "the soft prompt's length")):
+        if flag in s and s[flag] < 1:
+            raise PeftT5Error(f"--{flag} {s[flag]}: {what} must be at least 1")
+    if "lora_dropout" in s and not 0 <= s["lora_dropout"] < 1:
+        raise PeftT5Error(f"--lora_dropout {s['lora_dropout']}: must be in [0, 1)")
+    if "init_r" in s and not s["target_r"] <= s["init_r"]:
+        raise PeftT5Error(f"--target_r {s['target_r']} is over --init_r {s['init_r']}: AdaLoRA shrinks the rank budget")
+    if s.get("orth_reg_weight", 0) < 0:
+        raise PeftT5Error(f"--orth_reg_weight {s['orth_reg_weight']}: must be at least 0 (0: no penalty)")
 
 
 METHODS = {m.name: m for m in (

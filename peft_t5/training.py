@@ -211,6 +211,18 @@ class StopOnNonFiniteLoss(TrainerCallback):
             self._stop(args, state.global_step, f"the training loss became {loss}")
 
 
+class StepBoundary(TrainerCallback):
+    """Whether the model is between two optimizer steps (logging, evaluating, saving): a Ctrl-C there leaves whole
+    weights that a checkpoint can keep; one inside a step may leave them half updated."""
+    between = True
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.between = False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.between = True
+
+
 class AdaLoraRankBudget(TrainerCallback):
     """AdaLoRA moves rank between layers by the gradients' sensitivity: after each optimizer step, before the
     gradients are zeroed (PEFT's update_and_allocate), as its training loop needs."""
@@ -290,7 +302,7 @@ def build_trainer(model, tokenizer, task: Task, train_dataset, eval_dataset, tra
         data_collator=seq2seq_collator(tokenizer, model),
         compute_loss_func=target_token_loss,
         processing_class=tokenizer,
-        callbacks=[StopOnNonFiniteLoss(model)],
+        callbacks=[StopOnNonFiniteLoss(model), StepBoundary()],
         task=task,
         generation_records=generation_records,
         max_source_length=max_source_length,

@@ -31,6 +31,8 @@ def test_train_squad_end_to_end_writes_a_loadable_adapter(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "trainable params: 49,152 || all params: 1,492,736" in proc.stdout
     assert "sources truncated to fit; the answer was cut away in" in proc.stdout
+    assert ("each evaluation: the loss on all 8 validation records, f1 on the outputs generated for the first 4 "
+            "(--generation_eval_samples; --max_eval_samples caps both; evaluate.py scores a whole split)") in proc.stdout
     assert "sample generations from the reloaded adapter" in proc.stdout
     for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "peft_t5.json", "README.md"):
         assert (out / name).is_file(), name
@@ -244,8 +246,26 @@ def test_a_typo_in_the_task_data_or_output_is_reported_before_the_heavy_imports(
     (tmp_path / "file").write_text("x")
     code = ("import sys; from peft_t5.cli import main; rc = main(['train', *sys.argv[1:]]); "
             "assert 'transformers' not in sys.modules, 'imported transformers first'; sys.exit(rc)")
+    (tmp_path / "wrong.csv").write_text("a,b\n1,2\n")
+    (tmp_path / "existing").mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (tmp_path / "existing" / name).write_text("{}")
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("mine")
+    jokes = ["--task", "jokes", "--model", "tiny"]
     for args, message in [(["--task", "jokez"], "unknown task 'jokez'; known tasks: jokes, squad"),
                           (["--task", "jokes", "--data", "missing.csv"], "missing.csv: no such file; pass --data"),
-                          (["--task", "jokes", f"--output_dir={tmp_path / 'file'}"], "is a file; pass a folder path")]:
+                          (["--task", "jokes", f"--output_dir={tmp_path / 'file'}"], "is a file; pass a folder path"),
+                          ([*jokes, "--lora_rank", "8"], "--lora_rank: unknown flag; did you mean --lora_r?"),
+                          ([*jokes, "--lerning_rate", "3"], "--lerning_rate: unknown flag; did you mean --learning_rate?"),
+                          ([*jokes, "--lora_r", "0"], "--lora_r 0: the rank must be at least 1"),
+                          ([*jokes, "--data", str(tmp_path / "wrong.csv")],
+                           "wrong.csv: record 0 has columns ['a', 'b']; expected Question/Answer or title/body"),
+                          (["--task", "squad", "--model", "tiny", "--data", "peft_t5/data/jokes_sample.csv"],
+                           "jokes_sample.csv: a CSV file; the squad task reads SQuAD v2.0 JSON"),
+                          ([*jokes, "--output_dir", str(tmp_path / "existing")],
+                           "already holds an adapter; pass --overwrite_output_dir to replace it"),
+                          ([*jokes, "--output_dir", str(tmp_path / "foreign")],
+                           "holds files peft-t5 did not write (notes.txt)")]:
         proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT)
         assert proc.returncode == 2 and message in error_line(proc), proc.stderr[-1500:]

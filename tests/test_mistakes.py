@@ -1,6 +1,7 @@
 """A new user's mistakes: nothing of theirs is destroyed (output folders with their files, merging onto the adapter,
 two runs into one folder), and every ordinary mistake is one line, not a traceback (subprocesses where it is the
 command line that is tested)."""
+import json
 import os
 import shutil
 import signal
@@ -126,6 +127,29 @@ def test_a_second_run_into_a_busy_folder_is_refused_naming_the_first_and_ctrl_c_
     assert last.endswith(" --save_total_limit 3 --max_source_length 64 --resume") and "continue with: " in last
     assert "kernels-community" not in stdout + stderr  # bitsandbytes' optional-kernel warning stays out
     assert not (tmp_path / ".jokes.lock").exists()
+
+
+def test_ctrl_c_during_the_final_evaluation_keeps_the_steps_trained(tmp_path, monkeypatch, capsys):
+    from peft_t5.training import TaskTrainer
+
+    out = tmp_path / "jokes"
+    argv = ["--task", "jokes", "--output_dir", str(out), *FAST[:2], "--max_steps", "3", *FAST[4:]]
+    evaluate = TaskTrainer.evaluate
+
+    def interrupted_at_the_end(self, *args, **kwargs):
+        if self.state.global_step == 3:
+            raise KeyboardInterrupt
+        return evaluate(self, *args, **kwargs)
+
+    monkeypatch.setattr(TaskTrainer, "evaluate", interrupted_at_the_end)
+    assert run(train, argv) == 130
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"interrupted at step 3; {out}/checkpoints/checkpoint-3 is kept (saved now, the steps "
+                           "trained so far); continue with: ") and last.endswith(" --resume"), last
+    monkeypatch.undo()
+    assert run(train, [*argv, "--resume"]) == 0
+    assert json.loads((out / "peft_t5.json").read_text())["training_args"]["max_steps"] == 3
+    assert (out / "adapter_model.safetensors").is_file()
 
 
 # 4. a model that cannot be loaded
@@ -345,3 +369,13 @@ def test_an_empty_output_is_worded_for_its_task_and_records_are_credited_to_thei
     said = []
     load_data(get_task("squad"), data_args, training_args, said.append)
     assert said[0].endswith(f"(training from {sample}, validation from {sample})"), said[0]
+
+
+def test_importing_the_bank_says_nothing_of_bitsandbytes_optional_kernels():
+    """bitsandbytes logs it at import on CPUs with AVX512-BF16 (not every machine here has them: the record is sent
+    as bitsandbytes sends it), and a notebook importing the bank has no logging of its own set up."""
+    code = ("import logging, peft_t5.bank; logging.getLogger('bitsandbytes.backends.cpu.ops').warning("
+            "'Failed to load CPU gemm_4bit_forward from kernels-community: no module. Please make sure'); "
+            "logging.getLogger('bitsandbytes.backends.cpu.ops').warning('another warning')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=OFFLINE)
+    assert proc.returncode == 0 and "kernels-community" not in proc.stderr and "another warning" in proc.stderr

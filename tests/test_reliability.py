@@ -336,3 +336,62 @@ def test_fuzz_csv_reader_loads_or_raises_its_own_error(tmp_path, rows, raw):
             loader(str(path))
         except DataError:
             pass
+
+
+def edit_json(name, **changes):
+    def change(folder):
+        path = folder / name
+        path.write_text(json.dumps(changes["whole"] if "whole" in changes else
+                                   {**json.loads(path.read_text()), **changes}))
+    return change
+
+
+WRONG_TYPES = [  # well-formed JSON, wrong values: each was a 500 on the server or a traceback from the CLI
+    ("meta-list", edit_json("peft_t5.json", whole=[]), "peft_t5.json: the file: Input should be a valid dictionary"),
+    ("rank", edit_json("adapter_config.json", r=-1), "adapter_config.json: r: Input should be greater than or equal to 1"),
+    ("template-number", edit_json("peft_t5.json", template=5), "peft_t5.json: template: Input should be a valid string"),
+    ("template-field", edit_json("peft_t5.json", template="{question} {context}"),
+     "peft_t5.json: template: '{question} {context}' needs context, which task 'jokes' does not fill"),
+    ("length-text", edit_json("peft_t5.json", max_source_length="abc"),
+     "peft_t5.json: max_source_length: Input should be a valid integer"),
+    ("length-negative", edit_json("peft_t5.json", max_source_length=-5),
+     "peft_t5.json: max_source_length: Input should be greater than or equal to 1"),
+    ("task", edit_json("peft_t5.json", task="nope"), "peft_t5.json: task: unknown task 'nope'; known tasks: jokes, squad"),
+]
+
+
+@pytest.mark.parametrize("name,change,message", WRONG_TYPES, ids=[c[0] for c in WRONG_TYPES])
+def test_adapter_files_with_wrong_types_are_refused_in_one_line_everywhere(adapter, tmp_path, capsys, name, change,
+                                                                          message):
+    from peft_t5.commands.evaluate import evaluate_main
+    from peft_t5.commands.serve import check_args, parse_args
+
+    broken = broken_copy(adapter, tmp_path, name, change)
+    fix = "; restore the file train_lora.py wrote, or correct that field"
+    for command, argv in ((merge_main, ["--adapter", str(broken), "--output", str(tmp_path / "merged")]),
+                          (generate_main, ["--adapter", f"j={broken}", "--task", "j", "Why?"]),
+                          (evaluate_main, ["--task", "jokes", "--adapter", str(broken), "--model", "tiny",
+                                          "--predictions", str(tmp_path / "preds.jsonl")])):
+        status, line = run_cli(command, argv, capsys)
+        assert status == 2 and line.startswith(f"error: {broken}/") and message in line and line.endswith(fix), line
+    with pytest.raises(PeftT5Error, match=message.replace("(", r"\(").replace("[", r"\[")):
+        check_args(parse_args(["--adapter", f"j={broken}"]))
+    assert not (tmp_path / "merged").exists()
+
+
+def test_a_server_refuses_wrong_typed_adapter_folders_and_keeps_answering(adapter, tmp_path):
+    import httpx
+
+    from peft_t5.bank import AdapterBank
+    from peft_t5.serve.app import ServeSettings, create_app, running
+
+    for name, change, _ in WRONG_TYPES:
+        broken_copy(adapter, tmp_path, name, change)
+    with running(create_app(AdapterBank.load("tiny", {"jokes": str(adapter)}),
+                            ServeSettings(adapter_root=str(tmp_path)))) as url:
+        for name, _, message in WRONG_TYPES:
+            reply = httpx.post(url + "/v1/adapters", json={"name": name, "path": name})
+            assert reply.status_code == 422 and message in reply.json()["error"], reply.text
+        assert httpx.get(url + "/v1/adapters").status_code == 200
+        completion = httpx.post(url + "/v1/completions", json={"model": "jokes", "prompt": "Why?", "max_tokens": 3})
+        assert completion.status_code == 200

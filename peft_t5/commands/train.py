@@ -80,42 +80,99 @@ def convert(path: str, key: str, value: str, type_):
 
 
 def closest(name: str, known, prefix: str = "") -> str:
+    """'; did you mean --X?': the closest flag, the toolkit's own counted a little closer than the Trainer's
+    (--lora_rank is --lora_r, not --local_rank; --max_stpes is still --max_steps)."""
     import difflib
 
-    match = difflib.get_close_matches(name, [k for k in known if k != "help"], n=1, cutoff=0.6)
-    return f"; did you mean {prefix}{match[0]}?" if match else ""
+    from ..arguments import own_flags
+
+    own = set(own_flags())
+    score = {k: difflib.SequenceMatcher(None, name, k).ratio() + 0.1 * (k in own) for k in known if k != "help"}
+    best = max(score, key=score.get, default=None)
+    return f"; did you mean {prefix}{best}?" if best and score[best] >= 0.6 + 0.1 * (best in own) else ""
 
 
 PRECHECKED = ("task", "model", "data", "validation_data", "output_dir")
+SWITCHES = ("overwrite_output_dir", "resume", "streaming")  # flags that may stand alone (true)
+
+
+def flag_values(argv: list[str]) -> dict:
+    """The values of the PRECHECKED flags and SWITCHES, from a config file and the flags after it."""
+    values = {}
+    if argv and argv[0].endswith(CONFIG_FILES):
+        values.update({k: str(v) for k, v in read_config(argv[0]).items() if k in (*PRECHECKED, *SWITCHES)
+                       and v is not None})
+    for i, arg in enumerate(argv):
+        name, eq, value = arg.partition("=")
+        following = argv[i + 1] if i + 1 < len(argv) else None
+        if name.startswith("--") and name[2:] in SWITCHES:
+            is_value = following is not None and following.lower() in ("true", "false", "1", "0")
+            values[name[2:]] = value if eq else following if is_value else "true"
+        elif name.startswith("--") and name[2:] in PRECHECKED and (eq or following is not None):
+            values[name[2:]] = value if eq else following
+    return values
 
 
 def precheck_train(argv: list[str]) -> None:
-    """Check the task, data files and output folder before the heavy imports (transformers' training arguments
-    pull in PEFT and bitsandbytes: ~10 s), so that a typo is reported at once."""
+    """Check every flag's name, the method's settings, the task, the data files' layout and the output folder
+    before the heavy imports (transformers' training arguments pull in PEFT and bitsandbytes: ~10 s), so that a
+    mistake is reported at once; the full parse after them checks the rest."""
     from ..adapters import check_writable_folder
     from ..hub import model_problem
     from ..tasks import get_task
     from ..tasks.registry import looks_like_hub_id
 
-    values = {}
-    if argv and argv[0].endswith(CONFIG_FILES):
-        values.update({k: str(v) for k, v in read_config(argv[0]).items() if k in PRECHECKED and v is not None})
-    for i, arg in enumerate(argv):
-        name, eq, value = arg.partition("=")
-        if name.startswith("--") and name[2:] in PRECHECKED and (eq or i + 1 < len(argv)):
-            values[name[2:]] = value if eq else argv[i + 1]
+    values = flag_values(argv)
     task = get_task(values["task"]) if "task" in values else None
     for key in ("data", "validation_data"):
         path = values.get(key)
-        if path and not looks_like_hub_id(path) and not Path(path).exists():
-            raise PeftT5Error(f"{path}: no such file; pass --{key} with a local data file or a Hub dataset id")
+        if path and not looks_like_hub_id(path):
+            if not Path(path).exists():
+                raise PeftT5Error(f"{path}: no such file; pass --{key} with a local data file or a Hub dataset id")
+            if task and values.get("streaming", "false").lower() not in ("true", "1"):
+                task.check_layout(path)
     if "output_dir" in values:
         check_writable_folder(values["output_dir"], "--output_dir")
+    check_flag_names(argv)
+    check_method_settings(argv)
+    if task:
+        on = {k: values.get(k, "false").lower() in ("true", "1") for k in SWITCHES}
+        check_output_dir(Path(values.get("output_dir") or f"adapters/{task.name}"), on["overwrite_output_dir"],
+                         on["resume"] or any(a.startswith("--resume_from_checkpoint") for a in argv))
     model = values.get("model") or (task.default_model if task else None)
     problem = model_problem(model) if model else None
     if problem:
         given = "--model" if "model" in values else f"the {task.name} task's base model (--model to choose another)"
         raise PeftT5Error(f"{given}: {problem}")
+
+
+def check_flag_names(argv: list[str]) -> None:
+    """A misspelled flag or config key, refused before the Trainer's arguments are imported."""
+    from ..arguments import all_flags
+
+    known = all_flags()
+    if not known:  # transformers' source could not be read: the full parse refuses it, later
+        return
+    names = [(f"{argv[0]}: unknown key '{key}'", key) for key in read_config(argv[0])] \
+        if argv and argv[0].endswith(CONFIG_FILES) else []
+    names += [(f"{arg.split('=')[0]}: unknown flag", arg[2:].split("=")[0]) for arg in argv if arg.startswith("--")]
+    for said, name in names:
+        if name not in known and name.removeprefix("no_") not in known:
+            raise PeftT5Error(said + closest(name, known, "--" if said.endswith("flag") else "") +
+                              ("; train_lora.py --help lists them" if said.endswith("flag") else ""))
+
+
+def check_method_settings(argv: list[str]) -> None:
+    """The PEFT method's flags in range (--lora_r 0, --lora_dropout 1.5), from a parse of those flags alone."""
+    from ..arguments import method_flag_values
+
+    config = read_config(argv[0]) if argv and argv[0].endswith(CONFIG_FILES) else {}
+    try:
+        lora = method_flag_values(argv[1:] if config else argv, config)
+    except SystemExit:  # argparse said what is wrong with a value (e.g. --lora_r x) in its own words
+        raise PeftT5Error("a PEFT method flag has a value of the wrong type (see above); train_lora.py --help "
+                          "lists the flags") from None
+    get_method(lora.method).settings(lora.given())
 
 
 def resolve_defaults(task, model_args, data_args, training_args) -> None:
@@ -183,12 +240,15 @@ def resume_checkpoint(training_args, say) -> str | None:
     checkpoints folder; incomplete ones (a kill or a full disk during a save) are named and removed."""
     import shutil
 
+    from ..adapters import check_adapter_dir
+
     if training_args.resume_from_checkpoint:
         chosen = Path(training_args.resume_from_checkpoint)
         problem = checkpoint_problem(chosen) if chosen.is_dir() else "no such folder"
         if problem:
             raise PeftT5Error(f"--resume_from_checkpoint {chosen}: {problem}; pass a whole checkpoint, or --resume for "
                               "the newest whole one")
+        check_adapter_dir(chosen)
         return str(chosen)
     if not training_args.resume:
         return None
@@ -196,6 +256,7 @@ def resume_checkpoint(training_args, say) -> str | None:
     for checkpoint in checkpoints_newest_first(folder):
         problem = checkpoint_problem(checkpoint)
         if problem is None:
+            check_adapter_dir(checkpoint)
             say(f"resuming from {checkpoint}")
             return str(checkpoint)
         say(f"--resume: {checkpoint.name} is incomplete ({problem}; its save was interrupted): removed")
@@ -387,6 +448,10 @@ def run_training(argv: list[str], held: ExitStack) -> dict:
         say(f"training set: {stats}")
     eval_dataset, eval_stats = tokenize(task, eval_records, tokenizer, **lengths)
     say(f"validation set: {eval_stats}")
+    generated = min(len(eval_records), data_args.generation_eval_samples)
+    say(f"each evaluation: the loss on all {len(eval_records):,} validation records, {task.main_metric} on the "
+        f"outputs generated for the first {generated:,} (--generation_eval_samples; --max_eval_samples caps both; "
+        "evaluate.py scores a whole split)")
 
     trainer = build_trainer(model, tokenizer, task, train_dataset, eval_dataset, training_args,
                             eval_records[:data_args.generation_eval_samples], **lengths, max_tokens_per_batch=budget,
@@ -396,9 +461,9 @@ def run_training(argv: list[str], held: ExitStack) -> dict:
     try:
         with saving_into(adapter_dir, model):
             trainer.train(resume_from_checkpoint=resume)
+            metrics = trainer.evaluate()
     except KeyboardInterrupt:
         raise interrupted(trainer, argv) from None
-    metrics = trainer.evaluate()
     # under FSDP / ZeRO-3 each process holds a shard: gather the full tensors (every process takes part)
     state_dict = gathered_state_dict(trainer.model_wrapped, trainer.accelerator)
     if not trainer.is_world_process_zero():
@@ -443,14 +508,23 @@ def run_training(argv: list[str], held: ExitStack) -> dict:
 
 
 def interrupted(trainer, argv: list[str]) -> Interrupted:
-    """Ctrl-C during training: the step reached, the checkpoint kept and the command that continues from it."""
+    """Ctrl-C: the step reached, the checkpoint kept and the command that continues from it. Between two steps
+    (an evaluation, the final one too) the steps trained since the last checkpoint are saved as one first."""
+    from ..training import StepBoundary
+
+    step = trainer.state.global_step
     last = newest_whole_checkpoint(trainer.args.output_dir)
+    between = all(c.between for c in trainer.callback_handler.callbacks if isinstance(c, StepBoundary))
+    saved = ""
+    if between and step > 0 and (last is None or int(last.name.split("-")[1]) < step):
+        trainer._save_checkpoint(trainer.model, trial=None)  # the Trainer's own checkpoint, which --resume takes
+        last, saved = newest_whole_checkpoint(trainer.args.output_dir), " (saved now, the steps trained so far)"
     if last is None:
-        return Interrupted(f"interrupted at step {trainer.state.global_step}; no checkpoint was saved yet, so nothing "
+        return Interrupted(f"interrupted at step {step}; no checkpoint was saved yet, so nothing "
                            "is kept (checkpoints come with --save_strategy, each epoch by default)")
     command = [*(["python"] if sys.argv[0].endswith(".py") else []), sys.argv[0], *argv]
     again = shlex.join(command + ([] if "--resume" in argv else ["--resume"]))
-    return Interrupted(f"interrupted at step {trainer.state.global_step}; {last} is kept; continue with: {again}")
+    return Interrupted(f"interrupted at step {step}; {last} is kept{saved}; continue with: {again}")
 
 
 def real_data(task) -> str:

@@ -139,6 +139,14 @@ def stream_jokes(data: str, max_question_words: int = 40, max_answer_words: int 
             yield record
 
 
+def check_jokes_layout(path: str) -> None:
+    """A CSV's header names a question and an answer column (its first row read, not the whole file)."""
+    if path.lower().endswith(TABLES):
+        first = next(_stream_rows(path), None)
+        if first is not None:
+            _field_names(path, first)
+
+
 def read_hub_jokes(dataset_id: str) -> list[Record]:
     import datasets  # only here: the Hub path needs the network
 
@@ -201,5 +209,6 @@ TASK = Task(
     main_metric="rougeL",
     load_splits=load_splits,
     stream=stream_jokes,
+    check_layout=check_jokes_layout,
     printable=lambda text: not OFFENSIVE.search(text),
 )

@@ -45,6 +45,8 @@ class Task:
     main_metric: str  # the metric named in logs and used to compare adapters
     load_splits: Callable[..., Splits]  # (data, seed=..., **options) -> {"train": [...], "validation": [...], ...}
     stream: Callable[..., Iterator[Record]]  # (data, **options) -> usable records one at a time (--streaming)
+    check_layout: Callable[[str], None] = lambda path: None  # a quick look at a local file's start: DataError if
+    # it cannot be this task's data (the columns, the format), so train refuses it before the heavy imports
     printable: Callable[[str], bool] = lambda text: True  # may this text be printed in a log (jokes: word filter)
     no_answer: str | None = None  # the target that means "no answer" (squad), for the no-answer probability
     empty_output: str = "(empty output)"  # how an empty answer is shown (squad: "(no answer)", a real answer)

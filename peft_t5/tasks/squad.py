@@ -38,6 +38,13 @@ def _record(article: dict, paragraph: dict, qa: dict) -> Record | None:
             "answer_starts": [a["answer_start"] for a in answers]}
 
 
+def check_squad_layout(path: str) -> None:
+    """A table is not SQuAD (read by its name; the JSON itself is read whole, fast, in training)."""
+    if path.lower().endswith((".csv", ".tsv", ".txt")):
+        raise DataError(f"{path}: a {Path(path).suffix[1:].upper()} file; the squad task reads SQuAD v2.0 JSON "
+                        "(data -> paragraphs -> qas, as dev-v2.0.json), or a Hub dataset id")
+
+
 def read_squad_v2(path: str) -> list[Record]:
     """Flatten the official SQuAD v2.0 JSON layout (data -> paragraphs -> qas) into one record per question.
 
@@ -51,9 +58,7 @@ def read_squad_v2(path: str) -> list[Record]:
         if not all(isinstance(x, dict) for triple in qas for x in triple):
             raise TypeError("an article, paragraph or question that is not a JSON object")
     except json.JSONDecodeError as e:  # read_text names a missing, folder or undecodable file itself
-        if path.lower().endswith((".csv", ".tsv", ".txt")):
-            raise DataError(f"{path}: a {Path(path).suffix[1:].upper()} file; the squad task reads SQuAD v2.0 JSON "
-                            "(data -> paragraphs -> qas, as dev-v2.0.json), or a Hub dataset id")
+        check_squad_layout(path)
         raise DataError(f"{path}: not a UTF-8 JSON file ({e}); pass a SQuAD v2.0 JSON file")
     except (KeyError, TypeError, AttributeError) as e:
         raise DataError(f"{path}: not the SQuAD v2.0 layout (data -> paragraphs -> qas; {type(e).__name__}: {e})")
@@ -177,6 +182,7 @@ TASK = Task(
     main_metric="f1",
     load_splits=load_splits,
     stream=stream_squad,
+    check_layout=check_squad_layout,
     no_answer=NO_ANSWER,
     empty_output="(no answer)",
 )
