@@ -90,6 +90,10 @@ def test_records_with_empty_fields_are_counted_and_skipped(tmp_path, caplog):
 @pytest.mark.parametrize("flags,message", [
     (["--lora_r", "0"], "error: --lora_r 0: the rank must be at least 1"),
     (["--lora_dropout", "1.5"], "error: --lora_dropout 1.5: must be in [0, 1)"),
+    (["--eval_strategy", "steps", "--eval_steps", "-3"],
+     "error: --eval_steps -3: must be more than 0 (a number of steps, or under 1 a share of the run's steps)"),
+    (["--save_steps", "0"], "error: --save_steps 0: must be more than 0 (a number of steps, or under 1 a share of "
+                            "the run's steps)"),
     (["--target_modules", "query", "v"], "error: --target_modules query match no layer of this model; its linear layers are named: k, lm_head, o, q, v, wi_0, wi_1, wo"),
 ])
 def test_lora_settings_out_of_range(tmp_path, capsys, flags, message):

@@ -140,11 +140,13 @@ def stream_jokes(data: str, max_question_words: int = 40, max_answer_words: int 
 
 
 def check_jokes_layout(path: str) -> None:
-    """A CSV's header names a question and an answer column (its first row read, not the whole file)."""
+    """A CSV's header names a question and an answer column (its first line read, not the whole file)."""
     if path.lower().endswith(TABLES):
-        first = next(_stream_rows(path), None)
-        if first is not None:
-            _field_names(path, first)
+        what = "a jokes CSV or JSON-lines file"
+        with reading(path, what), open(path, encoding=text_encoding(path, what), newline="") as f:
+            header = next(csv.reader([f.readline()], delimiter=csv_delimiter(f)), [])
+        if header:
+            _field_names(path, header)
 
 
 def read_hub_jokes(dataset_id: str) -> list[Record]:
