@@ -106,7 +106,7 @@ def all_flags() -> set[str]:
     files = {Path(__file__).with_name("training_arguments.py"): "TrainingArguments",
              transformers / "training_args.py": "TrainingArguments",
              transformers / "training_args_seq2seq.py": "Seq2SeqTrainingArguments"}
-    names = set(own_flags())
+    names = {*own_flags(), "help"}
     for path, name in files.items():
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"))

@@ -233,8 +233,10 @@ def test_printed_samples_skip_what_the_jokes_word_filter_flags():
 
 
 def test_train_help_starts_with_the_toolkits_own_options(capsys):
+    from peft_t5.commands.train import train
+
     with pytest.raises(SystemExit) as exit_:
-        parse_train_args(["--help"])
+        train(["--help"])  # the whole path: the pre-checks before the parse take --help too
     out = capsys.readouterr().out
     assert exit_.value.code == 0 and out.startswith("usage: peft-t5 train [CONFIG.yaml|json] --task")
     head = out[:out.index("training (every Seq2SeqTrainingArguments flag)")]

@@ -284,7 +284,7 @@ def make_engine(bank: AdapterBank, settings: ServeSettings, metrics: Metrics):
 
 def routed(app: FastAPI, scope: dict) -> bool:
     """A route answers this method at this path; elsewhere the answer is 404 or 405 (as the spec says), key or not."""
-    return scope["method"] in allowed_methods(app, scope)
+    return any(route.matches(scope)[0] == Match.FULL for route in app.routes)
 
 
 def allowed_methods(app: FastAPI, scope: dict) -> list[str]:
