@@ -30,8 +30,8 @@ def serve(adapter, **options):
     return running(create_app(bank, ServeSettings(api_key=KEY, **options)))
 
 
-def gauge(url: str, name: str) -> float:
-    text = httpx.get(url + "/metrics", headers=AUTH).text
+def gauge(url: str, name: str, headers: dict = AUTH) -> float:
+    text = httpx.get(url + "/metrics", headers=headers).text
     return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
 
 
@@ -77,7 +77,7 @@ def test_sigterm_refuses_the_queue_at_once_and_exits_after_the_grace_period(adap
         with ThreadPoolExecutor(6) as pool:
             replies = [pool.submit(httpx.post, url + "/v1/generate", json=body, timeout=60) for _ in range(6)]
             deadline = time.monotonic() + 30
-            while gauge_unauthenticated(url, "peft_t5_queued_rows") < 16 and time.monotonic() < deadline:
+            while gauge(url, "peft_t5_queued_rows", headers={}) < 16 and time.monotonic() < deadline:
                 time.sleep(0.05)
             server.send_signal(signal.SIGTERM)
             stopped = time.monotonic()
@@ -92,11 +92,6 @@ def test_sigterm_refuses_the_queue_at_once_and_exits_after_the_grace_period(adap
         assert server.returncode == -signal.SIGTERM and took < 2 + 5 and "Traceback" not in log, (took, log)
     finally:
         server.kill()
-
-
-def gauge_unauthenticated(url: str, name: str) -> float:
-    text = httpx.get(url + "/metrics").text
-    return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
 
 
 def test_bodies_over_the_limit_are_refused_before_they_are_buffered(adapter):

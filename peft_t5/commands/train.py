@@ -96,12 +96,16 @@ PRECHECKED = ("task", "model", "data", "validation_data", "output_dir")
 SWITCHES = ("overwrite_output_dir", "resume", "streaming")  # flags that may stand alone (true)
 
 
-def flag_values(argv: list[str]) -> dict:
-    """The values of the PRECHECKED flags and SWITCHES, from a config file and the flags after it."""
-    values = {}
+def split_config(argv: list[str]) -> tuple[str | None, dict, list[str]]:
+    """(the config file, its flags, the flags after it): a first argument ending .yaml/.yml/.json is a config file."""
     if argv and argv[0].endswith(CONFIG_FILES):
-        values.update({k: str(v) for k, v in read_config(argv[0]).items() if k in (*PRECHECKED, *SWITCHES)
-                       and v is not None})
+        return argv[0], read_config(argv[0]), argv[1:]
+    return None, {}, argv
+
+
+def flag_values(config: dict, argv: list[str]) -> dict:
+    """The values of the PRECHECKED flags and SWITCHES, from a config file's flags and the flags after it."""
+    values = {k: str(v) for k, v in config.items() if k in (*PRECHECKED, *SWITCHES) and v is not None}
     for i, arg in enumerate(argv):
         name, eq, value = arg.partition("=")
         following = argv[i + 1] if i + 1 < len(argv) else None
@@ -122,7 +126,8 @@ def precheck_train(argv: list[str]) -> None:
     from ..tasks import get_task
     from ..tasks.registry import looks_like_hub_id
 
-    values = flag_values(argv)
+    path, config, flags = split_config(argv)  # the file is read once for all the checks below
+    values = flag_values(config, flags)
     task = get_task(values["task"]) if "task" in values else None
     for key in ("data", "validation_data"):
         path = values.get(key)
@@ -133,12 +138,13 @@ def precheck_train(argv: list[str]) -> None:
                 task.check_layout(path)
     if "output_dir" in values:
         check_writable_folder(values["output_dir"], "--output_dir")
-    check_flag_names(argv)
-    check_method_settings(argv)
+    check_flag_names(path, config, flags)
+    check_method_settings(config, flags)
     if task:
         on = {k: values.get(k, "false").lower() in ("true", "1") for k in SWITCHES}
         check_output_dir(Path(values.get("output_dir") or f"adapters/{task.name}"), on["overwrite_output_dir"],
-                         on["resume"] or any(a.startswith("--resume_from_checkpoint") for a in argv))
+                         on["resume"] or "resume_from_checkpoint" in config or
+                         any(a.startswith("--resume_from_checkpoint") for a in flags))
     model = values.get("model") or (task.default_model if task else None)
     problem = model_problem(model) if model else None
     if problem:
@@ -146,15 +152,14 @@ def precheck_train(argv: list[str]) -> None:
         raise PeftT5Error(f"{given}: {problem}")
 
 
-def check_flag_names(argv: list[str]) -> None:
+def check_flag_names(path: str | None, config: dict, argv: list[str]) -> None:
     """A misspelled flag or config key, refused before the Trainer's arguments are imported."""
     from ..arguments import all_flags
 
     known = all_flags()
     if not known:  # transformers' source could not be read: the full parse refuses it, later
         return
-    names = [(f"{argv[0]}: unknown key '{key}'", key) for key in read_config(argv[0])] \
-        if argv and argv[0].endswith(CONFIG_FILES) else []
+    names = [(f"{path}: unknown key '{key}'", key) for key in config]
     names += [(f"{arg.split('=')[0]}: unknown flag", arg[2:].split("=")[0]) for arg in argv if arg.startswith("--")]
     for said, name in names:
         if name not in known and name.removeprefix("no_") not in known:
@@ -162,13 +167,12 @@ def check_flag_names(argv: list[str]) -> None:
                               ("; train_lora.py --help lists them" if said.endswith("flag") else ""))
 
 
-def check_method_settings(argv: list[str]) -> None:
+def check_method_settings(config: dict, argv: list[str]) -> None:
     """The PEFT method's flags in range (--lora_r 0, --lora_dropout 1.5), from a parse of those flags alone."""
     from ..arguments import method_flag_values
 
-    config = read_config(argv[0]) if argv and argv[0].endswith(CONFIG_FILES) else {}
     try:
-        lora = method_flag_values(argv[1:] if config else argv, config)
+        lora = method_flag_values(argv, config)
     except SystemExit:  # argparse said what is wrong with a value (e.g. --lora_r x) in its own words
         raise PeftT5Error("a PEFT method flag has a value of the wrong type (see above); train_lora.py --help "
                           "lists the flags") from None
