@@ -78,8 +78,16 @@ def test_openai_errors_name_the_field(server, client):
         client.completions.create(model="nope", prompt="hi")
     with pytest.raises(openai.UnprocessableEntityError, match="a prompt fills one field: use POST /v1/generate"):
         client.completions.create(model="squad", prompt="Where is Normandy?")
-    with pytest.raises(openai.UnprocessableEntityError, match="n: Input should be less than or equal to 1"):
-        client.completions.create(model="jokes", prompt="hi", n=2)
+    with pytest.raises(openai.UnprocessableEntityError, match="temperature: Input should be less than or equal to 2"):
+        client.completions.create(model="jokes", prompt="hi", temperature=5)
+    with pytest.raises(openai.UnprocessableEntityError, match="top_p: Input should be less than or equal to 1"):
+        client.chat.completions.create(model="jokes", messages=[{"role": "user", "content": "hi"}], top_p=7)
+    with pytest.raises(openai.UnprocessableEntityError, match="presence_penalty: Input should be less than or equal"):
+        client.completions.create(model="jokes", prompt="hi", presence_penalty=99)
+    with pytest.raises(openai.UnprocessableEntityError, match="n: 9 samples an input is over this server's 8 rows"):
+        client.completions.create(model="jokes", prompt="hi", n=9)
+    with pytest.raises(openai.UnprocessableEntityError, match="echo: "):
+        client.completions.create(model="jokes", prompt="hi", echo=True)
 
 
 def test_a_request_over_the_cost_limit_is_refused_before_it_runs(server):

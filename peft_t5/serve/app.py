@@ -166,8 +166,9 @@ def create_app(bank: AdapterBank, settings: ServeSettings | None = None) -> Fast
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError):
-        # of a union's branches, the one that got furthest into the value says what is wrong
-        first = max(exc.errors(), key=lambda e: len(e.get("loc", ())))
+        # of a union's branches, the one that got furthest into the value says what is wrong (a branch of the
+        # value's own type before one of another type)
+        first = max(exc.errors(), key=lambda e: (len(e.get("loc", ())), not e.get("type", "").endswith("_type")))
         if first.get("type") == "json_invalid":
             return error(400, f"the body is not valid JSON ({first.get('ctx', {}).get('error', first['msg'])})",
                          request=request)
@@ -341,6 +342,13 @@ def openapi_spec(app: FastAPI, settings: ServeSettings) -> dict:
         (branch if branch["type"] == "string" else branch["additionalProperties"])["maxLength"] = \
             settings.max_input_chars
     generate["max_new_tokens"]["maximum"] = settings.max_new_tokens
+    rows = min(settings.max_rows_per_request or settings.max_rows, settings.max_rows)  # an input's rows run at once
+    for name, field in (("GenerateRequest", "n"), ("GenerateRequest", "num_beams"), ("CompletionRequest", "n"),
+                        ("CompletionRequest", "best_of"), ("ChatRequest", "n")):
+        schema = schemas[name]["properties"][field]
+        for branch in schema.get("anyOf", [schema]):
+            if branch.get("type") == "integer":
+                branch["maximum"] = min(branch["maximum"], rows)
     return spec
 
 

@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..bank import AdapterBank
-from .failures import AdapterGone, DeadlineExceeded, Stopping
+from .decoding import GREEDY, Sampling
+from .engine import Completion, Piece
+from .failures import AdapterGone, DeadlineExceeded, NotServed, Stopping
 
 MODES = ("across", "none", "switch")
 
@@ -83,6 +85,25 @@ class Batcher:
         for i, text in enumerate(await self.generate(names, sources, max_new_tokens, num_beams, timeout,
                                                      min_new_tokens)):
             yield i, text
+
+    async def complete(self, names: list[str], sources: list[str], max_new_tokens: int, *, num_beams: int = 1,
+                       n: int = 1, sampling: Sampling = GREEDY, stop: tuple[str, ...] = (), want_logprob: bool = False,
+                       min_new_tokens: int = 0, timeout: float | None = None, on_piece=None) -> list[Completion]:
+        """generate()'s outputs as the engine's completions (greedy or beam search only; token counts re-tokenized
+        from the text, which generate() does not return)."""
+        if n > 1 or sampling != GREEDY or stop or want_logprob:
+            raise NotServed("this server runs the static batcher (it holds an adapter that is not LoRA), which "
+                            "decodes greedily or by beam search only; sampling, n, stop and logprobs need the "
+                            "continuous engine (serve LoRA adapters only)")
+        texts = await self.generate(names, sources, max_new_tokens, num_beams, timeout, min_new_tokens)
+        counts = [len(ids) for ids in self.bank.tokenizer(texts, add_special_tokens=True).input_ids] if texts else []
+        return [Completion(text, count, "length" if count > max_new_tokens else "stop")
+                for text, count in zip(texts, counts)]
+
+    async def events(self, names: list[str], sources: list[str], max_new_tokens: int, **options):
+        """A static batch ends all at once: each completion comes whole."""
+        for i, done in enumerate(await self.complete(names, sources, max_new_tokens, **options)):
+            yield Piece(i, done.text, [], done)
 
     def add_adapter(self, name: str, path: str, trust_pickle: bool = False) -> dict:
         return self.bank.add(name, path, trust_pickle)

@@ -2,24 +2,24 @@
 
     engine = Engine(bank, max_rows=64)
     engine.start()                                    # in the server's event loop: starts the model thread
-    outputs = await engine.generate(["jokes", "base"], sources, max_new_tokens=32, num_beams=1, timeout=30)
-    async for index, text in engine.stream(...):      # pieces of output `index` as they are decoded
+    done = await engine.complete(["jokes"], sources, 32, n=4, sampling=Sampling(temperature=0.8, seed=1))
+    async for piece in engine.events(...):            # Piece(index, text, logprobs, ended) as outputs grow
 
 Each decoding step runs every active row once. A new request's rows are encoded and join at the next step (a
 bounded number of source tokens is encoded per step, so a long request cannot stall the others while it is read);
-a row that ends (</s> or its token budget) leaves at once and its slot is reused. Rows are admitted round-robin
-across requests, so a small request gets a slot beside a large one. Greedy outputs equal `generate()`'s; beam
-search keeps `generate()` (one input between two steps).
+a row that ends (</s>, a stop string or its token budget) leaves at once and its slot is reused. Rows are admitted
+round-robin across requests, so a small request gets a slot beside a large one. The samples or beams of one input
+are rows admitted together, its source encoded once. How each row's next token is chosen (greedy, sampling, beam
+groups) is decoding.py's; greedy and beam outputs equal `generate()`'s.
 
 One thread owns the model: it runs the steps and, between them, whatever else must touch the model (loading and
-unloading adapters, beam-search inputs).
+unloading adapters).
 """
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
 import copy
-import functools
 import threading
 import time
 from collections import deque
@@ -29,8 +29,40 @@ import torch
 
 from ..bank import BASE, AdapterBank
 from ..errors import PeftT5Error
-from .failures import AdapterGone, Busy, DeadlineExceeded, Stopping
+from .decoding import GREEDY, BeamGroup, Sampling, choose, generator_for
+from .failures import AdapterGone, Busy, DeadlineExceeded, Stopping, TooLarge
 from .t5_runner import BASE_ADAPTER, T5Runner
+
+
+@dataclass
+class TokenLogprob:
+    """One output token: its text (the pieces of an output concatenate to its text), its log-probability and the
+    most likely alternatives (token text, log-probability)."""
+    text: str
+    logprob: float
+    top: list[tuple[str, float]]
+
+
+@dataclass
+class Completion:
+    """One output as the engine decoded it: its text, how many tokens it decoded (</s> included), why it ended
+    ("stop": </s> or a stop string; "length": its token budget), and its tokens' log-probabilities when asked."""
+    text: str
+    tokens: int
+    finish_reason: str
+    logprobs: list[TokenLogprob] | None = None
+    mean_logprob: float | None = None  # over its decoded tokens (best_of ranks by it)
+    ids: list[int] = field(default_factory=list)  # the token ids decoded
+
+
+@dataclass
+class Piece:
+    """A streamed event: more text of output `index` (and its tokens' log-probabilities), and the completion once
+    it has ended."""
+    index: int
+    text: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    ended: Completion | None = None
 
 
 @dataclass(eq=False)
@@ -40,15 +72,21 @@ class Request:
     max_new_tokens: int
     deadline: float | None  # time.monotonic() by which it must end
     future: asyncio.Future
-    on_text: object = None  # callable(index, piece) on the event loop, for streaming
-    min_new_tokens: int = 0  # </s> is not chosen before (as generate()'s min_new_tokens)
+    on_piece: object = None  # callable(Piece) on the event loop, for streaming
+    min_new_tokens: int = 0  # </s> (and stop strings) are not chosen before (as generate()'s min_new_tokens)
+    sampling: Sampling = GREEDY
+    n: int = 1  # outputs per input (samples), each a row; output i*n + j is sample j of input i
+    num_beams: int = 1  # beams per input, each a row; one output per input
+    stop: tuple[str, ...] = ()
+    want_logprob: bool = False  # rows record their tokens' log-probabilities
     outputs: list = field(default_factory=list)
     left: int = 0
     active: int = 0  # its rows holding a slot now
     failed: bool = False  # set on the model thread when it fails the request
 
     def __post_init__(self):
-        self.outputs, self.left = [None] * len(self.sources), len(self.sources)
+        self.left = len(self.sources) * self.n
+        self.outputs = [None] * self.left
 
     @property
     def over(self) -> bool:
@@ -58,14 +96,21 @@ class Request:
 @dataclass(eq=False)
 class Row:
     request: Request
-    index: int
+    index: int  # its output's index
+    input: int  # its input's index
     source: list[int]  # token ids, truncated as its adapter was trained
+    generator: torch.Generator | None = None  # its own random numbers, when it samples
+    beam: BeamGroup | None = None  # the beams of its input, when it is one of them
+    beam_index: int = 0  # its place in its beam group (beam 0 answers for the group)
     tokens: list[int] = field(default_factory=list)
+    cut: int | None = None  # where a stop string begins in its text
+    logprobs: list[tuple[int, float, list]] = field(default_factory=list)  # (token, logprob, top) per token
     sent: str = ""  # text streamed so far
+    sent_tokens: int = 0  # tokens whose log-probabilities were streamed
 
     @property
     def name(self) -> str:
-        return self.request.names[self.index]
+        return self.request.names[self.input]
 
 
 class Engine:
@@ -124,31 +169,35 @@ class Engine:
     @property
     def waiting_rows(self) -> int:
         with self.wake:
-            return sum(len(rows) for rows in self.waiting.values())
+            return sum(len(unit) for units in self.waiting.values() for unit in units)
 
     @property
     def active_rows(self) -> int:
         return len(self.active)
 
-    async def generate(self, names: list[str], sources: list[str], max_new_tokens: int, num_beams: int = 1,
-                       timeout: float | None = None, on_text=None, min_new_tokens: int = 0) -> list[str]:
-        """Raw outputs for one request; DeadlineExceeded after `timeout` seconds, Busy if the queue is full."""
+    async def complete(self, names: list[str], sources: list[str], max_new_tokens: int, *, num_beams: int = 1,
+                       n: int = 1, sampling: Sampling = GREEDY, stop: tuple[str, ...] = (), want_logprob: bool = False,
+                       min_new_tokens: int = 0, timeout: float | None = None, on_piece=None) -> list[Completion]:
+        """The completions of one request: n per input (input-major), or the best beam per input with num_beams;
+        DeadlineExceeded after `timeout` seconds, Busy if the queue is full."""
         if not self.admitting:
             raise Stopping("it takes no new requests")
+        per_input = max(n, num_beams)
+        if per_input > min(self.max_rows_per_request, self.max_rows):
+            raise TooLarge(f"{per_input} {'beams' if num_beams > 1 else 'samples'} an input is over this server's "
+                           f"{min(self.max_rows_per_request, self.max_rows)} rows a request")
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + timeout if timeout else None
-        if num_beams > 1:
-            return await self._beam_search(names, sources, max_new_tokens, num_beams, deadline, min_new_tokens)
-        request = Request(names, sources, max_new_tokens, deadline, loop.create_future(), on_text, min_new_tokens)
-        rows = deque(Row(request, i, self.encoder_tokenizer(source, truncation=True,
-                                                             max_length=self.bank.source_limit(name)).input_ids)
-                     for i, (name, source) in enumerate(zip(names, sources)))
+        request = Request(names, sources, max_new_tokens, deadline, loop.create_future(), on_piece, min_new_tokens,
+                          sampling, n if num_beams == 1 else 1, num_beams, tuple(stop),
+                          want_logprob or sampling.logprobs is not None)
+        units = deque(self._unit(request, i) for i in range(len(sources)))
         with self.wake:  # a Condition's lock is re-entrant: waiting_rows takes it again
             waiting = self.waiting_rows
-            if waiting + len(sources) > self.max_queue_rows:
+            if waiting + len(sources) * per_input > self.max_queue_rows:
                 raise Busy(f"{waiting} rows are waiting, the most this server queues is {self.max_queue_rows}; "
                            "retry shortly")
-            self.waiting[request] = rows
+            self.waiting[request] = units
             self.wake.notify()
         try:
             return await (asyncio.wait_for(request.future, timeout) if timeout else request.future)
@@ -158,22 +207,45 @@ class Engine:
             if not request.future.done():
                 request.future.cancel()  # the client left or the deadline passed: the model thread drops its rows
 
-    async def stream(self, names: list[str], sources: list[str], max_new_tokens: int, num_beams: int = 1,
-                     timeout: float | None = None, min_new_tokens: int = 0):
-        """(index, piece) as output `index` grows; the pieces of an output concatenate to generate()'s text."""
+    def _unit(self, request: Request, i: int) -> list[Row]:
+        """The rows of input i, admitted together (their source is encoded once): its samples, or its beams."""
+        source = self.encoder_tokenizer(request.sources[i], truncation=True,
+                                        max_length=self.bank.source_limit(request.names[i])).input_ids
+        if request.num_beams > 1:
+            group = BeamGroup(request.num_beams, request.max_new_tokens, request.min_new_tokens, self.eos,
+                              self.start_token)
+            return [Row(request, i, i, source, beam=group, beam_index=j) for j in range(request.num_beams)]
+        sampling = request.sampling
+        return [Row(request, i * request.n + j, i, source,
+                    generator=None if sampling.greedy else generator_for(sampling.seed, i * request.n + j))
+                for j in range(request.n)]
+
+    async def generate(self, names: list[str], sources: list[str], max_new_tokens: int, num_beams: int = 1,
+                       timeout: float | None = None, min_new_tokens: int = 0) -> list[str]:
+        """The texts of one request, greedy or beam search (generate()'s outputs)."""
+        return [c.text for c in await self.complete(names, sources, max_new_tokens, num_beams=num_beams,
+                                                    min_new_tokens=min_new_tokens, timeout=timeout)]
+
+    async def events(self, names: list[str], sources: list[str], max_new_tokens: int, **options):
+        """Pieces of the outputs as they are decoded (a beam group's text comes whole, when it ends)."""
         pieces: asyncio.Queue = asyncio.Queue()
-        task = asyncio.ensure_future(self.generate(names, sources, max_new_tokens, num_beams, timeout,
-                                                   lambda i, piece: pieces.put_nowait((i, piece)), min_new_tokens))
+        task = asyncio.ensure_future(self.complete(names, sources, max_new_tokens, on_piece=pieces.put_nowait,
+                                                   **options))
         task.add_done_callback(lambda _: pieces.put_nowait(None))
         try:
             while (item := await pieces.get()) is not None:
                 yield item
-            outputs = task.result()
-            if num_beams > 1:  # generate()'s path does not stream: each output comes whole
-                for i, text in enumerate(outputs):
-                    yield i, text
+            task.result()
         finally:
             task.cancel()
+
+    async def stream(self, names: list[str], sources: list[str], max_new_tokens: int, num_beams: int = 1,
+                     timeout: float | None = None, min_new_tokens: int = 0):
+        """(index, piece) as output `index` grows; the pieces of an output concatenate to generate()'s text."""
+        async for piece in self.events(names, sources, max_new_tokens, num_beams=num_beams, timeout=timeout,
+                                       min_new_tokens=min_new_tokens):
+            if piece.text:
+                yield piece.index, piece.text
 
     async def on_model_thread(self, fn, *args):
         """Run fn(*args) on the model's thread between two steps (loading, unloading adapters)."""
@@ -193,18 +265,6 @@ class Engine:
             raise PeftT5Error(f"{name}: a {method.name} adapter; the continuous engine runs adapters PEFT mixes per "
                               "row (LoRA); serve it with --engine static")
         return self.bank.add(name, path, trust_pickle)
-
-    async def _beam_search(self, names, sources, max_new_tokens, num_beams, deadline, min_new_tokens) -> list[str]:
-        outputs = []
-        for name, source in zip(names, sources):  # one input at a time: the other rows step in between
-            if deadline is not None and time.monotonic() > deadline:
-                raise DeadlineExceeded("the request ran past its deadline")
-            if name not in self.bank.names:
-                raise AdapterGone(f"adapter {name!r} was unloaded before this request ran")
-            outputs += await self.on_model_thread(functools.partial(
-                self.bank.generate_sources, [name], [source], max_new_tokens=max_new_tokens, num_beams=num_beams,
-                **({"min_new_tokens": min_new_tokens} if min_new_tokens else {})))
-        return outputs
 
     def _resolve(self, request: Request, result=None, error: Exception | None = None) -> None:
         request.failed = request.failed or error is not None
@@ -246,18 +306,22 @@ class Engine:
                 self.active = []
 
     def _admit(self) -> list[Row]:
-        """Waiting rows for the free slots, one request at a time in turn, within the per-step encoding budget."""
+        """Waiting inputs' rows for the free slots, one request at a time in turn, within the per-step encoding
+        budget (the rows of one input come in together)."""
         admitted, budget = [], self.max_encode_tokens
-        while self.waiting and len(self.active) + len(admitted) < self.max_rows:
+        while self.waiting:
             request = min(self.waiting, key=lambda r: r.active)  # the request holding fewest slots goes first
-            if request.active >= self.max_rows_per_request or admitted and len(self.waiting[request][0].source) > budget:
+            unit = self.waiting[request][0]
+            if (len(self.active) + len(admitted) + len(unit) > self.max_rows
+                    or request.active + len(unit) > self.max_rows_per_request
+                    or admitted and len(unit[0].source) > budget):
                 break
-            row = self.waiting[request].popleft()
+            self.waiting[request].popleft()
             if not self.waiting[request]:
                 del self.waiting[request]
-            request.active += 1
-            admitted.append(row)
-            budget -= len(row.source)
+            request.active += len(unit)
+            admitted += unit
+            budget -= len(unit[0].source)
         return admitted
 
     def _encode(self, rows: list[Row]) -> None:
@@ -277,29 +341,85 @@ class Engine:
 
     def _step(self) -> None:
         started = time.perf_counter()
-        last = torch.tensor([row.tokens[-1] if row.tokens else self.start_token for row in self.active])
-        logits = self.runner.step(last, [peft_name(row.name) for row in self.active])
-        early = [i for i, row in enumerate(self.active) if len(row.tokens) < row.request.min_new_tokens]
-        if early:
-            logits[early, self.eos] = -float("inf")
-        chosen = logits.argmax(-1).tolist()
-        leaving = []
-        for i, (row, token) in enumerate(zip(self.active, chosen)):
-            row.tokens.append(token)
-            ended = token == self.eos or len(row.tokens) >= row.request.max_new_tokens
-            if row.request.on_text is not None:
-                self._stream(row, ended)
-            if ended:
-                leaving.append(i)
-        for i in reversed(leaving):
+        rows = self.active
+        last = torch.tensor([row.tokens[-1] if row.tokens else self.start_token for row in rows])
+        logits = self.runner.step(last, [peft_name(row.name) for row in rows])
+        leaving = self._choose([i for i, row in enumerate(rows) if row.beam is None], logits)
+        leaving += self._step_beams(logits)
+        for i in sorted(leaving, reverse=True):
             self._retire(i)
         self.on_step(len(self.active) + len(leaving), time.perf_counter() - started)
 
+    def _choose(self, positions: list[int], logits: torch.Tensor) -> list[int]:
+        """The next token of every row not in a beam group; the positions of those that ended."""
+        if not positions:
+            return []
+        rows = [self.active[i] for i in positions]
+        choices = choose(logits[positions] if len(positions) < len(self.active) else logits,
+                         [row.request.sampling for row in rows],
+                         [[self.start_token, *row.tokens] for row in rows] if any(
+                             row.request.sampling.penalized for row in rows) else [],
+                         [len(row.tokens) for row in rows], [row.generator for row in rows],
+                         [len(row.tokens) < row.request.min_new_tokens for row in rows], self.eos,
+                         [row.request.want_logprob for row in rows])
+        leaving = []
+        for i, row, choice in zip(positions, rows, choices):
+            row.tokens.append(choice.token)
+            if row.request.want_logprob:
+                row.logprobs.append((choice.token, choice.logprob, choice.top))
+            ended = choice.token == self.eos or len(row.tokens) >= row.request.max_new_tokens
+            if row.request.stop and len(row.tokens) >= row.request.min_new_tokens:
+                ended = self._find_stop(row) or ended
+            if row.request.on_piece is not None:
+                self._stream(row, ended)
+            if ended:
+                leaving.append(i)
+        return leaving
+
+    def _step_beams(self, logits: torch.Tensor) -> list[int]:
+        """Each beam group's step: its beams re-ranked, their caches reordered; the positions of groups that ended."""
+        groups: dict[BeamGroup, list[int]] = {}
+        for i, row in enumerate(self.active):
+            if row.beam is not None:
+                groups.setdefault(row.beam, []).append(i)
+        leaving = []
+        for group, positions in groups.items():
+            positions.sort(key=lambda i: self.active[i].beam_index)  # rows move between slots as others leave
+            parents, tokens = group.step(logits[positions])
+            slots = [positions[p] for p in parents]
+            self.runner.reorder(positions, slots)
+            histories = [list(self.active[s].tokens) for s in slots]
+            for i, history, token in zip(positions, histories, tokens):
+                self.active[i].tokens = history + [token]
+            if group.done:
+                leaving += positions
+        return leaving
+
+    def _find_stop(self, row: Row) -> bool:
+        text = self._text(row.tokens)
+        found = [at for at in (text.find(s) for s in row.request.stop) if at >= 0]
+        if found:
+            row.cut = min(found)
+        return bool(found)
+
+    def _text(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
     def _stream(self, row: Row, ended: bool) -> None:
-        text = self.tokenizer.decode(row.tokens, skip_special_tokens=True).strip()
-        if (ended or not text.endswith("\ufffd")) and text.startswith(row.sent) and len(text) > len(row.sent):
+        """Send the text decoded since the last piece: never past a stop string, nor a tail that may begin one, nor
+        half a character."""
+        text = self._text(row.tokens)
+        if row.cut is not None:
+            text = text[:row.cut]
+        elif not ended:
+            text = text[:len(text) - held_back(text, row.request.stop)]
+            if text.endswith("\ufffd"):
+                return
+        if text.startswith(row.sent) and len(text) > len(row.sent) and not ended:
             piece, row.sent = text[len(row.sent):], text
-            self.loop.call_soon_threadsafe(row.request.on_text, row.index, piece)
+            logprobs = self._token_logprobs(row)[row.sent_tokens:] if row.request.want_logprob else []
+            row.sent_tokens += len(logprobs)
+            self.loop.call_soon_threadsafe(row.request.on_piece, Piece(row.index, piece, logprobs))
 
     def _free(self, i: int) -> Row:
         """Row i leaves its slot; the last active row takes it."""
@@ -311,13 +431,52 @@ class Engine:
         return row
 
     def _retire(self, i: int) -> None:
-        """Row i has ended: its text goes into its request, which is answered when its last row ends."""
+        """Row i has ended: its completion goes into its request, which is answered when its last output ends."""
         row = self._free(i)
+        if row.beam_index:
+            return
         request = row.request
-        request.outputs[row.index] = self.tokenizer.decode(row.tokens, skip_special_tokens=True).strip()
+        done = self._completion(row)
+        request.outputs[row.index] = done
+        if request.on_piece is not None:
+            logprobs = (done.logprobs or [])[row.sent_tokens:]
+            piece = done.text[len(row.sent):] if done.text.startswith(row.sent) else ""
+            self.loop.call_soon_threadsafe(request.on_piece, Piece(row.index, piece, logprobs, done))
         request.left -= 1
         if request.left == 0:
             self._resolve(request, list(request.outputs))
+
+    def _completion(self, row: Row) -> Completion:
+        tokens = row.beam.best() if row.beam is not None else row.tokens
+        text = self._text(tokens)
+        if row.cut is not None:
+            text = text[:row.cut]
+        reason = "stop" if row.cut is not None or (tokens and tokens[-1] == self.eos) else "length"
+        logprobs = self._token_logprobs(row, text) if row.request.want_logprob and row.beam is None else None
+        mean = (sum(lp for _, lp, _ in row.logprobs) / len(row.logprobs)) if row.logprobs else None
+        return Completion(text, len(tokens), reason, logprobs, mean, list(tokens))
+
+    def _token_logprobs(self, row: Row, text: str | None = None) -> list[TokenLogprob]:
+        """Each decoded token with its text: the growth of the output's text it brought (so that the pieces
+        concatenate to the text), up to `text`'s end; </s> brings none and is left out."""
+        entries, before = [], ""
+        for k, (token, logprob, top) in enumerate(row.logprobs):
+            if token == self.eos:
+                break
+            now = self._text(row.tokens[:k + 1])
+            piece = now[len(before):] if now.startswith(before) else ""
+            before = now if now.startswith(before) else before
+            if text is not None:
+                if len(before) - len(piece) >= len(text):
+                    break
+                piece = piece[:len(text) - (len(before) - len(piece))]
+            entries.append(TokenLogprob(piece, logprob, [(piece if t == token else self.token_text(t), v)
+                                                         for t, v in top]))
+        return entries
+
+    def token_text(self, token: int) -> str:
+        """A token's text on its own (sentencepiece's word-start mark as a space)."""
+        return self.tokenizer.convert_ids_to_tokens(token).replace("\u2581", " ")
 
     def _drop_finished_requests(self) -> None:
         """Rows of requests that ended (client gone, deadline passed, failed) or whose adapter was unloaded."""
@@ -331,6 +490,12 @@ class Engine:
         with self.wake:
             for request in [r for r in self.waiting if r.over]:
                 del self.waiting[request]
+
+
+def held_back(text: str, stops: tuple[str, ...]) -> int:
+    """How many characters at the end of text could begin a stop string (they wait for the next token)."""
+    return max((k for s in stops for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])),
+               default=0)
 
 
 def model_thread_threads() -> int:

@@ -18,6 +18,14 @@ class Busy(RuntimeError):
     """The server's queue is full: the request was not accepted."""
 
 
+class TooLarge(ValueError):
+    """A request asks for more rows at once (samples or beams of one input) than the server gives a request."""
+
+
+class NotServed(ValueError):
+    """A decoding setting this server's engine cannot honour (the static batcher: greedy and beams only)."""
+
+
 class ClientGone(ConnectionError):
     """The client closed its connection before its answer was ready: its rows were dropped."""
 
@@ -56,6 +64,10 @@ def api_error(e: Exception) -> ApiError | None:
         return ApiError(503, f"the server is busy: {e}")
     if isinstance(e, Stopping):
         return ApiError(503, f"the server is stopping: {e}; retry on another server or once it is back")
+    if isinstance(e, TooLarge):
+        return ApiError(422, f"n: {e}; ask for fewer", "n")
+    if isinstance(e, NotServed):
+        return ApiError(422, str(e))
     if isinstance(e, ClientGone):
         return ApiError(499, str(e))  # nginx's "client closed request": nobody reads it, /metrics counts it
     return None

@@ -25,30 +25,42 @@ def generation_routes(bank: AdapterBank, batcher: Batcher, settings, metrics) ->
     @router.post("/v1/generate", responses=errors(400, 401, 404, 413, 422, 503, 504))
     async def generate(body: GenerateRequest, request: Request):
         names, sources, truncated, answer = check_generate(body)
+        options = dict(num_beams=body.num_beams, n=body.n, sampling=body.sampling(body.logprobs), stop=body.stops,
+                       min_new_tokens=body.min_new_tokens, timeout=settings.request_timeout)
         if body.stream:
-            return StreamingResponse(stream(body, names, sources, truncated, answer), media_type="text/event-stream")
+            return StreamingResponse(stream(body, names, sources, truncated, answer, options),
+                                     media_type="text/event-stream")
         try:
-            raws = await while_connected(request, batcher.generate(
-                names, sources, body.max_new_tokens, body.num_beams, settings.request_timeout,
-                min_new_tokens=body.min_new_tokens))
+            done = await while_connected(request, batcher.complete(names, sources, body.max_new_tokens, **options))
         except Exception as e:
             raise api_error(e) or e
-        return reply(body, raws, truncated, answer)
+        return reply(body, done, truncated, answer)
 
-    def reply(body: GenerateRequest, raws: list[str], truncated: list[bool], answer) -> dict:
-        metrics.generated_tokens.inc(sum(len(ids) for ids in bank.tokenizer(raws).input_ids) if raws else 0)
-        return {"adapter": body.adapter, "outputs": [
-            {"output": answer(raw), "raw": raw, "truncated": cut} for raw, cut in zip(raws, truncated)]}
+    def reply(body: GenerateRequest, done: list, truncated: list[bool], answer) -> dict:
+        """Each input's output; with n > 1 also its candidates (the first is the output)."""
+        metrics.generated_tokens.inc(sum(c.tokens for c in done))
 
-    async def stream(body: GenerateRequest, names, sources, truncated, answer):
-        """Events {"index", "piece"} as raw outputs grow, then the reply /v1/generate gives, then [DONE]."""
-        raws = [""] * len(sources)
+        def output(c) -> dict:
+            return {"output": answer(c.text), "raw": c.text, "finish_reason": c.finish_reason, "tokens": c.tokens,
+                    **({"logprobs": [{"token": e.text, "logprob": e.logprob, "top": dict(e.top)} for e in c.logprobs]}
+                       if body.logprobs is not None and c.logprobs is not None else {})}
+        outputs = []
+        for i, cut in enumerate(truncated):
+            candidates = [output(c) for c in done[i * body.n:(i + 1) * body.n]]
+            outputs.append({**candidates[0], "truncated": cut, **({"candidates": candidates} if body.n > 1 else {})})
+        return {"adapter": body.adapter, "outputs": outputs}
+
+    async def stream(body: GenerateRequest, names, sources, truncated, answer, options):
+        """Events {"index", "piece"} as raw outputs grow (index: input i's candidate j is i * n + j), then the reply
+        /v1/generate gives, then [DONE]."""
+        done = [None] * (len(sources) * body.n)
         try:
-            async for i, piece in batcher.stream(names, sources, body.max_new_tokens, body.num_beams,
-                                                 settings.request_timeout, body.min_new_tokens):
-                raws[i] += piece
-                yield sse({"index": i, "piece": piece})
-            yield sse(reply(body, raws, truncated, answer))
+            async for piece in batcher.events(names, sources, body.max_new_tokens, **options):
+                if piece.text:
+                    yield sse({"index": piece.index, "piece": piece.text})
+                if piece.ended:
+                    done[piece.index] = piece.ended
+            yield sse(reply(body, done, truncated, answer))
         except Exception as e:  # the status line is sent: the error goes in the stream, in the one error shape
             known = api_error(e)
             yield sse({"error": known.message, "field": known.field} if known else
@@ -80,9 +92,13 @@ def generation_routes(bank: AdapterBank, batcher: Batcher, settings, metrics) ->
         if body.min_new_tokens > body.max_new_tokens:
             raise ApiError(422, f"min_new_tokens: {body.min_new_tokens} is over max_new_tokens "
                                 f"({body.max_new_tokens})", "min_new_tokens")
-        cost = len(body.inputs) * body.num_beams * body.max_new_tokens
+        if body.num_beams > 1:
+            check_beams(body)
+        rows = max(body.num_beams, body.n)
+        cost = len(body.inputs) * rows * body.max_new_tokens
         if cost > settings.max_request_tokens:
-            raise ApiError(413, f"max_new_tokens: {len(body.inputs)} inputs x {body.num_beams} beams x "
+            raise ApiError(413, f"max_new_tokens: {len(body.inputs)} inputs x {rows} "
+                                f"{'beams' if body.num_beams > 1 else 'candidates'} x "
                                 f"{body.max_new_tokens} tokens is {cost:,}, over this server's limit of "
                                 f"{settings.max_request_tokens:,} a request; send fewer inputs, beams or tokens",
                            "max_new_tokens")
@@ -100,6 +116,16 @@ def generation_routes(bank: AdapterBank, batcher: Batcher, settings, metrics) ->
         return [body.adapter] * len(sources), sources, [n > limit for n in lengths], answer
 
     return router
+
+
+def check_beams(body: GenerateRequest) -> None:
+    """Beam search ranks whole sequences: the fields that change how one token is chosen do not apply to it."""
+    for name in ("n", "logprobs", "stop", "temperature", "top_p", "top_k", "min_p", "seed", "repetition_penalty",
+                 "presence_penalty", "frequency_penalty"):
+        value = getattr(body, name)
+        if value is not None and not (name == "n" and value == 1) and not (name == "temperature" and value == 0):
+            raise ApiError(422, f"{name}: not with num_beams {body.num_beams}; beam search keeps the most likely "
+                                "sequences (send num_beams 1 to sample)", name)
 
 
 def adapter_routes(bank: AdapterBank, batcher: Batcher, settings, rating: dict | None, pinned: set[str]) -> APIRouter:

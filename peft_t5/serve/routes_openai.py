@@ -8,10 +8,11 @@ import secrets
 import time
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..bank import AdapterBank
 from ..errors import PeftT5Error
+from .engine import Completion, Piece, TokenLogprob
 from .failures import api_error, while_connected
 from .schemas import ApiError, ChatRequest, CompletionRequest, OpenAIErrorBody, OpenAIFields, errors, openai_error, sse
 
@@ -55,38 +56,64 @@ def openai_routes(bank: AdapterBank, engine, settings, metrics) -> APIRouter:
 
     async def complete(body: OpenAIFields, prompts: list[str], kind: str, prefix: str, request: Request):
         max_tokens = body.max_completion_tokens or body.max_tokens or 64
-        sources, prompt_tokens = check(body.model, prompts, max_tokens)
+        n, best_of, top = choices_asked(body)
+        sources, prompt_tokens, truncated = check(body.model, prompts, max_tokens, best_of)
         reply = {"id": f"{prefix}-{secrets.token_hex(12)}", "created": int(time.time()), "model": body.model}
+        options = dict(n=best_of, sampling=body.sampling(top), stop=body.stops, want_logprob=best_of > n,
+                       timeout=settings.request_timeout)
         names = [body.model] * len(sources)
+        headers = {"X-Truncated-Prompts": ",".join(map(str, truncated))} if truncated else None
         if body.stream:
-            return StreamingResponse(events(reply, kind, names, sources, max_tokens, prompt_tokens),
-                                     media_type="text/event-stream")
+            usage = body.stream_options is not None and body.stream_options.include_usage
+            return StreamingResponse(events(reply, kind, names, sources, max_tokens, options, n, prompt_tokens, top,
+                                            usage), media_type="text/event-stream", headers=headers)
         try:
-            texts = await while_connected(request, engine.generate(names, sources, max_tokens, 1,
-                                                                   settings.request_timeout))
+            done = await while_connected(request, engine.complete(names, sources, max_tokens, **options))
         except Exception as e:
             raise api_error(e) or e
-        reasons, used = ends(texts, max_tokens, prompt_tokens)
-        choices = [{"index": i, **shape(kind, text), "finish_reason": reason}
-                   for i, (text, reason) in enumerate(zip(texts, reasons))]
-        return {**reply, "object": kind, "choices": choices, "usage": used}
+        kept = best_n(done, n, best_of)
+        choices = [{"index": i, **shape(kind, c.text, top, c.logprobs), "finish_reason": c.finish_reason}
+                   for i, c in enumerate(kept)]
+        return JSONResponse({**reply, "object": kind, "choices": choices, "usage": usage_of(done, prompt_tokens)},
+                            headers=headers)
 
-    async def events(reply: dict, kind: str, names: list[str], sources: list[str], max_tokens: int,
-                     prompt_tokens: int):
+    def choices_asked(body: OpenAIFields) -> tuple[int, int, int | None]:
+        """(n, best_of, how many alternatives each token's log-probabilities list; None: none asked)."""
+        n = body.n or 1
+        best_of = max(getattr(body, "best_of", None) or n, n)
+        if isinstance(body, ChatRequest):
+            return n, best_of, (body.top_logprobs or 0) if body.logprobs or body.top_logprobs is not None else None
+        return n, best_of, body.logprobs
+
+    async def whole(names: list[str], sources: list[str], max_tokens: int, options: dict, n: int):
+        """best_of above n: the best n are known once all samples end, so each comes whole."""
+        done = await engine.complete(names, sources, max_tokens, **options)
+        for i, c in enumerate(best_n(done, n, options["n"])):
+            yield Piece(i, c.text, c.logprobs or [], c)
+
+    async def events(reply: dict, kind: str, names: list[str], sources: list[str], max_tokens: int, options: dict,
+                     n: int, prompt_tokens: int, top: int | None, include_usage: bool):
         kind = kind + ".chunk" if kind == "chat.completion" else kind
-        texts = [""] * len(sources)
+        offsets, ended = [0] * (len(sources) * n), []
+
+        def chunk(choices: list[dict], **extra) -> str:
+            return sse({**reply, "object": kind, "choices": choices, **extra})
         try:
             if kind == "chat.completion.chunk":
-                yield sse({**reply, "object": kind, "choices": [
-                    {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
-            async for i, piece in engine.stream(names, sources, max_tokens, 1, settings.request_timeout):
-                texts[i] += piece
-                yield sse({**reply, "object": kind, "choices": [{"index": i, **shape(kind, piece, delta=True),
-                                                                 "finish_reason": None}]})
-            reasons, used = ends(texts, max_tokens, prompt_tokens)
-            yield sse({**reply, "object": kind, "choices": [
-                {"index": i, **shape(kind, "", delta=True), "finish_reason": reason}
-                for i, reason in enumerate(reasons)], "usage": used})
+                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                             for i in range(len(offsets))])
+            async for piece in (engine.events(names, sources, max_tokens, **options) if options["n"] == n else
+                                whole(names, sources, max_tokens, options, n)):
+                if piece.text or piece.logprobs:
+                    yield chunk([{"index": piece.index, **shape(kind, piece.text, top, piece.logprobs, delta=True,
+                                                                offset=offsets[piece.index]), "finish_reason": None}])
+                    offsets[piece.index] += len(piece.text)
+                if piece.ended:
+                    ended.append(piece.ended)
+                    yield chunk([{"index": piece.index, **shape(kind, "", None, None, delta=True),
+                                  "finish_reason": piece.ended.finish_reason}])
+            if include_usage:  # OpenAI's last chunk: no choices, the usage of the whole request
+                yield chunk([], usage=usage_of(ended, prompt_tokens))
         except Exception as e:  # the status line is sent: the error goes in the stream, in the one error shape
             known = api_error(e)
             yield sse(openai_error(known.status, known.message, known.field) if known else
@@ -95,8 +122,9 @@ def openai_routes(bank: AdapterBank, engine, settings, metrics) -> APIRouter:
                 raise
         yield "data: [DONE]\n\n"
 
-    def check(model: str, prompts: list[str], max_tokens: int) -> tuple[list[str], int]:
-        """The prompts as sources for the adapter, and their token count; refused beyond the server's limits."""
+    def check(model: str, prompts: list[str], max_tokens: int, samples: int) -> tuple[list[str], int, list[int]]:
+        """The prompts as sources for the adapter, the tokens the model reads of them, and which prompts are cut to
+        the adapter's source length; refused beyond the server's limits."""
         if model not in bank.names:
             raise ApiError(404, f"model: no adapter named {model!r}; GET /v1/models lists them", "model")
         if len(prompts) > settings.max_inputs:
@@ -109,31 +137,57 @@ def openai_routes(bank: AdapterBank, engine, settings, metrics) -> APIRouter:
         if max_tokens > settings.max_new_tokens:
             raise ApiError(422, f"max_tokens: {max_tokens} is over this server's limit of {settings.max_new_tokens}",
                            "max_tokens")
-        if len(prompts) * max_tokens > settings.max_request_tokens:
-            raise ApiError(413, f"max_tokens: {len(prompts)} prompts x {max_tokens} tokens is over this server's "
-                                f"limit of {settings.max_request_tokens:,} tokens a request; send fewer prompts or "
-                                "lower max_tokens", "max_tokens")
+        if len(prompts) * samples * max_tokens > settings.max_request_tokens:
+            raise ApiError(413, f"max_tokens: {len(prompts)} prompts x {samples} samples x {max_tokens} tokens is over "
+                                f"this server's limit of {settings.max_request_tokens:,} tokens a request; send fewer "
+                                "prompts or samples, or lower max_tokens", "max_tokens")
         try:
             sources = bank.sources(model, prompts)
+            limit = bank.source_limit(model)
         except PeftT5Error as e:  # a template of several fields (squad: question and context)
             raise ApiError(422, f"prompt: {e}; a prompt fills one field: use POST /v1/generate for this adapter",
                            "prompt")
-        prompt_tokens = sum(len(ids) for ids in bank.tokenizer(sources).input_ids)
+        lengths = [len(ids) for ids in bank.tokenizer(sources).input_ids]
+        prompt_tokens = sum(min(n, limit) for n in lengths)
         metrics.source_tokens.inc(prompt_tokens)
-        return sources, prompt_tokens
+        return sources, prompt_tokens, [i for i, n in enumerate(lengths) if n > limit]
 
-    def ends(texts: list[str], max_tokens: int, prompt_tokens: int) -> tuple[list[str], dict]:
-        """Each output's finish_reason, and the usage; each output tokenized once."""
-        counts = [len(ids) for ids in bank.tokenizer(texts, add_special_tokens=False).input_ids] if texts else []
-        metrics.generated_tokens.inc(sum(counts))
-        reasons = ["length" if n >= max_tokens else "stop" for n in counts]
-        return reasons, {"prompt_tokens": prompt_tokens, "completion_tokens": sum(counts),
-                         "total_tokens": prompt_tokens + sum(counts)}
+    def usage_of(done: list[Completion], prompt_tokens: int) -> dict:
+        """The tokens the engine decoded (every sample of best_of, </s> included) and those the model read."""
+        decoded = sum(c.tokens for c in done)
+        metrics.generated_tokens.inc(decoded)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": decoded, "total_tokens": prompt_tokens + decoded}
 
     return router
 
 
-def shape(kind: str, text: str, delta: bool = False) -> dict:
+def best_n(done: list[Completion], n: int, best_of: int) -> list[Completion]:
+    """Of each prompt's best_of samples, the n with the highest mean log-probability (best first)."""
+    if best_of == n:
+        return done
+    groups = [done[i:i + best_of] for i in range(0, len(done), best_of)]
+    return [c for group in groups for c in sorted(group, key=lambda c: -(c.mean_logprob or 0.0))[:n]]
+
+
+def shape(kind: str, text: str, top: int | None, logprobs: list[TokenLogprob] | None, delta: bool = False,
+          offset: int = 0) -> dict:
+    """A choice's text (or delta), and its log-probabilities in the route's shape when they were asked for."""
     if kind.startswith("chat"):
-        return {"delta": {"content": text}} if delta else {"message": {"role": "assistant", "content": text}}
-    return {"text": text, "logprobs": None}
+        content = {"content": text} if delta else {"role": "assistant", "content": text}
+        return {"delta" if delta else "message": content,
+                **({"logprobs": chat_logprobs(logprobs)} if top is not None and logprobs is not None else {})}
+    return {"text": text, "logprobs": completion_logprobs(logprobs, offset) if top is not None and logprobs is not None
+            else None}
+
+
+def completion_logprobs(entries: list[TokenLogprob], offset: int = 0) -> dict:
+    offsets = [offset + sum(len(e.text) for e in entries[:i]) for i in range(len(entries))]
+    return {"tokens": [e.text for e in entries], "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [dict(e.top) for e in entries], "text_offset": offsets}
+
+
+def chat_logprobs(entries: list[TokenLogprob]) -> dict:
+    def token(text: str, logprob: float) -> dict:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+    return {"content": [{**token(e.text, e.logprob), "top_logprobs": [token(t, v) for t, v in e.top]}
+                        for e in entries], "refusal": None}

@@ -34,47 +34,85 @@ def Int(low: int, high: int | None = None):  # noqa: N802 (a type)
 Text = Annotated[StrictStr, AfterValidator(unicode_text)]
 
 
-class GenerateRequest(BaseModel):
+def Real(low: float, high: float, above: bool = False):  # noqa: N802 (a type)
+    """A JSON number in [low, high] (or (low, high] with above): "0.5" and true refused, the bounds in the spec."""
+    return Annotated[float, Field(gt=low, le=high, strict=True) if above else Field(ge=low, le=high, strict=True)]
+
+
+Stop = Union[Annotated[Text, Field(min_length=1)], Annotated[list[Annotated[Text, Field(min_length=1)]],
+                                                                  Field(min_length=1, max_length=4)]]
+
+
+class DecodingFields(BaseModel):
+    """How tokens are chosen, with OpenAI's names and ranges, on /v1/generate and the OpenAI routes alike. Without
+    temperature, decoding is greedy unless top_p, top_k, min_p or seed is sent (they ask for sampling, at OpenAI's
+    temperature 1); temperature 0 is greedy. The meanings are transformers' (top_k 0 or -1: off) and OpenAI's
+    (presence and frequency penalties over the tokens decoded)."""
     model_config = ConfigDict(extra="forbid")
+    temperature: Real(0, 2) | None = None
+    top_p: Real(0, 1) | None = None
+    top_k: Int(-1) | None = None
+    min_p: Real(0, 1) | None = None
+    repetition_penalty: Real(0, 10, above=True) | None = None
+    presence_penalty: Real(-2, 2) | None = None
+    frequency_penalty: Real(-2, 2) | None = None
+    seed: Int(-2**53, 2**53) | None = None  # bounds a JSON number holds exactly
+    stop: Stop | None = None  # the output ends before the first of these strings
+
+    @property
+    def stops(self) -> tuple[str, ...]:
+        return () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    def sampling(self, logprobs: int | None = None):
+        from .decoding import Sampling
+
+        sampled = self.temperature if self.temperature is not None else (
+            1.0 if (self.top_p is not None or self.top_k not in (None, 0, -1) or self.min_p is not None
+                    or self.seed is not None) else 0.0)
+        return Sampling(temperature=sampled, top_p=1.0 if self.top_p is None else self.top_p,
+                        top_k=max(self.top_k or 0, 0), min_p=self.min_p or 0.0,
+                        repetition_penalty=self.repetition_penalty or 1.0,
+                        presence_penalty=self.presence_penalty or 0.0,
+                        frequency_penalty=self.frequency_penalty or 0.0, seed=self.seed, logprobs=logprobs)
+
+
+class GenerateRequest(DecodingFields):
     adapter: Text
     # the limits the server checks itself (its own messages, 413 for too many) are stated for clients in the spec
     inputs: Annotated[list[Union[Text, dict[Text, Text]]], Field(json_schema_extra={"minItems": 1})]
     prompt_of: Text | None = None
     max_new_tokens: Int(1) = 64
     num_beams: Int(1, 8) = 1
+    n: Int(1, 128) = 1  # candidates per input (sampled)
+    logprobs: Int(0, 5) | None = None  # each token's log-probability, and the k most likely
     min_new_tokens: Int(0) = 0  # </s> is not chosen before this many tokens (as generate()'s)
     stream: StrictBool = False  # server-sent events: pieces of each output as they are decoded
 
 
-Number = Annotated[float, Field(ge=0)]
-
-
-class OpenAIFields(BaseModel):
-    """The OpenAI request fields peft-t5 takes. Decoding is greedy: the sampling fields clients send by default
-    (temperature, top_p, seed, penalties, user) are accepted and have no effect; fields that would change what
-    comes back (n, best_of, logprobs, echo, stop, suffix) are refused unless they ask for the default."""
+class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    include_usage: StrictBool = False
+
+
+class OpenAIFields(DecodingFields):
+    """The OpenAI request fields peft-t5 takes. echo and suffix are refused: T5's prompt is the encoder's input, so
+    it has no next-token log-probabilities to echo, and T5 has no insertion mode."""
     model: Text
     max_tokens: Int(1) | None = None
     max_completion_tokens: Int(1) | None = None
     stream: StrictBool = False
-    stream_options: dict | None = None
-    temperature: Number | None = None
-    top_p: Number | None = None
-    seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    stream_options: StreamOptions | None = None
     user: Text | None = None
-    n: Int(1, 1) | None = None
-    best_of: Int(1, 1) | None = None
-    logprobs: None = None
+    n: Int(1, 128) | None = None
     echo: Literal[False] | None = None
-    stop: None = None
     suffix: None = None
 
 
 class CompletionRequest(OpenAIFields):
     prompt: Union[Text, Annotated[list[Text], Field(min_length=1)]]
+    best_of: Int(1, 128) | None = None  # samples per prompt, the n with the highest mean log-probability come back
+    # (below n counts as n)
+    logprobs: Int(0, 5) | None = None
 
 
 class ChatMessage(BaseModel):
@@ -85,6 +123,8 @@ class ChatMessage(BaseModel):
 
 
 class ChatRequest(OpenAIFields):
+    logprobs: StrictBool | None = None
+    top_logprobs: Int(0, 20) | None = None  # given, it asks for log-probabilities (as logprobs true)
     # the adapter answers the last user message: the spec says one is needed (the route refuses a chat without)
     messages: Annotated[list[ChatMessage], Field(min_length=1, json_schema_extra={
         "contains": {"type": "object", "properties": {"role": {"const": "user"}}, "required": ["role"]}})]

@@ -96,10 +96,15 @@ class T5Runner:
 
     @torch.inference_mode()
     def add(self, sources: list[list[int]], names: list[str] | None) -> None:
-        """Encode new rows (token ids, each ending with </s>) and give them slots n.. n+len-1."""
+        """Encode new rows (token ids, each ending with </s>) and give them slots n.. n+len-1. Rows with the same
+        source and adapter (the samples or beams of one input) are encoded once and their cross-attention copied."""
         m = len(sources)
         self._fit(self.n + m, 1, max(len(s) for s in sources))
-        for group in length_groups(sources):
+        keys = [(tuple(s), names[i] if names is not None else None) for i, s in enumerate(sources)]
+        first = {key: i for i, key in reversed(list(enumerate(keys)))}  # each key's first row
+        unique = sorted(set(first.values()))
+        for group in length_groups([sources[i] for i in unique]):
+            group = [unique[j] for j in group]
             longest = max(len(sources[i]) for i in group)
             ids = torch.zeros((len(group), longest), dtype=torch.long, device=self.device)
             mask = torch.zeros((len(group), longest), dtype=torch.bool, device=self.device)
@@ -112,8 +117,24 @@ class T5Runner:
                 k, v = project(block.layer[1].EncDecAttention, hidden, group_names)
                 self.cross_k[layer][slots, :, :longest], self.cross_v[layer][slots, :, :longest] = k, v  # beyond: masked
             self.source_lengths[slots] = mask.sum(1)
+        copies = [(self.n + i, self.n + first[key]) for i, key in enumerate(keys) if first[key] != i]
+        if copies:
+            to, of = (torch.tensor(c, device=self.device) for c in zip(*copies))
+            for tensors in (self.cross_k, self.cross_v):
+                for t in tensors:
+                    t[to] = t[of]
+            self.source_lengths[to] = self.source_lengths[of]
         self.lengths[self.n:self.n + m] = 0
         self.n += m
+
+    @torch.inference_mode()
+    def reorder(self, slots: list[int], parents: list[int]) -> None:
+        """Beam search: slot slots[j] takes the self-attention state of slot parents[j] (all of one input, at one
+        length: cross-attention is the same for all)."""
+        to, of = torch.tensor(slots, device=self.device), torch.tensor(parents, device=self.device)
+        for tensors in (self.self_k, self.self_v):
+            for t in tensors:
+                t[to] = t[of]
 
     def _encode(self, ids: torch.Tensor, mask: torch.Tensor, names: list[str] | None) -> torch.Tensor:
         encoder = self.t5.encoder
