@@ -109,3 +109,15 @@ def test_litellm_completion(server, client):
                                             max_tokens=12, n=2, **SAMPLING)
     assert [c.message.content for c in reply.choices] == [c.message.content for c in direct.choices]
     assert reply.usage.completion_tokens == direct.usage.completion_tokens
+
+
+def test_usage_counts_the_tokens_decoded_and_the_prompt_tokens_read(client):
+    for max_tokens in (1, 2, 3, 5, 8):  # text that re-tokenizes into more tokens than were decoded
+        done = client.completions.create(model="jokes", prompt="ü ñ 😀 مرحبا", max_tokens=max_tokens)
+        assert done.usage.completion_tokens <= max_tokens
+        assert done.choices[0].finish_reason == ("length" if done.usage.completion_tokens == max_tokens else "stop")
+    long = " ".join(["word"] * 200)  # the adapter reads 48 source tokens
+    raw = client.completions.with_raw_response.create(model="jokes", prompt=[JOKES[0], long], max_tokens=2)
+    assert raw.headers["x-truncated-prompts"] == "1"
+    short = client.completions.create(model="jokes", prompt=JOKES[0], max_tokens=2).usage.prompt_tokens
+    assert raw.parse().usage.prompt_tokens == short + 48

@@ -67,6 +67,16 @@ def test_page_generates_rates_blind_and_summarises(browser, site):
     expected = bank.generate("jokes", [question])[0]
     assert shown["jokes"] == expected and set(shown) == {"base", "jokes"}
     assert browser.find_element(By.ID, "error").text == ""
+    for field, value in (("temperature", "1.5"), ("candidates", "3")):  # sampled candidates, side by side
+        browser.find_element(By.ID, field).clear()
+        browser.find_element(By.ID, field).send_keys(value)
+    browser.find_element(By.ID, "generate").click()
+    rows = wait(browser, lambda d: [r for r in d.find_elements(By.CSS_SELECTOR, "#outputs tbody tr")
+                                    if len(r.find_elements(By.TAG_NAME, "td")) == 4])
+    heads = [th.text for th in browser.find_elements(By.CSS_SELECTOR, "#outputs thead th")]
+    assert heads == ["system", "candidate 1", "candidate 2", "candidate 3"] and len(rows) == 2
+    jokes = next(r for r in rows if r.find_elements(By.TAG_NAME, "td")[0].text == "jokes")
+    assert len({td.text for td in jokes.find_elements(By.TAG_NAME, "td")[1:]}) > 1  # sampled, not one answer 3x
 
     browser.find_element(By.ID, "tab-rate").click()
     for _ in range(2):
