@@ -29,9 +29,9 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import jokes_records, machine, squad_records, write_results  # noqa: E402
-from serve_throughput import load, make_adapters, start_server  # noqa: E402
+from serve_throughput import STATIC_FROM, checkout, load, make_adapters, start_server  # noqa: E402
 
-ENGINES = {"continuous": ("--engine", "continuous"), "static": ("--engine", "static")}
+ENGINES = {"continuous": (), "static": ("--engine", "static", "--max_wait_ms", "5.0")}  # static: from STATIC_FROM
 
 
 class PeakRss:
@@ -161,12 +161,12 @@ def main() -> None:
     requests = args.clients * (4 if args.quick else 8)
     results = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "config": "t5-small", "clients": args.clients,
                "requests": requests, "output_tokens": "4..64, forced", "engines": {}}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, checkout(STATIC_FROM) as static:
         base, adapters = make_adapters(Path(tmp), "t5-small")
         for engine in args.engines:
             flags = ENGINES[engine] + (("--max_rows_per_request", str(args.max_rows_per_request))
                                        if engine == "continuous" else ())
-            process, url = start_server(base, adapters, "across", 5.0, flags)
+            process, url = start_server(base, adapters, flags, static if engine == "static" else None, engine)
             try:
                 cell = {}
                 with PeakRss(process.pid) as rss:

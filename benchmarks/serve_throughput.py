@@ -1,6 +1,8 @@
 """Serving throughput and latency: `peft-t5 serve` with 2 adapters, mixed-adapter requests from 1, 8, 32 clients.
 
-The static batcher's modes (--engine static; the continuous engine is measured in serve_engine.py). Three servers, side by side in one run (each its own process on 127.0.0.1, clients in this one):
+The static batcher's modes, run from the last commit that had it (STATIC_FROM: one engine has served every method
+since; that engine is measured in serve_engine.py). Three servers, side by side in one run (each its own process on
+127.0.0.1, clients in this one):
   across: batching across requests and adapters (the default);
   none:   the same server, one request per generate call;
   switch: one request at a time, setting the active adapter per request (what a plain PeftModel loop does).
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import random
 import socket
@@ -25,9 +28,21 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CONFIGS, jokes_records, machine, write_results  # noqa: E402
+from common import CONFIGS, ROOT, jokes_records, machine, write_results  # noqa: E402
 
 MODES = ("across", "none", "switch")
+STATIC_FROM = "07205b8"  # the last commit with the static batcher (`--engine static`), the baseline it measures
+
+
+@contextlib.contextmanager
+def checkout(rev: str):
+    """A temporary git worktree of this repository at `rev`, to run an earlier server from."""
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(["git", "worktree", "add", "--detach", "-q", tmp + "/src", rev], cwd=ROOT, check=True)
+        try:
+            yield tmp + "/src"
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", tmp + "/src"], cwd=ROOT)
 
 
 def make_base(folder: Path, config: str) -> str:
@@ -77,16 +92,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(base: str, adapters: dict[str, str], mode: str, max_wait_ms: float,
-                 extra: tuple[str, ...] = ("--engine", "static")) -> tuple[subprocess.Popen, str]:
+def start_server(base: str, adapters: dict[str, str], extra: tuple[str, ...] = (), source: str | None = None,
+                 mode: str = "engine") -> tuple[subprocess.Popen, str]:
+    """`peft-t5 serve` with these adapters and flags, from this checkout or from `source` (another checkout)."""
     import httpx
 
     port = free_port()
-    cmd = [sys.executable, "-m", "peft_t5", "serve", "--base", base, "--port", str(port), "--batching", mode,
-           "--max_wait_ms", str(max_wait_ms), *extra,
+    cmd = [sys.executable, "-m", "peft_t5", "serve", "--base", base, "--port", str(port), *extra,
            *[a for n, p in adapters.items() for a in ("--adapter", f"{n}={p}")]]
-    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **({"PYTHONPATH": source} if source else {})}
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+                               cwd=source)  # there, `-m peft_t5` finds that checkout's package first
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -151,10 +167,11 @@ def main() -> None:
     questions = [r["question"] for r in jokes_records()[0][:2000]]
     results = {"machine": machine(), "config": args.config, "max_new_tokens": args.max_new_tokens,
                "max_wait_ms": args.max_wait_ms, "modes": {}}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, checkout(STATIC_FROM) as static:
         base, adapters = make_adapters(Path(tmp), args.config)
         for mode in MODES:
-            process, url = start_server(base, adapters, mode, args.max_wait_ms)
+            process, url = start_server(base, adapters, ("--engine", "static", "--batching", mode, "--max_wait_ms",
+                                                         str(args.max_wait_ms)), static, mode)
             try:
                 for clients in args.clients:
                     count = args.requests or max(32, 8 * clients) // (2 if args.quick else 1)

@@ -77,6 +77,7 @@ class Method:
     why_no_merge: str = ""
     needs_steps: bool = False  # its schedule spans the run: the total number of steps must be known
     one_per_model: bool = False  # a PeftModel holds one adapter of it (AdaLoRA)
+    soft_prompt: bool = False  # its adapter is embeddings put before the encoder's input; the layers stay the base's
 
     def settings(self, given: dict) -> dict:
         """The user's flags for this method, with defaults for the rest; a flag of another method is refused."""
@@ -112,6 +113,7 @@ METHODS = {m.name: m for m in (
                        "deltaT", "orth_reg_weight"), _adalora, can_merge=True, mixed_batches=False, kbit=True,
            needs_steps=True, one_per_model=True),
     Method("prompt_tuning", ("num_virtual_tokens",), _prompt_tuning, can_merge=False, mixed_batches=False, kbit=True,
+           soft_prompt=True,
            why_no_merge="its virtual tokens are inputs prepended to every source, not weights, so there is nothing to "
                         "add to the base; serve or load it as an adapter"),
     Method("vera", ("lora_r", "lora_dropout", "target_modules"), _vera, can_merge=True, mixed_batches=False, kbit=True),

@@ -3,6 +3,7 @@ logits, merges within the LoRA bound where PEFT can merge it (and is refused in 
 AdaLoRA's rank budget really shrinks; LoRA+ gives B the larger learning rate; a flag of another method is refused."""
 import json
 import re
+import time
 
 import pytest
 import torch
@@ -121,48 +122,54 @@ def distinct(tmp_path_factory):
     torch.manual_seed(0)
     spread_weights(tiny_model(), 0.2).save_pretrained(root / "base")
     tiny_tokenizer().save_pretrained(root / "base")
-    for seed, name in enumerate(METHODS):
+    for seed, name in enumerate([*METHODS, "ia3_b"]):  # and a second IA3 adapter, to switch between
         torch.manual_seed(seed)
-        method = get_method(name)
+        method = get_method(name.removesuffix("_b"))
         model = add_adapter(load_base_model(str(root / "base")), method.build(method.settings({}), 100))
         with torch.no_grad():
             for p in model.parameters():
                 if p.requires_grad:
                     p.add_(torch.randn_like(p) * 0.5)
         save_adapter(model, tiny_tokenizer(), root / name, {"task": "jokes", "base_model": str(root / "base"),
-                                                            "method": name, "template": "{question}"}, "test adapter")
+                                                            "method": method.name, "template": "{question}"},
+                     "test adapter")
     return root
 
 
-@pytest.mark.parametrize("name", [n for n in METHODS if n != "lora"])
-def test_an_adapter_of_each_method_served_beside_lora_equals_generate_py(distinct, capsys, name):
-    """One server, one base: LoRA, the other method and the bare base asked at once, gathered into one batch (LoRA
-    and base mixed per row, the other method in its own sub-batch); each answers as generate.py does with that
-    adapter alone on its base."""
+def test_one_server_decodes_every_method_beside_the_others_as_generate_py_does_alone(distinct, capsys):
+    """One server, one base, an adapter of each of the six methods (two of IA3, made active in turn) and the bare
+    base, requests sent a little apart into 5 rows (so rows wait, join mid-flight and leave): each answers as
+    generate.py does with that adapter alone on its base."""
     from concurrent.futures import ThreadPoolExecutor
 
     import httpx
 
     from peft_t5.serve.app import ServeSettings, create_app, running
 
-    lora, other = str(distinct / "lora"), str(distinct / name)
-    expected = {"l": generate_py(capsys, {"l": lora}, "l"), name: generate_py(capsys, {name: other}, name),
-                "base": generate_py(capsys, {"l": lora}, "base")}
-    assert len({tuple(outputs) for outputs in expected.values()}) == 3, expected  # three different answers
-    bank = AdapterBank.load(None, {"l": lora, name: other})  # the base recorded in the adapters
-    bodies = [{"adapter": a, "inputs": QUESTIONS, "max_new_tokens": 8, **({"prompt_of": "l"} if a == "base" else {})}
-              for a in expected]
-    with running(create_app(bank, ServeSettings(max_wait_ms=2000, max_batch_size=len(QUESTIONS) * 3))) as url:
-        with ThreadPoolExecutor(3) as pool:
-            replies = list(pool.map(lambda b: httpx.post(url + "/v1/generate", json=b, timeout=60), bodies))
+    adapters = {name: str(distinct / name) for name in [*METHODS, "ia3_b"]}
+    expected = {name: generate_py(capsys, {name: path}, name) for name, path in adapters.items()}
+    expected["base"] = generate_py(capsys, {"lora": adapters["lora"]}, "base")
+    assert len({tuple(outputs) for outputs in expected.values()}) == 8, expected  # eight different answers
+    bank = AdapterBank.load(None, adapters)  # the base recorded in the adapters
+
+    def ask(item):
+        i, adapter = item
+        time.sleep(0.05 * i)
+        return httpx.post(url + "/v1/generate", timeout=60, json={
+            "adapter": adapter, "inputs": QUESTIONS, "max_new_tokens": 8,
+            **({"prompt_of": "lora"} if adapter == "base" else {})})
+    with running(create_app(bank, ServeSettings(max_rows=5, max_rows_per_request=2))) as url:
+        with ThreadPoolExecutor(8) as pool:
+            replies = dict(zip(expected, pool.map(ask, enumerate(expected))))
         listed = {a["name"]: a for a in httpx.get(url + "/v1/adapters").json()["adapters"]}
-        metrics = httpx.get(url + "/metrics").text
-    served = {b["adapter"]: [o["output"] or "(empty output)" for o in r.json()["outputs"]]
-              for b, r in zip(bodies, replies)}
+        steps = httpx.get(url + "/metrics").text
+    served = {name: [o["output"] or "(empty output)" for o in r.json()["outputs"]] for name, r in replies.items()}
     assert served == expected
-    assert "peft_t5_batch_examples_count 1.0" in metrics  # the three requests ran as one batch
-    assert listed["l"]["batches"] == "mixed with other adapters"
-    assert listed[name]["method"] == name and listed[name]["batches"] == "one sub-batch per adapter"
+    # a request holds at most 2 rows, so steps of more rows ran several requests' (methods') rows together
+    at_most_2 = float(re.search(r'peft_t5_step_rows_bucket\{le="2.0"\} (\S+)', steps)[1])
+    assert float(re.search(r"peft_t5_step_rows_count (\S+)", steps)[1]) > at_most_2
+    assert listed["lora"]["batches"] == "mixed per row with other adapters"
+    assert listed["ia3"]["method"] == "ia3" and listed["ia3"]["batches"] == "a forward pass of its own each step"
 
 
 def test_adapters_of_different_methods_share_the_base_layers_and_come_and_go(trained):

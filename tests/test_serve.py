@@ -62,7 +62,7 @@ def server(root, tmp_path_factory):
     bank = AdapterBank.load("tiny", {"jokes": str(root / "jokes"), "squad": str(root / "squad")})
     questions = [{"question": q, "answer": ""} for q in JOKES[:3]]
     ratings = tmp_path_factory.mktemp("ratings") / "ratings.db"
-    settings = ServeSettings(api_key=KEY, adapter_root=str(root), max_wait_ms=50, max_inputs=8,
+    settings = ServeSettings(api_key=KEY, adapter_root=str(root), max_inputs=8,
                              rate_questions=questions, rate_systems=["base", "jokes"], ratings=str(ratings))
     app = create_app(bank, settings)
     with running(app) as url:
@@ -158,7 +158,8 @@ def test_adapters_load_and_unload_at_run_time_only_from_under_the_root(server, r
     assert [o["output"] for o in out] == reference["jokes2"]
     assert post(url, "/v1/adapters", {"name": "jokes2", "path": "jokes2"}).status_code == 409
     assert httpx.delete(url + "/v1/adapters/jokes2", headers=AUTH).json() == {"unloaded": "jokes2"}
-    assert post(url, "/v1/generate", {"adapter": "jokes2", "inputs": ["x"]}).status_code == 404
+    assert "jokes2" not in [a["name"] for a in httpx.get(url + "/v1/adapters", headers=AUTH).json()["adapters"]]
+    assert post(url, "/v1/generate", {"adapter": "nowhere", "inputs": ["x"]}).status_code == 404
 
     (root / "link-out").symlink_to(tmp_path)
     make_adapter(tmp_path / "outside", "jokes", 4)
@@ -208,7 +209,7 @@ def test_metrics_are_prometheus_text_with_requests_errors_latency_batches_and_to
     text = httpx.get(url + "/metrics", headers=AUTH).text
     for line in ['peft_t5_requests_total{route="/v1/generate",status="200"}',
                  'peft_t5_errors_total{route="/v1/generate",status="404"}',
-                 'peft_t5_request_seconds_bucket{le="0.005",route="/v1/generate"}', "peft_t5_batch_examples_bucket",
+                 'peft_t5_request_seconds_bucket{le="0.005",route="/v1/generate"}', "peft_t5_step_rows_bucket",
                  "peft_t5_source_tokens_total", "peft_t5_generated_tokens_total"]:
         assert line in text, line
 

@@ -25,31 +25,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=8000, help="Port to listen on (default 8000; 0: any free one)")
     parser.add_argument("--api_key", help=f"Require 'Authorization: Bearer KEY' on every route but /health "
                                           f"(or set {KEY_VARIABLE})")
-    parser.add_argument("--adapter_root", help="Allow POST /v1/adapters to load folders under this one (only)")
-    parser.add_argument("--engine", choices=["continuous", "static"], default="continuous",
-                        help="continuous: every decoding step runs every request's rows, each with its adapter, and "
-                             "rows join and leave between steps (default); static: requests -> generate() calls "
-                             "(used by itself where an adapter's method cannot be mixed per row)")
+    parser.add_argument("--adapter_root", help="Load adapters at run time from folders under this one (only): by "
+                                               "POST /v1/adapters, or on demand when a request names one")
+    parser.add_argument("--max_loaded_adapters", type=int,
+                        help="With --adapter_root: adapters held at once; to load another, the least recently used "
+                             "one not named at start and not in use is unloaded (default: no bound)")
     parser.add_argument("--quantize", choices=["int8"], help="int8: the base's linear layers in dynamic int8 (CPU)")
-    parser.add_argument("--max_rows", type=int, default=64, help="continuous: rows decoding at once (default 64)")
+    parser.add_argument("--max_rows", type=int, default=64, help="Rows decoding at once (default 64)")
     parser.add_argument("--max_rows_per_request", type=int, default=8,
-                        help="continuous: rows of one request decoding at once, so that one large request cannot slow "
+                        help="Rows of one request decoding at once, so that one large request cannot slow "
                              "the others much (default 8; raise it for a server with one batch client)")
     parser.add_argument("--max_queue_rows", type=int, default=1024,
-                        help="continuous: rows waiting for a slot, beyond which requests get 503 (default 1024)")
+                        help="Rows waiting for a slot, beyond which requests get 503 (default 1024)")
     parser.add_argument("--request_timeout", type=float, default=300.0,
                         help="Seconds a generation request may take, then 504 (default 300; 0: no limit)")
     parser.add_argument("--max_request_tokens", type=int, default=8192,
-                        help="inputs x beams x max_new_tokens of one request (default 8192)")
+                        help="inputs x (beams or samples) x max_new_tokens of one request (default 8192)")
     parser.add_argument("--max_new_tokens", type=int, default=256,
                         help="The most tokens a request may ask for an output (default 256)")
-    parser.add_argument("--max_batch_size", type=int, default=32,
-                        help="static: examples in one generate call (default 32)")
-    parser.add_argument("--max_wait_ms", type=float, default=5.0,
-                        help="static: how long a request waits for others to share its batch (default 5)")
-    parser.add_argument("--batching", choices=["across", "none", "switch"], default="across",
-                        help="static: across: batch requests and adapters together (default); none: one request a "
-                             "call; switch: one adapter a call, set per request (for comparison)")
     parser.add_argument("--max_inputs", type=int, default=32, help="Inputs in one request (default 32)")
     parser.add_argument("--max_input_chars", type=int, default=20_000,
                         help="Characters in one input (default 20000); with --max_inputs it bounds the request body, "
@@ -93,12 +86,10 @@ def check_args(args: argparse.Namespace) -> None:
                           f"pass --api_key KEY (or set {KEY_VARIABLE}), or bind 127.0.0.1")
     if not 0 <= args.port <= 65535:
         raise PeftT5Error(f"--port {args.port}: not a port number (0 to 65535)")
-    for name in ("max_batch_size", "max_inputs", "max_input_chars", "max_rows", "max_rows_per_request", "max_queue_rows",
+    for name in ("max_inputs", "max_input_chars", "max_rows", "max_rows_per_request", "max_queue_rows",
                  "max_request_tokens", "max_new_tokens", "limit_concurrency"):
         if getattr(args, name) < 1:
             raise PeftT5Error(f"--{name} {getattr(args, name)}: must be at least 1")
-    if args.max_wait_ms < 0:
-        raise PeftT5Error(f"--max_wait_ms {args.max_wait_ms}: must be 0 or more")
     for name in ("read_timeout", "shutdown_timeout"):
         if not getattr(args, name) > 0:
             raise PeftT5Error(f"--{name} {getattr(args, name)}: must be more than 0 seconds")
@@ -114,6 +105,8 @@ def check_args(args: argparse.Namespace) -> None:
         metadata[name] = read_metadata(path, args.trust_pickle)
     if args.adapter_root and not Path(args.adapter_root).is_dir():
         raise PeftT5Error(f"--adapter_root {args.adapter_root}: no such folder")
+    if args.max_loaded_adapters is not None and args.max_loaded_adapters < 1:
+        raise PeftT5Error(f"--max_loaded_adapters {args.max_loaded_adapters}: must be at least 1")
     if args.rate and not Path(args.rate).is_file():
         raise PeftT5Error(f"--rate {args.rate}: no such file; pass a jokes CSV/JSON or a text file, one question a line")
     args.rate_systems = [s.strip() for s in args.rate_systems.split(",") if s.strip()] if args.rate_systems else []
@@ -159,11 +152,11 @@ def serve_main(argv: list[str]) -> None:
         from ..quantize import quantize_int8
 
         quantize_int8(*bank.models())
-    settings = ServeSettings(api_key=args.api_key, adapter_root=args.adapter_root, max_batch_size=args.max_batch_size,
-                             max_wait_ms=args.max_wait_ms, batching=args.batching, max_inputs=args.max_inputs,
+    settings = ServeSettings(api_key=args.api_key, adapter_root=args.adapter_root,
+                             max_loaded_adapters=args.max_loaded_adapters, max_inputs=args.max_inputs,
                              max_input_chars=args.max_input_chars, read_timeout=args.read_timeout,
                              limit_concurrency=args.limit_concurrency, shutdown_timeout=args.shutdown_timeout,
-                             engine=args.engine, max_rows=args.max_rows, max_queue_rows=args.max_queue_rows,
+                             max_rows=args.max_rows, max_queue_rows=args.max_queue_rows,
                              max_rows_per_request=args.max_rows_per_request, threads=threads,
                              request_timeout=args.request_timeout or None, max_request_tokens=args.max_request_tokens,
                              max_new_tokens=args.max_new_tokens,

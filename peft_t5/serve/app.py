@@ -25,8 +25,8 @@ from starlette.routing import Match
 
 from ..bank import BASE, AdapterBank
 from ..errors import PeftT5Error
-from .batcher import Batcher
 from .engine import Engine
+from .on_demand import OnDemand
 from .ratings import RatingStore, rating_plan
 from .routes_native import adapter_routes, generation_routes, rating_routes
 from .routes_openai import is_openai_path, openai_routes
@@ -40,17 +40,14 @@ PUBLIC = ("/health", "/openapi.json", "/docs")  # no key needed: they hold no da
 @dataclass
 class ServeSettings:
     api_key: str | None = None
-    adapter_root: str | None = None  # POST /v1/adapters loads only folders under it (None: run-time loading off)
-    engine: str = "continuous"  # continuous (engine.py) | static (batcher.py: requests -> generate() calls)
-    max_rows: int = 64  # continuous: rows decoding at once
-    max_rows_per_request: int = 8  # continuous: rows of one request decoding at once (the rest wait their turn)
+    adapter_root: str | None = None  # run-time loads (POST /v1/adapters, on demand) only from under it (None: off)
+    max_loaded_adapters: int | None = None  # adapters held at once; the least recently used unpinned one goes
+    max_rows: int = 64  # rows decoding at once
+    max_rows_per_request: int = 8  # rows of one request decoding at once (the rest wait their turn)
     threads: int | None = None  # torch threads of the model thread (engine.model_thread_threads)
-    max_queue_rows: int = 1024  # continuous: rows waiting for a slot; beyond, requests get 503
+    max_queue_rows: int = 1024  # rows waiting for a slot; beyond, requests get 503
     request_timeout: float | None = 300.0  # seconds a request may take; then 504 (None: no limit)
-    max_request_tokens: int = 8192  # inputs x beams x max_new_tokens in one request
-    max_batch_size: int = 32  # static: examples in one generate call
-    max_wait_ms: float = 5.0  # static: how long the first waiting request waits for others to join its batch
-    batching: str = "across"  # static: across | none | switch (see batcher.py)
+    max_request_tokens: int = 8192  # inputs x (beams or samples) x max_new_tokens in one request
     max_inputs: int = 32  # inputs in one request
     max_input_chars: int = 20_000  # characters in one input (its fields together)
     max_new_tokens: int = 256  # the most a request may ask for
@@ -86,9 +83,6 @@ class Metrics:
                               registry=r)
         self.latency = Histogram("peft_t5_request_seconds", "Request latency", ["route"], registry=r,
                                  buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
-        self.batch_examples = Histogram("peft_t5_batch_examples", "Examples per generate call", registry=r,
-                                        buckets=(1, 2, 4, 8, 16, 32, 64, 128))
-        self.batch_seconds = Histogram("peft_t5_batch_seconds", "Seconds per generate call", registry=r)
         self.source_tokens = Counter("peft_t5_source_tokens", "Source tokens generated from", registry=r)
         self.generated_tokens = Counter("peft_t5_generated_tokens", "Tokens generated", registry=r)
         self.active_rows = Gauge("peft_t5_active_rows", "Rows decoding in the continuous engine", registry=r)
@@ -98,10 +92,17 @@ class Metrics:
                                    registry=r, buckets=(1, 2, 4, 8, 16, 32, 64, 128))
         self.steps = Histogram("peft_t5_step_seconds", "Seconds per decoding step of the continuous engine",
                                registry=r, buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1))
+        self.loads = Histogram("peft_t5_adapter_load_seconds", "Adapters loaded on demand, and seconds each took",
+                               registry=r, buckets=(.05, .1, .25, .5, 1, 2.5, 5, 10))
+        self.evictions = Counter("peft_t5_adapter_evictions", "Adapters unloaded to make room (--max_loaded_adapters)",
+                                 registry=r)
 
-    def batch(self, examples: int, seconds: float) -> None:
-        self.batch_examples.observe(examples)
-        self.batch_seconds.observe(seconds)
+    def adapter_loaded(self, seconds: float) -> None:
+        self.loads.observe(seconds)
+
+    def adapter_evicted(self) -> None:
+        self.evictions.inc()
+
 
     def step(self, rows: int, seconds: float) -> None:
         self.step_rows.observe(rows)
@@ -124,7 +125,7 @@ def field_name(loc: tuple) -> str:
 def create_app(bank: AdapterBank, settings: ServeSettings | None = None) -> FastAPI:
     settings = settings or ServeSettings()
     metrics = Metrics()
-    batcher = make_engine(bank, settings, metrics)
+    engine = make_engine(bank, settings, metrics)
     rating_on = bool(settings.ratings and settings.rate_questions)
     store = RatingStore(settings.ratings) if rating_on else None
     systems, rate_prompt_of, left_out = rating_plan(bank.metadata, settings.rate_systems) if rating_on else ([], None, [])
@@ -132,16 +133,18 @@ def create_app(bank: AdapterBank, settings: ServeSettings | None = None) -> Fast
         logger.warning("blind rating leaves out %s: raters see only a question, and its prompt needs more",
                        ", ".join(left_out))
     pinned = {n for n in (*systems, rate_prompt_of) if n and n != BASE}  # rating needs them loaded
+    on_demand = OnDemand(bank, engine, settings.adapter_root, settings.max_loaded_adapters,
+                         pinned=pinned | set(bank.metadata), trust_pickle=settings.trust_pickle, metrics=metrics)
     page_html = PAGE.read_text(encoding="utf-8")
 
     @asynccontextmanager
     async def lifespan(app):
-        batcher.start()
+        engine.start()
         yield
-        await batcher.stop()
+        await engine.stop()
 
     app = FastAPI(title="peft-t5", lifespan=lifespan, docs_url="/docs", redoc_url=None, openapi_url="/openapi.json")
-    app.state.batcher, app.state.bank, app.state.metrics, app.state.settings = batcher, bank, metrics, settings
+    app.state.engine, app.state.bank, app.state.metrics, app.state.settings = engine, bank, metrics, settings
     app.state.rating = {"systems": systems, "left_out": left_out} if rating_on else None
 
     @app.middleware("http")
@@ -203,10 +206,10 @@ def create_app(bank: AdapterBank, settings: ServeSettings | None = None) -> Fast
     async def prometheus():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    app.include_router(generation_routes(bank, batcher, settings, metrics))
-    app.include_router(openai_routes(bank, batcher, settings, metrics))
-    app.include_router(adapter_routes(bank, batcher, settings, app.state.rating, pinned))
-    app.include_router(rating_routes(bank, batcher, settings, store, systems, rate_prompt_of))
+    app.include_router(generation_routes(bank, engine, settings, metrics, on_demand))
+    app.include_router(openai_routes(bank, engine, settings, metrics, on_demand))
+    app.include_router(adapter_routes(bank, engine, settings, app.state.rating, pinned, on_demand))
+    app.include_router(rating_routes(bank, engine, settings, store, systems, rate_prompt_of))
 
     def cached_spec() -> dict:
         if app.openapi_schema is None:
@@ -265,22 +268,13 @@ def replay(messages: list[dict], receive):
     return replayed
 
 
-def make_engine(bank: AdapterBank, settings: ServeSettings, metrics: Metrics):
-    """The continuous engine, or the static batcher where asked, or where an adapter's method cannot be mixed per
-    row by PEFT (it needs one sub-batch per adapter, which static batches give)."""
-    if settings.engine == "continuous":
-        unmixable = [name for name, method in bank.methods.items() if not method.mixed_batches]
-        if not unmixable:
-            engine = Engine(bank, settings.max_rows, settings.max_queue_rows,
-                            max_rows_per_request=settings.max_rows_per_request, threads=settings.threads,
-                            on_step=metrics.step)
-            metrics.active_rows.set_function(lambda: engine.active_rows)  # read when /metrics is scraped
-            metrics.queued_rows.set_function(lambda: engine.waiting_rows)
-            return engine
-        logger.warning("serving with static batches: %s is %s, which PEFT cannot mix per row", unmixable[0],
-                       bank.methods[unmixable[0]].name)
-    return Batcher(bank, settings.max_batch_size, settings.max_wait_ms, settings.batching, on_batch=metrics.batch,
-                   threads=settings.threads)
+def make_engine(bank: AdapterBank, settings: ServeSettings, metrics: Metrics) -> Engine:
+    engine = Engine(bank, settings.max_rows, settings.max_queue_rows,
+                    max_rows_per_request=settings.max_rows_per_request, threads=settings.threads,
+                    on_step=metrics.step)
+    metrics.active_rows.set_function(lambda: engine.active_rows)  # read when /metrics is scraped
+    metrics.queued_rows.set_function(lambda: engine.waiting_rows)
+    return engine
 
 
 def routed(app: FastAPI, scope: dict) -> bool:
@@ -359,7 +353,7 @@ def make_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0):
     import uvicorn
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    settings, engine = app.state.settings, app.state.batcher
+    settings, engine = app.state.settings, app.state.engine
 
     class TimedProtocol(H11Protocol):
         head_timer = None

@@ -12,8 +12,12 @@ round-robin across requests, so a small request gets a slot beside a large one. 
 are rows admitted together, its source encoded once. How each row's next token is chosen (greedy, sampling, beam
 groups) is decoding.py's; greedy and beam outputs equal `generate()`'s.
 
+Rows step in lanes: rows of LoRA adapters and the base share one forward pass (PEFT's adapter_names), rows of each
+other adapter take a pass of their own through its PeftModel's layers in the same step (a prompt-tuning adapter's
+soft prompt goes before its sources); no method waits for another's request to end.
+
 One thread owns the model: it runs the steps and, between them, whatever else must touch the model (loading and
-unloading adapters).
+unloading adapters, on_demand.py).
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..bank import BASE, AdapterBank
-from ..errors import PeftT5Error
+from ..bank import peft_name as bank_peft_name
 from .decoding import GREEDY, BeamGroup, Sampling, choose, generator_for
 from .failures import AdapterGone, Busy, DeadlineExceeded, Stopping, TooLarge
 from .t5_runner import BASE_ADAPTER, T5Runner
@@ -102,6 +106,7 @@ class Row:
     generator: torch.Generator | None = None  # its own random numbers, when it samples
     beam: BeamGroup | None = None  # the beams of its input, when it is one of them
     beam_index: int = 0  # its place in its beam group (beam 0 answers for the group)
+    lane: "Lane | None" = None  # where it holds a slot once admitted
     tokens: list[int] = field(default_factory=list)
     cut: int | None = None  # where a stop string begins in its text
     logprobs: list[tuple[int, float, list]] = field(default_factory=list)  # (token, logprob, top) per token
@@ -111,6 +116,22 @@ class Row:
     @property
     def name(self) -> str:
         return self.request.names[self.input]
+
+
+@dataclass(eq=False)
+class Lane:
+    """Rows that step in one forward pass through one PEFT model's layers: each row through its own adapter (methods
+    PEFT mixes per row, and the base), or all through one adapter made active before the pass (the others)."""
+    runner: T5Runner
+    holder: object  # the PeftModel (or the bare base) whose module tree the rows run through
+    adapter: str | None  # the PEFT adapter to make active; None: PEFT's adapter_names, one per row
+    mixed: bool  # rows pass adapter_names
+    prefix: torch.Tensor | None = None  # a soft prompt (prompt tuning) put before every source
+    rows: list[Row] = field(default_factory=list)  # row i holds the runner's slot i
+
+    def activate(self) -> None:
+        if self.adapter is not None:
+            self.holder.set_adapter(self.adapter)
 
 
 class Engine:
@@ -124,11 +145,10 @@ class Engine:
         self.on_step = on_step or (lambda rows, seconds: None)  # metrics hook
         # a fast tokenizer is not thread-safe: the event loop encodes with one copy, the model thread decodes with another
         self.encoder_tokenizer, self.tokenizer = copy.deepcopy(bank.tokenizer), copy.deepcopy(bank.tokenizer)
-        self.runner = T5Runner(bank.model, capacity=8)
+        self.lanes: dict[tuple, Lane] = {}
         config = bank.model.get_base_model().config
         self.start_token, self.eos = config.decoder_start_token_id, config.eos_token_id
         self.waiting: dict[Request, deque[Row]] = {}  # per request, its rows not yet admitted (round-robin order)
-        self.active: list[Row] = []  # row i holds the runner's slot i
         self.controls: deque = deque()  # (fn, args, concurrent future) to run between steps
         self.wake = threading.Condition()
         self.stopping = False
@@ -172,8 +192,12 @@ class Engine:
             return sum(len(unit) for units in self.waiting.values() for unit in units)
 
     @property
+    def active(self) -> list[Row]:
+        return [row for lane in list(self.lanes.values()) for row in lane.rows]
+
+    @property
     def active_rows(self) -> int:
-        return len(self.active)
+        return sum(len(lane.rows) for lane in list(self.lanes.values()))
 
     async def complete(self, names: list[str], sources: list[str], max_new_tokens: int, *, num_beams: int = 1,
                        n: int = 1, sampling: Sampling = GREEDY, stop: tuple[str, ...] = (), want_logprob: bool = False,
@@ -247,6 +271,12 @@ class Engine:
             if piece.text:
                 yield piece.index, piece.text
 
+    def adapters_in_flight(self) -> set[str]:
+        """Adapters with a row decoding or waiting (on the model thread, between steps)."""
+        with self.wake:
+            waiting = {row.name for units in self.waiting.values() for unit in units for row in unit}
+        return waiting | {row.name for row in self.active}
+
     async def on_model_thread(self, fn, *args):
         """Run fn(*args) on the model's thread between two steps (loading, unloading adapters)."""
         done: concurrent.futures.Future = concurrent.futures.Future()
@@ -254,17 +284,6 @@ class Engine:
             self.controls.append((fn, args, done))
             self.wake.notify()
         return await asyncio.wrap_future(done)
-
-    def add_adapter(self, name: str, path: str, trust_pickle: bool = False) -> dict:
-        """On the model thread: load an adapter, if PEFT can run it per row beside the others."""
-        from ..adapters import adapter_method, read_metadata
-
-        read_metadata(path, trust_pickle)  # a missing or unreadable folder is said first, as bank.add says it
-        method = adapter_method(path)
-        if not method.mixed_batches:
-            raise PeftT5Error(f"{name}: a {method.name} adapter; the continuous engine runs adapters PEFT mixes per "
-                              "row (LoRA); serve it with --engine static")
-        return self.bank.add(name, path, trust_pickle)
 
     def _resolve(self, request: Request, result=None, error: Exception | None = None) -> None:
         request.failed = request.failed or error is not None
@@ -281,29 +300,28 @@ class Engine:
             torch.set_num_threads(self.threads)
         while True:
             with self.wake:
-                while not (self.stopping or self.controls or self.waiting or self.active):
+                while not (self.stopping or self.controls or self.waiting or self.active_rows):
                     self.wake.wait()
                 if self.stopping:
                     break
                 controls, self.controls = list(self.controls), deque()
-                admitted = self._admit()
+            self._drop_finished_requests()  # first: a load that must evict sees only rows still wanted
             for fn, args, done in controls:
                 try:
                     done.set_result(fn(*args))
                 except Exception as e:  # its caller gets it; the engine goes on
                     done.set_exception(e)
-            self._drop_finished_requests()
+            with self.wake:
+                admitted = self._admit()
             try:
                 if admitted:
                     self._encode(admitted)
-                if self.active:
+                if self.active_rows:
                     self._step()
             except Exception as e:  # a failure fails the rows in flight, not the server
                 for row in [*self.active, *admitted]:
                     self._resolve(row.request, error=e)
-                while self.runner.n:
-                    self.runner.remove(self.runner.n - 1)
-                self.active = []
+                self.lanes = {}
 
     def _admit(self) -> list[Row]:
         """Waiting inputs' rows for the free slots, one request at a time in turn, within the per-step encoding
@@ -312,7 +330,7 @@ class Engine:
         while self.waiting:
             request = min(self.waiting, key=lambda r: r.active)  # the request holding fewest slots goes first
             unit = self.waiting[request][0]
-            if (len(self.active) + len(admitted) + len(unit) > self.max_rows
+            if (self.active_rows + len(admitted) + len(unit) > self.max_rows
                     or request.active + len(unit) > self.max_rows_per_request
                     or admitted and len(unit[0].source) > budget):
                 break
@@ -333,29 +351,58 @@ class Engine:
         for row in gone:
             self._resolve(row.request, error=AdapterGone(f"adapter {row.name!r} was unloaded before this request ran"))
             row.request.active -= 1
-        live = [row for row in live if row not in gone]
-        if not live:
-            return
-        self.runner.add([row.source for row in live], [peft_name(row.name) for row in live])
-        self.active += live
+        lanes: dict[int, tuple[Lane, list[Row]]] = {}
+        for row in live:
+            if row not in gone:
+                lane = self._lane(row.name)
+                lanes.setdefault(id(lane), (lane, []))[1].append(row)
+        for lane, rows in lanes.values():
+            lane.activate()
+            lane.runner.add([row.source for row in rows], [peft_name(row.name) for row in rows] if lane.mixed else None,
+                            lane.prefix)
+            for row in rows:
+                row.lane = lane
+            lane.rows += rows
+
+    def _lane(self, name: str) -> Lane:
+        """The lane an adapter's rows step in (made when first needed): the one of the PeftModel whose adapters mix
+        per row, for those and for the base; else one per adapter."""
+        method = self.bank.methods.get(name)
+        if name == BASE or method.mixed_batches:
+            holder = next((self.bank.holders[n] for n, m in self.bank.methods.items() if m.mixed_batches), None)
+            key, adapter, mixed = ("mixed",), None, holder is not None
+            holder = self.bank.base if holder is None else holder
+        else:
+            holder, adapter, mixed = self.bank.holders[name], bank_peft_name(name, method), False
+            key = (id(holder), adapter)
+        lane = self.lanes.get(key)
+        if lane is None or lane.holder is not holder and not lane.rows:
+            prefix = soft_prompt(holder, adapter) if method is not None and method.soft_prompt else None
+            lane = self.lanes[key] = Lane(T5Runner(holder, capacity=8), holder, adapter, mixed, prefix)
+        return lane
 
     def _step(self) -> None:
+        """One forward pass per lane with rows, then each row's next token chosen over all of them at once."""
         started = time.perf_counter()
-        rows = self.active
-        last = torch.tensor([row.tokens[-1] if row.tokens else self.start_token for row in rows])
-        logits = self.runner.step(last, [peft_name(row.name) for row in rows])
-        leaving = self._choose([i for i, row in enumerate(rows) if row.beam is None], logits)
-        leaving += self._step_beams(logits)
-        for i in sorted(leaving, reverse=True):
-            self._retire(i)
-        self.on_step(len(self.active) + len(leaving), time.perf_counter() - started)
+        rows, logits = [], []
+        for lane in [lane for lane in self.lanes.values() if lane.rows]:
+            lane.activate()
+            last = torch.tensor([row.tokens[-1] if row.tokens else self.start_token for row in lane.rows])
+            logits.append(lane.runner.step(last, [peft_name(row.name) for row in lane.rows] if lane.mixed else None))
+            rows += lane.rows
+        logits = torch.cat(logits) if len(logits) > 1 else logits[0]
+        leaving = self._choose(rows, [i for i, row in enumerate(rows) if row.beam is None], logits)
+        leaving += self._step_beams(rows, logits)
+        for row in leaving:
+            self._retire(row)
+        self.on_step(len(rows), time.perf_counter() - started)
 
-    def _choose(self, positions: list[int], logits: torch.Tensor) -> list[int]:
-        """The next token of every row not in a beam group; the positions of those that ended."""
+    def _choose(self, active: list[Row], positions: list[int], logits: torch.Tensor) -> list[Row]:
+        """The next token of every row not in a beam group; the rows that ended."""
         if not positions:
             return []
-        rows = [self.active[i] for i in positions]
-        choices = choose(logits[positions] if len(positions) < len(self.active) else logits,
+        rows = [active[i] for i in positions]
+        choices = choose(logits[positions] if len(positions) < len(active) else logits,
                          [row.request.sampling for row in rows],
                          [[self.start_token, *row.tokens] for row in rows] if any(
                              row.request.sampling.penalized for row in rows) else [],
@@ -363,7 +410,7 @@ class Engine:
                          [len(row.tokens) < row.request.min_new_tokens for row in rows], self.eos,
                          [row.request.want_logprob for row in rows])
         leaving = []
-        for i, row, choice in zip(positions, rows, choices):
+        for row, choice in zip(rows, choices):
             row.tokens.append(choice.token)
             if row.request.want_logprob:
                 row.logprobs.append((choice.token, choice.logprob, choice.top))
@@ -373,26 +420,28 @@ class Engine:
             if row.request.on_piece is not None:
                 self._stream(row, ended)
             if ended:
-                leaving.append(i)
+                leaving.append(row)
         return leaving
 
-    def _step_beams(self, logits: torch.Tensor) -> list[int]:
-        """Each beam group's step: its beams re-ranked, their caches reordered; the positions of groups that ended."""
+    def _step_beams(self, active: list[Row], logits: torch.Tensor) -> list[Row]:
+        """Each beam group's step: its beams re-ranked, their caches reordered; the rows of groups that ended."""
         groups: dict[BeamGroup, list[int]] = {}
-        for i, row in enumerate(self.active):
+        for i, row in enumerate(active):
             if row.beam is not None:
                 groups.setdefault(row.beam, []).append(i)
         leaving = []
         for group, positions in groups.items():
-            positions.sort(key=lambda i: self.active[i].beam_index)  # rows move between slots as others leave
+            positions.sort(key=lambda i: active[i].beam_index)  # rows move between slots as others leave
+            beams = [active[i] for i in positions]
             parents, tokens = group.step(logits[positions])
-            slots = [positions[p] for p in parents]
-            self.runner.reorder(positions, slots)
-            histories = [list(self.active[s].tokens) for s in slots]
-            for i, history, token in zip(positions, histories, tokens):
-                self.active[i].tokens = history + [token]
+            lane = beams[0].lane
+            slots = [lane.rows.index(row) for row in beams]
+            lane.runner.reorder(slots, [slots[p] for p in parents])
+            histories = [list(beams[p].tokens) for p in parents]
+            for row, history, token in zip(beams, histories, tokens):
+                row.tokens = history + [token]
             if group.done:
-                leaving += positions
+                leaving += beams
         return leaving
 
     def _find_stop(self, row: Row) -> bool:
@@ -421,18 +470,18 @@ class Engine:
             row.sent_tokens += len(logprobs)
             self.loop.call_soon_threadsafe(row.request.on_piece, Piece(row.index, piece, logprobs))
 
-    def _free(self, i: int) -> Row:
-        """Row i leaves its slot; the last active row takes it."""
-        row = self.active[i]
-        self.runner.remove(i)
-        self.active[i] = self.active[-1]
-        self.active.pop()
+    def _free(self, row: Row) -> None:
+        """The row leaves its slot; the last row of its lane takes it."""
+        lane = row.lane
+        i = lane.rows.index(row)
+        lane.runner.remove(i)
+        lane.rows[i] = lane.rows[-1]
+        lane.rows.pop()
         row.request.active -= 1
-        return row
 
-    def _retire(self, i: int) -> None:
-        """Row i has ended: its completion goes into its request, which is answered when its last output ends."""
-        row = self._free(i)
+    def _retire(self, row: Row) -> None:
+        """The row has ended: its completion goes into its request, which is answered when its last output ends."""
+        self._free(row)
         if row.beam_index:
             return
         request = row.request
@@ -479,17 +528,26 @@ class Engine:
         return self.tokenizer.convert_ids_to_tokens(token).replace("\u2581", " ")
 
     def _drop_finished_requests(self) -> None:
-        """Rows of requests that ended (client gone, deadline passed, failed) or whose adapter was unloaded."""
-        for i in reversed(range(len(self.active))):
-            row = self.active[i]
+        """Rows of requests that ended (client gone, deadline passed, failed) or whose adapter was unloaded; lanes
+        left empty go (a lane is cheap to make again, and one of an unloaded adapter must not stay)."""
+        for row in self.active:
             if row.name not in self.bank.names:
                 self._resolve(row.request, error=AdapterGone(f"adapter {row.name!r} was unloaded before this "
                                                              "request ended"))
             if row.request.over:
-                self._free(i)
+                self._free(row)
+        self.lanes = {key: lane for key, lane in self.lanes.items() if lane.rows}
         with self.wake:
             for request in [r for r in self.waiting if r.over]:
                 del self.waiting[request]
+
+
+def soft_prompt(holder, adapter: str) -> torch.Tensor:
+    """A prompt-tuning adapter's virtual token embeddings [virtual tokens, d_model], as PEFT puts them before the
+    encoder's input."""
+    holder.set_adapter(adapter)
+    virtual = holder.peft_config[adapter].num_virtual_tokens
+    return holder.get_prompt(batch_size=1)[0, :virtual]
 
 
 def held_back(text: str, stops: tuple[str, ...]) -> int:

@@ -22,10 +22,6 @@ class TooLarge(ValueError):
     """A request asks for more rows at once (samples or beams of one input) than the server gives a request."""
 
 
-class NotServed(ValueError):
-    """A decoding setting this server's engine cannot honour (the static batcher: greedy and beams only)."""
-
-
 class ClientGone(ConnectionError):
     """The client closed its connection before its answer was ready: its rows were dropped."""
 
@@ -66,8 +62,6 @@ def api_error(e: Exception) -> ApiError | None:
         return ApiError(503, f"the server is stopping: {e}; retry on another server or once it is back")
     if isinstance(e, TooLarge):
         return ApiError(422, f"n: {e}; ask for fewer", "n")
-    if isinstance(e, NotServed):
-        return ApiError(422, str(e))
     if isinstance(e, ClientGone):
         return ApiError(499, str(e))  # nginx's "client closed request": nobody reads it, /metrics counts it
     return None

@@ -1,9 +1,8 @@
 """The native API's routes: generation, adapters loaded and unloaded at run time, blind rating. Each router is built
-over the server's bank, batcher and settings (create_app includes them)."""
+over the server's bank, engine and settings (create_app includes them)."""
 from __future__ import annotations
 
-import os
-from pathlib import Path
+from contextlib import AsyncExitStack
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
@@ -12,29 +11,32 @@ from pydantic import AfterValidator
 
 from ..bank import BASE, AdapterBank
 from ..errors import ConflictError, NotFoundError, PeftT5Error
-from .batcher import Batcher
+from .engine import Engine
+from .on_demand import Full, OnDemand, inside_root
 from .failures import api_error, while_connected
 from .ratings import RatingStore
 from .schemas import (ADAPTER_NAME, ApiError, GenerateRequest, LoadRequest, RateRequest, errors, sse,
                       unicode_text)
 
 
-def generation_routes(bank: AdapterBank, batcher: Batcher, settings, metrics) -> APIRouter:
+def generation_routes(bank: AdapterBank, engine: Engine, settings, metrics, on_demand: OnDemand) -> APIRouter:
     router = APIRouter()
 
     @router.post("/v1/generate", responses=errors(400, 401, 404, 413, 422, 503, 504))
     async def generate(body: GenerateRequest, request: Request):
-        names, sources, truncated, answer = check_generate(body)
-        options = dict(num_beams=body.num_beams, n=body.n, sampling=body.sampling(body.logprobs), stop=body.stops,
-                       min_new_tokens=body.min_new_tokens, timeout=settings.request_timeout)
-        if body.stream:
-            return StreamingResponse(stream(body, names, sources, truncated, answer, options),
-                                     media_type="text/event-stream")
-        try:
-            done = await while_connected(request, batcher.complete(names, sources, body.max_new_tokens, **options))
-        except Exception as e:
-            raise api_error(e) or e
-        return reply(body, done, truncated, answer)
+        async with AsyncExitStack() as held:  # the adapters stay loaded until the answer (or the stream) ends
+            await held.enter_async_context(on_demand.holding(body.adapter, body.prompt_of, field="adapter"))
+            names, sources, truncated, answer = check_generate(body)
+            options = dict(num_beams=body.num_beams, n=body.n, sampling=body.sampling(body.logprobs), stop=body.stops,
+                           min_new_tokens=body.min_new_tokens, timeout=settings.request_timeout)
+            if body.stream:
+                return StreamingResponse(stream(body, names, sources, truncated, answer, options, held.pop_all()),
+                                         media_type="text/event-stream")
+            try:
+                done = await while_connected(request, engine.complete(names, sources, body.max_new_tokens, **options))
+            except Exception as e:
+                raise api_error(e) or e
+            return reply(body, done, truncated, answer)
 
     def reply(body: GenerateRequest, done: list, truncated: list[bool], answer) -> dict:
         """Each input's output; with n > 1 also its candidates (the first is the output)."""
@@ -50,12 +52,17 @@ def generation_routes(bank: AdapterBank, batcher: Batcher, settings, metrics) ->
             outputs.append({**candidates[0], "truncated": cut, **({"candidates": candidates} if body.n > 1 else {})})
         return {"adapter": body.adapter, "outputs": outputs}
 
-    async def stream(body: GenerateRequest, names, sources, truncated, answer, options):
+    async def stream(body: GenerateRequest, names, sources, truncated, answer, options, held: AsyncExitStack):
         """Events {"index", "piece"} as raw outputs grow (index: input i's candidate j is i * n + j), then the reply
         /v1/generate gives, then [DONE]."""
         done = [None] * (len(sources) * body.n)
+        async with held:
+            async for event in stream_events(body, names, sources, truncated, answer, options, done):
+                yield event
+
+    async def stream_events(body, names, sources, truncated, answer, options, done):
         try:
-            async for piece in batcher.events(names, sources, body.max_new_tokens, **options):
+            async for piece in engine.events(names, sources, body.max_new_tokens, **options):
                 if piece.text:
                     yield sse({"index": piece.index, "piece": piece.text})
                 if piece.ended:
@@ -128,7 +135,8 @@ def check_beams(body: GenerateRequest) -> None:
                                 "sequences (send num_beams 1 to sample)", name)
 
 
-def adapter_routes(bank: AdapterBank, batcher: Batcher, settings, rating: dict | None, pinned: set[str]) -> APIRouter:
+def adapter_routes(bank: AdapterBank, engine: Engine, settings, rating: dict | None, pinned: set[str],
+                   on_demand: OnDemand) -> APIRouter:
     """pinned: adapters blind rating needs loaded."""
     router = APIRouter()
 
@@ -146,9 +154,10 @@ def adapter_routes(bank: AdapterBank, batcher: Batcher, settings, rating: dict |
                                 f"64, not '{BASE}')", "name")
         path = inside_root(settings.adapter_root, body.path)
         try:
-            meta = await batcher.on_model_thread(batcher.add_adapter, body.name, str(path), settings.trust_pickle)
+            meta = await on_demand.load(body.name, str(path))
         except PeftT5Error as e:
-            status = 409 if isinstance(e, ConflictError) else 404 if isinstance(e, NotFoundError) else 422
+            status = 409 if isinstance(e, ConflictError) else 404 if isinstance(e, NotFoundError) else \
+                503 if isinstance(e, Full) else 422
             raise ApiError(status, str(e), "name" if status == 409 else "path")
         return {"loaded": body.name, "task": meta.get("task")}
 
@@ -160,15 +169,16 @@ def adapter_routes(bank: AdapterBank, batcher: Batcher, settings, rating: dict |
             raise ApiError(409, f"{name!r} is rated blind on this server (its outputs, or its prompt for base); it "
                                 "stays loaded while rating is on", "name")
         try:
-            await batcher.on_model_thread(bank.remove, name)
+            await engine.on_model_thread(bank.remove, name)
         except PeftT5Error as e:
             raise ApiError(409, str(e), "name")
+        on_demand.forget(name)
         return {"unloaded": name}
 
     return router
 
 
-def rating_routes(bank: AdapterBank, batcher: Batcher, settings, store: RatingStore | None, systems: list[str],
+def rating_routes(bank: AdapterBank, engine: Engine, settings, store: RatingStore | None, systems: list[str],
                   rate_prompt_of: str | None) -> APIRouter:
     router = APIRouter()
 
@@ -187,7 +197,7 @@ def rating_routes(bank: AdapterBank, batcher: Batcher, settings, store: RatingSt
         outputs = ratings.cached_outputs(question_id)
         if not set(systems) <= set(outputs):
             sources = [bank.sources(s, [question], rate_prompt_of if s == BASE else None)[0] for s in systems]
-            raws = await batcher.generate(list(systems), sources, 64, 1)
+            raws = await engine.generate(list(systems), sources, 64)
             ratings.cache_outputs(question_id, {s: bank.answer(s, r) for s, r in zip(systems, raws)})
             outputs = ratings.cached_outputs(question_id)
         return {"done": False, **ratings.show(question_id, question, {s: outputs[s] for s in systems}, rater)}
@@ -212,26 +222,6 @@ def rating_routes(bank: AdapterBank, batcher: Batcher, settings, store: RatingSt
     return router
 
 
-def inside_root(root: str, path: str) -> Path:
-    """The folder `path` names under `root`, refused if it, or any file in it, resolves (symlinks followed)
-    outside the root."""
-    if "\x00" in path or any(len(os.fsencode(part)) > 255 for part in Path(path).parts):
-        raise ApiError(404, "path: no such adapter folder (no path holds a NUL byte or a name over 255 bytes); give "
-                            "a folder under the adapter root", "path")
-    base = Path(root).resolve()
-    try:
-        target = (base / path).resolve()
-        outside = [target] if not target.is_relative_to(base) else \
-            [p for p in (target.rglob("*") if target.is_dir() else ()) if not p.resolve().is_relative_to(base)]
-    except (OSError, RuntimeError) as e:  # a loop of links, a name too long for the file system
-        raise ApiError(422, f"path: {path[:100]!r} cannot be resolved ({type(e).__name__}); give a folder under the "
-                            "adapter root", "path")
-    if outside:
-        what = "" if outside[0] == target else f" (its {outside[0].relative_to(target)} links out)"
-        raise ApiError(403, f"path: {path!r} is outside the adapter root{what}; give a folder under it", "path")
-    return target
-
-
 def describe(bank: AdapterBank, name: str) -> dict | None:
     """What GET /v1/adapters says of an adapter; None where it was unloaded meanwhile (on the model thread)."""
     if name == BASE:
@@ -240,7 +230,8 @@ def describe(bank: AdapterBank, name: str) -> dict | None:
     if meta is None or method is None:
         return None
     return {"name": name, "task": meta.get("task"), "base_model": meta.get("base_model"), "method": method.name,
-            "batches": "mixed with other adapters" if method.mixed_batches else "one sub-batch per adapter",
+            "batches": "mixed per row with other adapters" if method.mixed_batches else "a forward pass of its own "
+                       "each step",
             "template": meta.get("template"), "max_source_length": bank.source_limit(name),
             "qlora": meta.get("qlora"), "metrics": {k: v for k, v in (meta.get("metrics") or {}).items()
                                                     if k.startswith("eval_") and "runtime" not in k

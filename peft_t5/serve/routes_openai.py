@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from contextlib import AsyncExitStack
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -14,6 +15,7 @@ from ..bank import AdapterBank
 from ..errors import PeftT5Error
 from .engine import Completion, Piece, TokenLogprob
 from .failures import api_error, while_connected
+from .on_demand import OnDemand
 from .schemas import ApiError, ChatRequest, CompletionRequest, OpenAIErrorBody, OpenAIFields, errors, openai_error, sse
 
 OPENAI_PATHS = ("/v1/models", "/v1/completions", "/v1/chat/completions")
@@ -24,20 +26,24 @@ def is_openai_path(path: str) -> bool:
     return path in OPENAI_PATHS or path.startswith("/v1/models/")
 
 
-def openai_routes(bank: AdapterBank, engine, settings, metrics) -> APIRouter:
+def openai_routes(bank: AdapterBank, engine, settings, metrics, on_demand: OnDemand) -> APIRouter:
     router = APIRouter()
     started = int(time.time())
 
     def model_card(name: str) -> dict:
         return {"id": name, "object": "model", "created": started, "owned_by": "peft-t5"}
 
+    def askable() -> list[str]:
+        """The base, the adapters loaded, and those under --adapter_root a request loads on demand."""
+        return list(dict.fromkeys([*bank.names, *on_demand.on_disk()]))
+
     @router.get("/v1/models", responses=errors(401, body=OpenAIErrorBody))
     async def models():
-        return {"object": "list", "data": [model_card(name) for name in bank.names]}
+        return {"object": "list", "data": [model_card(name) for name in askable()]}
 
     @router.get("/v1/models/{model}", responses=errors(401, 404, body=OpenAIErrorBody))
     async def model(model: str):
-        if model not in bank.names:
+        if model not in askable():
             raise ApiError(404, f"model: no adapter named {model!r}; GET /v1/models lists them", "model")
         return model_card(model)
 
@@ -55,6 +61,12 @@ def openai_routes(bank: AdapterBank, engine, settings, metrics) -> APIRouter:
         return await complete(body, users[-1:], "chat.completion", "chatcmpl", request)
 
     async def complete(body: OpenAIFields, prompts: list[str], kind: str, prefix: str, request: Request):
+        async with AsyncExitStack() as held:  # the adapter stays loaded until the answer (or the stream) ends
+            await held.enter_async_context(on_demand.holding(body.model, field="model"))
+            return await complete_held(body, prompts, kind, prefix, request, held)
+
+    async def complete_held(body: OpenAIFields, prompts: list[str], kind: str, prefix: str, request: Request,
+                            held: AsyncExitStack):
         max_tokens = body.max_completion_tokens or body.max_tokens or 64
         n, best_of, top = choices_asked(body)
         sources, prompt_tokens, truncated = check(body.model, prompts, max_tokens, best_of)
@@ -65,8 +77,9 @@ def openai_routes(bank: AdapterBank, engine, settings, metrics) -> APIRouter:
         headers = {"X-Truncated-Prompts": ",".join(map(str, truncated))} if truncated else None
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(events(reply, kind, names, sources, max_tokens, options, n, prompt_tokens, top,
-                                            usage), media_type="text/event-stream", headers=headers)
+            return StreamingResponse(held_events(held.pop_all(), reply, kind, names, sources, max_tokens, options, n,
+                                                 prompt_tokens, top, usage), media_type="text/event-stream",
+                                     headers=headers)
         try:
             done = await while_connected(request, engine.complete(names, sources, max_tokens, **options))
         except Exception as e:
@@ -90,6 +103,11 @@ def openai_routes(bank: AdapterBank, engine, settings, metrics) -> APIRouter:
         done = await engine.complete(names, sources, max_tokens, **options)
         for i, c in enumerate(best_n(done, n, options["n"])):
             yield Piece(i, c.text, c.logprobs or [], c)
+
+    async def held_events(held: AsyncExitStack, *args):
+        async with held:
+            async for event in events(*args):
+                yield event
 
     async def events(reply: dict, kind: str, names: list[str], sources: list[str], max_tokens: int, options: dict,
                      n: int, prompt_tokens: int, top: int | None, include_usage: bool):

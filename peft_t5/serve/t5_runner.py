@@ -95,11 +95,13 @@ class T5Runner:
                            max(source, have_source))
 
     @torch.inference_mode()
-    def add(self, sources: list[list[int]], names: list[str] | None) -> None:
+    def add(self, sources: list[list[int]], names: list[str] | None, prefix: torch.Tensor | None = None) -> None:
         """Encode new rows (token ids, each ending with </s>) and give them slots n.. n+len-1. Rows with the same
-        source and adapter (the samples or beams of one input) are encoded once and their cross-attention copied."""
+        source and adapter (the samples or beams of one input) are encoded once and their cross-attention copied.
+        prefix: embeddings put before every source (a prompt-tuning adapter's soft prompt)."""
         m = len(sources)
-        self._fit(self.n + m, 1, max(len(s) for s in sources))
+        extra = 0 if prefix is None else prefix.shape[0]
+        self._fit(self.n + m, 1, max(len(s) for s in sources) + extra)
         keys = [(tuple(s), names[i] if names is not None else None) for i, s in enumerate(sources)]
         first = {key: i for i, key in reversed(list(enumerate(keys)))}  # each key's first row
         unique = sorted(set(first.values()))
@@ -111,11 +113,12 @@ class T5Runner:
             for row, i in enumerate(group):
                 ids[row, :len(sources[i])], mask[row, :len(sources[i])] = torch.tensor(sources[i]), True
             group_names = [names[i] for i in group] if names is not None else None
-            hidden = self._encode(ids, mask, group_names)
+            hidden, mask = self._encode(ids, mask, group_names, prefix)
             slots = torch.tensor([self.n + i for i in group], device=self.device)
+            width = hidden.shape[1]
             for layer, block in enumerate(self.t5.decoder.block):
                 k, v = project(block.layer[1].EncDecAttention, hidden, group_names)
-                self.cross_k[layer][slots, :, :longest], self.cross_v[layer][slots, :, :longest] = k, v  # beyond: masked
+                self.cross_k[layer][slots, :, :width], self.cross_v[layer][slots, :, :width] = k, v  # beyond: masked
             self.source_lengths[slots] = mask.sum(1)
         copies = [(self.n + i, self.n + first[key]) for i, key in enumerate(keys) if first[key] != i]
         if copies:
@@ -136,10 +139,14 @@ class T5Runner:
             for t in tensors:
                 t[to] = t[of]
 
-    def _encode(self, ids: torch.Tensor, mask: torch.Tensor, names: list[str] | None) -> torch.Tensor:
+    def _encode(self, ids: torch.Tensor, mask: torch.Tensor, names: list[str] | None,
+                prefix: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         encoder = self.t5.encoder
         h = encoder.embed_tokens(ids)
-        length = ids.shape[1]
+        if prefix is not None:  # as PEFT's prompt tuning: the soft prompt, then the source, all attended to
+            h = torch.cat((prefix.to(h.dtype).expand(len(ids), -1, -1), h), dim=1)
+            mask = torch.cat((torch.ones((len(ids), prefix.shape[0]), dtype=torch.bool, device=mask.device), mask), 1)
+        length = h.shape[1]
         first = encoder.block[0].layer[0].SelfAttention
         bias = first.compute_bias(length, length, device=ids.device)  # [1, heads, L, L]
         bias = bias + torch.where(mask, 0.0, torch.finfo(bias.dtype).min)[:, None, None, :]
@@ -149,7 +156,7 @@ class T5Runner:
             k, v = project(sa.SelfAttention, x, names)
             h = h + attention(sa.SelfAttention, x, k, v, bias, names)
             h = h + feed_forward(ff.DenseReluDense, ff.layer_norm(h), names)
-        return encoder.final_layer_norm(h)
+        return encoder.final_layer_norm(h), mask
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor, names: list[str] | None) -> torch.Tensor:
