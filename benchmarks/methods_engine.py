@@ -145,20 +145,26 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=300.0, help="Longest a load sends for")
+    parser.add_argument("--only", choices=["methods", "on_demand"], help="Run one part (the other's results are kept "
+                                                                          "from --output)")
     parser.add_argument("--output", default="benchmarks/results/methods_engine.json")
     args = parser.parse_args()
     questions = [r["question"] for r in jokes_records()[0][:2000]]
     contexts = [r["context"] for r in squad_records(200)[0]]
     long_inputs = [(" ".join(contexts[i:i + 40]))[:20_000] for i in range(32)]
     requests = args.clients * (2 if args.quick else 6)
+    kept = json.loads(Path(args.output).read_text()) if args.only and Path(args.output).exists() else {}
     results = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "config": "t5-small",
-               "clients": args.clients, "static_from": STATIC_FROM, "methods": {}, "on_demand": {}}
+               "clients": args.clients, "static_from": STATIC_FROM, "methods": kept.get("methods", {}),
+               "on_demand": kept.get("on_demand", {})}
     with tempfile.TemporaryDirectory() as tmp, checkout(STATIC_FROM) as static:
         folder = Path(tmp)
         base = make_base(folder, "t5-small")
         adapters = method_adapters(folder / "methods", base)
         for engine, flags, source in (("engine", (), None),
                                       ("static", ("--engine", "static", "--max_wait_ms", "5.0"), static)):
+            if args.only == "on_demand":
+                break
             process, url = start_server(base, adapters, flags, source, engine)
             try:
                 cell = {"load": asyncio.run(load(url, args.clients, requests, args.seconds, questions,
@@ -168,6 +174,9 @@ def main() -> None:
                 print(engine, json.dumps(cell), flush=True)
             finally:
                 stopped(process)
+        if args.only == "methods":
+            write_results(results, args.output)
+            return
         names = many_lora(folder / "many", base, 200)
         plan = list(zip(zipf_names(names, requests), random.Random(1).choices(questions, k=requests)))
         preloaded = names[:16]

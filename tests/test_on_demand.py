@@ -78,7 +78,7 @@ def test_the_first_request_loads_once_and_later_ones_reuse_it(root, reference):
 
 
 def test_the_lru_evicts_only_unpinned_adapters_with_no_rows_in_flight(root, reference):
-    with serve(root, max_loaded_adapters=2, max_new_tokens=4000, max_request_tokens=100_000) as url:
+    with serve(root, max_loaded_adapters=2, max_new_tokens=4000, max_request_tokens=100_000, adapter_wait=1.0) as url:
         assert ask(url, "north").status_code == 200 and loaded(url) == ["base", "pinned", "north"]
         b = ask(url, "south")  # room for one: "north" (least recent, unpinned, idle) goes, "pinned" stays
         assert [o["output"] for o in b.json()["outputs"]] == reference["south"]
@@ -91,7 +91,8 @@ def test_the_lru_evicts_only_unpinned_adapters_with_no_rows_in_flight(root, refe
             refused = ask(url, "west")
             assert refused.status_code == 503
             assert refused.json()["error"] == ("adapter 'west' could not be loaded from the adapter root: all 2 loaded "
-                                               "adapters (--max_loaded_adapters 2) are pinned or in use; retry shortly")
+                                               "adapters (--max_loaded_adapters 2) stayed pinned or in use for 1 s; "
+                                               "retry shortly")
             assert loaded(url) == ["base", "pinned", "south"]
         while "peft_t5_active_rows 0.0" not in httpx.get(url + "/metrics", headers=AUTH).text:
             pass  # the client hung up: its rows leave at the next step

@@ -42,6 +42,7 @@ class ServeSettings:
     api_key: str | None = None
     adapter_root: str | None = None  # run-time loads (POST /v1/adapters, on demand) only from under it (None: off)
     max_loaded_adapters: int | None = None  # adapters held at once; the least recently used unpinned one goes
+    adapter_wait: float = 30.0  # seconds a request waits for a loaded adapter to fall idle (then 503)
     max_rows: int = 64  # rows decoding at once
     max_rows_per_request: int = 8  # rows of one request decoding at once (the rest wait their turn)
     threads: int | None = None  # torch threads of the model thread (engine.model_thread_threads)
@@ -134,7 +135,8 @@ def create_app(bank: AdapterBank, settings: ServeSettings | None = None) -> Fast
                        ", ".join(left_out))
     pinned = {n for n in (*systems, rate_prompt_of) if n and n != BASE}  # rating needs them loaded
     on_demand = OnDemand(bank, engine, settings.adapter_root, settings.max_loaded_adapters,
-                         pinned=pinned | set(bank.metadata), trust_pickle=settings.trust_pickle, metrics=metrics)
+                         pinned=pinned | set(bank.metadata), trust_pickle=settings.trust_pickle, metrics=metrics,
+                         wait=settings.adapter_wait)
     page_html = PAGE.read_text(encoding="utf-8")
 
     @asynccontextmanager

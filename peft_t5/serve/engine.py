@@ -130,8 +130,8 @@ class Lane:
     rows: list[Row] = field(default_factory=list)  # row i holds the runner's slot i
 
     def activate(self) -> None:
-        if self.adapter is not None:
-            self.holder.set_adapter(self.adapter)
+        if self.adapter is not None and self.holder.active_adapter != self.adapter:  # PEFT's set_adapter walks
+            self.holder.set_adapter(self.adapter)  # every module: only when another adapter of the holder was active
 
 
 class Engine:

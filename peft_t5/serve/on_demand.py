@@ -23,8 +23,8 @@ from .schemas import ADAPTER_NAME, ApiError
 
 class OnDemand:
     def __init__(self, bank: AdapterBank, engine, root: str | None, most: int | None = None,
-                 pinned: set[str] = frozenset(), trust_pickle: bool = False, metrics=None):
-        self.bank, self.engine, self.root, self.most = bank, engine, root, most
+                 pinned: set[str] = frozenset(), trust_pickle: bool = False, metrics=None, wait: float = 30.0):
+        self.bank, self.engine, self.root, self.most, self.wait = bank, engine, root, most, wait
         self.pinned, self.trust_pickle, self.metrics = set(pinned), trust_pickle, metrics
         self.used: OrderedDict[str, None] = OrderedDict((name, None) for name in bank.metadata)  # least recent first
         self.held: dict[str, int] = {}  # requests holding an adapter (from before their rows are queued)
@@ -86,8 +86,17 @@ class OnDemand:
             self.metrics.adapter_loaded(time.perf_counter() - started)
 
     async def load(self, name: str, path: str) -> dict:
-        """Load a folder (already confined to the root) as `name`, making room first; its metadata."""
-        meta = await self.engine.on_model_thread(self._make_room_and_load, name, path)
+        """Load a folder (already confined to the root) as `name`, making room first (waiting up to `wait` seconds
+        for an adapter to fall idle); its metadata."""
+        deadline = time.monotonic() + self.wait
+        while True:
+            try:
+                meta = await self.engine.on_model_thread(self._make_room_and_load, name, path)
+                break
+            except Full:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
         self.used[name] = None
         return meta
 
@@ -110,8 +119,8 @@ class OnDemand:
                 if self.metrics is not None:
                     self.metrics.adapter_evicted()
                 return name
-        raise Full(f"all {len(self.bank.metadata)} loaded adapters (--max_loaded_adapters {self.most}) are pinned or "
-                   "in use; retry shortly")
+        raise Full(f"all {len(self.bank.metadata)} loaded adapters (--max_loaded_adapters {self.most}) stayed pinned "
+                   f"or in use for {self.wait:g} s; retry shortly")
 
     def forget(self, name: str) -> None:
         """An adapter unloaded by DELETE /v1/adapters."""
