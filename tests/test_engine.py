@@ -191,9 +191,9 @@ def test_streamed_pieces_concatenate_to_the_whole_outputs(bank):
     async def scenario(engine):
         pieces = ["", ""]
         counts = [0, 0]
-        async for index, piece in engine.stream(["jokes", "jokes2"], SOURCES[:2], 30):
-            pieces[index] += piece
-            counts[index] += 1
+        async for piece in engine.events(["jokes", "jokes2"], SOURCES[:2], 30):
+            pieces[piece.index] += piece.text
+            counts[piece.index] += bool(piece.text)
         return pieces, counts
 
     pieces, counts = run(scenario, bank)

@@ -110,6 +110,8 @@ class Row:
     tokens: list[int] = field(default_factory=list)
     cut: int | None = None  # where a stop string begins in its text
     logprobs: list[tuple[int, float, list]] = field(default_factory=list)  # (token, logprob, top) per token
+    pieces: list[str] = field(default_factory=list)  # with logprobs: the text each token added
+    decoded: str = ""  # with logprobs: the text of its tokens so far
     sent: str = ""  # text streamed so far
     sent_tokens: int = 0  # tokens whose log-probabilities were streamed
 
@@ -263,14 +265,6 @@ class Engine:
         finally:
             task.cancel()
 
-    async def stream(self, names: list[str], sources: list[str], max_new_tokens: int, num_beams: int = 1,
-                     timeout: float | None = None, min_new_tokens: int = 0):
-        """(index, piece) as output `index` grows; the pieces of an output concatenate to generate()'s text."""
-        async for piece in self.events(names, sources, max_new_tokens, num_beams=num_beams, timeout=timeout,
-                                       min_new_tokens=min_new_tokens):
-            if piece.text:
-                yield piece.index, piece.text
-
     def adapters_in_flight(self) -> set[str]:
         """Adapters with a row decoding or waiting (on the model thread, between steps)."""
         with self.wake:
@@ -414,6 +408,7 @@ class Engine:
             row.tokens.append(choice.token)
             if row.request.want_logprob:
                 row.logprobs.append((choice.token, choice.logprob, choice.top))
+                self._add_piece(row)
             ended = choice.token == self.eos or len(row.tokens) >= row.request.max_new_tokens
             if row.request.stop and len(row.tokens) >= row.request.min_new_tokens:
                 ended = self._find_stop(row) or ended
@@ -505,20 +500,23 @@ class Engine:
         mean = (sum(lp for _, lp, _ in row.logprobs) / len(row.logprobs)) if row.logprobs else None
         return Completion(text, len(tokens), reason, logprobs, mean, list(tokens))
 
+    def _add_piece(self, row: Row) -> None:
+        """The text the row's last token added to its output (one decode a token, not one a token per step)."""
+        now = self._text(row.tokens)
+        grew = now.startswith(row.decoded)
+        row.pieces.append(now[len(row.decoded):] if grew else "")
+        row.decoded = now if grew else row.decoded
+
     def _token_logprobs(self, row: Row, text: str | None = None) -> list[TokenLogprob]:
         """Each decoded token with its text: the growth of the output's text it brought (so that the pieces
         concatenate to the text), up to `text`'s end; </s> brings none and is left out."""
-        entries, before = [], ""
-        for k, (token, logprob, top) in enumerate(row.logprobs):
-            if token == self.eos:
+        entries, offset = [], 0
+        for (token, logprob, top), piece in zip(row.logprobs, row.pieces):
+            if token == self.eos or text is not None and offset >= len(text):
                 break
-            now = self._text(row.tokens[:k + 1])
-            piece = now[len(before):] if now.startswith(before) else ""
-            before = now if now.startswith(before) else before
             if text is not None:
-                if len(before) - len(piece) >= len(text):
-                    break
-                piece = piece[:len(text) - (len(before) - len(piece))]
+                piece = piece[:len(text) - offset]
+            offset += len(piece)
             entries.append(TokenLogprob(piece, logprob, [(piece if t == token else self.token_text(t), v)
                                                          for t, v in top]))
         return entries
