@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from ..bank import BASE, AdapterBank
-from ..errors import ConflictError, NotFoundError, PeftT5Error
+from ..errors import NotFoundError, PeftT5Error
 from .schemas import ADAPTER_NAME, ApiError
 
 
@@ -102,9 +102,7 @@ class OnDemand:
 
     def _make_room_and_load(self, name: str, path: str) -> dict:
         """On the model thread, between steps: evict what must go, then load."""
-        if name in self.bank.metadata:
-            raise ConflictError(f"an adapter named {name!r} is already loaded; unload it first or pick another name")
-        if self.most is not None:
+        if self.most is not None and name not in self.bank.metadata:  # a name taken: bank.add refuses, nothing goes
             while len(self.bank.metadata) >= self.most:
                 self.evict_one()
         return self.bank.add(name, path, self.trust_pickle)
