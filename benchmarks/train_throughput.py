@@ -29,8 +29,8 @@ from common import (PeakMemory, device, jokes_records, machine, model_from_confi
 
 from peft_t5.batching import auto_token_budget  # noqa: E402
 from peft_t5.data import seq2seq_collator, tokenize  # noqa: E402
-from peft_t5.methods import METHODS, get_method  # noqa: E402
-from peft_t5.modeling import add_adapter, add_lora, bf16_supported, load_tokenizer, quantize  # noqa: E402
+from peft_t5.methods import TRAINABLE, get_method  # noqa: E402
+from peft_t5.modeling import add_lora, bf16_supported, load_tokenizer, prepare_for_training, quantize  # noqa: E402
 from peft_t5.tasks import get_task  # noqa: E402
 from peft_t5.throughput import matmul_rate, model_flops_per_token  # noqa: E402
 
@@ -125,9 +125,9 @@ def run_trainer(task, config, dataset, tokenizer, steps, warmup, batch_size, too
 
     dtype = torch.bfloat16 if (toolkit and bf16) else torch.float32  # with bf16 the frozen base is stored in bf16
     model = model_from_config(config, dtype, attention)
-    table = get_method(method)  # the method's defaults, as train_lora.py --method builds it
-    model = add_adapter(quantize(model_from_config(config)) if qlora else model,
-                        table.build(table.settings({}), warmup + steps))
+    table = get_method(method)  # the method's defaults, as train_lora.py --method builds it (full: no adapter)
+    model = prepare_for_training(quantize(model_from_config(config)) if qlora else model, table, table.settings({}),
+                                 warmup + steps)
     if budget == "auto":
         budget, how = auto_token_budget(model, bf16)
     clock = StepClock(0 if epoch else warmup)
@@ -182,7 +182,7 @@ SETUPS = {  # name -> (runner kind, options)
     "peft_t5_eager": ("trainer", dict(toolkit=True, attention="eager")),
     "peft_t5_qlora": ("trainer", dict(toolkit=True, qlora=True, budget="explicit")),
     **{f"peft_t5_{name}": ("trainer", dict(toolkit=True, bf16=False, method=name))  # float32, as peft_t5_fp32
-       for name in METHODS if name != "lora"},
+       for name in TRAINABLE if name != "lora"},
 }
 
 

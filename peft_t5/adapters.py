@@ -131,6 +131,22 @@ def save_adapter(model, tokenizer, output_dir: str | Path, metadata: dict, model
     write_atomically(Path(output_dir), write)
 
 
+def save_model_folder(model, tokenizer, output_dir: str | Path, metadata: dict, model_card: str,
+                      extra_files: dict[Path, Path] | None = None, state_dict: dict | None = None) -> None:
+    """A whole model (full fine-tuning): config, model.safetensors, tokenizer, metadata and model card, a folder
+    plain from_pretrained loads and --model/--base take."""
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
+        tokenizer.save_pretrained(tmp)
+        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str) + "\n", encoding="utf-8")
+        (tmp / "README.md").write_text(model_card, encoding="utf-8")
+        for name, src in (extra_files or {}).items():
+            if Path(src).exists():
+                shutil.copy(src, tmp / name)
+
+    write_atomically(Path(output_dir), write, owns=(*MODEL_OWNS, "README.md", "loss_curve.png"))
+
+
 def save_initial_adapter(model, held: contextlib.ExitStack) -> str:
     """PiSSA and OLoRA start LoRA from the base's principal (or orthonormal) directions and take them out of the base
     weights, so the adapter as trained fits only that changed base: loaded, it changes the weights of the base it is
@@ -159,6 +175,10 @@ def matches(name: str, patterns: tuple[str, ...]) -> bool:
 
 def is_adapter_dir(path: str | Path) -> bool:
     return all((Path(path) / f).is_file() for f in ADAPTER_FILES)
+
+
+def is_model_dir(path: str | Path) -> bool:
+    return (Path(path) / "config.json").is_file() and any(Path(path).glob("model*.safetensors"))
 
 
 def check_adapter_dir(adapter_dir: str | Path, trust_pickle: bool = False) -> None:
@@ -237,9 +257,13 @@ def read_metadata(adapter_dir: str | Path, trust_pickle: bool = False) -> dict:
 
 def adapter_shapes(adapter_dir: str | Path) -> dict[str, tuple[int, ...]]:
     """Tensor shapes in adapter_model.safetensors, read from its header without loading the weights."""
+    return tensor_shapes(Path(adapter_dir) / "adapter_model.safetensors")
+
+
+def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes in a safetensors file, read from its header without loading the weights."""
     from safetensors import SafetensorError, safe_open
 
-    path = Path(adapter_dir) / "adapter_model.safetensors"
     try:
         with safe_open(str(path), framework="pt") as f:
             return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}

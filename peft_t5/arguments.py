@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .methods import INIT_LORA_WEIGHTS, METHOD_FLAGS, METHODS, REFUSED
+from .methods import INIT_LORA_WEIGHTS, METHOD_FLAGS, REFUSED, TRAINABLE
 from .tasks import task_names
 
 
@@ -54,8 +54,9 @@ class LoraArguments:
     _argument_group_name = "PEFT method"
 
     method: str = field(default="lora", metadata={
-        "help": "lora, dora, ia3, adalora, prompt_tuning or vera (default lora).",
-        "choices": [*METHODS, *REFUSED]})
+        "help": "lora, dora, ia3, adalora, prompt_tuning or vera (default lora), or full: every weight trains "
+                "(the baseline; saves a whole model).",
+        "choices": [*TRAINABLE, *REFUSED]})
     lora_r: int | None = field(default=None, metadata={"help": "lora, dora, vera: the rank (16; vera's shared "
                                                                "matrices take 16 too)."})
     lora_alpha: int | None = field(default=None, metadata={"help": "lora, dora, adalora: scaling numerator (32; "
@@ -70,6 +71,9 @@ class LoraArguments:
                 "orthonormal directions).", "choices": list(INIT_LORA_WEIGHTS)})
     loraplus_lr_ratio: float | None = field(default=None, metadata={
         "help": "lora, dora: LoRA+, B's learning rate is this many times A's (e.g. 16)."})
+    layers: str | None = field(default=None, metadata={
+        "help": "The T5 blocks that train (all methods but prompt_tuning): encoder, decoder, or block ranges in one, "
+                "e.g. encoder:0-5 or decoder:4-5,encoder:5; full freezes every other block (default: all)."})
     num_virtual_tokens: int | None = field(default=None, metadata={"help": "prompt_tuning: soft prompt length (20)."})
     init_r: int | None = field(default=None, metadata={"help": "adalora: starting rank of each layer (12)."})
     target_r: int | None = field(default=None, metadata={"help": "adalora: average rank it ends with (4)."})

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 from .errors import PeftT5Error
-from .methods import METHODS
-from .modeling import TINY, TINY_DIR, add_adapter, add_lora
+from .methods import FULL, METHODS
+from .modeling import TINY, TINY_DIR, prepare_for_training
 
 GIB = 1024**3
 NF4_BYTES = 0.5 + (8 / 64 + 32 / (64 * 256)) / 8  # 4 bits + double-quantized absmax (8 bits per 64, fp32 per 256 blocks)
@@ -58,16 +58,21 @@ def optimizer_state_numel(shapes: list[torch.Size], optim: str) -> int:
     return sum((s[-2] + s[-1]) * (s.numel() // (s[-2] * s[-1])) if len(s) >= 2 else s.numel() for s in shapes)
 
 
-def estimate(name: str, optim: str = "adafactor", r: int = 16, target_modules=None) -> dict:
-    """Counts and GiB for full fine-tuning, LoRA (fp32 base) and QLoRA (NF4 base) of the model `name`."""
+def estimate(name: str, optim: str = "adafactor", r: int = 16, target_modules=None, layers: str | None = None) -> dict:
+    """Counts and GiB for full fine-tuning, LoRA (fp32 base) and QLoRA (NF4 base) of the model `name`; with layers
+    (--layers), only the blocks it names train, in full fine-tuning and in each method that takes it."""
     config = load_config(name)
     model = meta_model(config)
     total = sum(p.numel() for p in model.parameters())
-    full_shapes = [p.shape for p in model.parameters()]
+    full = prepare_for_training(meta_model(config), FULL, FULL.settings({"layers": layers}), 0)
+    full_shapes = [p.shape for p in full.parameters() if p.requires_grad]
+    full_trainable = sum(s.numel() for s in full_shapes)
     linear = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
     quantizable = sum(m.weight.numel() for n, m in model.named_modules() if n in linear)
 
-    peft_model = add_lora(model, r=r, alpha=2 * r, target_modules=target_modules)
+    lora = METHODS["lora"]
+    peft_model = prepare_for_training(model, lora, lora.settings({"lora_r": r, "lora_alpha": 2 * r, "layers": layers,
+                                                                  "target_modules": target_modules}), 0)
     trainable, with_adapter = peft_model.get_nb_trainable_parameters()
     lora_shapes = [p.shape for p in peft_model.parameters() if p.requires_grad]
 
@@ -78,7 +83,8 @@ def estimate(name: str, optim: str = "adafactor", r: int = 16, target_modules=No
 
     methods = {}
     for method in METHODS.values():  # each on a fresh meta model: PEFT injects its layers in place
-        adapted = add_adapter(meta_model(config), method.build(method.settings({}), 1000))
+        given = {"layers": layers} if layers and "layers" in method.flags else {}
+        adapted = prepare_for_training(meta_model(config), method, method.settings(given), 1000)
         numel, _ = adapted.get_nb_trainable_parameters()
         methods[method.name] = {"trainable_parameters": numel, **setup(4 * total + 4 * numel, numel,
                                                                      [p.shape for p in adapted.parameters()
@@ -88,8 +94,9 @@ def estimate(name: str, optim: str = "adafactor", r: int = 16, target_modules=No
         "optimizer": optim,
         "total_parameters": total,
         "methods": methods,  # each method with its defaults, on an fp32 base
-        "trainable_parameters": {"full": total, "lora": trainable, "qlora": trainable},
-        "full": setup(4 * total, total, full_shapes),
+        "layers": layers,
+        "trainable_parameters": {"full": full_trainable, "lora": trainable, "qlora": trainable},
+        "full": setup(4 * total, full_trainable, full_shapes),
         "lora": setup(4 * with_adapter, trainable, lora_shapes),
         # prepare_model_for_kbit_training keeps the non-quantized weights (embeddings, norms, lm_head) in fp32
         "qlora": setup(NF4_BYTES * quantizable + 4 * (with_adapter - quantizable), trainable, lora_shapes),
@@ -97,7 +104,8 @@ def estimate(name: str, optim: str = "adafactor", r: int = 16, target_modules=No
 
 
 def format_estimate(e: dict) -> str:
-    lines = [f"model: {e['model']}  (optimizer state for {e['optimizer']}; activations not counted)",
+    lines = [f"model: {e['model']}  (optimizer state for {e['optimizer']}; activations not counted)"
+             + (f"\ntraining only the blocks of --layers {e['layers']}" if e.get("layers") else ""),
              f"total parameters: {e['total_parameters']:,}",
              f"{'setup':8} {'trainable':>14} {'weights':>9} {'grads':>9} {'optimizer':>9} {'total':>9}  (GiB)"]
     for setup in (s for s in ("full", "lora", "qlora") if s in e):  # --qlora keeps only its own row
@@ -105,7 +113,8 @@ def format_estimate(e: dict) -> str:
         lines.append(f"{setup:8} {e['trainable_parameters'][setup]:>14,} {m['weights_gib']:>9.3f} "
                      f"{m['gradients_gib']:>9.3f} {m['optimizer_gib']:>9.3f} {m['total_gib']:>9.3f}")
     if "methods" in e:
-        lines.append("PEFT methods with their defaults (fp32 base; --method and its flags in train_lora.py):")
+        lines.append("PEFT methods with their defaults" + (" and --layers" if e.get("layers") else "") +
+                     " (fp32 base; --method and its flags in train_lora.py):")
         for name, m in e["methods"].items():
             lines.append(f"{name:14} {m['trainable_parameters']:>9,} {m['weights_gib']:>9.3f} "
                          f"{m['gradients_gib']:>9.3f} {m['optimizer_gib']:>9.3f} {m['total_gib']:>9.3f}")

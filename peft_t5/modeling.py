@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer, PreTr
 from .errors import PeftT5Error
 from .hub import TINY, model_problem
 from .logs import explain_4bit_kernels
-from .methods import get_method
+from .methods import get_method, layer_blocks
 TINY_DIR = Path(__file__).resolve().parent / "tiny"
 DATA_DIR = Path(__file__).resolve().parent / "data"
 TINY_SEED = 0
@@ -208,18 +208,42 @@ def linear_module_names(model: torch.nn.Module) -> list[str]:
                    if isinstance(m, torch.nn.Linear) or type(m).__name__.startswith("Linear")})
 
 
-def add_adapter(model: PreTrainedModel, config):
-    """Wrap `model` with a fresh adapter of a PEFT config (see methods.py); a 4-bit model is first prepared for
-    k-bit training, and target modules that match no layer are refused."""
-    from peft import get_peft_model, prepare_model_for_kbit_training
-
-    targets = getattr(config, "target_modules", None)
-    if targets and targets != "all-linear":
+def check_target_modules(model: torch.nn.Module, targets) -> None:
+    """Refuse --target_modules names that match no linear layer of the model, naming the ones it has."""
+    if targets and not isinstance(targets, str) and targets != ["all-linear"]:
         existing = linear_module_names(model)
         missing = sorted(set(targets) - set(existing))
         if missing:
             raise PeftT5Error(f"--target_modules {','.join(missing)} match no layer of this model; "
                               f"its linear layers are named: {', '.join(existing)}")
+
+
+def prepare_for_training(base: PreTrainedModel, method, settings: dict, total_steps: int):
+    """The model that trains: the base wrapped with a fresh adapter of the method, or for full fine-tuning the base
+    itself; --layers (settings["layers"]) limits either to the blocks it names."""
+    blocks = layer_blocks(settings.get("layers"), base.config)
+    check_target_modules(base, settings.get("target_modules"))
+    config = method.build(settings, total_steps)
+    if config is None:  # full: no adapter
+        return train_only_blocks(base, blocks)
+    return add_adapter(base, config)
+
+
+def train_only_blocks(model: PreTrainedModel, blocks: dict[str, list[int]] | None) -> PreTrainedModel:
+    """Every weight trains (blocks None), or only those inside the named blocks: embeddings, final norms and the
+    output projection are frozen with the other blocks."""
+    prefixes = None if blocks is None else tuple(f"{stack}.block.{n}." for stack, ns in blocks.items() for n in ns)
+    for name, param in model.named_parameters():
+        param.requires_grad_(prefixes is None or name.startswith(prefixes))
+    return model
+
+
+def add_adapter(model: PreTrainedModel, config):
+    """Wrap `model` with a fresh adapter of a PEFT config (see methods.py); a 4-bit model is first prepared for
+    k-bit training, and target modules that match no layer are refused."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    check_target_modules(model, getattr(config, "target_modules", None))
     if getattr(model, "is_loaded_in_4bit", False):
         # T5 in k-bit needs this (fp32 norms, input grads) or backward fails with "does not require grad".
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)

@@ -7,7 +7,7 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
-from .adapters import adapter_shapes
+from .adapters import tensor_shapes
 from .errors import PeftT5Error
 
 
@@ -42,10 +42,12 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
         json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return "no readable trainer_state.json"
+    weights = next((checkpoint / f for f in ("adapter_model.safetensors", "model.safetensors")
+                    if (checkpoint / f).exists()), checkpoint / "adapter_model.safetensors")  # an adapter, or full
     try:
-        adapter_shapes(checkpoint)
+        tensor_shapes(weights)
     except PeftT5Error:
-        return "no readable adapter_model.safetensors"
+        return f"no readable {weights.name}"
     return None
 
 

@@ -17,6 +17,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lora_r", type=int, default=16, help="LoRA rank (default 16)")
     parser.add_argument("--target_modules", nargs="+", default=None,
                         help="Layers LoRA adapts (default: q v; all-linear for every linear layer)")
+    parser.add_argument("--layers", help="Train only these T5 blocks, e.g. encoder:0-5 or decoder:4-5 (full and the "
+                                         "methods that take --layers)")
     parser.add_argument("--json", action="store_true", help="Print JSON instead of a table")
     return parser
 
@@ -27,7 +29,8 @@ def estimate_main(argv: list[str]) -> None:
 
     from ..estimate import estimate, format_estimate
 
-    result = estimate(args.model, optim=args.optim, r=args.lora_r, target_modules=args.target_modules)
+    result = estimate(args.model, optim=args.optim, r=args.lora_r, target_modules=args.target_modules,
+                      layers=args.layers)
     if args.qlora:
         result = {k: v for k, v in result.items() if k not in ("full", "lora", "methods")}
         result["trainable_parameters"] = {"qlora": result["trainable_parameters"]["qlora"]}

@@ -10,6 +10,7 @@ import shlex
 import sys
 import time
 from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
 
 from ..errors import Interrupted, PeftT5Error
@@ -93,7 +94,7 @@ def closest(name: str, known, prefix: str = "") -> str:
 
 
 PRECHECKED = ("task", "model", "data", "validation_data", "output_dir")
-SWITCHES = ("overwrite_output_dir", "resume", "streaming")  # flags that may stand alone (true)
+SWITCHES = ("overwrite_output_dir", "resume", "streaming", "qlora")  # flags that may stand alone (true)
 
 
 def split_config(argv: list[str]) -> tuple[str | None, dict, list[str]]:
@@ -139,7 +140,10 @@ def precheck_train(argv: list[str]) -> None:
     if "output_dir" in values:
         check_writable_folder(values["output_dir"], "--output_dir")
     check_flag_names(path, config, flags)
-    check_method_settings(config, flags)
+    method = check_method_settings(config, flags)
+    if method.whole_model and values.get("qlora", "false").lower() in ("true", "1"):
+        raise PeftT5Error(f"--qlora with --method {method.name}: a 4-bit base cannot train its own weights (QLoRA "
+                          "trains an adapter on a frozen 4-bit base); drop --qlora, or choose a PEFT --method")
     if task:
         on = {k: values.get(k, "false").lower() in ("true", "1") for k in SWITCHES}
         check_output_dir(Path(values.get("output_dir") or f"adapters/{task.name}"), on["overwrite_output_dir"],
@@ -167,7 +171,7 @@ def check_flag_names(path: str | None, config: dict, argv: list[str]) -> None:
                               ("; train_lora.py --help lists them" if said.endswith("flag") else ""))
 
 
-def check_method_settings(config: dict, argv: list[str]) -> None:
+def check_method_settings(config: dict, argv: list[str]):
     """The PEFT method's flags in range (--lora_r 0, --lora_dropout 1.5), from a parse of those flags alone."""
     from ..arguments import method_flag_values
 
@@ -176,7 +180,9 @@ def check_method_settings(config: dict, argv: list[str]) -> None:
     except SystemExit:  # argparse said what is wrong with a value (e.g. --lora_r x) in its own words
         raise PeftT5Error("a PEFT method flag has a value of the wrong type (see above); train_lora.py --help "
                           "lists the flags") from None
-    get_method(lora.method).settings(lora.given())
+    method = get_method(lora.method)
+    method.settings(lora.given())
+    return method
 
 
 def resolve_defaults(task, model_args, data_args, training_args) -> None:
@@ -226,13 +232,14 @@ def resolve_defaults(task, model_args, data_args, training_args) -> None:
 def check_output_dir(adapter_dir: Path, overwrite: bool, resume: bool) -> None:
     """An adapter is replaced only with --overwrite_output_dir, and files peft-t5 did not write are never replaced:
     a folder holding them is refused without the flag, and with it they stay beside the adapter."""
-    from ..adapters import check_writable_folder, foreign_files, is_adapter_dir
+    from ..adapters import ADAPTER_OWNS, MODEL_OWNS, check_writable_folder, foreign_files, is_adapter_dir, is_model_dir
 
     check_writable_folder(adapter_dir, "--output_dir")
-    if is_adapter_dir(adapter_dir) and not (overwrite or resume):
-        raise PeftT5Error(f"{adapter_dir} already holds an adapter; pass --overwrite_output_dir to replace it, "
+    if (is_adapter_dir(adapter_dir) or is_model_dir(adapter_dir)) and not (overwrite or resume):
+        held = "an adapter" if is_adapter_dir(adapter_dir) else "a model"
+        raise PeftT5Error(f"{adapter_dir} already holds {held}; pass --overwrite_output_dir to replace it, "
                           "or --output_dir for another folder")
-    foreign = foreign_files(adapter_dir)
+    foreign = foreign_files(adapter_dir, (*ADAPTER_OWNS, *MODEL_OWNS))
     if foreign and not overwrite:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise PeftT5Error(f"--output_dir {adapter_dir} holds files peft-t5 did not write ({shown}); pass a new or "
@@ -252,7 +259,8 @@ def resume_checkpoint(training_args, say) -> str | None:
         if problem:
             raise PeftT5Error(f"--resume_from_checkpoint {chosen}: {problem}; pass a whole checkpoint, or --resume for "
                               "the newest whole one")
-        check_adapter_dir(chosen)
+        if (chosen / "adapter_config.json").exists():
+            check_adapter_dir(chosen)
         return str(chosen)
     if not training_args.resume:
         return None
@@ -260,7 +268,8 @@ def resume_checkpoint(training_args, say) -> str | None:
     for checkpoint in checkpoints_newest_first(folder):
         problem = checkpoint_problem(checkpoint)
         if problem is None:
-            check_adapter_dir(checkpoint)
+            if (checkpoint / "adapter_config.json").exists():  # full fine-tuning checkpoints hold a model
+                check_adapter_dir(checkpoint)
             say(f"resuming from {checkpoint}")
             return str(checkpoint)
         say(f"--resume: {checkpoint.name} is incomplete ({problem}; its save was interrupted): removed")
@@ -275,6 +284,8 @@ def model_card(meta: dict, adapter_dir: str) -> str:
     settings = ", ".join(f"{k}={v}" for k, v in meta["settings"].items() if v is not None) or "PEFT's defaults"
     metrics = "\n".join(f"| {k} | {v:.4g} |" for k, v in meta["metrics"].items()
                         if isinstance(v, (int, float)) and not any(w in k for w in ("runtime", "per_second", "epoch")))
+    if meta["method"] == "full":
+        return full_model_card(meta, adapter_dir, settings, metrics)
     if meta["base_model"] == TINY:  # not on the Hub: the toolkit builds it
         load_base = "from peft_t5.modeling import tiny_model\nbase = tiny_model()  # peft-t5's tiny test T5"
     else:
@@ -297,6 +308,32 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 {load_base}
 model = PeftModel.from_pretrained(base, "{adapter_dir}")
 tokenizer = AutoTokenizer.from_pretrained("{adapter_dir}")
+```
+
+## Final validation metrics
+| metric | value |
+|---|---|
+{metrics}
+"""
+
+
+def full_model_card(meta: dict, model_dir: str, settings: str, metrics: str) -> str:
+    blocks = "every weight" if settings == "PEFT's defaults" else f"the blocks of {settings}"
+    return f"""---
+library_name: transformers
+base_model: {meta['base_model']}
+tags: [t5, peft-t5, full-fine-tuning, {meta['task']}]
+---
+# {meta['task']} model fine-tuned from {meta['base_model']}
+
+Full fine-tuning ({blocks} trained) with peft-t5 on the `{meta['task']}` task: a whole model, no adapter.
+
+Prompt template: `{meta['template']}`
+
+```python
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+model = AutoModelForSeq2SeqLM.from_pretrained("{model_dir}")
+tokenizer = AutoTokenizer.from_pretrained("{model_dir}")
 ```
 
 ## Final validation metrics
@@ -392,23 +429,25 @@ def token_budget(training_args, model, streaming: bool, say) -> int | None:
     return budget
 
 
-def train(argv: list[str]) -> dict:
-    """Train an adapter; returns the final metrics. The whole job, top to bottom (in run_training).
+def train(argv: list[str], callbacks: tuple = ()) -> dict:
+    """Train an adapter (or with --method full, a whole model); returns the final metrics. The whole job, top to
+    bottom (in run_training). callbacks: more Trainer callbacks (a sweep's pruning reporter).
 
     Under torchrun/accelerate every process runs this; only the main one prints, logs and writes the adapter.
     """
     with ExitStack() as held:  # the output folder's lock, released however the run ends
-        return run_training(argv, held)
+        return run_training(argv, held, callbacks)
 
 
-def run_training(argv: list[str], held: ExitStack) -> dict:
+def run_training(argv: list[str], held: ExitStack, callbacks: tuple = ()) -> dict:
     precheck_train(argv)
     import torch
     import transformers
 
-    from ..adapters import quiet_adalora_warnings, save_adapter, save_initial_adapter
+    from ..adapters import quiet_adalora_warnings, save_adapter, save_initial_adapter, save_model_folder
     from ..data import tokenize, tokenize_stream
-    from ..modeling import TINY, add_adapter, count_parameters, load_base_model, load_tokenizer, quantization_config
+    from ..modeling import (TINY, count_parameters, load_base_model, load_tokenizer, prepare_for_training,
+                            quantization_config)
     from ..tasks import get_task
     from ..training import build_trainer, gathered_state_dict, plot_loss_curves
 
@@ -438,7 +477,7 @@ def run_training(argv: list[str], held: ExitStack) -> dict:
     dtype = torch.bfloat16 if training_args.bf16 else torch.float32
     base = load_base_model(model_args.model, qlora=model_args.qlora, dtype=dtype, trust_pickle=model_args.trust_pickle)
     budget = token_budget(training_args, base, data_args.streaming, say)
-    model = add_adapter(base, method.build(settings, planned_steps(method, training_args, train_records, budget)))
+    model = prepare_for_training(base, method, settings, planned_steps(method, training_args, train_records, budget))
     initial = save_initial_adapter(model, held) if settings.get("init_lora_weights") in ("pissa", "olora") else None
     trainable, total = count_parameters(model)
     say(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
@@ -460,6 +499,8 @@ def run_training(argv: list[str], held: ExitStack) -> dict:
     trainer = build_trainer(model, tokenizer, task, train_dataset, eval_dataset, training_args,
                             eval_records[:data_args.generation_eval_samples], **lengths, max_tokens_per_batch=budget,
                             loraplus_lr_ratio=settings.get("loraplus_lr_ratio"))
+    for callback in callbacks:
+        trainer.add_callback(callback)
     resume = resume_checkpoint(training_args, say)
     started = time.time()
     try:
@@ -481,7 +522,7 @@ def run_training(argv: list[str], held: ExitStack) -> dict:
         "truncate_field": task.truncate_field, "qlora": model_args.qlora,
         "quantization": quantization_config().to_dict() if model_args.qlora else None,
         "max_source_length": data_args.max_source_length, "max_target_length": data_args.max_target_length,
-        "method": method.name, "settings": settings,
+        "method": method.name, "settings": settings, "trainable_parameters": trainable,
         "data": data_args.data, "streaming": data_args.streaming,
         "train_records": None if data_args.streaming else len(train_records),
         "truncation": vars(stats) if stats else None, "processes": training_args.world_size,
@@ -493,18 +534,20 @@ def run_training(argv: list[str], held: ExitStack) -> dict:
                      "peft": __import__("peft").__version__, "peft_t5": __import__("peft_t5").__version__},
     }
     with saving_into(adapter_dir, model):
-        save_adapter(trainer.accelerator.unwrap_model(trainer.model), tokenizer, adapter_dir, meta,
-                     model_card(meta, str(adapter_dir)), {"loss_curve.png": curve}, state_dict=state_dict,
-                     initial_adapter=initial)
+        save = save_model_folder if method.whole_model else partial(save_adapter, initial_adapter=initial)
+        save(trainer.accelerator.unwrap_model(trainer.model), tokenizer, adapter_dir, meta,
+             model_card(meta, str(adapter_dir)), {"loss_curve.png": curve}, state_dict=state_dict)
     print(f"validation loss: {loss_before:.4f} before training -> {metrics['eval_loss']:.4f} after"
           if loss_before is not None else f"validation loss: {metrics['eval_loss']:.4f}")
     if f"eval_{task.main_metric}" in metrics:  # not with --generation_eval_samples 0
         print(f"{task.main_metric}: {metrics[f'eval_{task.main_metric}']:.2f}")
-    print(f"adapter saved to {adapter_dir}/ (adapter_model.safetensors, loss_curve.png, README.md)")
+    print(f"model saved to {adapter_dir}/ (model.safetensors, config.json, loss_curve.png, README.md): pass it as "
+          "--model or --base" if method.whole_model else
+          f"adapter saved to {adapter_dir}/ (adapter_model.safetensors, loss_curve.png, README.md)")
 
     del trainer, model
     gc.collect()
-    show_reloaded_samples(task, model_args, adapter_dir, test_records or eval_records, data_args)
+    show_reloaded_samples(task, model_args, adapter_dir, test_records or eval_records, data_args, method.whole_model)
     if model_args.model == TINY:
         print("\nNote: `tiny` is a small T5 with random weights, a smoke test of the whole pipeline, not a useful "
               f"model.\nFor the real thing: python scripts/train_lora.py --task {task.name} {real_data(task)}.")
@@ -538,9 +581,12 @@ def real_data(task) -> str:
     return f"(base {task.default_model}, data {task.default_data} from the Hub)"
 
 
-def show_reloaded_samples(task, model_args, adapter_dir: Path, records: list[dict], data_args) -> None:
-    """Reload the saved adapter with plain PEFT and print a few generations next to the references."""
+def show_reloaded_samples(task, model_args, adapter_dir: Path, records: list[dict], data_args,
+                          whole_model: bool = False) -> None:
+    """Reload the saved adapter with plain PEFT (a whole model with transformers) and print a few generations next
+    to the references."""
     from peft import PeftModel
+    from transformers import AutoModelForSeq2SeqLM
 
     from ..generation import generate_texts
     from ..modeling import load_base_model
@@ -548,11 +594,12 @@ def show_reloaded_samples(task, model_args, adapter_dir: Path, records: list[dic
     records = printable_records(task, records)[:data_args.sample_generations]
     if not records:
         return
-    model = PeftModel.from_pretrained(load_base_model(model_args.model, qlora=model_args.qlora), adapter_dir)
+    model = (AutoModelForSeq2SeqLM.from_pretrained(adapter_dir) if whole_model else
+             PeftModel.from_pretrained(load_base_model(model_args.model, qlora=model_args.qlora), adapter_dir))
     tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(adapter_dir)
     outputs = generate_texts(model, tokenizer, [task.source(r) for r in records],
                              max_source_length=data_args.max_source_length, max_new_tokens=data_args.max_target_length)
-    print(f"\nsample generations from the reloaded adapter ({adapter_dir}):")
+    print(f"\nsample generations from the reloaded {'model' if whole_model else 'adapter'} ({adapter_dir}):")
     for record, output in zip(records, outputs):
         print(f"  Q: {record['question']}\n     reference: {' | '.join(task.references(record)) or task.empty_output}"
               f"\n     generated: {shown(task, task.answer_from_output(output))}")
