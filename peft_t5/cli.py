@@ -17,6 +17,7 @@ COMMANDS = {  # name -> (module in peft_t5/commands, its function, what it does)
                 "base vs adapters side by side, a sheet to rate, or a ratings summary (scripts/compare.py)"),
     "merge": ("merge", "merge_main", "merge an adapter into its base as a plain transformers model (scripts/merge_adapter.py)"),
     "export": ("export", "export_main", "merge an adapter and convert it for CTranslate2, checked (one-adapter serving)"),
+    "sweep": ("sweep", "sweep_main", "compare methods and settings on a task: an Optuna study, a table and plots"),
     "estimate": ("estimate", "estimate_main", "memory a run would need, before loading anything"),
     "serve": ("serve", "serve_main", "serve adapters over HTTP: batched across clients, a page to try and rate them"),
 }

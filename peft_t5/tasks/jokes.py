@@ -208,6 +208,7 @@ TASK = Task(
     answer_from_output=str.strip,
     references=lambda record: [record["answer"]],
     scores=generation_scores,
+    sweep_objective="eval_loss",  # the validation loss: no generation needed at each evaluation
     main_metric="rougeL",
     load_splits=load_splits,
     stream=stream_jokes,

@@ -43,6 +43,7 @@ class Task:
     references: Callable[[Record], list[str]]  # gold answers for scoring
     scores: Callable[[list[str], list[list[str]]], dict[str, float]]  # answers, references -> metrics
     main_metric: str  # the metric named in logs and used to compare adapters
+    sweep_objective: str  # what `peft-t5 sweep` optimizes by default: an evaluation metric's log name
     load_splits: Callable[..., Splits]  # (data, seed=..., **options) -> {"train": [...], "validation": [...], ...}
     stream: Callable[..., Iterator[Record]]  # (data, **options) -> usable records one at a time (--streaming)
     check_layout: Callable[[str], None] = lambda path: None  # a quick look at a local file's start: DataError if

@@ -179,6 +179,7 @@ TASK = Task(
     answer_from_output=answer_from_output,
     references=lambda record: record["answers"],
     scores=squad_v2_scores,
+    sweep_objective="eval_f1",
     main_metric="f1",
     load_splits=load_splits,
     stream=stream_squad,
