@@ -65,13 +65,15 @@ def main() -> None:
     parser.add_argument("--only", choices=list(SWEEPS), help="Run one of the two sweeps")
     parser.add_argument("--output", default="benchmarks/results/sweep.json")
     args = parser.parse_args()
-    results = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "sweeps": {}}
+    output = Path(args.output)
+    results = {"sweeps": json.loads(output.read_text())["sweeps"] if args.only and output.exists() else {}}
+    results.update(machine=machine(), date=time.strftime("%Y-%m-%d"))  # --only: the other sweep's figures kept
     for name, config in SWEEPS.items():
         if args.only in (None, name):
             results["sweeps"][name] = s = run_sweep(name, config, Path(args.output).parent)
             print(f"{name}: {s['command_wall_s']:.0f} s, trials {s['trials_s']:.0f} s, the sweep's own share "
                   f"{100 * s['overhead_share']:.1f}%", flush=True)
-    Path(args.output).write_text(json.dumps(results, indent=1) + "\n")
+    output.write_text(json.dumps(results, indent=1) + "\n")
 
 
 if __name__ == "__main__":

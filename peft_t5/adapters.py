@@ -82,11 +82,11 @@ def remove_interrupted_saves(output_dir: Path) -> None:
     """Delete the temporary folders of saves to output_dir whose process is gone (killed mid-save)."""
     for stale in output_dir.parent.glob(f".{output_dir.name}.saving-*"):
         pid = stale.name.removeprefix(f".{output_dir.name}.saving-").split("-")[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -121,30 +121,31 @@ def save_adapter(model, tokenizer, output_dir: str | Path, metadata: dict, model
         with warnings.catch_warnings():  # PEFT's conversion loads the initial adapter beside the trained one
             warnings.filterwarnings("ignore", message=r"(PiSSA|OLoRA) changes the base weights")
             model.save_pretrained(tmp, safe_serialization=True, **options)
-        tokenizer.save_pretrained(tmp)
-        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str) + "\n", encoding="utf-8")
-        (tmp / "README.md").write_text(model_card, encoding="utf-8")
-        for name, src in (extra_files or {}).items():
-            if Path(src).exists():
-                shutil.copy(src, tmp / name)
+        write_beside_weights(tmp, tokenizer, metadata, model_card, extra_files)
 
     write_atomically(Path(output_dir), write)
 
 
 def save_model_folder(model, tokenizer, output_dir: str | Path, metadata: dict, model_card: str,
-                      extra_files: dict[Path, Path] | None = None, state_dict: dict | None = None) -> None:
+                      extra_files: dict[str, Path] | None = None, state_dict: dict | None = None) -> None:
     """A whole model (full fine-tuning): config, model.safetensors, tokenizer, metadata and model card, a folder
     plain from_pretrained loads and --model/--base take."""
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
-        tokenizer.save_pretrained(tmp)
-        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str) + "\n", encoding="utf-8")
-        (tmp / "README.md").write_text(model_card, encoding="utf-8")
-        for name, src in (extra_files or {}).items():
-            if Path(src).exists():
-                shutil.copy(src, tmp / name)
+        write_beside_weights(tmp, tokenizer, metadata, model_card, extra_files)
 
     write_atomically(Path(output_dir), write, owns=(*MODEL_OWNS, "README.md", "loss_curve.png"))
+
+
+def write_beside_weights(folder: Path, tokenizer, metadata: dict, model_card: str,
+                         extra_files: dict[str, Path] | None) -> None:
+    """The tokenizer, peft_t5.json, the model card and extra files (the loss curve) of a save."""
+    tokenizer.save_pretrained(folder)
+    (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str) + "\n", encoding="utf-8")
+    (folder / "README.md").write_text(model_card, encoding="utf-8")
+    for name, src in (extra_files or {}).items():
+        if Path(src).exists():
+            shutil.copy(src, folder / name)
 
 
 def save_initial_adapter(model, held: contextlib.ExitStack) -> str:

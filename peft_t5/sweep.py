@@ -27,6 +27,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
+from .adapters import process_alive
 from .errors import Interrupted, PeftT5Error
 from .methods import METHOD_FLAGS, TRAINABLE, get_method
 
@@ -230,7 +231,8 @@ class Sweep:
                               f"config; pass the same {self.config.path}, or a new --output_dir or --study_name")
         for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             pid = trial.user_attrs.get("pid")
-            if trial.user_attrs.get("host") == HOST and pid != os.getpid() and not alive(pid):
+            if trial.user_attrs.get("host") == HOST and isinstance(pid, int) and pid != os.getpid() \
+                    and not process_alive(pid):
                 self.fail_interrupted(trial)
 
     def fail_interrupted(self, trial) -> None:
@@ -404,18 +406,6 @@ def check_sweep_folder(folder: Path, config: SweepConfig) -> None:
         if foreign:
             raise PeftT5Error(f"--output_dir {folder} holds files a sweep did not write ({', '.join(foreign[:3])}); "
                               "pass a new or empty folder")
-
-
-def alive(pid) -> bool:
-    if not isinstance(pid, int):
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def die_with_parent(parent: int) -> None:

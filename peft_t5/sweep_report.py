@@ -82,7 +82,11 @@ def plot_sweep(study: optuna.Study, config, folder: Path) -> list[str]:
             view.add_trials([optuna.trial.create_trial(values=[t.value, t.user_attrs[cost]], params=t.params,
                                                        distributions=t.distributions) for t in costed])
             ax = plots.plot_pareto_front(view, target_names=[config.objective, label])
-            ax.set_title(f"{config.objective} against {label} (Pareto front marked)")
+            ax.set_title(f"{config.objective} against {label}")
+            handles, labels = ax.get_legend_handles_labels()
+            ax.legend(handles, [{"Trial": "dominated", "Best Trial": "Pareto front"}.get(n, n) for n in labels])
+            if cost == "trainable_parameters":
+                ax.set_yscale("log")  # methods differ by orders of magnitude
             save(ax, folder / f"{name}.png", plt)
             written.append(f"{name}.png")
         varied = {name for name in config.space if len({str(t.params.get(name)) for t in complete}) > 1}
