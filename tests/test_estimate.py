@@ -1,10 +1,9 @@
 """`estimate` reads only config.json and builds the model on the meta device."""
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from peft_t5.cli import command, run
 from peft_t5.estimate import estimate
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -24,24 +23,21 @@ def test_t5_small_from_a_config_file_path():
     assert e["trainable_parameters"]["lora"] == 589_824  # 6 + 6*2 attentions * 2 * 16 * (512 + 512)
 
 
-def test_estimate_command_prints_the_table():
-    out = subprocess.run([sys.executable, "-m", "peft_t5", "estimate", "--model", str(FIXTURES / "flan-t5-large")],
-                         capture_output=True, text=True, check=True).stdout
+def test_estimate_command_prints_the_table(capsys):
+    assert run(command("estimate"), ["--model", str(FIXTURES / "flan-t5-large")]) == 0
+    out = capsys.readouterr().out
     assert "total parameters: 783,150,080" in out
     assert any(line.startswith("lora") and "4,718,592" in line for line in out.splitlines())
 
 
-def test_estimate_qlora_prints_its_own_row():
-    out = subprocess.run([sys.executable, "-m", "peft_t5", "estimate", "--model", str(FIXTURES / "flan-t5-large"),
-                          "--qlora"], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-500:]
-    rows = [line.split()[0] for line in out.stdout.splitlines()[3:]]
-    assert rows == ["qlora"] and "4,718,592" in out.stdout
+def test_estimate_qlora_prints_its_own_row(capsys):
+    assert run(command("estimate"), ["--model", str(FIXTURES / "flan-t5-large"), "--qlora"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split()[0] for line in out.splitlines()[3:]]
+    assert rows == ["qlora"] and "4,718,592" in out
 
 
-def test_estimate_of_a_folder_without_config_is_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "peft_t5", "estimate", "--model", str(tmp_path)],
-                          capture_output=True, text=True)
-    assert proc.returncode == 2
-    assert proc.stderr.splitlines()[-1].startswith(f"error: {tmp_path}: no config.json there")
-    assert "Traceback" not in proc.stderr
+def test_estimate_of_a_folder_without_config_is_one_line(tmp_path, capsys):
+    assert run(command("estimate"), ["--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {tmp_path}: no config.json there")

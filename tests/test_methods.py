@@ -275,7 +275,7 @@ def test_loraplus_gives_b_a_larger_learning_rate_than_a(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--method", "ia3", "--lora_r", "8"], "--lora_r does not apply to --method ia3 (it takes no flags of its own)"),
+    (["--method", "ia3", "--lora_r", "8"], "--lora_r does not apply to --method ia3 (it takes --layers)"),
     (["--method", "prompt_tuning", "--target_modules", "q"],
      "--target_modules does not apply to --method prompt_tuning (it takes --num_virtual_tokens)"),
     (["--method", "lora", "--num_virtual_tokens", "5"], "--num_virtual_tokens does not apply to --method lora"),

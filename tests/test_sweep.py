@@ -4,10 +4,12 @@ trial twice; a trial that diverges fails with its reason and the sweep goes on; 
 line naming the key."""
 import csv
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -25,6 +27,18 @@ def sweep(folder, config: dict, *flags, wait=True):
     return subprocess.run(command, capture_output=True, text=True, timeout=600)
 
 
+def writers_of(path) -> list[int]:
+    """The processes that have `path` open."""
+    found = []
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            if any(os.readlink(fd) == str(path) for fd in fd_dir.iterdir()):
+                found.append(int(fd_dir.parent.name))
+        except OSError:  # a process that ended meanwhile, or not ours to read
+            continue
+    return found
+
+
 def trials_csv(folder) -> list[dict]:
     with open(folder / "run" / "trials.csv", newline="") as f:
         return list(csv.DictReader(f))
@@ -39,14 +53,18 @@ def test_a_sweep_killed_mid_trial_keeps_its_finished_trials_and_ends_with_all_of
     for line in first.stdout:  # the second trial has started: let it train a moment, then kill -9 the sweep
         lines.append(line)
         if line.startswith("trial 1 started"):
-            time.sleep(6)
+            time.sleep(4)
             break
     first.send_signal(signal.SIGKILL)
     first.wait(timeout=30)
     assert any(line.startswith("trial 0 COMPLETE") for line in lines), lines
-    time.sleep(1)
-    orphans = subprocess.run(["pgrep", "-f", f"peft_t5.sweep.*{tmp_path}"], capture_output=True, text=True).stdout
-    assert not orphans.strip(), "the trial's process outlived the sweep"
+    log = tmp_path / "run" / "logs" / "001.log"
+    assert log.exists()
+    for _ in range(50):  # the trial's process (the one writing its log) dies with the sweep
+        if not writers_of(log):
+            break
+        time.sleep(0.1)
+    assert not writers_of(log), "the trial's process outlived the sweep"
 
     second = sweep(tmp_path, config)
     assert second.returncode == 0, second.stdout + second.stderr
