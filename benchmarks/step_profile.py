@@ -50,7 +50,7 @@ def main() -> None:
     for _ in range(args.steps):  # warm-up: allocations, and lengths like those profiled
         tokens = runner.step(tokens, names).argmax(-1)
     started = time.process_time()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         for _ in range(args.steps):
             tokens = runner.step(tokens, names).argmax(-1)
     step_ms = (time.process_time() - started) / args.steps * 1000  # under the profiler: its overhead included
@@ -59,11 +59,14 @@ def main() -> None:
         tokens = runner.step(tokens, names).argmax(-1)
     plain_ms = (time.process_time() - plain) / args.steps * 1000
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top, max_name_column_width=40)
+    by_shape = prof.key_averages(group_by_input_shape=True).table(  # which matmul: the output projection, q/k/v/o, ...
+        sort_by="self_cpu_time_total", row_limit=8, max_name_column_width=24, max_shapes_column_width=50)
     header = (f"# One decoder step, {args.rows} rows, jokes prompts, t5-small shapes, 2 LoRA adapters mixed, "
               f"{'int8' if args.int8 else 'float32'}, 1 thread\n\n{machine()}, {time.strftime('%Y-%m-%d')}; "
               f"{plain_ms:.1f} ms of CPU a step without the profiler ({step_ms:.1f} ms under it)\n\n```\n")
-    Path(args.output).write_text(header + table + "\n```\n")
-    print(header + table)
+    text = header + table + "\n```\n\nThe same, by input shape:\n\n```\n" + by_shape + "\n```\n"
+    Path(args.output).write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":
