@@ -1,5 +1,6 @@
 """CPU cost per sequence of the serving engine against today's generate() path and CTranslate2, side by side in one
-run: t5-small shapes (random weights), real SQuAD v2 prompts, every sequence forced to exactly --tokens new tokens.
+run: t5-small shapes (random weights), real SQuAD v2 prompts (long: the encoder weighs) or real jokes questions
+(--prompts jokes, short: the decoder step is the cost), every sequence forced to exactly --tokens new tokens.
 
   generate:     AdapterBank.generate_sources (what the static batcher runs), 2 LoRA adapters unmerged, one batch
   engine:       serve/engine.py, the same 2 adapters unmerged, rows of both in every step (float32)
@@ -7,7 +8,7 @@ run: t5-small shapes (random weights), real SQuAD v2 prompts, every sequence for
   ct2:          CTranslate2 on the merged model (one adapter: what `peft-t5 export` writes), float32
   ct2_int8:     the same converted with --quantization int8
 
-python benchmarks/engine_speed.py [--quick] [--tokens 32] [--batches 1 32]
+python benchmarks/engine_speed.py [--quick] [--tokens 32] [--batches 1 32] [--prompts squad|jokes]
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, squad_records, write_results  # noqa: E402
+from common import jokes_records, machine, squad_records, write_results  # noqa: E402
 from serve_throughput import make_adapters  # noqa: E402
 
 
@@ -77,6 +78,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="Fewer sequences")
     parser.add_argument("--tokens", type=int, default=32, help="New tokens per sequence (forced)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--prompts", choices=["squad", "jokes"], default="squad")
     parser.add_argument("--output", default="benchmarks/results/engine_speed.json")
     args = parser.parse_args()
 
@@ -89,9 +91,10 @@ def main() -> None:
     from peft_t5.tasks import get_task
 
     torch.set_num_threads(1)
-    template = get_task("squad").template
-    records, data = squad_records(256)
+    template = get_task(args.prompts).template
+    records, data = squad_records(256) if args.prompts == "squad" else jokes_records()
     results = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "data": data, "tokens": args.tokens,
+               "prompts": args.prompts,
                "setup": "t5-small shapes, random weights, 2 LoRA adapters (r16 q,v); CTranslate2 on one merged",
                "cpu_s_per_sequence": {}, "wall_s_per_sequence": {}}
     with tempfile.TemporaryDirectory() as tmp:
@@ -109,7 +112,7 @@ def main() -> None:
         for batch in args.batches:
             count = batch * (1 if args.quick else 2) if batch > 1 else (4 if args.quick else 8)
             chosen = records[:count]
-            sources = [template.format(question=r["question"], context=r["context"]) for r in chosen]
+            sources = [template.format(**r) for r in chosen]
             names = [list(adapters)[i % 2] for i in range(count)]
             systems = {
                 "generate": lambda: bank.generate_sources(names, sources, max_new_tokens=args.tokens,
@@ -131,7 +134,7 @@ def main() -> None:
         for batch in args.batches:
             count = len(engine_float[batch])
             chosen = records[:count]
-            sources = [template.format(question=r["question"], context=r["context"]) for r in chosen]
+            sources = [template.format(**r) for r in chosen]
             names = [list(adapters)[i % 2] for i in range(count)]
             timed(lambda: engine_outputs(bank, names, sources, args.tokens, batch)) if batch > 1 else None
             cpu, wall, outputs = timed(lambda: engine_outputs(bank, names, sources, args.tokens, batch))
