@@ -38,6 +38,7 @@ TRIAL_DEFAULTS = {"eval_strategy": "steps", "eval_steps": 0.25, "save_strategy":
                   "eval_on_start": False, "report_to": "none", "sample_generations": 0}
 COLUMNS = ("trial", "state", "value", "trainable_parameters", "peak_memory_mb", "tokens_per_s", "wall_s", "reason")
 HOST = socket.gethostname()
+INTERRUPTED = "interrupted"  # how a trial whose sweep process died begins its reason
 # imported once, by the forkserver the trials are forked from: each trial starts without ~5 s of imports
 TRIAL_IMPORTS = ["peft_t5.sweep", "peft_t5.commands.train", "peft_t5.training", "peft_t5.modeling", "peft_t5.data",
                  "peft_t5.training_arguments"]
@@ -242,7 +243,7 @@ class Sweep:
     def fail_interrupted(self, trial) -> None:
         # FrozenTrial has no public id; Trial(study, id) is how Optuna's own integrations write to a trial
         live = optuna.Trial(self.study, trial._trial_id)
-        live.set_user_attr("reason", "interrupted: its sweep process ended; run again with the same flags")
+        live.set_user_attr("reason", f"{INTERRUPTED}: its sweep process ended; run again with the same flags")
         self.study.tell(trial.number, state=TrialState.FAIL)
         self.study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
         shutil.rmtree(self.folder / "trials" / f"{trial.number:03d}", ignore_errors=True)
@@ -251,9 +252,7 @@ class Sweep:
     def counted(self) -> int:
         """Trials that use the budget: finished ones (but not those interrupted and retried) and running ones."""
         trials = self.study.get_trials(deepcopy=False)
-        return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
-                   or (t.state == TrialState.FAIL and not t.user_attrs.get("reason", "").startswith("interrupted"))
-                   for t in trials)
+        return sum(t.state == TrialState.RUNNING or t.state.is_finished() and not retried(t) for t in trials)
 
     def run(self) -> None:
         self.open()
@@ -315,7 +314,7 @@ class Sweep:
 
     def progress(self, number: int, state: TrialState, outcome: dict, wall: float) -> None:
         trials = self.study.get_trials(deepcopy=False)
-        done = [t for t in trials if t.state.is_finished() and not t.user_attrs.get("reason", "").startswith("interr")]
+        done = [t for t in trials if t.state.is_finished() and not retried(t)]
         walls = [t.user_attrs["wall_s"] for t in done if "wall_s" in t.user_attrs]
         left = max(self.config.trials - len(done), 0) * (sum(walls) / max(len(walls), 1)) / self.workers
         what = f"{self.config.objective} {outcome['value']:.4g}" if state == TrialState.COMPLETE else outcome["reason"]
@@ -353,6 +352,11 @@ class Sweep:
         flags = {**self.config.train, **{k: decode(v) for k, v in best.params.items()}}
         print(f"best: trial {best.number}, {self.config.objective} {best.value:.4g}, {shown(best.params)}; adapter in "
               f"{self.folder}/best; retrain it: {retrain_command(flags)}")
+
+
+def retried(trial) -> bool:
+    """A trial failed as interrupted: its flags run again as another trial, so it does not count."""
+    return trial.state == TrialState.FAIL and trial.user_attrs.get("reason", "").startswith(INTERRUPTED)
 
 
 def covered(intervals: list[tuple[float, float]]) -> float:

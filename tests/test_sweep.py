@@ -50,16 +50,19 @@ def test_a_sweep_killed_mid_trial_keeps_its_finished_trials_and_ends_with_all_of
                         "lora_r": {"low": 4, "high": 16, "step": 4}}}
     first = sweep(tmp_path, config, wait=False)
     lines = []
-    for line in first.stdout:  # the second trial has started: let it train a moment, then kill -9 the sweep
+    log = tmp_path / "run" / "logs" / "001.log"
+    for line in first.stdout:  # the second trial's process has begun (it opened its log): kill -9 the sweep
         lines.append(line)
         if line.startswith("trial 1 started"):
-            time.sleep(4)
+            for _ in range(100):
+                if writers_of(log):
+                    break
+                time.sleep(0.1)
             break
     first.send_signal(signal.SIGKILL)
     first.wait(timeout=30)
     assert any(line.startswith("trial 0 COMPLETE") for line in lines), lines
-    log = tmp_path / "run" / "logs" / "001.log"
-    assert log.exists()
+    assert log.exists() and not (tmp_path / "run" / "logs" / "001.result.json").exists()  # killed mid-trial
     for _ in range(50):  # the trial's process (the one writing its log) dies with the sweep
         if not writers_of(log):
             break

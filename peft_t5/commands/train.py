@@ -284,8 +284,8 @@ def model_card(meta: dict, adapter_dir: str) -> str:
     settings = ", ".join(f"{k}={v}" for k, v in meta["settings"].items() if v is not None) or "PEFT's defaults"
     metrics = "\n".join(f"| {k} | {v:.4g} |" for k, v in meta["metrics"].items()
                         if isinstance(v, (int, float)) and not any(w in k for w in ("runtime", "per_second", "epoch")))
-    if meta["method"] == "full":
-        return full_model_card(meta, adapter_dir, settings, metrics)
+    if get_method(meta["method"]).whole_model:
+        return full_model_card(meta, adapter_dir, metrics)
     if meta["base_model"] == TINY:  # not on the Hub: the toolkit builds it
         load_base = "from peft_t5.modeling import tiny_model\nbase = tiny_model()  # peft-t5's tiny test T5"
     else:
@@ -317,8 +317,9 @@ tokenizer = AutoTokenizer.from_pretrained("{adapter_dir}")
 """
 
 
-def full_model_card(meta: dict, model_dir: str, settings: str, metrics: str) -> str:
-    blocks = "every weight" if settings == "PEFT's defaults" else f"the blocks of {settings}"
+def full_model_card(meta: dict, model_dir: str, metrics: str) -> str:
+    layers = meta["settings"].get("layers")
+    blocks = f"the blocks of --layers {layers}" if layers else "every weight"
     return f"""---
 library_name: transformers
 base_model: {meta['base_model']}
