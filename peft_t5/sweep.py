@@ -18,7 +18,6 @@ import signal
 import socket
 import multiprocessing
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -219,7 +218,7 @@ class Sweep:
     def open(self) -> None:
         """Create or reopen the study; a study of another sweep config is refused; trials whose sweep process died
         are failed as interrupted and run again with the same flags."""
-        check_sweep_folder(self.folder, self.config)
+        check_sweep_folder(self.folder)
         (self.folder / "trials").mkdir(parents=True, exist_ok=True)
         (self.folder / "logs").mkdir(exist_ok=True)
         self.study = optuna.create_study(study_name=self.study_name, storage=storage_for(self.storage_url),
@@ -324,7 +323,7 @@ class Sweep:
               f"done, ~{left / 60:.1f} min left", flush=True)
 
     def best(self):
-        complete = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+        complete = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         return self.study.best_trial if complete else None
 
     def finish(self, wall: float) -> None:
@@ -332,9 +331,9 @@ class Sweep:
         from .sweep_report import plot_sweep, write_tables
 
         trials = self.study.get_trials(deepcopy=False)
-        write_tables(trials, self.config, self.folder)
-        plotted = plot_sweep(self.study, self.config, self.folder / "plots")
         best = self.best()
+        write_tables(trials, self.config, self.folder, best.number if best else None)
+        plotted = plot_sweep(self.study, self.config, self.folder / "plots")
         if best is not None:
             keep_best(self.folder, best.number, self.keep_all)
         intervals = sorted(tuple(t.user_attrs["interval"]) for t in trials if "interval" in t.user_attrs)
@@ -398,7 +397,7 @@ def keep_best(folder: Path, number: int, keep_all: bool) -> None:
             shutil.rmtree(trial_dir, ignore_errors=True)
 
 
-def check_sweep_folder(folder: Path, config: SweepConfig) -> None:
+def check_sweep_folder(folder: Path) -> None:
     """The sweep folder is new, empty, or one this toolkit's sweep wrote; nothing else in it is touched."""
     from .adapters import check_writable_folder
 
@@ -429,19 +428,13 @@ def last_line(log: Path) -> str:
     return lines[-1].removeprefix("error: ")[:300] if lines else ""
 
 
-def write_json_atomically(path: Path, data: dict) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp", encoding="utf-8") as f:
-        json.dump(data, f)
-    os.replace(f.name, path)
-
-
 def reporter(spec: dict):
     """A Trainer callback that reports each evaluation's objective to the trial and stops it if the pruner says so."""
     from transformers import TrainerCallback
 
     class ReportToOptuna(TrainerCallback):
         def __init__(self):
-            config = SweepConfig(**{k: v for k, v in spec["config"].items()})
+            config = SweepConfig(**spec["config"])
             study = optuna.load_study(study_name=spec["study"], storage=storage_for(spec["storage"]),
                                       pruner=make_pruner(config))
             self.trial, self.objective, self.reported = optuna.Trial(study, spec["trial_id"]), spec["objective"], set()
@@ -495,7 +488,9 @@ def trial_main(spec: dict) -> int:
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     outcome.update(trainable_parameters=callback.trainable, peak_memory_mb=round(peak, 1),
                    tokens_per_s=throughput.get("tokens_per_s", callback.tokens_per_s))
-    write_json_atomically(Path(spec["result"]), outcome)
+    from .sweep_report import replace
+
+    replace(Path(spec["result"]), json.dumps(outcome))
     if outcome["state"] == "FAIL":
         print(f"error: {outcome['reason']}", file=sys.stderr)
     return 0

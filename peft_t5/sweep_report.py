@@ -33,16 +33,14 @@ def cell(value) -> str:
     return str(value).replace("|", "/")
 
 
-def write_tables(trials: list, config, folder: Path) -> None:
+def write_tables(trials: list, config, folder: Path, best: int | None) -> None:
+    """trials.csv and trials.md; the row of trial number `best` is marked in the Markdown."""
     header, table = rows(trials, config)
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=header, lineterminator="\n")
     writer.writeheader()
     writer.writerows(table)
     replace(folder / "trials.csv", out.getvalue())
-    best = [t.number for t in trials if t.state == TrialState.COMPLETE]
-    best = min(best, key=lambda n: trials_by(trials)[n].value * (1 if config.direction == "minimize" else -1)) \
-        if best else None
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in table:
         mark = " (best)" if row["trial"] == best else ""
@@ -50,11 +48,8 @@ def write_tables(trials: list, config, folder: Path) -> None:
     replace(folder / "trials.md", "\n".join(lines) + "\n")
 
 
-def trials_by(trials: list) -> dict:
-    return {t.number: t for t in trials}
-
-
 def replace(path: Path, text: str) -> None:
+    """Write `path` whole or not at all (a temporary file beside it, renamed over it)."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
