@@ -41,7 +41,7 @@ def main() -> None:
         bank = AdapterBank.load(base, adapters)
     if args.int8:
         quantize_int8(*bank.models())
-    model = bank.models()[0]
+    model = bank.holders[list(adapters)[0]]  # the PeftModel whose LoRA adapters mix per row, as the engine steps it
     names = [list(adapters)[i % 2] for i in range(args.rows)]
     sources = [bank.tokenizer(r["question"]).input_ids for r in records[:args.rows]]
     runner = T5Runner(model, capacity=args.rows)

@@ -1,0 +1,88 @@
+"""The decoder step's own math against what it replaces: RowLora against PEFT's adapter_names (adapters of different
+ranks and layers, base rows, an adapter replaced under the same name), the packed output projection against
+the plain one, and the fused RMS norm against T5's."""
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+
+from peft_t5.modeling import tiny_model
+from peft_t5.serve.t5_runner import BASE_ADAPTER, PackedHead, RowLora, linear, norm
+
+NAMES = ["one", "two", BASE_ADAPTER, "two", "one"]
+
+
+def randomised(model, seed: int, adapter: str = ""):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name and f".{adapter}" in name:
+                param.normal_(0, 0.3)
+    return model
+
+
+@pytest.fixture()
+def mixed():
+    """Adapter "one": r=4 on q and v; "two": r=8 on every linear layer."""
+    model = get_peft_model(tiny_model(), LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"]), adapter_name="one")
+    model.add_adapter("two", LoraConfig(r=8, lora_alpha=4, target_modules="all-linear"))
+    return randomised(model, 0).eval()
+
+
+def layers(model, name: str):
+    t5 = model.get_base_model()
+    attention = t5.decoder.block[0].layer[0].SelfAttention
+    return {"q": attention.q, "k": attention.k, "wi": t5.decoder.block[0].layer[-1].DenseReluDense.wi_0}[name]
+
+
+@pytest.mark.parametrize("layer", ["q", "k", "wi"])  # both adapters; "two" only; (q: rows of 3 kinds)
+@pytest.mark.parametrize("shape", [(5, 1, 64), (5, 7, 64), (5, 64)])
+def test_row_lora_gives_what_peft_adapter_names_give(mixed, layer, shape):
+    module, x = layers(mixed, layer), torch.randn(*shape[:-1], 128)
+    with torch.inference_mode():
+        ours, peft = linear(module, x, RowLora(NAMES, {}, x.device)), module(x, adapter_names=NAMES)
+        base = module.base_layer(x)
+    torch.testing.assert_close(ours, peft, rtol=1e-5, atol=1e-5)
+    assert (ours[2] - base[2]).abs().max() == 0 and (ours[1] - base[1]).abs().max() > 1e-2  # base row; "two"
+
+
+def test_one_adapter_for_every_row_and_only_base_rows(mixed):
+    module, x = layers(mixed, "q"), torch.randn(3, 1, 128)
+    with torch.inference_mode():
+        for names in (["two"] * 3, [BASE_ADAPTER] * 3):
+            torch.testing.assert_close(RowLora(names, {}, x.device).forward(module, x),
+                                       module(x, adapter_names=names), rtol=1e-5, atol=1e-5)
+
+
+def test_stacked_adapters_follow_an_adapter_replaced_under_the_same_name(mixed):
+    module, x, stacks = layers(mixed, "q"), torch.randn(5, 1, 128), {}
+    with torch.inference_mode():
+        before = RowLora(NAMES, stacks, x.device).forward(module, x)
+    mixed.delete_adapter("two")
+    mixed.add_adapter("two", LoraConfig(r=2, lora_alpha=2, target_modules="all-linear"))
+    randomised(mixed, 1, "two").eval()
+    with torch.inference_mode():
+        after = RowLora(NAMES, stacks, x.device).forward(module, x)  # the same stacks: must not reuse the old "two"
+        torch.testing.assert_close(after, module(x, adapter_names=NAMES), rtol=1e-5, atol=1e-5)
+    assert (after[1] - before[1]).abs().max() > 1e-2
+    torch.testing.assert_close(after[0], before[0], rtol=1e-5, atol=1e-5)  # "one" kept
+
+
+def test_the_packed_output_projection_gives_the_plain_logits():
+    head = torch.nn.Linear(512, 3000, bias=False)
+    packed = PackedHead.of(head)
+    assert packed is not None and packed.fits(head)
+    h = torch.randn(8, 512)
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(h), head(h), rtol=1e-4, atol=1e-4)
+        assert torch.equal(packed(h).argmax(-1), head(h).argmax(-1))
+    assert not packed.fits(torch.nn.Linear(512, 3000, bias=False))  # the model's projection replaced: not used
+    assert PackedHead.of(head.to(torch.bfloat16)) is None and PackedHead.of(torch.nn.Linear(4, 4)) is None
+
+
+def test_the_fused_norm_equals_t5s_bit_for_bit():
+    layer = tiny_model().decoder.final_layer_norm
+    with torch.no_grad():
+        layer.weight.normal_()
+    h = torch.randn(4, 3, layer.weight.shape[0]) * 5
+    assert torch.equal(norm(layer, h), layer(h)) and not torch.equal(F.rms_norm(h, layer.weight.shape), layer(h))
