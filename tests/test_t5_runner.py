@@ -77,7 +77,13 @@ def test_the_packed_output_projection_gives_the_plain_logits():
         torch.testing.assert_close(packed(h), head(h), rtol=1e-4, atol=1e-4)
         assert torch.equal(packed(h).argmax(-1), head(h).argmax(-1))
     assert not packed.fits(torch.nn.Linear(512, 3000, bias=False))  # the model's projection replaced: not used
-    assert PackedHead.of(head.to(torch.bfloat16)) is None and PackedHead.of(torch.nn.Linear(4, 4)) is None
+    assert PackedHead.of(head) is packed  # packed once per model, not once per runner
+    head.weight = torch.nn.Parameter(torch.randn(3000, 512))
+    repacked = PackedHead.of(head)
+    assert repacked is not packed and repacked.fits(head) and not packed.fits(head)
+    with torch.inference_mode():
+        torch.testing.assert_close(repacked(h), head(h), rtol=1e-4, atol=1e-4)
+    assert PackedHead.of(torch.nn.Linear(512, 8, bias=False).to(torch.bfloat16)) is None and PackedHead.of(torch.nn.Linear(4, 4)) is None
 
 
 def test_the_fused_norm_equals_t5s_bit_for_bit():

@@ -5,6 +5,7 @@ import argparse
 import ipaddress
 import os
 import socket
+import sys
 from pathlib import Path
 
 from ..errors import PeftT5Error
@@ -136,6 +137,8 @@ def serve_main(argv: list[str]) -> None:
     args = parse_args(argv)
     check_args(args)
     listening = bind(args.host, args.port)
+    if not args.qlora:  # PEFT and transformers import bitsandbytes whenever it is installed (2 s and 43 MB here);
+        sys.modules.setdefault("bitsandbytes", None)  # marked absent, it is not: only --qlora's 4-bit base needs it
 
     from ..bank import AdapterBank
     from ..compare import read_questions

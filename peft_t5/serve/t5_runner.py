@@ -10,6 +10,8 @@ share a step: row i's query sits at its own length and sees its own keys. Every 
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from peft.tuners.lora import LoraLayer
@@ -123,7 +125,7 @@ class T5Runner:
         self.device = t5.shared.weight.device
         self.n = 0
         self.lora_stacks: dict = {}  # RowLora's stacked adapters, per layer
-        self.head = PackedHead.of(t5.lm_head)
+        self.head: PackedHead | None = None  # made at the first step of 2 or more rows
         self._allocate(capacity, 16, 16)
 
     def _allocate(self, rows: int, length: int, source: int) -> None:
@@ -257,8 +259,11 @@ class T5Runner:
             h = h + feed_forward(ff.DenseReluDense, norm(ff.layer_norm, h), lora)
         self.lengths[:n] += 1
         h = norm(decoder.final_layer_norm, h) * self.scale
-        if n > 1 and self.head is not None and self.head.fits(self.t5.lm_head):  # one row: as fast plain
-            return self.head(h[:, 0])
+        if n > 1:  # with one row the plain projection is as fast
+            if self.head is None or not self.head.fits(self.t5.lm_head):
+                self.head = PackedHead.of(self.t5.lm_head)
+            if self.head is not None:
+                return self.head(h[:, 0])
         return linear(self.t5.lm_head, h, lora)[:, 0].float()
 
     @torch.inference_mode()
@@ -271,6 +276,9 @@ class T5Runner:
                     t[row] = t[last]
             self.lengths[row], self.source_lengths[row] = self.lengths[last], self.source_lengths[last]
         self.n = last
+
+
+PACKED_HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # output projection -> its PackedHead
 
 
 class PackedHead:
@@ -286,14 +294,18 @@ class PackedHead:
 
     @classmethod
     def of(cls, head) -> PackedHead | None:
+        """The model's packed projection, made once per model (runners come and go with the engine's lanes)."""
         weight = getattr(head, "weight", None)
         if type(head) is not torch.nn.Linear or head.bias is not None or weight.device.type != "cpu" or (
                 weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available()):
             return None
-        try:
-            return cls(weight, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 64))
-        except (AttributeError, RuntimeError):
-            return None
+        made = PACKED_HEADS.get(head)
+        if made is None or not made.fits(head):
+            try:
+                made = PACKED_HEADS[head] = cls(weight, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 64))
+            except (AttributeError, RuntimeError):
+                return None
+        return made
 
     def fits(self, head) -> bool:
         """Still the model's projection: an adapter loaded since may have wrapped it."""
