@@ -8,7 +8,8 @@ run: t5-small shapes (random weights), real SQuAD v2 prompts (long: the encoder 
   ct2:          CTranslate2 on the merged model (one adapter: what `peft-t5 export` writes), float32
   ct2_int8:     the same converted with --quantization int8
 
-python benchmarks/engine_speed.py [--quick] [--tokens 32] [--batches 1 32] [--prompts squad|jokes]
+python benchmarks/engine_speed.py [--quick] [--tokens 32] [--batches 1 8 32] [--prompts squad|jokes] [--adapters 1|2]
+                                  [--threads 1] [--no_generate]
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from common import jokes_records, machine, squad_records, write_results  # noqa:
 from serve_throughput import make_adapters  # noqa: E402
 
 
-THREADS = torch.get_num_threads()
+THREADS = 1  # --threads
 
 
 def timed(fn) -> tuple[float, float, object]:
@@ -46,6 +47,14 @@ def timed(fn) -> tuple[float, float, object]:
     thread.start()
     thread.join()
     return time.process_time() - cpu, time.perf_counter() - wall, found["result"]
+
+
+def measured(fn, names: list[str], sources: list[str], batch: int) -> tuple[float, float, object]:
+    """timed(fn) after a warm-up (allocators, caches, lazily made kernels, the engine's lane and slots): the whole
+    work at the larger sizes, the first 2 sequences with one row at a time."""
+    warm = len(sources) if batch > 1 else 2
+    timed(lambda: fn(names[:warm], sources[:warm]))
+    return timed(lambda: fn(names, sources))
 
 
 def engine_outputs(bank, names, sources, tokens: int, batch: int) -> list[str]:
@@ -77,8 +86,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="Fewer sequences")
     parser.add_argument("--tokens", type=int, default=32, help="New tokens per sequence (forced)")
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--prompts", choices=["squad", "jokes"], default="squad")
+    parser.add_argument("--adapters", type=int, choices=[1, 2], default=2,
+                        help="Rows on one LoRA adapter, or on two mixed in every step")
+    parser.add_argument("--threads", type=int, default=1, help="Threads of each system (CTranslate2's intra_threads)")
+    parser.add_argument("--no_generate", action="store_true", help="Leave out generate() (the slowest)")
     parser.add_argument("--output", default="benchmarks/results/engine_speed.json")
     args = parser.parse_args()
 
@@ -90,12 +103,15 @@ def main() -> None:
     from peft_t5.quantize import quantize_int8
     from peft_t5.tasks import get_task
 
+    global THREADS
+    THREADS = args.threads
     torch.set_num_threads(1)
     template = get_task(args.prompts).template
     records, data = squad_records(256) if args.prompts == "squad" else jokes_records()
     results = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "data": data, "tokens": args.tokens,
-               "prompts": args.prompts,
-               "setup": "t5-small shapes, random weights, 2 LoRA adapters (r16 q,v); CTranslate2 on one merged",
+               "prompts": args.prompts, "threads": args.threads, "adapters": args.adapters,
+               "setup": f"t5-small shapes, random weights, {args.adapters} LoRA adapter(s) (r16 q,v) unmerged, "
+                        "rows of each in every step; CTranslate2 on one merged",
                "cpu_s_per_sequence": {}, "wall_s_per_sequence": {}}
     with tempfile.TemporaryDirectory() as tmp:
         base, adapters = make_adapters(Path(tmp), "t5-small")
@@ -113,17 +129,18 @@ def main() -> None:
             count = batch * (1 if args.quick else 2) if batch > 1 else (4 if args.quick else 8)
             chosen = records[:count]
             sources = [template.format(**r) for r in chosen]
-            names = [list(adapters)[i % 2] for i in range(count)]
+            names = [list(adapters)[i % args.adapters] for i in range(count)]
             systems = {
-                "generate": lambda: bank.generate_sources(names, sources, max_new_tokens=args.tokens,
-                                                          min_new_tokens=args.tokens, batch_size=batch),
-                "engine": lambda: engine_outputs(bank, names, sources, args.tokens, batch),
-                "ct2": lambda: ct2_outputs(translators["float32"], bank.tokenizer, sources, args.tokens, batch),
-                "ct2_int8": lambda: ct2_outputs(translators["int8"], bank.tokenizer, sources, args.tokens, batch),
+                "generate": lambda n, s: bank.generate_sources(n, s, max_new_tokens=args.tokens,
+                                                               min_new_tokens=args.tokens, batch_size=batch),
+                "engine": lambda n, s: engine_outputs(bank, n, s, args.tokens, batch),
+                "ct2": lambda n, s: ct2_outputs(translators["float32"], bank.tokenizer, s, args.tokens, batch),
+                "ct2_int8": lambda n, s: ct2_outputs(translators["int8"], bank.tokenizer, s, args.tokens, batch),
             }
+            if args.no_generate:
+                del systems["generate"]
             for name, fn in systems.items():
-                timed(fn) if batch > 1 else None  # warm-up at the larger sizes (allocators, caches)
-                cpu, wall, outputs = timed(fn)
+                cpu, wall, outputs = measured(fn, names, sources, batch)
                 if name == "engine":
                     engine_float[batch] = outputs
                 results["cpu_s_per_sequence"].setdefault(name, {})[str(batch)] = cpu / count
@@ -135,9 +152,9 @@ def main() -> None:
             count = len(engine_float[batch])
             chosen = records[:count]
             sources = [template.format(**r) for r in chosen]
-            names = [list(adapters)[i % 2] for i in range(count)]
-            timed(lambda: engine_outputs(bank, names, sources, args.tokens, batch)) if batch > 1 else None
-            cpu, wall, outputs = timed(lambda: engine_outputs(bank, names, sources, args.tokens, batch))
+            names = [list(adapters)[i % args.adapters] for i in range(count)]
+            cpu, wall, outputs = measured(lambda n, s: engine_outputs(bank, n, s, args.tokens, batch), names, sources,
+                                          batch)
             results["cpu_s_per_sequence"].setdefault("engine_int8", {})[str(batch)] = cpu / count
             results["wall_s_per_sequence"].setdefault("engine_int8", {})[str(batch)] = wall / count
             print(f"batch {batch:3d} {'engine_int8':12s} {cpu / count:.4f} CPU-s/seq  {wall / count:.4f} s/seq")
@@ -145,12 +162,12 @@ def main() -> None:
     cost = results["cpu_s_per_sequence"]
     top = str(max(args.batches))
     results["int8_outputs_equal_float32"] = sum(agreement) / len(agreement)
-    results["ratios"] = {  # throughput ratios (higher: the first is faster)
-        f"engine_vs_generate_at_{top}": cost["generate"][top] / cost["engine"][top],
-        f"engine_vs_ct2_float32_at_{top}": cost["ct2"][top] / cost["engine"][top],
-        f"engine_int8_vs_ct2_int8_at_{top}": cost["ct2_int8"][top] / cost["engine_int8"][top],
-        "engine_vs_ct2_float32_at_1": cost["ct2"]["1"] / cost["engine"]["1"] if "1" in cost["ct2"] else None,
-    }
+    results["ratios"] = {  # throughput ratios (higher: the engine is faster)
+        f"engine_vs_ct2_{q}_at_{b}": cost[ct2][b] / cost[engine][b]
+        for q, engine, ct2 in (("float32", "engine", "ct2"), ("int8", "engine_int8", "ct2_int8"))
+        for b in map(str, args.batches)}
+    if "generate" in cost:
+        results["ratios"][f"engine_vs_generate_at_{top}"] = cost["generate"][top] / cost["engine"][top]
     print({k: round(v, 2) for k, v in results["ratios"].items() if v is not None},
           f"int8 outputs equal to float32: {results['int8_outputs_equal_float32']:.0%}")
     labels = [f"{n} b{top}" for n in cost]

@@ -1,0 +1,147 @@
+"""Start-up and peak memory of a serving process: `peft-t5 serve` (the engine, 2 LoRA adapters unmerged) against a
+CTranslate2 process (the merged adapter, tokenised with the `tokenizers` package as a lean CTranslate2 deployment
+does), each launched fresh, on the same work. Start-up: seconds from launch to the answer of one short prompt.
+Peak RSS (the kernel's VmHWM): after that answer, and after 32 SQuAD prompts decoded at once. t5-small shapes, random
+weights, 32 new tokens, float32 and int8 (serve --quantize int8; CTranslate2 converted with int8), 2 threads each.
+
+python benchmarks/serve_startup.py [--rounds 3] [--output benchmarks/results/serve_startup.json]
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import jokes_records, machine, squad_records, write_results  # noqa: E402
+from serve_throughput import free_port, make_adapters  # noqa: E402
+
+TOKENS, ROWS, THREADS = 32, 32, 2
+
+CT2_PROCESS = """
+import json, sys, time
+import ctranslate2, tokenizers
+folder, first, many = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+tokenizer = tokenizers.Tokenizer.from_file(folder + "/tokenizer.json")
+translator = ctranslate2.Translator(folder, device="cpu", intra_threads=%d)
+def answer(sources):
+    pieces = [tokenizer.encode(s).tokens for s in sources]
+    results = translator.translate_batch(pieces, max_batch_size=%d, beam_size=1, max_decoding_length=%d,
+                                         min_decoding_length=%d)
+    return [tokenizer.decode([tokenizer.token_to_id(t) for t in r.hypotheses[0]]) for r in results]
+answer(first)
+print("answered", flush=True)
+def peak():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
+first_peak = peak()
+answer(many)
+print(json.dumps({"peak_rss_first": first_peak, "peak_rss_many": peak()}), flush=True)
+""" % (THREADS, ROWS, TOKENS, TOKENS)
+
+
+def vm_hwm(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return int(next(line for line in status if line.startswith("VmHWM")).split()[1]) * 1024
+
+
+def engine_round(base: str, adapters: dict[str, str], first: str, many: list[str], int8: bool) -> dict:
+    import httpx
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "peft_t5", "serve", "--base", base, "--port", str(port),
+           "--max_rows_per_request", str(ROWS), *(["--quantize", "int8"] if int8 else []),
+           *[a for n, p in adapters.items() for a in ("--adapter", f"{n}={p}")]]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(THREADS)}
+    started = time.perf_counter()
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    url, names = f"http://127.0.0.1:{port}/v1/generate", list(adapters)
+    try:
+        while True:  # the port is bound before the model loads: a request waits in its backlog until then
+            try:
+                reply = httpx.post(url, json={"adapter": names[0], "inputs": [first], "max_new_tokens": TOKENS,
+                                              "min_new_tokens": TOKENS}, timeout=120)
+                break
+            except httpx.ConnectError:
+                if process.poll() is not None or time.perf_counter() - started > 120:
+                    raise RuntimeError("peft-t5 serve did not start")
+                time.sleep(0.02)
+        startup = time.perf_counter() - started
+        reply.raise_for_status()
+        peak_first = vm_hwm(process.pid)
+        with httpx.Client(timeout=300) as client:  # 32 rows, half on each adapter: two requests at once
+            with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                replies = list(pool.map(lambda k: client.post(url, json={
+                    "adapter": names[k], "inputs": many[k::2], "max_new_tokens": TOKENS,
+                    "min_new_tokens": TOKENS}), range(2)))
+        for r in replies:
+            r.raise_for_status()
+        return {"startup_s": startup, "peak_rss_first": peak_first, "peak_rss_many": vm_hwm(process.pid)}
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def ct2_round(folder: str, first: str, many: list[str]) -> dict:
+    started = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "-c", CT2_PROCESS, folder, json.dumps([first]), json.dumps(many)],
+                               stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": str(THREADS)})
+    assert process.stdout.readline().strip() == "answered", "the CTranslate2 process failed"
+    startup = time.perf_counter() - started
+    peaks = json.loads(process.stdout.readline())
+    process.wait(60)
+    return {"startup_s": startup, **peaks}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3, help="Fresh launches of each system (the median is kept)")
+    parser.add_argument("--output", default="benchmarks/results/serve_startup.json")
+    args = parser.parse_args()
+
+    import ctranslate2
+    from peft import PeftModel
+
+    from peft_t5.modeling import load_base_model, load_tokenizer
+    from peft_t5.tasks import get_task
+
+    first = get_task("jokes").template.format(**jokes_records()[0][0])
+    squad, data = squad_records(ROWS)
+    many = [get_task("squad").template.format(**r) for r in squad]
+    results = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "data": data, "tokens": TOKENS,
+               "rows": ROWS, "threads": THREADS, "rounds": args.rounds, "runs": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        base, adapters = make_adapters(Path(tmp), "t5-small")
+        merged = PeftModel.from_pretrained(load_base_model(base), adapters["jokes_a"]).merge_and_unload()
+        merged.save_pretrained(f"{tmp}/merged")
+        load_tokenizer(base).save_pretrained(f"{tmp}/merged")
+        for quantization in ("float32", "int8"):
+            ctranslate2.converters.TransformersConverter(f"{tmp}/merged", copy_files=["tokenizer.json"]).convert(
+                f"{tmp}/ct2_{quantization}", quantization=quantization, force=True)
+        for _ in range(args.rounds):  # alternating, so that a busy moment hits both
+            for quantization in ("float32", "int8"):
+                for system, run in (("engine", lambda: engine_round(base, adapters, first, many, quantization == "int8")),
+                                    ("ct2", lambda: ct2_round(f"{tmp}/ct2_{quantization}", first, many))):
+                    found = run()
+                    results["runs"].setdefault(f"{system}_{quantization}", []).append(found)
+                    print(system, quantization, {k: round(v / 2**20) if "rss" in k else round(v, 2)
+                                                 for k, v in found.items()}, flush=True)
+    median = {name: {key: sorted(r[key] for r in runs)[len(runs) // 2] for key in runs[0]}
+              for name, runs in results["runs"].items()}
+    results["median"] = median
+    results["ratios"] = {  # engine over CTranslate2 (higher: the engine needs more)
+        f"{key}_{q}": median[f"engine_{q}"][key] / median[f"ct2_{q}"][key]
+        for q in ("float32", "int8") for key in ("startup_s", "peak_rss_first", "peak_rss_many")}
+    print(json.dumps(results["ratios"], indent=1))
+    labels = list(median)
+    write_results(results, args.output, ("seconds from launch to the first answer (lower is better)", labels,
+                                         [median[n]["startup_s"] for n in labels], "seconds"))
+
+
+if __name__ == "__main__":
+    main()
