@@ -125,7 +125,8 @@ def main() -> None:
                 f"{tmp}/ct2_{quantization}", quantization=quantization, force=True)
         for _ in range(args.rounds):  # alternating, so that a busy moment hits both
             for quantization in ("float32", "int8"):
-                for system, run in (("engine", lambda: engine_round(base, adapters, first, many, quantization == "int8")),
+                int8 = quantization == "int8"
+                for system, run in (("engine", lambda: engine_round(base, adapters, first, many, int8)),
                                     ("ct2", lambda: ct2_round(f"{tmp}/ct2_{quantization}", first, many))):
                     found = run()
                     results["runs"].setdefault(f"{system}_{quantization}", []).append(found)

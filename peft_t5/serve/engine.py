@@ -12,9 +12,9 @@ round-robin across requests, so a small request gets a slot beside a large one. 
 are rows admitted together, its source encoded once. How each row's next token is chosen (greedy, sampling, beam
 groups) is decoding.py's; greedy and beam outputs equal `generate()`'s.
 
-Rows step in lanes: rows of LoRA adapters and the base share one forward pass (PEFT's adapter_names), rows of each
-other adapter take a pass of their own through its PeftModel's layers in the same step (a prompt-tuning adapter's
-soft prompt goes before its sources); no method waits for another's request to end.
+Rows step in lanes: rows of LoRA adapters and the base share one forward pass (each row's LoRA: t5_runner.RowLora),
+rows of each other adapter take a pass of their own through its PeftModel's layers in the same step (a
+prompt-tuning adapter's soft prompt goes before its sources); no method waits for another's request to end.
 
 One thread owns the model: it runs the steps and, between them, whatever else must touch the model (loading and
 unloading adapters, on_demand.py).
