@@ -25,7 +25,7 @@ from serve_throughput import free_port, make_adapters  # noqa: E402
 TOKENS, ROWS, THREADS = 32, 32, 2
 
 CT2_PROCESS = """
-import json, sys, time
+import json, sys
 import ctranslate2, tokenizers
 folder, first, many = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
 tokenizer = tokenizers.Tokenizer.from_file(folder + "/tokenizer.json")

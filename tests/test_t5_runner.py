@@ -40,7 +40,7 @@ def layers(model, name: str):
 def test_row_lora_gives_what_peft_adapter_names_give(mixed, layer, shape):
     module, x = layers(mixed, layer), torch.randn(*shape[:-1], 128)
     with torch.inference_mode():
-        ours, peft = linear(module, x, RowLora(NAMES, {}, x.device)), module(x, adapter_names=NAMES)
+        ours, peft = linear(module, x, RowLora(NAMES, x.device)), module(x, adapter_names=NAMES)
         base = module.base_layer(x)
     torch.testing.assert_close(ours, peft, rtol=1e-5, atol=1e-5)
     assert (ours[2] - base[2]).abs().max() == 0 and (ours[1] - base[1]).abs().max() > 1e-2  # base row; "two"
@@ -50,19 +50,19 @@ def test_one_adapter_for_every_row_and_only_base_rows(mixed):
     module, x = layers(mixed, "q"), torch.randn(3, 1, 128)
     with torch.inference_mode():
         for names in (["two"] * 3, [BASE_ADAPTER] * 3):
-            torch.testing.assert_close(RowLora(names, {}, x.device).forward(module, x),
+            torch.testing.assert_close(RowLora(names, x.device).forward(module, x),
                                        module(x, adapter_names=names), rtol=1e-5, atol=1e-5)
 
 
 def test_stacked_adapters_follow_an_adapter_replaced_under_the_same_name(mixed):
-    module, x, stacks = layers(mixed, "q"), torch.randn(5, 1, 128), {}
+    module, x = layers(mixed, "q"), torch.randn(5, 1, 128)
     with torch.inference_mode():
-        before = RowLora(NAMES, stacks, x.device).forward(module, x)
+        before = RowLora(NAMES, x.device).forward(module, x)
     mixed.delete_adapter("two")
     mixed.add_adapter("two", LoraConfig(r=2, lora_alpha=2, target_modules="all-linear"))
     randomised(mixed, 1, "two").eval()
     with torch.inference_mode():
-        after = RowLora(NAMES, stacks, x.device).forward(module, x)  # the same stacks: must not reuse the old "two"
+        after = RowLora(NAMES, x.device).forward(module, x)  # the layer's kept stack must not give the old "two"
         torch.testing.assert_close(after, module(x, adapter_names=NAMES), rtol=1e-5, atol=1e-5)
     assert (after[1] - before[1]).abs().max() > 1e-2
     torch.testing.assert_close(after[0], before[0], rtol=1e-5, atol=1e-5)  # "one" kept

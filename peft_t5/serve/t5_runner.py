@@ -23,6 +23,9 @@ def linear(module, x: torch.Tensor, rows: RowLora | None) -> torch.Tensor:
     return rows.forward(module, x) if rows is not None and isinstance(module, LoraLayer) else module(x)
 
 
+LORA_STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # LoRA layer -> RowLora's stacked adapters
+
+
 class RowLora:
     """Each row through its own LoRA adapter, in one pass per layer: the A of the adapters that the rows use, stacked
     [R, in], and their B with the scaling folded in, stacked [R, out]; a one-hot [rows, R] keeps each row's own part.
@@ -30,9 +33,10 @@ class RowLora:
     Punica gather per row with a custom kernel; a CPU has none, and with a few adapters the dense mask costs less).
     A layer with a LoRA variant among them (DoRA: the engine gives those a lane of their own) is left to PEFT."""
 
-    def __init__(self, names: list[str], stacks: dict, device: torch.device):
-        self.names, self.stacks, self.device = names, stacks, device
+    def __init__(self, names: list[str], device: torch.device):
+        self.names, self.device = names, device
         self.adapters = sorted(set(names) - {BASE_ADAPTER})
+        self.mixed = len(set(names)) > 1  # else every row uses the one adapter: no mask
         self.masks: dict[tuple, torch.Tensor] = {}
 
     def forward(self, module, x: torch.Tensor) -> torch.Tensor:
@@ -45,21 +49,22 @@ class RowLora:
             return result
         a, b = self.stacked(module, adapters)
         low = x.to(a.dtype) @ a.t()
-        if len(adapters) > 1 or len(self.adapters) > 1 or BASE_ADAPTER in self.names:  # else every row uses it
+        if self.mixed:
             mask = self.mask(adapters, tuple(module.r[name] for name in adapters), a.dtype)
             low = low * (mask if x.dim() == 2 else mask[:, None, :])
         return result + (low @ b).to(result.dtype)
 
     def stacked(self, module, adapters: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        """A and scaled B of these adapters, kept per layer until its adapters or their weights change."""
+        """A and scaled B of these adapters, kept per layer (across steps and runners) until its adapters or their
+        weights change."""
         weights = tuple((module.lora_A[n].weight, module.lora_B[n].weight) for n in adapters)
         scaling = tuple(module.scaling[n] for n in adapters)
-        kept = self.stacks.get(id(module))
+        kept = LORA_STACKS.get(module)
         if kept is None or kept[0] != adapters or kept[2] != scaling or any(
                 x is not y for old, new in zip(kept[1], weights) for x, y in zip(old, new)):
             a = torch.cat([w[0] for w in weights])
             b = torch.cat([(w[1] * s).t() for w, s in zip(weights, scaling)])
-            kept = self.stacks[id(module)] = (adapters, weights, scaling, a, b)
+            kept = LORA_STACKS[module] = (adapters, weights, scaling, a, b)
         return kept[3], kept[4]
 
     def mask(self, adapters: tuple[str, ...], ranks: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -124,8 +129,6 @@ class T5Runner:
         self.dtype = t5.shared.weight.dtype if t5.shared.weight.is_floating_point() else torch.float32
         self.device = t5.shared.weight.device
         self.n = 0
-        self.lora_stacks: dict = {}  # RowLora's stacked adapters, per layer
-        self.head: PackedHead | None = None  # made at the first step of 2 or more rows
         self._allocate(capacity, 16, 16)
 
     def _allocate(self, rows: int, length: int, source: int) -> None:
@@ -175,7 +178,7 @@ class T5Runner:
             mask = torch.zeros((len(group), longest), dtype=torch.bool, device=self.device)
             for row, i in enumerate(group):
                 ids[row, :len(sources[i])], mask[row, :len(sources[i])] = torch.tensor(sources[i]), True
-            group_rows = self._rows([names[i] for i in group]) if names is not None else None
+            group_rows = RowLora([names[i] for i in group], self.device) if names is not None else None
             hidden, mask = self._encode(ids, mask, group_rows, prefix)
             slots = torch.tensor([self.n + i for i in group], device=self.device)
             width = hidden.shape[1]
@@ -202,9 +205,6 @@ class T5Runner:
             for t in tensors:
                 t[to] = t[of]
 
-    def _rows(self, names: list[str]) -> RowLora:
-        return RowLora(names, self.lora_stacks, self.device)
-
     def _encode(self, ids: torch.Tensor, mask: torch.Tensor, rows: RowLora | None,
                 prefix: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         encoder = self.t5.encoder
@@ -228,7 +228,7 @@ class T5Runner:
     def step(self, tokens: torch.Tensor, names: list[str] | None) -> torch.Tensor:
         """Logits [n, vocab] of the next token for every active row, given each row's last token [n]."""
         n = self.n
-        lora = self._rows(names) if names is not None else None
+        lora = RowLora(names, self.device) if names is not None else None
         lengths = self.lengths[:n]
         span = int(lengths.max()) + 1
         self._fit(n, span, 1)
@@ -259,11 +259,9 @@ class T5Runner:
             h = h + feed_forward(ff.DenseReluDense, norm(ff.layer_norm, h), lora)
         self.lengths[:n] += 1
         h = norm(decoder.final_layer_norm, h) * self.scale
-        if n > 1:  # with one row the plain projection is as fast
-            if self.head is None or not self.head.fits(self.t5.lm_head):
-                self.head = PackedHead.of(self.t5.lm_head)
-            if self.head is not None:
-                return self.head(h[:, 0])
+        head = PackedHead.of(self.t5.lm_head) if n > 1 else None  # with one row the plain projection is as fast
+        if head is not None:
+            return head(h[:, 0])
         return linear(self.t5.lm_head, h, lora)[:, 0].float()
 
     @torch.inference_mode()
