@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 
 from peft_t5.modeling import tiny_model
-from peft_t5.serve.t5_runner import BASE_ADAPTER, PackedHead, RowLora, linear, norm
+from peft_t5.serve.t5_runner import BASE_ADAPTER, PackedHead, RowLora, T5Runner, linear, norm
 
 NAMES = ["one", "two", BASE_ADAPTER, "two", "one"]
 
@@ -93,3 +93,27 @@ def test_the_fused_norm_equals_t5s_bit_for_bit():
         layer.weight.normal_()
     h = torch.randn(4, 3, layer.weight.shape[0]) * 5
     assert torch.equal(norm(layer, h), layer(h)) and not torch.equal(F.rms_norm(h, layer.weight.shape), layer(h))
+
+
+def test_slots_grown_mid_decoding_keep_every_active_rows_state(mixed):
+    """Rows, self-attention length and source length all outgrow a runner's first slots while rows decode (the
+    slots are then grown layer by layer, in place): the logits equal a runner that never had to grow."""
+    def decode(runner: T5Runner) -> list[torch.Tensor]:
+        logits, tokens, names = [], torch.zeros(1, dtype=torch.long), ["one"]
+        runner.add([[5, 6, 1]], names)
+        for step in range(20):
+            if step == 3:  # two more rows, with sources longer than the first slots
+                runner.add([list(range(3, 40)) + [1], list(range(7, 30)) + [1]], ["two", BASE_ADAPTER])
+                names, tokens = names + ["two", BASE_ADAPTER], torch.cat((tokens, torch.zeros(2, dtype=torch.long)))
+            logits.append(runner.step(tokens, names))
+            tokens = logits[-1].argmax(-1)
+        return logits
+
+    small = T5Runner(mixed, capacity=1)
+    first_slots = small.capacity
+    large = T5Runner(mixed, capacity=4)
+    large._allocate(4, 32, 64)
+    grown, kept = decode(small), decode(large)
+    assert small.capacity > first_slots and all(a > b for a, b in zip(small.capacity, first_slots))
+    for a, b in zip(grown, kept):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

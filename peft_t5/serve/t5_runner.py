@@ -142,7 +142,10 @@ class T5Runner:
             return new
 
         for name, size in (("self_k", length), ("self_v", length), ("cross_k", source), ("cross_v", source)):
-            setattr(self, name, [grown(None if fresh else getattr(self, name)[i], size) for i in range(self.layers)])
+            tensors = [None] * self.layers if fresh else getattr(self, name)
+            for i in range(self.layers):  # in place, layer by layer: each old tensor goes before the next new one
+                tensors[i] = grown(tensors[i], size)  # is made, so growing never holds two whole caches at once
+            setattr(self, name, tensors)
         for name in ("lengths", "source_lengths"):
             new = torch.zeros(rows, dtype=torch.long, device=self.device)
             if not fresh:
