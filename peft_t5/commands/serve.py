@@ -137,8 +137,11 @@ def serve_main(argv: list[str]) -> None:
     args = parse_args(argv)
     check_args(args)
     listening = bind(args.host, args.port)
-    if not args.qlora:  # PEFT and transformers import bitsandbytes whenever it is installed (2 s and 43 MB here);
-        sys.modules.setdefault("bitsandbytes", None)  # marked absent, it is not: only --qlora's 4-bit base needs it
+    # Marked absent, these are not imported: transformers and PEFT import bitsandbytes whenever it is installed (2 s
+    # and 43 MB here; only --qlora's 4-bit base needs it), T5's modelling imports scipy for object-detection losses
+    # and accelerate imports boto3 for SageMaker (1.2 s and 45 MB; a server needs neither)
+    for unused in ("scipy", "boto3", *(() if args.qlora else ("bitsandbytes",))):
+        sys.modules.setdefault(unused, None)
 
     from ..bank import AdapterBank
     from ..compare import read_questions
