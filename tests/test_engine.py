@@ -1,6 +1,7 @@
 """The continuous engine: greedy outputs equal generate() token for token, with adapters mixed per row, rows joining
 mid-flight and rows of different lengths; finished rows free their slots; deadlines, a full queue, int8."""
 import asyncio
+from pathlib import Path
 
 import pytest
 import torch
@@ -199,6 +200,28 @@ def test_streamed_pieces_concatenate_to_the_whole_outputs(bank):
     pieces, counts = run(scenario, bank)
     assert pieces == bank.generate_per_adapter(["jokes", "jokes2"], SOURCES[:2], max_new_tokens=30)
     assert max(counts) > 1  # it came in pieces, not whole
+
+
+def test_int8_lets_go_of_the_checkpoints_float_weights(tmp_path):
+    """The checkpoint is memory-mapped on load; once quantized, nothing may keep the map (and so the float weights it
+    holds) in memory, and what stays float still computes the same."""
+    import gc
+
+    from transformers import T5ForConditionalGeneration
+
+    tiny_model().save_pretrained(tmp_path / "base")
+    checkpoint = str((tmp_path / "base" / "model.safetensors").resolve())
+    model = T5ForConditionalGeneration.from_pretrained(tmp_path / "base").eval()
+    mapped = lambda: checkpoint in Path("/proc/self/maps").read_text()  # noqa: E731
+    ids = torch.tensor([[5, 6, 7, 1]])
+    with torch.inference_mode():
+        embedded = model.shared(ids)
+    assert mapped()
+    quantize_int8(model)
+    gc.collect()
+    assert not mapped()
+    with torch.inference_mode():
+        assert torch.equal(model.shared(ids), embedded)
 
 
 def test_int8_base_stays_close_to_float32_and_the_engine_still_equals_generate(tmp_path):
