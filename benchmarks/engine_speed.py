@@ -27,10 +27,7 @@ from common import jokes_records, machine, squad_records, write_results  # noqa:
 from serve_throughput import make_adapters  # noqa: E402
 
 
-THREADS = 1  # --threads
-
-
-def timed(fn) -> tuple[float, float, object]:
+def timed(fn, threads: int) -> tuple[float, float, object]:
     """(CPU seconds of this process, wall seconds, result), fn run on a thread of its own with all torch threads:
     the main thread keeps one (as `peft-t5 serve` does, see engine.model_thread_threads), so that whichever thread
     computes is the only one with an OpenMP team."""
@@ -39,7 +36,7 @@ def timed(fn) -> tuple[float, float, object]:
     found = {}
 
     def run():
-        torch.set_num_threads(THREADS)
+        torch.set_num_threads(threads)
         found["result"] = fn()
 
     cpu, wall = time.process_time(), time.perf_counter()
@@ -49,20 +46,20 @@ def timed(fn) -> tuple[float, float, object]:
     return time.process_time() - cpu, time.perf_counter() - wall, found["result"]
 
 
-def measured(fn, names: list[str], sources: list[str], batch: int) -> tuple[float, float, object]:
+def measured(fn, names: list[str], sources: list[str], batch: int, threads: int) -> tuple[float, float, object]:
     """timed(fn) after a warm-up (allocators, caches, lazily made kernels, the engine's lane and slots): the whole
     work at the larger sizes, the first 2 sequences with one row at a time."""
     warm = len(sources) if batch > 1 else 2
-    timed(lambda: fn(names[:warm], sources[:warm]))
-    return timed(lambda: fn(names, sources))
+    timed(lambda: fn(names[:warm], sources[:warm]), threads)
+    return timed(lambda: fn(names, sources), threads)
 
 
-def engine_outputs(bank, names, sources, tokens: int, batch: int) -> list[str]:
+def engine_outputs(bank, names, sources, tokens: int, batch: int, threads: int) -> list[str]:
     from peft_t5.serve.engine import Engine
 
     async def run():
         engine = Engine(bank, max_rows=batch, max_encode_tokens=512 * batch, max_rows_per_request=batch,
-                        threads=THREADS)
+                        threads=threads)
         engine.start()
         try:
             outputs = []
@@ -103,8 +100,6 @@ def main() -> None:
     from peft_t5.quantize import quantize_int8
     from peft_t5.tasks import get_task
 
-    global THREADS
-    THREADS = args.threads
     torch.set_num_threads(1)
     template = get_task(args.prompts).template
     records, data = squad_records(256) if args.prompts == "squad" else jokes_records()
@@ -122,9 +117,12 @@ def main() -> None:
         for quantization in ("float32", "int8"):
             ctranslate2.converters.TransformersConverter(f"{tmp}/merged").convert(
                 f"{tmp}/ct2_{quantization}", quantization=quantization, force=True)
-        translators = {q: ctranslate2.Translator(f"{tmp}/ct2_{q}", device="cpu", intra_threads=THREADS)
+        translators = {q: ctranslate2.Translator(f"{tmp}/ct2_{q}", device="cpu", intra_threads=args.threads)
                        for q in ("float32", "int8")}
         engine_float = {}
+
+        def engine(n: list[str], s: list[str]) -> list[str]:
+            return engine_outputs(bank, n, s, args.tokens, batch, args.threads)
         for batch in args.batches:
             count = batch * (1 if args.quick else 2) if batch > 1 else (4 if args.quick else 8)
             chosen = records[:count]
@@ -133,14 +131,14 @@ def main() -> None:
             systems = {
                 "generate": lambda n, s: bank.generate_sources(n, s, max_new_tokens=args.tokens,
                                                                min_new_tokens=args.tokens, batch_size=batch),
-                "engine": lambda n, s: engine_outputs(bank, n, s, args.tokens, batch),
+                "engine": engine,
                 "ct2": lambda n, s: ct2_outputs(translators["float32"], bank.tokenizer, s, args.tokens, batch),
                 "ct2_int8": lambda n, s: ct2_outputs(translators["int8"], bank.tokenizer, s, args.tokens, batch),
             }
             if args.no_generate:
                 del systems["generate"]
             for name, fn in systems.items():
-                cpu, wall, outputs = measured(fn, names, sources, batch)
+                cpu, wall, outputs = measured(fn, names, sources, batch, args.threads)
                 if name == "engine":
                     engine_float[batch] = outputs
                 results["cpu_s_per_sequence"].setdefault(name, {})[str(batch)] = cpu / count
@@ -153,8 +151,7 @@ def main() -> None:
             chosen = records[:count]
             sources = [template.format(**r) for r in chosen]
             names = [list(adapters)[i % args.adapters] for i in range(count)]
-            cpu, wall, outputs = measured(lambda n, s: engine_outputs(bank, n, s, args.tokens, batch), names, sources,
-                                          batch)
+            cpu, wall, outputs = measured(engine, names, sources, batch, args.threads)
             results["cpu_s_per_sequence"].setdefault("engine_int8", {})[str(batch)] = cpu / count
             results["wall_s_per_sequence"].setdefault("engine_int8", {})[str(batch)] = wall / count
             print(f"batch {batch:3d} {'engine_int8':12s} {cpu / count:.4f} CPU-s/seq  {wall / count:.4f} s/seq")
