@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 
 from peft_t5.modeling import tiny_model
-from peft_t5.serve.t5_runner import BASE_ADAPTER, PackedHead, RowLora, T5Runner, linear, norm
+from peft_t5.serve.t5_runner import DORA_SCALES, BASE_ADAPTER, PackedHead, RowLora, T5Runner, linear, norm
 
 NAMES = ["one", "two", BASE_ADAPTER, "two", "one"]
 
@@ -117,3 +117,27 @@ def test_slots_grown_mid_decoding_keep_every_active_rows_state(mixed):
     assert small.capacity > first_slots and all(a > b for a, b in zip(small.capacity, first_slots))
     for a, b in zip(grown, kept):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_a_dora_layer_with_its_kept_scale_gives_what_peft_gives():
+    """With and without a bias; the scale is kept across calls and made again when the adapter is replaced."""
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Linear(8, 8, bias=False)),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["0", "1"], use_dora=True))
+    randomised(model, 0).eval()
+    with torch.no_grad():
+        for layer in model.base_model.model:
+            layer.lora_magnitude_vector["default"].weight.mul_(1.5)
+    x = torch.randn(3, 2, 16)
+    with torch.inference_mode():
+        first, second = model.base_model.model
+        h = linear(first, x, None)
+        assert torch.equal(h, first(x)) and torch.equal(linear(second, h, None), second(h))
+        kept = DORA_SCALES[first]
+        assert linear(first, x, None) is not None and DORA_SCALES[first] is kept
+        assert (h - first.base_layer(x)).abs().max() > 1e-2  # the adapter does something
+    model.delete_adapter("default")
+    model.add_adapter("other", LoraConfig(r=2, lora_alpha=2, target_modules=["0"], use_dora=True))
+    model.set_adapter("other")
+    randomised(model, 1, "other").eval()
+    with torch.inference_mode():
+        assert torch.equal(linear(first, x, None), first(x)) and DORA_SCALES[first] is not kept

@@ -20,7 +20,43 @@ BASE_ADAPTER = "__base__"  # PEFT's adapter_names entry for "no adapter"
 
 
 def linear(module, x: torch.Tensor, rows: RowLora | None) -> torch.Tensor:
-    return rows.forward(module, x) if rows is not None and isinstance(module, LoraLayer) else module(x)
+    if not isinstance(module, LoraLayer):
+        return module(x)
+    if rows is not None:
+        return rows.forward(module, x)
+    scale = dora_scale(module)
+    return module(x) if scale is None else dora(module, x, *scale)
+
+
+DORA_SCALES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # LoRA layer -> its DoRA adapter's scale
+
+
+def dora_scale(module) -> tuple[str, torch.Tensor] | None:
+    """(adapter, magnitude / ||W + scaling BA||) of a layer's one active DoRA adapter, kept until its weights change:
+    PEFT computes that norm from the whole weight in every forward pass (its DoraCaching keeps BA too, a second copy
+    of each weight), though a served adapter's weights do not change between steps. None: leave it to PEFT."""
+    adapters = module.active_adapters
+    name = adapters[0] if len(adapters) == 1 else None
+    if name not in module.lora_variant or module.training or module.merged or module.disable_adapters or type(
+            module.base_layer) is not torch.nn.Linear:
+        return None
+    layer = module.lora_magnitude_vector[name]
+    weights = (module.base_layer.weight, module.lora_A[name].weight, module.lora_B[name].weight, layer.weight)
+    kept = DORA_SCALES.get(module)
+    if kept is None or kept[0] != name or kept[2] != module.scaling[name] or any(
+            a is not b for a, b in zip(kept[1], weights)):
+        lora_weight = layer.get_lora_weight(lora_A=module.lora_A[name], lora_B=module.lora_B[name]).to(weights[0].dtype)
+        norm = layer.get_weight_norm(weight=weights[0], lora_weight=lora_weight, scaling=module.scaling[name])
+        kept = DORA_SCALES[module] = (name, weights, module.scaling[name], (layer.weight / norm).view(1, -1))
+    return kept[0], kept[3]
+
+
+def dora(module, x: torch.Tensor, name: str, scale: torch.Tensor) -> torch.Tensor:
+    """PEFT's DoRA forward in eval mode, op for op, with the kept scale."""
+    result = module.base_layer(x)
+    lora = module.lora_B[name](module.lora_A[name](x.to(module.lora_A[name].weight.dtype)))
+    base = result if module.base_layer.bias is None else result - module.base_layer.bias
+    return (result + ((scale - 1) * base + scale * lora * module.scaling[name])).to(result.dtype)
 
 
 LORA_STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # LoRA layer -> RowLora's stacked adapters
