@@ -37,7 +37,7 @@ def quantize_int8(*models: nn.Module) -> int:
                 child.qconfig = per_channel_dynamic_qconfig
                 replaced[id(child)] = Int8Linear.from_float(child.float())
             setattr(parent, name, replaced[id(child)])
-    del targets, parent, child
+    targets = parent = child = None  # no float layer may stay referenced (nor raise when there were none)
     with torch.inference_mode(False), torch.no_grad():  # (a clone made in inference mode could not be trained)
         for param in {id(p): p for model in models for p in model.parameters()}.values():
             param.data = param.data.clone()  # out of the checkpoint's memory map, so that the map, and in it the
