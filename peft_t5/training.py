@@ -4,7 +4,10 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -213,14 +216,37 @@ class StopOnNonFiniteLoss(TrainerCallback):
 
 class StepBoundary(TrainerCallback):
     """Whether the model is between two optimizer steps (logging, evaluating, saving): a Ctrl-C there leaves whole
-    weights that a checkpoint can keep; one inside a step may leave them half updated."""
+    weights that a checkpoint can keep; one inside a step may leave them half updated.
+    Within `noting_ctrl_c()`, a Ctrl-C is also noted and raised again at the end of the step: Python drops a
+    KeyboardInterrupt raised while a destructor or a garbage-collector callback runs ("Exception ignored in ..."),
+    and training would go on as if Ctrl-C had not been pressed."""
     between = True
+    pressed = False
+
+    @contextmanager
+    def noting_ctrl_c(self):
+        if threading.current_thread() is not threading.main_thread() or (
+                signal.getsignal(signal.SIGINT) is not signal.default_int_handler):  # e.g. ignored in a background job
+            yield
+            return
+
+        def on_ctrl_c(signum, frame):
+            self.pressed = True
+            signal.default_int_handler(signum, frame)
+
+        signal.signal(signal.SIGINT, on_ctrl_c)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.between = False
 
     def on_step_end(self, args, state, control, **kwargs):
         self.between = True
+        if self.pressed:
+            raise KeyboardInterrupt
 
 
 class AdaLoraRankBudget(TrainerCallback):

@@ -129,6 +129,34 @@ def test_a_second_run_into_a_busy_folder_is_refused_naming_the_first_and_ctrl_c_
     assert not (tmp_path / ".jokes.lock").exists()
 
 
+def test_a_ctrl_c_that_python_drops_in_a_destructor_still_stops_training(tmp_path, monkeypatch, capsys):
+    """Python drops a KeyboardInterrupt raised inside __del__ ("Exception ignored in ..."); training must still stop,
+    at the end of that step, as after any Ctrl-C."""
+    from peft_t5.training import TaskTrainer
+
+    class PressedWhileCollected:
+        def __del__(self):
+            signal.getsignal(signal.SIGINT)(signal.SIGINT, None)  # what Python runs on Ctrl-C, here: dropped
+
+    out = tmp_path / "jokes"
+    argv = ["--task", "jokes", "--output_dir", str(out), *FAST[:2], "--max_steps", "50", *FAST[4:]]
+    training_step = TaskTrainer.training_step
+
+    def pressed_during_step_2(self, *args, **kwargs):
+        if self.state.global_step == 1:
+            PressedWhileCollected()
+        return training_step(self, *args, **kwargs)
+
+    dropped = []
+    monkeypatch.setattr(TaskTrainer, "training_step", pressed_during_step_2)
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: dropped.append(unraisable.exc_type))
+    assert run(train, argv) == 130
+    assert dropped == [KeyboardInterrupt]  # it was dropped, as Python does
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"interrupted at step 2; {out}/checkpoints/checkpoint-2 is kept"), last
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+
+
 def test_ctrl_c_during_the_final_evaluation_keeps_the_steps_trained(tmp_path, monkeypatch, capsys):
     from peft_t5.training import TaskTrainer
 

@@ -450,7 +450,7 @@ def run_training(argv: list[str], held: ExitStack, callbacks: tuple = ()) -> dic
     from ..modeling import (TINY, count_parameters, load_base_model, load_tokenizer, prepare_for_training,
                             quantization_config)
     from ..tasks import get_task
-    from ..training import build_trainer, gathered_state_dict, plot_loss_curves
+    from ..training import StepBoundary, build_trainer, gathered_state_dict, plot_loss_curves
 
     warn_single_process_launch()
     model_args, data_args, lora_args, training_args = parse_train_args(argv)
@@ -504,8 +504,9 @@ def run_training(argv: list[str], held: ExitStack, callbacks: tuple = ()) -> dic
         trainer.add_callback(callback)
     resume = resume_checkpoint(training_args, say)
     started = time.time()
+    boundary = next(c for c in trainer.callback_handler.callbacks if isinstance(c, StepBoundary))
     try:
-        with saving_into(adapter_dir, model):
+        with saving_into(adapter_dir, model), boundary.noting_ctrl_c():
             trainer.train(resume_from_checkpoint=resume)
             metrics = trainer.evaluate()
     except KeyboardInterrupt:
