@@ -106,7 +106,9 @@ def test_a_second_run_into_a_busy_folder_is_refused_naming_the_first_and_ctrl_c_
             "--save_strategy", "steps", "--save_steps", "1", "--eval_strategy", "no", "--load_best_model_at_end",
             "false", "--eval_on_start", "false", "--save_total_limit", "3", "--max_source_length", "64"]
     first = subprocess.Popen([sys.executable, "-m", "peft_t5", *map(str, argv)], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, cwd=ROOT, env=OFFLINE)
+                             stderr=subprocess.PIPE, text=True, cwd=ROOT, env=OFFLINE,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as in a terminal,
+    # even where the tests run as a background job (which ignores SIGINT, and so would the training it starts)
     try:
         deadline = time.monotonic() + 240
         while not list((out / "checkpoints").glob("checkpoint-*/trainer_state.json")):
@@ -150,11 +152,15 @@ def test_a_ctrl_c_that_python_drops_in_a_destructor_still_stops_training(tmp_pat
     dropped = []
     monkeypatch.setattr(TaskTrainer, "training_step", pressed_during_step_2)
     monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: dropped.append(unraisable.exc_type))
-    assert run(train, argv) == 130
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (a background job's
+    try:  # tests ignore SIGINT, and training then leaves it so)
+        assert run(train, argv) == 130
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert dropped == [KeyboardInterrupt]  # it was dropped, as Python does
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith(f"interrupted at step 2; {out}/checkpoints/checkpoint-2 is kept"), last
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
 
 
 def test_ctrl_c_during_the_final_evaluation_keeps_the_steps_trained(tmp_path, monkeypatch, capsys):
