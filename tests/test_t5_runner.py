@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 
 from peft_t5.modeling import tiny_model
-from peft_t5.serve.t5_runner import DORA_SCALES, BASE_ADAPTER, PackedHead, RowLora, T5Runner, linear, norm
+from peft_t5.serve.t5_runner import BASE_ADAPTER, DORA_SCALES, PackedHead, RowLora, T5Runner, linear, norm
 
 NAMES = ["one", "two", BASE_ADAPTER, "two", "one"]
 

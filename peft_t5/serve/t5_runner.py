@@ -28,6 +28,15 @@ def linear(module, x: torch.Tensor, rows: RowLora | None) -> torch.Tensor:
     return module(x) if scale is None else dora(module, x, *scale)
 
 
+def kept(store: weakref.WeakKeyDictionary, module, key: tuple, weights: tuple, make):
+    """make()'s value for this layer, kept in `store` until `key` (adapters, scalings) changes or one of `weights`
+    is replaced (an adapter unloaded and another loaded under its name)."""
+    found = store.get(module)
+    if found is None or found[0] != key or any(a is not b for a, b in zip(found[1], weights)):
+        found = store[module] = (key, weights, make())
+    return found[2]
+
+
 DORA_SCALES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # LoRA layer -> its DoRA adapter's scale
 
 
@@ -40,15 +49,15 @@ def dora_scale(module) -> tuple[str, torch.Tensor] | None:
     if name not in module.lora_variant or module.training or module.merged or module.disable_adapters or type(
             module.base_layer) is not torch.nn.Linear:
         return None
-    layer = module.lora_magnitude_vector[name]
-    weights = (module.base_layer.weight, module.lora_A[name].weight, module.lora_B[name].weight, layer.weight)
-    kept = DORA_SCALES.get(module)
-    if kept is None or kept[0] != name or kept[2] != module.scaling[name] or any(
-            a is not b for a, b in zip(kept[1], weights)):
-        lora_weight = layer.get_lora_weight(lora_A=module.lora_A[name], lora_B=module.lora_B[name]).to(weights[0].dtype)
-        norm = layer.get_weight_norm(weight=weights[0], lora_weight=lora_weight, scaling=module.scaling[name])
-        kept = DORA_SCALES[module] = (name, weights, module.scaling[name], (layer.weight / norm).view(1, -1))
-    return kept[0], kept[3]
+    layer, weight, scaling = module.lora_magnitude_vector[name], module.base_layer.weight, module.scaling[name]
+
+    def scale() -> torch.Tensor:
+        lora_weight = layer.get_lora_weight(lora_A=module.lora_A[name], lora_B=module.lora_B[name]).to(weight.dtype)
+        norm = layer.get_weight_norm(weight=weight, lora_weight=lora_weight, scaling=scaling)
+        return (layer.weight / norm).view(1, -1)
+
+    weights = (weight, module.lora_A[name].weight, module.lora_B[name].weight, layer.weight)
+    return name, kept(DORA_SCALES, module, (name, scaling), weights, scale)
 
 
 def dora(module, x: torch.Tensor, name: str, scale: torch.Tensor) -> torch.Tensor:
@@ -93,15 +102,10 @@ class RowLora:
     def stacked(self, module, adapters: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """A and scaled B of these adapters, kept per layer (across steps and runners) until its adapters or their
         weights change."""
-        weights = tuple((module.lora_A[n].weight, module.lora_B[n].weight) for n in adapters)
+        a, b = [module.lora_A[n].weight for n in adapters], [module.lora_B[n].weight for n in adapters]
         scaling = tuple(module.scaling[n] for n in adapters)
-        kept = LORA_STACKS.get(module)
-        if kept is None or kept[0] != adapters or kept[2] != scaling or any(
-                x is not y for old, new in zip(kept[1], weights) for x, y in zip(old, new)):
-            a = torch.cat([w[0] for w in weights])
-            b = torch.cat([(w[1] * s).t() for w, s in zip(weights, scaling)])
-            kept = LORA_STACKS[module] = (adapters, weights, scaling, a, b)
-        return kept[3], kept[4]
+        return kept(LORA_STACKS, module, (adapters, scaling), (*a, *b), lambda: (
+            torch.cat(a), torch.cat([(w * s).t() for w, s in zip(b, scaling)])))
 
     def mask(self, adapters: tuple[str, ...], ranks: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         key = (adapters, ranks, dtype)
