@@ -2,16 +2,15 @@
 on its neighbours; sample frequencies follow the model's softmax and what transformers' warpers leave (temperature,
 top-k, top-p, min-p); stop strings end the text and the stream before them; log-probabilities equal a
 teacher-forced pass; usage counts the decoded tokens; beam groups equal generate(num_beams=k) beside other rows."""
-import asyncio
 
 import pytest
 import torch
+from test_engine import SOURCES, StepGate, arriving, run, spread_weights
+from test_serve import make_adapter
 
 from peft_t5.bank import AdapterBank
 from peft_t5.modeling import tiny_model
 from peft_t5.serve.decoding import Sampling
-from test_engine import SOURCES, run, spread_weights
-from test_serve import make_adapter
 
 
 @pytest.fixture(scope="module")
@@ -44,14 +43,18 @@ def first_token_probs(bank, source: str, temperature: float = 1.0) -> torch.Tens
 
 
 def complete(bank, requests: list[dict], **engine_options):
-    """Run requests (engine.complete keyword arguments, plus names/sources/max_new_tokens/delay) at once."""
+    """Run requests (engine.complete keyword arguments, plus names/sources/max_new_tokens, and after_steps: the
+    engine step after which the request arrives, 0 by default): each joins the step after its own."""
+    requests = [dict(r) for r in requests]
+    gate = StepGate(*{r["after_steps"] for r in requests if r.get("after_steps")})
+
     async def clients(engine):
-        async def one(r):
-            r = dict(r)
-            await asyncio.sleep(r.pop("delay", 0))
-            return await engine.complete(r.pop("names"), r.pop("sources"), r.pop("max_new_tokens"), **r)
-        return await asyncio.gather(*(one(r) for r in requests))
-    return run(clients, bank, **engine_options)
+        def send(r):
+            return lambda: engine.complete(r.pop("names"), r.pop("sources"), r.pop("max_new_tokens"), **r)
+        plan = [(r.pop("after_steps", 0), send(r), len(r["sources"]) * max(r.get("n", 1), r.get("num_beams", 1)))
+                for r in requests]
+        return await arriving(engine, gate, plan)
+    return run(clients, bank, on_step=gate, **engine_options)
 
 
 def test_seeded_sampling_repeats_whatever_shares_its_steps(bank):
@@ -63,9 +66,9 @@ def test_seeded_sampling_repeats_whatever_shares_its_steps(bank):
             dict(names=["jokes"], sources=[source], max_new_tokens=16, sampling=sampling),
             dict(names=["jokes"], sources=[source], max_new_tokens=16, sampling=Sampling(seed=12, **settings))])
         crowded = complete(bank, [
-            dict(names=["jokes2", "base"], sources=SOURCES[1:3], max_new_tokens=20,
+            dict(names=["jokes2", "base"], sources=SOURCES[1:3], max_new_tokens=20, min_new_tokens=20,
                  sampling=Sampling(temperature=1.0)),
-            dict(names=["jokes"], sources=[source], max_new_tokens=16, sampling=sampling, delay=0.05)])[1]
+            dict(names=["jokes"], sources=[source], max_new_tokens=16, sampling=sampling, after_steps=3)])[1]
         assert alone[0].ids == crowded[0].ids != other_seed[0].ids, settings
 
 
@@ -130,8 +133,13 @@ def test_first_token_frequencies_follow_the_softmax_at_the_temperature_asked(ban
 
 def transformers_distribution(bank, source: str, **settings) -> dict[int, float]:
     """The first token's distribution after transformers' own warpers (the reference), as generate() samples it."""
-    from transformers.generation.logits_process import (LogitsProcessorList, MinPLogitsWarper,
-                                                        TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        MinPLogitsWarper,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     batch = bank.tokenizer([source], return_tensors="pt")
     with torch.inference_mode():
@@ -221,8 +229,8 @@ def test_beam_groups_equal_generate_with_rows_of_other_adapters_joining_and_leav
     names, sources = ["jokes", "base", "jokes2"], [bank.sources("jokes", [s])[0] for s in SOURCES[2:5]]
     done = complete(bank, [
         dict(names=["jokes2", "jokes"], sources=SOURCES[:2], max_new_tokens=6),  # greedy rows that leave early
-        dict(names=names, sources=sources, max_new_tokens=15, num_beams=4, delay=0.02),
-        dict(names=["base"], sources=SOURCES[5:6], max_new_tokens=30, delay=0.1)], max_rows_per_request=8)
+        dict(names=names, sources=sources, max_new_tokens=15, num_beams=4, after_steps=1),
+        dict(names=["base"], sources=SOURCES[5:6], max_new_tokens=30, after_steps=4)], max_rows_per_request=8)
     for name, source, got in zip(names, sources, done[1]):
         expected = reference(bank, name, source, num_beams=4, max_new_tokens=15, do_sample=False)
         assert got.text == bank.tokenizer.decode(expected, skip_special_tokens=True).strip()

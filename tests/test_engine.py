@@ -1,6 +1,8 @@
 """The continuous engine: greedy outputs equal generate() token for token, with adapters mixed per row, rows joining
 mid-flight and rows of different lengths; finished rows free their slots; deadlines, a full queue, int8."""
 import asyncio
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -116,18 +118,67 @@ def run(coroutine_fn, bank, **engine_options):
     return asyncio.run(main())
 
 
+class StepGate:
+    """An engine's on_step hook that stops the model thread after each of the steps `at` until the test opens it:
+    what the test sends meanwhile waits, and joins the next step beside the rows in flight, whatever the machine's
+    speed. `seen`: the adapters of the rows each step ran (once `engine` is set)."""
+
+    def __init__(self, *at: int):
+        self.steps, self.seen, self.engine = 0, [], None
+        self.reached = {step: threading.Event() for step in at}
+        self.opened = {step: threading.Event() for step in at}
+
+    def __call__(self, rows: int, seconds: float) -> None:
+        self.steps += 1
+        if self.engine is not None:
+            self.seen.append(sorted(r.name for r in self.engine.active))
+        if self.steps in self.reached:
+            self.reached[self.steps].set()
+            assert self.opened[self.steps].wait(300), f"the test never let step {self.steps} go"
+
+    async def wait(self, step: int) -> None:
+        reached = await asyncio.get_running_loop().run_in_executor(None, self.reached[step].wait, 300)
+        assert reached, f"the engine never ran step {step}"
+
+    def open(self, step: int) -> None:
+        self.opened[step].set()
+
+
+async def until(condition, timeout: float = 300.0) -> None:
+    """Wait on the event loop until condition() holds (a bound on a hang, not a pace)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the engine never got there"
+        await asyncio.sleep(0.01)
+
+
+async def arriving(engine, gate: StepGate, plan: list[tuple[int, object, int]]) -> list:
+    """Requests that arrive as the engine steps: plan is (after which step, a coroutine function sending the
+    request, its rows); 0 is before the first step. Each joins the step right after its own, beside the rows in
+    flight. Returns their results in the plan's order."""
+    tasks = [asyncio.ensure_future(send()) if step == 0 else None for step, send, _ in plan]
+    for step in sorted({step for step, _, _ in plan} - {0}):
+        await gate.wait(step)
+        queued = engine.waiting_rows + sum(rows for at, _, rows in plan if at == step)
+        for i, (at, send, _) in enumerate(plan):
+            if at == step:
+                tasks[i] = asyncio.ensure_future(send())
+        await until(lambda: engine.waiting_rows == queued)
+        gate.open(step)
+    return list(await asyncio.gather(*tasks))
+
+
 def test_concurrent_requests_arriving_at_different_times_get_what_generate_gives_each(bank):
-    plan = [(["jokes", "jokes2"], SOURCES[:2], 24, 0.0), (["base"], SOURCES[2:3], 5, 0.01),
-            (["jokes2", "jokes", "jokes"], SOURCES[3:6], 40, 0.03), (["jokes"], SOURCES[1:2], 2, 0.05)]
+    plan = [(["jokes", "jokes2"], SOURCES[:2], 24, 0), (["base"], SOURCES[2:3], 5, 1),
+            (["jokes2", "jokes", "jokes"], SOURCES[3:6], 40, 3), (["jokes"], SOURCES[1:2], 2, 5)]
     expected = [bank.generate_per_adapter(names, sources, max_new_tokens=budget) for names, sources, budget, _ in plan]
+    gate = StepGate(1, 3, 5)
 
     async def clients(engine):
-        async def one(names, sources, budget, delay):
-            await asyncio.sleep(delay)
-            return await engine.generate(names, sources, budget)
-        return await asyncio.gather(*(one(*p) for p in plan))
+        return await arriving(engine, gate, [(step, lambda n=names, s=sources, b=budget: engine.generate(n, s, b),
+                                              len(sources)) for names, sources, budget, step in plan])
 
-    assert run(clients, bank, max_rows=3) == expected  # 3 slots for 7 rows: rows wait, join and leave
+    assert run(clients, bank, max_rows=3, on_step=gate) == expected  # 3 slots for 7 rows: rows wait, join and leave
 
 
 def test_beam_search_keeps_generates_path_between_steps(bank):
@@ -142,50 +193,75 @@ def test_beam_search_keeps_generates_path_between_steps(bank):
 
 
 def test_a_large_request_decodes_a_few_rows_at_a_time_and_a_small_one_joins_beside_it(bank):
-    async def scenario(engine):
-        seen = []
-        engine.on_step = lambda rows, seconds: seen.append(sorted(r.name for r in engine.active))
-        big = asyncio.ensure_future(engine.generate(["jokes"] * 6, SOURCES, 30, min_new_tokens=30))
-        while len(seen) < 3:
-            await asyncio.sleep(0.01)
-        small = await engine.generate(["jokes2"], SOURCES[:1], 5)
-        return await big, small, seen
+    gate = StepGate(3)
 
-    big, small, seen = run(scenario, bank, max_rows_per_request=2)
+    async def scenario(engine):
+        gate.engine = engine
+        big = asyncio.ensure_future(engine.generate(["jokes"] * 6, SOURCES, 30, min_new_tokens=30))
+        await gate.wait(3)  # the model thread stops after its third step, the large request's rows mid-flight
+        small = asyncio.ensure_future(engine.generate(["jokes2"], SOURCES[:1], 5))
+        await until(lambda: engine.waiting_rows == 4 + 1)  # the large request's 4 rows not yet admitted, and it
+        gate.open(3)
+        return await big, await small
+
+    big, small = run(scenario, bank, max_rows_per_request=2, on_step=gate)
     assert big == bank.generate_per_adapter(["jokes"] * 6, SOURCES, max_new_tokens=30, min_new_tokens=30)
     assert small == bank.generate_per_adapter(["jokes2"], SOURCES[:1], max_new_tokens=5)
-    assert max(names.count("jokes") for names in seen) == 2  # the large request never held more than 2 slots
-    assert any(names == ["jokes", "jokes", "jokes2"] for names in seen)  # the small one decoded beside it
+    assert max(names.count("jokes") for names in gate.seen) == 2  # the large request never held more than 2 slots
+    assert gate.seen[3] == ["jokes", "jokes", "jokes2"]  # the small one decoded beside it at the next step
 
 
 def test_a_request_past_its_deadline_ends_and_frees_its_slots_while_others_finish(bank):
+    gate = StepGate(1)
+
     async def scenario(engine):
         slow = asyncio.ensure_future(engine.generate(["jokes"] * 4, SOURCES[:4], 1000, min_new_tokens=1000,
                                                      timeout=0.3))
-        quick = await engine.generate(["jokes2"], SOURCES[:1], 8, timeout=30)
+        await gate.wait(1)  # its rows hold slots, and no step runs until the deadline has passed
         with pytest.raises(DeadlineExceeded, match="took over 0.3 s"):
             await slow
-        for _ in range(100):
-            if not engine.active and not engine.waiting:
-                break
-            await asyncio.sleep(0.02)
+        quick = asyncio.ensure_future(engine.generate(["jokes2"], SOURCES[:1], 8, timeout=300))
+        await until(lambda: engine.waiting_rows == 1)
+        gate.open(1)
+        quick = await quick
+        await until(lambda: not engine.active and not engine.waiting)
         return quick, len(engine.active), sum(lane.runner.n for lane in engine.lanes.values())
 
-    quick, active, slots = run(scenario, bank)
+    quick, active, slots = run(scenario, bank, on_step=gate)
     assert quick == bank.generate_per_adapter(["jokes2"], SOURCES[:1], max_new_tokens=8)
     assert active == 0 and slots == 0
 
 
 def test_a_full_queue_refuses_a_request_at_once(bank):
+    gate = StepGate(1)
+
     async def scenario(engine):
         first = asyncio.ensure_future(engine.generate(["jokes"] * 2, SOURCES[:2], 200, min_new_tokens=200))
-        while not engine.active:  # one row decodes, the other waits for the one slot
-            await asyncio.sleep(0.01)
+        await gate.wait(1)  # one row decodes, the other waits for the one slot
         with pytest.raises(Busy, match="1 rows are waiting, the most this server queues is 2"):
             await engine.generate(["jokes"] * 2, SOURCES[:2], 4)
+        gate.open(1)
         return await first
 
-    assert len(run(scenario, bank, max_rows=1, max_queue_rows=2)) == 2
+    assert len(run(scenario, bank, max_rows=1, max_queue_rows=2, on_step=gate)) == 2
+
+
+def test_holding_the_engine_queues_requests_and_runs_no_step_until_released(bank):
+    steps = []
+
+    async def scenario(engine):
+        with engine.holding():
+            first = asyncio.ensure_future(engine.generate(["jokes"], SOURCES[:1], 4))
+            rest = asyncio.ensure_future(engine.generate(["jokes2", "base"], SOURCES[1:3], 6))
+            await until(lambda: engine.waiting_rows == 3)
+            await asyncio.sleep(0.05)  # not a synchronisation: a held engine must not step, however long it waits
+            assert steps == [] and not engine.active
+        return await first, await rest
+
+    first, rest = run(scenario, bank, on_step=lambda rows, seconds: steps.append(rows))
+    assert first == bank.generate_per_adapter(["jokes"], SOURCES[:1], max_new_tokens=4)
+    assert rest == bank.generate_per_adapter(["jokes2", "base"], SOURCES[1:3], max_new_tokens=6)
+    assert steps[0] == 3  # the rows queued while held were admitted together
 
 
 def test_streamed_pieces_concatenate_to_the_whole_outputs(bank):

@@ -8,10 +8,10 @@ import threading
 import httpx
 import pytest
 import torch
+from test_serve import AUTH, JOKES, KEY, make_adapter
 
 from peft_t5.bank import AdapterBank
 from peft_t5.serve.app import ServeSettings, create_app, running
-from test_serve import AUTH, JOKES, KEY, make_adapter
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +56,13 @@ def loaded(url) -> list[str]:
     return [a["name"] for a in httpx.get(url + "/v1/adapters", headers=AUTH).json()["adapters"]]
 
 
-def serve(root, **settings):
+def server_app(root, **settings):
     bank = AdapterBank.load("tiny", {"pinned": str(root / "pinned")})
-    return running(create_app(bank, ServeSettings(api_key=KEY, adapter_root=str(root), **settings)))
+    return create_app(bank, ServeSettings(api_key=KEY, adapter_root=str(root), **settings))
+
+
+def serve(root, **settings):
+    return running(server_app(root, **settings))
 
 
 def test_the_first_request_loads_once_and_later_ones_reuse_it(root, reference):
@@ -78,7 +82,9 @@ def test_the_first_request_loads_once_and_later_ones_reuse_it(root, reference):
 
 
 def test_the_lru_evicts_only_unpinned_adapters_with_no_rows_in_flight(root, reference):
-    with serve(root, max_loaded_adapters=2, max_new_tokens=4000, max_request_tokens=100_000, adapter_wait=1.0) as url:
+    app = server_app(root, max_loaded_adapters=2, max_new_tokens=4000, max_request_tokens=100_000, adapter_wait=1.0)
+    engine = app.state.engine
+    with running(app) as url:
         assert ask(url, "north").status_code == 200 and loaded(url) == ["base", "pinned", "north"]
         b = ask(url, "south")  # room for one: "north" (least recent, unpinned, idle) goes, "pinned" stays
         assert [o["output"] for o in b.json()["outputs"]] == reference["south"]
@@ -88,14 +94,14 @@ def test_the_lru_evicts_only_unpinned_adapters_with_no_rows_in_flight(root, refe
         with httpx.stream("POST", url + "/v1/generate", headers=AUTH, json=body, timeout=60) as long:
             lines = long.iter_lines()  # kept: a dropped iterator would close the connection
             next(lines)  # "south" is decoding: it cannot be evicted, nor can "pinned"
-            refused = ask(url, "west")
+            with engine.holding():  # and it goes on decoding, unfinished, while "west" waits its 1 s for room
+                refused = ask(url, "west")
             assert refused.status_code == 503
             assert refused.json()["error"] == ("adapter 'west' could not be loaded from the adapter root: all 2 loaded "
                                                "adapters (--max_loaded_adapters 2) stayed pinned or in use for 1 s; "
                                                "retry shortly")
             assert loaded(url) == ["base", "pinned", "south"]
-        while "peft_t5_active_rows 0.0" not in httpx.get(url + "/metrics", headers=AUTH).text:
-            pass  # the client hung up: its rows leave at the next step
+        engine.wait_until(lambda: engine.active_rows == 0)  # the client hung up: its rows leave at the next step
         c = ask(url, "west")  # "south" is idle now
         assert [o["output"] for o in c.json()["outputs"]] == reference["west"] and loaded(url) == ["base", "pinned", "west"]
         assert evictions(url) == 2

@@ -27,6 +27,7 @@ import copy
 import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -154,6 +155,8 @@ class Engine:
         self.controls: deque = deque()  # (fn, args, concurrent future) to run between steps
         self.wake = threading.Condition()
         self.stopping = False
+        self.held = False  # holding(): neither admit nor step
+        self.busy = False  # the model thread is between two waits (running controls, admitting, stepping)
         self.admitting = True  # False once the server stops: new and waiting requests get Stopping
         self.thread: threading.Thread | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -184,7 +187,7 @@ class Engine:
     async def stop(self) -> None:
         with self.wake:
             self.stopping = True
-            self.wake.notify()
+            self.wake.notify_all()
         if self.thread:
             await asyncio.get_running_loop().run_in_executor(None, self.thread.join, 30)
 
@@ -224,7 +227,7 @@ class Engine:
                 raise Busy(f"{waiting} rows are waiting, the most this server queues is {self.max_queue_rows}; "
                            "retry shortly")
             self.waiting[request] = units
-            self.wake.notify()
+            self.wake.notify_all()
         try:
             return await (asyncio.wait_for(request.future, timeout) if timeout else request.future)
         except asyncio.TimeoutError:
@@ -265,6 +268,34 @@ class Engine:
         finally:
             task.cancel()
 
+    @contextmanager
+    def holding(self):
+        """Neither admit nor step until the block ends (adapters still load and unload); once it is entered, no step
+        runs. Requests queue meanwhile, so a test or a benchmark can line them up and know which share a step,
+        whatever the machine's speed: with engine.holding(): send them; engine.wait_until(lambda: engine.waiting_rows
+        == N)."""
+        with self.wake:
+            self.held = True
+            self.wake.wait_for(lambda: not self.busy or self.thread is None or not self.thread.is_alive())
+        try:
+            yield self
+        finally:
+            with self.wake:
+                self.held = False
+                self.wake.notify_all()
+
+    def wait_until(self, condition, timeout: float = 300.0) -> None:
+        """Block this thread (not the event loop) until condition() holds, checked whenever a request arrives, after
+        each turn of the model thread and every 50 ms (a client that leaves notifies nobody); TimeoutError after
+        `timeout` seconds (a bound on a hang, not a pace)."""
+        deadline = time.monotonic() + timeout
+        with self.wake:
+            while not condition():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"the engine's state did not come about in {timeout:g} s")
+                self.wake.wait(min(left, 0.05))
+
     def adapters_in_flight(self) -> set[str]:
         """Adapters with a row decoding or waiting (on the model thread, between steps)."""
         with self.wake:
@@ -276,7 +307,7 @@ class Engine:
         done: concurrent.futures.Future = concurrent.futures.Future()
         with self.wake:
             self.controls.append((fn, args, done))
-            self.wake.notify()
+            self.wake.notify_all()
         return await asyncio.wrap_future(done)
 
     def _resolve(self, request: Request, result=None, error: Exception | None = None) -> None:
@@ -294,10 +325,13 @@ class Engine:
             torch.set_num_threads(self.threads)
         while True:
             with self.wake:
-                while not (self.stopping or self.controls or self.waiting or self.active_rows):
+                self.busy = False
+                self.wake.notify_all()  # holding() and wait_until() look again
+                while not (self.stopping or self.controls or not self.held and (self.waiting or self.active_rows)):
                     self.wake.wait()
                 if self.stopping:
                     break
+                self.busy = True
                 controls, self.controls = list(self.controls), deque()
             self._drop_finished_requests()  # first: a load that must evict sees only rows still wanted
             for fn, args, done in controls:
@@ -306,11 +340,11 @@ class Engine:
                 except Exception as e:  # its caller gets it; the engine goes on
                     done.set_exception(e)
             with self.wake:
-                admitted = self._admit()
+                admitted = [] if self.held else self._admit()
             try:
                 if admitted:
                     self._encode(admitted)
-                if self.active_rows:
+                if self.active_rows and not self.held:
                     self._step()
             except Exception as e:  # a failure fails the rows in flight, not the server
                 for row in [*self.active, *admitted]:
