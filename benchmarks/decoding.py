@@ -22,8 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import jokes_records, machine, squad_records, write_results  # noqa: E402
 from serve_throughput import make_adapters  # noqa: E402
@@ -127,7 +125,7 @@ async def n_case(engine, sources, names, rounds: int, tokens: int = 32) -> dict:
 
 
 async def run_all(args, bank) -> dict:
-    from peft_t5.serve.engine import Engine, model_thread_threads
+    from peft_t5.serve.engine import Engine
 
     jokes, _ = jokes_records()
     squad, _ = squad_records(200)

@@ -10,8 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CONFIGS, PeakMemory, device, machine, model_from_config, squad_records, write_results  # noqa: E402
 
@@ -65,7 +63,7 @@ def main() -> None:
     for setup in ("full", "lora", "qlora"):  # one process each: a CPU process keeps the memory it freed
         cmd = [sys.executable, __file__, "--only", setup, "--config", args.config, "--batch_size", str(args.batch_size)]
         out = subprocess.run(cmd + ["--quick"] * args.quick, capture_output=True, text=True)
-        line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+        line = next((row for row in out.stdout.splitlines() if row.startswith("RESULT ")), None)
         if line is None:
             raise SystemExit(f"setup {setup} failed:\n{out.stderr[-3000:]}")
         measured[setup] = float(line.split()[1])

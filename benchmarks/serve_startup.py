@@ -54,7 +54,7 @@ def engine_round(base: str, adapters: dict[str, str], first: str, many: list[str
     import httpx
 
     port = free_port()
-    cmd = [sys.executable, "-m", "peft_t5", "serve", "--base", base, "--port", str(port),
+    cmd = [sys.executable, "-m", "peft_t5", "serve", "--model", base, "--port", str(port),
            "--max_rows_per_request", str(ROWS), *(["--quantize", "int8"] if int8 else []),
            *[a for n, p in adapters.items() for a in ("--adapter", f"{n}={p}")]]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(THREADS)}

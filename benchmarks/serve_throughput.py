@@ -98,7 +98,7 @@ def start_server(base: str, adapters: dict[str, str], extra: tuple[str, ...] = (
     import httpx
 
     port = free_port()
-    cmd = [sys.executable, "-m", "peft_t5", "serve", "--base", base, "--port", str(port), *extra,
+    cmd = [sys.executable, "-m", "peft_t5", "serve", "--model", base, "--port", str(port), *extra,
            *[a for n, p in adapters.items() for a in ("--adapter", f"{n}={p}")]]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **({"PYTHONPATH": source} if source else {})}
     process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,

@@ -24,11 +24,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (PeakMemory, device, jokes_records, machine, model_from_config, squad_records,  # noqa: E402
-                    write_results)
+from common import PeakMemory, device, jokes_records, machine, model_from_config, squad_records, write_results  # noqa: E402
 
 from peft_t5.batching import auto_token_budget  # noqa: E402
-from peft_t5.data import seq2seq_collator, tokenize  # noqa: E402
+from peft_t5.data import tokenize  # noqa: E402
 from peft_t5.methods import TRAINABLE, get_method  # noqa: E402
 from peft_t5.modeling import add_lora, bf16_supported, load_tokenizer, prepare_for_training, quantize  # noqa: E402
 from peft_t5.tasks import get_task  # noqa: E402
@@ -121,7 +120,7 @@ def run_trainer(task, config, dataset, tokenizer, steps, warmup, batch_size, too
     from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
 
     from peft_t5.arguments import TrainingArguments
-    from peft_t5.training import build_trainer
+    from peft_t5.trainer import build_trainer
 
     dtype = torch.bfloat16 if (toolkit and bf16) else torch.float32  # with bf16 the frozen base is stored in bf16
     model = model_from_config(config, dtype, attention)
@@ -233,7 +232,7 @@ def main() -> None:
                "--task", args.task, "--budget", str(args.budget)]
         cmd += ["--quick"] * args.quick + ["--epoch"] * args.epoch + (["--steps", str(args.steps)] if args.steps else [])
         out = subprocess.run(cmd, capture_output=True, text=True)
-        line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+        line = next((row for row in out.stdout.splitlines() if row.startswith("RESULT ")), None)
         if line is None:
             print(f"setup {name} failed:\n{out.stderr[-3000:]}", flush=True)
             setups[name] = {"failed": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "no output"}

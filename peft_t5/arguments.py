@@ -1,12 +1,19 @@
-"""Command-line arguments as dataclasses, parsed by HfArgumentParser (flags, or one JSON/YAML file). These three
-import no torch, so flags are checked at once; TrainingArguments (training_arguments.py) pulls in transformers'
-Trainer, PEFT and bitsandbytes (~10 s) and is imported on first use."""
+"""Training's settings as dataclasses, parsed by HfArgumentParser from flags, a JSON/YAML file or keywords. These
+three import no torch, so settings are checked at once; TrainingArguments (training_arguments.py) pulls in
+transformers' Trainer, PEFT and bitsandbytes (~10 s) and is imported on first use. Also the helpers every command's
+flags share: config files, the closest real name to a typo, a parser that raises PeftT5Error."""
 from __future__ import annotations
 
+import argparse
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from .methods import INIT_LORA_WEIGHTS, METHOD_FLAGS, REFUSED, TRAINABLE
+from .errors import PeftT5Error
+from .methods import INIT_LORA_WEIGHTS, METHOD_FLAGS, TRAINABLE
 from .tasks import task_names
+
+CONFIG_FILES = (".yaml", ".yml", ".json")  # a first argument ending so is a config file of flags
 
 
 @dataclass
@@ -56,7 +63,7 @@ class LoraArguments:
     method: str = field(default="lora", metadata={
         "help": "lora, dora, ia3, adalora, prompt_tuning or vera (default lora), or full: every weight trains "
                 "(the baseline; saves a whole model).",
-        "choices": [*TRAINABLE, *REFUSED]})
+        "choices": list(TRAINABLE)})
     lora_r: int | None = field(default=None, metadata={"help": "lora, dora, vera: the rank (16; vera's shared "
                                                                "matrices take 16 too)."})
     lora_alpha: int | None = field(default=None, metadata={"help": "lora, dora, adalora: scaling numerator (32; "
@@ -124,19 +131,20 @@ def all_flags() -> set[str]:
 
 
 def method_flag_values(argv: list[str], defaults: dict) -> LoraArguments:
-    """The PEFT method's flags alone, from `defaults` (a config file's) and argv; the rest of argv is left to the
-    full parse. argparse, not HfArgumentParser: importing transformers takes seconds, and this runs first."""
-    import argparse
+    """The PEFT method's flags alone, from `defaults` (a config file's, or keywords) and argv; the rest of argv is
+    left to the full parse. argparse, not HfArgumentParser: importing transformers takes seconds, and this runs
+    first. --method is checked by get_method, which names the closest method that trains."""
     import dataclasses
     import typing
 
-    parser = argparse.ArgumentParser(allow_abbrev=False, add_help=False)
+    parser = FlagParser(prog="peft-t5 train", allow_abbrev=False, add_help=False)
     for f in dataclasses.fields(LoraArguments):
         kind = next(t for t in typing.get_args(typing.get_type_hints(LoraArguments)[f.name]) or
                     (typing.get_type_hints(LoraArguments)[f.name],) if t is not type(None))
         many = typing.get_origin(kind) is list
         parser.add_argument(f"--{f.name}", type=typing.get_args(kind)[0] if many else kind,
-                            nargs="+" if many else None, choices=f.metadata.get("choices"), default=f.default)
+                            nargs="+" if many else None, default=f.default,
+                            choices=None if f.name == "method" else f.metadata.get("choices"))
     parser.set_defaults(**{k: v for k, v in defaults.items() if k in {f.name for f in dataclasses.fields(LoraArguments)}})
     return LoraArguments(**vars(parser.parse_known_args(argv)[0]))
 
@@ -147,3 +155,71 @@ def __getattr__(name: str):
 
         return TrainingArguments
     raise AttributeError(name)
+
+
+class FlagParser(argparse.ArgumentParser):
+    """argparse, with its mistakes raised as one-line PeftT5Errors (not its usage block and SystemExit), so that the
+    library never exits and the CLI prints one line; an unknown flag names the closest real one."""
+
+    def error(self, message: str):
+        if message.startswith("unrecognized arguments: "):
+            flag = next((a for a in message.split(": ", 1)[1].split() if a.startswith("-")), None)
+            if flag:
+                import difflib
+
+                name = flag.split("=")[0]
+                known = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+                near = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+                message = f"{name}: unknown flag" + (f"; did you mean {near[0]}?" if near else "")
+        raise PeftT5Error(f"{message}; {self.prog} --help lists the flags")
+
+
+def normalized(argv: list[str], renamed: dict[str, str]) -> list[str]:
+    """--flag-name as --flag_name; an old spelling refused, naming the new one."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--") and len(arg) > 2:
+            name, eq, value = arg.partition("=")
+            name = "--" + name[2:].replace("-", "_")
+            if name in renamed:
+                raise PeftT5Error(f"{name}: renamed {renamed[name]} (one name for one thing in every command); "
+                                  f"pass {renamed[name]}")
+            arg = name + eq + value
+        out.append(arg)
+    return out
+
+
+def read_config(path: str) -> dict:
+    """A YAML or JSON file of flag names and values."""
+    import yaml
+
+    if not Path(path).is_file():
+        raise PeftT5Error(f"{path}: no such config file")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+        config = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+    except (UnicodeDecodeError, ValueError, yaml.YAMLError) as e:
+        kind = "JSON" if str(path).endswith(".json") else "YAML"
+        raise PeftT5Error(f"{path}: not valid {kind} ({e})".replace("\n", " "))
+    if not isinstance(config, dict):
+        raise PeftT5Error(f"{path}: expected a mapping of flag names to values, e.g. task: jokes")
+    return config
+
+
+def convert(where: str, value: str, type_):
+    """A setting given as text, as its flag's type ('where' names the file and key, or the keyword)."""
+    try:
+        return type_(value)
+    except (TypeError, ValueError) as e:
+        raise PeftT5Error(f"{where}: {value!r} is not valid ({e})")
+
+
+def closest(name: str, known, prefix: str = "") -> str:
+    """'; did you mean --X?': the closest flag, the toolkit's own counted a little closer than the Trainer's
+    (--lora_rank is --lora_r, not --local_rank; --max_stpes is still --max_steps)."""
+    import difflib
+
+    own = set(own_flags())
+    score = {k: difflib.SequenceMatcher(None, name, k).ratio() + 0.1 * (k in own) for k in known if k != "help"}
+    best = max(score, key=score.get, default=None)
+    return f"; did you mean {prefix}{best}?" if best and score[best] >= 0.6 + 0.1 * (best in own) else ""

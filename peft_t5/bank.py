@@ -14,8 +14,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
-from .adapters import (adapter_method, check_adapter_fits, check_keeps_base, quiet_adalora_warnings,
-                       read_metadata)
+from .adapters import adapter_method, check_adapter_fits, check_keeps_base, quiet_adalora_warnings, read_metadata
 from .errors import ConflictError, PeftT5Error
 from .generation import generate_texts, no_answer_probs
 from .tasks import Task, get_task, template_fields
@@ -124,13 +123,14 @@ class AdapterBank:
         task = None if name == BASE else self._meta(name).get("task")
         return get_task(task).answer_from_output if task else (lambda output: output)
 
-    def generate(self, name: str, inputs: list, prompt_of: str | None = None, raw: bool = False,
+    def generate(self, name: str, inputs: list | str, prompt_of: str | None = None, raw: bool = False,
                  na_threshold: float | None = None, **kwargs) -> list[str]:
-        """Answers from adapter `name` (or `base`), the prompt template applied from its metadata.
+        """Answers from adapter `name` (or `base`), the prompt template applied from its metadata: one per input (a
+        string is one input).
 
         An adapter of a task with a no-answer target (squad) answers "" where its no-answer probability is over
         na_threshold (default: the threshold recorded in training, where there is one)."""
-        sources = self.sources(name, inputs, prompt_of)
+        sources = self.sources(name, [inputs] if isinstance(inputs, str) else inputs, prompt_of)
         outputs = self.generate_switched(name, sources, **kwargs)
         if name == BASE or raw:
             return outputs

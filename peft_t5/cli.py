@@ -10,7 +10,7 @@ from .errors import Interrupted, PeftT5Error
 from .logs import setup_logging
 
 COMMANDS = {  # name -> (module in peft_t5/commands, its function, what it does)
-    "train": ("train", "train", "train a LoRA/QLoRA adapter on a task (scripts/train_lora.py)"),
+    "train": ("train", "train_main", "train a LoRA/QLoRA adapter on a task (scripts/train_lora.py)"),
     "evaluate": ("evaluate", "evaluate_main", "generate answers for held-out data and score them (scripts/evaluate.py)"),
     "generate": ("generate", "generate_main", "answer questions with adapters on one loaded base (scripts/generate.py)"),
     "compare": ("compare", "compare_main",

@@ -1,16 +1,119 @@
-"""Generate a task's answers for held-out records and score them: SQuAD v2 officially, jokes by text metrics."""
+"""Generate a task's answers for held-out records and score them: SQuAD v2 officially, jokes by text metrics.
+
+    import peft_t5
+    result = peft_t5.evaluate(task="jokes", adapter="adapters/jokes", predictions="preds/jokes.json")
+    result.metrics["rougeL"]
+"""
 from __future__ import annotations
 
-from .generation import generate_texts, no_answer_probs
-from .metrics.squad_v2 import squad_v2_evaluate
-from .metrics.text import joke_scores
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .checks import MAX_NEW_TOKENS, check_output_file, check_ranges
+from .errors import PeftT5Error
 from .tasks import Task
+
+
+@dataclass
+class EvaluationResult:
+    metrics: dict  # of the adapter (or of the model, evaluated alone)
+    base_metrics: dict | None  # of the bare base, with compare_base
+    predictions: str  # the predictions file; its metrics (and for squad, no-answer probabilities) lie beside it
+    model: str  # the base model evaluated
+    data: str  # the data file scored
+    na_threshold: float | None  # squad: the no-answer threshold applied
+
+
+def evaluate(task: str, predictions: str, adapter: str | None = None, model: str | None = None,
+             data: str | None = None, limit: int | None = None, num_beams: int = 1, batch_size: int = 16,
+             max_source_length: int = 512, max_new_tokens: int = 64, seed: int = 42, compare_base: bool = False,
+             na_threshold: float | None = None, trust_pickle: bool = False) -> EvaluationResult:
+    """Generate answers for held-out records (squad: all of `data`; jokes: its test split, as training split it)
+    and score them; predictions and metrics are written to `predictions` and beside it."""
+    import contextlib
+
+    from .adapters import read_metadata
+    from .tasks import get_task
+
+    check_ranges(dict(num_beams=num_beams, batch_size=batch_size, max_source_length=max_source_length,
+                      max_new_tokens=max_new_tokens, limit=limit, na_threshold=na_threshold),
+                 num_beams=(1, 16), batch_size=(1, 4096), max_source_length=(1, 65536),
+                 max_new_tokens=(1, MAX_NEW_TOKENS), limit=(1, float("inf")), na_threshold=(0, 1))
+    check_output_file(predictions, "--predictions")
+    task = get_task(task)
+    meta = read_metadata(adapter, trust_pickle) if adapter else {}
+    recorded = meta.get("na_threshold")
+    na_threshold = na_threshold if na_threshold is not None else (1.0 if recorded is None else recorded)
+    if meta.get("task") and meta["task"] != task.name:
+        raise PeftT5Error(f"--adapter {adapter} was trained for task '{meta['task']}', not '{task.name}'; "
+                          f"pass --task {meta['task']} or an adapter trained for {task.name}")
+    model_name = model or meta.get("base_model") or task.default_model
+    data = data or task.sample
+    if task.name == "squad":
+        from .tasks.squad import read_squad_v2
+
+        records, articles = read_squad_v2(data), json.loads(Path(data).read_text(encoding="utf-8"))["data"]
+    else:
+        records, articles = task.load_splits(data, seed=seed)["test"], None
+    records = records[:limit]
+    if not records:
+        raise PeftT5Error(f"{data}: no records to evaluate")
+    loaded, tokenizer = load_for_evaluation(model_name, adapter, trust_pickle)
+    options = dict(batch_size=batch_size, num_beams=num_beams, max_source_length=max_source_length,
+                   max_new_tokens=max_new_tokens)
+    systems = {"adapter" if adapter else "model": contextlib.nullcontext}
+    if adapter and compare_base:
+        systems["base"] = loaded.disable_adapter
+    out = Path(predictions)
+    results = {}
+    for system, context in systems.items():
+        with context():
+            answers, na_probs = predict(loaded, tokenizer, task, records, **options)
+        path = out if system != "base" else out.with_name(f"{out.stem}.base{out.suffix}")
+        if task.name == "squad":
+            written = {r["id"]: a for r, a in zip(records, answers)}
+        else:
+            written = [{"question": r["question"], "reference": r["answer"], "prediction": a}
+                       for r, a in zip(records, answers)]
+        results[system] = score(task, records, answers, articles, na_probs, na_threshold)
+        files = {path: written, path.with_name(f"{path.stem}.metrics.json"): results[system]}
+        if na_probs is not None:  # the official na_prob file: python -m peft_t5.metrics.squad_v2 ... -n it
+            files[path.with_name(f"{path.stem}.na_prob.json")] = {r["id"]: p for r, p in zip(records, na_probs)}
+        write_json_files(files, "--predictions")
+    return EvaluationResult(results.pop("adapter", None) or results.pop("model"), results.get("base"), str(out),
+                            model_name, data, na_threshold if task.name == "squad" else None)
+
+
+def load_for_evaluation(model_name: str, adapter: str | None, trust_pickle: bool = False):
+    """The base (and adapter, when given) and the tokenizer that goes with them."""
+    from transformers import AutoTokenizer
+
+    from .adapters import check_adapter_fits, peft_from_pretrained
+    from .modeling import load_base_model, load_tokenizer
+
+    model = load_base_model(model_name, trust_pickle=trust_pickle)
+    if adapter is None:
+        return model.eval(), load_tokenizer(model_name)
+    check_adapter_fits(model, adapter, model_name)
+    return peft_from_pretrained(model, adapter).eval(), AutoTokenizer.from_pretrained(adapter)
+
+
+def write_json_files(files: dict[Path, object], flag: str) -> None:
+    for path, content in files.items():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(content, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        except OSError as e:
+            raise PeftT5Error(f"{flag}: cannot write {path} ({e.strerror}); pass a path you can write to")
 
 
 def predict(model, tokenizer, task: Task, records: list[dict], batch_size: int = 16, num_beams: int = 1,
             max_source_length: int = 512, max_new_tokens: int = 64) -> tuple[list[str], list[float] | None]:
     """The task's answers (squad: no-answer -> ""), generated in length-sorted batches with a progress bar, and
     for a task with a no-answer target, each record's no-answer probability (else None)."""
+    from .generation import generate_texts, no_answer_probs  # torch: after the settings are checked
+
     sources = [task.source(r) for r in records]
     outputs = generate_texts(model, tokenizer, sources, batch_size=batch_size, max_source_length=max_source_length,
                              max_new_tokens=max_new_tokens, num_beams=num_beams, progress=True)
@@ -34,6 +137,9 @@ def score(task: Task, records: list[dict], answers: list[str], articles: list[di
           na_probs: list[float] | None = None, na_threshold: float = 1.0) -> dict:
     """squad: the official metrics over the predicted questions (with na_probs: best_exact/best_f1, and exact/f1
     with answers over na_threshold dropped, as the official script's -t); jokes: text metrics."""
+    from .metrics.squad_v2 import squad_v2_evaluate
+    from .metrics.text import joke_scores
+
     if task.name == "squad":
         preds = {r["id"]: a for r, a in zip(records, answers)}
         probs = None if na_probs is None else {r["id"]: p for r, p in zip(records, na_probs)}

@@ -1,7 +1,7 @@
 """Export one adapter for the cheapest serving: the checked merge, then CTranslate2's own converter, then a check
 that CTranslate2's greedy output equals the merged model's before anything is written.
 
-    report = export_ctranslate2("adapters/jokes", "exported/jokes", quantization="int8")
+    report = peft_t5.export("adapters/jokes", "exported/jokes", quantization="int8")
 
 Many adapters on one base: `peft-t5 serve`. One adapter at the lowest cost per request: export it.
 """
@@ -17,7 +17,7 @@ import torch
 
 from .adapters import TOKENIZER_FILES, read_metadata, write_atomically
 from .errors import PeftT5Error
-from .merge import PROBES, check_model_output, merge_adapter
+from .merging import PROBES, check_model_output, merge
 
 QUANTIZATIONS = ("float32", "int8", "int8_float32", "int8_bfloat16", "int16", "bfloat16")  # not float16: T5 overflows
 CT2_OWNS = ("model.bin", "config.json", "shared_vocabulary.*", "source_vocabulary.*", "target_vocabulary.*",
@@ -35,8 +35,13 @@ class ExportReport:
     quantized_equal: int | None  # with --quantization: probes whose quantized output equals float32's
 
 
-def export_ctranslate2(adapter_dir: str, output: str, quantization: str = "float32", base: str | None = None,
-                       overwrite: bool = False, trust_pickle: bool = False) -> ExportReport:
+def export(adapter: str, output_dir: str, quantization: str = "float32", model: str | None = None,
+           overwrite_output_dir: bool = False, trust_pickle: bool = False, format: str = "ctranslate2") -> ExportReport:
+    """Merge `adapter` into its base (checked as merge checks) and convert it to `format` (CTranslate2), checked
+    against the merged model before anything is written."""
+    adapter_dir, output = adapter, output_dir
+    if format != "ctranslate2":
+        raise PeftT5Error(f"--format {format}: the one export format is ctranslate2")
     if quantization not in QUANTIZATIONS:
         raise PeftT5Error(f"--quantization {quantization}: choose one of {', '.join(QUANTIZATIONS)} (float16 "
                           "overflows in T5)")
@@ -44,11 +49,11 @@ def export_ctranslate2(adapter_dir: str, output: str, quantization: str = "float
         import ctranslate2
     except ImportError:
         raise PeftT5Error("exporting to CTranslate2 needs its package; pip install ctranslate2") from None
-    check_model_output(adapter_dir, output, overwrite, "CTranslate2 model")
+    check_model_output(adapter_dir, output, overwrite_output_dir, "CTranslate2 model")
     meta = read_metadata(adapter_dir, trust_pickle)
     with tempfile.TemporaryDirectory(prefix="peft-t5-export-") as tmp:
         merged = Path(tmp) / "merged"
-        merge = merge_adapter(adapter_dir, str(merged), base, "float32", trust_pickle=trust_pickle)
+        merged_report = merge(adapter_dir, str(merged), model, "float32", trust_pickle=trust_pickle)
         converted = {}
         for q in dict.fromkeys(("float32", quantization)):
             converted[q] = Path(tmp) / f"ct2-{q}"
@@ -74,7 +79,7 @@ def export_ctranslate2(adapter_dir: str, output: str, quantization: str = "float
             (folder / "peft_t5.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
         write_atomically(Path(output), write, owns=CT2_OWNS)
-    return ExportReport(str(output), quantization, merge.max_logit_diff, len(sources), equal, quantized_equal)
+    return ExportReport(str(output), quantization, merged_report.max_logit_diff, len(sources), equal, quantized_equal)
 
 
 def probe_sources(template: str) -> list[str]:

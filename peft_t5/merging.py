@@ -12,8 +12,15 @@ from pathlib import Path
 
 import torch
 
-from .adapters import (MODEL_OWNS, adapter_method, check_adapter_fits, check_writable_folder, peft_from_pretrained,
-                       read_metadata, write_atomically)
+from .adapters import (
+    MODEL_OWNS,
+    adapter_method,
+    check_adapter_fits,
+    check_writable_folder,
+    peft_from_pretrained,
+    read_metadata,
+    write_atomically,
+)
 from .errors import PeftT5Error
 
 LORA_TOLERANCE = 1e-4  # float32 merge vs unmerged: only summation order differs
@@ -60,32 +67,40 @@ def dequantize_into(full_model, quantized_model) -> int:
 
 
 def check_model_output(adapter_dir: str, output: str, overwrite: bool, what: str) -> None:
-    """Refuse, before anything is loaded, an --output that is a file, holds or lies in the adapter, or is in use."""
-    check_writable_folder(output, "--output")
+    """Refuse, before anything is loaded, an --output_dir that is a file, holds or lies in the adapter, or is in
+    use."""
+    check_writable_folder(output, "--output_dir")
     adapter, target = Path(adapter_dir).resolve(), Path(output).resolve()
     if target.is_relative_to(adapter) or adapter.is_relative_to(target):
         where = "is" if target == adapter else "lies inside" if target.is_relative_to(adapter) else "holds"
-        raise PeftT5Error(f"--output {output} {where} the adapter folder {adapter_dir}: the {what} would "
-                          f"replace the adapter; pass a folder elsewhere, e.g. --output merged/{adapter.name}")
+        raise PeftT5Error(f"--output_dir {output} {where} the adapter folder {adapter_dir}: the {what} would "
+                          f"replace the adapter; pass a folder elsewhere, e.g. --output_dir merged/{adapter.name}")
     if Path(output).exists() and any(Path(output).iterdir()) and not overwrite:
-        raise PeftT5Error(f"{output} already exists and is not empty; pass another --output, or --overwrite (the "
-                          f"files of a {what} are replaced, other files kept)")
+        raise PeftT5Error(f"{output} already exists and is not empty; pass another --output_dir, or "
+                          f"--overwrite_output_dir (the files of a {what} are replaced, other files kept)")
 
 
-def merge_adapter(adapter_dir: str, output: str, base: str | None = None, dtype: str = "float32",
-                  merge_into: str | None = None, overwrite: bool = False, trust_pickle: bool = False) -> MergeReport:
+def merge(adapter: str, output_dir: str, model: str | None = None, dtype: str = "float32",
+          merge_into: str | None = None, overwrite_output_dir: bool = False, trust_pickle: bool = False) -> MergeReport:
+    """Merge `adapter` into its base (`model`, default: the base recorded with it) and write a plain transformers
+    model to `output_dir`, once its logits are checked against the model as trained."""
     from peft import PeftModel
     from transformers import AutoTokenizer
 
     from .modeling import load_base_model, quantization_config
 
+    adapter_dir, output, overwrite = adapter, output_dir, overwrite_output_dir
+    if dtype not in ("float32", "bfloat16"):
+        raise PeftT5Error(f"--dtype {dtype}: choose float32 or bfloat16 (float16 overflows in T5)")
+    if merge_into not in (None, "dequantized", "original"):
+        raise PeftT5Error(f"--merge_into {merge_into}: choose dequantized or original")
     meta = read_metadata(adapter_dir, trust_pickle)
     method = adapter_method(adapter_dir)
     if not method.can_merge:
         raise PeftT5Error(f"{adapter_dir}: a {method.name} adapter cannot be merged: {method.why_no_merge}")
-    base_name = base or meta.get("base_model")
+    base_name = model or meta.get("base_model")
     if not base_name:
-        raise PeftT5Error(f"{adapter_dir}: no base model recorded in peft_t5.json; pass --base")
+        raise PeftT5Error(f"{adapter_dir}: no base model recorded in peft_t5.json; pass --model")
     qlora = bool(meta.get("qlora"))
     merge_into = merge_into or ("dequantized" if qlora else "original")
     if merge_into == "dequantized" and not qlora:

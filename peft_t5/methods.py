@@ -196,7 +196,11 @@ def get_method(name: str) -> Method:
     if name in REFUSED:
         raise PeftT5Error(f"--method {name}: {REFUSED[name]}")
     if name not in TRAINABLE:
-        raise PeftT5Error(f"--method {name}: unknown; choose one of {', '.join(TRAINABLE)}")
+        import difflib
+
+        near = difflib.get_close_matches(str(name), TRAINABLE, n=1, cutoff=0.6)
+        raise PeftT5Error(f"--method {name}: unknown" + (f"; did you mean {near[0]}?" if near else "") +
+                          f"; the methods that train: {', '.join(TRAINABLE)}")
     return TRAINABLE[name]
 
 

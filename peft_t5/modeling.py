@@ -19,6 +19,7 @@ from .errors import PeftT5Error
 from .hub import TINY, model_problem
 from .logs import explain_4bit_kernels
 from .methods import get_method, layer_blocks
+
 TINY_DIR = Path(__file__).resolve().parent / "tiny"
 DATA_DIR = Path(__file__).resolve().parent / "data"
 TINY_SEED = 0

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import itertools
 import json
+import multiprocessing
 import os
 import shlex
 import shutil
-import signal
 import socket
-import multiprocessing
 import sys
 import threading
 import time
@@ -39,9 +38,30 @@ COLUMNS = ("trial", "state", "value", "trainable_parameters", "peak_memory_mb", 
 HOST = socket.gethostname()
 INTERRUPTED = "interrupted"  # how a trial whose sweep process died begins its reason
 # imported once, by the forkserver the trials are forked from: each trial starts without ~5 s of imports
-TRIAL_IMPORTS = ["peft_t5.sweep", "peft_t5.commands.train", "peft_t5.training", "peft_t5.modeling", "peft_t5.data",
+TRIAL_IMPORTS = ["peft_t5.sweeping", "peft_t5.training", "peft_t5.trainer", "peft_t5.modeling", "peft_t5.data",
                  "peft_t5.training_arguments"]
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # the sweep prints its own line per trial
+
+
+@dataclass
+class SweepResult:
+    output_dir: str  # trials.md, trials.csv, plots/ and best/ (the best trial's adapter)
+    states: dict  # how many trials ended in each state (COMPLETE, PRUNED, FAIL)
+    best_trial: int | None = None
+    best_value: float | None = None
+    best_flags: dict = field(default_factory=dict)  # train's flags that retrain the best trial
+
+
+def sweep(config: str, output_dir: str = "runs/sweep", workers: int = 1, storage: str | None = None,
+          study_name: str = "sweep", objective: str | None = None, keep_all: bool = False) -> SweepResult:
+    """An Optuna study over train's flags, from a sweep file (train: fixed flags, space: flags to search, trials...):
+    each trial trains in a process of its own; the study lives in SQLite in output_dir (or `storage`), so a stopped
+    sweep continues where it was."""
+    from .checks import check_ranges
+
+    check_ranges({"workers": workers}, workers=(1, 256))
+    return Sweep(read_sweep_config(config, objective), output_dir, storage=storage, study_name=study_name,
+                 workers=workers, keep_all=keep_all).run()
 
 
 @dataclass
@@ -58,8 +78,7 @@ class SweepConfig:
 
 def read_sweep_config(path: str, objective: str | None = None) -> SweepConfig:
     """The sweep file, every key and search range checked, naming the file and key at fault."""
-    from .arguments import all_flags
-    from .commands.train import closest, read_config
+    from .arguments import all_flags, closest, read_config
     from .tasks import get_task
 
     raw = read_config(path)
@@ -253,7 +272,7 @@ class Sweep:
         trials = self.study.get_trials(deepcopy=False)
         return sum(t.state == TrialState.RUNNING or t.state.is_finished() and not retried(t) for t in trials)
 
-    def run(self) -> None:
+    def run(self) -> SweepResult:
         self.open()
         started = time.time()
         threads = [threading.Thread(target=self.worker, daemon=True) for _ in range(self.workers)]
@@ -268,7 +287,7 @@ class Sweep:
                               "continue (the interrupted trials run again)") from None
         if self.failures:
             raise self.failures[0]
-        self.finish(time.time() - started)
+        return self.finish(time.time() - started)
 
     def worker(self) -> None:
         try:
@@ -326,7 +345,7 @@ class Sweep:
         complete = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         return self.study.best_trial if complete else None
 
-    def finish(self, wall: float) -> None:
+    def finish(self, wall: float) -> SweepResult:
         """The table, the plots, the best trial's adapter, the overhead, and the line that retrains the best."""
         from .sweep_report import plot_sweep, write_tables
 
@@ -345,12 +364,15 @@ class Sweep:
         counts = {s.name: sum(t.state == s for t in trials) for s in TrialState if any(t.state == s for t in trials)}
         print(f"sweep: {', '.join(f'{n} {s.lower()}' for s, n in counts.items())}; {self.folder}/trials.md, "
               f"trials.csv and plots/ written")
+        result = SweepResult(str(self.folder), counts)
         if best is None:
             print("no trial completed: nothing to retrain (see the reasons in trials.md)")
-            return
+            return result
         flags = {**self.config.train, **{k: decode(v) for k, v in best.params.items()}}
         print(f"best: trial {best.number}, {self.config.objective} {best.value:.4g}, {shown(best.params)}; adapter in "
               f"{self.folder}/best; retrain it: {retrain_command(flags)}")
+        result.best_trial, result.best_value, result.best_flags = best.number, best.value, flags
+        return result
 
 
 def retried(trial) -> bool:
@@ -411,16 +433,18 @@ def check_sweep_folder(folder: Path) -> None:
                               "pass a new or empty folder")
 
 
-def die_with_parent() -> None:
-    """Have this trial's process killed with its parent, the forkserver, which exits when the sweep does (Linux
-    PR_SET_PDEATHSIG): a sweep killed with -9 leaves no trial training on. No library wraps prctl; where there is
-    none, the trial runs to its end and the restarted sweep runs it again."""
-    import ctypes
+def die_with_sweep() -> None:
+    """End this trial's process as soon as the sweep's process ends, killed with -9 too, so that no trial trains on
+    unwatched: multiprocessing's parent sentinel closes when the sweep dies. (Linux's PR_SET_PDEATHSIG would watch the
+    forkserver instead, which lives on while any trial holds its pipe.)"""
+    sweep = multiprocessing.parent_process()
+    if sweep is None:
+        return
 
-    try:
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (AttributeError, OSError):
-        pass
+    def watch() -> None:
+        sweep.join()
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True, name="peft-t5-sweep-watch").start()
 
 
 def last_line(log: Path) -> str:
@@ -468,12 +492,12 @@ def trial_main(spec: dict) -> int:
 
     import torch
 
-    from .commands.train import train
+    from .training import train
 
     callback = reporter(spec)
     outcome: dict = {}
     try:
-        metrics = train([spec["flags"]], callbacks=(callback,))
+        metrics = train(spec["flags"], callbacks=(callback,)).metrics
         value = metrics.get(spec["objective"])
         outcome = {"state": "COMPLETE", "value": value} if value is not None else \
             {"state": "FAIL", "reason": f"the run reported no {spec['objective']} (it has: "
@@ -500,10 +524,10 @@ def trial_process(spec: dict) -> None:
     """A trial's process: its output to the trial's log, then trial_main."""
     from .logs import setup_logging
 
+    die_with_sweep()
     log = os.open(spec["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(log, 1)
     os.dup2(log, 2)
     os.close(log)
-    die_with_parent()
     setup_logging()
     trial_main(spec)

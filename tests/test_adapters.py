@@ -4,11 +4,12 @@ import torch
 from peft import PeftModel
 from transformers import AutoTokenizer, T5ForConditionalGeneration
 
-from peft_t5 import merge
+from peft_t5 import merging
 from peft_t5.bank import AdapterBank
-from peft_t5.commands.train import train
+from peft_t5.commands.train import train_main as train
 from peft_t5.errors import PeftT5Error
-from peft_t5.merge import merge_adapter, probe_logits
+from peft_t5.merging import merge as merge_adapter
+from peft_t5.merging import probe_logits
 from peft_t5.modeling import add_lora, load_base_model, tiny_model
 
 QUESTIONS = ["Why did the scarecrow win an award?", "What do you call a fish with no eyes?"]
@@ -75,7 +76,7 @@ def test_qlora_merge_into_dequantized_base_reproduces_the_trained_model(adapters
 
 
 def test_failed_merge_check_writes_nothing(adapters, tmp_path, monkeypatch):
-    monkeypatch.setattr(merge, "LORA_TOLERANCE", 0.0)
+    monkeypatch.setattr(merging, "LORA_TOLERANCE", 0.0)
     out = tmp_path / "merged"
     with pytest.raises(PeftT5Error, match="nothing was written"):
         merge_adapter(str(adapters["jokes"]), str(out))

@@ -11,9 +11,8 @@ from peft_t5.data import seq2seq_collator, tokenize
 from peft_t5.errors import PeftT5Error
 from peft_t5.modeling import add_lora, tiny_model
 from peft_t5.optimizer import GroupedAdafactor
-from peft_t5.tasks import get_task
-from peft_t5.tasks import jokes, squad
-from peft_t5.training import build_trainer
+from peft_t5.tasks import get_task, jokes, squad
+from peft_t5.trainer import build_trainer
 
 
 @pytest.fixture(scope="module")

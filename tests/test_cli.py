@@ -5,11 +5,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from peft import PeftModel
 
-from peft_t5.commands.train import parse_train_args
 from peft_t5.errors import PeftT5Error
+from peft_t5.train_settings import parse_command_line as parse_train_args
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = [sys.executable, str(ROOT / "scripts" / "train_lora.py")]
@@ -126,9 +125,9 @@ def test_an_output_path_that_is_a_file_is_refused_in_one_line(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(PeftT5Error, match=r"--output_dir .*/file: is a file; pass a folder path"):
         main_raises(["train", "--task", "jokes", "--model", "tiny", "--output_dir", str(tmp_path / "file")])
-    with pytest.raises(PeftT5Error, match=r"--output .*/file/merged: lies under .*/file, a file"):
+    with pytest.raises(PeftT5Error, match=r"--output_dir .*/file/merged: lies under .*/file, a file"):
         main_raises(["merge", "--adapter", make_adapter(tmp_path / "jokes", "jokes", 0),
-                     "--output", str(tmp_path / "file" / "merged")])
+                     "--output_dir", str(tmp_path / "file" / "merged")])
 
 
 def main_raises(argv):
@@ -195,8 +194,8 @@ def test_a_log_file_gets_plain_lines_not_progress_bar_redraws(tmp_path):
 
 def test_bf16_on_a_cpu_without_fast_bf16_warns_once(monkeypatch, caplog):
     import peft_t5.modeling
-    from peft_t5.commands.train import resolve_defaults
     from peft_t5.tasks import get_task
+    from peft_t5.train_settings import resolve_defaults
 
     monkeypatch.setattr(peft_t5.modeling, "bf16_supported", lambda: False)
     model, data, lora, training = parse_train_args(["--task", "jokes", "--model", "tiny", "--bf16", "--use_cpu"])
@@ -207,7 +206,7 @@ def test_bf16_on_a_cpu_without_fast_bf16_warns_once(monkeypatch, caplog):
 
 
 def test_model_card_says_how_to_load_this_adapter_and_lists_only_task_metrics():
-    from peft_t5.commands.train import model_card
+    from peft_t5.cards import model_card
 
     meta = {"task": "jokes", "base_model": "tiny", "qlora": False, "template": "{question}",
             "method": "lora", "settings": {"lora_r": 16, "lora_alpha": 32, "target_modules": ["q", "v"]},
@@ -224,8 +223,8 @@ def test_model_card_says_how_to_load_this_adapter_and_lists_only_task_metrics():
 
 
 def test_printed_samples_skip_what_the_jokes_word_filter_flags():
-    from peft_t5.commands.train import printable_records, shown
     from peft_t5.tasks import get_task
+    from peft_t5.training import printable_records, shown
 
     task = get_task("jokes")
     records = [{"question": "Why did my wife leave?", "answer": "x"}, {"question": "Why is the sky blue?", "answer": "y"}]
@@ -237,7 +236,7 @@ def test_printed_samples_skip_what_the_jokes_word_filter_flags():
 
 
 def test_train_help_starts_with_the_toolkits_own_options(capsys):
-    from peft_t5.commands.train import train
+    from peft_t5.commands.train import train_main as train
 
     with pytest.raises(SystemExit) as exit_:
         train(["--help"])  # the whole path: the pre-checks before the parse take --help too

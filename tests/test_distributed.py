@@ -123,7 +123,7 @@ def test_sharded_launch_stores_4bit_weights_in_a_float_dtype_with_the_same_outpu
 
 
 def test_a_launch_that_started_one_process_says_so(monkeypatch, caplog):
-    from peft_t5.commands.train import warn_single_process_launch
+    from peft_t5.training import warn_single_process_launch
 
     # what `accelerate launch --num_processes 2` (no --multi_gpu, no GPUs) leaves in the environment of its one process
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
@@ -161,9 +161,10 @@ def test_an_fsdp2_sharded_adapter_is_gathered_and_saved_whole(tmp_path):
 
 
 def test_fsdp_on_a_cpu_and_adafactor_under_deepspeed_are_refused(monkeypatch):
-    from peft_t5.commands.train import parse_train_args, resolve_defaults
     from peft_t5.errors import PeftT5Error
     from peft_t5.tasks import get_task
+    from peft_t5.train_settings import parse_command_line as parse_train_args
+    from peft_t5.train_settings import resolve_defaults
 
     model, data, lora, training = parse_train_args(["--task", "jokes", "--model", "tiny"])
     for variable, kind in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):

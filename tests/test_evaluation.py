@@ -106,7 +106,7 @@ def test_comparison_table_and_rating_summary(tmp_path):
     sheet = tmp_path / "rate.csv"
     write_rating_sheet(rows, ["base", "jokes"], sheet)
     lines = list(csv.DictReader(sheet.open()))
-    assert len(lines) == 4 and lines[0]["funny (1-5)"] == "" and {l["system"] for l in lines} == {"base", "jokes"}
+    assert len(lines) == 4 and lines[0]["funny (1-5)"] == "" and {row["system"] for row in lines} == {"base", "jokes"}
     for line, (funny, ok) in zip(lines, [("2", "5"), ("5", "4"), ("1", ""), ("4", "3")]):
         line["funny (1-5)"], line["appropriate (1-5)"] = funny, ok
     with sheet.open("w", newline="") as f:
@@ -130,7 +130,7 @@ def test_comparison_table_and_rating_summary(tmp_path):
 
 
 def test_evaluate_script_on_the_bundled_sample(tmp_path):
-    from peft_t5.commands.train import train
+    from peft_t5.commands.train import train_main as train
 
     adapter = tmp_path / "squad"
     train(["--task", "squad", "--model", "tiny", "--output_dir", str(adapter), "--max_steps", "10",
@@ -139,7 +139,7 @@ def test_evaluate_script_on_the_bundled_sample(tmp_path):
     preds = tmp_path / "out" / "preds.json"
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--task", "squad", "--adapter",
                            str(adapter), "--predictions", str(preds), "--limit", "24", "--batch_size", "8",
-                           "--max_source_length", "128", "--compare-base"], capture_output=True, text=True, cwd=ROOT)
+                           "--max_source_length", "128", "--compare_base"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     predictions = json.loads(preds.read_text())
     assert len(predictions) == 24 and all(isinstance(v, str) for v in predictions.values())
@@ -190,7 +190,7 @@ def toy_squad(path):
 
 def test_no_answer_probability_is_higher_where_the_trained_model_abstains(tmp_path):
     from peft_t5.cli import command
-    from peft_t5.commands.train import train
+    from peft_t5.commands.train import train_main as train
 
     data, adapter, preds = toy_squad(tmp_path / "toy.json"), tmp_path / "adapter", tmp_path / "out" / "preds.json"
     train(["--task", "squad", "--model", "tiny", "--data", data, "--output_dir", str(adapter), "--max_steps", "250",

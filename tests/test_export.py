@@ -5,14 +5,14 @@ import json
 import ctranslate2
 import pytest
 import torch
+from test_engine import spread_weights
 from transformers import AutoTokenizer
 
 from peft_t5.adapters import save_adapter
 from peft_t5.cli import main
 from peft_t5.errors import PeftT5Error
-from peft_t5.export import export_ctranslate2
+from peft_t5.exporting import export as export_ctranslate2
 from peft_t5.modeling import add_lora, tiny_model, tiny_tokenizer
-from test_engine import spread_weights
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def adapter(tmp_path_factory):
 
 def test_the_exported_folder_translates_as_the_merged_model_generates(adapter, tmp_path, capsys):
     path, model = adapter
-    assert main(["export", "--adapter", str(path), "--output", str(tmp_path / "ct2")]) == 0
+    assert main(["export", "--adapter", str(path), "--output_dir", str(tmp_path / "ct2")]) == 0
     printed = capsys.readouterr().out
     assert "CTranslate2 float32 greedy output equals the merged model's on 4 of 4 probes" in printed
     assert json.loads((tmp_path / "ct2" / "peft_t5.json").read_text())["format"] == "ctranslate2"
@@ -63,7 +63,7 @@ def test_export_refuses_before_loading_anything(adapter, tmp_path):
         export_ctranslate2(str(path), str(path / "ct2"))
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "notes.txt").write_text("mine")
-    with pytest.raises(PeftT5Error, match="already exists and is not empty; pass another --output, or --overwrite"):
+    with pytest.raises(PeftT5Error, match="already exists and is not empty; pass another --output_dir, or --overwrite_output_dir"):
         export_ctranslate2(str(path), str(tmp_path / "used"))
     with pytest.raises(PeftT5Error, match="--quantization float16: .*float16 overflows in T5"):
         export_ctranslate2(str(path), str(tmp_path / "x"), quantization="float16")

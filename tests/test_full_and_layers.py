@@ -6,15 +6,16 @@ import json
 import httpx
 import pytest
 import torch
+from test_methods import QUESTIONS, generate_py
+from test_reliability import FAST, QUICK, run_cli
 from transformers import T5ForConditionalGeneration, TrainerCallback
 
+import peft_t5
 from peft_t5.bank import AdapterBank
-from peft_t5.commands.train import train
+from peft_t5.commands.train import train_main as train
 from peft_t5.methods import get_method
 from peft_t5.modeling import count_parameters, prepare_for_training, tiny_model, tiny_tokenizer
 from peft_t5.serve.app import ServeSettings, create_app, running
-from test_methods import QUESTIONS, generate_py
-from test_reliability import FAST, run_cli
 
 
 class KeepLogits(TrainerCallback):
@@ -37,8 +38,8 @@ def logits(model) -> torch.Tensor:
 def test_full_trains_saves_a_whole_model_that_reloads_and_serves_as_a_base(tmp_path, capsys):
     keep = KeepLogits()
     full = tmp_path / "full"
-    train(["--task", "jokes", "--method", "full", "--output_dir", str(full), *FAST, "--max_steps", "6",
-           "--eval_strategy", "no", "--load_best_model_at_end", "false"], callbacks=(keep,))
+    peft_t5.train(task="jokes", method="full", output_dir=str(full), **{**QUICK, "max_steps": 6}, eval_strategy="no",
+                  load_best_model_at_end=False, callbacks=(keep,))
     meta = json.loads((full / "peft_t5.json").read_text())
     assert meta["method"] == "full" and meta["metrics"]["eval_loss"] < meta["eval_loss_before"] - 0.01
     assert meta["trainable_parameters"] == sum(p.numel() for p in tiny_model().parameters())

@@ -3,20 +3,19 @@ logits, merges within the LoRA bound where PEFT can merge it (and is refused in 
 AdaLoRA's rank budget really shrinks; LoRA+ gives B the larger learning rate; a flag of another method is refused."""
 import json
 import re
-import time
 
 import pytest
 import torch
 from peft import PeftModel
+from test_reliability import FAST, run_cli
 
 from peft_t5.bank import AdapterBank
 from peft_t5.cli import run
 from peft_t5.commands.merge import merge_main
-from peft_t5.commands.train import train
-from peft_t5.merge import LORA_TOLERANCE
+from peft_t5.commands.train import train_main as train
+from peft_t5.merging import LORA_TOLERANCE
 from peft_t5.methods import METHODS, get_method
 from peft_t5.modeling import add_adapter, load_base_model, tiny_model, tiny_tokenizer
-from test_reliability import FAST, run_cli
 
 QUESTIONS = ["Why did the chicken cross the road?", "What do you call a fish with no eyes?"]
 
@@ -69,7 +68,7 @@ def test_each_method_evaluates_and_generates_from_the_command_line(trained, tmp_
                                            str(predictions), "--limit", "4", "--max_new_tokens", "8"], capsys)
     assert status == 0, line
     assert len(json.loads(predictions.read_text())) == 4 and predictions.with_name("preds.metrics.json").is_file()
-    assert run(generate_main, ["--adapter", f"{name}={trained / name}", "--task", name, "--max_new_tokens", "8",
+    assert run(generate_main, ["--adapter", f"{name}={trained / name}", "--adapter_name", name, "--max_new_tokens", "8",
                                *QUESTIONS]) == 0
     printed = capsys.readouterr().out
     expected = AdapterBank.load("tiny", {name: str(trained / name)}).generate(name, QUESTIONS, max_new_tokens=8)
@@ -79,7 +78,7 @@ def test_each_method_evaluates_and_generates_from_the_command_line(trained, tmp_
 
 @pytest.mark.parametrize("name", list(METHODS))
 def test_merge_where_peft_can_and_a_one_line_refusal_where_not(trained, tmp_path, capsys, name):
-    status, line = run_cli(merge_main, ["--adapter", str(trained / name), "--output", str(tmp_path / "merged")], capsys)
+    status, line = run_cli(merge_main, ["--adapter", str(trained / name), "--output_dir", str(tmp_path / "merged")], capsys)
     if get_method(name).can_merge:
         assert status == 0, line
         diff = json.loads((tmp_path / "merged" / "peft_t5.json").read_text())["max_logit_diff"]
@@ -107,7 +106,7 @@ def generate_py(capsys, adapters: dict, task: str) -> list[str]:
     from peft_t5.commands.generate import generate_main
 
     specs = [arg for name, path in adapters.items() for arg in ("--adapter", f"{name}={path}")]
-    assert run(generate_main, [*specs, "--task", task, "--max_new_tokens", "8", *QUESTIONS]) == 0
+    assert run(generate_main, [*specs, "--adapter_name", task, "--max_new_tokens", "8", *QUESTIONS]) == 0
     return re.findall(rf"^{task}: (.*)$", capsys.readouterr().out, re.MULTILINE)
 
 
@@ -115,8 +114,9 @@ def generate_py(capsys, adapters: dict, task: str) -> list[str]:
 def distinct(tmp_path_factory):
     """A base whose greedy output wanders over the vocabulary (the tiny T5 ends at once, which would hide a prompt
     that is not applied), and one adapter per method on it, its trainable weights moved well off their start."""
-    from peft_t5.adapters import save_adapter
     from test_engine import spread_weights
+
+    from peft_t5.adapters import save_adapter
 
     root = tmp_path_factory.mktemp("distinct")
     torch.manual_seed(0)
@@ -138,8 +138,8 @@ def distinct(tmp_path_factory):
 
 def test_one_server_decodes_every_method_beside_the_others_as_generate_py_does_alone(distinct, capsys):
     """One server, one base, an adapter of each of the six methods (two of IA3, made active in turn) and the bare
-    base, requests sent a little apart into 5 rows (so rows wait, join mid-flight and leave): each answers as
-    generate.py does with that adapter alone on its base."""
+    base, every request queued before the first step into 5 rows (so rows wait, join mid-flight and leave, whatever
+    the machine's speed): each answers as generate.py does with that adapter alone on its base."""
     from concurrent.futures import ThreadPoolExecutor
 
     import httpx
@@ -152,15 +152,17 @@ def test_one_server_decodes_every_method_beside_the_others_as_generate_py_does_a
     assert len({tuple(outputs) for outputs in expected.values()}) == 8, expected  # eight different answers
     bank = AdapterBank.load(None, adapters)  # the base recorded in the adapters
 
-    def ask(item):
-        i, adapter = item
-        time.sleep(0.05 * i)
-        return httpx.post(url + "/v1/generate", timeout=60, json={
+    def ask(adapter):
+        return httpx.post(url + "/v1/generate", timeout=300, json={
             "adapter": adapter, "inputs": QUESTIONS, "max_new_tokens": 8,
             **({"prompt_of": "lora"} if adapter == "base" else {})})
-    with running(create_app(bank, ServeSettings(max_rows=5, max_rows_per_request=2))) as url:
-        with ThreadPoolExecutor(8) as pool:
-            replies = dict(zip(expected, pool.map(ask, enumerate(expected))))
+    app = create_app(bank, ServeSettings(max_rows=5, max_rows_per_request=2))
+    engine = app.state.engine
+    with running(app) as url, ThreadPoolExecutor(8) as pool:
+        with engine.holding():  # the first step starts once every request waits
+            sent = [pool.submit(ask, adapter) for adapter in expected]
+            engine.wait_until(lambda: engine.waiting_rows == len(expected) * len(QUESTIONS))
+        replies = dict(zip(expected, [reply.result() for reply in sent]))
         listed = {a["name"]: a for a in httpx.get(url + "/v1/adapters").json()["adapters"]}
         steps = httpx.get(url + "/metrics").text
     served = {name: [o["output"] or "(empty output)" for o in r.json()["outputs"]] for name, r in replies.items()}
@@ -204,7 +206,7 @@ def test_adalora_adds_peft_s_orthogonality_penalty_to_the_training_loss_and_not_
     from peft_t5.arguments import TrainingArguments
     from peft_t5.data import tokenize
     from peft_t5.tasks import get_task, jokes
-    from peft_t5.training import adalora_orthogonality, build_trainer
+    from peft_t5.trainer import adalora_orthogonality, build_trainer
 
     tokenizer, task, method = tiny_tokenizer(), get_task("jokes"), get_method("adalora")
     dataset, _ = tokenize(task, jokes.load_splits(jokes.SAMPLE)["train"][:4], tokenizer)
@@ -260,7 +262,7 @@ def test_loraplus_gives_b_a_larger_learning_rate_than_a(tmp_path):
     from peft_t5.data import tokenize
     from peft_t5.modeling import add_lora
     from peft_t5.tasks import get_task, jokes
-    from peft_t5.training import build_trainer
+    from peft_t5.trainer import build_trainer
 
     tokenizer, task = tiny_tokenizer(), get_task("jokes")
     dataset, _ = tokenize(task, jokes.load_splits(jokes.SAMPLE)["train"][:8], tokenizer)

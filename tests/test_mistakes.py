@@ -13,15 +13,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_reliability import FAST, run_cli, run_cli_alone
+from test_serve import KEY, make_adapter, post
 
 from peft_t5.adapters import ADAPTER_FILES
 from peft_t5.cli import main, run
-from peft_t5.commands.train import load_data, parse_train_args, shown, train
+from peft_t5.commands.train import train_main as train
 from peft_t5.compare import rating_summary
 from peft_t5.errors import PeftT5Error
 from peft_t5.tasks import get_task
-from test_reliability import FAST, run_cli
-from test_serve import KEY, make_adapter, post
+from peft_t5.train_settings import parse_command_line as parse_train_args
+from peft_t5.training import load_data, shown
 
 ROOT = Path(__file__).resolve().parent.parent
 OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -73,14 +75,15 @@ def test_an_output_folder_of_the_users_files_is_refused_and_with_overwrite_they_
 
 
 @pytest.mark.parametrize("where, said", [("same", "is"), ("inside", "lies inside"), ("parent", "holds")])
-def test_merge_refuses_an_output_that_is_inside_or_holds_the_adapter(adapter, tmp_path, where, said):
+def test_merge_refuses_an_output_that_is_inside_or_holds_the_adapter(adapter, tmp_path, where, said, capsys):
     copy = tmp_path / "adapters" / "jokes"
     shutil.copytree(adapter, copy)
     output = {"same": copy, "inside": copy / "merged", "parent": copy.parent}[where]
-    proc = peft_t5("merge", "--adapter", copy, "--output", output, "--overwrite")
-    assert proc.returncode == 2
-    assert one_line(proc) == (f"error: --output {output} {said} the adapter folder {copy}: the merged model would "
-                              "replace the adapter; pass a folder elsewhere, e.g. --output merged/jokes")
+    status, line = run_cli_alone(main.__globals__["command"]("merge"), ["--adapter", str(copy), "--output_dir",
+                                                                         str(output), "--overwrite_output_dir"], capsys)
+    assert status == 2
+    assert line == (f"error: --output_dir {output} {said} the adapter folder {copy}: the merged model would "
+                    "replace the adapter; pass a folder elsewhere, e.g. --output_dir merged/jokes")
     assert sorted(p.name for p in copy.iterdir()) == sorted(p.name for p in adapter.iterdir())
 
 
@@ -89,10 +92,10 @@ def test_merge_overwrite_replaces_a_merged_models_files_and_keeps_the_users(adap
     merged.mkdir()
     (merged / "notes.txt").write_text("mine")
     (merged / "model-00001-of-00002.safetensors").write_text("an old shard")
-    assert run_cli(main.__globals__["command"]("merge"), ["--adapter", str(adapter), "--output", str(merged)],
+    assert run_cli(main.__globals__["command"]("merge"), ["--adapter", str(adapter), "--output_dir", str(merged)],
                    capsys)[0] == 2
-    assert run(main.__globals__["command"]("merge"), ["--adapter", str(adapter), "--output", str(merged),
-                                                      "--overwrite"]) == 0
+    assert run(main.__globals__["command"]("merge"), ["--adapter", str(adapter), "--output_dir", str(merged),
+                                                      "--overwrite_output_dir"]) == 0
     assert (merged / "notes.txt").read_text() == "mine" and (merged / "model.safetensors").is_file()
     assert not (merged / "model-00001-of-00002.safetensors").exists()
 
@@ -134,7 +137,7 @@ def test_a_second_run_into_a_busy_folder_is_refused_naming_the_first_and_ctrl_c_
 def test_a_ctrl_c_that_python_drops_in_a_destructor_still_stops_training(tmp_path, monkeypatch, capsys):
     """Python drops a KeyboardInterrupt raised inside __del__ ("Exception ignored in ..."); training must still stop,
     at the end of that step, as after any Ctrl-C."""
-    from peft_t5.training import TaskTrainer
+    from peft_t5.trainer import TaskTrainer
 
     class PressedWhileCollected:
         def __del__(self):
@@ -164,7 +167,7 @@ def test_a_ctrl_c_that_python_drops_in_a_destructor_still_stops_training(tmp_pat
 
 
 def test_ctrl_c_during_the_final_evaluation_keeps_the_steps_trained(tmp_path, monkeypatch, capsys):
-    from peft_t5.training import TaskTrainer
+    from peft_t5.trainer import TaskTrainer
 
     out = tmp_path / "jokes"
     argv = ["--task", "jokes", "--output_dir", str(out), *FAST[:2], "--max_steps", "3", *FAST[4:]]
@@ -240,7 +243,7 @@ def test_ctrl_c_in_any_command_is_one_line_and_exit_130(capsys):
     (["--num_beams", "0"], "error: --num_beams 0: must be from 1 to 16"),
 ])
 def test_generate_checks_its_numbers_at_parse_time(adapter, flags, message):
-    proc = peft_t5("generate", "--adapter", f"jokes={adapter}", "--task", "jokes", "Why?", *flags)
+    proc = peft_t5("generate", "--adapter", f"jokes={adapter}", "--adapter_name", "jokes", "Why?", *flags)
     assert proc.returncode == 2 and one_line(proc) == message
 
 
@@ -296,7 +299,7 @@ def test_data_files_of_the_wrong_kind_say_what_to_do(tmp_path, capsys, task, nam
 
 @pytest.mark.parametrize("command", ["generate", "serve"])
 def test_the_same_adapter_name_twice_is_refused(adapter, command):
-    extra = ["--task", "jokes", "Why?"] if command == "generate" else []
+    extra = ["--adapter_name", "jokes", "Why?"] if command == "generate" else []
     proc = peft_t5(command, "--adapter", f"jokes={adapter}", "--adapter", f"jokes={adapter}/../jokes", *extra)
     assert proc.returncode == 2
     assert one_line(proc) == (f"error: --adapter jokes={adapter}/../jokes: the name 'jokes' is given twice ({adapter} "
@@ -307,7 +310,7 @@ def test_the_same_adapter_name_twice_is_refused(adapter, command):
 
 
 def test_the_nan_message_says_when_no_checkpoint_was_saved(tmp_path):
-    from peft_t5.training import StopOnNonFiniteLoss
+    from peft_t5.trainer import StopOnNonFiniteLoss
 
     args = type("Args", (), {"output_dir": str(tmp_path / "checkpoints")})()
     with pytest.raises(PeftT5Error, match="^the training loss became nan at step 1; stopped, no checkpoint was saved "

@@ -6,10 +6,11 @@ import logging
 from pathlib import Path
 
 import pytest
-
-from peft_t5.commands.train import parse_train_args, train
-from peft_t5.errors import PeftT5Error
 from test_reliability import FAST, adapter_weights, run_cli
+
+from peft_t5.commands.train import train_main as train
+from peft_t5.errors import PeftT5Error
+from peft_t5.train_settings import parse_command_line as parse_train_args
 
 STEPS = ["--eval_strategy", "steps", "--eval_steps", "2", "--max_eval_samples", "8"]
 

@@ -1,7 +1,6 @@
 """Issue 6: bad input gets one line and exit 2 with nothing written; kills and NaNs lose nothing; no pickles."""
 import json
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -16,19 +15,29 @@ from hypothesis import strategies as st
 from peft_t5.cli import run
 from peft_t5.commands.generate import generate_main
 from peft_t5.commands.merge import merge_main
-from peft_t5.commands.train import train
+from peft_t5.commands.train import train_main as train
 from peft_t5.errors import DataError, PeftT5Error
 from peft_t5.tasks import get_task, jokes, squad
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--model", "tiny", "--max_steps", "2", "--report_to", "none", "--sample_generations", "0",
         "--max_source_length", "64", "--generation_eval_samples", "2", "--disable_tqdm", "true"]
+QUICK = dict(model="tiny", max_steps=2, report_to="none", sample_generations=0, max_source_length=64,
+             generation_eval_samples=2, disable_tqdm=True)  # FAST, as peft_t5.train's keywords
 
 
 def run_cli(command, argv, capsys):
     status = run(command, argv)
     err = capsys.readouterr().err.strip().splitlines()
     return status, (err[-1] if err else "")
+
+
+def run_cli_alone(command, argv, capsys) -> tuple[int, str]:
+    """A command in this process: its status and its whole stderr, which must be one line (no traceback)."""
+    status = run(command, argv)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    return status, lines[0]
 
 
 def squad_json(qas, context="The alpha beta gamma."):
@@ -134,10 +143,10 @@ BAD_ADAPTERS = [
 @pytest.mark.parametrize("name,change,message", BAD_ADAPTERS, ids=[c[0] for c in BAD_ADAPTERS])
 def test_broken_adapter_folders_for_merge_and_generate(adapter, tmp_path, capsys, name, change, message):
     broken = broken_copy(adapter, tmp_path, name, change)
-    status, line = run_cli(merge_main, ["--adapter", str(broken), "--output", str(tmp_path / "merged")], capsys)
+    status, line = run_cli(merge_main, ["--adapter", str(broken), "--output_dir", str(tmp_path / "merged")], capsys)
     assert status == 2 and line.startswith(f"error: {broken}") and message in line, line
     assert not (tmp_path / "merged").exists()
-    status, line = run_cli(generate_main, ["--adapter", f"j={broken}", "--task", "j", "Why?"], capsys)
+    status, line = run_cli(generate_main, ["--adapter", f"j={broken}", "--adapter_name", "j", "Why?"], capsys)
     assert status == 2 and message in line
 
 
@@ -149,9 +158,9 @@ def test_pickled_adapter_refused_unless_trusted(adapter, tmp_path, capsys):
         (d / "adapter_model.safetensors").unlink()
 
     pickled = broken_copy(adapter, tmp_path, "pickled", to_pickle)
-    status, line = run_cli(generate_main, ["--adapter", f"j={pickled}", "--task", "j", "Why?"], capsys)
+    status, line = run_cli(generate_main, ["--adapter", f"j={pickled}", "--adapter_name", "j", "Why?"], capsys)
     assert status == 2 and "adapter_model.bin: pickled weights can run code when loaded and are refused" in line
-    status = run(generate_main, ["--adapter", f"j={pickled}", "--task", "j", "--trust_pickle", "Why?"])
+    status = run(generate_main, ["--adapter", f"j={pickled}", "--adapter_name", "j", "--trust_pickle", "Why?"])
     assert status == 0 and "Q: Why?" in capsys.readouterr().out
 
 
@@ -190,51 +199,77 @@ def test_fields_of_a_record_are_data_never_code_or_paths():
     assert not Path("/tmp/pwned").exists()
 
 
-SAVE_SCRIPT = """
-import sys, time, torch
-from peft_t5.adapters import save_adapter
-from peft_t5.modeling import add_lora, tiny_model, tiny_tokenizer
-model, tokenizer = add_lora(tiny_model()), tiny_tokenizer()
-value = float(sys.argv[2])
-for name, p in model.named_parameters():
-    if "lora_" in name:
-        p.data.fill_(value)
-slow = tokenizer.save_pretrained
-def save_slowly(*a, **k):  # widen the window between the weights and the rest being written
-    print("writing", flush=True); time.sleep(0.5); return slow(*a, **k)
-tokenizer.save_pretrained = save_slowly
-save_adapter(model, tokenizer, sys.argv[1], {"task": "jokes", "base_model": "tiny", "value": value}, "# card\\n")
-print("saved", flush=True)
-"""
+def save_slowly(out: str, value: float, writing) -> None:
+    """Save an adapter whose LoRA weights all equal `value`, set `writing` once its weights are written, then take
+    0.5 s before the rest (a window to be killed in)."""
+    import time
+
+    from peft_t5.adapters import save_adapter
+    from peft_t5.modeling import add_lora, tiny_model, tiny_tokenizer
+
+    model, tokenizer = add_lora(tiny_model()), tiny_tokenizer()
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.data.fill_(value)
+    slow = tokenizer.save_pretrained
+
+    def pause_then_save(*args, **kwargs):
+        writing.set()
+        time.sleep(0.5)
+        return slow(*args, **kwargs)
+    tokenizer.save_pretrained = pause_then_save
+    save_adapter(model, tokenizer, out, {"task": "jokes", "base_model": "tiny", "value": value}, "# card\n")
 
 
 def test_a_save_killed_part_way_leaves_the_old_or_the_new_adapter(tmp_path):
+    import multiprocessing
+
     from peft import PeftModel
 
     from peft_t5.modeling import tiny_model
 
+    # each save in a process of its own, forked from one that imported torch and PEFT once (~8 s each otherwise)
+    processes = multiprocessing.get_context("forkserver")
+    processes.set_forkserver_preload(["peft_t5.adapters", "peft_t5.modeling", "test_reliability"])
     out = tmp_path / "adapter"
-    script = tmp_path / "save.py"
-    script.write_text(SAVE_SCRIPT)
-    subprocess.run([sys.executable, str(script), str(out), "1.0"], check=True, capture_output=True)
+
+    def save(value: float, kill_after: float | None = None) -> None:
+        writing = processes.Event()
+        child = processes.Process(target=save_slowly, args=(str(out), value, writing))
+        child.start()
+        if kill_after is not None:
+            assert writing.wait(300)  # the new adapter's weights are being written now
+            time.sleep(kill_after)  # where in the save the kill lands; the outcome must not depend on it
+            child.kill()
+        child.join()
+        assert child.exitcode in ((0,) if kill_after is None else (0, -signal.SIGKILL))  # killed, or done first
+
+    save(1.0)
     for delay in (0.0, 0.2, 0.45, 0.7):
-        proc = subprocess.Popen([sys.executable, str(script), str(out), "2.0"], stdout=subprocess.PIPE, text=True)
-        assert proc.stdout.readline().strip() == "writing"  # the new adapter's weights are being written now
-        time.sleep(delay)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        save(2.0, kill_after=delay)
         model = PeftModel.from_pretrained(tiny_model(), out)
         values = {p.data.unique().item() for n, p in model.named_parameters() if "lora_" in n}
         meta = json.loads((out / "peft_t5.json").read_text())
         assert values == {meta["value"]} and meta["value"] in (1.0, 2.0)  # whole old or whole new, never a mix
-    proc = subprocess.run([sys.executable, str(script), str(out), "3.0"], check=True, capture_output=True)
+    save(3.0)
     assert json.loads((out / "peft_t5.json").read_text())["value"] == 3.0
 
 
-RESUME_FLAGS = ["--task", "jokes", "--model", "tiny", "--max_steps", "60", "--save_strategy", "steps",
-                "--save_steps", "20", "--eval_strategy", "no", "--eval_on_start", "false",
-                "--load_best_model_at_end", "false", "--per_device_train_batch_size", "32", "--report_to", "none",
-                "--sample_generations", "0", "--logging_steps", "1", "--disable_tqdm", "true", "--seed", "7"]
+RESUME = dict(task="jokes", model="tiny", max_steps=12, save_strategy="steps", save_steps=4, eval_strategy="no",
+              eval_on_start=False, load_best_model_at_end=False, per_device_train_batch_size=32, report_to="none",
+              sample_generations=0, logging_steps=1, disable_tqdm=True, seed=7)
+KILLED = """
+import json, os, signal, sys
+from transformers import TrainerCallback
+import peft_t5
+
+class KilledAtStep(TrainerCallback):  # kill -9 in the middle of a step range, between two checkpoints
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 7:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+peft_t5.train(**json.loads(sys.argv[1]), callbacks=(KilledAtStep(),))
+"""
 
 
 def adapter_weights(path):
@@ -244,29 +279,23 @@ def adapter_weights(path):
 
 
 def test_a_run_killed_between_checkpoints_resumes_to_the_same_adapter(tmp_path):
-    script = [sys.executable, str(ROOT / "scripts" / "train_lora.py")]
-    subprocess.run(script + RESUME_FLAGS + ["--output_dir", str(tmp_path / "straight")], check=True, capture_output=True)
+    import peft_t5
 
+    peft_t5.train(**RESUME, output_dir=str(tmp_path / "straight"))
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(script + RESUME_FLAGS + ["--output_dir", str(killed)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = killed / "checkpoints" / "checkpoint-20" / "trainer_state.json"
-    deadline = time.time() + 120
-    while not marker.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert marker.exists() and not (killed / "adapter_model.safetensors").exists()
-    assert not (killed / "checkpoints" / "checkpoint-60").exists()
+    proc = subprocess.run([sys.executable, "-c", KILLED, json.dumps({**RESUME, "output_dir": str(killed)})],
+                          capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    checkpoints = killed / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-4"]  # steps 5-7 are lost
+    assert not (killed / "adapter_model.safetensors").exists()
 
-    resumed = subprocess.run(script + RESUME_FLAGS + ["--output_dir", str(killed), "--resume"],
-                             capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    peft_t5.train(**RESUME, output_dir=str(killed), resume=True)
     a, b = adapter_weights(tmp_path / "straight"), adapter_weights(killed)
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
-    state = json.loads((killed / "checkpoints" / "checkpoint-60" / "trainer_state.json").read_text())
-    assert state["global_step"] == 60
+    state = json.loads((checkpoints / "checkpoint-12" / "trainer_state.json").read_text())
+    assert state["global_step"] == 12
 
 
 def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -275,7 +304,7 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkp
     from peft_t5.arguments import TrainingArguments
     from peft_t5.data import tokenize
     from peft_t5.modeling import add_lora, tiny_model, tiny_tokenizer
-    from peft_t5.training import build_trainer
+    from peft_t5.trainer import build_trainer
 
     class PoisonAtStep3(TrainerCallback):
         def on_step_begin(self, args, state, control, model=None, **kwargs):
@@ -368,12 +397,13 @@ WRONG_TYPES = [  # well-formed JSON, wrong values: each was a 500 on the server 
 def test_adapter_files_with_wrong_types_are_refused_in_one_line_everywhere(adapter, tmp_path, capsys, name, change,
                                                                           message):
     from peft_t5.commands.evaluate import evaluate_main
-    from peft_t5.commands.serve import check_args, parse_args
+    from peft_t5.commands.serve import parse_args
+    from peft_t5.serve.server import check_settings as check_args
 
     broken = broken_copy(adapter, tmp_path, name, change)
     fix = "; restore the file train_lora.py wrote, or correct that field"
-    for command, argv in ((merge_main, ["--adapter", str(broken), "--output", str(tmp_path / "merged")]),
-                          (generate_main, ["--adapter", f"j={broken}", "--task", "j", "Why?"]),
+    for command, argv in ((merge_main, ["--adapter", str(broken), "--output_dir", str(tmp_path / "merged")]),
+                          (generate_main, ["--adapter", f"j={broken}", "--adapter_name", "j", "Why?"]),
                           (evaluate_main, ["--task", "jokes", "--adapter", str(broken), "--model", "tiny",
                                           "--predictions", str(tmp_path / "preds.jsonl")])):
         status, line = run_cli(command, argv, capsys)

@@ -89,8 +89,12 @@ def test_concurrent_mixed_requests_share_decoding_steps_and_each_gets_its_own_an
     before = sample("peft_t5_step_rows_sum") or 0, sample("peft_t5_step_rows_count") or 0
     requests = [("jokes", [JOKES[i % 5]], reference["jokes"][i % 5]) if i % 2 == 0 else
                 ("squad", [SQUAD[i % 2]], reference["squad"][i % 2]) for i in range(16)]
+    engine = app.state.engine
     with ThreadPoolExecutor(16) as pool:
-        replies = list(pool.map(lambda r: post(url, "/v1/generate", {"adapter": r[0], "inputs": r[1]}), requests))
+        with engine.holding():  # every request waits before the first step, whatever the machine's speed
+            sent = [pool.submit(post, url, "/v1/generate", {"adapter": a, "inputs": i}) for a, i, _ in requests]
+            engine.wait_until(lambda: engine.waiting_rows == len(requests))
+        replies = [reply.result() for reply in sent]
     for (adapter, _, expected), reply in zip(requests, replies):
         assert reply.status_code == 200 and reply.json()["outputs"][0]["raw"] == expected, adapter
     row_steps = sample("peft_t5_step_rows_sum") - before[0]
@@ -272,7 +276,8 @@ def test_concurrent_raters_lose_nothing_and_a_restart_keeps_every_rating(tmp_pat
 
 
 def test_serve_refuses_a_public_address_without_a_key_before_loading_anything(root, monkeypatch):
-    from peft_t5.commands.serve import check_args, parse_args
+    from peft_t5.commands.serve import parse_args
+    from peft_t5.serve.server import check_settings as check_args
 
     monkeypatch.delenv("PEFT_T5_API_KEY", raising=False)
     args = parse_args(["--adapter", f"jokes={root / 'jokes'}", "--host", "0.0.0.0"])
@@ -280,7 +285,7 @@ def test_serve_refuses_a_public_address_without_a_key_before_loading_anything(ro
         check_args(args)
     monkeypatch.setenv("PEFT_T5_API_KEY", "k")
     check_args(args)
-    assert args.api_key == "k"
+    assert args["api_key"] == "k"
     with pytest.raises(PeftT5Error, match="--adapter jokes=nowhere: no such folder"):
         check_args(parse_args(["--adapter", "jokes=nowhere"]))
     with pytest.raises(PeftT5Error, match="--rate_systems: funny not loaded"):

@@ -6,10 +6,10 @@ import os
 
 import openai
 import pytest
+from test_serve import JOKES, KEY, make_adapter
 
 from peft_t5.bank import AdapterBank
 from peft_t5.serve.app import ServeSettings, create_app, running
-from test_serve import JOKES, KEY, make_adapter
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # litellm would fetch its price list at import
 

@@ -11,11 +11,11 @@ from xml.etree import ElementTree
 
 import httpx
 import pytest
+from test_serve import AUTH, JOKES, KEY, make_adapter, post
 
 from peft_t5.bank import AdapterBank
 from peft_t5.errors import PeftT5Error
 from peft_t5.serve.app import ServeSettings, create_app, running
-from test_serve import AUTH, JOKES, KEY, make_adapter, post
 
 
 @pytest.fixture(scope="module")

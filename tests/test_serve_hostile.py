@@ -14,10 +14,10 @@ import httpx
 import openai
 import psutil
 import pytest
+from test_serve import AUTH, KEY, make_adapter
 
 from peft_t5.bank import AdapterBank
 from peft_t5.serve.app import ServeSettings, create_app, running
-from test_serve import AUTH, KEY, make_adapter
 
 
 @pytest.fixture(scope="module")
@@ -48,48 +48,63 @@ def raw_request(url: str, method: str, path: str, body: bytes = b"", headers: di
 def test_clients_that_hang_up_free_their_rows_within_a_step(adapter):
     long = json.dumps({"adapter": "jokes", "inputs": ["why?", "what?", "who?", "how?"], "max_new_tokens": 4000,
                        "min_new_tokens": 3990}).encode()
-    with serve(adapter, max_new_tokens=4000, max_request_tokens=20_000, request_timeout=600) as url:
-        sockets = [raw_request(url, "POST", "/v1/generate", long) for _ in range(32)]
-        deadline = time.monotonic() + 30
-        while gauge(url, "peft_t5_active_rows") < 64 and time.monotonic() < deadline:
-            time.sleep(0.05)
+    app = create_app(AdapterBank.load("tiny", {"jokes": adapter}), ServeSettings(
+        api_key=KEY, max_new_tokens=4000, max_request_tokens=20_000, request_timeout=600))
+    engine = app.state.engine
+    with running(app) as url:
+        with engine.holding():
+            sockets = [raw_request(url, "POST", "/v1/generate", long) for _ in range(32)]
+            engine.wait_until(lambda: engine.waiting_rows == 128)
+        engine.wait_until(lambda: engine.active_rows == 64)  # admitted over a few steps, as the encoding budget allows
         assert gauge(url, "peft_t5_active_rows") == 64 and gauge(url, "peft_t5_queued_rows") == 64
-        for sock in sockets:
-            sock.close()
-        gone = time.monotonic()
-        while (gauge(url, "peft_t5_active_rows") or gauge(url, "peft_t5_queued_rows")) and time.monotonic() < gone + 2:
-            time.sleep(0.05)
+        with engine.holding():  # no step runs from here until the server has seen every client leave
+            for sock in sockets:
+                sock.close()
+            engine.wait_until(lambda: all(row.request.over for row in engine.active) and
+                              all(request.over for request in engine.waiting))
+            steps = gauge(url, "peft_t5_step_seconds_count")
+        engine.wait_until(lambda: engine.active_rows == engine.waiting_rows == 0)
         assert gauge(url, "peft_t5_active_rows") == gauge(url, "peft_t5_queued_rows") == 0
+        assert gauge(url, "peft_t5_step_seconds_count") <= steps + 1  # they left at the next step, at the latest
         fresh = httpx.post(url + "/v1/generate", json={"adapter": "jokes", "inputs": ["hi"], "max_new_tokens": 4},
-                           headers=AUTH, timeout=10)
+                           headers=AUTH, timeout=300)
         assert fresh.status_code == 200
         assert 'peft_t5_errors_total{route="/v1/generate",status="499"}' in httpx.get(url + "/metrics", headers=AUTH).text
 
 
 def test_sigterm_refuses_the_queue_at_once_and_exits_after_the_grace_period(adapter, tmp_path):
+    # rows that ask for 100,000 tokens cannot end by themselves within the 2 s grace period on any machine: what ends
+    # them is the server's stop
     server = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from peft_t5.cli import main; sys.exit(main())", "serve", "--adapter", f"jokes={adapter}", "--base", "tiny", "--port", "0",
-         "--max_new_tokens", "4000", "--max_request_tokens", "20000", "--max_rows", "8", "--shutdown_timeout", "2"],
+        [sys.executable, "-c", "import sys; from peft_t5.cli import main; sys.exit(main())", "serve", "--adapter",
+         f"jokes={adapter}", "--model", "tiny", "--port", "0", "--max_new_tokens", "100000", "--max_request_tokens",
+         "400000", "--max_rows", "8", "--shutdown_timeout", "2"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = next(m.group(1) for line in server.stdout if (m := re.search(r"serving .* on (http://\S+)/ ", line)))
-        body = {"adapter": "jokes", "inputs": ["why?"] * 4, "max_new_tokens": 4000, "min_new_tokens": 3990}
+        body = {"adapter": "jokes", "inputs": ["why?"] * 4, "max_new_tokens": 100000, "min_new_tokens": 99990}
+        deadline = time.monotonic() + 300  # a bound on a hang
+
+        def rows_reach(active: int, queued: int) -> None:
+            while (gauge(url, "peft_t5_active_rows", headers={}), gauge(url, "peft_t5_queued_rows", headers={})) != \
+                    (active, queued):
+                assert time.monotonic() < deadline and server.poll() is None
+                time.sleep(0.05)  # polls the server's gauges
+
         with ThreadPoolExecutor(6) as pool:
-            replies = [pool.submit(httpx.post, url + "/v1/generate", json=body, timeout=60) for _ in range(6)]
-            deadline = time.monotonic() + 30
-            while gauge(url, "peft_t5_queued_rows", headers={}) < 16 and time.monotonic() < deadline:
-                time.sleep(0.05)
+            replies = []
+            for active, queued in [(4, 0), (8, 0), (8, 4), (8, 8), (8, 12), (8, 16)]:  # one at a time: 2 decode, 4 wait
+                replies.append(pool.submit(httpx.post, url + "/v1/generate", json=body, timeout=300))
+                rows_reach(active, queued)
             server.send_signal(signal.SIGTERM)
-            stopped = time.monotonic()
             statuses = sorted(r.result().status_code for r in replies)
-            server.wait(timeout=30)
-            took = time.monotonic() - stopped
+            server.wait(timeout=300)
         errors = [r.result().json()["error"] for r in replies]
         assert statuses == [503] * 6 and all(e.startswith("the server is stopping: ") for e in errors), errors
-        assert sum("had not started" in e for e in errors) >= 4 and sum("before this request finished" in e
-                                                                       for e in errors) >= 1, errors
+        assert sum("had not started" in e for e in errors) == 4 and sum("before this request finished" in e
+                                                                       for e in errors) == 2, errors
         log = server.stdout.read()
-        assert server.returncode == -signal.SIGTERM and took < 2 + 5 and "Traceback" not in log, (took, log)
+        assert server.returncode == -signal.SIGTERM and "Traceback" not in log, log
     finally:
         server.kill()
 
@@ -119,28 +134,30 @@ def test_bodies_over_the_limit_are_refused_before_they_are_buffered(adapter):
 
 
 def test_slow_senders_are_cut_off_after_the_read_timeout(adapter):
+    """--read_timeout bounds the whole head, not each byte: a client that trickles a header that never ends, a byte
+    every 0.25 s (each within the 1 s timeout), is cut off all the same."""
     with serve(adapter, read_timeout=1.0) as url:
         host, port = url.removeprefix("http://").split(":")
         slow_head = socket.create_connection((host, int(port)))
         slow_body = raw_request(url, "POST", "/v1/generate", b"{", {"Content-Length": 1000})
         silent = socket.create_connection((host, int(port)))
-        started, closed = time.monotonic(), None
-        for byte in b"POST /v1/generate HTTP/1.1\r\n":
+        closed = False
+        for byte in b"POST /v1/generate HTTP/1.1\r\nX-Pad: " + b"a" * 1000:  # 4+ minutes of bytes, if never cut
             try:
                 slow_head.sendall(bytes([byte]))
                 if slow_head.recv(1, socket.MSG_DONTWAIT) == b"":
-                    closed = time.monotonic() - started
+                    closed = True
                     break
             except BlockingIOError:
                 pass
             except OSError:
-                closed = time.monotonic() - started
+                closed = True
                 break
-            time.sleep(0.25)
-        assert closed is not None and closed < 4, closed
-        slow_body.settimeout(5)
+            time.sleep(0.25)  # the client's pace, not a synchronisation
+        assert closed
+        slow_body.settimeout(300)
         assert slow_body.recv(4096).decode().startswith("HTTP/1.1 408")
-        silent.settimeout(5)
+        silent.settimeout(300)
         assert silent.recv(1) == b""  # closed: a connection that never sends a head is cut off too
 
 

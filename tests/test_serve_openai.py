@@ -6,10 +6,10 @@ import json
 import httpx
 import openai
 import pytest
+from test_serve import AUTH, JOKES, KEY, make_adapter
 
 from peft_t5.bank import AdapterBank
 from peft_t5.serve.app import ServeSettings, create_app, running
-from test_serve import AUTH, JOKES, KEY, make_adapter
 
 
 @pytest.fixture(scope="module")
@@ -100,10 +100,11 @@ def test_a_request_over_the_cost_limit_is_refused_before_it_runs(server):
 
 def test_a_request_past_the_timeout_gets_a_504_and_the_server_goes_on(tmp_path):
     bank = AdapterBank.load("tiny", {"jokes": make_adapter(tmp_path / "jokes", "jokes", 1)})
-    with running(create_app(bank, ServeSettings(request_timeout=0.2, max_new_tokens=4000,
-                                                max_request_tokens=100_000))) as url:
-        slow = httpx.post(url + "/v1/generate", json={"adapter": "jokes", "inputs": JOKES, "max_new_tokens": 4000},
-                          timeout=60)
+    app = create_app(bank, ServeSettings(request_timeout=0.2, max_new_tokens=4000, max_request_tokens=100_000))
+    with running(app) as url:
+        with app.state.engine.holding():  # it cannot end before its deadline, however fast the machine
+            slow = httpx.post(url + "/v1/generate", json={"adapter": "jokes", "inputs": JOKES, "max_new_tokens": 4000},
+                              timeout=60)
         assert slow.status_code == 504
         assert slow.json() == {"error": "the request took over 0.2 s, this server's --request_timeout; send fewer "
                                         "inputs or a lower max_new_tokens"}
@@ -121,8 +122,9 @@ def test_a_request_past_the_timeout_gets_a_504_and_the_server_goes_on(tmp_path):
     (["--max_request_tokens", "0"], "--max_request_tokens 0: must be at least 1"),
 ])
 def test_engine_flags_are_checked_before_the_model_loads(tmp_path, flags, message):
-    from peft_t5.commands.serve import check_args, parse_args
+    from peft_t5.commands.serve import parse_args
     from peft_t5.errors import PeftT5Error
+    from peft_t5.serve.server import check_settings as check_args
 
     adapter = make_adapter(tmp_path / "jokes", "jokes", 1)
     with pytest.raises(PeftT5Error, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -3,10 +3,10 @@ import os
 import shutil
 
 import pytest
+from test_serve import JOKES, KEY, make_adapter
 
 from peft_t5.bank import AdapterBank
 from peft_t5.serve.app import ServeSettings, create_app, running
-from test_serve import JOKES, KEY, make_adapter
 
 os.environ.setdefault("SE_AVOID_STATS", "true")  # selenium would report usage over the network
 os.environ.setdefault("SE_OFFLINE", "true")

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -39,6 +40,15 @@ def writers_of(path) -> list[int]:
     return found
 
 
+def until(condition, timeout: float = 300.0):
+    """condition()'s first true value, looked for every 0.1 s (a bound on a hang, not a pace)."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, "it never came about"
+        time.sleep(0.1)
+    return value
+
+
 def trials_csv(folder) -> list[dict]:
     with open(folder / "run" / "trials.csv", newline="") as f:
         return list(csv.DictReader(f))
@@ -51,23 +61,19 @@ def test_a_sweep_killed_mid_trial_keeps_its_finished_trials_and_ends_with_all_of
     first = sweep(tmp_path, config, wait=False)
     lines = []
     log = tmp_path / "run" / "logs" / "001.log"
-    for line in first.stdout:  # the second trial's process has begun (it opened its log): kill -9 the sweep
+    for line in first.stdout:
         lines.append(line)
         if line.startswith("trial 1 started"):
-            for _ in range(100):
-                if writers_of(log):
-                    break
-                time.sleep(0.1)
             break
+    trial = until(lambda: writers_of(log))[0]  # the second trial's process has begun: it opened its log
+    os.kill(trial, signal.SIGSTOP)  # it cannot finish, however fast the machine, while its sweep is killed
     first.send_signal(signal.SIGKILL)
-    first.wait(timeout=30)
+    first.wait(timeout=300)
+    os.kill(trial, signal.SIGCONT)
     assert any(line.startswith("trial 0 COMPLETE") for line in lines), lines
+    until(lambda: not writers_of(log))  # the trial's process dies with the sweep (else it trains on: a hang)
+    assert not psutil.pid_exists(trial) or psutil.Process(trial).status() == psutil.STATUS_ZOMBIE
     assert log.exists() and not (tmp_path / "run" / "logs" / "001.result.json").exists()  # killed mid-trial
-    for _ in range(50):  # the trial's process (the one writing its log) dies with the sweep
-        if not writers_of(log):
-            break
-        time.sleep(0.1)
-    assert not writers_of(log), "the trial's process outlived the sweep"
 
     second = sweep(tmp_path, config)
     assert second.returncode == 0, second.stdout + second.stderr
@@ -111,7 +117,27 @@ def test_two_workers_share_a_study_and_a_diverging_trial_fails_with_its_reason(t
     assert diverged["state"] == "FAIL" and diverged["reason"].startswith("the loss diverged"), diverged
     assert [r["state"] for r in rows].count("COMPLETE") == 2
     study = json.loads((tmp_path / "run" / "sweep.json").read_text())
-    assert study["workers"] == 2 and study["trials_s"] < sum(float(r["wall_s"]) for r in rows)  # they overlapped
+    assert study["workers"] == 2 and study["trials_s"] <= study["wall_s"]  # that they run at once: the next test
+
+
+def test_two_workers_run_two_trials_at_once(tmp_path, monkeypatch):
+    """Each of the two trials waits for the other to be running too: workers that took turns would never meet."""
+    import threading
+
+    from peft_t5.sweeping import Sweep, read_sweep_config
+
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"train": TRAIN, "sampler": "grid", "space": {"learning_rate": [1.0e-3, 3.0e-3]}}))
+    both_running = threading.Barrier(2, timeout=300)
+    ran = []
+
+    def run_trial(self, trial, params):
+        both_running.wait()
+        ran.append(params["learning_rate"])
+        self.study.tell(trial, 1.0)
+    monkeypatch.setattr(Sweep, "run_trial", run_trial)
+    Sweep(read_sweep_config(str(path)), str(tmp_path / "run"), workers=2).run()
+    assert sorted(ran) == [1.0e-3, 3.0e-3]
 
 
 @pytest.mark.parametrize("change, message", [
@@ -126,8 +152,9 @@ def test_two_workers_share_a_study_and_a_diverging_trial_fails_with_its_reason(t
     ({"train": {"task": "jokes", "max_stepz": 4}}, "train: unknown flag 'max_stepz'; did you mean max_steps?"),
 ])
 def test_a_bad_sweep_file_is_refused_in_one_line_naming_the_key(tmp_path, capsys, change, message):
-    from peft_t5.cli import command
     from test_reliability import run_cli
+
+    from peft_t5.cli import command
 
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump({"train": TRAIN, "space": {"learning_rate": [1.0e-3]}, "trials": 1, **change}))

@@ -5,8 +5,7 @@ import pytest
 
 from peft_t5.errors import DataError, PeftT5Error
 from peft_t5.metrics.squad_v2 import squad_v2_scores
-from peft_t5.tasks import get_task
-from peft_t5.tasks import jokes, squad
+from peft_t5.tasks import get_task, jokes, squad
 
 
 def squad_file(tmp_path, articles):
@@ -156,7 +155,7 @@ def test_one_squad_article_is_split_by_paragraph_and_one_paragraph_by_question(t
 def test_jokes_splits_account_for_every_record(tmp_path):
     from types import SimpleNamespace
 
-    from peft_t5.commands.train import record_fates
+    from peft_t5.training import record_fates
 
     rows = [(f"Why {i}?", f"Because {i}.") for i in range(40)] + [("No question mark", "x"), ("Empty?", "")]
     path = write_table(tmp_path / "j.csv", rows)

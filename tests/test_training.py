@@ -10,8 +10,8 @@ from peft_t5.arguments import TrainingArguments
 from peft_t5.data import tokenize
 from peft_t5.modeling import add_lora, count_parameters, tiny_model
 from peft_t5.tasks import get_task
-from peft_t5.tasks.jokes import load_splits, SAMPLE
-from peft_t5.training import build_trainer
+from peft_t5.tasks.jokes import SAMPLE, load_splits
+from peft_t5.trainer import build_trainer
 
 
 def train_few_steps(model, tokenizer, tmp_path, steps=40):

@@ -1,7 +1,29 @@
-"""One module per command: its arguments and its function (cli.py dispatches to them)."""
+"""One module per command: it parses its flags and calls one library function (cli.py dispatches to them).
+
+Every command spells its flags one way: underscores (the hyphenated form is taken too, as HfArgumentParser's help
+shows it), the same name for the same thing (--model: the base model, or a whole model; --output_dir: the folder
+written; --overwrite_output_dir), no abbreviations; an old spelling gets a one-line pointer to the new one."""
 from __future__ import annotations
 
+from ..arguments import FlagParser, normalized
+from ..checks import MAX_NEW_TOKENS, check_output_file, check_ranges  # noqa: F401  (the commands' shared checks)
 from ..errors import PeftT5Error
+
+RENAMED = {"--base": "--model", "--output": "--output_dir", "--overwrite": "--overwrite_output_dir"}
+
+
+def command_parser(prog: str, description: str) -> FlagParser:
+    return FlagParser(prog=prog, description=description, allow_abbrev=False)
+
+
+def parse_flags(parser: FlagParser, argv: list[str], renamed: dict[str, str] = RENAMED):
+    """The flags; an unknown one is refused first (naming the closest real one), before argparse's other checks."""
+    argv = normalized(argv, renamed)
+    known = {o for a in parser._actions for o in a.option_strings}
+    unknown = next((a.split("=")[0] for a in argv if a.startswith("--") and a.split("=")[0] not in known), None)
+    if unknown:
+        parser.error(f"unrecognized arguments: {unknown}")
+    return parser.parse_args(argv)
 
 
 def parse_adapter_specs(specs: list[str]) -> dict[str, str]:
@@ -16,34 +38,3 @@ def parse_adapter_specs(specs: list[str]) -> dict[str, str]:
                               "give each adapter its own name")
         adapters[name] = path
     return adapters
-
-
-MAX_NEW_TOKENS = 1024  # T5's targets are far shorter; a larger ask is a typo that would run unbounded
-
-
-def check_ranges(args, **bounds: tuple[float, float]) -> None:
-    """Numeric flags within [low, high] (None: not given), or one line naming the flag and its range."""
-    for name, (low, high) in bounds.items():
-        value = getattr(args, name)
-        if value is not None and not low <= value <= high:
-            raise PeftT5Error(f"--{name} {value}: must be from {low:g} to {high:g}")
-
-
-def check_output_file(path: str, flag: str) -> None:
-    """A file path that can be written: not a folder, not under a file, its nearest existing folder writable.
-    Checked before anything is loaded; nothing is created."""
-    import tempfile
-    from pathlib import Path
-
-    target = Path(path)
-    if target.is_dir():
-        raise PeftT5Error(f"{flag} {path}: is a folder; pass a file path, e.g. {target / 'preds.json'}")
-    under_file = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
-    if under_file:
-        raise PeftT5Error(f"{flag} {path}: lies under {under_file}, a file; pass a path in a folder")
-    existing = next(p for p in (target.parent, *target.parent.parents) if p.exists())
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as e:
-        raise PeftT5Error(f"{flag} {path}: cannot write in {existing} ({e.strerror}); pass a path you can write to")

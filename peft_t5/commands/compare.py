@@ -1,22 +1,20 @@
 """`peft-t5 compare` (scripts/compare.py): base vs adapters side by side, a sheet to rate, or a ratings summary."""
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 from ..errors import PeftT5Error
-from . import check_ranges, parse_adapter_specs
+from . import check_ranges, command_parser, parse_adapter_specs, parse_flags
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="peft-t5 compare", description=(
-        "Write question | reference | base | each adapter as Markdown and as a CSV to rate; or summarise ratings "
-        "(also: python scripts/compare.py)."))
+def build_parser():
+    parser = command_parser("peft-t5 compare", "Write question | reference | base | each adapter as Markdown and as a "
+                                               "CSV to rate; or summarise ratings (also: python scripts/compare.py).")
     parser.add_argument("--questions", help="A jokes CSV/JSON (Question/Answer) or a text file, one question per line")
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=FOLDER",
                         help="An adapter to compare, by name; repeat for several")
-    parser.add_argument("--base", help="Base model; default: the one recorded in the first adapter")
+    parser.add_argument("--model", help="Base model; default: the one recorded in the first adapter")
     parser.add_argument("--output", default="compare", help="Writes OUTPUT.md and OUTPUT.csv (default: compare)")
     parser.add_argument("--limit", type=int, default=20, help="At most N questions (default 20)")
     parser.add_argument("--ratings", help="A filled-in rating CSV, or the server's ratings.db, to summarise per system")
@@ -27,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
 def compare_main(argv: list[str]) -> None:
     from ..compare import comparison_rows, markdown_table, read_questions, summarise_ratings, write_rating_sheet
 
-    args = build_parser().parse_args(argv)
+    args = parse_flags(build_parser(), argv, {"--base": "--model"})
     check_ranges(args, limit=(1, float("inf")))
     if args.ratings:
         from ..serve.ratings import RatingStore
@@ -50,7 +48,7 @@ def compare_main(argv: list[str]) -> None:
 
     from ..bank import BASE, AdapterBank
 
-    bank = AdapterBank.load(args.base, adapters, trust_pickle=args.trust_pickle)
+    bank = AdapterBank.load(args.model, adapters, trust_pickle=args.trust_pickle)
     questions = [r["question"] for r in records]
     first = next(iter(adapters))
     outputs = {BASE: bank.generate(BASE, questions, prompt_of=first)}

@@ -1,15 +1,14 @@
 """`peft-t5 estimate`: the memory a run would need, before loading anything."""
 from __future__ import annotations
 
-import argparse
 import json
 
-from . import check_ranges
+from . import check_ranges, command_parser, parse_flags
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="peft-t5 estimate", description=(
-        "Parameters and training memory (weights, gradients, optimizer state) from config.json alone."))
+def build_parser():
+    parser = command_parser("peft-t5 estimate", "Parameters and training memory (weights, gradients, optimizer "
+                                                "state) from config.json alone.")
     parser.add_argument("--model", required=True, help="Hub id, folder holding config.json, a config.json, or tiny")
     parser.add_argument("--qlora", action="store_true", help="Show only the QLoRA row (all rows are shown otherwise)")
     parser.add_argument("--optim", choices=["adafactor", "adamw"], default="adafactor",
@@ -24,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def estimate_main(argv: list[str]) -> None:
-    args = build_parser().parse_args(argv)
+    args = parse_flags(build_parser(), argv)
     check_ranges(args, lora_r=(1, 65536))
 
     from ..estimate import estimate, format_estimate

@@ -1,15 +1,13 @@
-"""`peft-t5 sweep CONFIG`: compare methods and settings on a task with an Optuna study (peft_t5/sweep.py)."""
+"""`peft-t5 sweep CONFIG`: flags -> peft_t5.sweeping.sweep (which prints each trial, the table and the best)."""
 from __future__ import annotations
 
-import argparse
-
-from . import check_ranges
+from . import command_parser, parse_flags
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="peft-t5 sweep", description=(
-        "Search training flags (method, rank, learning rate, layers, ...) with Optuna: each trial trains in its own "
-        "process; the study lives in SQLite in the sweep folder, so a stopped sweep continues where it was."))
+def build_parser():
+    parser = command_parser("peft-t5 sweep", "Search training flags (method, rank, learning rate, layers, ...) with "
+                                             "Optuna: each trial trains in its own process; the study lives in SQLite "
+                                             "in the sweep folder, so a stopped sweep continues where it was.")
     parser.add_argument("config", help="YAML or JSON: train (fixed flags), space (flags to search), trials, and "
                                        "optionally sampler (tpe, grid, random), objective, direction, pruner")
     parser.add_argument("--output_dir", default="runs/sweep", help="The sweep folder (default runs/sweep)")
@@ -24,11 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def sweep_main(argv: list[str]) -> None:
-    args = build_parser().parse_args(argv)
-    check_ranges(args, workers=(1, 256))
+    args = parse_flags(build_parser(), argv)
 
-    from ..sweep import Sweep, read_sweep_config
+    from ..sweeping import sweep
 
-    config = read_sweep_config(args.config, args.objective)
-    Sweep(config, args.output_dir, storage=args.storage, study_name=args.study_name, workers=args.workers,
-          keep_all=args.keep_all).run()
+    sweep(**vars(args))

@@ -339,9 +339,9 @@ def openapi_spec(app: FastAPI, settings: ServeSettings) -> dict:
             settings.max_input_chars
     generate["max_new_tokens"]["maximum"] = settings.max_new_tokens
     rows = min(settings.max_rows_per_request or settings.max_rows, settings.max_rows)  # an input's rows run at once
-    for name, field in (("GenerateRequest", "n"), ("GenerateRequest", "num_beams"), ("CompletionRequest", "n"),
+    for name, count in (("GenerateRequest", "n"), ("GenerateRequest", "num_beams"), ("CompletionRequest", "n"),
                         ("CompletionRequest", "best_of"), ("ChatRequest", "n")):
-        schema = schemas[name]["properties"][field]
+        schema = schemas[name]["properties"][count]
         for branch in schema.get("anyOf", [schema]):
             if branch.get("type") == "integer":
                 branch["maximum"] = min(branch["maximum"], rows)

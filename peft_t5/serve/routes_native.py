@@ -12,11 +12,10 @@ from pydantic import AfterValidator
 from ..bank import BASE, AdapterBank
 from ..errors import ConflictError, NotFoundError, PeftT5Error
 from .engine import Engine
-from .on_demand import Full, OnDemand, inside_root
 from .failures import api_error, while_connected
+from .on_demand import Full, OnDemand, inside_root
 from .ratings import RatingStore
-from .schemas import (ADAPTER_NAME, ApiError, GenerateRequest, LoadRequest, RateRequest, errors, sse,
-                      unicode_text)
+from .schemas import ADAPTER_NAME, ApiError, GenerateRequest, LoadRequest, RateRequest, errors, sse, unicode_text
 
 
 def generation_routes(bank: AdapterBank, engine: Engine, settings, metrics, on_demand: OnDemand) -> APIRouter:

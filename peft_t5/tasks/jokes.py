@@ -16,8 +16,18 @@ from typing import Iterator
 
 from ..errors import DataError
 from ..metrics.text import generation_scores
-from .registry import (Record, Splits, Task, csv_delimiter, looks_like_hub_id, read_text, reading, stream_hub,
-                       stream_json_lines, text_encoding)
+from .registry import (
+    Record,
+    Splits,
+    Task,
+    csv_delimiter,
+    looks_like_hub_id,
+    read_text,
+    reading,
+    stream_hub,
+    stream_json_lines,
+    text_encoding,
+)
 
 logger = logging.getLogger(__name__)
 SAMPLE = str(Path(__file__).resolve().parent.parent / "data" / "jokes_sample.csv")

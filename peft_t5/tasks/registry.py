@@ -11,8 +11,8 @@ import json
 import logging
 import re
 from contextlib import contextmanager
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator
 
 from ..errors import DataError, PeftT5Error
