@@ -9,5 +9,5 @@ install:  ## torch first (CPU wheel: a bare `torch` would pull GBs of CUDA), the
 demo: install  ## offline: train a jokes adapter on the tiny model and the bundled sample, reload it, print generations
 	$(PYTHON) scripts/train_lora.py configs/demo.yaml
 
-test:
-	$(PYTHON) -m pytest -q
+test:  ## the whole suite, on two workers (pytest-xdist; each test module stays on one, its fixtures made once)
+	$(PYTHON) -m pytest -q -n 2 --dist loadscope
