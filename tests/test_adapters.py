@@ -39,6 +39,7 @@ def logits(model, tokenizer, sources, **kwargs):
         return model(**batch, decoder_input_ids=decoder_input_ids, **kwargs).logits
 
 
+@pytest.mark.slow
 def test_qlora_steps_lower_the_loss_and_keep_the_4bit_base(tokenizer, tmp_path):
     from test_training import train_few_steps
 
@@ -50,6 +51,7 @@ def test_qlora_steps_lower_the_loss_and_keep_the_4bit_base(tokenizer, tmp_path):
     assert all(torch.equal(p, packed[n]) for n, p in model.named_parameters() if n in packed)
 
 
+@pytest.mark.slow
 def test_qlora_adapter_has_the_lora_format_and_loads_onto_a_full_precision_base(adapters):
     bank = AdapterBank.load("tiny", {"jokes": adapters["qlora"]})
     assert bank.metadata["jokes"]["qlora"] is True
@@ -57,6 +59,7 @@ def test_qlora_adapter_has_the_lora_format_and_loads_onto_a_full_precision_base(
     assert any("lora_A" in n for n, _ in full.named_parameters())
 
 
+@pytest.mark.slow  # on the adapters this module trains once
 def test_lora_merge_equals_unmerged_and_loads_without_peft(adapters, tmp_path):
     report = merge_adapter(str(adapters["jokes"]), str(tmp_path / "merged"))
     assert report.merge_into == "original" and report.max_logit_diff < 1e-4
@@ -67,6 +70,7 @@ def test_lora_merge_equals_unmerged_and_loads_without_peft(adapters, tmp_path):
     assert not torch.allclose(probe_logits(merged, tok), probe_logits(tiny_model(), tok), atol=1e-2)
 
 
+@pytest.mark.slow  # on the adapters this module trains once
 def test_qlora_merge_into_dequantized_base_reproduces_the_trained_model(adapters, tmp_path):
     dequantized = merge_adapter(str(adapters["qlora"]), str(tmp_path / "deq"))
     original = merge_adapter(str(adapters["qlora"]), str(tmp_path / "orig"), merge_into="original")
@@ -75,6 +79,7 @@ def test_qlora_merge_into_dequantized_base_reproduces_the_trained_model(adapters
     assert original.max_logit_diff > 100 * dequantized.max_logit_diff
 
 
+@pytest.mark.slow  # on the adapters this module trains once
 def test_failed_merge_check_writes_nothing(adapters, tmp_path, monkeypatch):
     monkeypatch.setattr(merging, "LORA_TOLERANCE", 0.0)
     out = tmp_path / "merged"
@@ -85,6 +90,7 @@ def test_failed_merge_check_writes_nothing(adapters, tmp_path, monkeypatch):
         merge_adapter(str(adapters["jokes"]), str(out), merge_into="dequantized")
 
 
+@pytest.mark.slow  # on the adapters this module trains once
 def test_each_adapter_in_the_bank_equals_a_model_with_only_that_adapter(adapters):
     bank = AdapterBank.load(None, {"jokes": adapters["jokes"], "squad": adapters["squad"]})
     sources = bank.sources("jokes", QUESTIONS)
@@ -104,6 +110,7 @@ def test_each_adapter_in_the_bank_equals_a_model_with_only_that_adapter(adapters
             skip_special_tokens=True)]
 
 
+@pytest.mark.slow  # on the adapters this module trains once
 def test_a_mixed_batch_equals_the_per_task_runs(adapters):
     bank = AdapterBank.load(None, {"jokes": adapters["jokes"], "squad": adapters["squad"]})
     items = [("jokes", QUESTIONS[0]), ("squad", SQUAD[0]), ("base", QUESTIONS[1]), ("squad", SQUAD[1])]
@@ -123,6 +130,7 @@ def test_a_mixed_batch_equals_the_per_task_runs(adapters):
     assert bank.sources("squad", SQUAD[:1]) == ["question: Where is Normandy? context: Normandy is a region in France."]
 
 
+@pytest.mark.slow  # on the adapters this module trains once
 def test_a_mismatched_base_is_refused_naming_both(adapters, tmp_path):
     from transformers import T5Config
 

@@ -35,6 +35,7 @@ def test_import_peft_t5_is_instant_and_loads_the_names_on_first_use():
         peft_t5.trian
 
 
+@pytest.mark.slow
 def test_train_takes_the_flags_as_keywords_and_returns_what_it_made(trained):
     from safetensors.torch import load_file
 
@@ -80,6 +81,7 @@ def test_every_mistake_is_the_clis_one_line_error_and_never_an_exit(tmp_path, fl
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_ctrl_c_raises_keyboard_interrupt_naming_the_checkpoint_and_resume_continues(tmp_path, monkeypatch):
     from peft_t5.trainer import TaskTrainer
 

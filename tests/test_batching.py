@@ -88,6 +88,7 @@ def run_args(tmp_path, **kwargs):
                              disable_tqdm=True, seed=0, save_strategy="no", **kwargs)
 
 
+@pytest.mark.slow
 def test_training_on_token_batches_equals_the_same_batches_fed_by_hand(datasets_, tokenizer, tmp_path):
     dataset, budget = datasets_["jokes"].select(range(96)), 400
     torch.manual_seed(0)

@@ -22,6 +22,7 @@ def error_line(proc):
     return proc.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_train_squad_end_to_end_writes_a_loadable_adapter(tmp_path):
     out = tmp_path / "squad"
     proc = run_train("--task", "squad", "--model", "tiny", "--output_dir", str(out), "--max_steps", "6",
@@ -182,6 +183,7 @@ def test_saved_adapters_get_the_users_permissions_and_interrupted_saves_are_clea
     assert not stale.exists() and live.exists()
 
 
+@pytest.mark.slow
 def test_a_log_file_gets_plain_lines_not_progress_bar_redraws(tmp_path):
     proc = run_train("--task", "jokes", "--model", "tiny", "--output_dir", str(tmp_path / "a"), "--max_steps", "4",
                      "--logging_steps", "2", "--report_to", "none", "--sample_generations", "0",
@@ -247,6 +249,7 @@ def test_train_help_starts_with_the_toolkits_own_options(capsys):
     assert "--learning_rate" not in head
 
 
+@pytest.mark.slow
 def test_a_typo_in_the_task_data_or_output_is_reported_before_the_heavy_imports(tmp_path):
     (tmp_path / "file").write_text("x")
     code = ("import sys; from peft_t5.cli import main; rc = main(['train', *sys.argv[1:]]); "

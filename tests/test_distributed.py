@@ -46,6 +46,7 @@ def largest_difference(a: Path, b: Path) -> float:
     return max((first[k] - second[k]).abs().max().item() for k in first)
 
 
+@pytest.mark.slow
 def test_two_processes_train_the_adapter_one_process_trains_and_resume_across_process_counts(tmp_path):
     one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
     train("--output_dir", str(one), "--per_device_train_batch_size", "8", "--save_strategy", "no")
@@ -70,6 +71,7 @@ def test_two_processes_train_the_adapter_one_process_trains_and_resume_across_pr
     assert largest_difference(two, resumed) < TOLERANCE
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_gives_the_gradient_of_the_whole_batch(tmp_path):
     # T5's own loss is a per-batch mean, and the Trainer sums it over accumulated batches: twice the gradient
     whole, accumulated = tmp_path / "whole", tmp_path / "accumulated"
@@ -79,6 +81,7 @@ def test_gradient_accumulation_gives_the_gradient_of_the_whole_batch(tmp_path):
     assert largest_difference(whole, accumulated) < TOLERANCE
 
 
+@pytest.mark.slow
 def test_token_budget_batches_on_two_processes_train_what_one_process_accumulating_two_trains(tmp_path):
     # process i takes batches i, i + 2, ... of one list; one process accumulates batches 2k and 2k + 1
     one, two = tmp_path / "one", tmp_path / "two"
@@ -137,6 +140,7 @@ def test_a_launch_that_started_one_process_says_so(monkeypatch, caplog):
     assert caplog.text == ""
 
 
+@pytest.mark.slow
 def test_an_fsdp2_sharded_adapter_is_gathered_and_saved_whole(tmp_path):
     """accelerate's FSDP needs GPUs; torch's FSDP2 shards on CPU processes too, so the save path train_lora.py
     takes under FSDP (gathered_state_dict, then save_adapter) is checked here with 2 processes over gloo."""

@@ -9,6 +9,7 @@ from peft_t5.estimate import estimate
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
+@pytest.mark.slow
 def test_flan_t5_large_counts_match_peft_and_the_real_checkpoint():
     e = estimate(str(FIXTURES / "flan-t5-large"))
     assert e["trainable_parameters"]["lora"] == 4_718_592  # rank 16 on q and v: 72 attentions * 2 * 16 * (1024 + 1024)
@@ -23,6 +24,7 @@ def test_t5_small_from_a_config_file_path():
     assert e["trainable_parameters"]["lora"] == 589_824  # 6 + 6*2 attentions * 2 * 16 * (512 + 512)
 
 
+@pytest.mark.slow
 def test_estimate_command_prints_the_table(capsys):
     assert run(command("estimate"), ["--model", str(FIXTURES / "flan-t5-large")]) == 0
     out = capsys.readouterr().out
@@ -30,6 +32,7 @@ def test_estimate_command_prints_the_table(capsys):
     assert any(line.startswith("lora") and "4,718,592" in line for line in out.splitlines())
 
 
+@pytest.mark.slow
 def test_estimate_qlora_prints_its_own_row(capsys):
     assert run(command("estimate"), ["--model", str(FIXTURES / "flan-t5-large"), "--qlora"]) == 0
     out = capsys.readouterr().out

@@ -129,6 +129,7 @@ def test_comparison_table_and_rating_summary(tmp_path):
         summarise_ratings(str(sheet))
 
 
+@pytest.mark.slow
 def test_evaluate_script_on_the_bundled_sample(tmp_path):
     from peft_t5.commands.train import train_main as train
 
@@ -188,6 +189,7 @@ def toy_squad(path):
     return str(path)
 
 
+@pytest.mark.slow
 def test_no_answer_probability_is_higher_where_the_trained_model_abstains(tmp_path):
     from peft_t5.cli import command
     from peft_t5.commands.train import train_main as train

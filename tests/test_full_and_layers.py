@@ -35,6 +35,7 @@ def logits(model) -> torch.Tensor:
     return out
 
 
+@pytest.mark.slow
 def test_full_trains_saves_a_whole_model_that_reloads_and_serves_as_a_base(tmp_path, capsys):
     keep = KeepLogits()
     full = tmp_path / "full"
@@ -84,6 +85,7 @@ def test_layers_train_exactly_the_blocks_named(method, layers, expected):
     assert count_parameters(trained)[0] == expected(model.config, settings.get("lora_r"))
 
 
+@pytest.mark.slow
 def test_layers_train_only_what_they_name_in_a_real_run_and_refusals_are_one_line(tmp_path, capsys):
     from peft_t5.cli import command
 

@@ -30,6 +30,7 @@ def trained(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(METHODS))
 def test_each_method_trains_records_itself_and_reloads_with_plain_peft(trained, name):
     meta = json.loads((trained / name / "peft_t5.json").read_text())
@@ -58,6 +59,7 @@ def test_save_then_plain_peft_reload_gives_identical_logits(tmp_path, name):
     assert (after - before).abs().max().item() < 1e-6
 
 
+@pytest.mark.slow  # on the adapters this module trains once
 @pytest.mark.parametrize("name", list(METHODS))
 def test_each_method_evaluates_and_generates_from_the_command_line(trained, tmp_path, capsys, name):
     from peft_t5.commands.evaluate import evaluate_main
@@ -76,6 +78,7 @@ def test_each_method_evaluates_and_generates_from_the_command_line(trained, tmp_
         assert f"Q: {question}\n{name}: {answer or '(empty output)'}\n" in printed
 
 
+@pytest.mark.slow  # on the adapters this module trains once
 @pytest.mark.parametrize("name", list(METHODS))
 def test_merge_where_peft_can_and_a_one_line_refusal_where_not(trained, tmp_path, capsys, name):
     status, line = run_cli(merge_main, ["--adapter", str(trained / name), "--output_dir", str(tmp_path / "merged")], capsys)
@@ -90,6 +93,7 @@ def test_merge_where_peft_can_and_a_one_line_refusal_where_not(trained, tmp_path
         assert not (tmp_path / "merged").exists()
 
 
+@pytest.mark.slow  # on the adapters this module trains once
 @pytest.mark.parametrize("name", [n for n in METHODS if n != "lora"])
 def test_two_adapters_of_a_method_serve_in_sub_batches_equal_to_one_at_a_time(trained, tmp_path, name):
     import shutil
@@ -136,6 +140,7 @@ def distinct(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_one_server_decodes_every_method_beside_the_others_as_generate_py_does_alone(distinct, capsys):
     """One server, one base, an adapter of each of the six methods (two of IA3, made active in turn) and the bare
     base, every request queued before the first step into 5 rows (so rows wait, join mid-flight and leave, whatever
@@ -174,6 +179,7 @@ def test_one_server_decodes_every_method_beside_the_others_as_generate_py_does_a
     assert listed["ia3"]["method"] == "ia3" and listed["ia3"]["batches"] == "a forward pass of its own each step"
 
 
+@pytest.mark.slow  # on the adapters this module trains once
 def test_adapters_of_different_methods_share_the_base_layers_and_come_and_go(trained):
     bank = AdapterBank.load("tiny", {"l": str(trained / "lora"), "i": str(trained / "ia3"),
                                      "a": str(trained / "adalora"), "b": str(trained / "adalora")})
@@ -191,6 +197,7 @@ def test_adapters_of_different_methods_share_the_base_layers_and_come_and_go(tra
     assert len(bank.models()) == 2 and not bank.mixes({"l", "d"}) and bank.mixes({"l", "base"})
 
 
+@pytest.mark.slow  # on the adapters this module trains once
 def test_adalora_shrinks_its_rank_budget_during_training(trained):
     config = json.loads((trained / "adalora" / "adapter_config.json").read_text())
     ranks = list((config["rank_pattern"] or {}).values())
@@ -229,6 +236,7 @@ def test_adalora_adds_peft_s_orthogonality_penalty_to_the_training_loss_and_not_
     assert abs((penalised - plain) - 0.3 * by_peft) < 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("init", ["pissa", "olora"])
 def test_pissa_and_olora_save_as_plain_lora_for_the_original_base(tmp_path, init):
     """PiSSA and OLoRA train on a base with their starting directions taken out; the saved adapter, converted by
@@ -293,6 +301,7 @@ def test_a_flag_of_another_method_is_refused_in_one_line_before_anything_is_writ
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_estimate_counts_each_methods_trainable_parameters_from_the_shapes_of_t5():
     from pathlib import Path
 

@@ -51,6 +51,7 @@ def adapter(tmp_path_factory):
 # 1. an output folder holding the user's files
 
 
+@pytest.mark.slow
 def test_an_output_folder_of_the_users_files_is_refused_and_with_overwrite_they_are_kept(tmp_path, capsys):
     project = tmp_path / "myproject"
     project.mkdir()
@@ -74,6 +75,7 @@ def test_an_output_folder_of_the_users_files_is_refused_and_with_overwrite_they_
 # 2. merging onto the adapter
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where, said", [("same", "is"), ("inside", "lies inside"), ("parent", "holds")])
 def test_merge_refuses_an_output_that_is_inside_or_holds_the_adapter(adapter, tmp_path, where, said, capsys):
     copy = tmp_path / "adapters" / "jokes"
@@ -103,6 +105,7 @@ def test_merge_overwrite_replaces_a_merged_models_files_and_keeps_the_users(adap
 # 3 and 5. two runs into one folder; Ctrl-C
 
 
+@pytest.mark.slow
 def test_a_second_run_into_a_busy_folder_is_refused_naming_the_first_and_ctrl_c_says_how_to_resume(tmp_path):
     out = tmp_path / "jokes"
     argv = ["train", "--task", "jokes", "--output_dir", out, *FAST[:2], "--max_steps", "1000000", "--report_to", "none",
@@ -166,6 +169,7 @@ def test_a_ctrl_c_that_python_drops_in_a_destructor_still_stops_training(tmp_pat
     assert last.startswith(f"interrupted at step 2; {out}/checkpoints/checkpoint-2 is kept"), last
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_the_final_evaluation_keeps_the_steps_trained(tmp_path, monkeypatch, capsys):
     from peft_t5.trainer import TaskTrainer
 
@@ -341,6 +345,7 @@ def test_serve_has_trust_pickle_for_run_time_loads_of_pickled_adapters(tmp_path)
             assert trust or "pickled weights can run code when loaded and are refused" in reply.json()["error"]
 
 
+@pytest.mark.slow
 def test_serve_on_a_port_in_use_says_so_in_one_line_before_loading_or_announcing(tmp_path):
     jokes = make_adapter(tmp_path / "jokes", "jokes", 1)
     with socket.socket() as held:
@@ -408,6 +413,7 @@ def test_an_empty_output_is_worded_for_its_task_and_records_are_credited_to_thei
     assert said[0].endswith(f"(training from {sample}, validation from {sample})"), said[0]
 
 
+@pytest.mark.slow
 def test_importing_the_bank_says_nothing_of_bitsandbytes_optional_kernels():
     """bitsandbytes logs it at import on CPUs with AVX512-BF16 (not every machine here has them: the record is sent
     as bitsandbytes sends it), and a notebook importing the bank has no logging of its own set up."""

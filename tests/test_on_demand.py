@@ -65,6 +65,7 @@ def serve(root, **settings):
     return running(server_app(root, **settings))
 
 
+@pytest.mark.slow
 def test_the_first_request_loads_once_and_later_ones_reuse_it(root, reference):
     with serve(root) as url:
         models = [m["id"] for m in httpx.get(url + "/v1/models", headers=AUTH).json()["data"]]
@@ -81,6 +82,7 @@ def test_the_first_request_loads_once_and_later_ones_reuse_it(root, reference):
         assert ask(url, "north").status_code == 200 and loads(url) == 1 and loaded(url) == ["base", "pinned", "north"]
 
 
+@pytest.mark.slow
 def test_the_lru_evicts_only_unpinned_adapters_with_no_rows_in_flight(root, reference):
     app = server_app(root, max_loaded_adapters=2, max_new_tokens=4000, max_request_tokens=100_000, adapter_wait=1.0)
     engine = app.state.engine

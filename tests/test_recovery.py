@@ -32,6 +32,7 @@ def global_steps(folder: Path) -> dict[str, int]:
             for p in sorted(folder.glob("checkpoint-*"))}
 
 
+@pytest.mark.slow
 def test_resume_skips_incomplete_checkpoints_and_never_trains_past_max_steps(tmp_path, capsys):
     out = tmp_path / "jokes"
     argv = ["--task", "jokes", "--output_dir", str(out), *FAST, "--max_steps", "4", *STEPS]
@@ -58,6 +59,7 @@ def test_resume_skips_incomplete_checkpoints_and_never_trains_past_max_steps(tmp
     assert status == 2 and "checkpoint-9: no readable trainer_state.json; pass a whole checkpoint" in line
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_line_naming_the_folder_and_the_old_adapter_stays_whole(tmp_path, capsys, monkeypatch):
     import peft.peft_model
     from safetensors import SafetensorError

@@ -140,6 +140,7 @@ BAD_ADAPTERS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,change,message", BAD_ADAPTERS, ids=[c[0] for c in BAD_ADAPTERS])
 def test_broken_adapter_folders_for_merge_and_generate(adapter, tmp_path, capsys, name, change, message):
     broken = broken_copy(adapter, tmp_path, name, change)
@@ -221,6 +222,7 @@ def save_slowly(out: str, value: float, writing) -> None:
     save_adapter(model, tokenizer, out, {"task": "jokes", "base_model": "tiny", "value": value}, "# card\n")
 
 
+@pytest.mark.slow
 def test_a_save_killed_part_way_leaves_the_old_or_the_new_adapter(tmp_path):
     import multiprocessing
 
@@ -278,6 +280,7 @@ def adapter_weights(path):
     return load_file(path / "adapter_model.safetensors")
 
 
+@pytest.mark.slow
 def test_a_run_killed_between_checkpoints_resumes_to_the_same_adapter(tmp_path):
     import peft_t5
 
@@ -337,6 +340,7 @@ json_values = st.recursive(
     max_leaves=30)
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(value=json_values, huge=st.booleans())
 def test_fuzz_readers_load_or_raise_their_own_error(tmp_path, value, huge):

@@ -73,6 +73,7 @@ def post(url, path, body, **kwargs):
     return httpx.post(url + path, json=body, headers=AUTH, timeout=60, **kwargs)
 
 
+@pytest.mark.slow
 def test_outputs_equal_what_generate_prints_for_each_adapter_and_the_base(server, reference):
     url, _, _ = server
     jokes = post(url, "/v1/generate", {"adapter": "jokes", "inputs": JOKES}).json()["outputs"]

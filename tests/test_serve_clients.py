@@ -100,6 +100,7 @@ def test_langchain_chat_openai_invoke_and_stream(server, client):
     assert "".join(piece.content for piece in chat.stream(JOKES[2])) == expected
 
 
+@pytest.mark.slow
 def test_litellm_completion(server, client):
     import litellm
 

@@ -61,6 +61,7 @@ def test_rating_survives_unloading_and_reloading_other_adapters(root, tmp_path):
         assert refused.status_code == 409 and "rated blind" in refused.json()["error"]
 
 
+@pytest.mark.slow
 def test_unloading_an_adapter_while_its_requests_wait_answers_each_with_its_output_or_a_404(root, tmp_path):
     reference = AdapterBank.load("tiny", {"jokes2": str(root / "jokes2")}).generate("jokes2", JOKES)
     with serve(root, tmp_path, rate_questions=[]) as url:
@@ -177,6 +178,7 @@ def test_the_served_spec_states_the_error_shape_and_the_limits_the_server_enforc
     assert schemas["LoadRequest"]["properties"]["name"]["pattern"].startswith("^[A-Za-z0-9]")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key", [True, False], ids=["with the key", "without"])
 def test_fuzzing_the_served_spec_finds_no_5xx_and_every_reply_conforms(root, tmp_path, key):
     """schemathesis's own CLI (not its pytest plugin, which breaks with each pytest release) runs every phase and

@@ -72,6 +72,7 @@ def test_clients_that_hang_up_free_their_rows_within_a_step(adapter):
         assert 'peft_t5_errors_total{route="/v1/generate",status="499"}' in httpx.get(url + "/metrics", headers=AUTH).text
 
 
+@pytest.mark.slow
 def test_sigterm_refuses_the_queue_at_once_and_exits_after_the_grace_period(adapter, tmp_path):
     # rows that ask for 100,000 tokens cannot end by themselves within the 2 s grace period on any machine: what ends
     # them is the server's stop

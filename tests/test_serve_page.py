@@ -50,6 +50,7 @@ def wait(driver, condition, timeout=60):
     return WebDriverWait(driver, timeout).until(lambda d: condition(d))
 
 
+@pytest.mark.slow
 def test_page_generates_rates_blind_and_summarises(browser, site):
     url, bank = site
     browser.get(f"{url}/?key={KEY}")

@@ -69,6 +69,7 @@ def write_jokes(path: Path, n: int) -> None:
             writer.writerow([f"Joke {i}: {' '.join(rng.choices(words, k=25))}?", " ".join(rng.choices(words, k=20))])
 
 
+@pytest.mark.slow
 def test_streaming_100k_records_keeps_memory_flat(tmp_path, tokenizer):
     path = tmp_path / "jokes.csv"
     write_jokes(path, 100_000)  # ~21 MB of text
@@ -95,6 +96,7 @@ def test_streaming_100k_records_keeps_memory_flat(tmp_path, tokenizer):
     assert eager_growth > 8 * max(streamed_growth, 1)
 
 
+@pytest.mark.slow
 def test_train_from_a_stream_for_max_steps(tmp_path):
     data, out = tmp_path / "jokes.jsonl", tmp_path / "adapter"
     data.write_text("".join(json.dumps(r) + "\n" for r in jokes.read_jokes(jokes.SAMPLE)))

@@ -54,6 +54,7 @@ def trials_csv(folder) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_a_sweep_killed_mid_trial_keeps_its_finished_trials_and_ends_with_all_of_them(tmp_path):
     config = {"train": TRAIN, "trials": 4, "pruner": "none",  # all four complete (pruning: the next test)
               "space": {"method": ["lora", "ia3"], "learning_rate": {"low": 1.0e-3, "high": 1.0e-2, "log": True},
@@ -104,6 +105,7 @@ def test_a_sweep_killed_mid_trial_keeps_its_finished_trials_and_ends_with_all_of
     assert f"--method {best['method']}" in last
 
 
+@pytest.mark.slow
 def test_two_workers_share_a_study_and_a_diverging_trial_fails_with_its_reason(tmp_path):
     config = {"train": TRAIN, "sampler": "grid", "pruner": "none",
               "space": {"learning_rate": [1.0e-3, 3.0e-3, 1.0e30], "lora_r": [4]}}

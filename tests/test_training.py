@@ -31,6 +31,7 @@ def base_state(model):
     return {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
 
 
+@pytest.mark.slow
 def test_steps_on_a_fixed_batch_lower_the_loss_and_leave_the_base_bit_identical(tokenizer, tmp_path):
     model = add_lora(tiny_model(), target_modules=["all-linear"])
     before = base_state(model)
