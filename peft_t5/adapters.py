@@ -199,7 +199,7 @@ def check_adapter_dir(adapter_dir: str | Path, trust_pickle: bool = False) -> No
         raise PeftT5Error(f"{path}/adapter_config.json: not a PEFT adapter config ({e}); copy the adapter again")
     check_adapter_config(config, path / "adapter_config.json")
     if (path / "adapter_model.safetensors").is_file():
-        adapter_shapes(path)  # reads the header: a truncated or corrupt file fails here, with its name
+        check_weights_kind(path, config["peft_type"], adapter_shapes(path))  # a truncated file fails in the read
     elif (path / "adapter_model.bin").is_file():
         if not trust_pickle:
             raise PeftT5Error(f"{path}/adapter_model.bin: pickled weights can run code when loaded and are refused; "
@@ -220,12 +220,85 @@ def quiet_adalora_warnings(is_adalora: bool = True):
         yield
 
 
+# a tensor every adapter of a PEFT type holds, by a part of its name; check_adapter_keys checks every key at load
+KIND_MARKS = {"LORA": "lora_A", "ADALORA": "lora_E", "IA3": "ia3_l", "PROMPT_TUNING": "prompt_embeddings",
+              "VERA": "vera_lambda_b"}
+
+
+def check_weights_kind(path: Path, peft_type: str, shapes: dict) -> None:
+    """The weights are of the PEFT type the config names, read from the file's header alone (a folder whose config
+    was copied from an adapter of another method would load as the bare base)."""
+    mark = KIND_MARKS.get(peft_type)
+    if mark and shapes and not any(mark in key for key in shapes):
+        raise PeftT5Error(f"{path}: adapter_model.safetensors does not hold the weights its adapter_config.json "
+                          f"({peft_type.lower()}) makes: missing every *{mark}* tensor (it holds "
+                          f"{sorted(shapes)[0]}, ...); copy the adapter folder again, its config and weights together")
+
+
 def peft_from_pretrained(model, adapter_dir: str | Path, **kwargs):
-    """PeftModel.from_pretrained, without PEFT's false AdaLoRA warnings."""
+    """PeftModel.from_pretrained, without PEFT's false AdaLoRA warnings, refused unless the weights file holds
+    exactly the tensors the adapter's config makes."""
     from peft import PeftModel
 
     with quiet_adalora_warnings(adapter_method(adapter_dir).name == "adalora"):
-        return PeftModel.from_pretrained(model, adapter_dir, **kwargs)
+        loaded = PeftModel.from_pretrained(model, adapter_dir, **kwargs)
+    check_adapter_keys(loaded, kwargs.get("adapter_name", "default"), adapter_dir)
+    return loaded
+
+
+def check_adapter_keys(peft_model, adapter_name: str, adapter_dir: str | Path) -> None:
+    """The adapter's weights file holds exactly the tensors its adapter_config.json makes. PEFT loads the tensors that
+    match and leaves the rest as initialised (an IA3 config over LoRA weights answers as the bare base), with a
+    warning at most."""
+    from peft import get_peft_model_state_dict
+
+    weights = Path(adapter_dir) / "adapter_model.safetensors"
+    if not weights.is_file():
+        return  # pickled weights the user chose to trust: PEFT's own warning is all there is
+    expected = set(get_peft_model_state_dict(peft_model, adapter_name=adapter_name))
+    found = set(tensor_shapes(weights))
+    missing, unknown = sorted(expected - found), sorted(found - expected)
+    if missing or unknown:
+        config = peft_model.peft_config[adapter_name]
+        said = (f"missing {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+                if missing else f"{unknown[0]} is not one of its tensors")
+        raise PeftT5Error(f"{adapter_dir}: adapter_model.safetensors does not hold the weights its adapter_config.json "
+                          f"({config.peft_type.value.lower()}) makes: {said}; copy the adapter folder again, its "
+                          "config and weights together")
+
+
+@contextlib.contextmanager
+def adapter_snapshot(adapter_dir: str | Path):
+    """A private copy of the files a load reads (config, weights, metadata, tokenizer), taken once: the folder may
+    change while it loads (a copy, a deletion, a rewrite), and every check and the load then read one version.
+    A file that goes away during the copy is a NotFoundError naming it."""
+    source = Path(adapter_dir)
+    if not source.is_dir():
+        raise NotFoundError(f"{source}: no such adapter folder; pass the folder that train_lora.py wrote")
+    with tempfile.TemporaryDirectory(prefix="peft-t5-adapter-") as tmp:
+        copy = Path(tmp) / source.name
+        copy.mkdir()
+        names = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", METADATA_FILE]
+        try:
+            names += [p.name for pattern in TOKENIZER_FILES for p in source.glob(pattern)]
+            for name in dict.fromkeys(names):
+                try:
+                    shutil.copyfile(source / name, copy / name)
+                except FileNotFoundError:
+                    if name == "adapter_config.json":
+                        raise NotFoundError(f"{source}: no adapter_config.json, so not an adapter folder (or it went "
+                                            "away while it was read); pass the folder that train_lora.py wrote")
+        except IsADirectoryError as e:
+            raise PeftT5Error(f"{source}: {Path(e.filename).name} is a folder, not a file; pass the folder that "
+                              "train_lora.py wrote")
+        except NotFoundError:
+            raise
+        except OSError as e:
+            raise NotFoundError(f"{source}: cannot be read ({e.strerror}); pass the folder that train_lora.py wrote")
+        try:
+            yield copy
+        except PeftT5Error as e:  # said of the folder the user named, not of the copy
+            raise type(e)(str(e).replace(str(copy), str(source))) from None
 
 
 def check_keeps_base(adapter_dir: str | Path) -> None:

@@ -12,14 +12,24 @@ type; each AdaLoRA adapter gets its own), each over a module tree of its own who
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass, field
 
-from .adapters import adapter_method, check_adapter_fits, check_keeps_base, quiet_adalora_warnings, read_metadata
+from .adapters import (
+    adapter_method,
+    adapter_snapshot,
+    check_adapter_fits,
+    check_adapter_keys,
+    check_keeps_base,
+    quiet_adalora_warnings,
+    read_metadata,
+)
 from .errors import ConflictError, PeftT5Error
 from .generation import generate_texts, no_answer_probs
 from .tasks import Task, get_task, template_fields
 
 BASE = "base"
+PEFT_BASE = "__base__"  # PEFT's adapter_names entry for a row with no adapter
 
 
 @dataclass
@@ -43,39 +53,64 @@ class AdapterBank:
             raise PeftT5Error("no adapters given; pass at least one name=folder")
         if BASE in adapters:
             raise PeftT5Error(f"'{BASE}' is reserved for the model with adapters disabled; name the adapter otherwise")
-        metadata = {name: read_metadata(path, trust_pickle) for name, path in adapters.items()}
-        methods = {name: adapter_method(path) for name, path in adapters.items()}
         first = next(iter(adapters))
+        with adapter_snapshot(adapters[first]) as snapshot:
+            meta = read_metadata(snapshot, trust_pickle)
+            tokenizer = AutoTokenizer.from_pretrained(snapshot)
         base_name = base if isinstance(base, str) else getattr(getattr(base, "config", None), "name_or_path", "model")
         if base is None:
-            base_name = metadata[first].get("base_model")
+            base_name = meta.get("base_model")
             if not base_name:
                 raise PeftT5Error(f"{adapters[first]}: no base model recorded; pass the base explicitly")
+        for name, path in adapters.items():  # every folder checked before the base loads
+            read_metadata(path, trust_pickle)
         model = (load_base_model(base_name, qlora=qlora, trust_pickle=trust_pickle)
                  if isinstance(base, str) or base is None else base)
         model.eval()
-        bank = cls(None, AutoTokenizer.from_pretrained(adapters[first]), base_name=base_name, base=shared_layers(model))
+        bank = cls(None, tokenizer, base_name=base_name, base=shared_layers(model))
         for name, path in adapters.items():
-            bank.attach(name, path, metadata[name], methods[name], onto=model if name == first else None)
+            bank.add(name, path, trust_pickle, onto=model if name == first else None)
         return bank
+
+    def add(self, name: str, path: str, trust_pickle: bool = False, onto=None) -> dict:
+        """Load another adapter folder onto the loaded base, after checking it fits; returns its metadata. The folder
+        is read once, into a private copy, so that it may change meanwhile; a folder that does not load leaves
+        nothing behind. onto: the base model to wrap, for the first adapter."""
+        if name == BASE or name in self.metadata:
+            raise ConflictError(f"an adapter named {name!r} is already loaded; unload it first or pick another name")
+        with adapter_snapshot(path) as snapshot:
+            meta = read_metadata(snapshot, trust_pickle)
+            self.attach(name, str(snapshot), meta, adapter_method(snapshot), onto)
+        return meta
 
     def attach(self, name: str, path: str, meta: dict, method, onto=None) -> None:
         """Load an adapter into the PeftModel of its PEFT type, or into a new one over the same layers (onto: the
-        base model to wrap, else a new module tree sharing the base's layers)."""
+        base model to wrap, else a new module tree sharing the base's layers); undone if it fails."""
         from peft import PeftModel
 
         check_keeps_base(path)
         check_adapter_fits(self.base, path, self.base_name)
         holder = next((self.holders[n] for n in self.metadata if holder_key(n, self.methods[n]) == holder_key(
             name, method)), None)
-        with quiet_adalora_warnings(method.name == "adalora"):
-            if holder is not None:
-                holder.load_adapter(path, adapter_name=peft_name(name, method))
-            else:
-                holder = PeftModel.from_pretrained(onto if onto is not None else shared_layers(self.base), path,
-                                                   adapter_name=peft_name(name, method)).eval()
-            self.model = self.model or holder
-        self.metadata[name], self.methods[name], self.holders[name] = meta, method, holder
+        inner = peft_name(name, method)
+        try:
+            with quiet_adalora_warnings(method.name == "adalora"):
+                if holder is not None:
+                    holder.load_adapter(path, adapter_name=inner)
+                    loaded = holder
+                else:
+                    loaded = PeftModel.from_pretrained(onto if onto is not None else shared_layers(self.base), path,
+                                                       adapter_name=inner).eval()
+            check_adapter_keys(loaded, inner, path)
+        except Exception as e:
+            if holder is not None and inner in holder.peft_config:
+                holder.delete_adapter(inner)  # what was loaded of it goes; a new holder goes with this frame
+            if isinstance(e, PeftT5Error):
+                raise
+            raise PeftT5Error(f"{path}: PEFT could not load it ({type(e).__name__}: {' '.join(str(e).split())[:300]});"
+                              " pass the folder that train_lora.py wrote") from None
+        self.model = self.model or loaded
+        self.metadata[name], self.methods[name], self.holders[name] = meta, method, loaded
 
     @property
     def names(self) -> list[str]:
@@ -185,10 +220,20 @@ class AdapterBank:
     def _generate_batch(self, names: list[str], sources: list[str], **kwargs) -> list[str]:
         if len(set(names)) == 1:  # one adapter: PEFT's per-adapter sub-batches would only add overhead
             return self.generate_switched(names[0], sources, **kwargs)
-        adapter_names = ["__base__" if n == BASE else n for n in names]  # PEFT's name for "no adapter"
+        adapter_names = [self.peft_name(n) for n in names]
         kwargs.setdefault("max_source_length", [self.source_limit(n) for n in names])
         holder = self.holders[next(n for n in names if n != BASE)]
         return generate_texts(holder, self.tokenizer, sources, adapter_names=adapter_names, **kwargs)
+
+    def model_for(self, name: str):
+        """The PeftModel holding adapter `name`, with that adapter made active (to call it as PEFT's model)."""
+        self._meta(name)
+        self.holders[name].set_adapter(self.peft_name(name))
+        return self.holders[name]
+
+    def peft_name(self, name: str) -> str:
+        """The adapter's name in its PeftModel (PEFT_BASE for the base)."""
+        return peft_name(name, self.methods.get(name))
 
     def mixes(self, names: set[str]) -> bool:
         """Whether these adapters (and base) run in one batch (PEFT's adapter_names), or need one sub-batch each."""
@@ -198,23 +243,16 @@ class AdapterBank:
         """The source length (tokens) the adapter was trained with; 512 for the base."""
         return int(self.metadata.get(name, {}).get("max_source_length") or 512)
 
-    def add(self, name: str, path: str, trust_pickle: bool = False) -> dict:
-        """Load another adapter folder onto the loaded base, after checking it fits; returns its metadata."""
-        if name == BASE or name in self.metadata:
-            raise ConflictError(f"an adapter named {name!r} is already loaded; unload it first or pick another name")
-        meta = read_metadata(path, trust_pickle)
-        self.attach(name, path, meta, adapter_method(path))
-        return meta
-
     def remove(self, name: str) -> None:
         """Unload an adapter; the last one stays (PEFT needs one to hold the base)."""
         self._meta(name)
         if len(self.metadata) == 1:
             raise PeftT5Error(f"{name!r} is the only adapter loaded; load another before unloading it")
+        inner = self.peft_name(name)
         holder = self.holders.pop(name)
         del self.metadata[name], self.methods[name]
         if any(h is holder for h in self.holders.values()):
-            holder.delete_adapter(name)
+            holder.delete_adapter(inner)
         elif holder is self.model:  # its last adapter: the holder goes, its layers stay with the others
             self.model = next(iter(self.holders.values()))
 
@@ -229,11 +267,17 @@ def holder_key(name: str, method) -> str:
     return name if method.one_per_model else "lora" if method.name == "dora" else method.name
 
 
-def peft_name(name: str, method) -> str:
-    """The adapter's name inside its PeftModel. PEFT's AdaLoRA loader tells its rank pattern's keys apart by whether
-    the adapter's name occurs in them (an AdaLoRA adapter named "a" or "q" fails to load); it has a PeftModel of its
-    own, so it keeps PEFT's default name there."""
-    return "default" if method.one_per_model else name
+def peft_name(name: str, method=None) -> str:
+    """The adapter's name inside its PeftModel: the user's name with every character but letters, digits and _
+    written as -XX- (its code), and a - after it. PEFT's loader tells an adapter's keys apart by whether its name
+    occurs in them, so a name inside a tuner's prefix ('pt' in 'prompt_tuning_', 'ra' in 'lora_') lost keys; no prefix
+    holds a -. A module name cannot hold a '.'. AdaLoRA's rank pattern is matched the same way and it has a PeftModel
+    of its own, so it keeps PEFT's default name there. The base (no adapter) is PEFT's __base__."""
+    if name == BASE:
+        return PEFT_BASE
+    if method is not None and method.one_per_model:
+        return "default"
+    return re.sub(r"[^A-Za-z0-9_]", lambda m: f"-{ord(m[0]):x}-", name) + "-"
 
 
 def shared_layers(model):

@@ -54,7 +54,13 @@ def run_training(settings: TrainSettings, held: ExitStack, callbacks: tuple = ()
     import torch
     import transformers
 
-    from .adapters import quiet_adalora_warnings, save_adapter, save_initial_adapter, save_model_folder
+    from .adapters import (
+        check_adapter_keys,
+        quiet_adalora_warnings,
+        save_adapter,
+        save_initial_adapter,
+        save_model_folder,
+    )
     from .cards import model_card
     from .data import tokenize, tokenize_stream
     from .modeling import (
@@ -121,6 +127,8 @@ def run_training(settings: TrainSettings, held: ExitStack, callbacks: tuple = ()
     for callback in callbacks:
         trainer.add_callback(callback)
     resume = resume_checkpoint(training_args, say)
+    if resume and (Path(resume) / "adapter_config.json").exists():
+        check_adapter_keys(model, "default", resume)  # a checkpoint of another method would resume from nothing
     started = time.time()
     boundary = next(c for c in trainer.callback_handler.callbacks if isinstance(c, StepBoundary))
     try:

@@ -96,8 +96,7 @@ def test_each_adapter_in_the_bank_equals_a_model_with_only_that_adapter(adapters
     sources = bank.sources("jokes", QUESTIONS)
     per_adapter = {}
     for name in ("jokes", "squad"):
-        bank.model.set_adapter(name)
-        per_adapter[name] = logits(bank.model, bank.tokenizer, sources)
+        per_adapter[name] = logits(bank.model_for(name), bank.tokenizer, sources)
         alone = PeftModel.from_pretrained(tiny_model(), adapters[name]).eval()
         assert torch.allclose(per_adapter[name], logits(alone, bank.tokenizer, sources), atol=1e-6)
     assert not torch.allclose(per_adapter["jokes"], per_adapter["squad"], atol=1e-3)
@@ -115,15 +114,14 @@ def test_a_mixed_batch_equals_the_per_task_runs(adapters):
     bank = AdapterBank.load(None, {"jokes": adapters["jokes"], "squad": adapters["squad"]})
     items = [("jokes", QUESTIONS[0]), ("squad", SQUAD[0]), ("base", QUESTIONS[1]), ("squad", SQUAD[1])]
     sources = [bank.sources(n, [x])[0] for n, x in items]
-    names = ["__base__" if n == "base" else n for n, _ in items]
+    names = [bank.peft_name(n) for n, _ in items]
     mixed = logits(bank.model, bank.tokenizer, sources, adapter_names=names)
     for i, (name, _) in enumerate(items):
         if name == "base":
             with bank.model.disable_adapter():
                 alone = logits(bank.model, bank.tokenizer, sources)
         else:
-            bank.model.set_adapter(name)
-            alone = logits(bank.model, bank.tokenizer, sources)
+            alone = logits(bank.model_for(name), bank.tokenizer, sources)
         assert torch.allclose(mixed[i], alone[i], atol=1e-5), name
     separately = [bank.generate(n, [x], raw=True)[0] for n, x in items]
     assert bank.generate_mixed(items, raw=True) == separately

@@ -31,7 +31,7 @@ def reference(bank, name: str, source: str, **options) -> list[int]:
     batch = bank.tokenizer([source], return_tensors="pt")
     model = bank.holders[name] if name != "base" else bank.holders["jokes"]
     with torch.inference_mode():
-        out = model.generate(**batch, adapter_names=[name if name != "base" else "__base__"], **options)
+        out = model.generate(**batch, adapter_names=[bank.peft_name(name)], **options)
     return out[0, 1:].tolist()
 
 

@@ -33,10 +33,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..bank import BASE, AdapterBank
-from ..bank import peft_name as bank_peft_name
 from .decoding import GREEDY, BeamGroup, Sampling, choose, generator_for
 from .failures import AdapterGone, Busy, DeadlineExceeded, Stopping, TooLarge
-from .t5_runner import BASE_ADAPTER, T5Runner
+from .t5_runner import T5Runner
 
 
 @dataclass
@@ -386,7 +385,7 @@ class Engine:
                 lanes.setdefault(id(lane), (lane, []))[1].append(row)
         for lane, rows in lanes.values():
             lane.activate()
-            lane.runner.add([row.source for row in rows], [peft_name(row.name) for row in rows] if lane.mixed else None,
+            lane.runner.add([row.source for row in rows], [self.bank.peft_name(row.name) for row in rows] if lane.mixed else None,
                             lane.prefix)
             for row in rows:
                 row.lane = lane
@@ -401,7 +400,7 @@ class Engine:
             key, adapter, mixed = ("mixed",), None, holder is not None
             holder = self.bank.base if holder is None else holder
         else:
-            holder, adapter, mixed = self.bank.holders[name], bank_peft_name(name, method), False
+            holder, adapter, mixed = self.bank.holders[name], self.bank.peft_name(name), False
             key = (id(holder), adapter)
         lane = self.lanes.get(key)
         if lane is None or lane.holder is not holder and not lane.rows:
@@ -416,7 +415,7 @@ class Engine:
         for lane in [lane for lane in self.lanes.values() if lane.rows]:
             lane.activate()
             last = torch.tensor([row.tokens[-1] if row.tokens else self.start_token for row in lane.rows])
-            logits.append(lane.runner.step(last, [peft_name(row.name) for row in lane.rows] if lane.mixed else None))
+            logits.append(lane.runner.step(last, [self.bank.peft_name(row.name) for row in lane.rows] if lane.mixed else None))
             rows += lane.rows
         logits = torch.cat(logits) if len(logits) > 1 else logits[0]
         leaving = self._choose(rows, [i for i, row in enumerate(rows) if row.beam is None], logits)
@@ -598,5 +597,3 @@ def model_thread_threads() -> int:
     return threads
 
 
-def peft_name(name: str) -> str:
-    return BASE_ADAPTER if name == BASE else name

@@ -31,14 +31,30 @@ class OnDemand:
         self.loading: dict[str, asyncio.Future] = {}  # loads in progress, awaited by every request for that name
 
     def on_disk(self) -> list[str]:
-        """Adapter folders directly under the root that a request may name (loaded or not)."""
+        """Adapter folders directly under the root that a request may name and that would load (loaded or not)."""
         if self.root is None:
             return []
         try:
-            return sorted(p.name for p in Path(self.root).iterdir()
-                          if ADAPTER_NAME.match(p.name) and p.name != BASE and (p / "adapter_config.json").is_file())
+            names = sorted(p.name for p in Path(self.root).iterdir()
+                           if ADAPTER_NAME.match(p.name) and p.name != BASE and (p / "adapter_config.json").is_file())
         except OSError:
             return []
+        return [name for name in names if name in self.bank.metadata or self.problem(name) is None]
+
+    def problem(self, name: str) -> ApiError | None:
+        """Why a folder under the root would not load (what a request naming it would be answered), read from its
+        files without loading it; None if it would, as far as they tell."""
+        from ..adapters import check_adapter_dir
+
+        try:
+            path = inside_root(self.root, name)
+            check_adapter_dir(path, self.trust_pickle)
+        except ApiError as e:
+            return ApiError(e.status, f"adapter {name!r}: {e.message.removeprefix('path: ')}")
+        except PeftT5Error as e:
+            status = 404 if isinstance(e, NotFoundError) else 422
+            return ApiError(status, f"adapter {name!r} could not be loaded from the adapter root: {e}")
+        return None
 
     @asynccontextmanager
     async def holding(self, *names: str | None, field: str = "model"):

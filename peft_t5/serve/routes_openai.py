@@ -7,6 +7,7 @@ from __future__ import annotations
 import secrets
 import time
 from contextlib import AsyncExitStack
+from pathlib import Path
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -16,7 +17,17 @@ from ..errors import PeftT5Error
 from .engine import Completion, Piece, TokenLogprob
 from .failures import api_error, while_connected
 from .on_demand import OnDemand
-from .schemas import ApiError, ChatRequest, CompletionRequest, OpenAIErrorBody, OpenAIFields, errors, openai_error, sse
+from .schemas import (
+    ADAPTER_NAME,
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    OpenAIErrorBody,
+    OpenAIFields,
+    errors,
+    openai_error,
+    sse,
+)
 
 OPENAI_PATHS = ("/v1/models", "/v1/completions", "/v1/chat/completions")
 
@@ -41,11 +52,18 @@ def openai_routes(bank: AdapterBank, engine, settings, metrics, on_demand: OnDem
     async def models():
         return {"object": "list", "data": [model_card(name) for name in askable()]}
 
-    @router.get("/v1/models/{model}", responses=errors(401, 404, body=OpenAIErrorBody))
+    @router.get("/v1/models/{model}", responses=errors(401, 403, 404, 422, body=OpenAIErrorBody))
     async def model(model: str):
-        if model not in askable():
-            raise ApiError(404, f"model: no adapter named {model!r}; GET /v1/models lists them", "model")
-        return model_card(model)
+        """A model's card, or what a request naming it would be answered: a folder under --adapter_root that would
+        not load gets that refusal (403, 404 or 422)."""
+        if model in bank.names:
+            return model_card(model)
+        if on_demand.root is not None and ADAPTER_NAME.match(model) and (Path(on_demand.root) / model).is_dir():
+            problem = on_demand.problem(model)
+            if problem is not None:
+                raise ApiError(problem.status, problem.message, "model")
+            return model_card(model)
+        raise ApiError(404, f"model: no adapter named {model!r}; GET /v1/models lists them", "model")
 
     @router.post("/v1/completions", responses=errors(400, 401, 404, 413, 422, 503, 504, body=OpenAIErrorBody))
     async def completions(body: CompletionRequest, request: Request):
