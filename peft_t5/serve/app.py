@@ -26,6 +26,7 @@ from starlette.routing import Match
 from ..bank import BASE, AdapterBank
 from ..errors import PeftT5Error
 from .engine import Engine
+from .failures import SENT_WHOLE
 from .on_demand import OnDemand
 from .ratings import RatingStore, rating_plan
 from .routes_native import adapter_routes, generation_routes, rating_routes
@@ -163,11 +164,25 @@ def create_app(bank: AdapterBank, settings: ServeSettings | None = None) -> Fast
                 logger.exception("%s %s failed", request.method, path)
                 response = error(500, "internal error; the server logged it", request=request)
         route = getattr(request.scope.get("route"), "path", "unmatched")
-        metrics.requests.labels(route, str(response.status_code)).inc()
-        if response.status_code >= 400:
-            metrics.errors.labels(route, str(response.status_code)).inc()
-        metrics.latency.labels(route).observe(time.perf_counter() - started)
+        if response.status_code == 200 and response.headers.get("content-type", "").startswith("text/event-stream"):
+            response.body_iterator = counted_stream(response.body_iterator, request.scope, route, started)
+        else:
+            count(route, response.status_code, started)
         return response
+
+    def count(route: str, status: int, started: float) -> None:
+        metrics.requests.labels(route, str(status)).inc()
+        if status >= 400:
+            metrics.errors.labels(route, str(status)).inc()
+        metrics.latency.labels(route).observe(time.perf_counter() - started)
+
+    async def counted_stream(body, scope: dict, route: str, started: float):
+        """A stream is counted once it ends: 200 if its route sent it whole, 499 if the client hung up first."""
+        try:
+            async for chunk in body:
+                yield chunk
+        finally:
+            count(route, 200 if scope.get(SENT_WHOLE) else 499, started)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError):

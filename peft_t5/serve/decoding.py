@@ -155,15 +155,15 @@ def sample(scores: torch.Tensor, settings: list[Sampling], generators: list[torc
         kept = top_p >= 1
         if not bool(kept.all()):
             above = F.relu(probs - p).sum(-1) + p[:, 0] * (probs > p).sum(-1)  # the mass of the more likely
-            kept |= above < top_p
+            kept |= (above < top_p) | (above <= 0)  # the most likely token always stays (min_tokens_to_keep=1)
         tokens[rows[kept]] = drawn[kept]
         if bool(kept.all()):
             return tokens
         again = ~kept
         rows, probs, top_p, p = rows[again], probs[again], top_p[again], p[again]
         weights = weights[again].masked_fill(probs <= p, 0.0)
-    for row, w in zip(rows.tolist(), weights):  # 64 draws refused (a distribution tied over many tokens)
-        tokens[row] = int(w.argmax())
+    for row, prob in zip(rows.tolist(), probs):  # 64 draws refused (a distribution tied over many tokens)
+        tokens[row] = int(prob.argmax())
     return tokens
 
 

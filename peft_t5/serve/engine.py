@@ -541,14 +541,16 @@ class Engine:
         row.decoded = now if grew else row.decoded
 
     def _token_logprobs(self, row: Row, text: str | None = None) -> list[TokenLogprob]:
-        """Each decoded token with its text: the growth of the output's text it brought (so that the pieces
-        concatenate to the text), up to `text`'s end; </s> brings none and is left out."""
+        """One entry per decoded token (as usage counts them), with its text: the growth of the output's text it
+        brought, so that the entries concatenate to the text (cut at `text`'s end; </s>, a token after a stop
+        string or one that adds no character brings ""). Among the alternatives, the chosen token is spelled as
+        its entry is."""
         entries, offset = [], 0
         for (token, logprob, top), piece in zip(row.logprobs, row.pieces):
-            if token == self.eos or text is not None and offset >= len(text):
-                break
-            if text is not None:
-                piece = piece[:len(text) - offset]
+            if token == self.eos:
+                piece = ""
+            elif text is not None:
+                piece = piece[:max(len(text) - offset, 0)]
             offset += len(piece)
             entries.append(TokenLogprob(piece, logprob, [(piece if t == token else self.token_text(t), v)
                                                          for t, v in top]))

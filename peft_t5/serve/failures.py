@@ -65,3 +65,14 @@ def api_error(e: Exception) -> ApiError | None:
     if isinstance(e, ClientGone):
         return ApiError(499, str(e))  # nginx's "client closed request": nobody reads it, /metrics counts it
     return None
+
+
+SENT_WHOLE = "peft_t5.stream_sent_whole"  # set in the request's scope once a stream's last event is handed over
+
+
+async def marked_when_whole(request, events):
+    """A stream's events; once the last one is sent, the request's scope says so (the server's metrics count a
+    stream its client left before that as 499, as a plain reply)."""
+    async for event in events:
+        yield event
+    request.scope[SENT_WHOLE] = True

@@ -12,7 +12,7 @@ from pydantic import AfterValidator
 from ..bank import BASE, AdapterBank
 from ..errors import ConflictError, NotFoundError, PeftT5Error
 from .engine import Engine
-from .failures import api_error, while_connected
+from .failures import api_error, marked_when_whole, while_connected
 from .on_demand import Full, OnDemand, inside_root
 from .ratings import RatingStore
 from .schemas import ADAPTER_NAME, ApiError, GenerateRequest, LoadRequest, RateRequest, errors, sse, unicode_text
@@ -29,8 +29,8 @@ def generation_routes(bank: AdapterBank, engine: Engine, settings, metrics, on_d
             options = dict(num_beams=body.num_beams, n=body.n, sampling=body.sampling(body.logprobs), stop=body.stops,
                            min_new_tokens=body.min_new_tokens, timeout=settings.request_timeout)
             if body.stream:
-                return StreamingResponse(stream(body, names, sources, truncated, answer, options, held.pop_all()),
-                                         media_type="text/event-stream")
+                events = stream(body, names, sources, truncated, answer, options, held.pop_all())
+                return StreamingResponse(marked_when_whole(request, events), media_type="text/event-stream")
             try:
                 done = await while_connected(request, engine.complete(names, sources, body.max_new_tokens, **options))
             except Exception as e:

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ..bank import AdapterBank
 from ..errors import PeftT5Error
 from .engine import Completion, Piece, TokenLogprob
-from .failures import api_error, while_connected
+from .failures import api_error, marked_when_whole, while_connected
 from .on_demand import OnDemand
 from .schemas import (
     ADAPTER_NAME,
@@ -95,8 +95,9 @@ def openai_routes(bank: AdapterBank, engine, settings, metrics, on_demand: OnDem
         headers = {"X-Truncated-Prompts": ",".join(map(str, truncated))} if truncated else None
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(held_events(held.pop_all(), reply, kind, names, sources, max_tokens, options, n,
-                                                 prompt_tokens, top, usage), media_type="text/event-stream",
+            events = held_events(held.pop_all(), reply, kind, names, sources, max_tokens, options, n, prompt_tokens,
+                                 top, usage)
+            return StreamingResponse(marked_when_whole(request, events), media_type="text/event-stream",
                                      headers=headers)
         try:
             done = await while_connected(request, engine.complete(names, sources, max_tokens, **options))
@@ -112,13 +113,23 @@ def openai_routes(bank: AdapterBank, engine, settings, metrics, on_demand: OnDem
         """(n, best_of, how many alternatives each token's log-probabilities list; None: none asked)."""
         n = body.n or 1
         best_of = max(getattr(body, "best_of", None) or n, n)
+        rows = min(settings.max_rows_per_request or settings.max_rows, settings.max_rows)  # an input's rows at once
+        if best_of > n and best_of > rows:
+            raise ApiError(422, f"best_of: {best_of} samples a prompt is over this server's {rows} rows a request; "
+                                "ask for fewer", "best_of")
         if isinstance(body, ChatRequest):
-            return n, best_of, (body.top_logprobs or 0) if body.logprobs or body.top_logprobs is not None else None
+            if body.top_logprobs is not None and body.logprobs is not True:
+                raise ApiError(422, "top_logprobs: needs logprobs true, as in OpenAI's API; set logprobs, or leave "
+                                    "top_logprobs out", "top_logprobs")
+            return n, best_of, (body.top_logprobs or 0) if body.logprobs else None
         return n, best_of, body.logprobs
 
-    async def whole(names: list[str], sources: list[str], max_tokens: int, options: dict, n: int):
-        """best_of above n: the best n are known once all samples end, so each comes whole."""
+    async def whole(names: list[str], sources: list[str], max_tokens: int, options: dict, n: int,
+                    decoded: list[Completion]):
+        """best_of above n: the best n are known once all samples end, so each comes whole; `decoded` gets every
+        sample (usage counts them all)."""
         done = await engine.complete(names, sources, max_tokens, **options)
+        decoded += done
         for i, c in enumerate(best_n(done, n, options["n"])):
             yield Piece(i, c.text, c.logprobs or [], c)
 
@@ -130,7 +141,7 @@ def openai_routes(bank: AdapterBank, engine, settings, metrics, on_demand: OnDem
     async def events(reply: dict, kind: str, names: list[str], sources: list[str], max_tokens: int, options: dict,
                      n: int, prompt_tokens: int, top: int | None, include_usage: bool):
         kind = kind + ".chunk" if kind == "chat.completion" else kind
-        offsets, ended = [0] * (len(sources) * n), []
+        offsets, ended, decoded = [0] * (len(sources) * n), [], []
 
         def chunk(choices: list[dict], **extra) -> str:
             return sse({**reply, "object": kind, "choices": choices, **extra})
@@ -139,7 +150,7 @@ def openai_routes(bank: AdapterBank, engine, settings, metrics, on_demand: OnDem
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
                              for i in range(len(offsets))])
             async for piece in (engine.events(names, sources, max_tokens, **options) if options["n"] == n else
-                                whole(names, sources, max_tokens, options, n)):
+                                whole(names, sources, max_tokens, options, n, decoded)):
                 if piece.text or piece.logprobs:
                     yield chunk([{"index": piece.index, **shape(kind, piece.text, top, piece.logprobs, delta=True,
                                                                 offset=offsets[piece.index]), "finish_reason": None}])
@@ -149,7 +160,7 @@ def openai_routes(bank: AdapterBank, engine, settings, metrics, on_demand: OnDem
                     yield chunk([{"index": piece.index, **shape(kind, "", None, None, delta=True),
                                   "finish_reason": piece.ended.finish_reason}])
             if include_usage:  # OpenAI's last chunk: no choices, the usage of the whole request
-                yield chunk([], usage=usage_of(ended, prompt_tokens))
+                yield chunk([], usage=usage_of(decoded or ended, prompt_tokens))
         except Exception as e:  # the status line is sent: the error goes in the stream, in the one error shape
             known = api_error(e)
             yield sse(openai_error(known.status, known.message, known.field) if known else

@@ -123,8 +123,11 @@ class ChatMessage(BaseModel):
 
 
 class ChatRequest(OpenAIFields):
+    # top_logprobs needs logprobs true, as in OpenAI's API (the spec says so too)
+    model_config = ConfigDict(json_schema_extra={"dependentSchemas": {"top_logprobs": {
+        "required": ["logprobs"], "properties": {"logprobs": {"const": True}}}}})
     logprobs: StrictBool | None = None
-    top_logprobs: Int(0, 20) | None = None  # given, it asks for log-probabilities (as logprobs true)
+    top_logprobs: Int(0, 20) | None = None
     # the adapter answers the last user message: the spec says one is needed (the route refuses a chat without)
     messages: Annotated[list[ChatMessage], Field(min_length=1, json_schema_extra={
         "contains": {"type": "object", "properties": {"role": {"const": "user"}}, "required": ["role"]}})]
