@@ -126,3 +126,47 @@ def test_the_rate_tab_says_it_is_working_while_the_first_outputs_generate(browse
         wait(browser, lambda d: d.find_element(By.ID, "rate-question").text == "Why?")
         assert browser.find_element(By.ID, "rate-status").text == ""
         assert browser.find_element(By.ID, "submit-rating").is_enabled()
+
+
+LONG = "Knock" + "knock" * 60  # 305 characters and no space: model output at its worst
+OVERFLOW = """return [...document.querySelectorAll("body *")].filter((e) => e.getClientRects().length &&
+    e.getBoundingClientRect().right > document.documentElement.clientWidth + 1).map((e) => e.id || e.tagName)
+    .concat(document.documentElement.scrollWidth > document.documentElement.clientWidth ? ["page"] : []);"""
+
+
+@pytest.mark.slow
+def test_the_page_fits_390_and_1280_px_wide_and_an_error_replaces_the_table(browser, site, tmp_path):
+    url, _ = site
+    try:
+        for width in (1280, 390):
+            browser.set_window_size(width, 900)
+            browser.get(f"{url}/?key={KEY}")
+            wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#systems input"))
+            assert not browser.find_element(By.ID, "outputs").is_displayed()  # no empty table before a reply
+            browser.execute_script(  # three long candidates for each system, whatever the tiny model says
+                "const real = window.fetch; window.fetch = (path, init) => path === '/v1/generate' ? "
+                "Promise.resolve(new Response(JSON.stringify({outputs: [{output: arguments[0], candidates: "
+                "[1, 2, 3].map((i) => ({output: arguments[0] + i}))}]}))) : real(path, init);", LONG)
+            browser.find_element(By.ID, "question").send_keys("Who's there?")
+            browser.find_element(By.ID, "candidates").clear()
+            browser.find_element(By.ID, "candidates").send_keys("3")
+            browser.find_element(By.ID, "generate").click()
+            cells = wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#outputs td.output"))
+            assert len(cells) == 6 and all(c.is_displayed() for c in cells)  # jokes and squad, 3 candidates each
+            assert [c.text for c in cells] == [LONG + str(i) for i in (1, 2, 3)] * 2  # wrapped, not cut
+            tops = [c.rect["y"] for c in cells[:3]]
+            assert (tops[0] < tops[1] < tops[2]) if width == 390 else (tops[0] == tops[1] == tops[2])  # stacked
+            browser.save_screenshot(str(tmp_path / f"page-{width}.png"))
+            assert browser.execute_script(OVERFLOW) == [], width
+
+            browser.get(f"{url}/?key={KEY}")  # a fresh page (the real fetch), and a real error: temperature 5
+            wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#systems input"))
+            browser.find_element(By.ID, "question").send_keys("Why?")
+            browser.find_element(By.ID, "temperature").clear()
+            browser.find_element(By.ID, "temperature").send_keys("5")
+            browser.find_element(By.ID, "generate").click()
+            error = wait(browser, lambda d: d.find_element(By.ID, "error").text)
+            assert error.startswith("temperature: ") and not browser.find_element(By.ID, "outputs").is_displayed()
+            assert browser.execute_script(OVERFLOW) == [], width
+    finally:
+        browser.set_window_size(1280, 900)
