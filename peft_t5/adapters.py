@@ -70,12 +70,18 @@ def write_atomically(output_dir: Path, write, owns: tuple[str, ...] = ADAPTER_OW
 
 
 def check_writable_folder(path: str | Path, flag: str) -> None:
-    """Refuse, before anything is written, a target that is a file or lies under one."""
+    """Refuse, before anything is written, a target that is a file, lies under one, or lies where no folder can be
+    made (its nearest existing folder is tried with a folder made and removed at once)."""
     path = Path(path)
     for part in [path, *path.parents]:
         if part.exists() and not part.is_dir():
             where = "is a file" if part == path else f"lies under {part}, a file"
             raise PeftT5Error(f"{flag} {path}: {where}; pass a folder path")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    try:
+        tempfile.TemporaryDirectory(dir=existing, prefix=".peft-t5-probe-").cleanup()
+    except OSError as e:
+        raise PeftT5Error(f"{flag} {path}: cannot write in {existing} ({e.strerror}); pass a folder you can write to")
 
 
 def remove_interrupted_saves(output_dir: Path) -> None:

@@ -5,6 +5,7 @@ flags share: config files, the closest real name to a typo, a parser that raises
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,30 +105,68 @@ def own_flags() -> list[str]:
 
 
 def all_flags() -> set[str]:
-    """Every flag train takes: its own, and the fields of TrainingArguments and the transformers classes it extends,
-    read from their source without importing them (~10 s). Empty where that source cannot be read."""
+    """Every flag train takes: its own, and the Trainer's (trainer_fields). Empty where the Trainer's source cannot
+    be read."""
+    trainer = trainer_fields()
+    return {*own_flags(), "help", *trainer} if trainer else set()
+
+
+@functools.lru_cache(maxsize=1)
+def trainer_fields() -> dict[str, str]:
+    """The fields of peft-t5's TrainingArguments and the transformers classes it extends, with their help (ours
+    first), read from their source without importing them (~10 s, torch included). Empty where it cannot be read."""
     import ast
     import importlib.util
-    from pathlib import Path
 
     try:  # the packages' folders, found without importing them
         transformers = Path(importlib.util.find_spec("transformers").origin).parent
     except (AttributeError, ImportError, ValueError):
-        return set()
+        return {}
     files = {Path(__file__).with_name("training_arguments.py"): "TrainingArguments",
-             transformers / "training_args.py": "TrainingArguments",
-             transformers / "training_args_seq2seq.py": "Seq2SeqTrainingArguments"}
-    names = {*own_flags(), "help"}
+             transformers / "training_args_seq2seq.py": "Seq2SeqTrainingArguments",
+             transformers / "training_args.py": "TrainingArguments"}
+    fields: dict[str, str] = {}
     for path, name in files.items():
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"))
         except (OSError, SyntaxError, ValueError):
-            return set()
+            return {}
         body = next((n.body for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name), None)
         if body is None:
-            return set()
-        names |= {n.target.id for n in body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
-    return names
+            return {}
+        for node in body:
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and \
+                    not node.target.id.startswith("_"):
+                fields.setdefault(node.target.id, field_help(node.value))
+    return fields
+
+
+def field_help(value) -> str:
+    """The help in a dataclass field's metadata, where it is a literal."""
+    import ast
+
+    for keyword in getattr(value, "keywords", []):
+        if keyword.arg == "metadata":
+            try:
+                return str(ast.literal_eval(keyword.value).get("help", ""))
+            except (ValueError, TypeError, SyntaxError, AttributeError):
+                return ""
+    return ""
+
+
+def train_help() -> str:
+    """train's --help, without the heavy imports: the toolkit's own flags first, then every Trainer flag."""
+    from transformers.hf_argparser import HfArgumentParser
+
+    from .train_settings import USAGE
+
+    parser = HfArgumentParser((ModelArguments, DataArguments, LoraArguments), prog="peft-t5 train", usage=USAGE,
+                              description="Train a LoRA/QLoRA adapter on a T5 base (also: python scripts/train_lora.py)."
+                                          " A YAML/JSON file of these flags may come first; flags after it override it.")
+    group = parser.add_argument_group("training (every Seq2SeqTrainingArguments flag)")
+    for name, help_text in trainer_fields().items():
+        group.add_argument(f"--{name}", metavar=name.upper(), help=help_text.replace("%", "%%"))
+    return parser.format_help()
 
 
 def method_flag_values(argv: list[str], defaults: dict) -> LoraArguments:
@@ -223,3 +262,23 @@ def closest(name: str, known, prefix: str = "") -> str:
     score = {k: difflib.SequenceMatcher(None, name, k).ratio() + 0.1 * (k in own) for k in known if k != "help"}
     best = max(score, key=score.get, default=None)
     return f"; did you mean {prefix}{best}?" if best and score[best] >= 0.6 + 0.1 * (best in own) else ""
+
+
+TRAINER_NUMBERS = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                   "eval_steps", "save_steps", "logging_steps", "max_steps")
+
+
+def check_trainer_numbers(values: dict) -> None:
+    """The Trainer's counts in range; values: name -> number, or None where not given. Checked before the heavy
+    imports (from the flags) and again on the parsed arguments."""
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        if values.get(name) is not None and values[name] < 1:
+            raise PeftT5Error(f"--{name} {values[name]}: must be at least 1")
+    for name in ("eval_steps", "save_steps", "logging_steps"):
+        if values.get(name) is not None and values[name] <= 0:
+            raise PeftT5Error(f"--{name} {values[name]:g}: must be more than 0 (a number of steps, or under 1 a share "
+                              "of the run's steps)")
+    steps = values.get("max_steps")
+    if steps is not None and (steps == 0 or steps < -1):
+        raise PeftT5Error(f"--max_steps {steps}: must be at least 1 (or -1, the default, to train "
+                          "--num_train_epochs)")

@@ -41,6 +41,7 @@ class AdapterBank:
     methods: dict[str, object] = field(default_factory=dict)  # adapter name -> its methods.Method
     holders: dict[str, object] = field(default_factory=dict)  # adapter name -> the PeftModel holding it
     base: object = None  # the base with no adapter; its layers are those every holder wraps
+    base_meta: dict = field(default_factory=dict)  # a whole fine-tuned model's peft_t5.json (its task and prompt)
 
     @classmethod
     def load(cls, base, adapters: dict[str, str], qlora: bool = False, trust_pickle: bool = False) -> "AdapterBank":
@@ -49,14 +50,18 @@ class AdapterBank:
 
         from .modeling import load_base_model
 
-        if not adapters:
-            raise PeftT5Error("no adapters given; pass at least one name=folder")
+        from .modeling import load_tokenizer
+
+        if not adapters and base is None:
+            raise PeftT5Error("no adapters given; pass at least one name=folder, or a model to serve alone")
         if BASE in adapters:
             raise PeftT5Error(f"'{BASE}' is reserved for the model with adapters disabled; name the adapter otherwise")
-        first = next(iter(adapters))
-        with adapter_snapshot(adapters[first]) as snapshot:
-            meta = read_metadata(snapshot, trust_pickle)
-            tokenizer = AutoTokenizer.from_pretrained(snapshot)
+        first = next(iter(adapters), None)
+        meta, tokenizer = {}, None
+        if first is not None:
+            with adapter_snapshot(adapters[first]) as snapshot:
+                meta = read_metadata(snapshot, trust_pickle)
+                tokenizer = AutoTokenizer.from_pretrained(snapshot)
         base_name = base if isinstance(base, str) else getattr(getattr(base, "config", None), "name_or_path", "model")
         if base is None:
             base_name = meta.get("base_model")
@@ -67,7 +72,8 @@ class AdapterBank:
         model = (load_base_model(base_name, qlora=qlora, trust_pickle=trust_pickle)
                  if isinstance(base, str) or base is None else base)
         model.eval()
-        bank = cls(None, tokenizer, base_name=base_name, base=shared_layers(model))
+        bank = cls(None, tokenizer or load_tokenizer(base_name), base_name=base_name, base=shared_layers(model),
+                   base_meta=model_metadata(base_name))
         for name, path in adapters.items():
             bank.add(name, path, trust_pickle, onto=model if name == first else None)
         return bank
@@ -119,14 +125,19 @@ class AdapterBank:
     def sources(self, name: str, inputs: list, prompt_of: str | None = None) -> list[str]:
         """Prompts from the adapter's saved template: a string fills the one field, a tuple fills them in order.
 
-        For `base`, the template of adapter `prompt_of`; with none given, string inputs are used as they are.
+        For `base`, the template of adapter `prompt_of`; with none given, that of a whole fine-tuned model (its
+        peft_t5.json), else string inputs are used as they are.
         """
+        if name == BASE and prompt_of is None and self.base_meta.get("template"):
+            return self._fill(BASE, self.base_meta["template"], inputs)
         if name == BASE and prompt_of is None:
             if not all(isinstance(item, str) for item in inputs):
                 raise PeftT5Error(f"{BASE} without prompt_of takes text inputs only; pass prompt_of=ADAPTER to fill "
                                   "that adapter's prompt from these fields")
             return list(inputs)
-        template = self._meta(prompt_of if name == BASE else name).get("template", "{question}")
+        return self._fill(name, self._meta(prompt_of if name == BASE else name).get("template", "{question}"), inputs)
+
+    def _fill(self, name: str, template: str, inputs: list) -> list[str]:
         fields = template_fields(template)
         records = []
         for item in inputs:
@@ -150,12 +161,12 @@ class AdapterBank:
 
     def empty_output(self, name: str) -> str:
         """How the adapter's task shows an empty answer: "(no answer)" for squad, "(empty output)" otherwise."""
-        task = self.metadata.get(name, {}).get("task")
+        task = (self.base_meta if name == BASE else self.metadata.get(name, {})).get("task")
         return get_task(task).empty_output if task else Task.empty_output
 
     def answerer(self, name: str):
         """answer() for adapter `name`, bound now: it keeps working if the adapter is unloaded meanwhile."""
-        task = None if name == BASE else self._meta(name).get("task")
+        task = self.base_meta.get("task") if name == BASE else self._meta(name).get("task")
         return get_task(task).answer_from_output if task else (lambda output: output)
 
     def generate(self, name: str, inputs: list | str, prompt_of: str | None = None, raw: bool = False,
@@ -167,16 +178,17 @@ class AdapterBank:
         na_threshold (default: the threshold recorded in training, where there is one)."""
         sources = self.sources(name, [inputs] if isinstance(inputs, str) else inputs, prompt_of)
         outputs = self.generate_switched(name, sources, **kwargs)
-        if name == BASE or raw:
+        meta = self.base_meta if name == BASE else self.metadata[name]
+        if raw or name == BASE and (prompt_of is not None or not meta.get("task")):
             return outputs
         answers = [self.answer(name, o) for o in outputs]
-        task = get_task(self.metadata[name]["task"]) if self.metadata[name].get("task") else None
-        threshold = na_threshold if na_threshold is not None else self.metadata[name].get("na_threshold")
+        task = get_task(meta["task"]) if meta.get("task") else None
+        threshold = na_threshold if na_threshold is not None else meta.get("na_threshold")
         if task is None or not task.no_answer or threshold is None or threshold >= 1.0:
             return answers
         options = {k: v for k, v in kwargs.items() if k in ("batch_size", "max_new_tokens")}
-        probs = no_answer_probs(self.holders[name], self.tokenizer, sources, outputs, task.no_answer,
-                                max_source_length=self.source_limit(name), **options)
+        probs = no_answer_probs(self.base if name == BASE else self.holders[name], self.tokenizer, sources, outputs,
+                                task.no_answer, max_source_length=self.source_limit(name), **options)
         return ["" if p > threshold else a for a, p in zip(answers, probs)]
 
     def generate_switched(self, name: str, sources: list[str], **kwargs) -> list[str]:
@@ -240,8 +252,9 @@ class AdapterBank:
         return all(self.methods[n].mixed_batches for n in names if n != BASE and n in self.methods)
 
     def source_limit(self, name: str) -> int:
-        """The source length (tokens) the adapter was trained with; 512 for the base."""
-        return int(self.metadata.get(name, {}).get("max_source_length") or 512)
+        """The source length (tokens) the adapter (or a whole fine-tuned model) was trained with; else 512."""
+        meta = self.base_meta if name == BASE else self.metadata.get(name, {})
+        return int(meta.get("max_source_length") or 512)
 
     def remove(self, name: str) -> None:
         """Unload an adapter; the last one stays (PEFT needs one to hold the base)."""
@@ -259,6 +272,18 @@ class AdapterBank:
     def models(self) -> list:
         """The base and each PeftModel holding adapters: distinct module trees over the same layers."""
         return [self.base, *{id(h): h for h in self.holders.values()}.values()]
+
+
+def model_metadata(name: str) -> dict:
+    """A whole model folder's peft_t5.json (a full fine-tune records its task and prompt); {} for any other model."""
+    import json
+    from pathlib import Path
+
+    path = Path(name) / "peft_t5.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError) as e:
+        raise PeftT5Error(f"{path}: not valid JSON ({e}); restore it, or delete it") from None
 
 
 def holder_key(name: str, method) -> str:

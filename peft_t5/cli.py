@@ -49,13 +49,18 @@ def run(command, argv: list[str]) -> int:
 
 def usage() -> str:
     lines = [f"  {name:9s} {summary}" for name, (_, _, summary) in COMMANDS.items()]
-    return "usage: peft-t5 COMMAND [--help] ...\n\ncommands:\n" + "\n".join(lines)
+    return "usage: peft-t5 COMMAND [--help] ... | peft-t5 --version\n\ncommands:\n" + "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("-h", "--help"):
         print(usage())
+        return 0
+    if argv and argv[0] in ("-V", "--version"):
+        from . import __version__
+
+        print(f"peft-t5 {__version__}")
         return 0
     if not argv or argv[0] not in COMMANDS:
         if argv:

@@ -17,6 +17,7 @@ import torch
 
 from .adapters import TOKENIZER_FILES, read_metadata, write_atomically
 from .errors import PeftT5Error
+from .bank import model_metadata
 from .merging import PROBES, check_model_output, merge
 
 QUANTIZATIONS = ("float32", "int8", "int8_float32", "int8_bfloat16", "int16", "bfloat16")  # not float16: T5 overflows
@@ -35,11 +36,16 @@ class ExportReport:
     quantized_equal: int | None  # with --quantization: probes whose quantized output equals float32's
 
 
-def export(adapter: str, output_dir: str, quantization: str = "float32", model: str | None = None,
+def export(adapter: str | None, output_dir: str, quantization: str = "float32", model: str | None = None,
            overwrite_output_dir: bool = False, trust_pickle: bool = False, format: str = "ctranslate2") -> ExportReport:
     """Merge `adapter` into its base (checked as merge checks) and convert it to `format` (CTranslate2), checked
-    against the merged model before anything is written."""
-    adapter_dir, output = adapter, output_dir
+    against the merged model before anything is written. Without an adapter, `model` (a whole fine-tuned model's
+    folder) is converted as it is."""
+    if adapter is None:
+        if not model or not (Path(model) / "config.json").is_file():
+            raise PeftT5Error(f"--model {model}: without --adapter, pass a whole model's folder (what --method full "
+                              "wrote) to convert as it is")
+    adapter_dir, output = adapter or model, output_dir
     if format != "ctranslate2":
         raise PeftT5Error(f"--format {format}: the one export format is ctranslate2")
     if quantization not in QUANTIZATIONS:
@@ -50,10 +56,11 @@ def export(adapter: str, output_dir: str, quantization: str = "float32", model: 
     except ImportError:
         raise PeftT5Error("exporting to CTranslate2 needs its package; pip install ctranslate2") from None
     check_model_output(adapter_dir, output, overwrite_output_dir, "CTranslate2 model")
-    meta = read_metadata(adapter_dir, trust_pickle)
+    meta = read_metadata(adapter_dir, trust_pickle) if adapter else model_metadata(model)
     with tempfile.TemporaryDirectory(prefix="peft-t5-export-") as tmp:
-        merged = Path(tmp) / "merged"
-        merged_report = merge(adapter_dir, str(merged), model, "float32", trust_pickle=trust_pickle)
+        merged = Path(tmp) / "merged" if adapter else Path(model)
+        difference = merge(adapter, str(merged), model, "float32", trust_pickle=trust_pickle).max_logit_diff \
+            if adapter else 0.0
         converted = {}
         for q in dict.fromkeys(("float32", quantization)):
             converted[q] = Path(tmp) / f"ct2-{q}"
@@ -74,12 +81,11 @@ def export(adapter: str, output_dir: str, quantization: str = "float32", model: 
             for pattern in TOKENIZER_FILES:  # so that the folder alone can tokenize
                 for item in merged.glob(pattern):
                     shutil.copy2(item, folder / item.name)
-            record = {**json.loads((merged / "peft_t5.json").read_text(encoding="utf-8")),
-                      "format": "ctranslate2", "quantization": quantization}
+            record = {**model_metadata(str(merged)), "format": "ctranslate2", "quantization": quantization}
             (folder / "peft_t5.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
         write_atomically(Path(output), write, owns=CT2_OWNS)
-    return ExportReport(str(output), quantization, merged_report.max_logit_diff, len(sources), equal, quantized_equal)
+    return ExportReport(str(output), quantization, difference, len(sources), equal, quantized_equal)
 
 
 def probe_sources(template: str) -> list[str]:

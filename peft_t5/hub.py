@@ -72,3 +72,23 @@ def cached(repo_id: str) -> bool:
     except ValueError:  # not a valid repo id
         return False
 
+
+
+def model_config(name: str) -> dict | None:
+    """A model's config.json, read without loading anything (tiny's, a folder's, or a Hub model's cached copy);
+    None where there is none to read yet."""
+    import json
+
+    if name == TINY:
+        path = Path(__file__).with_name("tiny") / "config.json"
+    elif Path(name).expanduser().is_dir():
+        path = Path(name).expanduser() / "config.json"
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(name, "config.json") if HUB_ID.match(name) else None
+        path = Path(found) if isinstance(found, str) else None
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path and path.is_file() else None
+    except (OSError, ValueError):
+        return None

@@ -87,7 +87,10 @@ def parse_layers(spec: str) -> dict[str, list[int] | None]:
     for part in spec.replace(" ", "").split(","):
         stack, _, numbers = part.partition(":")
         found = re.fullmatch(r"(\d+)(?:-(\d+))?", numbers)
-        if stack not in STACKS or (numbers and not found) or (found and int(found[1]) > int(found[2] or found[1])):
+        if stack in STACKS and found and int(found[1]) > int(found[2] or found[1]):
+            raise PeftT5Error(f"--layers {spec}: the range {numbers} in {part!r} is reversed; write "
+                              f"{stack}:{found[2]}-{found[1]}")
+        if stack not in STACKS or (numbers and not found):
             raise PeftT5Error(f"--layers {spec}: {part!r} is not a stack of blocks; write encoder, decoder, or a range "
                               "of block numbers in one, e.g. encoder:0-5,decoder:4-5")
         if not numbers or blocks.get(stack, []) is None:

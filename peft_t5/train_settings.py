@@ -8,12 +8,12 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from .arguments import CONFIG_FILES, closest, convert, normalized, read_config
+from .arguments import TRAINER_NUMBERS, CONFIG_FILES, check_trainer_numbers, closest, convert, normalized, read_config
 from .errors import PeftT5Error
 from .methods import get_method
 
 logger = logging.getLogger(__name__)
-PRECHECKED = ("task", "model", "data", "validation_data", "output_dir")
+PRECHECKED = ("task", "model", "data", "validation_data", "output_dir", "layers", *TRAINER_NUMBERS)
 SWITCHES = ("overwrite_output_dir", "resume", "streaming", "qlora")  # flags that may stand alone (true)
 USAGE = ("peft-t5 train [CONFIG.yaml|json] --task {jokes,squad} [--model M] [--data FILE] [--lora_r R] "
          "[any Seq2SeqTrainingArguments flag]")
@@ -126,20 +126,23 @@ def precheck(config: dict, flags: list[str], path: str | None = None, keywords: 
     """Every setting's name, the method's settings, the task, the data files' layout, the output folder and the
     model, before the heavy imports; the full parse after them checks the rest."""
     from .adapters import check_writable_folder
-    from .hub import model_problem
+    from .hub import model_config, model_problem
     from .tasks import get_task
     from .tasks.registry import looks_like_hub_id
 
     settings = {**config, **(keywords or {})}
     values = flag_values(settings, flags)
     check_names(config, flags, path, keywords or {})
-    task = get_task(values["task"]) if "task" in values else None
+    if "task" not in values:
+        raise PeftT5Error("--task is required: jokes or squad; train_lora.py --help lists the flags")
+    check_trainer_numbers({name: number(name, values[name]) for name in TRAINER_NUMBERS if name in values})
+    task = get_task(values["task"])
     for key in ("data", "validation_data"):
         data = values.get(key)
         if data and not looks_like_hub_id(data):
             if not Path(data).exists():
                 raise PeftT5Error(f"{data}: no such file; pass --{key} with a local data file or a Hub dataset id")
-            if task and values.get("streaming", "false").lower() not in ("true", "1"):
+            if values.get("streaming", "false").lower() not in ("true", "1"):
                 task.check_layout(data)
     if "output_dir" in values:
         check_writable_folder(values["output_dir"], "--output_dir")
@@ -147,16 +150,31 @@ def precheck(config: dict, flags: list[str], path: str | None = None, keywords: 
     if method.whole_model and values.get("qlora", "false").lower() in ("true", "1"):
         raise PeftT5Error(f"--qlora with --method {method.name}: a 4-bit base cannot train its own weights (QLoRA "
                           "trains an adapter on a frozen 4-bit base); drop --qlora, or choose a PEFT --method")
-    if task:
-        on = {k: values.get(k, "false").lower() in ("true", "1") for k in SWITCHES}
-        check_output_dir(Path(values.get("output_dir") or f"adapters/{task.name}"), on["overwrite_output_dir"],
-                         on["resume"] or "resume_from_checkpoint" in settings or
-                         any(a.startswith("--resume_from_checkpoint") for a in flags))
-    model = values.get("model") or (task.default_model if task else None)
-    problem = model_problem(model) if model else None
+    on = {k: values.get(k, "false").lower() in ("true", "1") for k in SWITCHES}
+    check_output_dir(Path(values.get("output_dir") or f"adapters/{task.name}"), on["overwrite_output_dir"],
+                     on["resume"] or "resume_from_checkpoint" in settings or
+                     any(a.startswith("--resume_from_checkpoint") for a in flags))
+    model = values.get("model") or task.default_model
+    problem = model_problem(model)
     if problem:
         given = "--model" if "model" in values else f"the {task.name} task's base model (--model to choose another)"
         raise PeftT5Error(f"{given}: {problem}")
+    config = model_config(model)
+    if values.get("layers") and config is not None:  # blocks the model has, from its config.json alone
+        from types import SimpleNamespace
+
+        from .methods import layer_blocks
+
+        layer_blocks(values["layers"], SimpleNamespace(**config))
+
+
+def number(name: str, text: str) -> float | None:
+    """A number a flag was given as text, checked here; one that is not a number is left to the full parse."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return int(value) if value.is_integer() else value
 
 
 def check_names(config: dict, flags: list[str], path: str | None, keywords: dict) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import gather_object
-from transformers import Seq2SeqTrainer, TrainerCallback
+from transformers import PrinterCallback, Seq2SeqTrainer, TrainerCallback
 from transformers.loss.loss_utils import ForMaskedLMLoss
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import has_length
@@ -273,6 +273,34 @@ class ThroughputClock(TrainerCallback):
         self.meter.finish()  # the steps since the last logging step (all of them in a run shorter than one)
 
 
+class ProgressLines(TrainerCallback):
+    """Where there are no progress bars (output to a file), one plain line per logging step:
+    `step 120/600 (20%) · 1.8 s/step · ~14 min left · loss 2.31 · lr 0.001`, a line per evaluation, and one at the end."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started, self.first_step = time.perf_counter(), state.global_step  # a resumed run counts from there
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if not state.is_world_process_zero:
+            return
+        step, total = state.global_step, state.max_steps
+        if "loss" in logs:
+            per_step = (time.perf_counter() - self.started) / max(step - self.first_step, 1)
+            left = per_step * max(total - step, 0)
+            said = [f"step {step}/{total} ({100 * step / max(total, 1):.0f}%)", f"{per_step:.2f} s/step",
+                    f"~{left / 60:.0f} min left" if left >= 90 else f"~{left:.0f} s left", f"loss {logs['loss']:.4g}"]
+            said += [f"lr {logs['learning_rate']:.3g}"] if "learning_rate" in logs else []
+            said += [f"{logs['tokens_per_s']:,.0f} tokens/s"] if "tokens_per_s" in logs else []
+            print(" · ".join(said), flush=True)
+        elif any(key.startswith("eval_") for key in logs):
+            shown = [f"{key} {value:.4g}" for key, value in logs.items() if key.startswith("eval_")
+                     and not key.endswith(("runtime", "per_second")) and isinstance(value, (int, float))]
+            print(f"evaluation at step {step}: " + " · ".join(shown), flush=True)
+        elif "train_runtime" in logs:
+            print(f"trained to step {step} in {logs['train_runtime']:.0f} s", flush=True)
+
+
 def gathered_state_dict(model, accelerator=None) -> dict | None:
     """The whole model's state dict, full tensors on the CPU, where training sharded the parameters (FSDP 1 or
     2, DeepSpeed ZeRO-3); None where nothing is sharded. Every process must call it (it gathers)."""
@@ -336,6 +364,9 @@ def build_trainer(model, tokenizer, task: Task, train_dataset, eval_dataset, tra
         max_tokens_per_batch=max_tokens_per_batch,
     )
     trainer.add_callback(ThroughputClock(trainer.throughput))
+    if training_args.disable_tqdm:  # a log file: a plain line per logging step, not the logs' dicts
+        trainer.remove_callback(PrinterCallback)
+        trainer.add_callback(ProgressLines())
     if getattr(model, "peft_type", None) == "ADALORA":
         trainer.add_callback(AdaLoraRankBudget(model))
     trainer.optimizer_cls_and_kwargs = optimizer_for(training_args)  # Seq2SeqTrainer's __init__ does not pass it on

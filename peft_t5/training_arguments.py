@@ -7,6 +7,7 @@ from transformers import Seq2SeqTrainingArguments
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy, SchedulerType
 from transformers.training_args import OptimizerNames
 
+from .arguments import TRAINER_NUMBERS, check_trainer_numbers
 from .errors import PeftT5Error
 
 
@@ -52,17 +53,7 @@ class TrainingArguments(Seq2SeqTrainingArguments):
         if self.max_tokens_per_batch != "auto" and not (str(self.max_tokens_per_batch).isdigit()):
             raise PeftT5Error(f"--max_tokens_per_batch {self.max_tokens_per_batch}: expected auto, 0 or a number of tokens")
 
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
-            if getattr(self, name) < 1:
-                raise PeftT5Error(f"--{name} {getattr(self, name)}: must be at least 1")
-        for name in ("eval_steps", "save_steps", "logging_steps"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise PeftT5Error(f"--{name} {value:g}: must be more than 0 (a number of steps, or under 1 a share "
-                                  "of the run's steps)")
-        if self.max_steps == 0 or self.max_steps < -1:
-            raise PeftT5Error(f"--max_steps {self.max_steps}: must be at least 1 (or -1, the default, to train "
-                              "--num_train_epochs)")
+        check_trainer_numbers({name: getattr(self, name) for name in TRAINER_NUMBERS})
         self.output_dir_given = self.output_dir is not None  # the parent fills in "trainer_output"
         self.follow_strategies()
         if not torch.accelerator.is_available():

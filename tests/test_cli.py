@@ -1,5 +1,6 @@
 """scripts/train_lora.py end to end in a subprocess, and its argument handling."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -190,8 +191,12 @@ def test_a_log_file_gets_plain_lines_not_progress_bar_redraws(tmp_path):
                      "--generation_eval_samples", "2", "--max_eval_samples", "4")
     assert proc.returncode == 0, proc.stderr[-2000:]
     log = proc.stdout + proc.stderr
-    assert "\r" not in log and "\x1b[A" not in log
-    assert sum("'loss':" in line for line in log.splitlines()) == 2  # one plain line per logging step
+    assert "\r" not in log and "\x1b[A" not in log and "'epoch':" not in log  # no bars, no dicts of logs
+    steps = [line for line in log.splitlines() if line.startswith("step ")]  # one plain line per logging step
+    assert [line.split(" · ")[0] for line in steps] == ["step 2/4 (50%)", "step 4/4 (100%)"], steps
+    assert all(re.fullmatch(r"step \d/4 \(\d+%\) · [\d.]+ s/step · ~\d+ (s|min) left · loss [\d.]+ · lr 0.001 · "
+                            r"[\d,]+ tokens/s", line) for line in steps), steps
+    assert sum(line.startswith("evaluation at step ") and "eval_loss " in line for line in log.splitlines()) >= 2
 
 
 def test_bf16_on_a_cpu_without_fast_bf16_warns_once(monkeypatch, caplog):
@@ -277,3 +282,81 @@ def test_a_typo_in_the_task_data_or_output_is_reported_before_the_heavy_imports(
                            "holds files peft-t5 did not write (notes.txt)")]:
         proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT)
         assert proc.returncode == 2 and message in error_line(proc), proc.stderr[-1500:]
+
+
+REFUSALS_BEFORE_TORCH = r'''
+import json, sys
+from peft_t5.cli import main
+for args in json.loads(sys.argv[1]):
+    try:
+        rc = main(args)
+    except SystemExit as e:
+        rc = e.code
+    print("RESULT", rc, "torch" in sys.modules, flush=True)
+    sys.stderr.write("\n")
+'''
+
+
+def test_flag_level_mistakes_and_help_are_answered_before_torch_is_imported(tmp_path):
+    """Each refusal is one line, printed with torch not imported (each took 5-11 s before), and train --help too."""
+    (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "header.csv").write_text("Question,Answer\n")
+    (tmp_path / "cfg.yaml").write_text("task: jokes\nmodel: tiny\nlearnig_rate: 0.01\n")
+    jokes = ["train", "--task", "jokes", "--model", "tiny", "--output_dir", str(tmp_path / "out")]
+    cases = [
+        ([*jokes, "--eval_steps", "-3"], "--eval_steps -3: must be more than 0"),
+        ([*jokes, "--eval_steps", "0"], "--eval_steps 0: must be more than 0"),
+        ([*jokes, "--max_steps", "-5"], "--max_steps -5: must be at least 1 (or -1, the default"),
+        ([*jokes, "--layers", "decoder:9"], "--layers decoder:9: this model has no decoder block 9 (its encoder has "
+                                            "blocks 0-1, its decoder 0-1)"),
+        ([*jokes, "--layers", "decoder:5-2"], "--layers decoder:5-2: the range 5-2 in 'decoder:5-2' is reversed; "
+                                              "write decoder:2-5"),
+        ([*jokes, "--data", str(tmp_path / "empty.csv")], "empty.csv: empty; expected a header (Question,Answer)"),
+        ([*jokes, "--data", str(tmp_path / "header.csv")], "header.csv: a header and no records"),
+        (["train", "--model", "tiny"], "--task is required: jokes or squad"),
+        (["train", "--task", "jokes", "--output_dir", "/proc/x"], "--output_dir /proc/x: cannot write in /proc"),
+        (["train", str(tmp_path / "cfg.yaml")], f"{tmp_path / 'cfg.yaml'}: unknown key 'learnig_rate'; did you mean "
+                                               "learning_rate?"),
+        ([*jokes, "--method", "fulll"], "--method fulll: unknown; did you mean full?; the methods that train: lora, "
+                                        "dora, ia3, adalora, prompt_tuning, vera, full"),
+        (["evaluate", "--task", "jokes", "--predictions", "p.json", "--limt", "3"],
+         "--limt: unknown flag; did you mean --limit?"),
+        (["sweep", str(tmp_path / "cfg.yaml"), "--worker", "2"], "--worker: unknown flag; did you mean --workers?"),
+        (["merge", "--adapter", "a", "--output", "m"], "--output: renamed --output_dir (one name for one thing in "
+                                                       "every command); pass --output_dir"),
+        (["generate", "--adapter", "j=a", "--task", "j", "Why?"], "--task: renamed --adapter_name"),
+    ]
+    proc = subprocess.run([sys.executable, "-c", REFUSALS_BEFORE_TORCH, json.dumps([a for a, _ in cases])],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    results = [line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    errors = [block.strip() for block in proc.stderr.split("\n\n")][:len(cases)]
+    assert results == [["2", "False"]] * len(cases), proc.stdout + proc.stderr
+    for (args, message), error in zip(cases, errors):
+        lines = [line for line in error.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, error)
+
+    proc = subprocess.run([sys.executable, "-c", REFUSALS_BEFORE_TORCH, json.dumps([["train", "--help"],
+                                                                                   ["--version"]])],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert [line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")] == \
+        [["0", "False"], ["0", "False"]], proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stdout.startswith("usage: peft-t5 train") and "--learning_rate LEARNING_RATE" in proc.stdout
+    assert "\npeft-t5 0.1.0\n" in proc.stdout
+
+
+def test_the_hyphenated_flags_help_shows_are_taken_and_mean_the_same():
+    from peft_t5.train_settings import parse_command_line
+
+    flags = ["--task", "jokes", "--model", "tiny", "--learning-rate", "0.01", "--lora-r", "8", "--max-steps", "3"]
+    hyphens = parse_command_line(flags)
+    underscores = parse_command_line(["--" + f[2:].replace("-", "_") if f.startswith("--") else f for f in flags])
+    assert list(hyphens) == list(underscores) and hyphens.training.learning_rate == 0.01 and hyphens.method.lora_r == 8
+
+
+def test_after_a_tiny_run_on_the_users_data_the_note_names_that_data_not_the_demo_sample():
+    from peft_t5.tasks import get_task
+    from peft_t5.training import real_data
+
+    jokes = get_task("jokes")
+    assert real_data(jokes, "my/jokes.csv") == "--model google/flan-t5-large --data my/jokes.csv"
+    assert "the bundled sample is a demo" in real_data(jokes, jokes.sample)

@@ -67,3 +67,23 @@ def test_export_refuses_before_loading_anything(adapter, tmp_path):
         export_ctranslate2(str(path), str(tmp_path / "used"))
     with pytest.raises(PeftT5Error, match="--quantization float16: .*float16 overflows in T5"):
         export_ctranslate2(str(path), str(tmp_path / "x"), quantization="float16")
+
+
+def test_the_readmes_translate_batch_answers_as_generate_py_does(adapter, tmp_path, capsys, monkeypatch):
+    """The README's CTranslate2 snippet, run as written on an export, against generate.py's output."""
+    import re
+    from pathlib import Path
+
+    from peft_t5.cli import command, run
+
+    path, _ = adapter
+    assert main(["export", "--adapter", str(path), "--output_dir", str(tmp_path / "exported" / "jokes")]) == 0
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    snippet = re.search(r"```python\n(import json, ctranslate2\n.*?)```", readme, re.S)[1]
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(snippet, "README.md", "exec"), scope)
+    capsys.readouterr()
+    assert run(command("generate"), ["--adapter", f"jokes={path}", "--max_new_tokens", "64", *scope["questions"]]) == 0
+    said = [line.removeprefix("jokes: ") for line in capsys.readouterr().out.splitlines() if line.startswith("jokes: ")]
+    assert scope["answers"] == said and len(said[0]) > 10

@@ -108,3 +108,38 @@ def test_layers_train_only_what_they_name_in_a_real_run_and_refusals_are_one_lin
     before, after = tiny_model().state_dict(), T5ForConditionalGeneration.from_pretrained(out).state_dict()
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     assert changed and all(n.startswith("decoder.block.1.") for n in changed), sorted(changed)
+
+
+@pytest.mark.slow
+def test_a_whole_model_answers_alone_in_generate_evaluate_serve_and_export(tmp_path, capsys):
+    from peft_t5.cli import command, run
+
+    full = tmp_path / "full"
+    peft_t5.train(task="jokes", method="full", output_dir=str(full), **QUICK, eval_strategy="no",
+                  load_best_model_at_end=False)
+    model = T5ForConditionalGeneration.from_pretrained(full).eval()
+    tokenizer = tiny_tokenizer()
+    with torch.no_grad():  # what the whole model says to the jokes prompt (the template recorded with it)
+        ids = model.generate(**tokenizer(QUESTIONS, return_tensors="pt", padding=True), max_new_tokens=8)
+    expected = [t.strip() or "(empty output)" for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+    capsys.readouterr()
+    assert run(command("generate"), ["--model", str(full), "--max_new_tokens", "8", *QUESTIONS]) == 0
+    said = capsys.readouterr().out
+    assert [line.removeprefix("base: ") for line in said.splitlines() if line.startswith("base: ")] == expected
+
+    bank = AdapterBank.load(str(full), {})
+    assert bank.names == ["base"] and bank.generate("base", QUESTIONS, max_new_tokens=8) == [
+        "" if e == "(empty output)" else e for e in expected]
+    with running(create_app(bank, ServeSettings())) as url:
+        reply = httpx.post(url + "/v1/completions", timeout=60, json={"model": "base", "prompt": QUESTIONS[0],
+                                                                       "max_tokens": 8})
+    assert reply.status_code == 200 and (reply.json()["choices"][0]["text"] or "(empty output)") == expected[0]
+
+    status, _ = run_cli(command("evaluate"), ["--task", "jokes", "--model", str(full), "--predictions",
+                                              str(tmp_path / "preds.json"), "--limit", "3"], capsys)
+    assert status == 0 and len(json.loads((tmp_path / "preds.json").read_text())) == 3
+
+    status, _ = run_cli(command("export"), ["--model", str(full), "--output_dir", str(tmp_path / "ct2")], capsys)
+    assert status == 0 and (tmp_path / "ct2" / "model.bin").is_file()
+    assert json.loads((tmp_path / "ct2" / "peft_t5.json").read_text())["method"] == "full"

@@ -11,7 +11,8 @@ def build_parser():
                                               "and convert it with CTranslate2's converter; CTranslate2's greedy "
                                               "output is checked against the merged model's before anything is "
                                               "written.")
-    parser.add_argument("--adapter", required=True, help="The adapter folder train_lora.py wrote")
+    parser.add_argument("--adapter", help="The adapter folder train_lora.py wrote (none: --model, a whole model's "
+                                          "folder, is converted as it is)")
     parser.add_argument("--output_dir", required=True, help="The CTranslate2 model's folder")
     parser.add_argument("--format", choices=["ctranslate2"], default="ctranslate2", help="Export format")
     parser.add_argument("--quantization", choices=QUANTIZATIONS, default="float32",
@@ -29,7 +30,8 @@ def export_main(argv: list[str]) -> None:
     from ..exporting import export
 
     report = export(**vars(args))
-    print(f"merged {args.adapter}: largest logit difference vs the adapter on its base {report.max_logit_diff:.3g}")
+    if args.adapter:
+        print(f"merged {args.adapter}: largest logit difference vs the adapter on its base {report.max_logit_diff:.3g}")
     print(f"CTranslate2 float32 greedy output equals the merged model's on {report.equal} of {report.probes} probes")
     if report.quantized_equal is not None:
         print(f"{report.quantization}: greedy output equals the merged float32 model's on {report.quantized_equal} "

@@ -38,13 +38,14 @@ def build_parser():
     parser = command_parser("peft-t5 generate", "Generate with adapters on one loaded base (also: python "
                                                 "scripts/generate.py).")
     parser.add_argument("questions", nargs="*", help="Questions (jokes), or questions with --context (squad)")
-    parser.add_argument("--adapter", action="append", required=True, metavar="NAME=FOLDER",
-                        help="An adapter to load, by name; repeat for several")
-    parser.add_argument("--adapter_name", required=True, help="Which adapter answers (a NAME given with --adapter, "
-                                                              "or 'base' for no adapter)")
+    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=FOLDER",
+                        help="An adapter to load, by name; repeat for several (none: --model answers alone)")
+    parser.add_argument("--adapter_name", help="Which adapter answers (a NAME given with --adapter, or 'base' for "
+                                               "no adapter); default: the one adapter given, or the model alone")
     parser.add_argument("--context", help="squad: the context for every question")
     parser.add_argument("--file", help="Questions, one per line, or JSON lines {\"question\": ..., \"context\": ...}")
-    parser.add_argument("--model", help="Base model; default: the one recorded in the first adapter")
+    parser.add_argument("--model", help="Base model, or a whole fine-tuned model (--method full) to answer alone; "
+                                        "default: the one recorded in the first adapter")
     parser.add_argument("--qlora", action="store_true", help="Load the base in 4-bit NF4")
     parser.add_argument("--compare_base", action="store_true", help="Also print the base model's output")
     parser.add_argument("--trust_pickle", action="store_true", help="Allow pickled .bin weights (they can run code)")
@@ -63,16 +64,20 @@ def generate_main(argv: list[str]) -> None:
 
     from ..bank import BASE, AdapterBank
 
-    name = args.adapter_name
+    if not adapters and not args.model:
+        raise PeftT5Error("pass --adapter NAME=FOLDER (repeat for several), or --model for a whole model alone")
+    name = args.adapter_name or (next(iter(adapters)) if len(adapters) == 1 else BASE if not adapters else None)
+    if name is None:
+        raise PeftT5Error(f"--adapter_name: which adapter answers? one of {', '.join([BASE, *adapters])}")
     if name != BASE and name not in adapters:
         raise PeftT5Error(f"--adapter_name {name}: no such adapter; given: {', '.join([BASE, *adapters])}")
     bank = AdapterBank.load(args.model, adapters, qlora=args.qlora, trust_pickle=args.trust_pickle)
     options = dict(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
-    prompt_of = name if name != BASE else next(iter(adapters))
+    prompt_of = name if name != BASE else next(iter(adapters), None)
     outputs = bank.generate(name, inputs, prompt_of=prompt_of if name == BASE else None,
                             na_threshold=args.na_threshold, **options)
     base_outputs = bank.generate(BASE, inputs, prompt_of=prompt_of, **options) if args.compare_base else None
-    empty = bank.empty_output(name if name != BASE else prompt_of)
+    empty = bank.empty_output(prompt_of if name == BASE and prompt_of else name)
     for i, (item, output) in enumerate(zip(inputs, outputs)):
         question = item if isinstance(item, str) else (item.get("question") if isinstance(item, dict) else item[0])
         print(f"Q: {question}\n{name}: {output or empty}")

@@ -7,9 +7,11 @@ from . import command_parser, parse_adapter_specs, parse_flags
 def build_parser():
     parser = command_parser("peft-t5 serve", "Serve adapters on one base over HTTP: POST /v1/generate, GET "
                                              "/v1/adapters, the page at /.")
-    parser.add_argument("--adapter", action="append", required=True, metavar="NAME=FOLDER",
-                        help="An adapter to load at start, by name; repeat for several")
-    parser.add_argument("--model", help="Base model (Hub id, folder, tiny); default: the one recorded in the first adapter")
+    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=FOLDER",
+                        help="An adapter to load at start, by name; repeat for several (none: --model serves alone, "
+                             "as 'base', with adapters loaded at run time from --adapter_root)")
+    parser.add_argument("--model", help="Base model (Hub id, folder, tiny), or a whole fine-tuned model; default: the one "
+                                        "recorded in the first adapter")
     parser.add_argument("--qlora", action="store_true", help="Load the base in 4-bit NF4")
     parser.add_argument("--trust_pickle", action="store_true",
                         help="Allow pickled .bin weights, at start and in run-time loads (they can run code)")

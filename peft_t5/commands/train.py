@@ -8,6 +8,11 @@ from ..errors import Interrupted
 
 
 def train_main(argv: list[str]) -> None:
+    if "-h" in argv or "--help" in argv:
+        from ..arguments import train_help
+
+        print(train_help())
+        raise SystemExit(0)  # argparse's way, as every other command's --help
     from ..train_settings import from_command_line
     from ..training import run
 

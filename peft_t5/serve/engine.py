@@ -148,7 +148,7 @@ class Engine:
         # a fast tokenizer is not thread-safe: the event loop encodes with one copy, the model thread decodes with another
         self.encoder_tokenizer, self.tokenizer = copy.deepcopy(bank.tokenizer), copy.deepcopy(bank.tokenizer)
         self.lanes: dict[tuple, Lane] = {}
-        config = bank.model.get_base_model().config
+        config = bank.base.config
         self.start_token, self.eos = config.decoder_start_token_id, config.eos_token_id
         self.waiting: dict[Request, deque[Row]] = {}  # per request, its rows not yet admitted (round-robin order)
         self.controls: deque = deque()  # (fn, args, concurrent future) to run between steps

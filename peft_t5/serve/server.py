@@ -51,6 +51,8 @@ def check_settings(s: dict) -> None:
         raise PeftT5Error(f"--quantize {s['quantize']}: the one quantization is int8")
     if s["quantize"] and s["qlora"]:
         raise PeftT5Error("--quantize int8 and --qlora both quantize the base; pick one")
+    if not s["adapters"] and not s["model"]:
+        raise PeftT5Error("pass --adapter NAME=FOLDER (repeat for several), or --model for a model served alone")
     metadata = {}
     for name, path in s["adapters"].items():
         if not Path(path).is_dir():

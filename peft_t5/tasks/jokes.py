@@ -155,8 +155,15 @@ def check_jokes_layout(path: str) -> None:
         what = "a jokes CSV or JSON-lines file"
         with reading(path, what), open(path, encoding=text_encoding(path, what), newline="") as f:
             header = next(csv.reader([f.readline()], delimiter=csv_delimiter(f)), [])
-        if header:
-            _field_names(path, header)
+            f.seek(0)
+            lines = (line for line in f if line.strip())
+            next(lines, None)  # the header
+            first = next(lines, None)
+        if not header:
+            raise DataError(f"{path}: empty; expected a header (Question,Answer) and one joke a line")
+        _field_names(path, header)
+        if first is None:
+            raise DataError(f"{path}: a header and no records; add one joke a line under it")
 
 
 def read_hub_jokes(dataset_id: str) -> list[Record]:
