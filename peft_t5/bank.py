@@ -48,9 +48,7 @@ class AdapterBank:
         """base: a Hub id, folder or `tiny` (None: the base recorded in the first adapter), or a loaded model."""
         from transformers import AutoTokenizer
 
-        from .modeling import load_base_model
-
-        from .modeling import load_tokenizer
+        from .modeling import load_base_model, load_tokenizer
 
         if not adapters and base is None:
             raise PeftT5Error("no adapters given; pass at least one name=folder, or a model to serve alone")

@@ -58,9 +58,17 @@ def optimizer_state_numel(shapes: list[torch.Size], optim: str) -> int:
     return sum((s[-2] + s[-1]) * (s.numel() // (s[-2] * s[-1])) if len(s) >= 2 else s.numel() for s in shapes)
 
 
-def estimate(name: str, optim: str = "adafactor", r: int = 16, target_modules=None, layers: str | None = None) -> dict:
+def estimate(name: str, optim: str = "adafactor", r: int = 16, target_modules=None, layers: str | None = None,
+             method: str | None = None) -> dict:
     """Counts and GiB for full fine-tuning, LoRA (fp32 base) and QLoRA (NF4 base) of the model `name`; with layers
-    (--layers), only the blocks it names train, in full fine-tuning and in each method that takes it."""
+    (--layers), only the blocks it names train, in full fine-tuning and in each method that takes it. With `method`,
+    the methods' rows hold that one, with its settings checked as train checks them (prompt_tuning takes no
+    --layers)."""
+    from .methods import get_method
+
+    chosen = get_method(method) if method else None
+    if chosen is not None:
+        chosen.settings({"layers": layers} if layers else {})  # train's own refusal of a flag it does not take
     config = load_config(name)
     model = meta_model(config)
     total = sum(p.numel() for p in model.parameters())
@@ -82,13 +90,14 @@ def estimate(name: str, optim: str = "adafactor", r: int = 16, target_modules=No
                 "optimizer_gib": optim_bytes / GIB, "total_gib": (weights_bytes + 4 * grad_numel + optim_bytes) / GIB}
 
     methods = {}
-    for method in METHODS.values():  # each on a fresh meta model: PEFT injects its layers in place
-        given = {"layers": layers} if layers and "layers" in method.flags else {}
-        adapted = prepare_for_training(meta_model(config), method, method.settings(given), 1000)
+    rows = [chosen] if chosen is not None and not chosen.whole_model else [] if chosen else list(METHODS.values())
+    for row in rows:  # each on a fresh meta model: PEFT injects its layers in place
+        given = {"layers": layers} if layers and "layers" in row.flags else {}
+        adapted = prepare_for_training(meta_model(config), row, row.settings(given), 1000)
         numel, _ = adapted.get_nb_trainable_parameters()
-        methods[method.name] = {"trainable_parameters": numel, **setup(4 * total + 4 * numel, numel,
-                                                                     [p.shape for p in adapted.parameters()
-                                                                      if p.requires_grad])}
+        methods[row.name] = {"trainable_parameters": numel, **setup(4 * total + 4 * numel, numel,
+                                                                  [p.shape for p in adapted.parameters()
+                                                                   if p.requires_grad])}
     return {
         "model": name,
         "optimizer": optim,

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from .adapters import TOKENIZER_FILES, read_metadata, write_atomically
-from .errors import PeftT5Error
 from .bank import model_metadata
+from .errors import PeftT5Error
 from .merging import PROBES, check_model_output, merge
 
 QUANTIZATIONS = ("float32", "int8", "int8_float32", "int8_bfloat16", "int16", "bfloat16")  # not float16: T5 overflows

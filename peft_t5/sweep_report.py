@@ -1,6 +1,6 @@
-"""What a sweep leaves in its folder: trials.csv and trials.md (every trial, Optuna's state names), and PNG plots drawn
-by Optuna's matplotlib visualisations: the metric against trainable parameters and against wall time (each with its
-Pareto front marked), and the parameters' importances."""
+"""What a sweep leaves in its folder: trials.csv and trials.md (every trial, Optuna's state names), and PNG plots: the
+objective against trainable parameters and against training time (a colour and marker per method, pruned and failed
+trials hollow, the Pareto front of the completed ones), and the parameters' importances (Optuna's plot)."""
 from __future__ import annotations
 
 import csv
@@ -11,7 +11,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-COSTS = ("trainable_parameters", "peak_memory_mb", "tokens_per_s", "wall_s")
+COSTS = ("trainable_parameters", "peak_memory_mb", "tokens_per_s", "train_s", "wall_s")
 
 
 def rows(trials: list, config) -> tuple[list[str], list[dict]]:
@@ -56,42 +56,82 @@ def replace(path: Path, text: str) -> None:
 
 
 def plot_sweep(study: optuna.Study, config, folder: Path) -> list[str]:
-    """The PNGs written into `folder` (a plot needs two completed trials, importances a parameter that varied)."""
+    """The PNGs written into `folder` (a plot needs two trials with the cost, importances two completed trials and a
+    parameter that varied)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as plots
 
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Optuna's matplotlib plots are marked experimental
-        for cost, label, name in (("trainable_parameters", "trainable parameters", "metric_vs_trainable_parameters"),
-                                  ("wall_s", "wall time (s)", "metric_vs_wall_time")):
-            costed = [t for t in complete if t.user_attrs.get(cost) is not None]
-            if len(costed) < 2:
-                continue
-            view = optuna.create_study(directions=[config.direction, "minimize"])  # the front of (metric, cost)
-            view.add_trials([optuna.trial.create_trial(values=[t.value, t.user_attrs[cost]], params=t.params,
-                                                       distributions=t.distributions) for t in costed])
-            ax = plots.plot_pareto_front(view, target_names=[config.objective, label])
-            ax.set_title(f"{config.objective} against {label}")
-            handles, labels = ax.get_legend_handles_labels()
-            ax.legend(handles, [{"Trial": "dominated", "Best Trial": "Pareto front"}.get(n, n) for n in labels])
-            if cost == "trainable_parameters":
-                ax.set_yscale("log")  # methods differ by orders of magnitude
-            save(ax, folder / f"{name}.png", plt)
-            written.append(f"{name}.png")
-        varied = {name for name in config.space if len({str(t.params.get(name)) for t in complete}) > 1}
-        if len(complete) >= 2 and varied:
+    for cost, label, name in (("trainable_parameters", "trainable parameters", "metric_vs_trainable_parameters"),
+                              ("train_s", "training time (s)", "metric_vs_wall_time")):
+        if sum(t.user_attrs.get(cost) is not None for t in trials) < 2:
+            continue
+        save(metric_against(trials, config, cost, label, plt), folder / f"{name}.png", plt)
+        written.append(f"{name}.png")
+    varied = {name for name in config.space if len({str(t.params.get(name)) for t in complete}) > 1}
+    if len(complete) >= 2 and varied:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Optuna's matplotlib plots are marked experimental
             try:
-                save(plots.plot_param_importances(study), folder / "param_importances.png", plt)
-                written.append("param_importances.png")
+                ax = plots.plot_param_importances(study, target_name=config.objective)
             except (RuntimeError, ValueError):  # too few trials sharing a parameter to weigh it
-                pass
+                ax = None
+        if ax is not None:
+            ax.set_title(f"What moved {config.objective} ({len(complete)} completed trials)", loc="left")
+            if len(complete) < 10:
+                ax.figure.text(0.01, 0.01, f"only {len(complete)} trials completed: importances this few are rough",
+                               color="#a00", fontsize=8)
+            save(ax, folder / "param_importances.png", plt)
+            written.append("param_importances.png")
     return written
+
+
+def objective_label(config) -> str:
+    return f"{config.objective}, {'lower' if config.direction == 'minimize' else 'higher'} is better"
+
+
+def metric_against(trials: list, config, cost: str, label: str, plt):
+    """The objective (y) against a cost (x): a colour and marker per method, completed trials filled, pruned and
+    failed ones hollow at their last reported value (or at the plot's worst edge where they reported none), and the
+    Pareto front of the completed ones (no other is both cheaper and better)."""
+    fig, ax = plt.subplots()
+    minimize = config.direction == "minimize"
+    costed = [t for t in trials if t.user_attrs.get(cost) is not None]
+    reached = [t.value if t.state == TrialState.COMPLETE else
+               (t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None) for t in costed]
+    known = [v for v in reached if v is not None]
+    edge = (max(known) if minimize else min(known)) if known else 0.0
+    methods = sorted({str(t.params.get("method", config.train.get("method", "lora"))) for t in costed})
+    styles = dict(zip(methods, zip(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3, "osD^vP*Xph")))
+    for method in methods:
+        color, marker = styles[method]
+        for done in (True, False):
+            points = [(t.user_attrs[cost], v if v is not None else edge) for t, v in zip(costed, reached)
+                      if str(t.params.get("method", config.train.get("method", "lora"))) == method
+                      and (t.state == TrialState.COMPLETE) == done]
+            if points:
+                ax.scatter(*zip(*points), marker=marker, s=45, color=color if done else "none", edgecolors=color,
+                           label=method if done else f"{method}, pruned or failed")
+    front, best = [], None
+    for x, y in sorted((t.user_attrs[cost], t.value) for t in costed if t.state == TrialState.COMPLETE):
+        if best is None or (y < best if minimize else y > best):
+            front.append((x, y))
+            best = y
+    if len(front) > 1:
+        ax.plot(*zip(*front), color="#555", linewidth=1, drawstyle="steps-post", label="Pareto front", zorder=0)
+    if cost == "trainable_parameters":
+        ax.set_xscale("log")  # methods differ by orders of magnitude
+    ax.set_xlabel(label)
+    ax.set_ylabel(objective_label(config))
+    ax.set_title(f"{config.objective} against {label}")
+    ax.legend(fontsize=8)
+    return ax
 
 
 def save(ax, path: Path, plt) -> None:

@@ -125,7 +125,32 @@ def read_sweep_config(path: str, objective: str | None = None) -> SweepConfig:
     if config.pruner not in ("median", "none"):
         raise PeftT5Error(f"{path}: pruner: {config.pruner!r}; choose median or none")
     config.trials = trials
+    check_trial_settings(config)
     return config
+
+
+def check_trial_settings(config: SweepConfig) -> None:
+    """Once, before the first trial: the fixed train flags pass train's own checks (data files, model, ranges), and
+    every value the space may draw is one its method takes (lora_r 0 would fail each trial that drew it)."""
+    from .train_settings import precheck
+
+    try:
+        precheck({**TRIAL_DEFAULTS, **config.train}, [], output=False)
+    except PeftT5Error as e:
+        raise PeftT5Error(f"{config.path}: train: {e}") from None
+    methods = config.space.get("method", [config.train.get("method", "lora")])
+    for name, values in config.space.items():
+        if name not in METHOD_FLAGS:
+            continue
+        drawn = values if isinstance(values, list) else [values["low"], values["high"]]
+        for method in methods:
+            if name not in TRAINABLE[method].flags:
+                continue
+            for value in drawn:
+                try:
+                    TRAINABLE[method].settings({name: decode(encode(value))})
+                except PeftT5Error as e:
+                    raise PeftT5Error(f"{config.path}: space: {name}: {e} (with method {method})") from None
 
 
 def check_range(path: str, name: str, values) -> None:
@@ -238,20 +263,35 @@ class Sweep:
         """Create or reopen the study; a study of another sweep config is refused; trials whose sweep process died
         are failed as interrupted and run again with the same flags."""
         check_sweep_folder(self.folder)
+        made = not self.folder.exists()
+        if self.storage_url.startswith("sqlite:///") and self.folder.resolve() == \
+                Path(self.storage_url.removeprefix("sqlite:///")).parent:
+            self.folder.mkdir(parents=True, exist_ok=True)  # the default storage lives in the sweep folder
+        try:
+            self.study = optuna.create_study(study_name=self.study_name, storage=storage_for(self.storage_url),
+                                             direction=self.config.direction, sampler=make_sampler(self.config),
+                                             pruner=make_pruner(self.config), load_if_exists=True)
+        except Exception as e:  # SQLAlchemy's and the drivers' errors: one line naming the storage and the cause
+            if made:
+                shutil.rmtree(self.folder, ignore_errors=True)
+            cause = " ".join(str(getattr(e, "orig", None) or e).split())[:300]
+            raise PeftT5Error(f"--storage {self.storage_url}: cannot open the study there ({type(e).__name__}: "
+                              f"{cause}); pass an Optuna storage URL that can be reached, e.g. "
+                              "sqlite:///runs/sweep/study.db or postgresql://user@host/db") from None
         (self.folder / "trials").mkdir(parents=True, exist_ok=True)
         (self.folder / "logs").mkdir(exist_ok=True)
-        self.study = optuna.create_study(study_name=self.study_name, storage=storage_for(self.storage_url),
-                                         direction=self.config.direction, sampler=make_sampler(self.config),
-                                         pruner=make_pruner(self.config), load_if_exists=True)
         recorded = self.study.user_attrs.get("config")
         mine = {k: v for k, v in asdict(self.config).items() if k != "path"}
         if recorded is None:
             self.study.set_user_attr("config", mine)
+            self.study.set_user_attr("config_path", self.config.path)
             for point in grid(self.config) if self.config.sampler == "grid" else ():
                 self.study.enqueue_trial(point)
         elif recorded != mine:
-            raise PeftT5Error(f"study '{self.study_name}' in {self.storage_url} was started from another sweep "
-                              f"config; pass the same {self.config.path}, or a new --output_dir or --study_name")
+            original = self.study.user_attrs.get("config_path", "another sweep file")
+            raise PeftT5Error(f"study '{self.study_name}' in {self.storage_url} was started from {original}, whose "
+                              f"settings differ from {self.config.path}'s; pass {original} again, or a new "
+                              "--output_dir or --study_name")
         for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             pid = trial.user_attrs.get("pid")
             if trial.user_attrs.get("host") == HOST and isinstance(pid, int) and pid != os.getpid() \
@@ -321,7 +361,7 @@ class Sweep:
         wall = time.time() - started
         outcome = json.loads(result.read_text(encoding="utf-8")) if result.exists() else \
             {"state": "FAIL", "reason": last_line(log) or f"its process ended with status {code}"}
-        for key in ("trainable_parameters", "peak_memory_mb", "tokens_per_s", "reason"):
+        for key in ("trainable_parameters", "peak_memory_mb", "tokens_per_s", "train_s", "reason"):
             if outcome.get(key) is not None:
                 trial.set_user_attr(key, outcome[key])
         trial.set_user_attr("wall_s", round(wall, 1))
@@ -366,8 +406,8 @@ class Sweep:
               f"trials.csv and plots/ written")
         result = SweepResult(str(self.folder), counts)
         if best is None:
-            print("no trial completed: nothing to retrain (see the reasons in trials.md)")
-            return result
+            raise PeftT5Error(f"no trial completed, so there is nothing to retrain: {self.folder}/trials.md gives each "
+                              "trial's reason")
         flags = {**self.config.train, **{k: decode(v) for k, v in best.params.items()}}
         print(f"best: trial {best.number}, {self.config.objective} {best.value:.4g}, {shown(best.params)}; adapter in "
               f"{self.folder}/best; retrain it: {retrain_command(flags)}")
@@ -479,7 +519,7 @@ def reporter(spec: dict):
                 return
             self.reported.add(state.global_step)
             self.trial.report(value, state.global_step)
-            if self.trial.should_prune():
+            if state.global_step < state.max_steps and self.trial.should_prune():  # the last evaluation is the result
                 raise optuna.TrialPruned(f"pruned at step {state.global_step}: {self.objective} {value:.4g} is worse "
                                          "than the median of earlier trials there")
 
@@ -496,6 +536,7 @@ def trial_main(spec: dict) -> int:
 
     callback = reporter(spec)
     outcome: dict = {}
+    started = time.perf_counter()  # the trial's own time: not its process's start (the first one's forkserver)
     try:
         metrics = train(spec["flags"], callbacks=(callback,)).metrics
         value = metrics.get(spec["objective"])
@@ -511,7 +552,8 @@ def trial_main(spec: dict) -> int:
     peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     outcome.update(trainable_parameters=callback.trainable, peak_memory_mb=round(peak, 1),
-                   tokens_per_s=throughput.get("tokens_per_s", callback.tokens_per_s))
+                   tokens_per_s=throughput.get("tokens_per_s", callback.tokens_per_s),
+                   train_s=round(time.perf_counter() - started, 1))
     from .sweep_report import replace
 
     replace(Path(spec["result"]), json.dumps(outcome))

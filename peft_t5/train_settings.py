@@ -8,7 +8,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from .arguments import TRAINER_NUMBERS, CONFIG_FILES, check_trainer_numbers, closest, convert, normalized, read_config
+from .arguments import CONFIG_FILES, TRAINER_NUMBERS, check_trainer_numbers, closest, convert, normalized, read_config
 from .errors import PeftT5Error
 from .methods import get_method
 
@@ -122,9 +122,11 @@ def flag_values(config: dict, argv: list[str]) -> dict:
     return values
 
 
-def precheck(config: dict, flags: list[str], path: str | None = None, keywords: dict | None = None) -> None:
-    """Every setting's name, the method's settings, the task, the data files' layout, the output folder and the
-    model, before the heavy imports; the full parse after them checks the rest."""
+def precheck(config: dict, flags: list[str], path: str | None = None, keywords: dict | None = None,
+             output: bool = True) -> None:
+    """Every setting's name, the method's settings, the task, the data files' layout, the output folder (unless
+    output is False: a sweep gives each trial its own) and the model, before the heavy imports; the full parse after
+    them checks the rest."""
     from .adapters import check_writable_folder
     from .hub import model_config, model_problem
     from .tasks import get_task
@@ -151,9 +153,10 @@ def precheck(config: dict, flags: list[str], path: str | None = None, keywords: 
         raise PeftT5Error(f"--qlora with --method {method.name}: a 4-bit base cannot train its own weights (QLoRA "
                           "trains an adapter on a frozen 4-bit base); drop --qlora, or choose a PEFT --method")
     on = {k: values.get(k, "false").lower() in ("true", "1") for k in SWITCHES}
-    check_output_dir(Path(values.get("output_dir") or f"adapters/{task.name}"), on["overwrite_output_dir"],
-                     on["resume"] or "resume_from_checkpoint" in settings or
-                     any(a.startswith("--resume_from_checkpoint") for a in flags))
+    if output:
+        check_output_dir(Path(values.get("output_dir") or f"adapters/{task.name}"), on["overwrite_output_dir"],
+                         on["resume"] or "resume_from_checkpoint" in settings or
+                         any(a.startswith("--resume_from_checkpoint") for a in flags))
     model = values.get("model") or task.default_model
     problem = model_problem(model)
     if problem:

@@ -44,3 +44,21 @@ def test_estimate_of_a_folder_without_config_is_one_line(tmp_path, capsys):
     assert run(command("estimate"), ["--model", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {tmp_path}: no config.json there")
+
+
+def test_estimate_takes_method_and_refuses_its_layers_as_train_does(capsys):
+    from test_reliability import run_cli
+
+    from peft_t5.cli import command
+
+    status, err = run_cli(command("estimate"), ["--model", "tiny", "--method", "prompt_tuning", "--layers",
+                                                 "decoder:1"], capsys)
+    assert status == 2 and err == ("error: --layers does not apply to --method prompt_tuning (it takes "
+                                   "--num_virtual_tokens); leave it out")
+    status, err = run_cli(command("estimate"), ["--model", "tiny", "--method", "fulll"], capsys)
+    assert status == 2 and "did you mean full?" in err
+    from peft_t5.estimate import estimate
+
+    assert list(estimate("tiny", method="ia3", layers="decoder:1")["methods"]) == ["ia3"]
+    assert estimate("tiny", method="ia3", layers="decoder:1")["methods"]["ia3"]["trainable_parameters"] < \
+        estimate("tiny", method="ia3")["methods"]["ia3"]["trainable_parameters"]

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import optuna
 import psutil
 import pytest
 import yaml
@@ -163,3 +164,126 @@ def test_a_bad_sweep_file_is_refused_in_one_line_naming_the_key(tmp_path, capsys
     status, err = run_cli(command("sweep"), [str(path), "--output_dir", str(tmp_path / "run")], capsys)
     assert status == 2 and err.startswith(f"error: {path}: ") and message in err, err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("storage, said", [
+    ("foo", "--storage foo: cannot open the study there (ArgumentError"),
+    ("sqlite:////no/such/folder/study.db", "--storage sqlite:////no/such/folder/study.db: cannot open the study there"),
+])
+def test_a_storage_that_cannot_be_opened_is_one_line_and_nothing_is_written(tmp_path, capsys, storage, said):
+    from test_reliability import run_cli_alone
+
+    from peft_t5.cli import command
+
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"train": TRAIN, "space": {"learning_rate": [1.0e-3]}, "trials": 1}))
+    status, line = run_cli_alone(command("sweep"), [str(path), "--output_dir", str(tmp_path / "run"), "--storage",
+                                                    storage], capsys)
+    assert status == 2 and line.startswith(f"error: {said}"), line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"train": {**TRAIN, "data": "missing.csv"}}, "train: missing.csv: no such file"),
+    ({"train": {**TRAIN, "max_steps": -5}}, "train: --max_steps -5: must be at least 1"),
+    ({"space": {"lora_r": [0, 4]}}, "space: lora_r: --lora_r 0: the rank must be at least 1 (with method lora)"),
+    ({"space": {"method": ["lora", "ia3"], "lora_dropout": {"low": 0.0, "high": 1.5}}},
+     "space: lora_dropout: --lora_dropout 1.5:"),
+])
+def test_train_flags_and_search_ranges_are_checked_once_before_any_trial(tmp_path, capsys, change, message):
+    from test_reliability import run_cli
+
+    from peft_t5.cli import command
+
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"train": TRAIN, "space": {"learning_rate": [1.0e-3]}, "trials": 2, **change}))
+    status, err = run_cli(command("sweep"), [str(path), "--output_dir", str(tmp_path / "run")], capsys)
+    assert status == 2 and err.startswith(f"error: {path}: ") and message in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_sweep_where_no_trial_completes_fails_and_a_folder_names_its_original_file(tmp_path, capsys, monkeypatch):
+    from test_reliability import run_cli
+
+    from peft_t5.cli import command
+    from peft_t5.sweeping import Sweep
+
+    def failing(self, trial, params):  # every trial fails as a diverged run does
+        trial.set_user_attr("reason", "the loss diverged")
+        self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    monkeypatch.setattr(Sweep, "run_trial", failing)
+    first, second = tmp_path / "first.yaml", tmp_path / "second.yaml"
+    first.write_text(yaml.safe_dump({"train": TRAIN, "space": {"learning_rate": [1.0e-3, 2.0e-3]}, "trials": 2}))
+    second.write_text(yaml.safe_dump({"train": TRAIN, "space": {"learning_rate": [5.0e-3]}, "trials": 2}))
+    run = ["--output_dir", str(tmp_path / "run")]
+    status, err = run_cli(command("sweep"), [str(first), *run], capsys)
+    assert status == 2 and err == (f"error: no trial completed, so there is nothing to retrain: {tmp_path / 'run'}/"
+                                   "trials.md gives each trial's reason")
+    assert "the loss diverged" in (tmp_path / "run" / "trials.md").read_text()
+    status, err = run_cli(command("sweep"), [str(second), *run], capsys)
+    assert status == 2 and f"was started from {first}, whose settings differ from {second}'s; pass {first} again" in err
+
+
+def test_the_last_evaluation_is_the_result_and_never_pruned(tmp_path):
+    """A pruner that prunes every report: the trial is stopped at an evaluation before its last step, never at it."""
+    from transformers import TrainerControl, TrainerState
+
+    from peft_t5.sweeping import reporter
+
+    class Always(optuna.pruners.BasePruner):
+        def prune(self, study, trial):
+            return True
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(storage=storage, study_name="s")
+    trial = study.ask()
+    spec = {"config": {"train": TRAIN, "space": {}, "trials": 1, "pruner": "none"}, "study": "s",
+            "storage": storage, "trial_id": trial._trial_id, "objective": "eval_loss"}
+    callback = reporter(spec)
+    callback.trial.study.pruner = Always()
+    callback.training = True
+    state = TrainerState(max_steps=20)
+    for step, pruned in ((10, True), (20, False)):
+        state.global_step = step
+        if pruned:
+            with pytest.raises(optuna.TrialPruned, match="pruned at step 10"):
+                callback.on_log(None, state, TrainerControl(), logs={"eval_loss": 1.0})
+        else:
+            callback.on_log(None, state, TrainerControl(), logs={"eval_loss": 1.0})  # the last step: reported only
+    assert study.trials[0].intermediate_values == {10: 1.0, 20: 1.0}
+
+
+
+def test_the_plots_name_the_objective_and_draw_every_method_and_every_trial(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from peft_t5.sweep_report import metric_against, plot_sweep
+    from peft_t5.sweeping import SweepConfig
+
+    study = optuna.create_study()
+    for i, (method, state) in enumerate([("lora", "COMPLETE"), ("lora", "COMPLETE"), ("ia3", "COMPLETE"),
+                                         ("ia3", "PRUNED"), ("lora", "FAIL"), ("ia3", "COMPLETE")]):
+        study.enqueue_trial({"method": method})
+        trial = study.ask({"method": optuna.distributions.CategoricalDistribution(["lora", "ia3"])})
+        trial.set_user_attr("trainable_parameters", 1000 * (i + 1))
+        trial.set_user_attr("train_s", 5.0 + i)
+        if state == "PRUNED":
+            trial.report(3.0, 10)
+        study.tell(trial, 2.0 - i / 10 if state == "COMPLETE" else None, state=getattr(optuna.trial.TrialState, state))
+    config = SweepConfig({"task": "jokes"}, {"method": ["lora", "ia3"]}, 6, objective="eval_loss",
+                         direction="minimize")
+    ax = metric_against(study.get_trials(), config, "trainable_parameters", "trainable parameters", plt)
+    assert ax.get_ylabel() == "eval_loss, lower is better" and ax.get_xlabel() == "trainable parameters"
+    assert ax.get_title() == "eval_loss against trainable parameters"
+    labels = ax.get_legend_handles_labels()[1]
+    assert labels == ["ia3", "ia3, pruned or failed", "lora", "lora, pruned or failed", "Pareto front"]
+    drawn = sum(len(collection.get_offsets()) for collection in ax.collections)
+    assert drawn == 6  # the pruned and the failed trials too (hollow), not only the 4 completed
+    hollow = [c for c in ax.collections if len(c.get_facecolors()) == 0 or c.get_facecolors()[0][3] == 0]
+    assert sum(len(c.get_offsets()) for c in hollow) == 2
+    plt.close(ax.figure)
+    assert plot_sweep(study, config, tmp_path) == ["metric_vs_trainable_parameters.png", "metric_vs_wall_time.png",
+                                                   "param_importances.png"]

@@ -18,6 +18,8 @@ def build_parser():
                         help="Layers LoRA adapts (default: q v; all-linear for every linear layer)")
     parser.add_argument("--layers", help="Train only these T5 blocks, e.g. encoder:0-5 or decoder:4-5 (full and the "
                                          "methods that take --layers)")
+    parser.add_argument("--method", help="One method's row, its flags checked as train checks them (default: "
+                                         "every method with its defaults)")
     parser.add_argument("--json", action="store_true", help="Print JSON instead of a table")
     return parser
 
@@ -29,7 +31,7 @@ def estimate_main(argv: list[str]) -> None:
     from ..estimate import estimate, format_estimate
 
     result = estimate(args.model, optim=args.optim, r=args.lora_r, target_modules=args.target_modules,
-                      layers=args.layers)
+                      layers=args.layers, method=args.method)
     if args.qlora:
         result = {k: v for k, v in result.items() if k not in ("full", "lora", "methods")}
         result["trainable_parameters"] = {"qlora": result["trainable_parameters"]["qlora"]}
