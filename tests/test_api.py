@@ -149,3 +149,21 @@ def test_no_library_module_imports_a_command():
 def test_every_command_is_thin():
     for path in (PACKAGE / "commands").glob("*.py"):
         assert len(path.read_text(encoding="utf-8").splitlines()) <= 150, path.name
+
+
+def test_the_final_evaluation_is_the_last_one_logged_not_a_second_run_of_it(tmp_path, monkeypatch):
+    from peft_t5.trainer import TaskTrainer
+
+    calls = []
+    evaluate = TaskTrainer.evaluate
+
+    def counted(self, *args, **kwargs):
+        calls.append(self.state.global_step)
+        return evaluate(self, *args, **kwargs)
+    monkeypatch.setattr(TaskTrainer, "evaluate", counted)
+    result = peft_t5.train(task="jokes", output_dir=str(tmp_path / "run"), **{**QUICK, "max_steps": 4},
+                           eval_strategy="steps", eval_steps=2, save_steps=2)
+    assert calls == [0, 2, 4]  # at the start and every 2 steps: the step-4 one is the result, not run again
+    logged = json.loads((tmp_path / "run" / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
+    at_4 = [e for e in logged["log_history"] if e.get("step") == 4 and "eval_loss" in e]
+    assert result.metrics["eval_loss"] == at_4[0]["eval_loss"]
