@@ -311,8 +311,8 @@ def test_flag_level_mistakes_and_help_are_answered_before_torch_is_imported(tmp_
                                             "blocks 0-1, its decoder 0-1)"),
         ([*jokes, "--layers", "decoder:5-2"], "--layers decoder:5-2: the range 5-2 in 'decoder:5-2' is reversed; "
                                               "write decoder:2-5"),
-        ([*jokes, "--data", str(tmp_path / "empty.csv")], "empty.csv: empty; expected a header (Question,Answer)"),
-        ([*jokes, "--data", str(tmp_path / "header.csv")], "header.csv: a header and no records"),
+        ([*jokes, "--data", str(tmp_path / "empty.csv")], "empty.csv: the file has no rows (a header at most)"),
+        ([*jokes, "--data", str(tmp_path / "header.csv")], "header.csv: the file has no rows (a header at most)"),
         (["train", "--model", "tiny"], "--task is required: jokes or squad"),
         (["train", "--task", "jokes", "--output_dir", "/proc/x"], "--output_dir /proc/x: cannot write in /proc"),
         (["train", str(tmp_path / "cfg.yaml")], f"{tmp_path / 'cfg.yaml'}: unknown key 'learnig_rate'; did you mean "
