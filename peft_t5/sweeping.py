@@ -37,6 +37,8 @@ TRIAL_DEFAULTS = {"eval_strategy": "steps", "eval_steps": 0.25, "save_strategy":
 COLUMNS = ("trial", "state", "value", "trainable_parameters", "peak_memory_mb", "tokens_per_s", "wall_s", "reason")
 HOST = socket.gethostname()
 INTERRUPTED = "interrupted"  # how a trial whose sweep process died begins its reason
+SURPLUS = "not run"  # how a trial asked past the budget (sweeps beside each other) begins its reason
+HEARTBEAT_S, GRACE_S = 20, 120  # a running trial's sweep says it is alive; one silent this long is gone
 # imported once, by the forkserver the trials are forked from: each trial starts without ~5 s of imports
 TRIAL_IMPORTS = ["peft_t5.sweeping", "peft_t5.training", "peft_t5.trainer", "peft_t5.modeling", "peft_t5.data",
                  "peft_t5.training_arguments"]
@@ -242,9 +244,41 @@ def make_sampler(config: SweepConfig) -> optuna.samplers.BaseSampler:
 
 
 def storage_for(url: str):
+    """An Optuna storage for the URL: a database (sqlite, postgresql, mysql, ... through SQLAlchemy), or journal:PATH,
+    Optuna's journal file, for machines that share a filesystem but no database."""
+    if url.startswith("journal:"):
+        from optuna.storages.journal import JournalFileBackend
+
+        return optuna.storages.JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
     if url.startswith("sqlite:"):  # trials' processes write beside the sweep: wait for SQLite's lock, not fail
         return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
-    return url
+    return optuna.storages.RDBStorage(url)
+
+
+def shown_url(url: str) -> str:
+    """A storage URL as it may be printed: its password hidden."""
+    if url.startswith(("journal:", "sqlite:")):
+        return url
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy reads: nothing in it to hide
+        return url
+
+
+def open_storage(url: str):
+    """storage_for, with what fails said in one line naming the storage (its host), never the password."""
+    try:
+        return storage_for(url)
+    except ImportError:
+        raise PeftT5Error(f"--storage {shown_url(url)}: its database driver is not installed; pip install "
+                          "'peft-t5[sweep-rdb]' (psycopg for PostgreSQL)") from None
+    except Exception as e:  # SQLAlchemy's, the drivers' and the journal's errors
+        cause = " ".join(str(getattr(e, "orig", None) or e).split())[:300]
+        raise PeftT5Error(f"--storage {shown_url(url)}: cannot open the study there ({type(e).__name__}: {cause}); "
+                          "pass an Optuna storage URL that can be reached, e.g. postgresql://user@host/db or "
+                          "journal:/shared/sweep.log") from None
 
 
 class Sweep:
@@ -268,49 +302,65 @@ class Sweep:
                 Path(self.storage_url.removeprefix("sqlite:///")).parent:
             self.folder.mkdir(parents=True, exist_ok=True)  # the default storage lives in the sweep folder
         try:
-            self.study = optuna.create_study(study_name=self.study_name, storage=storage_for(self.storage_url),
+            storage = open_storage(self.storage_url)
+            self.study = optuna.create_study(study_name=self.study_name, storage=storage,
                                              direction=self.config.direction, sampler=make_sampler(self.config),
                                              pruner=make_pruner(self.config), load_if_exists=True)
-        except Exception as e:  # SQLAlchemy's and the drivers' errors: one line naming the storage and the cause
+        except Exception as e:
             if made:
                 shutil.rmtree(self.folder, ignore_errors=True)
+            if isinstance(e, PeftT5Error):
+                raise
             cause = " ".join(str(getattr(e, "orig", None) or e).split())[:300]
-            raise PeftT5Error(f"--storage {self.storage_url}: cannot open the study there ({type(e).__name__}: "
-                              f"{cause}); pass an Optuna storage URL that can be reached, e.g. "
-                              "sqlite:///runs/sweep/study.db or postgresql://user@host/db") from None
-        (self.folder / "trials").mkdir(parents=True, exist_ok=True)
-        (self.folder / "logs").mkdir(exist_ok=True)
+            raise PeftT5Error(f"--storage {shown_url(self.storage_url)}: cannot open the study there "
+                              f"({type(e).__name__}: {cause}); pass an Optuna storage URL that can be reached") from None
         recorded = self.study.user_attrs.get("config")
         mine = {k: v for k, v in asdict(self.config).items() if k != "path"}
         if recorded is None:
             self.study.set_user_attr("config", mine)
             self.study.set_user_attr("config_path", self.config.path)
             for point in grid(self.config) if self.config.sampler == "grid" else ():
-                self.study.enqueue_trial(point)
+                self.study.enqueue_trial(point, skip_if_exists=True)  # a sweep beside this one may enqueue them too
         elif recorded != mine:
             original = self.study.user_attrs.get("config_path", "another sweep file")
-            raise PeftT5Error(f"study '{self.study_name}' in {self.storage_url} was started from {original}, whose "
-                              f"settings differ from {self.config.path}'s; pass {original} again, or a new "
-                              "--output_dir or --study_name")
+            if made:
+                shutil.rmtree(self.folder, ignore_errors=True)
+            raise PeftT5Error(f"study '{self.study_name}' in {shown_url(self.storage_url)} was started from "
+                              f"{original}, whose settings differ from {self.config.path}'s; pass {original} again, "
+                              "or a new --output_dir or --study_name")
+        (self.folder / "trials").mkdir(parents=True, exist_ok=True)
+        (self.folder / "logs").mkdir(exist_ok=True)
+        self.fail_stale()
+
+    def fail_stale(self) -> None:
+        """RUNNING trials whose sweep process is gone (here: its pid; on another machine: no heartbeat for GRACE_S)
+        are failed as interrupted and run again once, by whichever sweep process asks next."""
         for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            pid = trial.user_attrs.get("pid")
-            if trial.user_attrs.get("host") == HOST and isinstance(pid, int) and pid != os.getpid() \
-                    and not process_alive(pid):
+            pid, host = trial.user_attrs.get("pid"), trial.user_attrs.get("host")
+            gone = (host == HOST and isinstance(pid, int) and pid != os.getpid() and not process_alive(pid)) or \
+                (host is not None and host != HOST and time.time() - trial.user_attrs.get("alive_at", time.time()) >
+                 GRACE_S)
+            if gone:
                 self.fail_interrupted(trial)
 
     def fail_interrupted(self, trial) -> None:
         # FrozenTrial has no public id; Trial(study, id) is how Optuna's own integrations write to a trial
         live = optuna.Trial(self.study, trial._trial_id)
-        live.set_user_attr("reason", f"{INTERRUPTED}: its sweep process ended; run again with the same flags")
-        self.study.tell(trial.number, state=TrialState.FAIL)
+        try:
+            live.set_user_attr("reason", f"{INTERRUPTED}: its sweep process ended; run again with the same flags")
+            self.study.tell(trial.number, state=TrialState.FAIL)
+        except (RuntimeError, ValueError):  # another sweep process failed it first, and enqueued its retry
+            return
         self.study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
         shutil.rmtree(self.folder / "trials" / f"{trial.number:03d}", ignore_errors=True)
-        print(f"trial {trial.number} was interrupted when the sweep stopped: it runs again as a new trial")
+        print(f"trial {trial.number} was interrupted when its sweep stopped: it runs again as a new trial", flush=True)
 
-    def counted(self) -> int:
-        """Trials that use the budget: finished ones (but not those interrupted and retried) and running ones."""
+    def counted(self, below: int | None = None) -> int:
+        """Trials that use the budget (of those numbered below `below`): finished ones (but not those interrupted and
+        retried, nor those asked past the budget) and running ones."""
         trials = self.study.get_trials(deepcopy=False)
-        return sum(t.state == TrialState.RUNNING or t.state.is_finished() and not retried(t) for t in trials)
+        return sum((t.state == TrialState.RUNNING or t.state.is_finished() and not retried(t))
+                   and (below is None or t.number < below) for t in trials)
 
     def run(self) -> SweepResult:
         self.open()
@@ -333,12 +383,20 @@ class Sweep:
         try:
             while True:
                 with self.lock:
+                    self.fail_stale()
                     if self.counted() >= self.config.trials:
                         return
                     trial = self.study.ask()
+                    # sweeps on other machines ask too: the first `trials` numbers run, a later one is given back
+                    if self.counted(below=trial.number) >= self.config.trials:
+                        trial.set_user_attr("reason", f"{SURPLUS}: the study's {self.config.trials} trials were "
+                                                      "taken by the sweeps beside this one")
+                        self.study.tell(trial, state=TrialState.FAIL)
+                        return
                     params = suggest(trial, self.config)
                     trial.set_user_attr("host", HOST)
                     trial.set_user_attr("pid", os.getpid())
+                    trial.set_user_attr("alive_at", time.time())
                 self.run_trial(trial, params)
         except Exception as e:  # a storage or sweep error: say it from the main thread
             self.failures.append(e if isinstance(e, PeftT5Error) else PeftT5Error(f"sweep worker: {e}"))
@@ -350,13 +408,17 @@ class Sweep:
         flags = self.folder / "logs" / f"{name}.flags.json"
         flags.write_text(json.dumps(trial_flags(self.config, params, folder), indent=1) + "\n", encoding="utf-8")
         print(f"trial {trial.number} started: {shown(params)}", flush=True)
+        trial.set_user_attr("folder", f"{HOST}:{folder.resolve()}")  # where its adapter is, for any machine's report
         spec = {"storage": self.storage_url, "study": self.study_name, "trial_id": trial._trial_id,
                 "objective": self.config.objective, "config": asdict(self.config), "flags": str(flags),
                 "result": str(result), "log": str(log)}
         started = time.time()
         child = self.trials.Process(target=trial_process, args=(spec,), name=f"trial {trial.number}")
         child.start()
-        child.join()
+        child.join(HEARTBEAT_S)
+        while child.exitcode is None:  # still training: said for the sweeps on other machines (fail_stale)
+            trial.set_user_attr("alive_at", time.time())
+            child.join(HEARTBEAT_S)
         code = child.exitcode
         wall = time.time() - started
         outcome = json.loads(result.read_text(encoding="utf-8")) if result.exists() else \
@@ -405,6 +467,11 @@ class Sweep:
         print(f"sweep: {', '.join(f'{n} {s.lower()}' for s, n in counts.items())}; {self.folder}/trials.md, "
               f"trials.csv and plots/ written")
         result = SweepResult(str(self.folder), counts)
+        if best is None and counts.get("RUNNING"):
+            print(f"{counts['RUNNING']} trials still run in the sweeps beside this one; any machine gathers the study "
+                  f"when they end: peft-t5 sweep report --storage {shown_url(self.storage_url)} --study_name "
+                  f"{self.study_name} --output_dir DIR")
+            return result
         if best is None:
             raise PeftT5Error(f"no trial completed, so there is nothing to retrain: {self.folder}/trials.md gives each "
                               "trial's reason")
@@ -415,9 +482,45 @@ class Sweep:
         return result
 
 
+def report(storage: str, output_dir: str, study_name: str = "sweep") -> SweepResult:
+    """trials.md, trials.csv and the plots of a study, from its storage alone (any machine, at any time: running
+    trials are listed as RUNNING), and the line that retrains the best trial so far."""
+    from .sweep_report import plot_sweep, write_tables
+
+    folder = Path(output_dir)
+    check_sweep_folder(folder)
+    try:
+        study = optuna.load_study(study_name=study_name, storage=open_storage(storage))
+    except KeyError:
+        raise PeftT5Error(f"--study_name {study_name}: no such study in {shown_url(storage)}; pass the name its sweeps "
+                          "were given") from None
+    recorded = study.user_attrs.get("config")
+    if recorded is None:
+        raise PeftT5Error(f"study '{study_name}' in {shown_url(storage)} was not started by peft-t5 sweep (it records "
+                          "no sweep config); pass a study a sweep made")
+    config = SweepConfig(**recorded, path=study.user_attrs.get("config_path", ""))
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    best = study.best_trial if complete else None
+    folder.mkdir(parents=True, exist_ok=True)
+    write_tables(trials, config, folder, best.number if best else None)
+    plot_sweep(study, config, folder / "plots")
+    counts = {s.name: sum(t.state == s for t in trials) for s in TrialState if any(t.state == s for t in trials)}
+    print(f"study '{study_name}': {', '.join(f'{n} {s.lower()}' for s, n in counts.items())} of {config.trials} "
+          f"trials; {folder}/trials.md, trials.csv and plots/ written")
+    result = SweepResult(str(folder), counts)
+    if best is not None:
+        flags = {**config.train, **{k: decode(v) for k, v in best.params.items()}}
+        print(f"best so far: trial {best.number}, {config.objective} {best.value:.4g}, adapter at "
+              f"{best.user_attrs.get('folder', '(not recorded)')}; retrain it: {retrain_command(flags)}")
+        result.best_trial, result.best_value, result.best_flags = best.number, best.value, flags
+    return result
+
+
 def retried(trial) -> bool:
-    """A trial failed as interrupted: its flags run again as another trial, so it does not count."""
-    return trial.state == TrialState.FAIL and trial.user_attrs.get("reason", "").startswith(INTERRUPTED)
+    """A trial that does not count: failed as interrupted (its flags run again as another trial), or asked past the
+    budget by a sweep beside another (never run)."""
+    return trial.state == TrialState.FAIL and trial.user_attrs.get("reason", "").startswith((INTERRUPTED, SURPLUS))
 
 
 def covered(intervals: list[tuple[float, float]]) -> float:

@@ -89,7 +89,7 @@ def test_a_sweep_killed_mid_trial_keeps_its_finished_trials_and_ends_with_all_of
         [interrupted[k] for k in ("method", "learning_rate", "lora_r")]
     assert rows[0]["eval_loss"] and float(rows[0]["trainable_parameters"]) > 0 and float(rows[0]["wall_s"]) > 0
     assert all((r["lora_r"] == "") == (r["method"] == "ia3") for r in rows)  # ia3 takes no rank
-    assert "trial 1 was interrupted when the sweep stopped: it runs again as a new trial" in second.stdout
+    assert "trial 1 was interrupted when its sweep stopped: it runs again as a new trial" in second.stdout
 
     run = tmp_path / "run"
     table = (run / "trials.md").read_text()
