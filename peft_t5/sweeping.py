@@ -423,7 +423,7 @@ class Sweep:
         wall = time.time() - started
         outcome = json.loads(result.read_text(encoding="utf-8")) if result.exists() else \
             {"state": "FAIL", "reason": last_line(log) or f"its process ended with status {code}"}
-        for key in ("trainable_parameters", "peak_memory_mb", "tokens_per_s", "train_s", "reason"):
+        for key in ("trainable_parameters", "peak_memory_mb", "tokens_per_s", "train_s", "steps_s", "reason"):
             if outcome.get(key) is not None:
                 trial.set_user_attr(key, outcome[key])
         trial.set_user_attr("wall_s", round(wall, 1))
@@ -656,7 +656,7 @@ def trial_main(spec: dict) -> int:
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     outcome.update(trainable_parameters=callback.trainable, peak_memory_mb=round(peak, 1),
                    tokens_per_s=throughput.get("tokens_per_s", callback.tokens_per_s),
-                   train_s=round(time.perf_counter() - started, 1))
+                   train_s=round(time.perf_counter() - started, 1), steps_s=throughput.get("train_seconds"))
     from .sweep_report import replace
 
     replace(Path(spec["result"]), json.dumps(outcome))
