@@ -303,9 +303,15 @@ class Sweep:
             self.folder.mkdir(parents=True, exist_ok=True)  # the default storage lives in the sweep folder
         try:
             storage = open_storage(self.storage_url)
-            self.study = optuna.create_study(study_name=self.study_name, storage=storage,
-                                             direction=self.config.direction, sampler=make_sampler(self.config),
-                                             pruner=make_pruner(self.config), load_if_exists=True)
+            sampler, pruner = make_sampler(self.config), make_pruner(self.config)
+            try:  # one sweep creates the study (the storage refuses a second with its name): it alone sets it up
+                self.study = optuna.create_study(study_name=self.study_name, storage=storage, sampler=sampler,
+                                                 direction=self.config.direction, pruner=pruner)
+                created = True
+            except optuna.exceptions.DuplicatedStudyError:
+                self.study = optuna.load_study(study_name=self.study_name, storage=storage, sampler=sampler,
+                                               pruner=pruner)
+                created = False
         except Exception as e:
             if made:
                 shutil.rmtree(self.folder, ignore_errors=True)
@@ -314,14 +320,16 @@ class Sweep:
             cause = " ".join(str(getattr(e, "orig", None) or e).split())[:300]
             raise PeftT5Error(f"--storage {shown_url(self.storage_url)}: cannot open the study there "
                               f"({type(e).__name__}: {cause}); pass an Optuna storage URL that can be reached") from None
-        recorded = self.study.user_attrs.get("config")
         mine = {k: v for k, v in asdict(self.config).items() if k != "path"}
-        if recorded is None:
+        if created:
+            self.study.set_user_attr("ready", False)
             self.study.set_user_attr("config", mine)
             self.study.set_user_attr("config_path", self.config.path)
             for point in grid(self.config) if self.config.sampler == "grid" else ():
-                self.study.enqueue_trial(point, skip_if_exists=True)  # a sweep beside this one may enqueue them too
-        elif recorded != mine:
+                self.study.enqueue_trial(point)
+            self.study.set_user_attr("ready", True)
+        recorded = self.study_config()
+        if recorded != mine:
             original = self.study.user_attrs.get("config_path", "another sweep file")
             if made:
                 shutil.rmtree(self.folder, ignore_errors=True)
@@ -331,6 +339,18 @@ class Sweep:
         (self.folder / "trials").mkdir(parents=True, exist_ok=True)
         (self.folder / "logs").mkdir(exist_ok=True)
         self.fail_stale()
+
+    def study_config(self) -> dict:
+        """The config the study was started with, once its creator has set it up (a sweep that joins a study as it
+        is created waits for its grid to be enqueued)."""
+        waited = 0.0
+        while (attrs := self.study.user_attrs).get("config") is None or attrs.get("ready") is False:
+            if waited >= 60:
+                raise PeftT5Error(f"study '{self.study_name}' in {shown_url(self.storage_url)} was created but never "
+                                  "set up (its first sweep stopped as it started); pass a new --study_name")
+            time.sleep(0.5)
+            waited += 0.5
+        return attrs["config"]
 
     def fail_stale(self) -> None:
         """RUNNING trials whose sweep process is gone (here: its pid; on another machine: no heartbeat for GRACE_S)

@@ -209,3 +209,37 @@ def test_a_shared_study_name_reused_with_another_sweep_file_is_refused_naming_th
     assert status == 2 and f"study '{study}' in " in err and PASSWORD not in err
     assert f"was started from {first}, whose settings differ from {second}'s; pass {first} again" in err
     assert not (tmp_path / "b").exists()  # refused with nothing written
+
+
+@pytest.mark.parametrize("kind", ["postgresql", "journal"])
+def test_sweeps_joining_a_grid_study_as_it_is_created_enqueue_its_points_once(kind, tmp_path, request):
+    """The creator of the study alone records its config and enqueues the grid; the others wait for it (before, two
+    sweeps starting together each enqueued the grid, so points ran twice and others never)."""
+    import threading
+
+    from peft_t5.sweeping import Sweep, grid, read_sweep_config
+
+    url = storage_url(kind, request.getfixturevalue("postgres")[0] if kind == "postgresql" else None, tmp_path)
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({"train": TRAIN, "sampler": "grid", "trials": 6,
+                                    "space": {"method": ["lora", "ia3"], "learning_rate": [1.0e-3, 1.0e-2, 1.0e-1]}}))
+    config = read_sweep_config(str(path))
+    barrier, errors = threading.Barrier(4), []
+
+    def join(i: int) -> None:
+        sweep = Sweep(config, tmp_path / f"m{i}", storage=url, study_name=f"grid-{kind}")
+        barrier.wait()
+        try:
+            sweep.open()
+        except Exception as e:  # noqa: BLE001 - gathered for the assertion below
+            errors.append(e)
+    threads = [threading.Thread(target=join, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    study = optuna.load_study(study_name=f"grid-{kind}", storage=__import__("peft_t5.sweeping").sweeping.storage_for(url))
+    waiting = [t.system_attrs["fixed_params"] for t in study.get_trials()]
+    expected = grid(config)
+    assert len(waiting) == len(expected) == 6 and all(p in waiting for p in expected)
