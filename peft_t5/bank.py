@@ -66,7 +66,7 @@ class AdapterBank:
             if not base_name:
                 raise PeftT5Error(f"{adapters[first]}: no base model recorded; pass the base explicitly")
         for name, path in adapters.items():  # every folder checked before the base loads
-            read_metadata(path, trust_pickle)
+            check_generates(read_metadata(path, trust_pickle), path)
         model = (load_base_model(base_name, qlora=qlora, trust_pickle=trust_pickle)
                  if isinstance(base, str) or base is None else base)
         model.eval()
@@ -83,7 +83,7 @@ class AdapterBank:
         if name == BASE or name in self.metadata:
             raise ConflictError(f"an adapter named {name!r} is already loaded; unload it first or pick another name")
         with adapter_snapshot(path) as snapshot:
-            meta = read_metadata(snapshot, trust_pickle)
+            meta = check_generates(read_metadata(snapshot, trust_pickle), path)
             self.attach(name, str(snapshot), meta, adapter_method(snapshot), onto)
         return meta
 
@@ -312,3 +312,12 @@ def shared_layers(model):
     memo = {id(m): m for m in model.modules() if next(m.children(), None) is None}
     memo.update({id(t): t for t in itertools.chain(model.parameters(), model.buffers())})
     return copy.deepcopy(model, memo)
+
+
+def check_generates(meta: dict, path: str) -> dict:
+    """An adapter the bank can serve: one that generates (an extractive one answers by span), else one line."""
+    if meta.get("head") == "span":
+        raise PeftT5Error(f"{path}: an extractive (squad_extractive) adapter answers by span, and the bank and server "
+                          "generate text; serving it is not supported yet: evaluate it with scripts/evaluate.py "
+                          "--task squad_extractive")
+    return meta

@@ -102,3 +102,31 @@ def tokenize_stream(task: Task, stream: datasets.IterableDataset, tokenizer: Pre
 def seq2seq_collator(tokenizer: PreTrainedTokenizerBase, model=None) -> DataCollatorForSeq2Seq:
     """Pads each batch to its longest (rounded up to 8); padded label positions are -100, so never scored."""
     return DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100, pad_to_multiple_of=8)
+
+
+@dataclass
+class WindowStats:
+    questions: int = 0
+    windows: int = 0
+    split: int = 0  # questions whose context took more than one window
+    answers_in_no_window: int = 0  # answerable questions no window holds the whole answer of
+
+    def __str__(self) -> str:
+        return (f"{self.questions} questions in {self.windows} windows ({self.split} contexts split into overlapping "
+                f"windows); no window holds the whole answer in {self.answers_in_no_window}")
+
+
+def tokenize_windows(records: list[dict], tokenizer: PreTrainedTokenizerBase, max_source_length: int = 512,
+                     doc_stride: int = 128) -> tuple[datasets.Dataset, WindowStats]:
+    """Extractive QA's dataset: a row per window (input_ids, attention_mask, start_positions, end_positions,
+    length), see extractive.windows."""
+    from collections import Counter
+
+    from .extractive import NO_ANSWER_POSITION, answer_chars, windows
+
+    wins = windows(records, tokenizer, max_source_length, doc_stride)
+    per_record = Counter(wins.record)
+    found = {i for i, s in zip(wins.record, wins.start_positions) if s != NO_ANSWER_POSITION}
+    lost = sum(1 for i, r in enumerate(records) if answer_chars(r) is not None and i not in found)
+    stats = WindowStats(len(records), len(wins.input_ids), sum(n > 1 for n in per_record.values()), lost)
+    return datasets.Dataset.from_list(wins.rows()), stats

@@ -45,7 +45,15 @@ class MergeReport:
 
 
 def probe_logits(model, tokenizer) -> torch.Tensor:
+    """The logits the merge is checked by: the language model's over a fixed answer, or a span head's start and
+    end logits (extractive adapters)."""
+    from .modeling import has_span_head
+
     batch = tokenizer(PROBES, return_tensors="pt", padding=True)
+    if has_span_head(model):
+        with torch.no_grad():
+            out = model(**batch.to(next(model.parameters()).device))
+        return torch.stack([out.start_logits, out.end_logits]).float().cpu()
     decoder_input_ids = tokenizer(["France is the answer here"] * len(PROBES), return_tensors="pt").input_ids
     decoder_input_ids = torch.cat([torch.zeros_like(decoder_input_ids[:, :1]), decoder_input_ids[:, :-1]], dim=1)
     device = next(model.parameters()).device
@@ -109,7 +117,8 @@ def merge(adapter: str, output_dir: str, model: str | None = None, dtype: str = 
     check_model_output(adapter_dir, output, overwrite, "merged model")
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
 
-    model = load_base_model(base_name, trust_pickle=trust_pickle)
+    span_head = meta.get("head") == "span"  # an extractive adapter: its base is T5ForQuestionAnswering
+    model = load_base_model(base_name, trust_pickle=trust_pickle, span_head=span_head)
     check_adapter_fits(model, adapter_dir, base_name)
     if qlora:  # the model as trained: the NF4 base + adapter
         quantized = load_base_model(base_name, qlora=True, trust_pickle=trust_pickle)
@@ -132,6 +141,7 @@ def merge(adapter: str, output_dir: str, model: str | None = None, dtype: str = 
     merged = merged.to(getattr(torch, dtype))
     merged_meta = {key: meta.get(key) for key in ("task", "template", "truncate_field", "max_source_length",
                                                    "max_target_length")}
+    merged_meta.update({key: meta[key] for key in ("head", "doc_stride", "max_answer_length") if key in meta})
     merged_meta.update(base_model=base_name, merged_from=str(adapter_dir), merge_into=merge_into, dtype=dtype,
                        max_logit_diff=diff)
 

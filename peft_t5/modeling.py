@@ -86,13 +86,14 @@ def tiny_config():
     return AutoConfig.from_pretrained(TINY_DIR)
 
 
-def tiny_model() -> PreTrainedModel:
-    """The tiny T5 with weights initialised from its config under a fixed seed: the same on every call."""
-    from transformers import T5ForConditionalGeneration
+def tiny_model(span_head: bool = False) -> PreTrainedModel:
+    """The tiny T5 with weights initialised from its config under a fixed seed: the same on every call. span_head:
+    T5ForQuestionAnswering (a start/end head on the decoder, for extractive QA) instead of the language model."""
+    from transformers import T5ForConditionalGeneration, T5ForQuestionAnswering
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)
-        return T5ForConditionalGeneration(tiny_config()).eval()
+        return (T5ForQuestionAnswering if span_head else T5ForConditionalGeneration)(tiny_config()).eval()
 
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
@@ -166,13 +167,16 @@ def compute_as_in_training(quantized_model: torch.nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def _from_pretrained(name: str, trust_pickle: bool, **kwargs) -> PreTrainedModel:
+def _from_pretrained(name: str, trust_pickle: bool, span_head: bool = False, **kwargs) -> PreTrainedModel:
     """from_pretrained that reads safetensors only, unless the user trusts pickled weights."""
+    from transformers import AutoModelForQuestionAnswering
+
     problem = model_problem(name)
     if problem:
         raise PeftT5Error(problem)
+    auto = AutoModelForQuestionAnswering if span_head else AutoModelForSeq2SeqLM
     try:
-        return AutoModelForSeq2SeqLM.from_pretrained(name, use_safetensors=None if trust_pickle else True, **kwargs)
+        return auto.from_pretrained(name, use_safetensors=None if trust_pickle else True, **kwargs)
     except (OSError, ValueError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         hint = (" (pickled .bin weights are refused unless you pass --trust_pickle)"
@@ -195,8 +199,14 @@ def quantize(model: PreTrainedModel) -> PreTrainedModel:
 
 
 def load_base_model(name: str, qlora: bool = False, dtype: torch.dtype = torch.float32,
-                    trust_pickle: bool = False) -> PreTrainedModel:
-    """A seq2seq base from a Hub id, a local folder or `tiny`; with qlora, its linear layers in 4-bit NF4."""
+                    trust_pickle: bool = False, span_head: bool = False) -> PreTrainedModel:
+    """A seq2seq base from a Hub id, a local folder or `tiny`; with qlora, its linear layers in 4-bit NF4; with
+    span_head, as T5ForQuestionAnswering (its qa_outputs head new, unless the folder has one)."""
+    if span_head:
+        if qlora:
+            raise PeftT5Error("--qlora with a span head (squad_extractive) is not supported yet; drop --qlora")
+        return tiny_model(span_head=True).to(dtype) if name == TINY else \
+            _from_pretrained(name, trust_pickle, span_head=True, dtype=dtype)
     if qlora and name == TINY:
         return quantize(tiny_model())
     if qlora:
@@ -235,15 +245,26 @@ def prepare_for_training(base: PreTrainedModel, method, settings: dict, total_st
     blocks = layer_blocks(settings.get("layers"), base.config)
     check_target_modules(base, settings.get("target_modules"))
     config = method.build(settings, total_steps)
+    span_head = has_span_head(base)
     if config is None:  # full: no adapter
-        return train_only_blocks(base, blocks)
+        return train_only_blocks(base, blocks, also=("qa_outputs.",) if span_head and blocks else ())
+    if span_head:  # PEFT's QUESTION_ANS kind trains and saves the new qa_outputs head beside the adapter
+        config.task_type = "QUESTION_ANS"
     return add_adapter(base, config)
 
 
-def train_only_blocks(model: PreTrainedModel, blocks: dict[str, list[int]] | None) -> PreTrainedModel:
-    """Every weight trains (blocks None), or only those inside the named blocks: embeddings, final norms and the
-    output projection are frozen with the other blocks."""
-    prefixes = None if blocks is None else tuple(f"{stack}.block.{n}." for stack, ns in blocks.items() for n in ns)
+def has_span_head(model: torch.nn.Module) -> bool:
+    """A T5ForQuestionAnswering (or a PEFT model around one): answers are spans, not generated."""
+    return hasattr(model, "qa_outputs") or hasattr(getattr(model, "base_model", None), "qa_outputs") or \
+        any(name.endswith("qa_outputs") for name, _ in model.named_children())
+
+
+def train_only_blocks(model: PreTrainedModel, blocks: dict[str, list[int]] | None,
+                      also: tuple[str, ...] = ()) -> PreTrainedModel:
+    """Every weight trains (blocks None), or only those inside the named blocks (and those starting with `also`):
+    embeddings, final norms and the output projection are frozen with the other blocks."""
+    prefixes = None if blocks is None else \
+        tuple(f"{stack}.block.{n}." for stack, ns in blocks.items() for n in ns) + also
     for name, param in model.named_parameters():
         param.requires_grad_(prefixes is None or name.startswith(prefixes))
     return model

@@ -68,8 +68,10 @@ class ThroughputMeter:
         if self.counts is None:
             return
         self.counts[0] += inputs["attention_mask"].sum()
-        self.counts[1] += inputs["labels"].ne(-100).sum()
-        self.padded += inputs["input_ids"].numel() + inputs["labels"].numel()
+        if "labels" in inputs:  # an extractive batch has start/end positions, no target tokens
+            self.counts[1] += inputs["labels"].ne(-100).sum()
+            self.padded += inputs["labels"].numel()
+        self.padded += inputs["input_ids"].numel()
 
     def pause(self, seconds: float) -> None:
         """Time spent on evaluation or saving inside the window: not training time."""

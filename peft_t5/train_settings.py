@@ -13,9 +13,10 @@ from .errors import PeftT5Error
 from .methods import get_method
 
 logger = logging.getLogger(__name__)
-PRECHECKED = ("task", "model", "data", "validation_data", "output_dir", "layers", *TRAINER_NUMBERS)
+PRECHECKED = ("task", "model", "data", "validation_data", "output_dir", "layers", "doc_stride", "max_source_length",
+              *TRAINER_NUMBERS)
 SWITCHES = ("overwrite_output_dir", "resume", "streaming", "qlora")  # flags that may stand alone (true)
-USAGE = ("peft-t5 train [CONFIG.yaml|json] --task {jokes,squad} [--model M] [--data FILE] [--lora_r R] "
+USAGE = ("peft-t5 train [CONFIG.yaml|json] --task {jokes,squad,squad_extractive} [--model M] [--data FILE] [--lora_r R] "
          "[any Seq2SeqTrainingArguments flag]")
 
 
@@ -136,7 +137,7 @@ def precheck(config: dict, flags: list[str], path: str | None = None, keywords: 
     values = flag_values(settings, flags)
     check_names(config, flags, path, keywords or {})
     if "task" not in values:
-        raise PeftT5Error("--task is required: jokes or squad; train_lora.py --help lists the flags")
+        raise PeftT5Error("--task is required: jokes, squad or squad_extractive; train_lora.py --help lists the flags")
     check_trainer_numbers({name: number(name, values[name]) for name in TRAINER_NUMBERS if name in values})
     task = get_task(values["task"])
     for key in ("data", "validation_data"):
@@ -152,6 +153,8 @@ def precheck(config: dict, flags: list[str], path: str | None = None, keywords: 
     if method.whole_model and values.get("qlora", "false").lower() in ("true", "1"):
         raise PeftT5Error(f"--qlora with --method {method.name}: a 4-bit base cannot train its own weights (QLoRA "
                           "trains an adapter on a frozen 4-bit base); drop --qlora, or choose a PEFT --method")
+    if task.kind == "extractive":
+        check_extractive(method.name, values)
     on = {k: values.get(k, "false").lower() in ("true", "1") for k in SWITCHES}
     if output:
         check_output_dir(Path(values.get("output_dir") or f"adapters/{task.name}"), on["overwrite_output_dir"],
@@ -169,6 +172,24 @@ def precheck(config: dict, flags: list[str], path: str | None = None, keywords: 
         from .methods import layer_blocks
 
         layer_blocks(values["layers"], SimpleNamespace(**config))
+
+
+def check_extractive(method: str, values: dict) -> None:
+    """What a span head on T5 cannot train with, said before anything loads."""
+    if method == "prompt_tuning":
+        raise PeftT5Error("--method prompt_tuning with --task squad_extractive: its virtual tokens shift every "
+                          "position the span head points at; choose lora, dora, ia3, adalora, vera or full")
+    if values.get("qlora", "false").lower() in ("true", "1"):
+        raise PeftT5Error("--qlora with --task squad_extractive: not supported yet (bitsandbytes would quantize the "
+                          "span head that trains); drop --qlora")
+    if values.get("streaming", "false").lower() in ("true", "1"):
+        raise PeftT5Error("--streaming with --task squad_extractive: not supported (a question becomes a varying "
+                          "number of windows); drop --streaming")
+    stride, length = number("doc_stride", values.get("doc_stride", "128")), \
+        number("max_source_length", values.get("max_source_length", "512"))
+    if stride is not None and length is not None and not 0 <= stride < length // 2:
+        raise PeftT5Error(f"--doc_stride {stride:g}: the windows of a context overlap by it, so it must be from 0 to "
+                          f"under half of --max_source_length ({length:g}); lower it")
 
 
 def number(name: str, text: str) -> float | None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import gather_object
-from transformers import PrinterCallback, Seq2SeqTrainer, TrainerCallback
+from transformers import DataCollatorWithPadding, PrinterCallback, Seq2SeqTrainer, TrainerCallback
 from transformers.loss.loss_utils import ForMaskedLMLoss
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import has_length
@@ -52,9 +52,10 @@ class TaskTrainer(Seq2SeqTrainer):
     batches by tokens when given a budget; logs tokens/s and model FLOP utilisation."""
 
     def __init__(self, *args, task: Task, generation_records: list[dict], max_source_length: int = 512,
-                 max_new_tokens: int = 64, max_tokens_per_batch: int | None = None, **kwargs):
+                 max_new_tokens: int = 64, max_tokens_per_batch: int | None = None, span_options: dict | None = None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
-        self.task, self.generation_records = task, generation_records
+        self.task, self.generation_records, self.span_options = task, generation_records, span_options or {}
         self.max_source_length, self.max_new_tokens = max_source_length, max_new_tokens
         self.max_tokens_per_batch = max_tokens_per_batch
         self.throughput = ThroughputMeter(self.model, torch.bfloat16 if self.args.bf16 else torch.float32)
@@ -63,7 +64,8 @@ class TaskTrainer(Seq2SeqTrainer):
         dataset = self.train_dataset
         if not self.max_tokens_per_batch or not has_length(dataset):
             return super().get_train_dataloader()
-        sampler = TokenBudgetBatchSampler(dataset["length"], [len(ids) for ids in dataset["labels"]],
+        targets = [len(ids) for ids in dataset["labels"]] if "labels" in dataset.column_names else [0] * len(dataset)
+        sampler = TokenBudgetBatchSampler(dataset["length"], targets,
                                           self.max_tokens_per_batch, seed=self.args.seed,
                                           count_multiple_of=self.args.world_size * self.args.gradient_accumulation_steps)
         loader = torch.utils.data.DataLoader(
@@ -119,11 +121,21 @@ class TaskTrainer(Seq2SeqTrainer):
         started = time.perf_counter()
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix, **kwargs)
         if self.generation_records:
-            scores = {f"{metric_key_prefix}_{k}": v for k, v in self.generation_scores(self.generation_records).items()}
+            scores = self.span_scores if self.task.kind == "extractive" else self.generation_scores
+            scores = {f"{metric_key_prefix}_{k}": v for k, v in scores(self.generation_records).items()}
             self.log(scores)
             metrics.update(scores)
         self.throughput.pause(time.perf_counter() - started)
         return metrics
+
+    def span_scores(self, records: list[dict]) -> dict[str, float]:
+        """Extractive QA: each process answers its share of the records by span; all score the gathered answers."""
+        from .extractive import answer_records, extractive_scores
+
+        with self.accelerator.split_between_processes(records, apply_padding=True) as shard:
+            spans = answer_records(self.model, self.processing_class, shard, self.max_source_length,
+                                   batch_size=self.args.per_device_eval_batch_size, **self.span_options)
+        return extractive_scores(records, gather_object(spans)[:len(records)])
 
     def generation_scores(self, records: list[dict]) -> dict[str, float]:
         """Each process generates its share of the records; all of them score the gathered outputs. A task with
@@ -343,7 +355,9 @@ def plot_loss_curves(log_history: list[dict], path: Path, title: str | None = No
 
 def build_trainer(model, tokenizer, task: Task, train_dataset, eval_dataset, training_args,
                   generation_records: list[dict], max_source_length: int, max_target_length: int,
-                  max_tokens_per_batch: int | None = None, loraplus_lr_ratio: float | None = None) -> TaskTrainer:
+                  max_tokens_per_batch: int | None = None, loraplus_lr_ratio: float | None = None,
+                  span_options: dict | None = None) -> TaskTrainer:
+    """The Trainer of a task; an extractive task's model computes its own span loss from start/end positions."""
     if torch.cuda.is_available():
         # cuDNN's attention builds a new plan for every new sequence length, ~40 ms a call on an H100 (measured);
         # dynamic padding changes the length every batch. The other SDPA kernels need no plan.
@@ -353,8 +367,9 @@ def build_trainer(model, tokenizer, task: Task, train_dataset, eval_dataset, tra
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=seq2seq_collator(tokenizer, model),
-        compute_loss_func=target_token_loss,
+        data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8) if task.kind == "extractive" else
+        seq2seq_collator(tokenizer, model),
+        compute_loss_func=None if task.kind == "extractive" else target_token_loss,
         processing_class=tokenizer,
         callbacks=[StopOnNonFiniteLoss(model), StepBoundary()],
         task=task,
@@ -362,6 +377,7 @@ def build_trainer(model, tokenizer, task: Task, train_dataset, eval_dataset, tra
         max_source_length=max_source_length,
         max_new_tokens=max_target_length,
         max_tokens_per_batch=max_tokens_per_batch,
+        span_options=span_options,
     )
     trainer.add_callback(ThroughputClock(trainer.throughput))
     if training_args.disable_tqdm:  # a log file: a plain line per logging step, not the logs' dicts

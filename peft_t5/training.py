@@ -62,7 +62,7 @@ def run_training(settings: TrainSettings, held: ExitStack, callbacks: tuple = ()
         save_model_folder,
     )
     from .cards import model_card
-    from .data import tokenize, tokenize_stream
+    from .data import tokenize, tokenize_stream, tokenize_windows
     from .modeling import (
         TINY,
         count_parameters,
@@ -102,7 +102,9 @@ def run_training(settings: TrainSettings, held: ExitStack, callbacks: tuple = ()
     tokenizer = load_tokenizer(model_args.model)
     transformers.set_seed(training_args.seed)  # before the LoRA init, so that a run is reproducible from its seed
     dtype = torch.bfloat16 if training_args.bf16 else torch.float32
-    base = load_base_model(model_args.model, qlora=model_args.qlora, dtype=dtype, trust_pickle=model_args.trust_pickle)
+    spans = task.kind == "extractive"  # a span head (T5ForQuestionAnswering), answers read off the context
+    base = load_base_model(model_args.model, qlora=model_args.qlora, dtype=dtype, trust_pickle=model_args.trust_pickle,
+                           span_head=spans)
     budget = token_budget(training_args, base, data_args.streaming, say)
     model = prepare_for_training(base, method, method_settings,
                                  planned_steps(method, training_args, train_records, budget))
@@ -112,22 +114,31 @@ def run_training(settings: TrainSettings, held: ExitStack, callbacks: tuple = ()
     say(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
 
     lengths = dict(max_source_length=data_args.max_source_length, max_target_length=data_args.max_target_length)
-    if data_args.streaming:
+    span_options = dict(doc_stride=data_args.doc_stride, max_answer_length=data_args.max_answer_length)
+    if spans:
+        train_dataset, stats = tokenize_windows(train_records, tokenizer, data_args.max_source_length,
+                                                data_args.doc_stride)
+        eval_dataset, eval_stats = tokenize_windows(eval_records, tokenizer, data_args.max_source_length,
+                                                    data_args.doc_stride)
+        say(f"training set: {stats}\nvalidation set: {eval_stats}")
+    elif data_args.streaming:
         train_dataset, stats = tokenize_stream(task, train_records, tokenizer, **lengths), None
         say("training set: tokenized as it streams (truncation is not counted)")
     else:
         train_dataset, stats = tokenize(task, train_records, tokenizer, **lengths)
         say(f"training set: {stats}")
-    eval_dataset, eval_stats = tokenize(task, eval_records, tokenizer, **lengths)
-    say(f"validation set: {eval_stats}")
+    if not spans:
+        eval_dataset, eval_stats = tokenize(task, eval_records, tokenizer, **lengths)
+        say(f"validation set: {eval_stats}")
     generated = min(len(eval_records), data_args.generation_eval_samples)
     say(f"each evaluation: the loss on all {len(eval_records):,} validation records, {task.main_metric} on the "
-        f"outputs generated for the first {generated:,} (--generation_eval_samples; --max_eval_samples caps both; "
-        "evaluate.py scores a whole split)")
+        f"{'spans answered' if spans else 'outputs generated'} for the first {generated:,} "
+        "(--generation_eval_samples; --max_eval_samples caps both; evaluate.py scores a whole split)")
 
     trainer = build_trainer(model, tokenizer, task, train_dataset, eval_dataset, training_args,
                             eval_records[:data_args.generation_eval_samples], **lengths, max_tokens_per_batch=budget,
-                            loraplus_lr_ratio=method_settings.get("loraplus_lr_ratio"))
+                            loraplus_lr_ratio=method_settings.get("loraplus_lr_ratio"),
+                            span_options=span_options if spans else None)
     for callback in callbacks:
         trainer.add_callback(callback)
     resume = resume_checkpoint(training_args, say)
@@ -155,6 +166,7 @@ def run_training(settings: TrainSettings, held: ExitStack, callbacks: tuple = ()
         "truncate_field": task.truncate_field, "qlora": model_args.qlora,
         "quantization": quantization_config().to_dict() if model_args.qlora else None,
         "max_source_length": data_args.max_source_length, "max_target_length": data_args.max_target_length,
+        "head": "span" if spans else "lm", **(span_options if spans else {}),
         "method": method.name, "settings": method_settings, "trainable_parameters": trainable,
         "data": data_args.data, "streaming": data_args.streaming,
         "train_records": None if data_args.streaming else len(train_records),
@@ -352,23 +364,38 @@ def show_reloaded_samples(task, model_args, adapter_dir: Path, records: list[dic
     """Reload the saved adapter with plain PEFT (a whole model with transformers) and print a few generations next
     to the references."""
     from peft import PeftModel
-    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers import AutoModelForQuestionAnswering, AutoModelForSeq2SeqLM, AutoTokenizer
 
+    from .extractive import answer_records
     from .generation import generate_texts
     from .modeling import load_base_model
 
     records = printable_records(task, records)[:data_args.sample_generations]
     if not records:
         return
-    model = (AutoModelForSeq2SeqLM.from_pretrained(adapter_dir) if whole_model else
-             PeftModel.from_pretrained(load_base_model(model_args.model, qlora=model_args.qlora), adapter_dir))
+    spans = task.kind == "extractive"
+    auto = AutoModelForQuestionAnswering if spans else AutoModelForSeq2SeqLM
+    model = (auto.from_pretrained(adapter_dir) if whole_model else PeftModel.from_pretrained(
+        load_base_model(model_args.model, qlora=model_args.qlora, span_head=spans), adapter_dir))
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
-    outputs = generate_texts(model, tokenizer, [task.source(r) for r in records],
-                             max_source_length=data_args.max_source_length, max_new_tokens=data_args.max_target_length)
-    print(f"\nsample generations from the reloaded {'model' if whole_model else 'adapter'} ({adapter_dir}):")
+    if spans:
+        outputs = [a.answer(meta_threshold(adapter_dir)) for a in answer_records(
+            model, tokenizer, records, data_args.max_source_length, data_args.doc_stride, data_args.max_answer_length)]
+    else:
+        outputs = generate_texts(model, tokenizer, [task.source(r) for r in records],
+                                 max_source_length=data_args.max_source_length,
+                                 max_new_tokens=data_args.max_target_length)
+    print(f"\nsample {'answers' if spans else 'generations'} from the reloaded {'model' if whole_model else 'adapter'} "
+          f"({adapter_dir}):")
     for record, output in zip(records, outputs):
         print(f"  Q: {record['question']}\n     reference: {' | '.join(task.references(record)) or task.empty_output}"
               f"\n     generated: {shown(task, task.answer_from_output(output))}")
+
+
+def meta_threshold(folder: Path) -> float:
+    """The no-answer threshold the run found best on validation (peft_t5.json's na_threshold), else 0."""
+    meta = json.loads((folder / "peft_t5.json").read_text(encoding="utf-8"))
+    return meta.get("na_threshold") or 0.0
 
 
 def printable_records(task, records: list[dict]) -> list[dict]:

@@ -313,7 +313,7 @@ def test_flag_level_mistakes_and_help_are_answered_before_torch_is_imported(tmp_
                                               "write decoder:2-5"),
         ([*jokes, "--data", str(tmp_path / "empty.csv")], "empty.csv: the file has no rows (a header at most)"),
         ([*jokes, "--data", str(tmp_path / "header.csv")], "header.csv: the file has no rows (a header at most)"),
-        (["train", "--model", "tiny"], "--task is required: jokes or squad"),
+        (["train", "--model", "tiny"], "--task is required: jokes, squad or squad_extractive"),
         (["train", "--task", "jokes", "--output_dir", "/proc/x"], "--output_dir /proc/x: cannot write in /proc"),
         (["train", str(tmp_path / "cfg.yaml")], f"{tmp_path / 'cfg.yaml'}: unknown key 'learnig_rate'; did you mean "
                                                "learning_rate?"),

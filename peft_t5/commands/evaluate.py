@@ -28,7 +28,13 @@ def build_parser():
     parser.add_argument("--seed", type=int, default=42, help="jokes: the split seed used in training")
     parser.add_argument("--compare_base", action="store_true", help="With --adapter: score the base model too")
     parser.add_argument("--na_threshold", type=float, help="squad: answers whose no-answer probability is over this "
-                        "count as no answer (default: the adapter's recorded threshold, else 1.0, i.e. none)")
+                        "count as no answer (default: the adapter's recorded threshold, else 1.0, i.e. none); "
+                        "squad_extractive: the margin of the null score over the best span's (default: recorded, "
+                        "else 0)")
+    parser.add_argument("--doc_stride", type=int, help="squad_extractive: tokens shared by a context's windows "
+                                                       "(default: the adapter's)")
+    parser.add_argument("--max_answer_length", type=int, help="squad_extractive: longest span, in tokens (default: "
+                                                              "the adapter's)")
     parser.add_argument("--trust_pickle", action="store_true", help="Allow pickled .bin weights (they can run code)")
     return parser
 

@@ -51,6 +51,7 @@ class Task:
     printable: Callable[[str], bool] = lambda text: True  # may this text be printed in a log (jokes: word filter)
     no_answer: str | None = None  # the target that means "no answer" (squad), for the no-answer probability
     empty_output: str = "(empty output)"  # how an empty answer is shown (squad: "(no answer)", a real answer)
+    kind: str = "generate"  # "extractive": the answer is a span of the context, read off a span head
 
     def source(self, record: Record) -> str:
         return self.template.format(**record)
@@ -139,7 +140,8 @@ def stream_hub(dataset_id: str):
                         f"{str(e).splitlines()[0]}); check the id and the network, or pass a local file")
 
 
-_MODULES = {"squad": "peft_t5.tasks.squad", "jokes": "peft_t5.tasks.jokes"}
+_MODULES = {"squad": "peft_t5.tasks.squad", "squad_extractive": "peft_t5.tasks.squad_extractive",
+            "jokes": "peft_t5.tasks.jokes"}
 
 
 def task_names() -> list[str]:
