@@ -475,6 +475,7 @@ class Sweep:
         best = self.best()
         write_tables(trials, self.config, self.folder, best.number if best else None)
         plotted = plot_sweep(self.study, self.config, self.folder / "plots")
+        here = best is not None and (self.folder / "trials" / f"{best.number:03d}").is_dir()
         if best is not None:
             keep_best(self.folder, best.number, self.keep_all)
         intervals = sorted(tuple(t.user_attrs["interval"]) for t in trials if "interval" in t.user_attrs)
@@ -496,8 +497,10 @@ class Sweep:
             raise PeftT5Error(f"no trial completed, so there is nothing to retrain: {self.folder}/trials.md gives each "
                               "trial's reason")
         flags = {**self.config.train, **{k: decode(v) for k, v in best.params.items()}}
+        where = f"{self.folder}/best" if here else \
+            f"{best.user_attrs.get('folder', '(not recorded)')} (the sweep that ran it keeps it)"
         print(f"best: trial {best.number}, {self.config.objective} {best.value:.4g}, {shown(best.params)}; adapter in "
-              f"{self.folder}/best; retrain it: {retrain_command(flags)}")
+              f"{where}; retrain it: {retrain_command(flags)}")
         result.best_trial, result.best_value, result.best_flags = best.number, best.value, flags
         return result
 
