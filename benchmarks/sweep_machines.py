@@ -8,7 +8,7 @@ shared storage, tables, plots).
 
 On a 2-core machine the third process has no core of its own: its speedup shows the contention, not the scaling.
 
-python benchmarks/sweep_machines.py [--storage journal | postgresql://user:pw@host/db] [--output FILE]
+python benchmarks/sweep_machines.py [--quick] [--storage journal | postgresql://user:pw@host/db] [--output FILE]
 """
 from __future__ import annotations
 
@@ -77,7 +77,11 @@ def main() -> None:
                                                              "database URL (each run makes a study of its own there)")
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--output", default="benchmarks/results/sweep_machines.json")
+    parser.add_argument("--quick", action="store_true", help="A 4-point grid (lora, ia3 x 2 rates), 1 and 2 processes")
     args = parser.parse_args()
+    if args.quick:
+        SWEEP.update(trials=4, space={"method": ["lora", "ia3"], "learning_rate": [1.0e-3, 1.0e-2]})
+        args.processes = [1, 2]
     results = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "load_before": os.getloadavg()[0],
                "storage": args.storage.split("://")[0], "sweep": SWEEP, "runs": []}
     for count in args.processes:

@@ -498,7 +498,7 @@ class Sweep:
                               "trial's reason")
         flags = {**self.config.train, **{k: decode(v) for k, v in best.params.items()}}
         where = f"{self.folder}/best" if here else \
-            f"{best.user_attrs.get('folder', '(not recorded)')} (the sweep that ran it keeps it)"
+            adapter_location(best)
         print(f"best: trial {best.number}, {self.config.objective} {best.value:.4g}, {shown(best.params)}; adapter in "
               f"{where}; retrain it: {retrain_command(flags)}")
         result.best_trial, result.best_value, result.best_flags = best.number, best.value, flags
@@ -535,9 +535,19 @@ def report(storage: str, output_dir: str, study_name: str = "sweep") -> SweepRes
     if best is not None:
         flags = {**config.train, **{k: decode(v) for k, v in best.params.items()}}
         print(f"best so far: trial {best.number}, {config.objective} {best.value:.4g}, adapter at "
-              f"{best.user_attrs.get('folder', '(not recorded)')}; retrain it: {retrain_command(flags)}")
+              f"{adapter_location(best)}; retrain it: {retrain_command(flags)}")
         result.best_trial, result.best_value, result.best_flags = best.number, best.value, flags
     return result
+
+
+def adapter_location(trial) -> str:
+    """Where a trial's adapter is, for any machine: host:folder while its sweep runs; the best one so far moves to
+    that sweep's best/ when it ends."""
+    recorded = trial.user_attrs.get("folder")
+    if not recorded:
+        return "(not recorded)"
+    host, _, folder = recorded.partition(":")
+    return f"{recorded} (in {host}:{Path(folder).parent.parent}/best once the sweep that ran it has ended)"
 
 
 def retried(trial) -> bool:
