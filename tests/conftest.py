@@ -32,3 +32,13 @@ def squad_record():
     context = "The Normans were the people who in the 10th and 11th centuries gave their name to Normandy, a region in France."
     return {"id": "q1", "title": "Normans", "question": "In what country is Normandy located?", "context": context,
             "answers": ["France"], "answer_starts": [context.index("France")]}
+
+
+def pytest_collection_modifyitems(config, items):
+    """The modules with the most slow tests run first (their order inside kept): make test hands whole modules to
+    two workers, and a long module handed out last runs alone at the end while the other worker idles."""
+    slow = {}
+    for item in items:
+        slow[item.module.__name__] = slow.get(item.module.__name__, 0) + (item.get_closest_marker("slow") is not None)
+    first_seen = {name: i for i, name in reversed(list(enumerate(item.module.__name__ for item in items)))}
+    items.sort(key=lambda item: (-slow[item.module.__name__], first_seen[item.module.__name__]))

@@ -81,7 +81,7 @@ def test_fp16_is_refused_in_one_line(tmp_path, capsys):
 
 def test_unknown_task_is_an_argument_error():
     proc = run_train("--task", "poems")
-    assert proc.returncode == 2 and error_line(proc) == "error: unknown task 'poems'; known tasks: jokes, squad"
+    assert proc.returncode == 2 and error_line(proc) == "error: unknown task 'poems'; known tasks: jokes, squad, squad_extractive"
 
 
 @pytest.mark.parametrize("argv, message", [
