@@ -43,8 +43,9 @@ class DataArguments:
     max_answer_words: int = field(default=25, metadata={"help": "jokes: longest punchline kept, in words."})
     max_source_length: int = field(default=512, metadata={"help": "Source tokens; squad cuts the context, never the question."})
     max_target_length: int = field(default=64, metadata={"help": "Target tokens, and new tokens at generation."})
-    doc_stride: int = field(default=128, metadata={"help": "squad_extractive: tokens shared by the windows a long "
-                                                           "context is split into (under half of max_source_length)."})
+    doc_stride: int | None = field(default=None, metadata={
+        "help": "squad_extractive: tokens shared by the windows a long context is split into, under half of "
+                "max_source_length (default: 128, or a quarter of max_source_length where that is less)."})
     max_answer_length: int = field(default=30, metadata={"help": "squad_extractive: longest answer span, in tokens."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training records."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N validation records."})

@@ -185,7 +185,7 @@ def check_extractive(method: str, values: dict) -> None:
     if values.get("streaming", "false").lower() in ("true", "1"):
         raise PeftT5Error("--streaming with --task squad_extractive: not supported (a question becomes a varying "
                           "number of windows); drop --streaming")
-    stride, length = number("doc_stride", values.get("doc_stride", "128")), \
+    stride, length = number("doc_stride", values.get("doc_stride", "")), \
         number("max_source_length", values.get("max_source_length", "512"))
     if stride is not None and length is not None and not 0 <= stride < length // 2:
         raise PeftT5Error(f"--doc_stride {stride:g}: the windows of a context overlap by it, so it must be from 0 to "

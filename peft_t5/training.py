@@ -114,6 +114,8 @@ def run_training(settings: TrainSettings, held: ExitStack, callbacks: tuple = ()
     say(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
 
     lengths = dict(max_source_length=data_args.max_source_length, max_target_length=data_args.max_target_length)
+    if data_args.doc_stride is None:
+        data_args.doc_stride = min(128, data_args.max_source_length // 4)
     span_options = dict(doc_stride=data_args.doc_stride, max_answer_length=data_args.max_answer_length)
     if spans:
         train_dataset, stats = tokenize_windows(train_records, tokenizer, data_args.max_source_length,
