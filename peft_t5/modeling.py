@@ -254,9 +254,8 @@ def prepare_for_training(base: PreTrainedModel, method, settings: dict, total_st
 
 
 def has_span_head(model: torch.nn.Module) -> bool:
-    """A T5ForQuestionAnswering (or a PEFT model around one): answers are spans, not generated."""
-    return hasattr(model, "qa_outputs") or hasattr(getattr(model, "base_model", None), "qa_outputs") or \
-        any(name.endswith("qa_outputs") for name, _ in model.named_children())
+    """A T5ForQuestionAnswering (or a PEFT model around one, which passes the attribute on): answers are spans."""
+    return hasattr(model, "qa_outputs")
 
 
 def train_only_blocks(model: PreTrainedModel, blocks: dict[str, list[int]] | None,
