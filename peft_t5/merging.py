@@ -121,7 +121,7 @@ def merge(adapter: str, output_dir: str, model: str | None = None, dtype: str = 
     model = load_base_model(base_name, trust_pickle=trust_pickle, span_head=span_head)
     check_adapter_fits(model, adapter_dir, base_name)
     if qlora:  # the model as trained: the NF4 base + adapter
-        quantized = load_base_model(base_name, qlora=True, trust_pickle=trust_pickle)
+        quantized = load_base_model(base_name, qlora=True, trust_pickle=trust_pickle, span_head=span_head)
         if merge_into == "dequantized":
             dequantize_into(model, quantized)
         reference = probe_logits(peft_from_pretrained(quantized, adapter_dir), tokenizer)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import string
 from pathlib import Path
-from typing import Annotated, Any, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import (
     BaseModel,
@@ -37,8 +37,18 @@ class AdapterMetadata(BaseModel):
     max_source_length: Optional[Count] = None
     max_target_length: Optional[Count] = None
     qlora: Optional[StrictBool] = None
-    na_threshold: Optional[Annotated[Number, Field(ge=0, le=1)]] = None
+    head: Optional[Literal["lm", "span"]] = None  # span: an extractive adapter (T5ForQuestionAnswering)
+    doc_stride: Optional[Annotated[StrictInt, Field(ge=0)]] = None
+    max_answer_length: Optional[Count] = None
+    na_threshold: Optional[Number] = None  # a no-answer probability (0-1), or for a span head a logit margin
     metrics: Optional[dict[str, Any]] = None
+
+    @field_validator("na_threshold")
+    @classmethod
+    def threshold_of_its_kind(cls, threshold, info: ValidationInfo):
+        if threshold is not None and info.data.get("head") != "span" and not 0 <= threshold <= 1:
+            raise ValueError(f"{threshold} is a no-answer probability: it must be from 0 to 1")
+        return threshold
 
     @field_validator("task")
     @classmethod

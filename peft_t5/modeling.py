@@ -120,8 +120,9 @@ def base_is_sharded() -> bool:
             or os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3")
 
 
-def quantization_config():
-    """4-bit NF4 with double quantization; compute in bf16 where the hardware has it, else float32.
+def quantization_config(span_head: bool = False):
+    """4-bit NF4 with double quantization; compute in bf16 where the hardware has it, else float32. span_head: the
+    span head stays in full precision (it is new and trains, saved beside the adapter).
 
     FSDP and ZeRO-3 shard only floating-point tensors, so there the packed 4-bit weights are stored in the
     compute dtype (bnb_4bit_quant_storage) instead of uint8; the bytes are the same.
@@ -135,6 +136,7 @@ def quantization_config():
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute,
         bnb_4bit_quant_storage=compute if base_is_sharded() else torch.uint8,
+        **({"llm_int8_skip_modules": ["qa_outputs"]} if span_head else {}),
     )
 
 
@@ -190,10 +192,14 @@ def quantize(model: PreTrainedModel) -> PreTrainedModel:
 
     bitsandbytes quantizes on load, so the weights go through a temporary folder.
     """
+    from transformers import AutoModelForQuestionAnswering
+
     check_bitsandbytes()
+    span_head = has_span_head(model)
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
-        quantized = AutoModelForSeq2SeqLM.from_pretrained(tmp, quantization_config=quantization_config())
+        auto = AutoModelForQuestionAnswering if span_head else AutoModelForSeq2SeqLM
+        quantized = auto.from_pretrained(tmp, quantization_config=quantization_config(span_head))
     compute_as_in_training(quantized)
     return quantized
 
@@ -202,25 +208,20 @@ def load_base_model(name: str, qlora: bool = False, dtype: torch.dtype = torch.f
                     trust_pickle: bool = False, span_head: bool = False) -> PreTrainedModel:
     """A seq2seq base from a Hub id, a local folder or `tiny`; with qlora, its linear layers in 4-bit NF4; with
     span_head, as T5ForQuestionAnswering (its qa_outputs head new, unless the folder has one)."""
-    if span_head:
-        if qlora:
-            raise PeftT5Error("--qlora with a span head (squad_extractive) is not supported yet; drop --qlora")
-        return tiny_model(span_head=True).to(dtype) if name == TINY else \
-            _from_pretrained(name, trust_pickle, span_head=True, dtype=dtype)
     if qlora and name == TINY:
-        return quantize(tiny_model())
+        return quantize(tiny_model(span_head))
     if qlora:
         check_bitsandbytes()
-        config = quantization_config()
+        config = quantization_config(span_head)
         storage = config.bnb_4bit_quant_storage
         # a float storage (FSDP/ZeRO-3) needs the unquantized weights in that dtype too, or the shards mix dtypes
-        model = _from_pretrained(name, trust_pickle, quantization_config=config,
+        model = _from_pretrained(name, trust_pickle, span_head, quantization_config=config,
                                  **({"dtype": storage} if storage.is_floating_point else {}))
         compute_as_in_training(model)
         return model
     if name == TINY:
-        return tiny_model().to(dtype)
-    return _from_pretrained(name, trust_pickle, dtype=dtype)
+        return tiny_model(span_head).to(dtype)
+    return _from_pretrained(name, trust_pickle, span_head, dtype=dtype)
 
 
 def linear_module_names(model: torch.nn.Module) -> list[str]:

@@ -179,9 +179,6 @@ def check_extractive(method: str, values: dict) -> None:
     if method == "prompt_tuning":
         raise PeftT5Error("--method prompt_tuning with --task squad_extractive: its virtual tokens shift every "
                           "position the span head points at; choose lora, dora, ia3, adalora, vera or full")
-    if values.get("qlora", "false").lower() in ("true", "1"):
-        raise PeftT5Error("--qlora with --task squad_extractive: not supported yet (bitsandbytes would quantize the "
-                          "span head that trains); drop --qlora")
     if values.get("streaming", "false").lower() in ("true", "1"):
         raise PeftT5Error("--streaming with --task squad_extractive: not supported (a question becomes a varying "
                           "number of windows); drop --streaming")

@@ -166,7 +166,7 @@ def run_training(settings: TrainSettings, held: ExitStack, callbacks: tuple = ()
     meta = {
         "task": task.name, "base_model": model_args.model, "template": task.template,
         "truncate_field": task.truncate_field, "qlora": model_args.qlora,
-        "quantization": quantization_config().to_dict() if model_args.qlora else None,
+        "quantization": quantization_config(spans).to_dict() if model_args.qlora else None,
         "max_source_length": data_args.max_source_length, "max_target_length": data_args.max_target_length,
         "head": "span" if spans else "lm", **(span_options if spans else {}),
         "method": method.name, "settings": method_settings, "trainable_parameters": trainable,

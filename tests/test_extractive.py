@@ -90,7 +90,7 @@ def test_a_question_takes_the_best_span_of_its_windows_and_the_lowest_null_score
 def test_extractive_refusals_come_before_the_heavy_imports(tmp_path):
     cases = [(["--method", "prompt_tuning"], "--method prompt_tuning with --task squad_extractive: its virtual "
                                             "tokens shift every position"),
-             (["--qlora"], "--qlora with --task squad_extractive: not supported yet"),
+             (["--streaming"], "--streaming with --task squad_extractive: not supported"),
              (["--doc_stride", "300", "--max_source_length", "512"], "--doc_stride 300: the windows of a context "
                                                                      "overlap by it")]
     code = ("import sys; from peft_t5.cli import main\ntry:\n    rc = main(sys.argv[1:])\nexcept SystemExit as e:\n"
@@ -214,3 +214,28 @@ def test_other_methods_train_a_span_head_too(method, tmp_path):
     else:
         config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
         assert config["task_type"] == "QUESTION_ANS" and config["modules_to_save"] == ["qa_outputs"]
+
+
+def test_a_span_heads_threshold_is_a_logit_margin_and_any_other_a_probability():
+    from pathlib import Path
+
+    from peft_t5.errors import PeftT5Error
+    from peft_t5.metadata import check_metadata
+
+    assert check_metadata({"head": "span", "na_threshold": -2.5}, Path("a/peft_t5.json"))["na_threshold"] == -2.5
+    with pytest.raises(PeftT5Error, match=r"a/peft_t5.json: na_threshold: 3 is a no-answer probability: it must be "
+                                          r"from 0 to 1"):
+        check_metadata({"na_threshold": 3}, Path("a/peft_t5.json"))
+
+
+@pytest.mark.slow
+def test_qlora_trains_a_span_head_in_full_precision_on_the_4bit_base_and_merges(tmp_path):
+    import peft_t5
+
+    result = peft_t5.train(task="squad_extractive", qlora=True, output_dir=str(tmp_path / "a"),
+                           **{**QUICK, "sample_generations": 0})
+    meta = json.loads((tmp_path / "a" / "peft_t5.json").read_text())
+    assert meta["qlora"] and meta["quantization"]["llm_int8_skip_modules"] == ["qa_outputs"]
+    assert "eval_f1" in result.metrics
+    report = peft_t5.merge(str(tmp_path / "a"), str(tmp_path / "m"))
+    assert report.merge_into == "dequantized" and report.max_logit_diff <= report.tolerance
