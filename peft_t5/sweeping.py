@@ -275,10 +275,15 @@ def open_storage(url: str):
         raise PeftT5Error(f"--storage {shown_url(url)}: its database driver is not installed; pip install "
                           "'peft-t5[sweep-rdb]' (psycopg for PostgreSQL)") from None
     except Exception as e:  # SQLAlchemy's, the drivers' and the journal's errors
-        cause = " ".join(str(getattr(e, "orig", None) or e).split())[:300]
-        raise PeftT5Error(f"--storage {shown_url(url)}: cannot open the study there ({type(e).__name__}: {cause}); "
-                          "pass an Optuna storage URL that can be reached, e.g. postgresql://user@host/db or "
-                          "journal:/shared/sweep.log") from None
+        raise storage_error(url, e) from None
+
+
+def storage_error(url: str, e: Exception) -> PeftT5Error:
+    """A storage's failure (opening it, or the study in it) in one line: the storage, never its password, and why."""
+    cause = " ".join(str(getattr(e, "orig", None) or e).split())[:300]
+    return PeftT5Error(f"--storage {shown_url(url)}: cannot open the study there ({type(e).__name__}: {cause}); pass "
+                       "an Optuna storage URL that can be reached, e.g. postgresql://user@host/db or "
+                       "journal:/shared/sweep.log")
 
 
 class Sweep:
@@ -317,9 +322,7 @@ class Sweep:
                 shutil.rmtree(self.folder, ignore_errors=True)
             if isinstance(e, PeftT5Error):
                 raise
-            cause = " ".join(str(getattr(e, "orig", None) or e).split())[:300]
-            raise PeftT5Error(f"--storage {shown_url(self.storage_url)}: cannot open the study there "
-                              f"({type(e).__name__}: {cause}); pass an Optuna storage URL that can be reached") from None
+            raise storage_error(self.storage_url, e) from None
         mine = {k: v for k, v in asdict(self.config).items() if k != "path"}
         if created:
             self.study.set_user_attr("ready", False)
@@ -484,7 +487,7 @@ class Sweep:
         summary["overhead_share"] = round(max(wall - summary["trials_s"], 0) / wall, 4) if intervals and wall else None
         (self.folder / "sweep.json").write_text(json.dumps({"config": asdict(self.config), **summary}, indent=1)
                                                 + "\n", encoding="utf-8")
-        counts = {s.name: sum(t.state == s for t in trials) for s in TrialState if any(t.state == s for t in trials)}
+        counts = state_counts(trials)
         print(f"sweep: {', '.join(f'{n} {s.lower()}' for s, n in counts.items())}; {self.folder}/trials.md, "
               f"trials.csv and plots/ written")
         result = SweepResult(str(self.folder), counts)
@@ -496,9 +499,8 @@ class Sweep:
         if best is None:
             raise PeftT5Error(f"no trial completed, so there is nothing to retrain: {self.folder}/trials.md gives each "
                               "trial's reason")
-        flags = {**self.config.train, **{k: decode(v) for k, v in best.params.items()}}
-        where = f"{self.folder}/best" if here else \
-            adapter_location(best)
+        flags = retrain_flags(self.config, best)
+        where = f"{self.folder}/best" if here else adapter_location(best)
         print(f"best: trial {best.number}, {self.config.objective} {best.value:.4g}, {shown(best.params)}; adapter in "
               f"{where}; retrain it: {retrain_command(flags)}")
         result.best_trial, result.best_value, result.best_flags = best.number, best.value, flags
@@ -528,16 +530,26 @@ def report(storage: str, output_dir: str, study_name: str = "sweep") -> SweepRes
     folder.mkdir(parents=True, exist_ok=True)
     write_tables(trials, config, folder, best.number if best else None)
     plot_sweep(study, config, folder / "plots")
-    counts = {s.name: sum(t.state == s for t in trials) for s in TrialState if any(t.state == s for t in trials)}
+    counts = state_counts(trials)
     print(f"study '{study_name}': {', '.join(f'{n} {s.lower()}' for s, n in counts.items())} of {config.trials} "
           f"trials; {folder}/trials.md, trials.csv and plots/ written")
     result = SweepResult(str(folder), counts)
     if best is not None:
-        flags = {**config.train, **{k: decode(v) for k, v in best.params.items()}}
+        flags = retrain_flags(config, best)
         print(f"best so far: trial {best.number}, {config.objective} {best.value:.4g}, adapter at "
               f"{adapter_location(best)}; retrain it: {retrain_command(flags)}")
         result.best_trial, result.best_value, result.best_flags = best.number, best.value, flags
     return result
+
+
+def state_counts(trials) -> dict[str, int]:
+    """How many trials are in each state, for the states some trial is in."""
+    return {s.name: sum(t.state == s for t in trials) for s in TrialState if any(t.state == s for t in trials)}
+
+
+def retrain_flags(config: SweepConfig, best) -> dict:
+    """The train flags of a trial: the fixed ones and its drawn values."""
+    return {**config.train, **{k: decode(v) for k, v in best.params.items()}}
 
 
 def adapter_location(trial) -> str:
