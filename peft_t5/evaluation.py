@@ -145,7 +145,7 @@ def predict_spans(model, tokenizer, task: Task, records: list[dict], batch_size:
     from .extractive import answer_records
 
     found = answer_records(model, tokenizer, records, max_source_length, doc_stride, max_answer_length, batch_size)
-    return [a.text for a in found], [min(a.null_margin, 1e9) for a in found]
+    return [a.text for a in found], [a.na_score for a in found]
 
 
 def squad_subset(articles: list[dict], ids: set[str]) -> list[dict]:

@@ -96,6 +96,11 @@ class SpanAnswer:
     def answer(self, threshold: float = 0.0) -> str:
         return "" if self.null_margin > threshold else self.text
 
+    @property
+    def na_score(self) -> float:
+        """The margin as the official scorer's no-answer file holds it: finite (JSON has no infinity)."""
+        return min(self.null_margin, 1e9)
+
 
 def best_spans(records: list[dict], wins: Windows, start_logits, end_logits, n_best: int = 20,
                max_answer_length: int = 30) -> list[SpanAnswer]:
@@ -127,7 +132,7 @@ def extractive_scores(records: list[dict], spans: list[SpanAnswer], threshold: f
     references = [r["answers"] for r in records]
     scores = squad_v2_scores([s.answer(threshold) for s in spans], references)
     best = squad_v2_scores([s.text for s in spans], references,
-                           na_probs=[min(s.null_margin, 1e9) for s in spans])
+                           na_probs=[s.na_score for s in spans])
     return {**scores, **{k: v for k, v in best.items() if k.startswith("best_")}}
 
 
