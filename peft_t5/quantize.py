@@ -1,14 +1,19 @@
-"""int8 for serving on a CPU: the frozen base's linear layers become dynamic int8 (weights int8 per channel,
-activations quantized per batch), LoRA's A and B stay in float32 beside them.
+"""int8 for serving on a CPU: the base's linear layers become Int8Linear, weights int8 per output channel, each row
+of activations quantized to int8 with a scale of its own (as CTranslate2 does: a row's answer never depends on the
+rows it shares a step with), the matmul int8 x int8 in oneDNN (AMX or VNNI where the CPU has them).
 
-    quantize_int8(*bank.models())   # after the adapters are loaded or before: new adapters wrap the int8 layers too
+    quantize_int8(*bank.models())   # after the adapters are loaded or before: PEFT wraps Int8Linear as it wraps
+                                    # nn.Linear, so adapters loaded later (on demand) sit on the int8 layers too
 
-PyTorch's dynamic quantization (torch.ao) is what runs int8 matmuls on a CPU without extra packages; it is marked
-deprecated in favour of torchao, which is why its one warning is silenced here.
+Eagerly, a layer calls oneDNN's qlinear on its prepacked weight. Inside torch.compile it is written as the
+dequantize -> linear pattern that inductor lowers to the same qlinear with the weight prepacked once and frozen
+(the path torchao's int8 dynamic quantization takes on a CPU); the row scales stay outside the pattern, applied to
+its output. This replaces torch.ao's dynamic quantization (deprecated; per-batch activation scales; a layer PEFT
+cannot wrap).
 """
 from __future__ import annotations
 
-import warnings
+import functools
 
 import torch
 from torch import nn
@@ -16,31 +21,110 @@ from torch import nn
 from .errors import PeftT5Error
 
 
-def quantize_int8(*models: nn.Module) -> int:
-    """Replace every float nn.Linear of the base (not LoRA's own) by a dynamic int8 one; returns how many. Models
-    that share a layer (an AdapterBank's, see bank.models()) get one int8 layer for it."""
-    from torch.ao.nn.quantized.dynamic import Linear as Int8Linear
-    from torch.ao.quantization import per_channel_dynamic_qconfig
+class Int8Linear(nn.Linear):
+    """An nn.Linear holding its weight as int8 with one float scale per output channel."""
 
-    if not torch.backends.quantized.supported_engines or torch.cuda.is_available() and next(
-            models[0].parameters()).is_cuda:
-        raise PeftT5Error("--quantize int8: dynamic int8 runs on a CPU; on a GPU serve the base in bf16 instead")
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        nn.Module.__init__(self)  # not nn.Linear's: it would make a float weight first
+        weight = weight.detach().float()
+        self.out_features, self.in_features = weight.shape
+        scale = weight.abs().amax(1).clamp(min=1e-12) / 127
+        self.weight = nn.Parameter((weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8),
+                                   requires_grad=False)
+        self.register_buffer("weight_scale", scale)
+        self.register_buffer("weight_zero_point", torch.zeros(self.out_features, dtype=torch.long), persistent=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+        self._packed: tuple | None = None  # (weight, oneDNN's layout of it)
+
+    @classmethod
+    def of(cls, linear: nn.Linear) -> "Int8Linear":
+        return cls(linear.weight, linear.bias)
+
+    def set_weight(self, weight: torch.Tensor, scale: torch.Tensor) -> None:
+        """Hold these int8 values and scales (views into a fused weight, see serve/t5_runner.py)."""
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.weight_scale = scale
+        self._packed = None
+
+    def packed(self) -> torch.Tensor:
+        if self._packed is None or self._packed[0] is not self.weight:
+            self._packed = (self.weight, torch.ops.onednn.qlinear_prepack(self.weight.detach(), None))
+        return self._packed[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_linear(x, self)
+
+    # PEFT reads a quantized layer's float weight through dequantize() where a W_q attribute says it has one (its
+    # hook for HQQ): DoRA needs the weight itself, merging and PEFT's checks too
+    @property
+    def W_q(self) -> torch.Tensor:  # noqa: N802 (PEFT's name)
+        return self.weight
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight.float() * self.weight_scale[:, None]
+
+
+def int8_linear(x: torch.Tensor, layer: Int8Linear) -> torch.Tensor:
+    """x @ W.T with x quantized per row (symmetric int8, its own scale) and W int8 per channel."""
+    shape, dtype = x.shape, x.dtype
+    x = x.reshape(-1, shape[-1]).float()
+    scale = x.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127
+    q = (x / scale).round().clamp(-127, 127).to(torch.int8)
+    if torch.compiler.is_compiling():
+        decomposed = torch.ops.quantized_decomposed
+        y = torch.nn.functional.linear(
+            decomposed.dequantize_per_tensor.default(q, 1.0, 0, -128, 127, torch.int8),
+            decomposed.dequantize_per_channel.default(layer.weight, layer.weight_scale, layer.weight_zero_point, 0,
+                                                      -128, 127, torch.int8))
+    else:
+        y = torch.ops.onednn.qlinear_pointwise(q, 1.0, 0, layer.packed(), layer.weight_scale,
+                                               layer.weight_zero_point, None, 1.0, 0, torch.float32, "none", [], "")
+    y = y * scale
+    if layer.bias is not None:
+        y = y + layer.bias
+    return y.reshape(*shape[:-1], layer.out_features).to(dtype)
+
+
+@functools.lru_cache(maxsize=1)
+def int8_path() -> str:
+    """What runs the int8 matmuls on this CPU (said at start and in /metrics); PeftT5Error where nothing can."""
+    import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers the quantized_decomposed ops)
+
+    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.onednn, "qlinear_pointwise"):
+        raise PeftT5Error("--quantize int8 needs PyTorch with oneDNN (an x86 build); serve in float32 or bfloat16")
+    try:  # a round trip on a small matrix: the build has the kernels
+        layer = Int8Linear(torch.eye(16))
+        if not torch.allclose(layer(torch.eye(16)), torch.eye(16), atol=0.02):
+            raise RuntimeError("wrong values")
+    except RuntimeError as e:
+        raise PeftT5Error(f"--quantize int8: oneDNN's int8 matmul fails here ({str(e).splitlines()[0]}); serve in "
+                          "float32 or bfloat16") from None
+    cpu = torch.cpu
+    isa = ("AMX-INT8" if cpu._is_amx_tile_supported() else "AVX512-VNNI" if cpu._is_vnni_supported()
+           else torch.backends.cpu.get_cpu_capability())
+    return f"oneDNN int8 ({isa}), activations quantized per row"
+
+
+def quantize_int8(*models: nn.Module) -> int:
+    """Replace every float nn.Linear of the base (not an adapter's own) by an Int8Linear; returns how many. Models
+    that share a layer (an AdapterBank's, see bank.models()) get one Int8Linear for it."""
+    if torch.cuda.is_available() and next(models[0].parameters()).is_cuda:
+        raise PeftT5Error("--quantize int8: int8 runs on a CPU; on a GPU serve the base in bf16 instead")
+    int8_path()
     targets = [(parent, name, child) for model in models for parent in model.modules()
                for name, child in parent.named_children()
                if type(child) is nn.Linear and not is_adapter_weight(parent)]
     replaced: dict[int, nn.Module] = {}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*deprecated", category=UserWarning)
-        warnings.filterwarnings("ignore", message=".*torch.ao.quantization.*deprecated", category=DeprecationWarning)
+    with torch.inference_mode(False), torch.no_grad():
         for parent, name, child in targets:
             if id(child) not in replaced:
-                child.qconfig = per_channel_dynamic_qconfig
-                replaced[id(child)] = Int8Linear.from_float(child.float())
+                replaced[id(child)] = Int8Linear.of(child)
             setattr(parent, name, replaced[id(child)])
-    targets = parent = child = None  # no float layer may stay referenced (nor raise when there were none)
-    with torch.inference_mode(False), torch.no_grad():  # (a clone made in inference mode could not be trained)
+        targets = parent = child = None  # no float layer may stay referenced (nor raise when there were none)
+        # (a clone made in inference mode could not be trained)
         for param in {id(p): p for model in models for p in model.parameters()}.values():
-            param.data = param.data.clone()  # out of the checkpoint's memory map, so that the map, and in it the
+            if param.is_floating_point():
+                param.data = param.data.clone()  # out of the checkpoint's memory map, so that the map, and in it the
     return len(replaced)  # float weights just quantized, leave memory (else they stay resident: 230 MB for t5-small)
 
 
