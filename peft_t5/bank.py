@@ -44,8 +44,10 @@ class AdapterBank:
     base_meta: dict = field(default_factory=dict)  # a whole fine-tuned model's peft_t5.json (its task and prompt)
 
     @classmethod
-    def load(cls, base, adapters: dict[str, str], qlora: bool = False, trust_pickle: bool = False) -> "AdapterBank":
-        """base: a Hub id, folder or `tiny` (None: the base recorded in the first adapter), or a loaded model."""
+    def load(cls, base, adapters: dict[str, str], qlora: bool = False, trust_pickle: bool = False,
+             dtype: str = "float32") -> "AdapterBank":
+        """base: a Hub id, folder or `tiny` (None: the base recorded in the first adapter), or a loaded model;
+        dtype: the base's weights when it is loaded here (float32 or bfloat16)."""
         from transformers import AutoTokenizer
 
         from .modeling import load_base_model, load_tokenizer
@@ -67,7 +69,9 @@ class AdapterBank:
                 raise PeftT5Error(f"{adapters[first]}: no base model recorded; pass the base explicitly")
         for name, path in adapters.items():  # every folder checked before the base loads
             check_generates(read_metadata(path, trust_pickle), path)
-        model = (load_base_model(base_name, qlora=qlora, trust_pickle=trust_pickle)
+        import torch
+
+        model = (load_base_model(base_name, qlora=qlora, trust_pickle=trust_pickle, dtype=getattr(torch, dtype))
                  if isinstance(base, str) or base is None else base)
         model.eval()
         bank = cls(None, tokenizer or load_tokenizer(base_name), base_name=base_name, base=shared_layers(model),

@@ -107,7 +107,7 @@ def test_resume_refuses_a_checkpoint_whose_weights_are_of_another_method(root, t
 
 def serve(root, **settings):
     app = create_app(AdapterBank.load("tiny", {"jokes": str(root / "jokes")}),
-                     ServeSettings(adapter_root=str(root), **settings))
+                     ServeSettings(compile=False, adapter_root=str(root), **settings))
     return app, running(app)
 
 

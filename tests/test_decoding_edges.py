@@ -38,7 +38,7 @@ def test_no_filter_at_its_open_bound_leaves_an_empty_or_improbable_choice():
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     adapter = make_adapter(tmp_path_factory.mktemp("edges") / "jokes", "jokes", 1)
-    app = create_app(AdapterBank.load("tiny", {"jokes": adapter}), ServeSettings(max_new_tokens=4000,
+    app = create_app(AdapterBank.load("tiny", {"jokes": adapter}), ServeSettings(compile=False, max_new_tokens=4000,
                                                                                  max_request_tokens=20_000))
     with running(app) as url:
         yield url

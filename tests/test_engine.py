@@ -108,8 +108,9 @@ def bank(tmp_path_factory):
 
 
 def run(coroutine_fn, bank, **engine_options):
+    """coroutine_fn(engine) on a started engine: the eager step (the compiled one is test_compiled.py's)."""
     async def main():
-        engine = Engine(bank, **engine_options)
+        engine = Engine(bank, **{"compile": False, **engine_options})
         engine.start()
         try:
             return await coroutine_fn(engine)

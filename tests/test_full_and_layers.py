@@ -54,7 +54,7 @@ def test_full_trains_saves_a_whole_model_that_reloads_and_serves_as_a_base(tmp_p
            "--eval_strategy", "no", "--load_best_model_at_end", "false"])
     assert json.loads((lora / "peft_t5.json").read_text())["base_model"] == str(full)
     expected = generate_py(capsys, {"jokes": str(lora)}, "jokes")
-    with running(create_app(AdapterBank.load(None, {"jokes": str(lora)}), ServeSettings())) as url:
+    with running(create_app(AdapterBank.load(None, {"jokes": str(lora)}), ServeSettings(compile=False))) as url:
         reply = httpx.post(url + "/v1/generate", timeout=60, json={"adapter": "jokes", "inputs": QUESTIONS,
                                                                     "max_new_tokens": 8})
     assert [o["output"] or "(empty output)" for o in reply.json()["outputs"]] == expected
@@ -131,7 +131,7 @@ def test_a_whole_model_answers_alone_in_generate_evaluate_serve_and_export(tmp_p
     bank = AdapterBank.load(str(full), {})
     assert bank.names == ["base"] and bank.generate("base", QUESTIONS, max_new_tokens=8) == [
         "" if e == "(empty output)" else e for e in expected]
-    with running(create_app(bank, ServeSettings())) as url:
+    with running(create_app(bank, ServeSettings(compile=False))) as url:
         reply = httpx.post(url + "/v1/completions", timeout=60, json={"model": "base", "prompt": QUESTIONS[0],
                                                                        "max_tokens": 8})
     assert reply.status_code == 200 and (reply.json()["choices"][0]["text"] or "(empty output)") == expected[0]

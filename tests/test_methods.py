@@ -161,7 +161,7 @@ def test_one_server_decodes_every_method_beside_the_others_as_generate_py_does_a
         return httpx.post(url + "/v1/generate", timeout=300, json={
             "adapter": adapter, "inputs": QUESTIONS, "max_new_tokens": 8,
             **({"prompt_of": "lora"} if adapter == "base" else {})})
-    app = create_app(bank, ServeSettings(max_rows=5, max_rows_per_request=2))
+    app = create_app(bank, ServeSettings(compile=False, max_rows=5, max_rows_per_request=2))
     engine = app.state.engine
     with running(app) as url, ThreadPoolExecutor(8) as pool:
         with engine.holding():  # the first step starts once every request waits

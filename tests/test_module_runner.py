@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 
 from peft_t5.modeling import tiny_model
-from peft_t5.serve.t5_runner import BASE_ADAPTER, DORA_SCALES, PackedHead, RowLora, T5Runner, linear, norm
+from peft_t5.serve.module_runner import BASE_ADAPTER, DORA_SCALES, ModuleRunner, PackedHead, RowLora, linear, norm
 
 NAMES = ["one", "two", BASE_ADAPTER, "two", "one"]
 
@@ -98,7 +98,7 @@ def test_the_fused_norm_equals_t5s_bit_for_bit():
 def test_slots_grown_mid_decoding_keep_every_active_rows_state(mixed):
     """Rows, self-attention length and source length all outgrow a runner's first slots while rows decode (the
     slots are then grown layer by layer, in place): the logits equal a runner that never had to grow."""
-    def decode(runner: T5Runner) -> list[torch.Tensor]:
+    def decode(runner: ModuleRunner) -> list[torch.Tensor]:
         logits, tokens, names = [], torch.zeros(1, dtype=torch.long), ["one"]
         runner.add([[5, 6, 1]], names)
         for step in range(20):
@@ -109,9 +109,9 @@ def test_slots_grown_mid_decoding_keep_every_active_rows_state(mixed):
             tokens = logits[-1].argmax(-1)
         return logits
 
-    small = T5Runner(mixed, capacity=1)
+    small = ModuleRunner(mixed, capacity=1)
     first_slots = small.capacity
-    large = T5Runner(mixed, capacity=4)
+    large = ModuleRunner(mixed, capacity=4)
     large._allocate(4, 32, 64)
     grown, kept = decode(small), decode(large)
     assert small.capacity > first_slots and all(a > b for a, b in zip(small.capacity, first_slots))

@@ -58,7 +58,7 @@ def loaded(url) -> list[str]:
 
 def server_app(root, **settings):
     bank = AdapterBank.load("tiny", {"pinned": str(root / "pinned")})
-    return create_app(bank, ServeSettings(api_key=KEY, adapter_root=str(root), **settings))
+    return create_app(bank, ServeSettings(compile=False, api_key=KEY, adapter_root=str(root), **settings))
 
 
 def serve(root, **settings):

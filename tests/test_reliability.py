@@ -426,7 +426,7 @@ def test_a_server_refuses_wrong_typed_adapter_folders_and_keeps_answering(adapte
     for name, change, _ in WRONG_TYPES:
         broken_copy(adapter, tmp_path, name, change)
     with running(create_app(AdapterBank.load("tiny", {"jokes": str(adapter)}),
-                            ServeSettings(adapter_root=str(tmp_path)))) as url:
+                            ServeSettings(compile=False, adapter_root=str(tmp_path)))) as url:
         for name, _, message in WRONG_TYPES:
             reply = httpx.post(url + "/v1/adapters", json={"name": name, "path": name})
             assert reply.status_code == 422 and message in reply.json()["error"], reply.text

@@ -62,7 +62,7 @@ def server(root, tmp_path_factory):
     bank = AdapterBank.load("tiny", {"jokes": str(root / "jokes"), "squad": str(root / "squad")})
     questions = [{"question": q, "answer": ""} for q in JOKES[:3]]
     ratings = tmp_path_factory.mktemp("ratings") / "ratings.db"
-    settings = ServeSettings(api_key=KEY, adapter_root=str(root), max_inputs=8,
+    settings = ServeSettings(compile=False, api_key=KEY, adapter_root=str(root), max_inputs=8,
                              rate_questions=questions, rate_systems=["base", "jokes"], ratings=str(ratings))
     app = create_app(bank, settings)
     with running(app) as url:

@@ -18,7 +18,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # litellm would f
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
     bank = AdapterBank.load("tiny", {"jokes": make_adapter(root / "jokes", "jokes", 1)})
-    with running(create_app(bank, ServeSettings(api_key=KEY, request_timeout=60))) as url:
+    with running(create_app(bank, ServeSettings(compile=False, api_key=KEY, request_timeout=60))) as url:
         yield url
 
 

@@ -31,7 +31,7 @@ def serve(root, tmp_path, **options):
     bank = AdapterBank.load("tiny", {"jokes": str(root / "jokes"), "squad": str(root / "squad")})
     options = {"api_key": KEY, "adapter_root": str(root), "rate_questions": [{"question": q} for q in JOKES[:2]],
                "ratings": str(tmp_path / "ratings.db"), **options}
-    return running(create_app(bank, ServeSettings(**options)))
+    return running(create_app(bank, ServeSettings(compile=False, **options)))
 
 
 def errors_counted(url: str, status: int) -> float:

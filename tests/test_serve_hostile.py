@@ -27,7 +27,7 @@ def adapter(tmp_path_factory):
 
 def serve(adapter, **options):
     bank = AdapterBank.load("tiny", {"jokes": adapter})
-    return running(create_app(bank, ServeSettings(api_key=KEY, **options)))
+    return running(create_app(bank, ServeSettings(compile=False, api_key=KEY, **options)))
 
 
 def gauge(url: str, name: str, headers: dict = AUTH) -> float:
@@ -48,7 +48,7 @@ def raw_request(url: str, method: str, path: str, body: bytes = b"", headers: di
 def test_clients_that_hang_up_free_their_rows_within_a_step(adapter):
     long = json.dumps({"adapter": "jokes", "inputs": ["why?", "what?", "who?", "how?"], "max_new_tokens": 4000,
                        "min_new_tokens": 3990}).encode()
-    app = create_app(AdapterBank.load("tiny", {"jokes": adapter}), ServeSettings(
+    app = create_app(AdapterBank.load("tiny", {"jokes": adapter}), ServeSettings(compile=False,
         api_key=KEY, max_new_tokens=4000, max_request_tokens=20_000, request_timeout=600))
     engine = app.state.engine
     with running(app) as url:

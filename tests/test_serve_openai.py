@@ -17,7 +17,7 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
     bank = AdapterBank.load("tiny", {"jokes": make_adapter(root / "jokes", "jokes", 1),
                                      "squad": make_adapter(root / "squad", "squad", 2)})
-    settings = ServeSettings(api_key=KEY, max_inputs=8, max_request_tokens=4000, request_timeout=20)
+    settings = ServeSettings(compile=False, api_key=KEY, max_inputs=8, max_request_tokens=4000, request_timeout=20)
     with running(create_app(bank, settings)) as url:
         yield url
 
@@ -100,7 +100,7 @@ def test_a_request_over_the_cost_limit_is_refused_before_it_runs(server):
 
 def test_a_request_past_the_timeout_gets_a_504_and_the_server_goes_on(tmp_path):
     bank = AdapterBank.load("tiny", {"jokes": make_adapter(tmp_path / "jokes", "jokes", 1)})
-    app = create_app(bank, ServeSettings(request_timeout=0.2, max_new_tokens=4000, max_request_tokens=100_000))
+    app = create_app(bank, ServeSettings(compile=False, request_timeout=0.2, max_new_tokens=4000, max_request_tokens=100_000))
     with running(app) as url:
         with app.state.engine.holding():  # it cannot end before its deadline, however fast the machine
             slow = httpx.post(url + "/v1/generate", json={"adapter": "jokes", "inputs": JOKES, "max_new_tokens": 4000},

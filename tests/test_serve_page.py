@@ -40,7 +40,7 @@ def site(tmp_path_factory):
     bank = AdapterBank.load("tiny", {"jokes": make_adapter(root / "jokes", "jokes", 1),
                                      "squad": make_adapter(root / "squad", "squad", 2)})
     questions = [{"question": q, "answer": ""} for q in ["<b id='injected'>bold?</b>", *JOKES[:1]]]
-    settings = ServeSettings(api_key=KEY, rate_questions=questions, rate_systems=["base", "jokes"],
+    settings = ServeSettings(compile=False, api_key=KEY, rate_questions=questions, rate_systems=["base", "jokes"],
                              ratings=str(tmp_path_factory.mktemp("r") / "ratings.db"))
     with running(create_app(bank, settings)) as url:
         yield url, bank
@@ -114,7 +114,7 @@ def test_the_rate_tab_says_it_is_working_while_the_first_outputs_generate(browse
 
     monkeypatch.setattr(AdapterBank, "generate_sources", held)
     bank = AdapterBank.load("tiny", {"jokes": make_adapter(tmp_path / "jokes", "jokes", 1)})
-    settings = ServeSettings(api_key=KEY, rate_questions=[{"question": "Why?"}], ratings=str(tmp_path / "r.db"))
+    settings = ServeSettings(compile=False, api_key=KEY, rate_questions=[{"question": "Why?"}], ratings=str(tmp_path / "r.db"))
     with running(create_app(bank, settings)) as url:
         browser.get(f"{url}/?key={KEY}")
         wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#systems input"))

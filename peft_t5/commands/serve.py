@@ -24,7 +24,18 @@ def build_parser():
     parser.add_argument("--max_loaded_adapters", type=int,
                         help="With --adapter_root: adapters held at once; to load another, the least recently used "
                              "one not named at start and not in use is unloaded (default: no bound)")
-    parser.add_argument("--quantize", choices=["int8"], help="int8: the base's linear layers in dynamic int8 (CPU)")
+    parser.add_argument("--quantize", choices=["int8"],
+                        help="int8: the base's linear layers in int8, activations quantized per row (CPU, oneDNN)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="The base's weights (default float32); bfloat16 on a GPU or a CPU with AMX or "
+                             "AVX512-BF16: half the memory, faster matmuls, answers that differ slightly")
+    parser.add_argument("--compile", choices=["on", "off"], default="on",
+                        help="on (default): the decoder step of base and LoRA rows compiled with torch.compile, "
+                             "eager until it is; off: the eager step only, the reference the compiled one is tested "
+                             "against")
+    parser.add_argument("--compile_cache", metavar="DIR",
+                        help="Where the compiled step's kernels are kept, so that a restart builds none again "
+                             "(default: ~/.cache/peft-t5/inductor, or TORCHINDUCTOR_CACHE_DIR)")
     parser.add_argument("--max_rows", type=int, default=64, help="Rows decoding at once (default 64)")
     parser.add_argument("--max_rows_per_request", type=int, default=8,
                         help="Rows of one request decoding at once, so that one large request cannot slow "
@@ -59,6 +70,7 @@ def parse_args(argv: list[str]) -> dict:
     """serve's keywords from its flags (--adapter NAME=FOLDER, repeated, as {name: folder})."""
     settings = vars(parse_flags(build_parser(), argv))
     settings["adapters"] = parse_adapter_specs(settings.pop("adapter"))
+    settings["compile"] = settings["compile"] == "on"
     return settings
 
 

@@ -19,7 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
@@ -60,6 +60,8 @@ class ServeSettings:
     read_timeout: float = 30.0  # seconds to receive a request's head, and then its body; then the connection closes
     limit_concurrency: int = 512  # open connections; beyond, requests get 503 (uvicorn's setting)
     shutdown_timeout: float = 10.0  # on SIGTERM: seconds rows in flight may take to finish; then they are cut
+    compile: bool = True  # the base-and-LoRA lane's decoder step compiled (eager until then); False: eager only
+    compile_cache: str | None = None  # where inductor keeps what it builds (None: TORCHINDUCTOR_CACHE_DIR or its own)
 
     @property
     def max_body_bytes(self) -> int:
@@ -98,6 +100,12 @@ class Metrics:
                                registry=r, buckets=(.05, .1, .25, .5, 1, 2.5, 5, 10))
         self.evictions = Counter("peft_t5_adapter_evictions", "Adapters unloaded to make room (--max_loaded_adapters)",
                                  registry=r)
+        self.engine = Info("peft_t5_engine", "How the engine computes: its decoder step, the base's weights and "
+                                             "what runs int8 matmuls", registry=r)
+        self.compiled = Gauge("peft_t5_step_compiled", "The decoder step's graph for this many rows is compiled "
+                                                       "(1), or failed and runs eagerly (-1)", ["rows"], registry=r)
+        self.compile_seconds = Gauge("peft_t5_step_compile_seconds", "Seconds the decoder step's graph took to "
+                                                                     "compile", ["rows"], registry=r)
 
     def adapter_loaded(self, seconds: float) -> None:
         self.loads.observe(seconds)
@@ -109,6 +117,12 @@ class Metrics:
     def step(self, rows: int, seconds: float) -> None:
         self.step_rows.observe(rows)
         self.steps.observe(seconds)
+
+    def step_compiled(self, kind: str, seconds: float | None, error: str | None) -> None:
+        rows = "1" if kind == "one" else "2+"
+        self.compiled.labels(rows).set(-1 if error else 1)
+        if seconds is not None:
+            self.compile_seconds.labels(rows).set(seconds)
 
 
 def field_name(loc: tuple) -> str:
@@ -288,7 +302,10 @@ def replay(messages: list[dict], receive):
 def make_engine(bank: AdapterBank, settings: ServeSettings, metrics: Metrics) -> Engine:
     engine = Engine(bank, settings.max_rows, settings.max_queue_rows,
                     max_rows_per_request=settings.max_rows_per_request, threads=settings.threads,
-                    on_step=metrics.step)
+                    on_step=metrics.step, compile=settings.compile, compile_cache=settings.compile_cache,
+                    on_compiled=metrics.step_compiled)
+    metrics.engine.info(engine.describe())
+    logger.info("engine: %s", ", ".join(f"{k} {v}" for k, v in engine.describe().items()))
     metrics.active_rows.set_function(lambda: engine.active_rows)  # read when /metrics is scraped
     metrics.queued_rows.set_function(lambda: engine.waiting_rows)
     return engine

@@ -12,9 +12,10 @@ round-robin across requests, so a small request gets a slot beside a large one. 
 are rows admitted together, its source encoded once. How each row's next token is chosen (greedy, sampling, beam
 groups) is decoding.py's; greedy and beam outputs equal `generate()`'s.
 
-Rows step in lanes: rows of LoRA adapters and the base share one forward pass (each row's LoRA: t5_runner.RowLora),
-rows of each other adapter take a pass of their own through its PeftModel's layers in the same step (a
-prompt-tuning adapter's soft prompt goes before its sources); no method waits for another's request to end.
+Rows step in lanes: rows of LoRA adapters and the base share one pass over static buffers (t5_runner.T5Runner:
+each row's LoRA from a slot), compiled (compiled.py) unless compile=False; rows of each other adapter take a pass of
+their own through its PeftModel's layers in the same step (module_runner.py, eager; a prompt-tuning adapter's soft
+prompt goes before its sources); no method waits for another's request to end.
 
 One thread owns the model: it runs the steps and, between them, whatever else must touch the model (loading and
 unloading adapters, on_demand.py).
@@ -24,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import copy
+import logging
 import threading
 import time
 from collections import deque
@@ -33,9 +35,13 @@ from dataclasses import dataclass, field
 import torch
 
 from ..bank import BASE, AdapterBank
+from .compiled import CompiledStep
 from .decoding import GREEDY, BeamGroup, Sampling, choose, generator_for
 from .failures import AdapterGone, Busy, DeadlineExceeded, Stopping, TooLarge
-from .t5_runner import T5Runner
+from .module_runner import ModuleRunner
+from .t5_runner import T5Runner, slot_problem, static_problem
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -124,7 +130,7 @@ class Row:
 class Lane:
     """Rows that step in one forward pass through one PEFT model's layers: each row through its own adapter (methods
     PEFT mixes per row, and the base), or all through one adapter made active before the pass (the others)."""
-    runner: T5Runner
+    runner: T5Runner | ModuleRunner
     holder: object  # the PeftModel (or the bare base) whose module tree the rows run through
     adapter: str | None  # the PEFT adapter to make active; None: PEFT's adapter_names, one per row
     mixed: bool  # rows pass adapter_names
@@ -139,7 +145,7 @@ class Lane:
 class Engine:
     def __init__(self, bank: AdapterBank, max_rows: int = 64, max_queue_rows: int = 1024,
                  max_encode_tokens: int = 512, max_rows_per_request: int | None = 8, threads: int | None = None,
-                 on_step=None):
+                 on_step=None, compile: bool = True, compile_cache: str | None = None, on_compiled=None):
         self.bank, self.max_rows, self.max_queue_rows = bank, max_rows, max_queue_rows
         self.max_rows_per_request = max_rows_per_request or max_rows
         self.threads = threads  # torch's threads on the model thread (see model_thread_threads)
@@ -148,6 +154,11 @@ class Engine:
         # a fast tokenizer is not thread-safe: the event loop encodes with one copy, the model thread decodes with another
         self.encoder_tokenizer, self.tokenizer = copy.deepcopy(bank.tokenizer), copy.deepcopy(bank.tokenizer)
         self.lanes: dict[tuple, Lane] = {}
+        # the base-and-LoRA lane's runner and its compiled step live as long as the engine (a lane comes and goes)
+        self.static: T5Runner | None = None
+        self.static_problem = static_problem(bank.base)  # None: base and LoRA rows run on static buffers
+        self.compiled = CompiledStep(compile_cache, on_compiled) if compile and not self.static_problem else None
+        self.warmed: concurrent.futures.Future = concurrent.futures.Future()  # the start's compile requests are made
         config = bank.base.config
         self.start_token, self.eos = config.decoder_start_token_id, config.eos_token_id
         self.waiting: dict[Request, deque[Row]] = {}  # per request, its rows not yet admitted (round-robin order)
@@ -159,12 +170,34 @@ class Engine:
         self.admitting = True  # False once the server stops: new and waiting requests get Stopping
         self.thread: threading.Thread | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.said: set[str] = set()  # adapters whose own lane was logged
+
+    def describe(self) -> dict[str, str]:
+        """How this engine computes (the log and /metrics say it): the decoder step, the weights, int8's path."""
+        from ..quantize import Int8Linear, int8_path
+
+        int8 = any(isinstance(m, Int8Linear) for m in self.bank.base.modules())
+        step = ("compiled (torch.compile, inductor)" if self.compiled is not None else
+                "eager (--compile off)" if self.static_problem is None else f"eager: {self.static_problem}")
+        return {"step": step, "weights": "int8" if int8 else str(self.bank.base.dtype).removeprefix("torch."),
+                "int8": int8_path() if int8 else "off"}
 
     # --- the event loop's side -------------------------------------------------------------------------------
     def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.thread = threading.Thread(target=self._run, daemon=True, name="peft-t5-model")
         self.thread.start()
+        if self.compiled is not None:  # compile while the server has nothing to do yet (asked on the model
+            with self.wake:  # thread: graphs are built for its torch threads)
+                self.controls.append((self._warm, (), self.warmed))
+                self.wake.notify_all()
+
+    def wait_compiled(self, timeout: float = 600.0) -> None:
+        """Block this thread until the graphs of the compiled step asked for so far are ready (or failed): those
+        asked for as the engine started, and any a new layout of LoRA stacks needed since."""
+        if self.compiled is not None:
+            self.warmed.result(timeout)
+            self.compiled.wait(timeout)
 
     def stop_admitting(self) -> None:
         """On the event loop, when the server begins to stop: requests not yet decoding fail with Stopping (503);
@@ -189,6 +222,8 @@ class Engine:
             self.wake.notify_all()
         if self.thread:
             await asyncio.get_running_loop().run_in_executor(None, self.thread.join, 30)
+        if self.compiled is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.compiled.close)
 
     @property
     def waiting_rows(self) -> int:
@@ -385,28 +420,58 @@ class Engine:
                 lanes.setdefault(id(lane), (lane, []))[1].append(row)
         for lane, rows in lanes.values():
             lane.activate()
-            lane.runner.add([row.source for row in rows], [self.bank.peft_name(row.name) for row in rows] if lane.mixed else None,
-                            lane.prefix)
+            lane.runner.add([row.source for row in rows],
+                            [self.bank.peft_name(row.name) for row in rows] if lane.mixed else None, lane.prefix,
+                            budgets=[row.request.max_new_tokens for row in rows])
             for row in rows:
                 row.lane = lane
             lane.rows += rows
 
     def _lane(self, name: str) -> Lane:
-        """The lane an adapter's rows step in (made when first needed): the one of the PeftModel whose adapters mix
-        per row, for those and for the base; else one per adapter."""
+        """The lane an adapter's rows step in (made when first needed): for the base and LoRA adapters, the one over
+        static buffers (over a 4-bit base: the one of the PeftModel whose adapters PEFT mixes per row); else one per
+        adapter, through its PeftModel's modules."""
         method = self.bank.methods.get(name)
-        if name == BASE or method.mixed_batches:
-            holder = next((self.bank.holders[n] for n, m in self.bank.methods.items() if m.mixed_batches), None)
-            key, adapter, mixed = ("mixed",), None, holder is not None
-            holder = self.bank.base if holder is None else holder
+        mixes = name == BASE or method.mixed_batches
+        if mixes:
+            holder = next((self.bank.holders[n] for n, m in self.bank.methods.items() if m.mixed_batches),
+                          self.bank.base)
+            if self.static_problem is None and (name == BASE or not self._slot_problem(holder, name)):
+                return self._static_lane(holder)
+        if mixes and self.static_problem is not None:
+            key, adapter, mixed = ("mixed",), None, holder is not self.bank.base
         else:
             holder, adapter, mixed = self.bank.holders[name], self.bank.peft_name(name), False
             key = (id(holder), adapter)
         lane = self.lanes.get(key)
         if lane is None or lane.holder is not holder and not lane.rows:
             prefix = soft_prompt(holder, adapter) if method is not None and method.soft_prompt else None
-            lane = self.lanes[key] = Lane(T5Runner(holder, capacity=8), holder, adapter, mixed, prefix)
+            lane = self.lanes[key] = Lane(ModuleRunner(holder, capacity=8), holder, adapter, mixed, prefix)
         return lane
+
+    def _static_lane(self, holder) -> Lane:
+        if self.static is None:
+            self.static = T5Runner(holder, capacity=8, compiled=self.compiled)
+        lane = self.lanes.get(("static",))
+        if lane is None or lane.holder is not holder and not lane.rows:
+            self.static.holder = holder  # LoRA adapters are read from it; the base's layers are every holder's
+            lane = self.lanes[("static",)] = Lane(self.static, holder, None, True)
+        return lane
+
+    def _slot_problem(self, holder, name: str) -> str | None:
+        """Why a LoRA adapter steps in a lane of its own (said once), or None."""
+        problem = slot_problem(holder, self.bank.peft_name(name))
+        if problem and name not in self.said:
+            self.said.add(name)
+            logger.info("adapter %r steps in a lane of its own, eagerly: %s", name, problem)
+        return problem
+
+    def _warm(self) -> None:
+        """Request the compiled step for the LoRA adapters loaded now (and the base), one row and several."""
+        lane = self._static_lane(self._lane(BASE).holder)
+        names = [self.bank.peft_name(n) for n, m in self.bank.methods.items()
+                 if m.mixed_batches and not self._slot_problem(lane.holder, n)]
+        self.static.warm(names)
 
     def _step(self) -> None:
         """One forward pass per lane with rows, then each row's next token chosen over all of them at once."""

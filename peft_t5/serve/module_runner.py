@@ -1,12 +1,11 @@
-"""T5's inference math for the engine: encode new rows, then decode one token for every active row, each row
-through its own LoRA adapter, with caches kept in slots that rows enter and leave.
+"""T5's inference math for the engine's lanes that run through PEFT's own modules (eager): those of DoRA, IA3,
+AdaLoRA, VeRA, prompt tuning and whole models, and every lane over a 4-bit (QLoRA) base. Base and LoRA rows run on
+static buffers in t5_runner.py, whose compiled step is the fast path; this runner is the general one.
 
-Written by hand rather than calling `generate()` because `generate()` decodes one fixed batch from start to end:
-rows cannot join or leave it, and its caches grow by concatenation each step. Here each row has a slot in
-preallocated caches (self-attention keys at the row's own positions, cross-attention keys computed once when it
-joins). T5's self-attention bias depends only on key position minus query position, so rows at different lengths
-share a step: row i's query sits at its own length and sees its own keys. Every module is called as the model's own
-(LoRA wrappers, 4-bit or int8 layers); each row's LoRA adapter is applied by RowLora.
+Like t5_runner, each row has a slot in preallocated caches (self-attention keys at the row's own positions,
+cross-attention keys computed once when it joins), and rows at different lengths share a step. Every module is
+called as the model's own (PEFT's wrappers, 4-bit or int8 layers); where rows of several LoRA adapters share the
+pass, each row's is applied by RowLora.
 """
 from __future__ import annotations
 
@@ -154,7 +153,7 @@ def feed_forward(dense, x: torch.Tensor, rows: RowLora | None) -> torch.Tensor:
     return linear(dense.wo, h, rows)
 
 
-class T5Runner:
+class ModuleRunner:
     """Slots of decoder state for up to `capacity` rows; rows 0..n-1 are active (a leaving row's slot is filled by
     the last one, so the active rows stay contiguous and a step slices, never gathers)."""
 
@@ -204,7 +203,8 @@ class T5Runner:
                            max(source, have_source))
 
     @torch.inference_mode()
-    def add(self, sources: list[list[int]], names: list[str] | None, prefix: torch.Tensor | None = None) -> None:
+    def add(self, sources: list[list[int]], names: list[str] | None, prefix: torch.Tensor | None = None,
+            budgets: list[int] | None = None) -> None:
         """Encode new rows (token ids, each ending with </s>) and give them slots n.. n+len-1. Rows with the same
         source and adapter (the samples or beams of one input) are encoded once and their cross-attention copied.
         prefix: embeddings put before every source (a prompt-tuning adapter's soft prompt)."""

@@ -51,6 +51,20 @@ def check_settings(s: dict) -> None:
         raise PeftT5Error(f"--quantize {s['quantize']}: the one quantization is int8")
     if s["quantize"] and s["qlora"]:
         raise PeftT5Error("--quantize int8 and --qlora both quantize the base; pick one")
+    if s["dtype"] not in ("float32", "bfloat16"):
+        raise PeftT5Error(f"--dtype {s['dtype']}: the dtypes are float32 and bfloat16")
+    if s["dtype"] == "bfloat16" and (s["quantize"] or s["qlora"]):
+        raise PeftT5Error(f"--dtype bfloat16 and --{'quantize int8' if s['quantize'] else 'qlora'} both set the "
+                          "base's weights; pick one")
+    if s["dtype"] == "bfloat16":
+        from ..modeling import bf16_supported
+
+        if not bf16_supported():
+            raise PeftT5Error("--dtype bfloat16: this machine has no fast bfloat16 (a GPU with it, or a CPU with AMX "
+                              "or AVX512-BF16), where it would be slower than float32; serve in float32 or with "
+                              "--quantize int8")
+    if s["compile_cache"] and Path(s["compile_cache"]).exists() and not Path(s["compile_cache"]).is_dir():
+        raise PeftT5Error(f"--compile_cache {s['compile_cache']}: not a folder; pass a folder (made if missing)")
     if not s["adapters"] and not s["model"]:
         raise PeftT5Error("pass --adapter NAME=FOLDER (repeat for several), or --model for a model served alone")
     metadata = {}
@@ -98,7 +112,8 @@ def serve(adapters: dict[str, str], model: str | None = None, qlora: bool = Fals
           max_request_tokens: int = 8192, max_new_tokens: int = 256, max_inputs: int = 32,
           max_input_chars: int = 20_000, read_timeout: float = 30.0, limit_concurrency: int = 512,
           shutdown_timeout: float = 10.0, rate: str | None = None, rate_systems: str | list[str] | None = None,
-          ratings: str = "ratings.db") -> None:
+          ratings: str = "ratings.db", dtype: str = "float32", compile: bool = True,
+          compile_cache: str | None = None) -> None:
     """Serve `adapters` ({name: folder}) on one base until SIGTERM or Ctrl-C. The keywords are serve's flags."""
     s = dict(locals())
     check_settings(s)
@@ -118,11 +133,13 @@ def serve(adapters: dict[str, str], model: str | None = None, qlora: bool = Fals
     if rate and not questions:
         raise PeftT5Error(f"--rate {rate}: no questions in it")
     threads = model_thread_threads()
-    bank = AdapterBank.load(model, adapters, qlora=qlora, trust_pickle=trust_pickle)
+    bank = AdapterBank.load(model, adapters, qlora=qlora, trust_pickle=trust_pickle, dtype=dtype)
     if quantize:
         from ..quantize import quantize_int8
 
         quantize_int8(*bank.models())
+    if compile and not compile_cache and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        compile_cache = str(Path.home() / ".cache" / "peft-t5" / "inductor")
     settings = ServeSettings(api_key=s["api_key"], adapter_root=adapter_root, max_loaded_adapters=max_loaded_adapters,
                              max_inputs=max_inputs, max_input_chars=max_input_chars, read_timeout=read_timeout,
                              limit_concurrency=limit_concurrency, shutdown_timeout=shutdown_timeout,
@@ -131,9 +148,13 @@ def serve(adapters: dict[str, str], model: str | None = None, qlora: bool = Fals
                              request_timeout=request_timeout or None, max_request_tokens=max_request_tokens,
                              max_new_tokens=max_new_tokens, rate_questions=questions,
                              rate_systems=s["rate_systems"], ratings=ratings if rate else None,
-                             trust_pickle=trust_pickle)
+                             trust_pickle=trust_pickle, compile=compile, compile_cache=compile_cache)
     app = create_app(bank, settings)
     bound = listening.getsockname()[1]
+    described = app.state.engine.describe()
+    kept = f" (kernels kept in {compile_cache})" if compile_cache else ""
+    int8 = f", {described['int8']}" if described["int8"] != "off" else ""
+    print(f"decoder step {described['step']}{kept}; weights {described['weights']}{int8}", flush=True)
     print(f"serving {', '.join(bank.names)} on http://{host}:{bound}/ "
           f"({'API key required' if s['api_key'] else 'no API key: loopback only'})", flush=True)
     make_server(app).run(sockets=[listening])

@@ -1,0 +1,176 @@
+"""The decoder step compiled with torch.compile, and run eagerly until it is.
+
+    compiled = CompiledStep(threads=1)
+    logits = compiled(step, args)        # t5_runner.Step and its tensors: the compiled graph once ready, else eager
+
+On a CPU, inductor compiles the step with the base's weights frozen (prepacked for oneDNN and MKL) and its Python
+wrapper in C++, into two graphs a layout of LoRA stacks: one for a single row (its matmuls matrix-vector products,
+which need no prepacked copy) and one for any other number of rows. Row count, lengths, LoRA slots and rank are
+symbolic sizes, so rows joining, buffers growing and adapters loading never recompile; a row bucket per graph would
+hold a prepacked copy of the weights each (benchmarks/README.md). On a GPU the same graphs compile without freezing.
+
+Compiles run on a thread of their own, one at a time. Until a graph is ready its steps run eagerly (the reference
+the compiled step is tested against), so no request waits for a compile. Inductor keeps the C++ it builds in
+TORCHINDUCTOR_CACHE_DIR, so a restart builds nothing again; it still traces and lowers each graph (graphs holding
+prepacked weights are not kept by its graph cache).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+
+import torch
+
+logger = logging.getLogger(__name__)
+EXAMPLE_ROWS = 16  # the row count the many-rows graph is traced at: inductor's size hint (oneDNN packs for it)
+
+
+class CompiledStep:
+    def __init__(self, cache_dir: str | None = None, on_event=None):
+        """cache_dir: where inductor keeps what it builds (default: its own, or TORCHINDUCTOR_CACHE_DIR);
+        on_event(kind, seconds, error): called on the compiling thread when a graph is ready or failed."""
+        if cache_dir:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
+        self.on_event = on_event or (lambda kind, seconds, error: None)
+        self.ready: dict[tuple, object] = {}  # (step, kind) -> the compiled step
+        self.failed: dict[tuple, str] = {}
+        self.seconds: dict[str, float] = {}  # kind -> seconds its last compile took
+        self.steps = {"compiled": 0, "eager": 0}  # steps run each way
+        self.queued: set[tuple] = set()
+        self.work: queue.Queue = queue.Queue()
+        self.lock = threading.Lock()
+        self.held = threading.Event()  # set: compiles wait (tests drive the eager step while a graph is missing)
+        self.closed = False
+        self.thread: threading.Thread | None = None
+        import torch._dynamo
+
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # two graphs a
+        torch._dynamo.config.accumulated_recompile_limit = max(  # layout and runner share one code object
+            torch._dynamo.config.accumulated_recompile_limit, 4096)
+
+    @staticmethod
+    def kind(rows: int) -> str:
+        return "one" if rows == 1 else "many"
+
+    def __call__(self, step, args: tuple) -> torch.Tensor:
+        key = (step, self.kind(args[0].shape[0]))
+        compiled = self.ready.get(key)
+        if compiled is not None:
+            self.steps["compiled"] += 1
+            return compiled(*args)
+        self.request(step, args)
+        self.steps["eager"] += 1
+        return step(*args)
+
+    def request(self, step, args: tuple) -> None:
+        """Compile the graph these arguments need, on the compiling thread (once)."""
+        key = (step, self.kind(args[0].shape[0]))
+        with self.lock:
+            if key in self.queued or key in self.failed or self.closed:
+                return
+            self.queued.add(key)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, daemon=True, name="peft-t5-compile")
+                self.thread.start()
+        # compiled for the requesting thread's torch threads: inductor builds its kernels for that many, and a
+        # graph is only used where the count is the same (dynamo guards on it)
+        self.work.put((key, examples(args, key[1]), torch.get_num_threads()))
+
+    def wait(self, timeout: float = 600.0) -> None:
+        """Block until every requested graph is compiled (or failed): benchmarks and tests."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self.lock:
+                if not self.queued - set(self.ready) - set(self.failed):
+                    return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the step did not compile in {timeout:g} s")
+            time.sleep(0.05)
+
+    def close(self, timeout: float = 300.0) -> None:
+        """Compile nothing more; wait for a compile in flight (a process that exits in the middle of one aborts)."""
+        with self.lock:
+            self.closed = True
+            thread = self.thread
+        if thread is not None:
+            self.work.put(None)
+            thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            item = self.work.get()
+            if item is None or self.closed:
+                return
+            key, args, threads = item
+            while self.held.is_set():
+                time.sleep(0.01)
+            started = time.perf_counter()
+            try:
+                compiled = self._compile(key[0], args, threads)
+            except Exception as e:  # the step stays eager: slower, never wrong
+                error = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+                logger.warning("the %s-row decoder step did not compile (%s); it stays eager", key[1], error)
+                with self.lock:
+                    self.failed[key] = error
+                self.on_event(key[1], None, error)
+                continue
+            seconds = time.perf_counter() - started
+            with self.lock:
+                self.ready[key] = compiled
+                self.seconds[key[1]] = seconds
+            logger.info("compiled the decoder step for %s in %.1f s", "one row" if key[1] == "one" else "2+ rows",
+                        seconds)
+            self.on_event(key[1], seconds, None)
+
+    @staticmethod
+    def _compile(step, args: tuple, threads: int):
+        from torch._inductor import config as inductor_config
+
+        torch.set_num_threads(threads)
+        compiled = torch.compile(step, dynamic=False)
+        # set for the whole process while it compiles (nothing else compiles meanwhile): inductor registers its int8
+        # patterns only where freezing is on in its config, not through torch.compile's options
+        with inductor_config.patch(options(args[0].device)), torch.inference_mode():
+            compiled(*args)
+        return compiled
+
+
+def options(device: torch.device) -> dict:
+    if device.type == "cpu":
+        return {"freezing": True, "cpp_wrapper": True}
+    return {}
+
+
+def examples(args: tuple, kind: str) -> tuple:
+    """Arguments of the same kinds and layouts as `args` but their own memory (the compile runs them once while
+    the model thread uses the real ones), with the sizes that vary marked dynamic. Each such size gets a value of
+    its own (dynamo gives equal sizes one symbol, and the graph would then require them equal), and a cache is a
+    slice of a longer buffer, as the runner's are (else the graph would be specialised for whole buffers)."""
+    import torch._dynamo
+
+    rows = 1 if kind == "one" else EXAMPLE_ROWS
+    tokens, lengths, source_lengths, slots, self_k, self_v, cross_k, cross_v, stacks = args
+    device = tokens.device
+
+    def dynamic(t: torch.Tensor, *dims: int) -> torch.Tensor:
+        for dim in dims:
+            torch._dynamo.mark_dynamic(t, dim)
+        return t
+
+    def by_row(t: torch.Tensor, fill: int) -> torch.Tensor:
+        out = torch.full((rows,), fill, dtype=t.dtype, device=device)
+        return dynamic(out, 0) if rows > 1 else out
+
+    def cache(t: torch.Tensor, used: int, allocated: int) -> torch.Tensor:
+        out = torch.zeros((rows, t.shape[1], allocated, t.shape[3]), dtype=t.dtype, device=device)[:, :, :used]
+        return dynamic(out, 0, 2) if rows > 1 else dynamic(out, 2)
+
+    def stack(t: torch.Tensor) -> torch.Tensor:
+        return dynamic(torch.zeros((13, 17, t.shape[2]), dtype=t.dtype, device=device), 0, 1)  # slots, rank
+
+    return (by_row(tokens, 0), by_row(lengths, 0), by_row(source_lengths, 1), by_row(slots, 0),
+            [cache(t, 3, 7) for t in self_k], [cache(t, 3, 7) for t in self_v],
+            [cache(t, 5, 11) for t in cross_k], [cache(t, 5, 11) for t in cross_v], [stack(t) for t in stacks])

@@ -1,0 +1,513 @@
+"""T5's inference math for the engine's lane of base and LoRA rows, over static buffers: encode new rows, then
+decode one token for every active row, each through its own LoRA adapter.
+
+Written by hand rather than calling `generate()` because `generate()` decodes one fixed batch from start to end
+(rows cannot join or leave it) with caches that grow by concatenation. Here every buffer has a slot per row; rows
+0..n-1 are active, and a leaving row's slot is filled by the last one, so a step slices, never gathers:
+- self-attention keys and values [rows, heads, length, head_dim] per layer, sized for a row's whole budget when it
+  joins (no growth mid-decoding) and masked past each row's length. T5's self-attention bias depends only on key
+  minus query position, so rows at different lengths share a step;
+- cross-attention keys and values, computed once when a row joins (one matmul for K and V);
+- Q/K/V are one matmul: the base's q, k and v weights become views into the fused weight, so it is held once;
+- LoRA: LoraSlots, the A and B of the adapters in flight in stacks that the step gathers per row (vLLM's LoRA
+  slots), so rows of different adapters and of the base share one pass.
+
+The step (T5Weights.step) is a pure function of tensors. compiled.py compiles it and runs it eagerly until then;
+the lengths, the row count, the number of slots and the LoRA rank reach it as symbolic sizes, so rows joining,
+buffers growing and adapters loading never recompile it.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..quantize import Int8Linear
+from .module_runner import BASE_ADAPTER, length_groups
+
+# a LoRA layer's place in T5 -> the projection's name in the step (cross-attention: c*)
+LORA_PLACE = re.compile(r"(?:^|\.)(encoder|decoder)\.block\.(\d+)\.layer\.\d\.(SelfAttention|EncDecAttention|"
+                        r"DenseReluDense)\.(q|k|v|o|wi|wi_0|wi_1|wo)$")
+STEP_PROJECTIONS = ("q", "k", "v", "o", "cq", "co", "wi", "wi_0", "wi_1", "wo")  # the rest run when a row joins
+
+
+def base_model(model) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def base_layer(module: nn.Module) -> nn.Module:
+    return module.get_base_layer() if hasattr(module, "get_base_layer") else module
+
+
+def static_problem(model) -> str | None:
+    """Why this base cannot run on static buffers (None: it can): its linear layers must be float or Int8Linear."""
+    t5 = base_model(model)
+    for block in [*t5.encoder.block, *t5.decoder.block]:
+        for module in block.modules():
+            layer = base_layer(module)
+            if layer is module and isinstance(module, nn.Linear) and type(module) not in (nn.Linear, Int8Linear):
+                return f"its layers are {type(module).__name__} (a 4-bit base): the step runs through PEFT's modules"
+    return None
+
+
+class Linear(nn.Module):
+    """A base weight as the step reads it (float32 or bfloat16); in and out float32, the residual stream's dtype."""
+
+    def __init__(self, weight: nn.Parameter):
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if x.dim() == 2 and x.shape[0] == 1:  # one row: a matrix-vector product, which inductor leaves unpacked (no
+            return F.linear(x[0].to(w.dtype), w)[None].float()  # second copy of the weight; as fast for one row)
+        return F.linear(x.to(w.dtype), w).float()
+
+
+def step_linear(layer: nn.Module) -> nn.Module:
+    layer = base_layer(layer)
+    return layer if isinstance(layer, Int8Linear) else Linear(layer.weight)
+
+
+def fused(layers: list[nn.Module]) -> nn.Module:
+    """One layer computing these layers' outputs side by side; each layer's weight becomes a view into its
+    weight, so that the model and the step share it."""
+    layers = [base_layer(layer) for layer in layers]
+    with torch.no_grad():
+        if all(isinstance(layer, Int8Linear) for layer in layers):
+            weight = torch.cat([layer.weight for layer in layers])
+            scale = torch.cat([layer.weight_scale for layer in layers])
+            for layer, (w, s) in zip(layers, zip(views(weight, layers), views(scale, layers))):
+                layer.set_weight(w, s)
+            out = Int8Linear(torch.zeros(1, 1))
+            out.out_features, out.in_features = weight.shape
+            out.weight_zero_point = torch.zeros(weight.shape[0], dtype=torch.long)
+            out.set_weight(weight, scale)
+            return out
+        weight = nn.Parameter(torch.cat([layer.weight for layer in layers]), requires_grad=False)
+        for layer, w in zip(layers, views(weight, layers)):
+            layer.weight = nn.Parameter(w, requires_grad=False)
+        return Linear(weight)
+
+
+def views(tensor: torch.Tensor, layers: list[nn.Module]) -> list[torch.Tensor]:
+    return list(torch.split(tensor.detach(), [layer.out_features for layer in layers]))
+
+
+class Block(nn.Module):
+    """One T5 block's weights as the step reads them."""
+
+    def __init__(self, block, decoder: bool):
+        super().__init__()
+        sa, ff = block.layer[0], block.layer[-1]
+        attention = sa.SelfAttention
+        self.norm_sa = sa.layer_norm.weight
+        self.qkv = fused([attention.q, attention.k, attention.v])
+        self.o = step_linear(attention.o)
+        if decoder:
+            ca = block.layer[1].EncDecAttention
+            self.norm_ca = block.layer[1].layer_norm.weight
+            self.cq, self.ckv, self.co = step_linear(ca.q), fused([ca.k, ca.v]), step_linear(ca.o)
+        dense = ff.DenseReluDense
+        self.norm_ff, self.act = ff.layer_norm.weight, dense.act
+        self.gated = hasattr(dense, "wi_0")
+        if self.gated:  # flan-t5, t5 v1.1
+            self.wi_0, self.wi_1 = step_linear(dense.wi_0), step_linear(dense.wi_1)
+        else:
+            self.wi = step_linear(dense.wi)
+        self.wo = step_linear(dense.wo)
+
+
+def lora_delta(x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Each row's LoRA: x [rows, (tokens,) in] through its slot's A [rank, in] and scaled B.T [rank, out]."""
+    if x.dim() == 2 and torch.compiler.is_compiling():  # written as reductions, inductor fuses the gathers into
+        low = (a[slots] * x[:, None, :]).sum(-1)  # them (no gathered copy of the stacks); B.T lets it vectorise
+        return (bt[slots] * low[:, :, None]).sum(1)  # over the outputs
+    x3 = x if x.dim() == 3 else x[:, None, :]
+    out = torch.bmm(torch.bmm(x3, a[slots].transpose(1, 2)), bt[slots])
+    return out if x.dim() == 3 else out[:, 0]
+
+
+class T5Weights(nn.Module):
+    """The base's weights arranged for serving, and T5's math over them: encode (when rows join) and step."""
+
+    def __init__(self, model):
+        super().__init__()
+        t5 = base_model(model)
+        config = t5.config
+        self.config = config
+        first = t5.encoder.block[0].layer[0].SelfAttention
+        self.heads, self.head_dim, self.d_model = first.n_heads, first.key_value_proj_dim, config.d_model
+        self.eps = config.layer_norm_epsilon
+        self.buckets, self.max_distance = first.relative_attention_num_buckets, first.relative_attention_max_distance
+        self.position_bucket = first._relative_position_bucket  # a static method: T5's bucketing
+        self.embed = t5.shared.weight
+        self.encoder = nn.ModuleList(Block(block, False) for block in t5.encoder.block)
+        self.decoder = nn.ModuleList(Block(block, True) for block in t5.decoder.block)
+        self.encoder_bias = first.relative_attention_bias.weight
+        self.decoder_bias = t5.decoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight
+        self.encoder_norm, self.decoder_norm = t5.encoder.final_layer_norm.weight, t5.decoder.final_layer_norm.weight
+        self.head = step_linear(t5.lm_head)
+        self.head_scale = config.d_model ** -0.5 if getattr(config, "scale_decoder_outputs",
+                                                            config.tie_word_embeddings) else 1.0
+        self.dtype = self.embed.dtype  # of the caches: the model's float dtype
+
+    def norm(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(h, (self.d_model,), weight.float(), self.eps)
+
+    def project(self, layer, x, lora: dict, slots, names: tuple[str, ...]) -> torch.Tensor:
+        """layer(x), plus each row's LoRA of the projections the layer computes (side by side, fused)."""
+        out = layer(x)
+        deltas = [lora.get(name) for name in names]
+        if not any(d is not None for d in deltas):
+            return out
+        size = out.shape[-1] // len(names)
+        parts = [lora_delta(x, *d, slots) if d is not None else x.new_zeros((*x.shape[:-1], size)) for d in deltas]
+        return out + (parts[0] if len(parts) == 1 else torch.cat(parts, -1))
+
+    def feed_forward(self, block: Block, x, lora: dict, slots, prefix: str) -> torch.Tensor:
+        if block.gated:
+            h = block.act(self.project(block.wi_0, x, lora, slots, (f"{prefix}wi_0",))) * \
+                self.project(block.wi_1, x, lora, slots, (f"{prefix}wi_1",))
+        else:
+            h = block.act(self.project(block.wi, x, lora, slots, (f"{prefix}wi",)))
+        return self.project(block.wo, h, lora, slots, (f"{prefix}wo",))
+
+    def heads_of(self, x: torch.Tensor) -> torch.Tensor:
+        """[rows, tokens, heads * head_dim] -> [rows, heads, tokens, head_dim]"""
+        return x.view(*x.shape[:2], self.heads, self.head_dim).transpose(1, 2)
+
+    def encode(self, ids: torch.Tensor, mask: torch.Tensor, lora: dict, slots: torch.Tensor) -> torch.Tensor:
+        """The encoder's last hidden state [rows, tokens, d_model] (float32), each row through its LoRA slot."""
+        h = F.embedding(ids, self.embed).float()
+        length = ids.shape[1]
+        positions = torch.arange(length, device=ids.device)
+        buckets = self.position_bucket(positions[None, :] - positions[:, None], bidirectional=True,
+                                       num_buckets=self.buckets, max_distance=self.max_distance)
+        bias = F.embedding(buckets, self.encoder_bias).permute(2, 0, 1)[None].float()  # [1, heads, L, L]
+        bias = bias + torch.where(mask, 0.0, torch.finfo(torch.float32).min)[:, None, None, :]
+        for i, block in enumerate(self.encoder):
+            x = self.norm(h, block.norm_sa)
+            q, k, v = self.project(block.qkv, x, lora, slots, (f"encoder.{i}.q", f"encoder.{i}.k",
+                                                                f"encoder.{i}.v")).split(self.heads * self.head_dim, -1)
+            out = F.scaled_dot_product_attention(self.heads_of(q), self.heads_of(k), self.heads_of(v), attn_mask=bias,
+                                                 scale=1.0)
+            h = h + self.project(block.o, out.transpose(1, 2).flatten(2), lora, slots, (f"encoder.{i}.o",))
+            h = h + self.feed_forward(block, self.norm(h, block.norm_ff), lora, slots, f"encoder.{i}.")
+        return self.norm(h, self.encoder_norm)
+
+    def cross(self, i: int, hidden: torch.Tensor, lora: dict, slots) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoder layer i's cross-attention keys and values of encoded rows, in one matmul."""
+        kv = self.project(self.decoder[i].ckv, hidden, lora, slots, (f"decoder.{i}.ck", f"decoder.{i}.cv"))
+        k, v = kv.split(self.heads * self.head_dim, -1)
+        return self.heads_of(k).to(self.dtype), self.heads_of(v).to(self.dtype)
+
+    def step(self, tokens, lengths, source_lengths, slots, self_k: list, self_v: list, cross_k: list, cross_v: list,
+             lora: dict) -> torch.Tensor:
+        """Logits [rows, vocab] (float32) of each row's next token. tokens, lengths (tokens decoded so far),
+        source_lengths, slots (LoRA): [rows]; self_k/v: per layer [rows, heads, >= max(lengths) + 1, head_dim],
+        written at each row's length; cross_k/v: per layer [rows, heads, >= max(source_lengths), head_dim]."""
+        rows = tokens.shape[0]
+        h = F.embedding(tokens, self.embed).float()  # [rows, d_model]
+        keys = torch.arange(self_k[0].shape[2], device=tokens.device)
+        buckets = self.position_bucket(keys[None, :] - lengths[:, None], bidirectional=False,
+                                       num_buckets=self.buckets, max_distance=self.max_distance)
+        minimum = torch.finfo(torch.float32).min
+        self_bias = F.embedding(buckets, self.decoder_bias).permute(0, 2, 1)[:, :, None, :].float()
+        self_bias = self_bias + torch.where(keys[None, :] <= lengths[:, None], 0.0, minimum)[:, None, None, :]
+        sources = torch.arange(cross_k[0].shape[2], device=tokens.device)
+        cross_bias = torch.where(sources[None, :] < source_lengths[:, None], 0.0, minimum)[:, None, None, :]
+        row = torch.arange(rows, device=tokens.device)
+        inner = self.heads * self.head_dim
+        for i, block in enumerate(self.decoder):
+            x = self.norm(h, block.norm_sa)
+            q, k, v = self.project(block.qkv, x, lora, slots, (f"decoder.{i}.q", f"decoder.{i}.k",
+                                                                f"decoder.{i}.v")).split(inner, -1)
+            self_k[i][row, :, lengths] = k.view(rows, self.heads, self.head_dim).to(self.dtype)
+            self_v[i][row, :, lengths] = v.view(rows, self.heads, self.head_dim).to(self.dtype)
+            out = attend(q, self_k[i], self_v[i], self_bias)
+            h = h + self.project(block.o, out, lora, slots, (f"decoder.{i}.o",))
+            x = self.norm(h, block.norm_ca)
+            q = self.project(block.cq, x, lora, slots, (f"decoder.{i}.cq",))
+            out = attend(q, cross_k[i], cross_v[i], cross_bias)
+            h = h + self.project(block.co, out, lora, slots, (f"decoder.{i}.co",))
+            h = h + self.feed_forward(block, self.norm(h, block.norm_ff), lora, slots, f"decoder.{i}.")
+        return self.head(self.norm(h, self.decoder_norm) * self.head_scale).float()
+
+
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """One query a row [rows, heads * head_dim] over keys and values [rows, heads, positions, head_dim], in the
+    caches' dtype (T5 folds the 1/sqrt(d) scaling into its weights)."""
+    rows, heads, _, head_dim = keys.shape
+    out = F.scaled_dot_product_attention(q.view(rows, heads, 1, head_dim).to(keys.dtype), keys, values,
+                                         attn_mask=bias.to(keys.dtype), scale=1.0)
+    return out.reshape(rows, heads * head_dim).float()
+
+
+class Step(nn.Module):
+    """T5Weights.step with the LoRA stacks of one layout as a flat list of tensors (what compiled.py compiles)."""
+
+    def __init__(self, weights: T5Weights, layout: tuple[str, ...]):
+        super().__init__()
+        self.weights, self.layout = weights, layout
+
+    def forward(self, tokens, lengths, source_lengths, slots, self_k, self_v, cross_k, cross_v, stacks):
+        lora = {name: (stacks[2 * i], stacks[2 * i + 1]) for i, name in enumerate(self.layout)}
+        return self.weights.step(tokens, lengths, source_lengths, slots, self_k, self_v, cross_k, cross_v, lora)
+
+
+def lora_layers(holder, adapter: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """An adapter's (A, scaling x B) per projection, named as the step names them ("decoder.3.q")."""
+    found = {}
+    for path, module in holder.named_modules():
+        if adapter in getattr(module, "lora_A", {}):
+            place = LORA_PLACE.search(path)
+            stack, block, kind, name = place.groups()
+            name = f"c{name}" if kind == "EncDecAttention" else name
+            found[f"{stack}.{block}.{name}"] = (module.lora_A[adapter].weight,
+                                                module.lora_B[adapter].weight * module.scaling[adapter])
+    return found
+
+
+def slot_problem(holder, adapter: str) -> str | None:
+    """Why a LoRA adapter cannot take a slot (None: it can); such an adapter steps in a lane of its own."""
+    config = getattr(holder, "peft_config", {}).get(adapter)
+    if config is None or type(config).__name__ != "LoraConfig":
+        return "not a LoRA adapter"
+    if config.use_dora or getattr(config, "lora_bias", False):
+        return "DoRA or a LoRA bias"
+    for path, module in holder.named_modules():
+        if adapter in getattr(module, "lora_A", {}) and (not LORA_PLACE.search(path) or not isinstance(
+                module.lora_A[adapter], nn.Linear)):
+            return f"it adapts {path.split('model.', 1)[-1]}, which is not a linear layer inside T5's blocks"
+        if adapter in getattr(module, "lora_embedding_A", {}):
+            return "it adapts an embedding"
+    return None
+
+
+class LoraSlots:
+    """The LoRA adapters of the rows in flight, in stacks the step gathers per row: for each adapted projection
+    A [slots, rank, in] and B.T with the scaling folded in [slots, rank, out]. Slot 0 is no adapter (zeros). An
+    adapter is written into a slot when a row of it joins and no slot holds it, taking a slot no active row uses
+    (or a new one); the stacks grow (slots, rank) by reallocation. The layout (which projections have stacks) only
+    grows."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.layout: tuple[str, ...] = ()
+        self.stacks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.owners: list[tuple | None] = [None, None]  # per slot: (holder id, adapter, its config's id)
+        self.rank = 2  # at least 2 (and 2 slots): a size of 1 would be specialised when compiled
+
+    def assign(self, holder, names: list[str], in_use: set[int]) -> list[int]:
+        """A slot per row (0 for the base); in_use: the slots of the active rows, which keep what they hold."""
+        found = []
+        for name in names:
+            if name == BASE_ADAPTER:
+                found.append(0)
+                continue
+            key = (id(holder), name, id(holder.peft_config[name]))  # a name loaded again is another adapter
+            slot = self.owners.index(key) if key in self.owners else self._write(holder, name, key, in_use)
+            in_use = in_use | {slot}
+            found.append(slot)
+        return found
+
+    def _write(self, holder, name: str, key: tuple, in_use: set[int]) -> int:
+        layers = lora_layers(holder, name)
+        free = [i for i in range(1, len(self.owners)) if i not in in_use]
+        slot = min(free, key=lambda i: self.owners[i] is not None) if free else len(self.owners)
+        rank = max(self.rank, *(a.shape[0] for a, _ in layers.values()))
+        self._grow(layers, rank, max(slot + 1, len(self.owners)))
+        for projection, (a, bt) in self.stacks.items():
+            a[slot], bt[slot] = 0, 0
+            if projection in layers:
+                wa, wb = layers[projection]
+                a[slot, :wa.shape[0]], bt[slot, :wa.shape[0]] = wa, wb.t()
+        self.owners += [None] * (slot + 1 - len(self.owners))
+        self.owners[slot] = key
+        return slot
+
+    def _grow(self, layers: dict, rank: int, slots: int) -> None:
+        """Stacks for the projections `layers` adapts that have none, and every stack at `slots` x `rank`."""
+        self.layout += tuple(sorted(set(layers) - set(self.layout)))
+        for name in self.layout:
+            old = self.stacks.get(name)
+            if old is not None and old[0].shape[:2] == (slots, rank):
+                continue
+            sizes = (old[0].shape[2], old[1].shape[2]) if old else (layers[name][0].shape[1], layers[name][1].shape[0])
+            new = tuple(torch.zeros((slots, rank, size), device=self.device) for size in sizes)
+            if old:
+                for n, o in zip(new, old):
+                    n[:o.shape[0], :o.shape[1]] = o
+            self.stacks[name] = new
+        self.rank = rank
+
+    def extend(self, layers: dict) -> None:
+        """Stacks (empty) for the projections these layers adapt: the layout an adapter will need."""
+        rank = max(self.rank, *(a.shape[0] for a, _ in layers.values()))
+        self._grow(layers, rank, len(self.owners))
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for name in self.layout for t in self.stacks[name]]
+
+    def lora(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {name: self.stacks[name] for name in self.layout}
+
+
+class T5Runner:
+    """Slots of decoder state for the rows of the base and of LoRA adapters (see the module's docstring).
+
+    runner = T5Runner(peft_model)          # the PeftModel holding the LoRA adapters rows name (or the bare base)
+    runner.add(token_ids, adapter_names, budgets=[32, 32])
+    logits = runner.step(last_tokens)      # [rows, vocab]
+    """
+
+    def __init__(self, model, capacity: int = 8, compiled=None):
+        self.holder = model
+        self.weights = T5Weights(model).eval()
+        self.device = self.weights.embed.device
+        self.slots = LoraSlots(self.device)
+        self.compiled = compiled  # a compiled.CompiledStep; None: the eager step
+        self.steps: dict[tuple, Step] = {}
+        self.n = 0
+        self._allocate(capacity, 2, 2)
+
+    @torch.inference_mode()  # every tensor the step takes is an inference tensor (a compiled step guards on it)
+    def _allocate(self, rows: int, length: int, source: int) -> None:
+        """(Re)allocate the buffers for these many rows, positions and source tokens, keeping the active rows'
+        state. One spare position each way: a buffer the step sees whole would be another shape when compiled."""
+        fresh = not hasattr(self, "self_k")
+        w = self.weights
+        layers = len(w.decoder)
+
+        def grown(old: torch.Tensor | None, size: int) -> torch.Tensor:
+            new = torch.zeros((rows, w.heads, size + 1, w.head_dim), dtype=w.dtype, device=self.device)
+            if old is not None and self.n:
+                keep = min(old.shape[2], size + 1)
+                new[:self.n, :, :keep] = old[:self.n, :, :keep]
+            return new
+
+        for name, size in (("self_k", length), ("self_v", length), ("cross_k", source), ("cross_v", source)):
+            tensors = [None] * layers if fresh else getattr(self, name)
+            for i in range(layers):  # in place, layer by layer: each old tensor goes before the next new one is
+                tensors[i] = grown(tensors[i], size)  # made, so growing never holds two whole caches at once
+            setattr(self, name, tensors)
+        for name in ("lengths", "source_lengths", "row_slots"):
+            new = torch.zeros(rows, dtype=torch.long, device=self.device)
+            if not fresh:
+                new[:self.n] = getattr(self, name)[:self.n]
+            setattr(self, name, new)
+
+    @property
+    def capacity(self) -> tuple[int, int, int]:
+        """(rows, positions, source tokens) the buffers hold."""
+        return self.self_k[0].shape[0], self.self_k[0].shape[2] - 1, self.cross_k[0].shape[2] - 1
+
+    def _fit(self, rows: int, length: int, source: int) -> None:
+        have_rows, have_length, have_source = self.capacity
+        if rows > have_rows or length > have_length or source > have_source:
+            self._allocate(max(rows, have_rows * 2 if rows > have_rows else have_rows), max(length, have_length),
+                           max(source, have_source))
+
+    @torch.inference_mode()
+    def add(self, sources: list[list[int]], names: list[str] | None, prefix: torch.Tensor | None = None,
+            budgets: list[int] | None = None) -> None:
+        """Encode new rows (token ids, each ending with </s>) through their adapters (PEFT names; None: the base)
+        and give them slots n.. n+len-1, sized for `budgets` tokens each. Rows with the same source and adapter
+        (the samples or beams of one input) are encoded once and their cross-attention copied."""
+        if prefix is not None:
+            raise ValueError("a soft prompt steps in a lane of its own (module_runner)")
+        m = len(sources)
+        names = names or [BASE_ADAPTER] * m
+        active = self.lengths[:self.n]
+        longest = max(int(active.max()) + 1 if self.n else 1, max(budgets or [1]) + 1)
+        self._fit(self.n + m, longest, max(len(s) for s in sources))
+        row_slots = self.slots.assign(self.holder, names, set(self.row_slots[:self.n].tolist()))
+        lora = self.slots.lora()
+        keys = [(tuple(s), names[i]) for i, s in enumerate(sources)]
+        first = {key: i for i, key in reversed(list(enumerate(keys)))}  # each key's first row
+        unique = sorted(set(first.values()))
+        for group in length_groups([sources[i] for i in unique]):
+            group = [unique[j] for j in group]
+            longest = max(len(sources[i]) for i in group)
+            ids = torch.zeros((len(group), longest), dtype=torch.long, device=self.device)
+            mask = torch.zeros((len(group), longest), dtype=torch.bool, device=self.device)
+            for row, i in enumerate(group):
+                ids[row, :len(sources[i])], mask[row, :len(sources[i])] = torch.tensor(sources[i]), True
+            group_slots = torch.tensor([row_slots[i] for i in group], device=self.device)
+            hidden = self.weights.encode(ids, mask, lora, group_slots)
+            slots = torch.tensor([self.n + i for i in group], device=self.device)
+            for layer in range(len(self.weights.decoder)):
+                k, v = self.weights.cross(layer, hidden, lora, group_slots)
+                self.cross_k[layer][slots, :, :longest], self.cross_v[layer][slots, :, :longest] = k, v
+            self.source_lengths[slots] = mask.sum(1)
+        copies = [(self.n + i, self.n + first[key]) for i, key in enumerate(keys) if first[key] != i]
+        if copies:
+            to, of = (torch.tensor(c, device=self.device) for c in zip(*copies))
+            for tensors in (self.cross_k, self.cross_v):
+                for t in tensors:
+                    t[to] = t[of]
+            self.source_lengths[to] = self.source_lengths[of]
+        self.lengths[self.n:self.n + m] = 0
+        self.row_slots[self.n:self.n + m] = torch.tensor(row_slots, device=self.device)
+        self.n += m
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor, names: list[str] | None = None) -> torch.Tensor:
+        """Logits [n, vocab] of the next token for every active row, given each row's last token [n] (their
+        adapters are those they were added with)."""
+        n = self.n
+        self._fit(n, int(self.lengths[:n].max()) + 1, 1)  # only for rows added without a budget
+        step, args = self._step_args(n, tokens.to(self.device).clone())
+        logits = self.compiled(step, args) if self.compiled is not None else step(*args)
+        self.lengths[:n] += 1
+        return logits
+
+    def _step_args(self, n: int, tokens: torch.Tensor) -> tuple[Step, tuple]:
+        """The step of the current LoRA layout and its arguments for rows 0..n-1: the buffers cut to the longest
+        row's length and source (at least 2: a size of 1 would be specialised when compiled)."""
+        length = max(int(self.lengths[:n].max()) + 1, 2) if n else 2
+        source = max(int(self.source_lengths[:n].max()), 2) if n else 2
+        layout = self.slots.layout
+        if layout not in self.steps:
+            self.steps[layout] = Step(self.weights, layout)
+        return self.steps[layout], (
+            tokens, self.lengths[:n], self.source_lengths[:n], self.row_slots[:n],
+            [t[:n, :, :length] for t in self.self_k], [t[:n, :, :length] for t in self.self_v],
+            [t[:n, :, :source] for t in self.cross_k], [t[:n, :, :source] for t in self.cross_v],
+            self.slots.tensors())
+
+    @torch.inference_mode()
+    def warm(self, names: list[str], most: int = 8) -> None:
+        """Write these LoRA adapters (PEFT names; the first `most`, the rest only into the layout) into slots and
+        have the step compiled for one row and for several, while no row waits."""
+        self.slots.assign(self.holder, names[:most], set(self.row_slots[:self.n].tolist()))
+        for name in names[most:]:
+            self.slots.extend(lora_layers(self.holder, name))
+        if self.compiled is not None:
+            for rows in (1, 2):
+                self.compiled.request(*self._step_args(rows, torch.zeros(rows, dtype=torch.long,
+                                                                         device=self.device)))
+
+    @torch.inference_mode()
+    def reorder(self, slots: list[int], parents: list[int]) -> None:
+        """Beam search: slot slots[j] takes the self-attention state of slot parents[j] (all of one input, at one
+        length: cross-attention is the same for all)."""
+        to, of = torch.tensor(slots, device=self.device), torch.tensor(parents, device=self.device)
+        for tensors in (self.self_k, self.self_v):
+            for t in tensors:
+                t[to] = t[of]
+
+    @torch.inference_mode()
+    def remove(self, row: int) -> None:
+        """Free row's slot: the last active row moves into it."""
+        last = self.n - 1
+        if row != last:
+            for tensors in (self.self_k, self.self_v, self.cross_k, self.cross_v):
+                for t in tensors:
+                    t[row] = t[last]
+            for t in (self.lengths, self.source_lengths, self.row_slots):
+                t[row] = t[last]
+        self.n = last

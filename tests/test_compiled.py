@@ -1,0 +1,232 @@
+"""The compiled decoder step against the eager one it replaces: logits within 1e-4 and greedy tokens identical on
+real-shaped random weights (t5-small's widths), every kind of request through an engine, adapters loaded and
+unloaded without recompiling, a graph not compiled yet (the eager step answers meanwhile), int8, and the kernels
+kept on disk. Compiling takes seconds: these tests are slow."""
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import T5Config, T5ForConditionalGeneration
+
+from peft_t5.adapters import save_adapter
+from peft_t5.bank import AdapterBank
+from peft_t5.modeling import add_lora, tiny_model, tiny_tokenizer
+from peft_t5.quantize import quantize_int8
+from peft_t5.serve.compiled import CompiledStep
+from peft_t5.serve.decoding import Sampling
+from peft_t5.serve.engine import Engine
+from peft_t5.serve.t5_runner import T5Runner
+
+pytestmark = pytest.mark.slow
+SOURCES = ["why did the chicken cross the road", "what is the capital of france and why is it so very big today",
+           "hello", "question: a b c d e f g h i j k", "Where is Normandy? context: Normandy is a region in France."]
+
+
+def graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def lockstep(eager: T5Runner, compiled: T5Runner, sources, names, steps: int) -> None:
+    """Both runners decode the same rows greedily; every step's logits agree within 1e-4 and so do the tokens."""
+    for runner in (eager, compiled):
+        runner.add(sources, names, budgets=[steps] * len(sources))
+    tokens = torch.zeros(len(sources), dtype=torch.long)
+    for _ in range(steps):
+        expected, got = eager.step(tokens), compiled.step(tokens)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+        assert torch.equal(got.argmax(-1), expected.argmax(-1))
+        tokens = expected.argmax(-1)
+    for runner in (eager, compiled):
+        while runner.n:
+            runner.remove(runner.n - 1)
+
+
+def test_the_compiled_step_answers_as_the_eager_one_on_real_shaped_random_weights():
+    """t5-small's widths (d_model 512, 8 heads, d_ff 2048, its 32,128 tokens; 2 layers, to compile in seconds), two
+    LoRA adapters of different ranks and layers mixed per row with the base: the one-row graph and the other."""
+    config = T5Config(d_model=512, d_kv=64, d_ff=2048, num_heads=8, num_layers=2, vocab_size=32128,
+                      feed_forward_proj="relu", decoder_start_token_id=0)
+    torch.manual_seed(0)
+    model = get_peft_model(T5ForConditionalGeneration(config).eval(), LoraConfig(r=16, lora_alpha=32,
+                                                                                 target_modules=["q", "v"]), "a")
+    model.add_adapter("b", LoraConfig(r=8, lora_alpha=16, target_modules=["q", "k", "wi", "wo"]))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    model.eval()
+    compiled = CompiledStep()
+    eager, fast = T5Runner(model), T5Runner(model, compiled=compiled)
+    fast.warm(["a", "b"])
+    compiled.wait()
+    assert not compiled.failed and {kind for _, kind in compiled.ready} == {"one", "many"}
+    sources = [list(range(5, 5 + n)) + [1] for n in (30, 7, 18, 3, 25)]
+    with torch.inference_mode():
+        lockstep(eager, fast, sources[:1], ["b"], 12)  # one row
+        lockstep(eager, fast, sources, ["a", "b", "__base__", "b", "a"], 12)  # several
+    assert compiled.steps == {"compiled": 24, "eager": 0}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """A tiny base with weights spread wide (greedy decoding then wanders over the vocabulary instead of repeating one
+    token), and LoRA adapters on it: q_v (r 4 on q and v), wide (r 8 on every linear layer), q_v2 (like q_v)."""
+    root = tmp_path_factory.mktemp("compiled")
+    torch.manual_seed(0)
+    base = tiny_model()
+    with torch.no_grad():
+        for name, param in base.named_parameters():
+            if "layer_norm" not in name:
+                param.normal_(0, 1.0 if "relative" in name else 0.2)
+    base.save_pretrained(root / "base")
+    tiny_tokenizer().save_pretrained(root / "base")
+    for name, rank, targets, seed in (("q_v", 4, ["q", "v"], 1), ("wide", 8, ["all-linear"], 2),
+                                      ("q_v2", 4, ["q", "v"], 3)):
+        torch.manual_seed(seed)
+        model = add_lora(T5ForConditionalGeneration.from_pretrained(root / "base"), r=rank, dropout=0.0,
+                         target_modules=targets)
+        with torch.no_grad():
+            for param_name, param in model.named_parameters():
+                if "lora_B" in param_name:
+                    param.normal_(0, 0.3)
+        save_adapter(model, tiny_tokenizer(), root / name, {"task": "jokes", "base_model": str(root / "base"),
+                                                           "template": "{question}"}, "test adapter")
+    return root
+
+
+def requests() -> list[dict]:
+    """One of each kind of request the engine decodes."""
+    names = ["q_v", "wide", "base", "q_v", "wide"]
+    return [dict(names=names, sources=SOURCES, max_new_tokens=14),
+            dict(names=["wide", "q_v"], sources=SOURCES[:2], max_new_tokens=10, n=3,
+                 sampling=Sampling(temperature=0.9, top_p=0.9, seed=7)),
+            dict(names=["q_v"], sources=SOURCES[1:2], max_new_tokens=10, num_beams=3),
+            dict(names=["base", "wide"], sources=SOURCES[3:], max_new_tokens=12, stop=("e",), want_logprob=True,
+                 sampling=Sampling(logprobs=2))]
+
+
+def running(engine: Engine, body) -> object:
+    """body(engine) on the started engine, once the graphs it asked for as it started are compiled."""
+    async def main():
+        engine.start()
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, engine.wait_compiled)
+            return await body(engine)
+        finally:
+            await engine.stop()
+    return asyncio.run(main())
+
+
+def decode(bank: AdapterBank, asks: list[dict], **options) -> list:
+    async def body(engine):
+        return [await engine.complete(**ask) for ask in asks]
+    return running(Engine(bank, **options), body)
+
+
+def same_completions(got: list, expected: list) -> None:
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        assert [(c.text, c.tokens, c.finish_reason) for c in a] == [(c.text, c.tokens, c.finish_reason) for c in b]
+        for x, y in zip(a, b):
+            if y.logprobs is not None:
+                assert [e.text for e in x.logprobs] == [e.text for e in y.logprobs]
+                assert max(abs(e.logprob - f.logprob) for e, f in zip(x.logprobs, y.logprobs)) < 1e-4
+
+
+def bank_of(folders, **adapters: str) -> AdapterBank:
+    return AdapterBank.load(None, {name: str(folders / folder) for name, folder in adapters.items()})
+
+
+def test_every_kind_of_request_decodes_alike_compiled_and_eager_with_no_graph_past_the_first_two(folders):
+    bank = bank_of(folders, q_v="q_v", wide="wide")
+    expected = decode(bank, requests(), compile=False)
+    engine = Engine(bank, max_rows=16, max_rows_per_request=16)
+    counted = {}
+
+    async def body(engine):
+        counted["before"] = graphs()
+        return [await engine.complete(**ask) for ask in requests()]
+    got = running(engine, body)
+    same_completions(got, expected)
+    assert graphs() == counted["before"] and not engine.compiled.failed
+    assert engine.compiled.steps["eager"] == 0 and engine.compiled.steps["compiled"] >= 14  # one step a token or more
+    assert len({c.text for c in got[0]}) >= 3  # outputs that tell the rows apart
+
+
+def test_adapters_loaded_later_take_slots_without_recompiling_and_new_projections_compile_meanwhile_eager(folders):
+    """An adapter like the one loaded at start (a slot is written; no new graph), an adapter loaded again under the
+    same name (its slot is written again), then one that adapts projections no earlier one did (a new layout: eager
+    steps until its graphs are ready, the same answers)."""
+    bank = bank_of(folders, q_v="q_v")
+    ask = dict(names=["q_v", "later", "base"], sources=SOURCES[:3], max_new_tokens=10)
+    wider = dict(names=["wider", "q_v"], sources=SOURCES[:2], max_new_tokens=10)
+    seen = {}
+
+    async def body(engine):
+        before = graphs()
+        await engine.on_model_thread(bank.add, "later", str(folders / "q_v2"))
+        first = await engine.complete(**ask)
+        await engine.on_model_thread(bank.remove, "later")
+        await engine.on_model_thread(bank.add, "later", str(folders / "q_v"))  # the same name, q_v's weights
+        again = await engine.complete(**ask)
+        seen["graphs"] = graphs() - before
+        seen["eager"] = engine.compiled.steps["eager"]
+        engine.compiled.held.set()  # the new layout's graphs wait: its steps run eagerly meanwhile
+        await engine.on_model_thread(bank.add, "wider", str(folders / "wide"))
+        held = await engine.complete(**wider)
+        seen["held eager"] = engine.compiled.steps["eager"] - seen["eager"]
+        engine.compiled.held.clear()
+        await asyncio.get_running_loop().run_in_executor(None, engine.wait_compiled)
+        compiled = engine.compiled.steps["compiled"]
+        after = await engine.complete(**wider)
+        seen["compiled after"] = engine.compiled.steps["compiled"] - compiled
+        return first, again, held, after
+    first, again, held, after = running(Engine(bank), body)
+    same_completions([first], decode(bank_of(folders, q_v="q_v", later="q_v2"), [ask], compile=False))
+    same_completions([again], decode(bank_of(folders, q_v="q_v", later="q_v"), [ask], compile=False))
+    assert again[1].text != first[1].text  # "later" answers with the weights it holds now
+    expected = decode(bank_of(folders, q_v="q_v", wider="wide"), [wider], compile=False)
+    same_completions([held], expected)
+    same_completions([after], expected)
+    assert seen["graphs"] == 0 and seen["eager"] == 0 and seen["held eager"] > 0 and seen["compiled after"] > 0
+
+
+def test_int8s_compiled_step_answers_as_its_eager_step(folders):
+    banks = [bank_of(folders, q_v="q_v", wide="wide") for _ in range(2)]
+    for bank in banks:
+        quantize_int8(*bank.models())
+    engine = Engine(banks[1])
+
+    async def body(engine):
+        return [await engine.complete(**requests()[0])]
+    same_completions(running(engine, body), decode(banks[0], requests()[:1], compile=False))
+    assert engine.compiled.steps == {"compiled": 14, "eager": 0} and not engine.compiled.failed
+
+
+def test_a_restart_builds_no_kernel_again_from_the_cache_folder(folders, tmp_path):
+    """Two processes compile the same step with one cache folder: the first writes the kernels it builds there, the
+    second finds them and builds none (each builds its graphs' C++ wrappers, *.main.so: their source names the
+    weights by where they are in memory)."""
+    import subprocess
+    import sys
+
+    script = (f"import asyncio, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_compiled as t; "
+              f"from pathlib import Path; from peft_t5.serve.engine import Engine; "
+              f"bank = t.bank_of(Path({str(folders)!r}), q_v='q_v'); "
+              f"engine = Engine(bank, compile_cache={str(tmp_path / 'cache')!r}); "
+              f"t.running(engine, t.ready); assert engine.compiled.ready and not engine.compiled.failed")
+
+    def built() -> dict:
+        subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, timeout=600)
+        return {path: path.stat().st_mtime_ns for path in (tmp_path / "cache").rglob("*.so")
+                if not path.name.endswith(".main.so")}
+    first = built()
+    assert first and built() == first
+
+
+async def ready(engine: Engine) -> None:
+    """Nothing: running() has waited for the graphs."""
