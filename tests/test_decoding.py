@@ -10,7 +10,7 @@ from test_serve import make_adapter
 
 from peft_t5.bank import AdapterBank
 from peft_t5.modeling import tiny_model
-from peft_t5.serve.decoding import Sampling
+from peft_t5.serve.decoding import Sampling, argmax
 
 
 @pytest.fixture(scope="module")
@@ -235,3 +235,15 @@ def test_beam_groups_equal_generate_with_rows_of_other_adapters_joining_and_leav
         expected = reference(bank, name, source, num_beams=4, max_new_tokens=15, do_sample=False)
         assert got.text == bank.tokenizer.decode(expected, skip_special_tokens=True).strip()
         assert got.finish_reason == ("stop" if 1 in expected else "length")
+
+
+@pytest.mark.parametrize("vocab", [32128, 2048, 1000, 300])  # blocks of 128 whole, padded, and too few for blocks
+def test_the_blocked_argmax_picks_what_torch_argmax_picks_ties_included(vocab):
+    torch.manual_seed(vocab)
+    scores = torch.randn(9, vocab)
+    scores[1, [3, vocab - 1]] = 50.0  # a tie across blocks: the first index wins
+    scores[2, [130, 131]] = 50.0  # a tie inside a block
+    scores[3] = 7.0  # every token equal
+    scores[4, -1] = 60.0  # the maximum in the padded last block
+    assert torch.equal(argmax(scores), scores.argmax(-1))
+    assert argmax(scores)[1] == 3 and argmax(scores)[3] == 0
