@@ -51,9 +51,19 @@ def device() -> torch.device:
 
 
 def machine() -> str:
+    """The GPU, or the CPU's model and vector extensions (CTranslate2 and oneDNN pick their kernels by them)."""
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} (CUDA), torch {torch.__version__}"
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        model = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
+        flags = set(next(line.split(":", 1)[1] for line in info.splitlines() if line.startswith("flags")).split())
+    except (OSError, StopIteration):
+        pass
+    extensions = [name for name, flag in (("AVX2", "avx2"), ("AVX-512", "avx512f"), ("AVX512-BF16", "avx512_bf16"),
+                                          ("AMX", "amx_tile")) if flag in flags]
+    return f"{model} ({', '.join(extensions) or 'no AVX2'}), {os.cpu_count()} CPU cores, torch {torch.__version__}"
 
 
 class PeakMemory:

@@ -1,22 +1,28 @@
-"""CPU cost per sequence of the serving engine against today's generate() path and CTranslate2, side by side in one
-run: t5-small shapes (random weights), real SQuAD v2 prompts (long: the encoder weighs) or real jokes questions
-(--prompts jokes, short: the decoder step is the cost), every sequence forced to exactly --tokens new tokens.
+"""CPU cost per sequence of the serving engine against CTranslate2, side by side in one run: t5-small shapes (random
+weights), real SQuAD v2 prompts (long: the encoder weighs) or real jokes questions (--prompts jokes, short: the
+decoder step is the cost), every sequence forced to exactly --tokens new tokens.
 
-  generate:     AdapterBank.generate_sources (what the static batcher runs), 2 LoRA adapters unmerged, one batch
-  engine:       serve/engine.py, the same 2 adapters unmerged, rows of both in every step (float32)
-  engine_int8:  the same after quantize_int8 (serve --quantize int8)
-  ct2:          CTranslate2 on the merged model (one adapter: what `peft-t5 export` writes), float32
-  ct2_int8:     the same converted with --quantization int8
+  engine:        serve/engine.py, 2 LoRA adapters unmerged, rows of both in every step, the compiled step, float32
+  engine_eager:  the same with the eager step (serve --compile off): the reference the compiled one replaces
+  engine_int8:   the compiled step after quantize_int8 (serve --quantize int8)
+  engine_bf16:   the compiled step, base loaded in bfloat16 (serve --dtype bfloat16; CPUs with AMX or AVX512-BF16)
+  ct2:           CTranslate2 on the merged model (one adapter: what `peft-t5 export` writes), float32
+  ct2_int8:      the same converted with --quantization int8
 
-python benchmarks/engine_speed.py [--quick] [--tokens 32] [--batches 1 8 32] [--prompts squad|jokes] [--adapters 1|2]
-                                  [--threads 1] [--no_generate]
+Each engine runs for the whole benchmark (its graphs compile once, before anything is timed). The machines these
+run on are shared: each cell runs every system --rounds times in turn and keeps each system's median.
+
+python benchmarks/engine_speed.py [--quick] [--prompts squad|jokes] [--tokens 32] [--batches 1 8 32] [--rounds 3]
+                                  [--adapters 1|2] [--threads 1] [--systems engine ct2 ...]
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -26,50 +32,47 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import jokes_records, machine, squad_records, write_results  # noqa: E402
 from serve_throughput import make_adapters  # noqa: E402
 
+SYSTEMS = ("engine", "engine_eager", "engine_int8", "engine_bf16", "ct2", "ct2_int8")
 
-def timed(fn, threads: int) -> tuple[float, float, object]:
-    """(CPU seconds of this process, wall seconds, result), fn run on a thread of its own with all torch threads:
-    the main thread keeps one (as `peft-t5 serve` does, see engine.model_thread_threads), so that whichever thread
-    computes is the only one with an OpenMP team."""
-    import threading
 
-    found = {}
+class RunningEngine:
+    """An engine serving on an event loop of its own thread, for the whole benchmark."""
 
-    def run():
-        torch.set_num_threads(threads)
-        found["result"] = fn()
+    def __init__(self, bank, rows: int, threads: int, compile: bool):
+        from peft_t5.serve.engine import Engine
 
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        self.engine = Engine(bank, max_rows=rows, max_encode_tokens=512 * rows, max_rows_per_request=rows,
+                             threads=threads, compile=compile)
+        self.call(self._start())
+        started = time.perf_counter()
+        self.engine.wait_compiled()
+        self.compile_s = time.perf_counter() - started if compile else None
+
+    async def _start(self):
+        self.engine.start()
+
+    def call(self, coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+    def generate(self, names: list[str], sources: list[str], tokens: int, batch: int) -> list[str]:
+        outputs = []
+        for start in range(0, len(sources), batch):
+            outputs += self.call(self.engine.generate(names[start:start + batch], sources[start:start + batch], tokens,
+                                                      min_new_tokens=tokens))
+        return outputs
+
+    def stop(self) -> None:
+        self.call(self.engine.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+def cpu_seconds(fn) -> tuple[float, float, object]:
+    """(CPU seconds of this process, every thread's, and wall seconds) of fn(), and its result."""
     cpu, wall = time.process_time(), time.perf_counter()
-    thread = threading.Thread(target=run)
-    thread.start()
-    thread.join()
-    return time.process_time() - cpu, time.perf_counter() - wall, found["result"]
-
-
-def measured(fn, names: list[str], sources: list[str], batch: int, threads: int) -> tuple[float, float, object]:
-    """timed(fn) after a warm-up (allocators, caches, lazily made kernels, the engine's lane and slots): the whole
-    work at the larger sizes, the first 2 sequences with one row at a time."""
-    warm = len(sources) if batch > 1 else 2
-    timed(lambda: fn(names[:warm], sources[:warm]), threads)
-    return timed(lambda: fn(names, sources), threads)
-
-
-def engine_outputs(bank, names, sources, tokens: int, batch: int, threads: int) -> list[str]:
-    from peft_t5.serve.engine import Engine
-
-    async def run():
-        engine = Engine(bank, max_rows=batch, max_encode_tokens=512 * batch, max_rows_per_request=batch,
-                        threads=threads)
-        engine.start()
-        try:
-            outputs = []
-            for start in range(0, len(sources), batch):
-                outputs += await engine.generate(names[start:start + batch], sources[start:start + batch], tokens,
-                                                 min_new_tokens=tokens)
-            return outputs
-        finally:
-            await engine.stop()
-    return asyncio.run(run())
+    result = fn()
+    return time.process_time() - cpu, time.perf_counter() - wall, result
 
 
 def ct2_outputs(translator, tokenizer, sources, tokens: int, batch: int) -> list[str]:
@@ -81,95 +84,106 @@ def ct2_outputs(translator, tokenizer, sources, tokens: int, batch: int) -> list
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="Fewer sequences")
+    parser.add_argument("--quick", action="store_true", help="Fewer sequences and one round")
     parser.add_argument("--tokens", type=int, default=32, help="New tokens per sequence (forced)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--prompts", choices=["squad", "jokes"], default="squad")
     parser.add_argument("--adapters", type=int, choices=[1, 2], default=2,
                         help="Rows on one LoRA adapter, or on two mixed in every step")
     parser.add_argument("--threads", type=int, default=1, help="Threads of each system (CTranslate2's intra_threads)")
-    parser.add_argument("--no_generate", action="store_true", help="Leave out generate() (the slowest)")
-    parser.add_argument("--output", default="benchmarks/results/engine_speed.json")
+    parser.add_argument("--rounds", type=int, default=3, help="Each system's runs per cell, taken in turn; the median")
+    parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
+    parser.add_argument("--output", default=None, help="default: benchmarks/results/engine_speed_PROMPTS.json")
     args = parser.parse_args()
 
     import ctranslate2
     from peft import PeftModel
+    from transformers import AutoTokenizer
 
     from peft_t5.bank import AdapterBank
-    from peft_t5.modeling import load_base_model
-    from peft_t5.quantize import quantize_int8
+    from peft_t5.modeling import bf16_supported, load_base_model
+    from peft_t5.quantize import int8_path, quantize_int8
     from peft_t5.tasks import get_task
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # this thread's; each engine's model thread gets --threads
+    systems = [s for s in args.systems if s != "engine_bf16" or bf16_supported()]
+    rounds = 1 if args.quick else args.rounds
     template = get_task(args.prompts).template
     records, data = squad_records(256) if args.prompts == "squad" else jokes_records()
     results = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "data": data, "tokens": args.tokens,
-               "prompts": args.prompts, "threads": args.threads, "adapters": args.adapters,
+               "prompts": args.prompts, "threads": args.threads, "adapters": args.adapters, "rounds": rounds,
+               "int8_path": int8_path(), "ctranslate2": ctranslate2.__version__,
                "setup": f"t5-small shapes, random weights, {args.adapters} LoRA adapter(s) (r16 q,v) unmerged, "
                         "rows of each in every step; CTranslate2 on one merged",
-               "cpu_s_per_sequence": {}, "wall_s_per_sequence": {}}
+               "cpu_s_per_sequence": {}, "wall_s_per_sequence": {}, "compile_s": {}}
     with tempfile.TemporaryDirectory() as tmp:
         base, adapters = make_adapters(Path(tmp), "t5-small")
         merged = PeftModel.from_pretrained(load_base_model(base), adapters["jokes_a"]).merge_and_unload()
         merged.save_pretrained(f"{tmp}/merged")
-        bank = AdapterBank.load(base, adapters)
-        bank.tokenizer.save_pretrained(f"{tmp}/merged")
-        for quantization in ("float32", "int8"):
-            ctranslate2.converters.TransformersConverter(f"{tmp}/merged").convert(
-                f"{tmp}/ct2_{quantization}", quantization=quantization, force=True)
-        translators = {q: ctranslate2.Translator(f"{tmp}/ct2_{q}", device="cpu", intra_threads=args.threads)
-                       for q in ("float32", "int8")}
-        engine_float = {}
-
-        def engine(n: list[str], s: list[str]) -> list[str]:
-            return engine_outputs(bank, n, s, args.tokens, batch, args.threads)
+        runners, translators = {}, {}
+        rows = max(args.batches)
+        tokenizer = AutoTokenizer.from_pretrained(adapters["jokes_a"])
+        for system in systems:
+            if system.startswith("engine"):
+                bank = AdapterBank.load(base, adapters, dtype="bfloat16" if system == "engine_bf16" else "float32")
+                if system == "engine_int8":
+                    quantize_int8(*bank.models())
+                runners[system] = RunningEngine(bank, rows, args.threads, compile=system != "engine_eager")
+                results["compile_s"][system] = runners[system].compile_s
+            else:
+                quantization = "int8" if system == "ct2_int8" else "float32"
+                tokenizer.save_pretrained(f"{tmp}/merged")
+                ctranslate2.converters.TransformersConverter(f"{tmp}/merged").convert(
+                    f"{tmp}/{system}", quantization=quantization, force=True)
+                translators[system] = ctranslate2.Translator(f"{tmp}/{system}", device="cpu",
+                                                             intra_threads=args.threads)
+        outputs: dict[str, dict[int, list[str]]] = {}
         for batch in args.batches:
             count = batch * (1 if args.quick else 2) if batch > 1 else (4 if args.quick else 8)
-            chosen = records[:count]
-            sources = [template.format(**r) for r in chosen]
+            sources = [template.format(**r) for r in records[:count]]
             names = [list(adapters)[i % args.adapters] for i in range(count)]
-            systems = {
-                "generate": lambda n, s: bank.generate_sources(n, s, max_new_tokens=args.tokens,
-                                                               min_new_tokens=args.tokens, batch_size=batch),
-                "engine": engine,
-                "ct2": lambda n, s: ct2_outputs(translators["float32"], bank.tokenizer, s, args.tokens, batch),
-                "ct2_int8": lambda n, s: ct2_outputs(translators["int8"], bank.tokenizer, s, args.tokens, batch),
-            }
-            if args.no_generate:
-                del systems["generate"]
-            for name, fn in systems.items():
-                cpu, wall, outputs = measured(fn, names, sources, batch, args.threads)
-                if name == "engine":
-                    engine_float[batch] = outputs
-                results["cpu_s_per_sequence"].setdefault(name, {})[str(batch)] = cpu / count
-                results["wall_s_per_sequence"].setdefault(name, {})[str(batch)] = wall / count
-                print(f"batch {batch:3d} {name:12s} {cpu / count:.4f} CPU-s/seq  {wall / count:.4f} s/seq", flush=True)
-        quantize_int8(*bank.models())
-        agreement = []
-        for batch in args.batches:
-            count = len(engine_float[batch])
-            chosen = records[:count]
-            sources = [template.format(**r) for r in chosen]
-            names = [list(adapters)[i % args.adapters] for i in range(count)]
-            cpu, wall, outputs = measured(engine, names, sources, batch, args.threads)
-            results["cpu_s_per_sequence"].setdefault("engine_int8", {})[str(batch)] = cpu / count
-            results["wall_s_per_sequence"].setdefault("engine_int8", {})[str(batch)] = wall / count
-            print(f"batch {batch:3d} {'engine_int8':12s} {cpu / count:.4f} CPU-s/seq  {wall / count:.4f} s/seq")
-            agreement += [a == b for a, b in zip(outputs, engine_float[batch])]
+
+            def run(system: str, n: int = count) -> list[str]:
+                if system in runners:
+                    return runners[system].generate(names[:n], sources[:n], args.tokens, batch)
+                return ct2_outputs(translators[system], tokenizer, sources[:n], args.tokens, batch)
+            for system in systems:  # a warm-up: allocators, caches, buffers grown to this batch
+                run(system, count if batch > 1 else 2)
+            costs: dict[str, list[tuple[float, float]]] = {s: [] for s in systems}
+            for _ in range(rounds):
+                for system in systems:
+                    cpu, wall, out = cpu_seconds(lambda: run(system))
+                    costs[system].append((cpu / count, wall / count))
+                    outputs.setdefault(system, {})[batch] = out
+            for system in systems:
+                cpu = statistics.median(c for c, _ in costs[system])
+                results["cpu_s_per_sequence"].setdefault(system, {})[str(batch)] = cpu
+                results["wall_s_per_sequence"].setdefault(system, {})[str(batch)] = statistics.median(
+                    w for _, w in costs[system])
+                print(f"batch {batch:3d} {system:13s} {cpu:.4f} CPU-s/seq  (rounds: "
+                      f"{', '.join(f'{c:.4f}' for c, _ in costs[system])})", flush=True)
+        for runner in runners.values():
+            runner.stop()
     cost = results["cpu_s_per_sequence"]
+    ratios = {}
+    for ours, theirs in (("engine", "ct2"), ("engine_int8", "ct2_int8"), ("engine_bf16", "ct2"),
+                         ("engine_bf16", "ct2_int8"), ("engine", "engine_eager")):
+        if ours in cost and theirs in cost:
+            for b in map(str, args.batches):
+                ratios[f"{ours}_vs_{theirs}_at_{b}"] = cost[theirs][b] / cost[ours][b]
+    results["ratios"] = ratios  # throughput ratios: above 1, the first is faster
+    agreement = {}
+    for other in ("engine_int8", "engine_bf16", "engine_eager"):
+        if other in outputs and "engine" in outputs:
+            pairs = [(a, b) for batch in args.batches for a, b in zip(outputs[other][batch], outputs["engine"][batch])]
+            agreement[other] = sum(a == b for a, b in pairs) / len(pairs)
+    results["outputs_equal_to_engine_float32"] = agreement
+    print({k: round(v, 2) for k, v in ratios.items()}, {k: f"{v:.0%}" for k, v in agreement.items()},
+          {k: round(v, 1) for k, v in results["compile_s"].items() if v})
     top = str(max(args.batches))
-    results["int8_outputs_equal_float32"] = sum(agreement) / len(agreement)
-    results["ratios"] = {  # throughput ratios (higher: the engine is faster)
-        f"engine_vs_ct2_{q}_at_{b}": cost[ct2][b] / cost[engine][b]
-        for q, engine, ct2 in (("float32", "engine", "ct2"), ("int8", "engine_int8", "ct2_int8"))
-        for b in map(str, args.batches)}
-    if "generate" in cost:
-        results["ratios"][f"engine_vs_generate_at_{top}"] = cost["generate"][top] / cost["engine"][top]
-    print({k: round(v, 2) for k, v in results["ratios"].items() if v is not None},
-          f"int8 outputs equal to float32: {results['int8_outputs_equal_float32']:.0%}")
-    labels = [f"{n} b{top}" for n in cost]
-    write_results(results, args.output, (f"CPU-s per sequence, batch {top}, {args.tokens} tokens (lower is better)",
-                                         labels, [cost[n][top] for n in cost], "CPU seconds"))
+    write_results(results, args.output or f"benchmarks/results/engine_speed_{args.prompts}.json",
+                  (f"CPU-s per sequence, batch {top}, {args.tokens} tokens, {args.prompts} (lower is better)",
+                   list(cost), [cost[n][top] for n in cost], "CPU seconds"))
 
 
 if __name__ == "__main__":

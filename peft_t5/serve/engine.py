@@ -170,7 +170,7 @@ class Engine:
         self.admitting = True  # False once the server stops: new and waiting requests get Stopping
         self.thread: threading.Thread | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.said: set[str] = set()  # adapters whose own lane was logged
+        self.slot_problems: dict[tuple, str | None] = {}  # (holder, adapter, its config) -> _slot_problem's answer
 
     def describe(self) -> dict[str, str]:
         """How this engine computes (the log and /metrics say it): the decoder step, the weights, int8's path."""
@@ -459,12 +459,15 @@ class Engine:
         return lane
 
     def _slot_problem(self, holder, name: str) -> str | None:
-        """Why a LoRA adapter steps in a lane of its own (said once), or None."""
-        problem = slot_problem(holder, self.bank.peft_name(name))
-        if problem and name not in self.said:
-            self.said.add(name)
-            logger.info("adapter %r steps in a lane of its own, eagerly: %s", name, problem)
-        return problem
+        """Why a LoRA adapter steps in a lane of its own (said once), or None; kept until the adapter is another
+        (it walks the model's modules)."""
+        inner = self.bank.peft_name(name)
+        key = (id(holder), inner, id(holder.peft_config.get(inner)))
+        if key not in self.slot_problems:
+            self.slot_problems[key] = problem = slot_problem(holder, inner)
+            if problem:
+                logger.info("adapter %r steps in a lane of its own, eagerly: %s", name, problem)
+        return self.slot_problems[key]
 
     def _warm(self) -> None:
         """Request the compiled step for the LoRA adapters loaded now (and the base), one row and several."""

@@ -1,0 +1,56 @@
+"""int8 for serving: each row quantized with its own scale (a row's answer never depends on the rows beside it), close
+to float32, and a layer PEFT wraps, so that adapters of every method load onto a base quantized before them."""
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from peft_t5.adapters import save_adapter
+from peft_t5.bank import AdapterBank
+from peft_t5.modeling import tiny_model, tiny_tokenizer
+from peft_t5.quantize import Int8Linear, int8_path, quantize_int8
+
+
+def test_a_rows_int8_output_is_the_same_alone_and_beside_other_rows():
+    torch.manual_seed(0)
+    layer = Int8Linear(torch.randn(96, 64))
+    rows = torch.randn(5, 64) * torch.tensor([[0.01], [1.0], [100.0], [3.0], [0.5]])  # scales far apart
+    with torch.inference_mode():
+        together = layer(rows)
+        for i in range(5):
+            assert torch.equal(layer(rows[i:i + 1]), together[i:i + 1])
+        exact = rows @ layer.dequantize().t()
+    assert ((together - exact).norm(dim=1) / exact.norm(dim=1)).max() < 0.02  # each row close, the small one too
+
+
+def adapter(folder, seed: int, use_dora: bool = False) -> str:
+    """A LoRA (or DoRA) adapter on q and v whose B has the size a trained adapter's has."""
+    torch.manual_seed(seed)
+    model = get_peft_model(tiny_model(), LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], use_dora=use_dora))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.02)
+    save_adapter(model, tiny_tokenizer(), folder, {"task": "jokes", "base_model": "tiny", "template": "{question}"},
+                 "test adapter")
+    return str(folder)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_adapters_load_onto_a_base_quantized_before_them_and_answer_close_to_float(tmp_path, use_dora):
+    """The on-demand case: the server quantized its base at start, then a request names an adapter on disk (DoRA
+    reads the base's weight itself: through Int8Linear.dequantize)."""
+    first, later = adapter(tmp_path / "first", 1), adapter(tmp_path / "later", 2, use_dora)
+    int8, float32 = (AdapterBank.load("tiny", {"first": first}) for _ in range(2))
+    assert quantize_int8(*int8.models()) > 0
+    for bank in (int8, float32):
+        bank.add("later", later)
+    assert any(isinstance(m, Int8Linear) for m in int8.holders["later"].modules())
+    batch = int8.tokenizer(["why did the chicken cross the road", "hello"], return_tensors="pt", padding=True)
+    start = torch.zeros((2, 1), dtype=torch.long)
+    with torch.inference_mode():
+        got, expected = (bank.model_for("later")(**batch, decoder_input_ids=start).logits for bank in (int8, float32))
+        plain = float32.base(**batch, decoder_input_ids=start).logits
+    assert (got - expected).norm() < 0.05 * expected.norm()
+    assert (expected - plain).norm() > 0.005 * expected.norm()  # the adapter does change the answer
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+    assert "oneDNN int8" in int8_path()
