@@ -3,16 +3,17 @@
     compiled = CompiledStep(threads=1)
     logits = compiled(step, args)        # t5_runner.Step and its tensors: the compiled graph once ready, else eager
 
-On a CPU, inductor compiles the step with the base's weights frozen (prepacked for oneDNN and MKL) and its Python
-wrapper in C++, into two graphs a layout of LoRA stacks: one for a single row (its matmuls matrix-vector products,
+On a CPU, inductor compiles the step with the base's weights frozen (prepacked for oneDNN and MKL) into two
+graphs a layout of LoRA stacks: one for a single row (its matmuls matrix-vector products,
 which need no prepacked copy) and one for any other number of rows. Row count, lengths, LoRA slots and rank are
 symbolic sizes, so rows joining, buffers growing and adapters loading never recompile; a row bucket per graph would
 hold a prepacked copy of the weights each (benchmarks/README.md). On a GPU the same graphs compile without freezing.
 
 Compiles run on a thread of their own, one at a time. Until a graph is ready its steps run eagerly (the reference
-the compiled step is tested against), so no request waits for a compile. Inductor keeps the C++ it builds in
-TORCHINDUCTOR_CACHE_DIR, so a restart builds nothing again; it still traces and lowers each graph (graphs holding
-prepacked weights are not kept by its graph cache).
+the compiled step is tested against), so no request waits for a compile. Inductor keeps the kernels it builds in
+TORCHINDUCTOR_CACHE_DIR, so a restart builds none again; it still traces and lowers each graph (graphs holding
+prepacked weights are not kept by its graph cache). Its C++ wrapper is not used: no faster here (within 3%), and a
+restart would build it again (its source names the weights by their memory addresses).
 """
 from __future__ import annotations
 
@@ -139,9 +140,7 @@ class CompiledStep:
 
 
 def options(device: torch.device) -> dict:
-    if device.type == "cpu":
-        return {"freezing": True, "cpp_wrapper": True}
-    return {}
+    return {"freezing": True} if device.type == "cpu" else {}
 
 
 def examples(args: tuple, kind: str) -> tuple:
