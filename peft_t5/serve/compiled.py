@@ -167,8 +167,8 @@ def examples(args: tuple, kind: str) -> tuple:
         out = torch.zeros((rows, t.shape[1], allocated, t.shape[3]), dtype=t.dtype, device=device)[:, :, :used]
         return dynamic(out, 0, 2) if rows > 1 else dynamic(out, 2)
 
-    def stack(t: torch.Tensor) -> torch.Tensor:
-        return dynamic(torch.zeros((13, 17, t.shape[2]), dtype=t.dtype, device=device), 0, 1)  # slots, rank
+    def stack(t: torch.Tensor) -> torch.Tensor:  # [projections, slots, rank, in or out]
+        return dynamic(torch.zeros((t.shape[0], 13, 17, t.shape[3]), dtype=t.dtype, device=device), 1, 2)
 
     return (by_row(tokens, 0), by_row(lengths, 0), by_row(source_lengths, 1), by_row(slots, 0),
             [cache(t, 3, 7) for t in self_k], [cache(t, 3, 7) for t in self_v],

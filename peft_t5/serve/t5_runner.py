@@ -251,14 +251,15 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torc
 
 
 class Step(nn.Module):
-    """T5Weights.step with the LoRA stacks of one layout as a flat list of tensors (what compiled.py compiles)."""
+    """T5Weights.step with the LoRA stacks of one layout (see LoraSlots) as a flat list of tensors, the groups' A
+    and B.T in turn (what compiled.py compiles)."""
 
-    def __init__(self, weights: T5Weights, layout: tuple[str, ...]):
+    def __init__(self, weights: T5Weights, layout: tuple[tuple[str, int, int], ...]):
         super().__init__()
         self.weights, self.layout = weights, layout
 
     def forward(self, tokens, lengths, source_lengths, slots, self_k, self_v, cross_k, cross_v, stacks):
-        lora = {name: (stacks[2 * i], stacks[2 * i + 1]) for i, name in enumerate(self.layout)}
+        lora = {name: (stacks[2 * g][i], stacks[2 * g + 1][i]) for name, g, i in self.layout}
         return self.weights.step(tokens, lengths, source_lengths, slots, self_k, self_v, cross_k, cross_v, lora)
 
 
@@ -293,15 +294,17 @@ def slot_problem(holder, adapter: str) -> str | None:
 
 class LoraSlots:
     """The LoRA adapters of the rows in flight, in stacks the step gathers per row: for each adapted projection
-    A [slots, rank, in] and B.T with the scaling folded in [slots, rank, out]. Slot 0 is no adapter (zeros). An
+    A [slots, rank, in] and B.T with the scaling folded in [slots, rank, out], the projections of one (in, out) size
+    held in one tensor (the step takes few tensors: each costs a guard a call). Slot 0 is no adapter (zeros). An
     adapter is written into a slot when a row of it joins and no slot holds it, taking a slot no active row uses
     (or a new one); the stacks grow (slots, rank) by reallocation. The layout (which projections have stacks) only
     grows."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.layout: tuple[str, ...] = ()
-        self.stacks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.layout: tuple[tuple[str, int, int], ...] = ()  # (projection, its group, its place in the group)
+        self.sizes: list[tuple[int, int]] = []  # each group's (in, out)
+        self.groups: list[tuple[torch.Tensor, torch.Tensor]] = []  # A [projections, slots, rank, in], B.T likewise
         self.owners: list[tuple | None] = [None, None]  # per slot: (holder id, adapter, its config's id)
         self.rank = 2  # at least 2 (and 2 slots): a size of 1 would be specialised when compiled
 
@@ -322,9 +325,8 @@ class LoraSlots:
         layers = lora_layers(holder, name)
         free = [i for i in range(1, len(self.owners)) if i not in in_use]
         slot = min(free, key=lambda i: self.owners[i] is not None) if free else len(self.owners)
-        rank = max(self.rank, *(a.shape[0] for a, _ in layers.values()))
-        self._grow(layers, rank, max(slot + 1, len(self.owners)))
-        for projection, (a, bt) in self.stacks.items():
+        self.extend(layers, max(slot + 1, len(self.owners)))
+        for projection, (a, bt) in self.lora().items():
             a[slot], bt[slot] = 0, 0
             if projection in layers:
                 wa, wb = layers[projection]
@@ -333,31 +335,37 @@ class LoraSlots:
         self.owners[slot] = key
         return slot
 
-    def _grow(self, layers: dict, rank: int, slots: int) -> None:
-        """Stacks for the projections `layers` adapts that have none, and every stack at `slots` x `rank`."""
-        self.layout += tuple(sorted(set(layers) - set(self.layout)))
-        for name in self.layout:
-            old = self.stacks.get(name)
-            if old is not None and old[0].shape[:2] == (slots, rank):
+    def extend(self, layers: dict, slots: int | None = None) -> None:
+        """Stacks for the projections these layers adapt (an adapter's, see lora_layers) that have none, and every
+        stack at `slots` (default: as many as now) x the highest rank."""
+        rank = max(self.rank, *(a.shape[0] for a, _ in layers.values()))
+        slots = slots or len(self.owners)
+        counts = [sum(g == i for _, g, _ in self.layout) for i in range(len(self.sizes))]
+        for name in sorted(set(layers) - {name for name, _, _ in self.layout}):
+            size = (layers[name][0].shape[1], layers[name][1].shape[0])
+            if size not in self.sizes:
+                self.sizes.append(size)
+                counts.append(0)
+            group = self.sizes.index(size)
+            self.layout += ((name, group, counts[group]),)
+            counts[group] += 1
+        for group, (count, size) in enumerate(zip(counts, self.sizes)):
+            old = self.groups[group] if group < len(self.groups) else None
+            if old is not None and old[0].shape[:3] == (count, slots, rank):
                 continue
-            sizes = (old[0].shape[2], old[1].shape[2]) if old else (layers[name][0].shape[1], layers[name][1].shape[0])
-            new = tuple(torch.zeros((slots, rank, size), device=self.device) for size in sizes)
-            if old:
+            new = tuple(torch.zeros((count, slots, rank, dim), device=self.device) for dim in size)
+            if old is not None:
                 for n, o in zip(new, old):
-                    n[:o.shape[0], :o.shape[1]] = o
-            self.stacks[name] = new
+                    n[:o.shape[0], :o.shape[1], :o.shape[2]] = o
+            self.groups[group:group + 1] = [new]
         self.rank = rank
 
-    def extend(self, layers: dict) -> None:
-        """Stacks (empty) for the projections these layers adapt: the layout an adapter will need."""
-        rank = max(self.rank, *(a.shape[0] for a, _ in layers.values()))
-        self._grow(layers, rank, len(self.owners))
-
     def tensors(self) -> list[torch.Tensor]:
-        return [t for name in self.layout for t in self.stacks[name]]
+        return [t for group in self.groups for t in group]
 
     def lora(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        return {name: self.stacks[name] for name in self.layout}
+        """Each projection's (A, B.T) stacks: views into its group's."""
+        return {name: (self.groups[g][0][i], self.groups[g][1][i]) for name, g, i in self.layout}
 
 
 class T5Runner:
