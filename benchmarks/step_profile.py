@@ -1,8 +1,9 @@
 """Where one decoder step of the serving engine spends its time: torch.profiler over T5Runner.step at jokes prompts
 (short sources, so the step is the decoder's), t5-small shapes (random weights), 2 LoRA adapters mixed per row,
-1 thread, float32 (or int8). Writes the top operators by self CPU time, and the step's mean time, as Markdown.
+1 thread, float32 (or int8), the compiled step (or --eager). Writes the top operators by self CPU time, and the
+step's mean time, as Markdown.
 
-python benchmarks/step_profile.py [--rows 32] [--steps 20] [--int8] [--output benchmarks/results/step_profile.md]
+python benchmarks/step_profile.py [--rows 32] [--steps 20] [--int8] [--eager] [--output benchmarks/results/step_profile.md]
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=32)
     parser.add_argument("--steps", type=int, default=20, help="Steps profiled (after as many warm-up steps)")
     parser.add_argument("--int8", action="store_true", help="After quantize_int8, as serve --quantize int8")
+    parser.add_argument("--eager", action="store_true", help="The eager step (serve --compile off)")
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--output", default="benchmarks/results/step_profile.md")
     args = parser.parse_args()
@@ -32,6 +34,7 @@ def main() -> None:
 
     from peft_t5.bank import AdapterBank
     from peft_t5.quantize import quantize_int8
+    from peft_t5.serve.compiled import CompiledStep
     from peft_t5.serve.t5_runner import T5Runner
 
     torch.set_num_threads(1)
@@ -42,27 +45,31 @@ def main() -> None:
     if args.int8:
         quantize_int8(*bank.models())
     model = bank.holders[list(adapters)[0]]  # the PeftModel whose LoRA adapters mix per row, as the engine steps it
-    names = [list(adapters)[i % 2] for i in range(args.rows)]
+    names = [bank.peft_name(list(adapters)[i % 2]) for i in range(args.rows)]
     sources = [bank.tokenizer(r["question"]).input_ids for r in records[:args.rows]]
-    runner = T5Runner(model, capacity=args.rows)
-    runner.add(sources, names)
+    compiled = None if args.eager else CompiledStep()
+    runner = T5Runner(model, capacity=args.rows, compiled=compiled)
+    runner.warm(sorted(set(names)))
+    if compiled is not None:
+        compiled.wait()
+    runner.add(sources, names, budgets=[4 * args.steps] * args.rows)
     tokens = torch.zeros(args.rows, dtype=torch.long)
     for _ in range(args.steps):  # warm-up: allocations, and lengths like those profiled
-        tokens = runner.step(tokens, names).argmax(-1)
+        tokens = runner.step(tokens).argmax(-1)
     started = time.process_time()
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         for _ in range(args.steps):
-            tokens = runner.step(tokens, names).argmax(-1)
+            tokens = runner.step(tokens).argmax(-1)
     step_ms = (time.process_time() - started) / args.steps * 1000  # under the profiler: its overhead included
     plain = time.process_time()
     for _ in range(args.steps):
-        tokens = runner.step(tokens, names).argmax(-1)
+        tokens = runner.step(tokens).argmax(-1)
     plain_ms = (time.process_time() - plain) / args.steps * 1000
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top, max_name_column_width=40)
     by_shape = prof.key_averages(group_by_input_shape=True).table(  # which matmul: the output projection, q/k/v/o, ...
         sort_by="self_cpu_time_total", row_limit=8, max_name_column_width=24, max_shapes_column_width=50)
     header = (f"# One decoder step, {args.rows} rows, jokes prompts, t5-small shapes, 2 LoRA adapters mixed, "
-              f"{'int8' if args.int8 else 'float32'}, 1 thread\n\n{machine()}, {time.strftime('%Y-%m-%d')}; "
+              f"{'int8' if args.int8 else 'float32'}, {'eager' if args.eager else 'compiled'} step, 1 thread\n\n{machine()}, {time.strftime('%Y-%m-%d')}; "
               f"{plain_ms:.1f} ms of CPU a step without the profiler ({step_ms:.1f} ms under it)\n\n```\n")
     text = header + table + "\n```\n\nThe same, by input shape:\n\n```\n" + by_shape + "\n```\n"
     Path(args.output).write_text(text)
