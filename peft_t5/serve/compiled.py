@@ -1,13 +1,13 @@
 """The decoder step compiled with torch.compile, and run eagerly until it is.
 
-    compiled = CompiledStep(threads=1)
+    compiled = CompiledStep()
     logits = compiled(step, args)        # t5_runner.Step and its tensors: the compiled graph once ready, else eager
 
 On a CPU, inductor compiles the step with the base's weights frozen (prepacked for oneDNN and MKL) into two
-graphs a layout of LoRA stacks: one for a single row (its matmuls matrix-vector products,
-which need no prepacked copy) and one for any other number of rows. Row count, lengths, LoRA slots and rank are
-symbolic sizes, so rows joining, buffers growing and adapters loading never recompile; a row bucket per graph would
-hold a prepacked copy of the weights each (benchmarks/README.md). On a GPU the same graphs compile without freezing.
+graphs a layout of LoRA stacks: one for a single row (MKL's packing for one row) and one for any other number of
+rows. Row count, lengths, LoRA slots and rank are symbolic sizes, so rows joining, buffers growing and adapters
+loading never recompile. Each graph holds a prepacked copy of the decoder's weights: a graph per row bucket would
+hold one each. On a GPU the same graphs compile without freezing.
 
 Compiles run on a thread of their own, one at a time. Until a graph is ready its steps run eagerly (the reference
 the compiled step is tested against), so no request waits for a compile. Inductor keeps the kernels it builds in
