@@ -39,11 +39,12 @@ def load_config(name: str):
     return config
 
 
-def meta_model(config):
-    from transformers import AutoModelForSeq2SeqLM
+def meta_model(config, span_head: bool = False):
+    """The model on the meta device: T5 with its language-model head, or (span_head) T5ForQuestionAnswering."""
+    from transformers import AutoModelForQuestionAnswering, AutoModelForSeq2SeqLM
 
     with torch.device("meta"):
-        model = AutoModelForSeq2SeqLM.from_config(config)
+        model = (AutoModelForQuestionAnswering if span_head else AutoModelForSeq2SeqLM).from_config(config)
         # transformers 5 forces T5Config.tie_word_embeddings=True and keeps the file's flag only as
         # scale_decoder_outputs; a checkpoint saved untied (flan-t5) gets its own lm_head back on load.
         head = getattr(model, "lm_head", None)
@@ -59,23 +60,30 @@ def optimizer_state_numel(shapes: list[torch.Size], optim: str) -> int:
 
 
 def estimate(name: str, optim: str = "adafactor", r: int = 16, target_modules=None, layers: str | None = None,
-             method: str | None = None) -> dict:
+             method: str | None = None, task: str | None = None) -> dict:
     """Counts and GiB for full fine-tuning, LoRA (fp32 base) and QLoRA (NF4 base) of the model `name`; with layers
     (--layers), only the blocks it names train, in full fine-tuning and in each method that takes it. With `method`,
     the methods' rows hold that one, with its settings checked as train checks them (prompt_tuning takes no
-    --layers)."""
+    --layers). With an extractive task (squad_extractive), the model is T5ForQuestionAnswering: its span head
+    trains with every method, and the methods a span head refuses have no row."""
     from .methods import get_method
+    from .tasks import get_task
+    from .train_settings import check_extractive
 
+    spans = task is not None and get_task(task).kind == "extractive"
     chosen = get_method(method) if method else None
     if chosen is not None:
         chosen.settings({"layers": layers} if layers else {})  # train's own refusal of a flag it does not take
+        if spans:
+            check_extractive(chosen.name, {})
     config = load_config(name)
-    model = meta_model(config)
+    model = meta_model(config, spans)
     total = sum(p.numel() for p in model.parameters())
-    full = prepare_for_training(meta_model(config), FULL, FULL.settings({"layers": layers}), 0)
+    full = prepare_for_training(meta_model(config, spans), FULL, FULL.settings({"layers": layers}), 0)
     full_shapes = [p.shape for p in full.parameters() if p.requires_grad]
     full_trainable = sum(s.numel() for s in full_shapes)
-    linear = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    linear = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in ("lm_head",
+                                                                                                 "qa_outputs")}
     quantizable = sum(m.weight.numel() for n, m in model.named_modules() if n in linear)
 
     lora = METHODS["lora"]
@@ -91,15 +99,18 @@ def estimate(name: str, optim: str = "adafactor", r: int = 16, target_modules=No
 
     methods = {}
     rows = [chosen] if chosen is not None and not chosen.whole_model else [] if chosen else list(METHODS.values())
+    rows = [row for row in rows if not (spans and row.name == "prompt_tuning")]  # train refuses it for a span head
     for row in rows:  # each on a fresh meta model: PEFT injects its layers in place
         given = {"layers": layers} if layers and "layers" in row.flags else {}
-        adapted = prepare_for_training(meta_model(config), row, row.settings(given), 1000)
+        adapted = prepare_for_training(meta_model(config, spans), row, row.settings(given), 1000)
         numel, _ = adapted.get_nb_trainable_parameters()
         methods[row.name] = {"trainable_parameters": numel, **setup(4 * total + 4 * numel, numel,
                                                                   [p.shape for p in adapted.parameters()
                                                                    if p.requires_grad])}
     return {
         "model": name,
+        "task": task,
+        "head": "span" if spans else "lm",
         "optimizer": optim,
         "total_parameters": total,
         "methods": methods,  # each method with its defaults, on an fp32 base
@@ -114,6 +125,8 @@ def estimate(name: str, optim: str = "adafactor", r: int = 16, target_modules=No
 
 def format_estimate(e: dict) -> str:
     lines = [f"model: {e['model']}  (optimizer state for {e['optimizer']}; activations not counted)"
+             + (f"\ntask {e['task']}: T5ForQuestionAnswering, a span head in place of the language-model head"
+                if e.get("head") == "span" else "")
              + (f"\ntraining only the blocks of --layers {e['layers']}" if e.get("layers") else ""),
              f"total parameters: {e['total_parameters']:,}",
              f"{'setup':8} {'trainable':>14} {'weights':>9} {'grads':>9} {'optimizer':>9} {'total':>9}  (GiB)"]

@@ -62,3 +62,17 @@ def test_estimate_takes_method_and_refuses_its_layers_as_train_does(capsys):
     assert list(estimate("tiny", method="ia3", layers="decoder:1")["methods"]) == ["ia3"]
     assert estimate("tiny", method="ia3", layers="decoder:1")["methods"]["ia3"]["trainable_parameters"] < \
         estimate("tiny", method="ia3")["methods"]["ia3"]["trainable_parameters"]
+
+
+def test_an_extractive_task_counts_the_span_head_and_leaves_out_what_it_cannot_train_with():
+    lm = estimate(str(FIXTURES / "t5-small" / "config.json"))
+    span = estimate(str(FIXTURES / "t5-small" / "config.json"), task="squad_extractive")
+    head = 2 * 512 + 2  # qa_outputs: start and end logits from d_model
+    assert (span["head"], lm["head"]) == ("span", "lm")
+    assert span["total_parameters"] == lm["total_parameters"] + head  # t5-small's lm_head is the tied embedding
+    assert span["trainable_parameters"]["lora"] == lm["trainable_parameters"]["lora"] + head  # modules_to_save
+    assert "prompt_tuning" in lm["methods"] and "prompt_tuning" not in span["methods"]
+    from peft_t5.errors import PeftT5Error
+
+    with pytest.raises(PeftT5Error, match="--method prompt_tuning with --task squad_extractive"):
+        estimate(str(FIXTURES / "t5-small" / "config.json"), task="squad_extractive", method="prompt_tuning")

@@ -20,6 +20,8 @@ def build_parser():
                                          "methods that take --layers)")
     parser.add_argument("--method", help="One method's row, its flags checked as train checks them (default: "
                                          "every method with its defaults)")
+    parser.add_argument("--task", help="The task it trains for: squad_extractive counts a span head "
+                                       "(T5ForQuestionAnswering) instead of the language-model head (default)")
     parser.add_argument("--json", action="store_true", help="Print JSON instead of a table")
     return parser
 
@@ -31,7 +33,7 @@ def estimate_main(argv: list[str]) -> None:
     from ..estimate import estimate, format_estimate
 
     result = estimate(args.model, optim=args.optim, r=args.lora_r, target_modules=args.target_modules,
-                      layers=args.layers, method=args.method)
+                      layers=args.layers, method=args.method, task=args.task)
     if args.qlora:
         result = {k: v for k, v in result.items() if k not in ("full", "lora", "methods")}
         result["trainable_parameters"] = {"qlora": result["trainable_parameters"]["qlora"]}
