@@ -5,9 +5,12 @@
     bank.generate("squad", [("Where is Normandy?", "Normandy is a region in France.")])
     bank.generate("base", questions, prompt_of="jokes")   # adapters disabled, jokes' prompt, for comparison
     bank.generate_mixed([("jokes", q1), ("squad", (q2, c2))])   # one forward pass, PEFT's adapter_names
+    bank.answer_spans("spans", [{"question": q, "context": c}])   # an extractive adapter: spans of the context
 
 Adapters of several PEFT methods share the base: one PeftModel holds each method's adapters (LoRA and DoRA are one
 type; each AdaLoRA adapter gets its own), each over a module tree of its own whose layers are the base's very layers.
+Extractive adapters (squad_extractive) are held by PeftModels over a T5ForQuestionAnswering tree of those same
+layers, their span heads (qa_outputs) their own.
 """
 from __future__ import annotations
 
@@ -68,7 +71,11 @@ class AdapterBank:
             if not base_name:
                 raise PeftT5Error(f"{adapters[first]}: no base model recorded; pass the base explicitly")
         for name, path in adapters.items():  # every folder checked before the base loads
-            check_generates(read_metadata(path, trust_pickle), path)
+            read_metadata(path, trust_pickle)
+        if isinstance(base_name, str) and adapter_kind(model_metadata(base_name)) == "extractive":
+            raise PeftT5Error(f"{base_name}: a merged extractive (span) model answers by span, and the server serves it "
+                              "through its adapter: pass --model with the base it was trained on and --adapter with "
+                              "the adapter folder")
         import torch
 
         model = (load_base_model(base_name, qlora=qlora, trust_pickle=trust_pickle, dtype=getattr(torch, dtype))
@@ -76,8 +83,10 @@ class AdapterBank:
         model.eval()
         bank = cls(None, tokenizer or load_tokenizer(base_name), base_name=base_name, base=shared_layers(model),
                    base_meta=model_metadata(base_name))
+        first_generative = next((n for n, path in adapters.items()
+                                 if adapter_kind(read_metadata(path, trust_pickle)) == "generative"), None)
         for name, path in adapters.items():
-            bank.add(name, path, trust_pickle, onto=model if name == first else None)
+            bank.add(name, path, trust_pickle, onto=model if name == first_generative else None)
         return bank
 
     def add(self, name: str, path: str, trust_pickle: bool = False, onto=None) -> dict:
@@ -87,7 +96,7 @@ class AdapterBank:
         if name == BASE or name in self.metadata:
             raise ConflictError(f"an adapter named {name!r} is already loaded; unload it first or pick another name")
         with adapter_snapshot(path) as snapshot:
-            meta = check_generates(read_metadata(snapshot, trust_pickle), path)
+            meta = read_metadata(snapshot, trust_pickle)
             self.attach(name, str(snapshot), meta, adapter_method(snapshot), onto)
         return meta
 
@@ -98,8 +107,16 @@ class AdapterBank:
 
         check_keeps_base(path)
         check_adapter_fits(self.base, path, self.base_name)
-        holder = next((self.holders[n] for n in self.metadata if holder_key(n, self.methods[n]) == holder_key(
-            name, method)), None)
+        spans = adapter_kind(meta) == "extractive"
+        if spans and method.name not in SPAN_METHODS:
+            raise PeftT5Error(f"{path}: an extractive adapter of method {method.name} cannot be served; train it with "
+                              f"one of {', '.join(SPAN_METHODS)}")
+        key = holder_key(name, method) + (":span" if spans else "")
+        holder = next((self.holders[n] for n in self.metadata
+                       if holder_key(n, self.methods[n]) + (":span" if self.kind(n) == "extractive" else "") == key),
+                      None)
+        if spans:
+            onto = span_tree(self.base)
         inner = peft_name(name, method)
         try:
             with quiet_adalora_warnings(method.name == "adalora"):
@@ -117,12 +134,53 @@ class AdapterBank:
                 raise
             raise PeftT5Error(f"{path}: PEFT could not load it ({type(e).__name__}: {' '.join(str(e).split())[:300]});"
                               " pass the folder that train_lora.py wrote") from None
-        self.model = self.model or loaded
+        if not spans:
+            self.model = self.model or loaded
         self.metadata[name], self.methods[name], self.holders[name] = meta, method, loaded
 
     @property
     def names(self) -> list[str]:
         return [BASE, *self.metadata]
+
+    def kind(self, name: str) -> str:
+        """"extractive" (it answers by span: answer_spans) or "generative" (the base, and every other adapter)."""
+        return adapter_kind(self.base_meta if name == BASE else self.metadata.get(name, {}))
+
+    def span_records(self, name: str, inputs: list) -> list[dict]:
+        """An extractive adapter's inputs as records: each a {question, context} dict, or a (question, context)
+        pair."""
+        records = []
+        for i, item in enumerate(inputs):
+            if isinstance(item, (tuple, list)) and len(item) == 2:
+                item = dict(zip(("question", "context"), item))
+            if not isinstance(item, dict) or not all(isinstance(item.get(f), str) for f in ("question", "context")):
+                raise PeftT5Error(f"inputs[{i}]: {name!r} is an extractive adapter: it answers a question about a "
+                                  "context with a span of it; send {question, context}")
+            records.append({"question": item["question"], "context": item["context"], "answers": [],
+                            "answer_starts": []})
+        return records
+
+    def span_options(self, name: str) -> dict:
+        """How an extractive adapter reads its inputs, as it was trained: window length, stride, longest answer."""
+        meta = self._meta(name)
+        return {"max_length": self.source_limit(name), "doc_stride": int(meta.get("doc_stride") or 128),
+                "max_answer_length": int(meta.get("max_answer_length") or 30)}
+
+    def answer_spans(self, name: str, inputs: list, na_threshold: float | None = None,
+                     batch_size: int = 16) -> list[str]:
+        """An extractive adapter's answers, spans of each input's context, "" where the null score beats the best
+        span by more than na_threshold (default: the threshold recorded in training, else 0): one forward pass per
+        batch of windows, as evaluate.py answers."""
+        from .extractive import answer_records
+
+        records = self.span_records(name, inputs)
+        spans = answer_records(self.model_for(name), self.tokenizer, records, batch_size=batch_size,
+                               **self.span_options(name))
+        return [s.answer(self.span_threshold(name, na_threshold)) for s in spans]
+
+    def span_threshold(self, name: str, given: float | None = None) -> float:
+        recorded = self._meta(name).get("na_threshold")
+        return given if given is not None else recorded if recorded is not None else 0.0
 
     def sources(self, name: str, inputs: list, prompt_of: str | None = None) -> list[str]:
         """Prompts from the adapter's saved template: a string fills the one field, a tuple fills them in order.
@@ -178,6 +236,8 @@ class AdapterBank:
 
         An adapter of a task with a no-answer target (squad) answers "" where its no-answer probability is over
         na_threshold (default: the threshold recorded in training, where there is one)."""
+        if self.kind(name) == "extractive":
+            return self.answer_spans(name, [inputs] if isinstance(inputs, (str, dict)) else inputs, na_threshold)
         sources = self.sources(name, [inputs] if isinstance(inputs, str) else inputs, prompt_of)
         outputs = self.generate_switched(name, sources, **kwargs)
         meta = self.base_meta if name == BASE else self.metadata[name]
@@ -269,7 +329,7 @@ class AdapterBank:
         if any(h is holder for h in self.holders.values()):
             holder.delete_adapter(inner)
         elif holder is self.model:  # its last adapter: the holder goes, its layers stay with the others
-            self.model = next(iter(self.holders.values()))
+            self.model = next((h for n, h in self.holders.items() if self.kind(n) == "generative"), None)
 
     def models(self) -> list:
         """The base and each PeftModel holding adapters: distinct module trees over the same layers."""
@@ -318,10 +378,25 @@ def shared_layers(model):
     return copy.deepcopy(model, memo)
 
 
-def check_generates(meta: dict, path: str) -> dict:
-    """An adapter the bank can serve: one that generates (an extractive one answers by span), else one line."""
-    if meta.get("head") == "span":
-        raise PeftT5Error(f"{path}: an extractive (squad_extractive) adapter answers by span, and the bank and server "
-                          "generate text; serving it is not supported yet: evaluate it with scripts/evaluate.py "
-                          "--task squad_extractive")
-    return meta
+def adapter_kind(meta: dict) -> str:
+    """An adapter's (or a whole model's) kind, from its peft_t5.json: "extractive" (a span head) or "generative"."""
+    return "extractive" if meta.get("head") == "span" else "generative"
+
+
+SPAN_METHODS = ("lora", "dora", "ia3", "adalora", "vera")  # PEFT's QUESTION_ANS adapters train their span head
+
+
+def span_tree(base):
+    """A T5ForQuestionAnswering over the base's own layers (shared_layers): what an extractive adapter wraps. Its
+    qa_outputs never answers: the adapter's own (PEFT's modules_to_save) does."""
+    import torch
+    from transformers import T5ForQuestionAnswering
+
+    tree = shared_layers(base)
+    with torch.device("meta"):
+        qa = T5ForQuestionAnswering(base.config)
+    qa.shared, qa.encoder, qa.decoder = tree.shared, tree.encoder, tree.decoder
+    weight = base.shared.weight
+    qa.qa_outputs = torch.nn.Linear(base.config.d_model, qa.num_labels, device=weight.device,
+                                    dtype=weight.dtype if weight.is_floating_point() else torch.float32)
+    return qa.eval()

@@ -88,12 +88,20 @@ def tiny_config():
 
 def tiny_model(span_head: bool = False) -> PreTrainedModel:
     """The tiny T5 with weights initialised from its config under a fixed seed: the same on every call. span_head:
-    T5ForQuestionAnswering (a start/end head on the decoder, for extractive QA) instead of the language model."""
+    T5ForQuestionAnswering (a start/end head on the decoder, for extractive QA) instead of the language model, over
+    the same base weights (the two classes draw their embeddings differently from one seed, and an extractive
+    adapter is served on the language model's)."""
     from transformers import T5ForConditionalGeneration, T5ForQuestionAnswering
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)
-        return (T5ForQuestionAnswering if span_head else T5ForConditionalGeneration)(tiny_config()).eval()
+        model = T5ForConditionalGeneration(tiny_config()).eval()
+        if not span_head:
+            return model
+        torch.manual_seed(TINY_SEED)
+        qa = T5ForQuestionAnswering(tiny_config()).eval()
+    qa.load_state_dict({k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}, strict=False)
+    return qa
 
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:

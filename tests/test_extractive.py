@@ -190,13 +190,113 @@ def test_an_extractive_adapter_merges_into_a_plain_question_answering_model(trai
     assert json.loads((tmp_path / "merged" / "peft_t5.json").read_text())["head"] == "span"
 
 
-@pytest.mark.slow
-def test_the_bank_refuses_an_extractive_adapter_in_one_line(trained):
-    from peft_t5 import AdapterBank, PeftT5Error
+@pytest.fixture(scope="module")
+def side_by_side(trained, tmp_path_factory):
+    """An abstractive squad adapter beside the extractive one, each one's answers to the first 12 sample records as
+    evaluate.py gives them alone (at the source length each was trained with), and a bank of both."""
+    from test_serve import make_adapter
 
-    with pytest.raises(PeftT5Error, match=r"an extractive \(squad_extractive\) adapter answers by span.*not supported "
-                                          r"yet: evaluate it with scripts/evaluate.py --task squad_extractive"):
-        AdapterBank.load("tiny", {"spans": trained.output_dir})
+    import peft_t5
+    from peft_t5.bank import AdapterBank
+
+    root = tmp_path_factory.mktemp("side_by_side")
+    abstractive = make_adapter(root / "abstractive", "squad", 2)
+    expected = {}
+    for name, folder, task, length in (("spans", trained.output_dir, "squad_extractive", 96),
+                                       ("abstractive", abstractive, "squad", 48)):
+        peft_t5.evaluate(task=task, adapter=folder, predictions=str(root / f"{name}.json"), limit=12,
+                         max_source_length=length)
+        expected[name] = json.loads((root / f"{name}.json").read_text())
+    return AdapterBank.load("tiny", {"abstractive": abstractive, "spans": trained.output_dir}), expected
+
+
+@pytest.mark.slow
+def test_an_extractive_and_an_abstractive_adapter_answer_side_by_side_as_evaluate_does_alone(side_by_side, records):
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from peft_t5.serve.app import ServeSettings, create_app, running
+
+    bank, expected = side_by_side
+    inputs = [{"question": r["question"], "context": r["context"]} for r in records[:12]]
+    with running(create_app(bank, ServeSettings(compile=False))) as url, ThreadPoolExecutor(2) as pool:
+        asked = {name: pool.submit(httpx.post, f"{url}/v1/generate", json={"adapter": name, "inputs": inputs},
+                                   timeout=300) for name in ("spans", "abstractive")}
+        replies = {name: reply.result() for name, reply in asked.items()}
+        kinds = {a["name"]: a["kind"] for a in httpx.get(f"{url}/v1/adapters").json()["adapters"]}
+    assert all(reply.status_code == 200 for reply in replies.values()), {k: r.text for k, r in replies.items()}
+    for name, reply in replies.items():
+        assert [o["output"] for o in reply.json()["outputs"]] == [expected[name][r["id"]] for r in records[:12]]
+    spans = replies["spans"].json()["outputs"]
+    assert all(o["raw"] and o["raw"] in i["context"] and o["output"] in ("", o["raw"]) for o, i in zip(spans, inputs))
+    assert all((o["output"] == "") == (o["finish_reason"] == "no_answer") for o in spans)
+    assert kinds == {"base": "generative", "abstractive": "generative", "spans": "extractive"}
+
+
+@pytest.mark.slow
+def test_an_extractive_adapter_is_refused_in_one_line_where_it_cannot_answer(side_by_side, records):
+    import httpx
+
+    from peft_t5.serve.app import ServeSettings, create_app, running
+
+    bank, _ = side_by_side
+    question = {"question": records[0]["question"], "context": records[0]["context"]}
+    with running(create_app(bank, ServeSettings(compile=False))) as url:
+        sampled = httpx.post(f"{url}/v1/generate", json={"adapter": "spans", "inputs": [question], "temperature": 0.7})
+        bare = httpx.post(f"{url}/v1/generate", json={"adapter": "spans", "inputs": ["In what country is Normandy?"]})
+        completion = httpx.post(f"{url}/v1/completions", json={"model": "spans", "prompt": "Where?"})
+        listed = [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]]
+        card = httpx.get(f"{url}/v1/models/spans")
+    assert sampled.status_code == 422 and sampled.json() == {
+        "error": "temperature: 'spans' is an extractive adapter: it answers a question about a context with a span "
+                 "of it, not by decoding; leave temperature out", "field": "temperature"}
+    assert bare.status_code == 422 and bare.json()["field"] == "inputs[0]" and "send {question, context}" in \
+        bare.json()["error"]
+    for reply in (completion, card):
+        assert reply.status_code == 422 and reply.json()["error"]["message"].startswith(
+            "model: 'spans' is an extractive adapter") and "POST /v1/generate" in reply.json()["error"]["message"]
+    assert listed == ["base", "abstractive"]
+
+
+@pytest.mark.slow
+def test_span_requests_take_one_forward_pass_together_between_the_steps_of_a_decoding_request(side_by_side,
+                                                                                            records, monkeypatch):
+    """Two span requests (5 inputs in all) and a generative one are queued while the engine is held; once released,
+    the span inputs are read in one forward pass while the generative rows decode, and each answers as the bank
+    answers it alone."""
+    import asyncio
+
+    import peft_t5.extractive as extractive
+    from peft_t5.serve.engine import Engine
+
+    bank, _ = side_by_side
+    passes = []
+    real = extractive.span_logits
+    monkeypatch.setattr(extractive, "span_logits", lambda model, tokenizer, wins, batch_size: (
+        passes.append(len(wins.input_ids)), real(model, tokenizer, wins, batch_size))[1])
+    inputs = [{"question": r["question"], "context": r["context"]} for r in records[:5]]
+
+    async def main():
+        engine = Engine(bank, compile=False, max_encode_tokens=100_000)
+        engine.start()
+        try:
+            with engine.holding():
+                asked = [asyncio.ensure_future(engine.extract("spans", inputs[:2])),
+                         asyncio.ensure_future(engine.generate(["abstractive"], ["question: a context: b"], 12)),
+                         asyncio.ensure_future(engine.extract("spans", inputs[2:]))]
+                await asyncio.get_running_loop().run_in_executor(None, engine.wait_until,
+                                                                 lambda: len(engine.spans) == 2)
+            return await asyncio.gather(*asked)
+        finally:
+            await engine.stop()
+    first, generated, second = asyncio.run(main())
+    windows = len(extractive.windows(bank.span_records("spans", inputs), bank.tokenizer,
+                                     **{k: v for k, v in bank.span_options("spans").items() if k != "max_answer_length"}).input_ids)
+    assert passes == [windows] and windows > 5  # one pass over every window of both requests (contexts are split)
+    threshold = bank.span_threshold("spans")
+    assert [s.answer(threshold) for s in first + second] == bank.answer_spans("spans", inputs)
+    assert len(generated) == 1
 
 
 @pytest.mark.slow

@@ -17,6 +17,10 @@ each row's LoRA from a slot), compiled (compiled.py) unless compile=False; rows 
 their own through its PeftModel's layers in the same step (module_runner.py, eager; a prompt-tuning adapter's soft
 prompt goes before its sources); no method waits for another's request to end.
 
+Extractive adapters answer by span (engine.extract): their requests' windows wait in a queue of their own, and
+each turn of the model thread runs one forward pass per extractive adapter over the windows waiting (within a token
+budget), between two decoding steps; never generate().
+
 One thread owns the model: it runs the steps and, between them, whatever else must touch the model (loading and
 unloading adapters, on_demand.py).
 """
@@ -31,6 +35,7 @@ import time
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 
@@ -104,6 +109,37 @@ class Request:
 
 
 @dataclass(eq=False)
+class SpanRequest:
+    """An extractive adapter's inputs, as windows over their contexts; answered once every input's windows have had
+    their forward pass."""
+    name: str
+    records: list[dict]
+    windows: object  # extractive.Windows: window i belongs to input windows.record[i]
+    max_answer_length: int
+    deadline: float | None
+    future: asyncio.Future
+    starts: list = field(default_factory=list)  # per window, its logits once computed
+    ends: list = field(default_factory=list)
+    next: int = 0  # the first window not yet taken
+    failed: bool = False
+
+    def __post_init__(self):
+        self.starts = [None] * len(self.windows.input_ids)
+        self.ends = [None] * len(self.windows.input_ids)
+
+    @property
+    def over(self) -> bool:
+        return self.failed or self.future.done() or (self.deadline is not None and time.monotonic() > self.deadline)
+
+    def next_input(self) -> range:
+        """The windows of the next input not yet taken."""
+        record, end = self.windows.record[self.next], self.next
+        while end < len(self.windows.record) and self.windows.record[end] == record:
+            end += 1
+        return range(self.next, end)
+
+
+@dataclass(eq=False)
 class Row:
     request: Request
     index: int  # its output's index
@@ -162,6 +198,7 @@ class Engine:
         config = bank.base.config
         self.start_token, self.eos = config.decoder_start_token_id, config.eos_token_id
         self.waiting: dict[Request, deque[Row]] = {}  # per request, its rows not yet admitted (round-robin order)
+        self.spans: deque[SpanRequest] = deque()  # extractive requests waiting for their forward pass
         self.controls: deque = deque()  # (fn, args, concurrent future) to run between steps
         self.wake = threading.Condition()
         self.stopping = False
@@ -204,7 +241,8 @@ class Engine:
         rows in flight go on (the server gives them a grace period)."""
         self.admitting = False
         with self.wake:
-            waiting, self.waiting = list(self.waiting), {}
+            waiting, self.waiting = [*self.waiting, *self.spans], {}
+            self.spans = deque()
         for request in waiting:
             if not request.future.done():
                 request.future.set_exception(Stopping("this request had not started"))
@@ -289,6 +327,33 @@ class Engine:
         return [c.text for c in await self.complete(names, sources, max_new_tokens, num_beams=num_beams,
                                                     min_new_tokens=min_new_tokens, timeout=timeout)]
 
+    async def extract(self, name: str, inputs: list, timeout: float | None = None) -> list:
+        """An extractive adapter's answers, one extractive.SpanAnswer per input ({question, context}): the best span
+        of its context and its margin against no answer (bank.span_threshold says where "" begins)."""
+        from ..extractive import windows
+
+        if not self.admitting:
+            raise Stopping("it takes no new requests")
+        records, options = self.bank.span_records(name, inputs), self.bank.span_options(name)
+        wins = windows(records, self.encoder_tokenizer, options["max_length"], options["doc_stride"])
+        loop = asyncio.get_running_loop()
+        request = SpanRequest(name, records, wins, options["max_answer_length"],
+                              time.monotonic() + timeout if timeout else None, loop.create_future())
+        with self.wake:
+            queued = self.waiting_rows + sum(len(r.records) for r in self.spans)
+            if queued + len(records) > self.max_queue_rows:
+                raise Busy(f"{queued} rows are waiting, the most this server queues is {self.max_queue_rows}; "
+                           "retry shortly")
+            self.spans.append(request)
+            self.wake.notify_all()
+        try:
+            return await (asyncio.wait_for(request.future, timeout) if timeout else request.future)
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded(f"the request took over {timeout:g} s") from None
+        finally:
+            if not request.future.done():
+                request.future.cancel()  # the client left or the deadline passed: its windows are dropped
+
     async def events(self, names: list[str], sources: list[str], max_new_tokens: int, **options):
         """Pieces of the outputs as they are decoded (a beam group's text comes whole, when it ends)."""
         pieces: asyncio.Queue = asyncio.Queue()
@@ -361,7 +426,8 @@ class Engine:
             with self.wake:
                 self.busy = False
                 self.wake.notify_all()  # holding() and wait_until() look again
-                while not (self.stopping or self.controls or not self.held and (self.waiting or self.active_rows)):
+                while not (self.stopping or self.controls or not self.held and (self.waiting or self.active_rows
+                                                                                 or self.spans)):
                     self.wake.wait()
                 if self.stopping:
                     break
@@ -375,6 +441,9 @@ class Engine:
                     done.set_exception(e)
             with self.wake:
                 admitted = [] if self.held else self._admit()
+                spans = [] if self.held else self._take_spans()
+            if spans:
+                self._answer_spans(spans)
             try:
                 if admitted:
                     self._encode(admitted)
@@ -403,6 +472,56 @@ class Engine:
             admitted += unit
             budget -= len(unit[0].source)
         return admitted
+
+    def _take_spans(self) -> list[tuple[SpanRequest, range]]:
+        """The inputs of span requests to answer this turn (each input's windows whole), oldest first, within the
+        per-step encoding budget (one input at least)."""
+        taken, budget = [], self.max_encode_tokens
+        while self.spans:
+            request = self.spans[0]
+            if request.over:
+                self.spans.popleft()
+                continue
+            windows = request.next_input()
+            tokens = sum(len(request.windows.input_ids[i]) for i in windows)
+            if taken and tokens > budget:
+                break
+            taken.append((request, windows))
+            budget -= tokens
+            request.next = windows.stop
+            if request.next == len(request.windows.input_ids):
+                self.spans.popleft()
+        return taken
+
+    def _answer_spans(self, taken: list[tuple[SpanRequest, range]]) -> None:
+        """One forward pass per extractive adapter over the windows taken, then the best span of each request whose
+        inputs have all been read."""
+        from ..extractive import best_spans, span_logits
+
+        for name in dict.fromkeys(request.name for request, _ in taken):
+            mine = [(request, windows) for request, windows in taken if request.name == name]
+            requests = list(dict.fromkeys(request for request, _ in mine))
+            if name not in self.bank.metadata:
+                for request in requests:
+                    self._resolve(request, error=AdapterGone(f"adapter {name!r} was unloaded before this request "
+                                                             "ran"))
+                continue
+            try:
+                ids = [request.windows.input_ids[i] for request, windows in mine for i in windows]
+                starts, ends = span_logits(self.bank.model_for(name), self.tokenizer, SimpleNamespace(input_ids=ids),
+                                           batch_size=len(ids))
+            except Exception as e:  # a failure fails these requests, not the server
+                for request in requests:
+                    self._resolve(request, error=e)
+                continue
+            computed = iter(zip(starts, ends))
+            for request, windows in mine:
+                for i in windows:
+                    request.starts[i], request.ends[i] = next(computed)
+            for request in requests:
+                if request.next == len(request.windows.input_ids) and request.ends[-1] is not None:
+                    self._resolve(request, best_spans(request.records, request.windows, request.starts,
+                                                      request.ends, max_answer_length=request.max_answer_length))
 
     def _encode(self, rows: list[Row]) -> None:
         live = [row for row in rows if not row.request.over]
@@ -641,6 +760,7 @@ class Engine:
         with self.wake:
             for request in [r for r in self.waiting if r.over]:
                 del self.waiting[request]
+            self.spans = deque(r for r in self.spans if not r.over)
 
 
 def soft_prompt(holder, adapter: str) -> torch.Tensor:

@@ -41,6 +41,19 @@ class OnDemand:
             return []
         return [name for name in names if name in self.bank.metadata or self.problem(name) is None]
 
+    def kind_on_disk(self, name: str) -> str | None:
+        """The kind (extractive or generative) of an adapter folder under the root, from its peft_t5.json; None where
+        there is no such folder or it cannot be read (a request naming it is answered why)."""
+        from ..adapters import read_metadata
+        from ..bank import adapter_kind
+
+        if self.root is None or not ADAPTER_NAME.match(name) or not (Path(self.root) / name).is_dir():
+            return None
+        try:
+            return adapter_kind(read_metadata(inside_root(self.root, name), self.trust_pickle))
+        except (ApiError, PeftT5Error):
+            return None
+
     def problem(self, name: str) -> ApiError | None:
         """Why a folder under the root would not load (what a request naming it would be answered), read from its
         files without loading it; None if it would, as far as they tell."""

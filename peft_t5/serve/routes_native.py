@@ -25,6 +25,8 @@ def generation_routes(bank: AdapterBank, engine: Engine, settings, metrics, on_d
     async def generate(body: GenerateRequest, request: Request):
         async with AsyncExitStack() as held:  # the adapters stay loaded until the answer (or the stream) ends
             await held.enter_async_context(on_demand.holding(body.adapter, body.prompt_of, field="adapter"))
+            if body.adapter in bank.metadata and bank.kind(body.adapter) == "extractive":
+                return await answer_spans(body, request)
             names, sources, truncated, answer = check_generate(body)
             options = dict(num_beams=body.num_beams, n=body.n, sampling=body.sampling(body.logprobs), stop=body.stops,
                            min_new_tokens=body.min_new_tokens, timeout=settings.request_timeout)
@@ -36,6 +38,32 @@ def generation_routes(bank: AdapterBank, engine: Engine, settings, metrics, on_d
             except Exception as e:
                 raise api_error(e) or e
             return reply(body, done, truncated, answer)
+
+    async def answer_spans(body: GenerateRequest, request: Request) -> dict:
+        """An extractive adapter's answers: for each {question, context}, the best span of the context ("raw"), its
+        margin against no answer, and the answer: "" where that margin is over the threshold recorded in training."""
+        for name in sorted(body.model_fields_set - {"adapter", "inputs"}):
+            if getattr(body, name) != GenerateRequest.model_fields[name].default:
+                raise ApiError(422, f"{name}: {body.adapter!r} is an extractive adapter: it answers a question "
+                                    f"about a context with a span of it, not by decoding; leave {name} out", name)
+        check_inputs(body)
+        try:
+            bank.span_records(body.adapter, body.inputs)
+            threshold = bank.span_threshold(body.adapter)
+        except PeftT5Error as e:
+            if body.adapter not in bank.metadata:
+                raise ApiError(404, f"adapter: {body.adapter!r} was unloaded before this request ran", "adapter")
+            field = str(e).split(":", 1)[0]
+            raise ApiError(422, str(e), field if field.startswith("inputs[") else "inputs")
+        try:
+            found = await while_connected(request, engine.extract(body.adapter, body.inputs,
+                                                                  timeout=settings.request_timeout))
+        except Exception as e:
+            raise api_error(e) or e
+        return {"adapter": body.adapter, "outputs": [
+            {"output": span.answer(threshold), "raw": span.text, "null_margin": span.na_score,
+             "finish_reason": "no_answer" if span.answer(threshold) == "" else "span", "tokens": 0,
+             "truncated": False} for span in found]}
 
     def reply(body: GenerateRequest, done: list, truncated: list[bool], answer) -> dict:
         """Each input's output; with n > 1 also its candidates (the first is the output)."""
@@ -82,16 +110,7 @@ def generation_routes(bank: AdapterBank, engine: Engine, settings, metrics, on_d
         if body.prompt_of is not None and body.prompt_of not in bank.metadata:
             raise ApiError(404, f"prompt_of: no adapter named {body.prompt_of!r}; loaded: "
                                 f"{', '.join(bank.metadata)}", "prompt_of")
-        if not body.inputs:
-            raise ApiError(422, "inputs: empty; send at least one input", "inputs")
-        if len(body.inputs) > settings.max_inputs:
-            raise ApiError(413, f"inputs: {len(body.inputs)} inputs, over this server's limit of {settings.max_inputs} "
-                                "a request; split them", "inputs")
-        for i, item in enumerate(body.inputs):
-            size = len(item) if isinstance(item, str) else sum(len(v) for v in item.values())
-            if size > settings.max_input_chars:
-                raise ApiError(413, f"inputs[{i}]: {size:,} characters, over this server's limit of "
-                                    f"{settings.max_input_chars:,}", f"inputs[{i}]")
+        check_inputs(body)
         if body.max_new_tokens > settings.max_new_tokens:
             raise ApiError(422, f"max_new_tokens: {body.max_new_tokens} is over this server's limit of "
                                 f"{settings.max_new_tokens}", "max_new_tokens")
@@ -120,6 +139,18 @@ def generation_routes(bank: AdapterBank, engine: Engine, settings, metrics, on_d
         lengths = [len(ids) for ids in bank.tokenizer(sources).input_ids]
         metrics.source_tokens.inc(sum(min(n, limit) for n in lengths))
         return [body.adapter] * len(sources), sources, [n > limit for n in lengths], answer
+
+    def check_inputs(body: GenerateRequest) -> None:
+        if not body.inputs:
+            raise ApiError(422, "inputs: empty; send at least one input", "inputs")
+        if len(body.inputs) > settings.max_inputs:
+            raise ApiError(413, f"inputs: {len(body.inputs)} inputs, over this server's limit of {settings.max_inputs} "
+                                "a request; split them", "inputs")
+        for i, item in enumerate(body.inputs):
+            size = len(item) if isinstance(item, str) else sum(len(v) for v in item.values())
+            if size > settings.max_input_chars:
+                raise ApiError(413, f"inputs[{i}]: {size:,} characters, over this server's limit of "
+                                    f"{settings.max_input_chars:,}", f"inputs[{i}]")
 
     return router
 
@@ -224,12 +255,15 @@ def rating_routes(bank: AdapterBank, engine: Engine, settings, store: RatingStor
 def describe(bank: AdapterBank, name: str) -> dict | None:
     """What GET /v1/adapters says of an adapter; None where it was unloaded meanwhile (on the model thread)."""
     if name == BASE:
-        return {"name": BASE, "task": None, "base_model": bank.base_name, "template": None}
+        return {"name": BASE, "kind": "generative", "task": None, "base_model": bank.base_name, "template": None}
     meta, method = bank.metadata.get(name), bank.methods.get(name)
     if meta is None or method is None:
         return None
-    return {"name": name, "task": meta.get("task"), "base_model": meta.get("base_model"), "method": method.name,
-            "batches": "mixed per row with other adapters" if method.mixed_batches else "a forward pass of its own "
+    spans = bank.kind(name) == "extractive"
+    return {"name": name, "kind": bank.kind(name), "task": meta.get("task"), "base_model": meta.get("base_model"),
+            "method": method.name,
+            "batches": "one forward pass per input, batched with other requests' inputs" if spans else
+                       "mixed per row with other adapters" if method.mixed_batches else "a forward pass of its own "
                        "each step",
             "template": meta.get("template"), "max_source_length": bank.source_limit(name),
             "qlora": meta.get("qlora"), "metrics": {k: v for k, v in (meta.get("metrics") or {}).items()

@@ -45,8 +45,20 @@ def openai_routes(bank: AdapterBank, engine, settings, metrics, on_demand: OnDem
         return {"id": name, "object": "model", "created": started, "owned_by": "peft-t5"}
 
     def askable() -> list[str]:
-        """The base, the adapters loaded, and those under --adapter_root a request loads on demand."""
-        return list(dict.fromkeys([*bank.names, *on_demand.on_disk()]))
+        """The base, the adapters loaded, and those under --adapter_root a request loads on demand; not the
+        extractive ones (these routes cannot ask them)."""
+        return [name for name in dict.fromkeys([*bank.names, *on_demand.on_disk()])
+                if adapter_kind(name) != "extractive"]
+
+    def adapter_kind(name: str) -> str | None:
+        """An adapter's kind, loaded or on disk under the root (read from its peft_t5.json); None: neither."""
+        return bank.kind(name) if name in bank.names else on_demand.kind_on_disk(name)
+
+    def refuse_extractive(name: str) -> None:
+        if adapter_kind(name) == "extractive":
+            raise ApiError(422, f"model: {name!r} is an extractive adapter: it answers a question about a context "
+                                "with a span of it, which these routes cannot ask; POST /v1/generate with inputs "
+                                "[{\"question\": ..., \"context\": ...}]", "model")
 
     @router.get("/v1/models", responses=errors(401, body=OpenAIErrorBody))
     async def models():
@@ -56,6 +68,7 @@ def openai_routes(bank: AdapterBank, engine, settings, metrics, on_demand: OnDem
     async def model(model: str):
         """A model's card, or what a request naming it would be answered: a folder under --adapter_root that would
         not load gets that refusal (403, 404 or 422)."""
+        refuse_extractive(model)
         if model in bank.names:
             return model_card(model)
         if on_demand.root is not None and ADAPTER_NAME.match(model) and (Path(on_demand.root) / model).is_dir():
@@ -79,6 +92,7 @@ def openai_routes(bank: AdapterBank, engine, settings, metrics, on_demand: OnDem
         return await complete(body, users[-1:], "chat.completion", "chatcmpl", request)
 
     async def complete(body: OpenAIFields, prompts: list[str], kind: str, prefix: str, request: Request):
+        refuse_extractive(body.model)  # before a load on demand: it would be for nothing
         async with AsyncExitStack() as held:  # the adapter stays loaded until the answer (or the stream) ends
             await held.enter_async_context(on_demand.holding(body.model, field="model"))
             return await complete_held(body, prompts, kind, prefix, request, held)
