@@ -3,6 +3,7 @@ real-shaped random weights (t5-small's widths), every kind of request through an
 unloaded without recompiling, a graph not compiled yet (the eager step answers meanwhile), int8, and the kernels
 kept on disk. Compiling takes seconds: these tests are slow."""
 import asyncio
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from peft_t5.adapters import save_adapter
 from peft_t5.bank import AdapterBank
 from peft_t5.modeling import add_lora, tiny_model, tiny_tokenizer
 from peft_t5.quantize import quantize_int8
-from peft_t5.serve.compiled import CompiledStep
+from peft_t5.serve.compiled import COMPILE_SWITCH_INTERVAL, CompiledStep
 from peft_t5.serve.decoding import Sampling
 from peft_t5.serve.engine import Engine
 from peft_t5.serve.t5_runner import T5Runner
@@ -228,3 +229,28 @@ def test_a_restart_builds_no_kernel_again_from_the_cache_folder(folders, tmp_pat
 
 async def ready(engine: Engine) -> None:
     """Nothing: running() has waited for the graphs."""
+
+
+def test_a_compile_hands_the_gil_back_quickly_and_restores_the_switch_interval_after_it_even_a_failed_one(
+        monkeypatch):
+    """Dynamo and inductor are Python: with the default 5 ms switch interval, the model thread's eager steps waited
+    for the GIL after every op while a graph compiled."""
+    during = []
+
+    def compile_or_fail(step, args, threads):
+        during.append(sys.getswitchinterval())
+        if step == "fails":
+            raise RuntimeError("no C++ compiler")
+        return step
+
+    monkeypatch.setattr(CompiledStep, "_compile", staticmethod(compile_or_fail))
+    before = sys.getswitchinterval()
+    compiled = CompiledStep()
+    for step in ("compiles", "fails"):
+        compiled.work.put(((step, "one"), (), 1))
+    compiled.work.put(None)
+    compiled._run()  # the compiling thread's loop, on this thread
+    assert during == pytest.approx([min(before, COMPILE_SWITCH_INTERVAL)] * 2) and COMPILE_SWITCH_INTERVAL <= 1e-4
+    assert sys.getswitchinterval() == before
+    assert list(compiled.ready) == [("compiles", "one")] and "RuntimeError: no C++ compiler" in compiled.failed[
+        ("fails", "one")]
