@@ -3,7 +3,9 @@ real-shaped random weights (t5-small's widths), every kind of request through an
 unloaded without recompiling, a graph not compiled yet (the eager step answers meanwhile), int8, and the kernels
 kept on disk. Compiling takes seconds: these tests are slow."""
 import asyncio
+import os
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ from peft_t5.adapters import save_adapter
 from peft_t5.bank import AdapterBank
 from peft_t5.modeling import add_lora, tiny_model, tiny_tokenizer
 from peft_t5.quantize import quantize_int8
-from peft_t5.serve.compiled import COMPILE_SWITCH_INTERVAL, CompiledStep
+from peft_t5.serve.compiled import COMPILE_NICE, COMPILE_SWITCH_INTERVAL, CompiledStep
 from peft_t5.serve.decoding import Sampling
 from peft_t5.serve.engine import Engine
 from peft_t5.serve.t5_runner import T5Runner
@@ -231,14 +233,15 @@ async def ready(engine: Engine) -> None:
     """Nothing: running() has waited for the graphs."""
 
 
-def test_a_compile_hands_the_gil_back_quickly_and_restores_the_switch_interval_after_it_even_a_failed_one(
+def test_a_compile_hands_the_gil_back_quickly_runs_at_a_lower_priority_and_restores_the_switch_interval_after(
         monkeypatch):
     """Dynamo and inductor are Python: with the default 5 ms switch interval, the model thread's eager steps waited
-    for the GIL after every op while a graph compiled."""
-    during = []
+    for the GIL after every op while a graph compiled, and shared the cores with it."""
+    during, nice = [], []
 
     def compile_or_fail(step, args, threads):
         during.append(sys.getswitchinterval())
+        nice.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
         if step == "fails":
             raise RuntimeError("no C++ compiler")
         return step
@@ -249,7 +252,10 @@ def test_a_compile_hands_the_gil_back_quickly_and_restores_the_switch_interval_a
     for step in ("compiles", "fails"):
         compiled.work.put(((step, "one"), (), 1))
     compiled.work.put(None)
-    compiled._run()  # the compiling thread's loop, on this thread
+    thread = threading.Thread(target=compiled._run)  # the compiling thread's loop (its nice stays its own)
+    thread.start()
+    thread.join()
+    assert nice == [max(COMPILE_NICE, os.getpriority(os.PRIO_PROCESS, 0))] * 2
     assert during == pytest.approx([min(before, COMPILE_SWITCH_INTERVAL)] * 2) and COMPILE_SWITCH_INTERVAL <= 1e-4
     assert sys.getswitchinterval() == before
     assert list(compiled.ready) == [("compiles", "one")] and "RuntimeError: no C++ compiler" in compiled.failed[

@@ -30,8 +30,10 @@ logger = logging.getLogger(__name__)
 EXAMPLE_ROWS = 16  # the row count the many-rows graph is traced at: inductor's size hint (oneDNN packs for it)
 # While a graph compiles, the compiling thread (dynamo and inductor: Python) holds the GIL for Python's switch
 # interval (5 ms) whenever the model thread wants it back after an op: an eager step of ~1,000 ops waited that long
-# at each (a 32-token answer 13 s instead of 0.3 s). A short interval hands it back within 50 us.
+# at each (a 32-token answer 13 s instead of 0.3 s). A short interval hands it back within 50 us; and the compiling
+# thread runs at nice 10, so that it takes the cores the model thread leaves (a compile under load goes on, slower).
 COMPILE_SWITCH_INTERVAL = 5e-5
+COMPILE_NICE = 10
 
 
 class CompiledStep:
@@ -106,6 +108,11 @@ class CompiledStep:
             thread.join(timeout)
 
     def _run(self) -> None:
+        try:  # Linux: a thread's own nice value (the kernels' builds, started from here, inherit it)
+            me = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, me, max(COMPILE_NICE, os.getpriority(os.PRIO_PROCESS, me)))
+        except (AttributeError, OSError):
+            pass
         while True:
             item = self.work.get()
             if item is None or self.closed:
