@@ -14,7 +14,8 @@ from peft_t5.modeling import tiny_model, tiny_tokenizer
 from peft_t5.quantize import quantize_int8
 from peft_t5.serve.engine import Engine
 from peft_t5.serve.failures import Busy, DeadlineExceeded
-from peft_t5.serve.t5_runner import T5Runner, length_groups
+from peft_t5.serve.module_runner import length_groups
+from peft_t5.serve.t5_runner import T5Runner
 
 SOURCES = ["why did the chicken cross the road", "what is the capital of france and why is it so very big today",
            "hello", "question: a b c d e f g h i j k", "Where is Normandy? context: Normandy is a region in France.",

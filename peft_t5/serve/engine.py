@@ -300,13 +300,7 @@ class Engine:
                            "retry shortly")
             self.waiting[request] = units
             self.wake.notify_all()
-        try:
-            return await (asyncio.wait_for(request.future, timeout) if timeout else request.future)
-        except asyncio.TimeoutError:
-            raise DeadlineExceeded(f"the request took over {timeout:g} s") from None
-        finally:
-            if not request.future.done():
-                request.future.cancel()  # the client left or the deadline passed: the model thread drops its rows
+        return await answer_of(request, timeout)
 
     def _unit(self, request: Request, i: int) -> list[Row]:
         """The rows of input i, admitted together (their source is encoded once): its samples, or its beams."""
@@ -346,13 +340,7 @@ class Engine:
                            "retry shortly")
             self.spans.append(request)
             self.wake.notify_all()
-        try:
-            return await (asyncio.wait_for(request.future, timeout) if timeout else request.future)
-        except asyncio.TimeoutError:
-            raise DeadlineExceeded(f"the request took over {timeout:g} s") from None
-        finally:
-            if not request.future.done():
-                request.future.cancel()  # the client left or the deadline passed: its windows are dropped
+        return await answer_of(request, timeout)
 
     async def events(self, names: list[str], sources: list[str], max_new_tokens: int, **options):
         """Pieces of the outputs as they are decoded (a beam group's text comes whole, when it ends)."""
@@ -761,6 +749,18 @@ class Engine:
             for request in [r for r in self.waiting if r.over]:
                 del self.waiting[request]
             self.spans = deque(r for r in self.spans if not r.over)
+
+
+async def answer_of(request, timeout: float | None):
+    """A queued request's answer, or DeadlineExceeded past the timeout; a request left unanswered (the client left,
+    the deadline passed) is cancelled, and the model thread drops its rows or windows."""
+    try:
+        return await (asyncio.wait_for(request.future, timeout) if timeout else request.future)
+    except asyncio.TimeoutError:
+        raise DeadlineExceeded(f"the request took over {timeout:g} s") from None
+    finally:
+        if not request.future.done():
+            request.future.cancel()
 
 
 def soft_prompt(holder, adapter: str) -> torch.Tensor:

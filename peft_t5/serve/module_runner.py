@@ -211,16 +211,9 @@ class ModuleRunner:
         m = len(sources)
         extra = 0 if prefix is None else prefix.shape[0]
         self._fit(self.n + m, 1, max(len(s) for s in sources) + extra)
-        keys = [(tuple(s), names[i] if names is not None else None) for i, s in enumerate(sources)]
-        first = {key: i for i, key in reversed(list(enumerate(keys)))}  # each key's first row
-        unique = sorted(set(first.values()))
-        for group in length_groups([sources[i] for i in unique]):
-            group = [unique[j] for j in group]
-            longest = max(len(sources[i]) for i in group)
-            ids = torch.zeros((len(group), longest), dtype=torch.long, device=self.device)
-            mask = torch.zeros((len(group), longest), dtype=torch.bool, device=self.device)
-            for row, i in enumerate(group):
-                ids[row, :len(sources[i])], mask[row, :len(sources[i])] = torch.tensor(sources[i]), True
+        groups, copies = encoding_plan(sources, names)
+        for group in groups:
+            ids, mask = padded(sources, group, self.device)
             group_rows = RowLora([names[i] for i in group], self.device) if names is not None else None
             hidden, mask = self._encode(ids, mask, group_rows, prefix)
             slots = torch.tensor([self.n + i for i in group], device=self.device)
@@ -229,13 +222,7 @@ class ModuleRunner:
                 k, v = project(block.layer[1].EncDecAttention, hidden, group_rows)
                 self.cross_k[layer][slots, :, :width], self.cross_v[layer][slots, :, :width] = k, v  # beyond: masked
             self.source_lengths[slots] = mask.sum(1)
-        copies = [(self.n + i, self.n + first[key]) for i, key in enumerate(keys) if first[key] != i]
-        if copies:
-            to, of = (torch.tensor(c, device=self.device) for c in zip(*copies))
-            for tensors in (self.cross_k, self.cross_v):
-                for t in tensors:
-                    t[to] = t[of]
-            self.source_lengths[to] = self.source_lengths[of]
+        copy_sources(self, copies)
         self.lengths[self.n:self.n + m] = 0
         self.n += m
 
@@ -354,6 +341,37 @@ class PackedHead:
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(h.contiguous(), self.packed, None, "none", [], "")
+
+
+def encoding_plan(sources: list[list[int]], names: list[str] | None) -> tuple[list[list[int]], list[tuple[int, int]]]:
+    """Rows with the same source and adapter (the samples or beams of one input) are encoded once: the distinct
+    rows in groups of similar length (length_groups), and (row, the row it repeats) for the others."""
+    keys = [(tuple(s), names[i] if names is not None else None) for i, s in enumerate(sources)]
+    first = {key: i for i, key in reversed(list(enumerate(keys)))}  # each key's first row
+    unique = sorted(set(first.values()))
+    groups = [[unique[j] for j in group] for group in length_groups([sources[i] for i in unique])]
+    return groups, [(i, first[key]) for i, key in enumerate(keys) if first[key] != i]
+
+
+def padded(sources: list[list[int]], group: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The group's sources as one batch of token ids, padded to the longest, and its mask."""
+    longest = max(len(sources[i]) for i in group)
+    ids = torch.zeros((len(group), longest), dtype=torch.long, device=device)
+    mask = torch.zeros((len(group), longest), dtype=torch.bool, device=device)
+    for row, i in enumerate(group):
+        ids[row, :len(sources[i])], mask[row, :len(sources[i])] = torch.tensor(sources[i]), True
+    return ids, mask
+
+
+def copy_sources(runner, copies: list[tuple[int, int]]) -> None:
+    """New rows that repeat another new row (encoding_plan's copies, numbered from runner.n) take its
+    cross-attention keys and values and its source length."""
+    if copies:
+        to, of = (torch.tensor(c, device=runner.device) + runner.n for c in zip(*copies))
+        for tensors in (runner.cross_k, runner.cross_v):
+            for t in tensors:
+                t[to] = t[of]
+        runner.source_lengths[to] = runner.source_lengths[of]
 
 
 def length_groups(sources: list[list[int]], waste: float = 0.15, most_tokens: int = 16384) -> list[list[int]]:

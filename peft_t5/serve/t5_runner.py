@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..quantize import Int8Linear
-from .module_runner import BASE_ADAPTER, length_groups
+from .module_runner import BASE_ADAPTER, ModuleRunner, copy_sources, encoding_plan, padded
 
 # a LoRA layer's place in T5 -> the projection's name in the step (cross-attention: c*)
 LORA_PLACE = re.compile(r"(?:^|\.)(encoder|decoder)\.block\.(\d+)\.layer\.\d\.(SelfAttention|EncDecAttention|"
@@ -437,16 +437,10 @@ class T5Runner:
         self._fit(self.n + m, longest, max(len(s) for s in sources))
         row_slots = self.slots.assign(self.holder, names, set(self.row_slots[:self.n].tolist()))
         lora = self.slots.lora()
-        keys = [(tuple(s), names[i]) for i, s in enumerate(sources)]
-        first = {key: i for i, key in reversed(list(enumerate(keys)))}  # each key's first row
-        unique = sorted(set(first.values()))
-        for group in length_groups([sources[i] for i in unique]):
-            group = [unique[j] for j in group]
-            longest = max(len(sources[i]) for i in group)
-            ids = torch.zeros((len(group), longest), dtype=torch.long, device=self.device)
-            mask = torch.zeros((len(group), longest), dtype=torch.bool, device=self.device)
-            for row, i in enumerate(group):
-                ids[row, :len(sources[i])], mask[row, :len(sources[i])] = torch.tensor(sources[i]), True
+        groups, copies = encoding_plan(sources, names)
+        for group in groups:
+            ids, mask = padded(sources, group, self.device)
+            longest = ids.shape[1]
             group_slots = torch.tensor([row_slots[i] for i in group], device=self.device)
             hidden = self.weights.encode(ids, mask, lora, group_slots)
             slots = torch.tensor([self.n + i for i in group], device=self.device)
@@ -454,13 +448,7 @@ class T5Runner:
                 k, v = self.weights.cross(layer, hidden, lora, group_slots)
                 self.cross_k[layer][slots, :, :longest], self.cross_v[layer][slots, :, :longest] = k, v
             self.source_lengths[slots] = mask.sum(1)
-        copies = [(self.n + i, self.n + first[key]) for i, key in enumerate(keys) if first[key] != i]
-        if copies:
-            to, of = (torch.tensor(c, device=self.device) for c in zip(*copies))
-            for tensors in (self.cross_k, self.cross_v):
-                for t in tensors:
-                    t[to] = t[of]
-            self.source_lengths[to] = self.source_lengths[of]
+        copy_sources(self, copies)
         self.lengths[self.n:self.n + m] = 0
         self.row_slots[self.n:self.n + m] = torch.tensor(row_slots, device=self.device)
         self.n += m
@@ -502,14 +490,7 @@ class T5Runner:
                 self.compiled.request(*self._step_args(rows, torch.zeros(rows, dtype=torch.long,
                                                                          device=self.device)))
 
-    @torch.inference_mode()
-    def reorder(self, slots: list[int], parents: list[int]) -> None:
-        """Beam search: slot slots[j] takes the self-attention state of slot parents[j] (all of one input, at one
-        length: cross-attention is the same for all)."""
-        to, of = torch.tensor(slots, device=self.device), torch.tensor(parents, device=self.device)
-        for tensors in (self.self_k, self.self_v):
-            for t in tensors:
-                t[to] = t[of]
+    reorder = ModuleRunner.reorder  # beam search: the caches are laid out as that runner's
 
     @torch.inference_mode()
     def remove(self, row: int) -> None:
