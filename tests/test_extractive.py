@@ -299,6 +299,34 @@ def test_span_requests_take_one_forward_pass_together_between_the_steps_of_a_dec
     assert len(generated) == 1
 
 
+def test_span_inputs_waiting_count_in_the_queue_that_decoding_requests_share(side_by_side, records):
+    """max_queue_rows bounds extractive inputs and decoding rows together: neither kind can crowd out the limit."""
+    import asyncio
+
+    from peft_t5.serve.engine import Engine
+    from peft_t5.serve.failures import Busy
+
+    bank, _ = side_by_side
+    inputs = [{"question": r["question"], "context": r["context"]} for r in records[:2]]
+
+    async def main():
+        engine = Engine(bank, compile=False, max_queue_rows=3)
+        engine.start()
+        try:
+            with engine.holding():
+                spans = asyncio.ensure_future(engine.extract("spans", inputs))
+                await asyncio.get_running_loop().run_in_executor(None, engine.wait_until,
+                                                                 lambda: engine.waiting_rows == 2)
+                with pytest.raises(Busy, match="^2 rows are waiting, the most this server queues is 3"):
+                    await engine.generate(["abstractive"] * 2, ["question: a context: b"] * 2, 4)
+                with pytest.raises(Busy, match="^2 rows are waiting"):
+                    await engine.extract("spans", inputs)
+            return await spans
+        finally:
+            await engine.stop()
+    assert len(asyncio.run(main())) == 2
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["ia3", "full"])
 def test_other_methods_train_a_span_head_too(method, tmp_path):

@@ -4,7 +4,7 @@
     logits = compiled(step, args)        # t5_runner.Step and its tensors: the compiled graph once ready, else eager
 
 On a CPU, inductor compiles the step with the base's weights frozen (prepacked for oneDNN and MKL) into two
-graphs a layout of LoRA stacks: one for a single row (MKL's packing for one row) and one for any other number of
+graphs per layout of LoRA stacks: one for a single row (MKL's packing for one row) and one for any other number of
 rows. Row count, lengths, LoRA slots and rank are symbolic sizes, so rows joining, buffers growing and adapters
 loading never recompile. Each graph holds a prepacked copy of the decoder's weights: a graph per row bucket would
 hold one each. On a GPU the same graphs compile without freezing.

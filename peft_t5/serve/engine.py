@@ -265,8 +265,17 @@ class Engine:
 
     @property
     def waiting_rows(self) -> int:
+        """Rows not yet admitted, and extractive inputs not yet read (each a row of the queue)."""
         with self.wake:
-            return sum(len(unit) for units in self.waiting.values() for unit in units)
+            return (sum(len(unit) for units in self.waiting.values() for unit in units)
+                    + sum(len(set(r.windows.record[r.next:])) for r in self.spans))
+
+    def _check_queue(self, adding: int) -> None:
+        """Busy where `adding` more rows would queue over max_queue_rows (with self.wake held: re-entrant)."""
+        waiting = self.waiting_rows
+        if waiting + adding > self.max_queue_rows:
+            raise Busy(f"{waiting} rows are waiting, the most this server queues is {self.max_queue_rows}; "
+                       "retry shortly")
 
     @property
     def active(self) -> list[Row]:
@@ -293,11 +302,8 @@ class Engine:
                           sampling, n if num_beams == 1 else 1, num_beams, tuple(stop),
                           want_logprob or sampling.logprobs is not None)
         units = deque(self._unit(request, i) for i in range(len(sources)))
-        with self.wake:  # a Condition's lock is re-entrant: waiting_rows takes it again
-            waiting = self.waiting_rows
-            if waiting + len(sources) * per_input > self.max_queue_rows:
-                raise Busy(f"{waiting} rows are waiting, the most this server queues is {self.max_queue_rows}; "
-                           "retry shortly")
+        with self.wake:
+            self._check_queue(len(sources) * per_input)
             self.waiting[request] = units
             self.wake.notify_all()
         return await answer_of(request, timeout)
@@ -334,10 +340,7 @@ class Engine:
         request = SpanRequest(name, records, wins, options["max_answer_length"],
                               time.monotonic() + timeout if timeout else None, loop.create_future())
         with self.wake:
-            queued = self.waiting_rows + sum(len(r.records) for r in self.spans)
-            if queued + len(records) > self.max_queue_rows:
-                raise Busy(f"{queued} rows are waiting, the most this server queues is {self.max_queue_rows}; "
-                           "retry shortly")
+            self._check_queue(len(records))
             self.spans.append(request)
             self.wake.notify_all()
         return await answer_of(request, timeout)
