@@ -70,9 +70,9 @@ class AdapterBank:
             base_name = meta.get("base_model")
             if not base_name:
                 raise PeftT5Error(f"{adapters[first]}: no base model recorded; pass the base explicitly")
-        for name, path in adapters.items():  # every folder checked before the base loads
-            read_metadata(path, trust_pickle)
-        if isinstance(base_name, str) and adapter_kind(model_metadata(base_name)) == "extractive":
+        metas = {name: read_metadata(path, trust_pickle) for name, path in adapters.items()}  # all checked first
+        base_meta = model_metadata(base_name)
+        if isinstance(base_name, str) and adapter_kind(base_meta) == "extractive":
             raise PeftT5Error(f"{base_name}: a merged extractive (span) model answers by span, and the server serves it "
                               "through its adapter: pass --model with the base it was trained on and --adapter with "
                               "the adapter folder")
@@ -82,9 +82,8 @@ class AdapterBank:
                  if isinstance(base, str) or base is None else base)
         model.eval()
         bank = cls(None, tokenizer or load_tokenizer(base_name), base_name=base_name, base=shared_layers(model),
-                   base_meta=model_metadata(base_name))
-        first_generative = next((n for n, path in adapters.items()
-                                 if adapter_kind(read_metadata(path, trust_pickle)) == "generative"), None)
+                   base_meta=base_meta)
+        first_generative = next((n for n, meta in metas.items() if adapter_kind(meta) == "generative"), None)
         for name, path in adapters.items():
             bank.add(name, path, trust_pickle, onto=model if name == first_generative else None)
         return bank
