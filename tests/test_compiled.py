@@ -74,6 +74,36 @@ def test_the_compiled_step_answers_as_the_eager_one_on_real_shaped_random_weight
     assert compiled.steps == {"compiled": 24, "eager": 0}
 
 
+def test_a_float32_one_row_graph_reads_the_bases_weights_rather_than_a_frozen_copy_of_them():
+    """The one-row graph of a float32 base is not frozen (no prepacked copy of the decoder): a weight changed in place
+    changes its answer as it changes the eager step's. The graph of several rows holds its own copy."""
+    config = T5Config(d_model=64, d_kv=16, d_ff=128, num_heads=4, num_layers=2, vocab_size=300,
+                      feed_forward_proj="relu", decoder_start_token_id=0)
+    torch.manual_seed(0)
+    model = get_peft_model(T5ForConditionalGeneration(config).eval(), LoraConfig(r=4, target_modules=["q", "v"]))
+    compiled = CompiledStep()
+    eager, fast = T5Runner(model), T5Runner(model, compiled=compiled)
+    fast.warm(["default"])
+    compiled.wait()
+    assert not compiled.failed
+    source = [list(range(5, 25)) + [1]]
+    with torch.inference_mode():
+        lockstep(eager, fast, source, ["default"], 3)
+        before = fast.weights.decoder[1].wo.weight.clone()
+        fast.weights.decoder[1].wo.weight.mul_(3.0)  # the model's own weight: the step's is the same tensor
+        try:
+            assert torch.equal(model.get_base_model().decoder.block[1].layer[2].DenseReluDense.wo.weight,
+                               fast.weights.decoder[1].wo.weight)
+            lockstep(eager, fast, source, ["default"], 3)
+            fast.add(source * 2, ["default"] * 2, budgets=[3] * 2)
+            eager.add(source * 2, ["default"] * 2, budgets=[3] * 2)
+            tokens = torch.zeros(2, dtype=torch.long)
+            assert not torch.allclose(fast.step(tokens), eager.step(tokens), atol=1e-4)  # frozen before the change
+        finally:
+            fast.weights.decoder[1].wo.weight.copy_(before)
+    assert compiled.steps["eager"] == 0
+
+
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     """A tiny base with weights spread wide (greedy decoding then wanders over the vocabulary instead of repeating one
