@@ -64,6 +64,11 @@ class Int8Linear(nn.Linear):
         return self.weight.float() * self.weight_scale[:, None]
 
 
+def holds_int8(module: nn.Module) -> bool:
+    """Whether any layer under this module is Int8Linear (quantize_int8 has run on it)."""
+    return any(isinstance(m, Int8Linear) for m in module.modules())
+
+
 def int8_linear(x: torch.Tensor, layer: Int8Linear) -> torch.Tensor:
     """x @ W.T with x quantized per row (symmetric int8, its own scale) and W int8 per channel."""
     shape, dtype = x.shape, x.dtype

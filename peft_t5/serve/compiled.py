@@ -160,8 +160,9 @@ def options(step, args: tuple) -> dict:
     """Inductor's settings for the graph of this step at these arguments (see the module's docstring)."""
     if args[0].device.type != "cpu":
         return {}
-    float32 = step.weights.dtype == torch.float32 and not any(
-        parameter.dtype == torch.int8 for parameter in step.weights.parameters())
+    from ..quantize import holds_int8
+
+    float32 = step.weights.dtype == torch.float32 and not holds_int8(step.weights)
     return {"freezing": not (float32 and args[0].shape[0] == 1)}
 
 

@@ -211,9 +211,9 @@ class Engine:
 
     def describe(self) -> dict[str, str]:
         """How this engine computes (the log and /metrics say it): the decoder step, the weights, int8's path."""
-        from ..quantize import Int8Linear, int8_path
+        from ..quantize import holds_int8, int8_path
 
-        int8 = any(isinstance(m, Int8Linear) for m in self.bank.base.modules())
+        int8 = holds_int8(self.bank.base)
         step = ("compiled (torch.compile, inductor)" if self.compiled is not None else
                 "eager (--compile off)" if self.static_problem is None else f"eager: {self.static_problem}")
         return {"step": step, "weights": "int8" if int8 else str(self.bank.base.dtype).removeprefix("torch."),
