@@ -4,10 +4,11 @@ does), each launched fresh, on the same work. Start-up: seconds from launch to t
 Peak RSS (the kernel's VmHWM): after that answer, and after 32 SQuAD prompts decoded at once. t5-small shapes, random
 weights, 32 new tokens, float32 and int8 (serve --quantize int8; CTranslate2 converted with int8), 2 threads each.
 
-The engine compiles its decoder step (serve --compile on, the default) into a compile cache of this run's own: a
-first launch per precision fills it (its seconds to both graphs compiled: the cold compile time), then every timed
-launch finds it warm. A timed launch answers the short prompt (eagerly, while the graphs compile), waits until
-/metrics says both graphs are compiled (seconds from launch: compiled_s), then decodes the 32 SQuAD rows compiled.
+The engine compiles its decoder step and encoder (serve --compile on, the default) into a compile cache of this run's
+own: a first launch per precision fills it (its seconds to the four graphs compiled, decoder step and encoder, one
+row and many: the cold compile time), then every timed launch finds it warm. A timed launch answers the short prompt
+(eagerly, while the graphs compile), waits until /metrics says all four are compiled (seconds from launch:
+compiled_s), then decodes the 32 SQuAD rows compiled.
 engine_eager is the same server with --compile off, the server as it was before the step was compiled.
 
 python benchmarks/serve_startup.py [--rounds 3] [--output benchmarks/results/serve_startup.json]
@@ -57,11 +58,12 @@ def vm_hwm(pid: int) -> int:
 
 
 def compiled_graphs(port: int) -> int:
-    """How many of the decoder step's graphs /metrics says are compiled (-1: one failed)."""
+    """How many of the decoder step's and the encoder's graphs /metrics says are compiled (-1: one failed)."""
     import httpx
 
     lines = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text.splitlines()
-    values = [float(line.split()[-1]) for line in lines if line.startswith("peft_t5_step_compiled{")]
+    values = [float(line.split()[-1]) for line in lines if line.startswith(("peft_t5_step_compiled{",
+                                                                                   "peft_t5_encoder_compiled{"))]
     return -1 if any(v < 0 for v in values) else int(sum(values))
 
 
@@ -93,11 +95,11 @@ def engine_round(base: str, adapters: dict[str, str], first: str, many: list[str
         reply.raise_for_status()
         peak_first = vm_hwm(process.pid)
         compiled = None
-        while cache:  # both graphs (one row; many rows), polled for at most 10 minutes
+        while cache:  # the four graphs (step, encoder; one row, many rows), polled for at most 10 minutes
             ready = compiled_graphs(port)
             if ready < 0 or time.perf_counter() - started > 600:
                 raise RuntimeError("the decoder step did not compile")
-            if ready == 2:
+            if ready == 4:
                 compiled = time.perf_counter() - started
                 break
             time.sleep(0.5)

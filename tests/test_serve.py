@@ -291,3 +291,16 @@ def test_serve_refuses_a_public_address_without_a_key_before_loading_anything(ro
         check_args(parse_args(["--adapter", "jokes=nowhere"]))
     with pytest.raises(PeftT5Error, match="--rate_systems: funny not loaded"):
         check_args(parse_args(["--adapter", f"jokes={root / 'jokes'}", "--rate_systems", "base,funny"]))
+
+
+def test_metrics_say_which_compiled_graphs_are_ready_and_which_failed_and_stay_eager():
+    from prometheus_client import generate_latest
+
+    from peft_t5.serve.app import Metrics
+
+    metrics = Metrics()
+    metrics.graph_compiled("step", "one", 6.5, None)
+    metrics.graph_compiled("encoder", "many", None, "RuntimeError: no C++ compiler")
+    text = generate_latest(metrics.registry).decode()
+    assert 'peft_t5_step_compiled{rows="1"} 1.0' in text and 'peft_t5_step_compile_seconds{rows="1"} 6.5' in text
+    assert 'peft_t5_encoder_compiled{rows="2+"} -1.0' in text and "peft_t5_encoder_compile_seconds{" not in text

@@ -35,6 +35,7 @@ from .schemas import ApiError, errors, openai_error
 
 logger = logging.getLogger(__name__)
 PAGE = Path(__file__).with_name("page.html")
+PARTS = {"step": "decoder step", "encoder": "encoder"}  # what compiled.py compiles, as /metrics names it
 PUBLIC = ("/health", "/openapi.json", "/docs")  # no key needed: they hold no data (the spec: routes and limits)
 
 
@@ -102,10 +103,12 @@ class Metrics:
                                  registry=r)
         self.engine = Info("peft_t5_engine", "How the engine computes: its decoder step, the base's weights and "
                                              "what runs int8 matmuls", registry=r)
-        self.compiled = Gauge("peft_t5_step_compiled", "The decoder step's graph for this many rows is compiled "
-                                                       "(1), or failed and runs eagerly (-1)", ["rows"], registry=r)
-        self.compile_seconds = Gauge("peft_t5_step_compile_seconds", "Seconds the decoder step's graph took to "
-                                                                     "compile", ["rows"], registry=r)
+        self.compiled = {part: Gauge(f"peft_t5_{part}_compiled", f"The {what}'s graph for this many rows is "
+                                                                 "compiled (1), or failed and runs eagerly (-1)",
+                                     ["rows"], registry=r) for part, what in PARTS.items()}
+        self.compile_seconds = {part: Gauge(f"peft_t5_{part}_compile_seconds", f"Seconds the {what}'s graph took to "
+                                                                               "compile", ["rows"], registry=r)
+                                for part, what in PARTS.items()}
 
     def adapter_loaded(self, seconds: float) -> None:
         self.loads.observe(seconds)
@@ -118,11 +121,11 @@ class Metrics:
         self.step_rows.observe(rows)
         self.steps.observe(seconds)
 
-    def step_compiled(self, kind: str, seconds: float | None, error: str | None) -> None:
+    def graph_compiled(self, part: str, kind: str, seconds: float | None, error: str | None) -> None:
         rows = "1" if kind == "one" else "2+"
-        self.compiled.labels(rows).set(-1 if error else 1)
+        self.compiled[part].labels(rows).set(-1 if error else 1)
         if seconds is not None:
-            self.compile_seconds.labels(rows).set(seconds)
+            self.compile_seconds[part].labels(rows).set(seconds)
 
 
 def field_name(loc: tuple) -> str:
@@ -303,7 +306,7 @@ def make_engine(bank: AdapterBank, settings: ServeSettings, metrics: Metrics) ->
     engine = Engine(bank, settings.max_rows, settings.max_queue_rows,
                     max_rows_per_request=settings.max_rows_per_request, threads=settings.threads,
                     on_step=metrics.step, compile=settings.compile, compile_cache=settings.compile_cache,
-                    on_compiled=metrics.step_compiled)
+                    on_compiled=metrics.graph_compiled)
     metrics.engine.info(engine.describe())
     logger.info("engine: %s", ", ".join(f"{k} {v}" for k, v in engine.describe().items()))
     metrics.active_rows.set_function(lambda: engine.active_rows)  # read when /metrics is scraped

@@ -1,18 +1,21 @@
-"""The decoder step compiled with torch.compile, and run eagerly until it is.
+"""The decoder step and the encoder compiled with torch.compile, and run eagerly until they are.
 
     compiled = CompiledStep()
     logits = compiled(step, args)        # t5_runner.Step and its tensors: the compiled graph once ready, else eager
+    keys, values = compiled(encode, args)  # t5_runner.Encode (new rows' encoder and cross-attention K/V) likewise
 
-On a CPU, inductor compiles the step into two graphs per layout of LoRA stacks: one for a single row and one for
-any other number of rows. Row count, lengths, LoRA slots and rank are symbolic sizes, so rows joining, buffers
-growing and adapters loading never recompile. The graph for several rows freezes the base's weights (a copy
-prepacked for oneDNN, which several rows need: 1.7x the speed at 8 rows); so does the one-row graph of an int8 or
-bfloat16 base, whose matmuls are oneDNN's too. A float32 base's one-row graph reads the weights as they are: one row
-streams them from memory whatever their layout (MKL's packing for one row was no faster and held 300 MB more for
-t5-small). On a GPU the graphs compile without freezing.
+On a CPU, inductor compiles each into two graphs per layout of LoRA stacks: one for a single row and one for any
+other number of rows. Row count, lengths, LoRA slots and rank are symbolic sizes, so rows joining, buffers growing,
+prompts of every length and adapters loading never recompile. The step's graph for several rows freezes the base's
+weights (a copy prepacked for oneDNN, which several rows need: 1.7x the speed at 8 rows); so do the graphs of an
+int8 or bfloat16 base, whose matmuls are oneDNN's too (int8's encoder compiled: 1.6-2.1x its eager speed). A float32
+base's one-row step and its encoder read the weights as they are: one row streams them from memory whatever their
+layout (MKL's packing for one row was no faster and held 300 MB more for t5-small), and the encoder's products are
+as fast unpacked (the frozen encoder was no faster at 1-32 SQuAD rows; a copy would hold 75 MB). On a GPU the
+graphs compile without freezing.
 
-Compiles run on a thread of their own, one at a time. Until a graph is ready its steps run eagerly (the reference
-the compiled step is tested against), so no request waits for a compile. Inductor keeps the kernels it builds in
+Compiles run on a thread of their own, one at a time. Until a graph is ready its calls run eagerly (the reference
+the compiled graphs are tested against), so no request waits for a compile. Inductor keeps the kernels it builds in
 TORCHINDUCTOR_CACHE_DIR, so a restart builds none again; it still traces and lowers each graph (graphs holding
 prepacked weights are not kept by its graph cache). Its C++ wrapper is not used: no faster here (within 3%), and a
 restart would build it again (its source names the weights by their memory addresses).
@@ -41,14 +44,16 @@ COMPILE_NICE = 10
 class CompiledStep:
     def __init__(self, cache_dir: str | None = None, on_event=None):
         """cache_dir: where inductor keeps what it builds (default: its own, or TORCHINDUCTOR_CACHE_DIR);
-        on_event(kind, seconds, error): called on the compiling thread when a graph is ready or failed."""
+        on_event(part, kind, seconds, error): called on the compiling thread when a graph is ready or failed (part:
+        "step" or "encoder"; kind: "one" row or "many")."""
         if cache_dir:
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
-        self.on_event = on_event or (lambda kind, seconds, error: None)
+        self.on_event = on_event or (lambda part, kind, seconds, error: None)
         self.ready: dict[tuple, object] = {}  # (step, kind) -> the compiled step
         self.failed: dict[tuple, str] = {}
-        self.seconds: dict[str, float] = {}  # kind -> seconds its last compile took
-        self.steps = {"compiled": 0, "eager": 0}  # steps run each way
+        self.seconds: dict[tuple[str, str], float] = {}  # (part, kind) -> seconds its last compile took
+        self.steps = {"compiled": 0, "eager": 0}  # decoder steps run each way
+        self.encodes = {"compiled": 0, "eager": 0}  # encoder passes run each way
         self.queued: set[tuple] = set()
         self.work: queue.Queue = queue.Queue()
         self.lock = threading.Lock()
@@ -65,14 +70,15 @@ class CompiledStep:
     def kind(rows: int) -> str:
         return "one" if rows == 1 else "many"
 
-    def __call__(self, step, args: tuple) -> torch.Tensor:
+    def __call__(self, step, args: tuple):
         key = (step, self.kind(args[0].shape[0]))
+        counts = self.encodes if part_of(step) == "encoder" else self.steps
         compiled = self.ready.get(key)
         if compiled is not None:
-            self.steps["compiled"] += 1
+            counts["compiled"] += 1
             return compiled(*args)
         self.request(step, args)
-        self.steps["eager"] += 1
+        counts["eager"] += 1
         return step(*args)
 
     def request(self, step, args: tuple) -> None:
@@ -87,7 +93,7 @@ class CompiledStep:
                 self.thread.start()
         # compiled for the requesting thread's torch threads: inductor builds its kernels for that many, and a
         # graph is only used where the count is the same (dynamo guards on it)
-        self.work.put((key, examples(args, key[1]), torch.get_num_threads()))
+        self.work.put((key, examples(args, key[1], part_of(step)), torch.get_num_threads()))
 
     def wait(self, timeout: float = 600.0) -> None:
         """Block until every requested graph is compiled (or failed): benchmarks and tests."""
@@ -128,20 +134,19 @@ class CompiledStep:
                 compiled = self._compile(key[0], args, threads)
             except Exception as e:  # the step stays eager: slower, never wrong
                 error = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
-                logger.warning("the %s-row decoder step did not compile (%s); it stays eager", key[1], error)
+                logger.warning("%s did not compile (%s); it stays eager", graph_name(key), error)
                 with self.lock:
                     self.failed[key] = error
-                self.on_event(key[1], None, error)
+                self.on_event(part_of(key[0]), key[1], None, error)
                 continue
             finally:
                 sys.setswitchinterval(interval)
             seconds = time.perf_counter() - started
             with self.lock:
                 self.ready[key] = compiled
-                self.seconds[key[1]] = seconds
-            logger.info("compiled the decoder step for %s in %.1f s", "one row" if key[1] == "one" else "2+ rows",
-                        seconds)
-            self.on_event(key[1], seconds, None)
+                self.seconds[(part_of(key[0]), key[1])] = seconds
+            logger.info("compiled %s in %.1f s", graph_name(key), seconds)
+            self.on_event(part_of(key[0]), key[1], seconds, None)
 
     @staticmethod
     def _compile(step, args: tuple, threads: int):
@@ -156,31 +161,67 @@ class CompiledStep:
         return compiled
 
 
+def part_of(step) -> str:
+    """What a compiled module computes: "encoder" (t5_runner.Encode: new rows' encoder and cross-attention keys and
+    values) or "step" (t5_runner.Step: the decoder step)."""
+    return "encoder" if getattr(step, "encodes", False) else "step"
+
+
+def graph_name(key: tuple) -> str:
+    """(module, kind) as the log says it: "the decoder step for one row"."""
+    return f"the {'encoder' if part_of(key[0]) == 'encoder' else 'decoder step'} for " \
+           f"{'one row' if key[1] == 'one' else '2+ rows'}"
+
+
 def options(step, args: tuple) -> dict:
-    """Inductor's settings for the graph of this step at these arguments (see the module's docstring)."""
+    """Inductor's settings for the graph of this module at these arguments (see the module's docstring)."""
     if args[0].device.type != "cpu":
         return {}
     from ..quantize import holds_int8
 
     float32 = step.weights.dtype == torch.float32 and not holds_int8(step.weights)
-    return {"freezing": not (float32 and args[0].shape[0] == 1)}
+    many_row_step = args[0].shape[0] > 1 and part_of(step) == "step"
+    return {"freezing": not float32 or many_row_step}
 
 
-def examples(args: tuple, kind: str) -> tuple:
+def examples(args: tuple, kind: str, part: str = "step") -> tuple:
     """Arguments of the same kinds and layouts as `args` but their own memory (the compile runs them once while
     the model thread uses the real ones), with the sizes that vary marked dynamic. Each such size gets a value of
-    its own (dynamo gives equal sizes one symbol, and the graph would then require them equal), and a cache is a
-    slice of a longer buffer, as the runner's are (else the graph would be specialised for whole buffers)."""
+    its own (dynamo gives equal sizes one symbol, and the graph would then require them equal)."""
+    return (encode_examples if part == "encoder" else step_examples)(args, kind)
+
+
+def dynamic(t: torch.Tensor, *dims: int) -> torch.Tensor:
     import torch._dynamo
 
+    for dim in dims:
+        torch._dynamo.mark_dynamic(t, dim)
+    return t
+
+
+def stack_example(t: torch.Tensor) -> torch.Tensor:
+    """A LoRA stack [projections, slots, rank, in or out] with slots and rank of their own sizes, dynamic."""
+    return dynamic(torch.zeros((t.shape[0], 13, 17, t.shape[3]), dtype=t.dtype, device=t.device), 1, 2)
+
+
+def encode_examples(args: tuple, kind: str) -> tuple:
+    """examples() for t5_runner.Encode: token ids and mask [rows, length], slots [rows], the LoRA stacks."""
+    ids, mask, slots, stacks = args
+    rows, length = 1 if kind == "one" else EXAMPLE_ROWS, 19
+    ids = torch.zeros((rows, length), dtype=ids.dtype, device=ids.device)
+    mask = torch.ones((rows, length), dtype=mask.dtype, device=ids.device)
+    slots = torch.zeros((rows,), dtype=slots.dtype, device=ids.device)
+    row_dims = (0,) if rows > 1 else ()
+    return (dynamic(ids, *row_dims, 1), dynamic(mask, *row_dims, 1), dynamic(slots, *row_dims),
+            [stack_example(t) for t in stacks])
+
+
+def step_examples(args: tuple, kind: str) -> tuple:
+    """examples() for t5_runner.Step. A cache is a slice of a longer buffer, as the runner's are (else the graph would
+    be specialised for whole buffers)."""
     rows = 1 if kind == "one" else EXAMPLE_ROWS
     tokens, lengths, source_lengths, slots, self_k, self_v, cross_k, cross_v, stacks = args
     device = tokens.device
-
-    def dynamic(t: torch.Tensor, *dims: int) -> torch.Tensor:
-        for dim in dims:
-            torch._dynamo.mark_dynamic(t, dim)
-        return t
 
     def by_row(t: torch.Tensor, fill: int) -> torch.Tensor:
         out = torch.full((rows,), fill, dtype=t.dtype, device=device)
@@ -190,9 +231,6 @@ def examples(args: tuple, kind: str) -> tuple:
         out = torch.zeros((rows, t.shape[1], allocated, t.shape[3]), dtype=t.dtype, device=device)[:, :, :used]
         return dynamic(out, 0, 2) if rows > 1 else dynamic(out, 2)
 
-    def stack(t: torch.Tensor) -> torch.Tensor:  # [projections, slots, rank, in or out]
-        return dynamic(torch.zeros((t.shape[0], 13, 17, t.shape[3]), dtype=t.dtype, device=device), 1, 2)
-
     return (by_row(tokens, 0), by_row(lengths, 0), by_row(source_lengths, 1), by_row(slots, 0),
             [cache(t, 3, 7) for t in self_k], [cache(t, 3, 7) for t in self_v],
-            [cache(t, 5, 11) for t in cross_k], [cache(t, 5, 11) for t in cross_v], [stack(t) for t in stacks])
+            [cache(t, 5, 11) for t in cross_k], [cache(t, 5, 11) for t in cross_v], [stack_example(t) for t in stacks])

@@ -353,9 +353,9 @@ def encoding_plan(sources: list[list[int]], names: list[str] | None) -> tuple[li
     return groups, [(i, first[key]) for i, key in enumerate(keys) if first[key] != i]
 
 
-def padded(sources: list[list[int]], group: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The group's sources as one batch of token ids, padded to the longest, and its mask."""
-    longest = max(len(sources[i]) for i in group)
+def padded(sources: list[list[int]], group: list[int], device, least: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The group's sources as one batch of token ids, padded to the longest (and to `least` tokens), and its mask."""
+    longest = max(least, *(len(sources[i]) for i in group))
     ids = torch.zeros((len(group), longest), dtype=torch.long, device=device)
     mask = torch.zeros((len(group), longest), dtype=torch.bool, device=device)
     for row, i in enumerate(group):

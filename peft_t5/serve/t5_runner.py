@@ -258,8 +258,30 @@ class Step(nn.Module):
         self.weights, self.layout = weights, layout
 
     def forward(self, tokens, lengths, source_lengths, slots, self_k, self_v, cross_k, cross_v, stacks):
-        lora = {name: (stacks[2 * g][i], stacks[2 * g + 1][i]) for name, g, i in self.layout}
-        return self.weights.step(tokens, lengths, source_lengths, slots, self_k, self_v, cross_k, cross_v, lora)
+        return self.weights.step(tokens, lengths, source_lengths, slots, self_k, self_v, cross_k, cross_v,
+                                 slot_lora(self.layout, stacks))
+
+
+class Encode(nn.Module):
+    """New rows' encoding (T5Weights.encode) and every decoder layer's cross-attention keys and values of it, with
+    the LoRA stacks as Step takes them: what compiled.py compiles beside the step. Returns (keys, values), a list
+    per layer of [rows, heads, tokens, head_dim]."""
+    encodes = True
+
+    def __init__(self, weights: T5Weights, layout: tuple[tuple[str, int, int], ...]):
+        super().__init__()
+        self.weights, self.layout = weights, layout
+
+    def forward(self, ids, mask, slots, stacks) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        lora = slot_lora(self.layout, stacks)
+        hidden = self.weights.encode(ids, mask, lora, slots)
+        keys, values = zip(*[self.weights.cross(i, hidden, lora, slots) for i in range(len(self.weights.decoder))])
+        return list(keys), list(values)
+
+
+def slot_lora(layout: tuple[tuple[str, int, int], ...], stacks: list) -> dict:
+    """The LoRA stacks of a layout, flat as Step and Encode take them, by projection: name -> (A, B.T)."""
+    return {name: (stacks[2 * g][i], stacks[2 * g + 1][i]) for name, g, i in layout}
 
 
 def lora_layers(holder, adapter: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -381,7 +403,7 @@ class T5Runner:
         self.device = self.weights.embed.device
         self.slots = LoraSlots(self.device)
         self.compiled = compiled  # a compiled.CompiledStep; None: the eager step
-        self.steps: dict[tuple, Step] = {}
+        self.modules: dict[tuple, nn.Module] = {}  # (Step or Encode, LoRA layout) -> it
         self.n = 0
         self._allocate(capacity, 2, 2)
 
@@ -436,17 +458,16 @@ class T5Runner:
         longest = max(int(active.max()) + 1 if self.n else 1, max(budgets or [1]) + 1)
         self._fit(self.n + m, longest, max(len(s) for s in sources))
         row_slots = self.slots.assign(self.holder, names, set(self.row_slots[:self.n].tolist()))
-        lora = self.slots.lora()
+        encode = self._module(Encode)
         groups, copies = encoding_plan(sources, names)
         for group in groups:
-            ids, mask = padded(sources, group, self.device)
-            longest = ids.shape[1]
-            group_slots = torch.tensor([row_slots[i] for i in group], device=self.device)
-            hidden = self.weights.encode(ids, mask, lora, group_slots)
-            slots = torch.tensor([self.n + i for i in group], device=self.device)
+            ids, mask = padded(sources, group, self.device, least=2)  # a length of 1 would be another graph
+            args = (ids, mask, torch.tensor([row_slots[i] for i in group], device=self.device),
+                    self.slots.tensors())
+            keys, values = self.compiled(encode, args) if self.compiled is not None else encode(*args)
+            slots, longest = torch.tensor([self.n + i for i in group], device=self.device), ids.shape[1]
             for layer in range(len(self.weights.decoder)):
-                k, v = self.weights.cross(layer, hidden, lora, group_slots)
-                self.cross_k[layer][slots, :, :longest], self.cross_v[layer][slots, :, :longest] = k, v
+                self.cross_k[layer][slots, :, :longest], self.cross_v[layer][slots, :, :longest] = keys[layer], values[layer]
             self.source_lengths[slots] = mask.sum(1)
         copy_sources(self, copies)
         self.lengths[self.n:self.n + m] = 0
@@ -469,19 +490,23 @@ class T5Runner:
         row's length and source (at least 2: a size of 1 would be specialised when compiled)."""
         length = max(int(self.lengths[:n].max()) + 1, 2) if n else 2
         source = max(int(self.source_lengths[:n].max()), 2) if n else 2
-        layout = self.slots.layout
-        if layout not in self.steps:
-            self.steps[layout] = Step(self.weights, layout)
-        return self.steps[layout], (
+        return self._module(Step), (
             tokens, self.lengths[:n], self.source_lengths[:n], self.row_slots[:n],
             [t[:n, :, :length] for t in self.self_k], [t[:n, :, :length] for t in self.self_v],
             [t[:n, :, :source] for t in self.cross_k], [t[:n, :, :source] for t in self.cross_v],
             self.slots.tensors())
 
+    def _module(self, kind: type) -> nn.Module:
+        """The Step or Encode of the current LoRA layout (one each per layout: compiled graphs are theirs)."""
+        key = (kind, self.slots.layout)
+        if key not in self.modules:
+            self.modules[key] = kind(self.weights, self.slots.layout)
+        return self.modules[key]
+
     @torch.inference_mode()
     def warm(self, names: list[str], most: int = 8) -> None:
         """Write these LoRA adapters (PEFT names; the first `most`, the rest only into the layout) into slots and
-        have the step compiled for one row and for several, while no row waits."""
+        have the step and the encoder compiled for one row and for several, while no row waits."""
         self.slots.assign(self.holder, names[:most], set(self.row_slots[:self.n].tolist()))
         for name in names[most:]:
             self.slots.extend(lora_layers(self.holder, name))
@@ -489,6 +514,10 @@ class T5Runner:
             for rows in (1, 2):
                 self.compiled.request(*self._step_args(rows, torch.zeros(rows, dtype=torch.long,
                                                                          device=self.device)))
+            for rows in (1, 2):
+                ids = torch.ones((rows, 2), dtype=torch.long, device=self.device)
+                self.compiled.request(self._module(Encode), (ids, ids > 0, torch.zeros_like(ids[:, 0]),
+                                                             self.slots.tensors()))
 
     reorder = ModuleRunner.reorder  # beam search: the caches are laid out as that runner's
 
