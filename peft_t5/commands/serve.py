@@ -30,11 +30,11 @@ def build_parser():
                         help="The base's weights (default float32); bfloat16 on a GPU or a CPU with AMX or "
                              "AVX512-BF16: half the memory, faster matmuls, answers that differ slightly")
     parser.add_argument("--compile", choices=["on", "off"], default="on",
-                        help="on (default): the decoder step of base and LoRA rows compiled with torch.compile, "
-                             "eager until it is; off: the eager step only, the reference the compiled one is tested "
-                             "against")
+                        help="on (default): the decoder step and the encoder of base and LoRA rows compiled with "
+                             "torch.compile, eager until they are; off: eager only, the reference the compiled graphs "
+                             "are tested against")
     parser.add_argument("--compile_cache", metavar="DIR",
-                        help="Where the compiled step's kernels are kept, so that a restart builds none again "
+                        help="Where the compiled graphs' kernels are kept, so that a restart builds none again "
                              "(default: ~/.cache/peft-t5/inductor, or TORCHINDUCTOR_CACHE_DIR)")
     parser.add_argument("--max_rows", type=int, default=64, help="Rows decoding at once (default 64)")
     parser.add_argument("--max_rows_per_request", type=int, default=8,

@@ -61,7 +61,7 @@ class ServeSettings:
     read_timeout: float = 30.0  # seconds to receive a request's head, and then its body; then the connection closes
     limit_concurrency: int = 512  # open connections; beyond, requests get 503 (uvicorn's setting)
     shutdown_timeout: float = 10.0  # on SIGTERM: seconds rows in flight may take to finish; then they are cut
-    compile: bool = True  # the base-and-LoRA lane's decoder step compiled (eager until then); False: eager only
+    compile: bool = True  # the base-and-LoRA lane's decoder step and encoder compiled (eager until then)
     compile_cache: str | None = None  # where inductor keeps what it builds (None: TORCHINDUCTOR_CACHE_DIR or its own)
 
     @property

@@ -13,9 +13,9 @@ are rows admitted together, its source encoded once. How each row's next token i
 groups) is decoding.py's; greedy and beam outputs equal `generate()`'s.
 
 Rows step in lanes: rows of LoRA adapters and the base share one pass over static buffers (t5_runner.T5Runner:
-each row's LoRA from a slot), compiled (compiled.py) unless compile=False; rows of each other adapter take a pass of
-their own through its PeftModel's layers in the same step (module_runner.py, eager; a prompt-tuning adapter's soft
-prompt goes before its sources); no method waits for another's request to end.
+each row's LoRA from a slot), its step and encoder compiled (compiled.py) unless compile=False; rows of each other
+adapter take a pass of their own through its PeftModel's layers in the same step (module_runner.py, eager; a
+prompt-tuning adapter's soft prompt goes before its sources); no method waits for another's request to end.
 
 Extractive adapters answer by span (engine.extract): their requests' windows wait in a queue of their own, and
 each turn of the model thread runs one forward pass per extractive adapter over the windows waiting (within a token
@@ -230,7 +230,7 @@ class Engine:
                 self.wake.notify_all()
 
     def wait_compiled(self, timeout: float = 600.0) -> None:
-        """Block this thread until the graphs of the compiled step asked for so far are ready (or failed): those
+        """Block this thread until the compiled graphs (step and encoder) asked for so far are ready (or failed): those
         asked for as the engine started, and any a new layout of LoRA stacks needed since."""
         if self.compiled is not None:
             self.warmed.result(timeout)
@@ -580,7 +580,7 @@ class Engine:
         return self.slot_problems[key]
 
     def _warm(self) -> None:
-        """Request the compiled step for the LoRA adapters loaded now (and the base), one row and several."""
+        """Request the compiled step and encoder for the LoRA adapters loaded now (and the base), one row and several."""
         lane = self._static_lane(self._lane(BASE).holder)
         names = [self.bank.peft_name(n) for n, m in self.bank.methods.items()
                  if m.mixed_batches and not self._slot_problem(lane.holder, n)]

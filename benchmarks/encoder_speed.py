@@ -1,0 +1,87 @@
+"""The engine's encoder pass (new rows' encoder and every decoder layer's cross-attention K/V: t5_runner.Encode)
+compiled against eager, in one process, in turn: t5-small shapes (random weights), 2 LoRA adapters mixed per row,
+1 thread, real jokes questions (1 row) and SQuAD v2 questions with their contexts (1, 8 and 32 rows), float32 and
+int8 (quantize_int8, as serve --quantize int8). Each graph is compiled (compiled.CompiledStep, the settings serve
+uses) before anything is timed; CPU milliseconds per pass, the median of --rounds.
+
+python benchmarks/encoder_speed.py [--rounds 5] [--output benchmarks/results/encoder_speed.json]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import jokes_records, machine, squad_records, write_results  # noqa: E402
+from serve_throughput import make_adapters  # noqa: E402
+
+CELLS = (("jokes", 1), ("squad", 1), ("squad", 8), ("squad", 32))
+
+
+def passes(runner, compiled, sources: list[list[int]], rows: int) -> tuple:
+    """The Encode module and its arguments for the first `rows` sources, as T5Runner.add makes them."""
+    from peft_t5.serve.module_runner import padded
+    from peft_t5.serve.t5_runner import Encode
+
+    ids, mask = padded(sources, list(range(rows)), runner.device, least=2)
+    slots = torch.tensor([1 + i % 2 for i in range(rows)])  # the two adapters' slots, in turn
+    return runner._module(Encode), (ids, mask, slots, runner.slots.tensors())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--output", default="benchmarks/results/encoder_speed.json")
+    args = parser.parse_args()
+
+    from peft_t5.bank import AdapterBank
+    from peft_t5.quantize import quantize_int8
+    from peft_t5.serve.compiled import CompiledStep
+    from peft_t5.serve.t5_runner import T5Runner
+
+    torch.set_num_threads(1)
+    jokes, _ = jokes_records()
+    squad, _ = squad_records(64)
+    results = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "rounds": args.rounds, "threads": 1,
+               "setup": "t5-small shapes, random weights, 2 LoRA adapters (r16 q,v) mixed per row", "ms": {}}
+    for precision in ("float32", "int8"):
+        with tempfile.TemporaryDirectory() as tmp:
+            base, adapters = make_adapters(Path(tmp), "t5-small")
+            bank = AdapterBank.load(base, adapters)
+        if precision == "int8":
+            quantize_int8(*bank.models())
+        tokenize = bank.tokenizer
+        sources = {"jokes": [tokenize(r["question"]).input_ids for r in jokes[:32]],
+                   "squad": [tokenize(f"question: {r['question']} context: {r['context']}", truncation=True,
+                                      max_length=512).input_ids for r in squad[:32]]}
+        compiled = CompiledStep()
+        runner = T5Runner(bank.holders[list(adapters)[0]], capacity=32, compiled=compiled)
+        runner.warm([bank.peft_name(name) for name in adapters])
+        compiled.wait()
+        with torch.inference_mode():
+            for prompts, rows in CELLS:
+                encode, inputs = passes(runner, compiled, sources[prompts], rows)
+                times = {"eager": [], "compiled": []}
+                for _ in range(args.rounds):  # in turn: the machine's drift falls on both alike
+                    for way, run in (("eager", lambda: encode(*inputs)), ("compiled", lambda: compiled(encode, inputs))):
+                        started = time.process_time()
+                        run()
+                        times[way].append((time.process_time() - started) * 1000)
+                cell = {way: statistics.median(t) for way, t in times.items()}
+                cell["compiled_vs_eager"] = cell["eager"] / cell["compiled"]
+                cell["tokens"] = int(inputs[0].shape[1])
+                results["ms"][f"{precision} {prompts} {rows}"] = cell
+                print(f"{precision:8} {prompts} {rows:3} rows x {cell['tokens']:3} tokens: eager {cell['eager']:7.1f} ms, "
+                      f"compiled {cell['compiled']:7.1f} ms, {cell['compiled_vs_eager']:.2f}x", flush=True)
+        assert compiled.encodes["eager"] == 0, "a compiled pass ran eagerly: the graphs did not cover these shapes"
+    write_results(results, args.output)
+
+
+if __name__ == "__main__":
+    main()
