@@ -52,10 +52,9 @@ def lockstep(eager: T5Runner, compiled: T5Runner, sources, names, steps: int) ->
             runner.remove(runner.n - 1)
 
 
-def test_the_compiled_step_answers_as_the_eager_one_on_real_shaped_random_weights():
-    """t5-small's widths (d_model 512, 8 heads, d_ff 2048, its 32,128 tokens; 2 layers, to compile in seconds), two
-    LoRA adapters of different ranks and layers mixed per row with the base: the one-row graphs and the others, of
-    the decoder step and of the encoder."""
+def t5_small_wide_with_two_adapters():
+    """t5-small's widths (2 layers, to compile in seconds) with LoRA adapters "a" (r 16 on q, v) and "b" (r 8 on q,
+    k, wi, wo), their B not zero."""
     config = T5Config(d_model=512, d_kv=64, d_ff=2048, num_heads=8, num_layers=2, vocab_size=32128,
                       feed_forward_proj="relu", decoder_start_token_id=0)
     torch.manual_seed(0)
@@ -66,7 +65,14 @@ def test_the_compiled_step_answers_as_the_eager_one_on_real_shaped_random_weight
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.05)
-    model.eval()
+    return model.eval()
+
+
+def test_the_compiled_step_answers_as_the_eager_one_on_real_shaped_random_weights():
+    """t5-small's widths (d_model 512, 8 heads, d_ff 2048, its 32,128 tokens; 2 layers, to compile in seconds), two
+    LoRA adapters of different ranks and layers mixed per row with the base: the one-row graphs and the others, of
+    the decoder step and of the encoder."""
+    model = t5_small_wide_with_two_adapters()
     compiled = CompiledStep()
     eager, fast = T5Runner(model), T5Runner(model, compiled=compiled)
     fast.warm(["a", "b"])
@@ -244,17 +250,7 @@ def test_int8s_compiled_graphs_stay_as_close_to_float32_as_its_eager_step_is():
     adapters mixed per row, teacher-forced tokens), and they run with no eager call once compiled."""
     import copy
 
-    config = T5Config(d_model=512, d_kv=64, d_ff=2048, num_heads=8, num_layers=2, vocab_size=32128,
-                      feed_forward_proj="relu", decoder_start_token_id=0)
-    torch.manual_seed(0)
-    model = get_peft_model(T5ForConditionalGeneration(config).eval(), LoraConfig(r=16, lora_alpha=32,
-                                                                                 target_modules=["q", "v"]), "a")
-    model.add_adapter("b", LoraConfig(r=8, lora_alpha=16, target_modules=["q", "k", "wi", "wo"]))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
-    model.eval()
+    model = t5_small_wide_with_two_adapters()
     int8 = copy.deepcopy(model)
     quantize_int8(int8)
     compiled = CompiledStep()
