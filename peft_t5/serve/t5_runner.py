@@ -466,8 +466,8 @@ class T5Runner:
                     self.slots.tensors())
             keys, values = self.compiled(encode, args) if self.compiled is not None else encode(*args)
             slots, longest = torch.tensor([self.n + i for i in group], device=self.device), ids.shape[1]
-            for layer in range(len(self.weights.decoder)):
-                self.cross_k[layer][slots, :, :longest], self.cross_v[layer][slots, :, :longest] = keys[layer], values[layer]
+            for cross_k, cross_v, k, v in zip(self.cross_k, self.cross_v, keys, values):
+                cross_k[slots, :, :longest], cross_v[slots, :, :longest] = k, v
             self.source_lengths[slots] = mask.sum(1)
         copy_sources(self, copies)
         self.lengths[self.n:self.n + m] = 0
