@@ -98,7 +98,7 @@ def engine_round(base: str, adapters: dict[str, str], first: str, many: list[str
         while cache:  # the four graphs (step, encoder; one row, many rows), polled for at most 10 minutes
             ready = compiled_graphs(port)
             if ready < 0 or time.perf_counter() - started > 600:
-                raise RuntimeError("the decoder step did not compile")
+                raise RuntimeError("the decoder step or the encoder did not compile")
             if ready == 4:
                 compiled = time.perf_counter() - started
                 break

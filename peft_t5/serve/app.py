@@ -25,6 +25,7 @@ from starlette.routing import Match
 
 from ..bank import BASE, AdapterBank
 from ..errors import PeftT5Error
+from .compiled import PARTS
 from .engine import Engine
 from .failures import SENT_WHOLE
 from .on_demand import OnDemand
@@ -35,7 +36,6 @@ from .schemas import ApiError, errors, openai_error
 
 logger = logging.getLogger(__name__)
 PAGE = Path(__file__).with_name("page.html")
-PARTS = {"step": "decoder step", "encoder": "encoder"}  # what compiled.py compiles, as /metrics names it
 PUBLIC = ("/health", "/openapi.json", "/docs")  # no key needed: they hold no data (the spec: routes and limits)
 
 

@@ -32,6 +32,7 @@ import time
 import torch
 
 logger = logging.getLogger(__name__)
+PARTS = {"step": "decoder step", "encoder": "encoder"}  # what part_of() says a compiled module is -> its name
 EXAMPLE_ROWS = 16  # the row count the many-rows graph is traced at: inductor's size hint (oneDNN packs for it)
 # While a graph compiles, the compiling thread (dynamo and inductor: Python) holds the GIL for Python's switch
 # interval (5 ms) whenever the model thread wants it back after an op: an eager step of ~1,000 ops waited that long
@@ -169,8 +170,7 @@ def part_of(step) -> str:
 
 def graph_name(key: tuple) -> str:
     """(module, kind) as the log says it: "the decoder step for one row"."""
-    return f"the {'encoder' if part_of(key[0]) == 'encoder' else 'decoder step'} for " \
-           f"{'one row' if key[1] == 'one' else '2+ rows'}"
+    return f"the {PARTS[part_of(key[0])]} for {'one row' if key[1] == 'one' else '2+ rows'}"
 
 
 def options(step, args: tuple) -> dict:

@@ -458,13 +458,11 @@ class T5Runner:
         longest = max(int(active.max()) + 1 if self.n else 1, max(budgets or [1]) + 1)
         self._fit(self.n + m, longest, max(len(s) for s in sources))
         row_slots = self.slots.assign(self.holder, names, set(self.row_slots[:self.n].tolist()))
-        encode = self._module(Encode)
         groups, copies = encoding_plan(sources, names)
         for group in groups:
-            ids, mask = padded(sources, group, self.device, least=2)  # a length of 1 would be another graph
-            args = (ids, mask, torch.tensor([row_slots[i] for i in group], device=self.device),
-                    self.slots.tensors())
+            encode, args = self._encode_args([sources[i] for i in group], [row_slots[i] for i in group])
             keys, values = self.compiled(encode, args) if self.compiled is not None else encode(*args)
+            ids, mask = args[:2]
             slots, longest = torch.tensor([self.n + i for i in group], device=self.device), ids.shape[1]
             for cross_k, cross_v, k, v in zip(self.cross_k, self.cross_v, keys, values):
                 cross_k[slots, :, :longest], cross_v[slots, :, :longest] = k, v
@@ -496,6 +494,12 @@ class T5Runner:
             [t[:n, :, :source] for t in self.cross_k], [t[:n, :, :source] for t in self.cross_v],
             self.slots.tensors())
 
+    def _encode_args(self, sources: list[list[int]], slots: list[int]) -> tuple[Encode, tuple]:
+        """The Encode of the current LoRA layout and its arguments for these sources through these LoRA slots: ids
+        and mask padded to the longest source (at least 2 tokens: a length of 1 would be another graph)."""
+        ids, mask = padded(sources, list(range(len(sources))), self.device, least=2)
+        return self._module(Encode), (ids, mask, torch.tensor(slots, device=self.device), self.slots.tensors())
+
     def _module(self, kind: type) -> nn.Module:
         """The Step or Encode of the current LoRA layout (one each per layout: compiled graphs are theirs)."""
         key = (kind, self.slots.layout)
@@ -515,9 +519,7 @@ class T5Runner:
                 self.compiled.request(*self._step_args(rows, torch.zeros(rows, dtype=torch.long,
                                                                          device=self.device)))
             for rows in (1, 2):
-                ids = torch.ones((rows, 2), dtype=torch.long, device=self.device)
-                self.compiled.request(self._module(Encode), (ids, ids > 0, torch.zeros_like(ids[:, 0]),
-                                                             self.slots.tensors()))
+                self.compiled.request(*self._encode_args([[1, 1]] * rows, [0] * rows))
 
     reorder = ModuleRunner.reorder  # beam search: the caches are laid out as that runner's
 
