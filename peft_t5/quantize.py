@@ -18,7 +18,9 @@ import functools
 import torch
 from torch import nn
 
+from . import int8_matvec
 from .errors import PeftT5Error
+from .int8_matvec import matvec_problem
 
 
 class Int8Linear(nn.Linear):
@@ -73,7 +75,9 @@ def int8_linear(x: torch.Tensor, layer: Int8Linear) -> torch.Tensor:
     """x @ W.T with x quantized per row (symmetric int8, its own scale) and W int8 per channel."""
     shape, dtype = x.shape, x.dtype
     x = x.reshape(-1, shape[-1]).float()
-    if torch.compiler.is_compiling():
+    if int8_matvec.ready and x.shape[0] == 1 and not x.requires_grad and x.device.type == "cpu":
+        y = torch.ops.peft_t5.int8_matvec(x, layer.weight, layer.weight_scale)  # int8_matvec.py: oneDNN's per-call
+    elif torch.compiler.is_compiling():  # cost is most of a one-row product
         scale = x.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127
         q = (x / scale).round().clamp(-127, 127).to(torch.int8)
         decomposed = torch.ops.quantized_decomposed
@@ -110,7 +114,9 @@ def int8_path() -> str:
     cpu = torch.cpu
     isa = ("AMX-INT8" if cpu._is_amx_tile_supported() else "AVX512-VNNI" if cpu._is_vnni_supported()
            else torch.backends.cpu.get_cpu_capability())
-    return f"oneDNN int8 ({isa}), activations quantized per row"
+    one_row = matvec_problem()
+    one_row = "peft-t5's AVX512-VNNI kernel" if one_row is None else f"oneDNN too ({one_row})"
+    return f"oneDNN int8 ({isa}), activations quantized per row; one row: {one_row}"
 
 
 def quantize_int8(*models: nn.Module) -> int:

@@ -14,6 +14,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import T5Config, T5ForConditionalGeneration
 
+from peft_t5 import int8_matvec
 from peft_t5.adapters import save_adapter
 from peft_t5.bank import AdapterBank
 from peft_t5.modeling import add_lora, tiny_model, tiny_tokenizer
@@ -274,7 +275,18 @@ def test_int8s_compiled_graphs_stay_as_close_to_float32_as_its_eager_step_is():
             eager_off = float((eager.step(tokens) - expected).abs().max())
             assert float((fast.step(tokens) - expected).abs().max()) <= 1.5 * eager_off
             tokens = expected.argmax(-1)
-    assert compiled.steps == {"compiled": 6, "eager": 0} and compiled.encodes["eager"] == 0
+        for runner in (reference, eager, fast):  # one row left: the one-row graph, its products peft-t5's kernel
+            while runner.n > 1:
+                runner.remove(runner.n - 1)
+        expected = reference.step(tokens[:1])
+        eager_off = float((eager.step(tokens[:1]) - expected).abs().max())
+        with torch.profiler.profile() as profile:
+            assert float((fast.step(tokens[:1]) - expected).abs().max()) <= 1.5 * eager_off
+    assert compiled.steps == {"compiled": 7, "eager": 0} and compiled.encodes["eager"] == 0
+    if int8_matvec.matvec_problem() is None:
+        ran = [event.name for event in profile.events()]
+        products = 6 * len(fast.weights.decoder) + 1  # q/k/v (fused), o, cross q, cross o, wi, wo a layer; the head
+        assert ran.count("peft_t5::int8_matvec") == products and "onednn::qlinear_pointwise" not in ran
 
 
 def test_a_restart_builds_no_kernel_again_from_the_cache_folder(folders, tmp_path):

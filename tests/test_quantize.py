@@ -4,10 +4,11 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
+from peft_t5 import int8_matvec
 from peft_t5.adapters import save_adapter
 from peft_t5.bank import AdapterBank
 from peft_t5.modeling import tiny_model, tiny_tokenizer
-from peft_t5.quantize import Int8Linear, int8_path, quantize_int8
+from peft_t5.quantize import Int8Linear, int8_linear, int8_path, quantize_int8
 
 
 def test_a_rows_int8_output_is_the_same_alone_and_beside_other_rows():
@@ -54,3 +55,25 @@ def test_adapters_load_onto_a_base_quantized_before_them_and_answer_close_to_flo
     assert (expected - plain).norm() > 0.005 * expected.norm()  # the adapter does change the answer
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
     assert "oneDNN int8" in int8_path()
+
+
+def test_the_one_row_int8_kernel_gives_onednns_results_bit_for_bit(monkeypatch):
+    """One row's int8 product in peft-t5's kernel equals oneDNN's (the path of several rows) exactly: widths with and
+    without a tail past 64 bytes, output counts with and without one past 4, a row of zeros, a strided row."""
+    if int8_matvec.matvec_problem() is not None:
+        pytest.skip(f"peft-t5's one-row int8 kernel is not used here: {int8_matvec.matvec_problem()}")
+    torch.manual_seed(0)
+    cases = [(512, 512), (70, 5), (2048, 513), (1, 1), (100, 3)]
+    for k, n in cases:
+        layer = Int8Linear(torch.randn(n, k))
+        for x in (torch.randn(1, k), torch.zeros(1, k), torch.randn(k, 2)[:, 0][None]):
+            kernel = torch.ops.peft_t5.int8_matvec(x, layer.weight, layer.weight_scale)
+            assert torch.equal(int8_linear(x, layer), kernel)
+            with monkeypatch.context() as patch:
+                patch.setattr(int8_matvec, "ready", False)
+                assert torch.equal(int8_linear(x, layer), kernel), (k, n)
+
+
+def test_int8_at_one_row_can_be_left_to_onednn(monkeypatch):
+    monkeypatch.setenv("PEFT_T5_INT8_MATVEC", "off")
+    assert int8_matvec.matvec_problem.__wrapped__() == "PEFT_T5_INT8_MATVEC=off"
