@@ -2,9 +2,8 @@
 activations, where oneDNN's per-call cost (~25-30 us, whatever the size) is most of a one-row decoder step. Rows are
 quantized and scaled as quantize.int8_linear does, and the products summed exactly in int32, so its results are
 oneDNN's. It needs AVX512-VNNI; it is built with the C++ compiler torch.compile already needs, once per machine
-(~20 s; kept in torch's extensions folder, TORCH_EXTENSIONS_DIR) when quantize.int8_path() first runs (serve
---quantize int8, quantize_int8). Where it cannot be built
-or run, one row takes oneDNN's product as several do.
+(~10-20 s; kept in torch's extensions folder, TORCH_EXTENSIONS_DIR) when quantize.int8_path() first runs (serve
+--quantize int8, quantize_int8). Where it cannot be built or run, one row takes oneDNN's product as several do.
 
     torch.ops.peft_t5.int8_matvec(x, weight, scale)   # x [1, K] float32, weight [N, K] int8, scale [N] -> [1, N]
 

@@ -5,10 +5,11 @@ rows it shares a step with), the matmul int8 x int8 in oneDNN (AMX or VNNI where
     quantize_int8(*bank.models())   # after the adapters are loaded or before: PEFT wraps Int8Linear as it wraps
                                     # nn.Linear, so adapters loaded later (on demand) sit on the int8 layers too
 
-Eagerly, a layer calls oneDNN's qlinear on its prepacked weight. Inside torch.compile it is written as the
-dequantize -> linear pattern that inductor lowers to the same qlinear with the weight prepacked once and frozen
-(the path torchao's int8 dynamic quantization takes on a CPU); the row scales stay outside the pattern, applied to
-its output. This replaces torch.ao's dynamic quantization (deprecated; per-batch activation scales; a layer PEFT
+A single row (one-row decoding) goes to peft-t5's own int8 kernel (int8_matvec.py: oneDNN's per-call cost is most of
+a one-row product), with oneDNN's results bit for bit, eagerly and compiled. Several rows: eagerly, a layer calls
+oneDNN's qlinear on its prepacked weight; inside torch.compile it is written as the dequantize -> linear pattern that
+inductor lowers to the same qlinear with the weight prepacked once and frozen (the path torchao's int8 dynamic
+quantization takes on a CPU); the row scales stay outside the pattern, applied to its output. This replaces torch.ao's dynamic quantization (deprecated; per-batch activation scales; a layer PEFT
 cannot wrap).
 """
 from __future__ import annotations
