@@ -9,8 +9,8 @@ A single row (one-row decoding) goes to peft-t5's own int8 kernel (int8_matvec.p
 a one-row product), with oneDNN's results bit for bit, eagerly and compiled. Several rows: eagerly, a layer calls
 oneDNN's qlinear on its prepacked weight; inside torch.compile it is written as the dequantize -> linear pattern that
 inductor lowers to the same qlinear with the weight prepacked once and frozen (the path torchao's int8 dynamic
-quantization takes on a CPU); the row scales stay outside the pattern, applied to its output. This replaces torch.ao's dynamic quantization (deprecated; per-batch activation scales; a layer PEFT
-cannot wrap).
+quantization takes on a CPU); the row scales stay outside the pattern, applied to its output. This replaces
+torch.ao's dynamic quantization (deprecated; per-batch activation scales; a layer PEFT cannot wrap).
 """
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ from torch import nn
 
 from . import int8_matvec
 from .errors import PeftT5Error
-from .int8_matvec import matvec_problem
 
 
 class Int8Linear(nn.Linear):
@@ -76,9 +75,10 @@ def int8_linear(x: torch.Tensor, layer: Int8Linear) -> torch.Tensor:
     """x @ W.T with x quantized per row (symmetric int8, its own scale) and W int8 per channel."""
     shape, dtype = x.shape, x.dtype
     x = x.reshape(-1, shape[-1]).float()
+    # one row: peft-t5's kernel (int8_matvec.py; oneDNN's per-call cost is most of a one-row product), same results
     if int8_matvec.ready and x.shape[0] == 1 and not x.requires_grad and x.device.type == "cpu":
-        y = torch.ops.peft_t5.int8_matvec(x, layer.weight, layer.weight_scale)  # int8_matvec.py: oneDNN's per-call
-    elif torch.compiler.is_compiling():  # cost is most of a one-row product
+        y = torch.ops.peft_t5.int8_matvec(x, layer.weight, layer.weight_scale)
+    elif torch.compiler.is_compiling():
         scale = x.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127
         q = (x / scale).round().clamp(-127, 127).to(torch.int8)
         decomposed = torch.ops.quantized_decomposed
@@ -115,7 +115,7 @@ def int8_path() -> str:
     cpu = torch.cpu
     isa = ("AMX-INT8" if cpu._is_amx_tile_supported() else "AVX512-VNNI" if cpu._is_vnni_supported()
            else torch.backends.cpu.get_cpu_capability())
-    one_row = matvec_problem()
+    one_row = int8_matvec.matvec_problem()
     one_row = "peft-t5's AVX512-VNNI kernel" if one_row is None else f"oneDNN too ({one_row})"
     return f"oneDNN int8 ({isa}), activations quantized per row; one row: {one_row}"
 
