@@ -35,6 +35,7 @@ def main() -> None:
     from peft_t5.quantize import quantize_int8
     from peft_t5.serve.compiled import CompiledStep
     from peft_t5.serve.t5_runner import T5Runner
+    from peft_t5.tasks import get_task
 
     torch.set_num_threads(1)
     jokes, _ = jokes_records()
@@ -47,10 +48,9 @@ def main() -> None:
             bank = AdapterBank.load(base, adapters)
         if precision == "int8":
             quantize_int8(*bank.models())
-        tokenize = bank.tokenizer
-        sources = {"jokes": [tokenize(r["question"]).input_ids for r in jokes[:32]],
-                   "squad": [tokenize(f"question: {r['question']} context: {r['context']}", truncation=True,
-                                      max_length=512).input_ids for r in squad[:32]]}
+        sources = {prompts: [bank.tokenizer(get_task(prompts).template.format(**r), truncation=True,
+                                            max_length=512).input_ids for r in records[:32]]
+                   for prompts, records in (("jokes", jokes), ("squad", squad))}
         compiled = CompiledStep()
         runner = T5Runner(bank.holders[list(adapters)[0]], capacity=32, compiled=compiled)
         runner.warm([bank.peft_name(name) for name in adapters])
