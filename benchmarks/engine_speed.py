@@ -9,8 +9,11 @@ decoder step is the cost), every sequence forced to exactly --tokens new tokens.
   ct2:           CTranslate2 on the merged model (one adapter: what `peft-t5 export` writes), float32
   ct2_int8:      the same converted with --quantization int8
 
-Each engine runs for the whole benchmark (its graphs compile once, before anything is timed). The machines these
-run on are shared: each cell runs every system --rounds times in turn and keeps each system's median.
+Each system runs in a process of its own for the whole benchmark (an engine's graphs compile once, before anything
+is timed), as it would be deployed: in one process, taking turns, each slowed the other's next rounds (t5-small int8,
+jokes: the engine's 8-row rounds 0.024-0.056 CPU-s/seq with CTranslate2 beside it, 0.023-0.025 alone; CTranslate2's
+0.020-0.027 and 0.018-0.020). The machines these run on are shared: each cell runs every system --rounds times in
+turn and keeps each system's median; the CPU seconds are each system's process's, every thread counted.
 
 python benchmarks/engine_speed.py [--quick] [--prompts squad|jokes] [--tokens 32] [--batches 1 8 32] [--rounds 3]
                                   [--adapters 1|2] [--threads 1] [--systems engine ct2 ...]
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
 import statistics
 import sys
 import tempfile
@@ -82,6 +86,55 @@ def ct2_outputs(translator, tokenizer, sources, tokens: int, batch: int) -> list
     return [tokenizer.convert_tokens_to_string(r.hypotheses[0]) for r in results]
 
 
+def serve_system(system: str, base: str, adapters: dict, folder: str, rows: int, threads: int, conn) -> None:
+    """A child process's work: build one system, say "ready" (with its compile seconds), then run each
+    (names, sources, tokens, batch) it is sent and send back (CPU seconds, wall seconds, outputs); None ends it."""
+    torch.set_num_threads(1)  # this thread's; an engine's model thread gets --threads
+    if system.startswith("engine"):
+        from peft_t5.bank import AdapterBank
+        from peft_t5.quantize import quantize_int8
+
+        bank = AdapterBank.load(base, adapters, dtype="bfloat16" if system == "engine_bf16" else "float32")
+        if system == "engine_int8":
+            quantize_int8(*bank.models())
+        runner = RunningEngine(bank, rows, threads, compile=system != "engine_eager")
+        conn.send(("ready", runner.compile_s))
+        while (job := conn.recv()) is not None:
+            conn.send(cpu_seconds(lambda: runner.generate(*job)))
+        runner.stop()
+        return
+    import ctranslate2
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    translator = ctranslate2.Translator(folder, device="cpu", intra_threads=threads)
+    conn.send(("ready", None))
+    while (job := conn.recv()) is not None:
+        names, sources, tokens, batch = job
+        conn.send(cpu_seconds(lambda: ct2_outputs(translator, tokenizer, sources, tokens, batch)))
+
+
+class SystemProcess:
+    """One system in a child process of its own (serve_system), started and built before the next one starts."""
+
+    def __init__(self, system: str, *args):
+        context = multiprocessing.get_context("spawn")
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=serve_system, args=(system, *args, child), daemon=True)
+        self.process.start()
+        if not self.conn.poll(1800):
+            raise TimeoutError(f"{system} was not ready in 30 min")
+        _, self.compile_s = self.conn.recv()
+
+    def run(self, names: list[str], sources: list[str], tokens: int, batch: int) -> tuple[float, float, list[str]]:
+        self.conn.send((names, sources, tokens, batch))
+        return self.conn.recv()
+
+    def stop(self) -> None:
+        self.conn.send(None)
+        self.process.join(120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="Fewer sequences and one round")
@@ -100,12 +153,10 @@ def main() -> None:
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from peft_t5.bank import AdapterBank
     from peft_t5.modeling import bf16_supported, load_base_model
-    from peft_t5.quantize import int8_path, quantize_int8
+    from peft_t5.quantize import int8_path
     from peft_t5.tasks import get_task
 
-    torch.set_num_threads(1)  # this thread's; each engine's model thread gets --threads
     systems = [s for s in args.systems if s != "engine_bf16" or bf16_supported()]
     rounds = 1 if args.quick else args.rounds
     template = get_task(args.prompts).template
@@ -114,45 +165,34 @@ def main() -> None:
                "prompts": args.prompts, "threads": args.threads, "adapters": args.adapters, "rounds": rounds,
                "int8_path": int8_path(), "ctranslate2": ctranslate2.__version__,
                "setup": f"t5-small shapes, random weights, {args.adapters} LoRA adapter(s) (r16 q,v) unmerged, "
-                        "rows of each in every step; CTranslate2 on one merged",
+                        "rows of each in every step; CTranslate2 on one merged; each system in a process of its own",
                "cpu_s_per_sequence": {}, "wall_s_per_sequence": {}, "compile_s": {}}
     with tempfile.TemporaryDirectory() as tmp:
         base, adapters = make_adapters(Path(tmp), "t5-small")
         merged = PeftModel.from_pretrained(load_base_model(base), adapters["jokes_a"]).merge_and_unload()
         merged.save_pretrained(f"{tmp}/merged")
-        runners, translators = {}, {}
-        rows = max(args.batches)
-        tokenizer = AutoTokenizer.from_pretrained(adapters["jokes_a"])
+        AutoTokenizer.from_pretrained(adapters["jokes_a"]).save_pretrained(f"{tmp}/merged")
+        for quantization in {"int8" if s == "ct2_int8" else "float32" for s in systems if s.startswith("ct2")}:
+            ctranslate2.converters.TransformersConverter(f"{tmp}/merged").convert(
+                f"{tmp}/ct2_{quantization}", quantization=quantization, force=True)
+            AutoTokenizer.from_pretrained(adapters["jokes_a"]).save_pretrained(f"{tmp}/ct2_{quantization}")
+        rows, processes = max(args.batches), {}
         for system in systems:
-            if system.startswith("engine"):
-                bank = AdapterBank.load(base, adapters, dtype="bfloat16" if system == "engine_bf16" else "float32")
-                if system == "engine_int8":
-                    quantize_int8(*bank.models())
-                runners[system] = RunningEngine(bank, rows, args.threads, compile=system != "engine_eager")
-                results["compile_s"][system] = runners[system].compile_s
-            else:
-                quantization = "int8" if system == "ct2_int8" else "float32"
-                tokenizer.save_pretrained(f"{tmp}/merged")
-                ctranslate2.converters.TransformersConverter(f"{tmp}/merged").convert(
-                    f"{tmp}/{system}", quantization=quantization, force=True)
-                translators[system] = ctranslate2.Translator(f"{tmp}/{system}", device="cpu",
-                                                             intra_threads=args.threads)
+            folder = f"{tmp}/ct2_{'int8' if system == 'ct2_int8' else 'float32'}"
+            processes[system] = SystemProcess(system, base, adapters, folder, rows, args.threads)
+            results["compile_s"][system] = processes[system].compile_s
         outputs: dict[str, dict[int, list[str]]] = {}
         for batch in args.batches:
             count = batch * (1 if args.quick else 2) if batch > 1 else (4 if args.quick else 8)
             sources = [template.format(**r) for r in records[:count]]
             names = [list(adapters)[i % args.adapters] for i in range(count)]
-
-            def run(system: str, n: int = count) -> list[str]:
-                if system in runners:
-                    return runners[system].generate(names[:n], sources[:n], args.tokens, batch)
-                return ct2_outputs(translators[system], tokenizer, sources[:n], args.tokens, batch)
+            warm = count if batch > 1 else 2
             for system in systems:  # a warm-up: allocators, caches, buffers grown to this batch
-                run(system, count if batch > 1 else 2)
+                processes[system].run(names[:warm], sources[:warm], args.tokens, batch)
             costs: dict[str, list[tuple[float, float]]] = {s: [] for s in systems}
             for _ in range(rounds):
                 for system in systems:
-                    cpu, wall, out = cpu_seconds(lambda: run(system))
+                    cpu, wall, out = processes[system].run(names, sources, args.tokens, batch)
                     costs[system].append((cpu / count, wall / count))
                     outputs.setdefault(system, {})[batch] = out
             for system in systems:
@@ -162,8 +202,8 @@ def main() -> None:
                     w for _, w in costs[system])
                 print(f"batch {batch:3d} {system:13s} {cpu:.4f} CPU-s/seq  (rounds: "
                       f"{', '.join(f'{c:.4f}' for c, _ in costs[system])})", flush=True)
-        for runner in runners.values():
-            runner.stop()
+        for process in processes.values():
+            process.stop()
     cost = results["cpu_s_per_sequence"]
     ratios = {}
     for ours, theirs in (("engine", "ct2"), ("engine_int8", "ct2_int8"), ("engine_bf16", "ct2"),
