@@ -35,6 +35,7 @@ def main() -> None:
     from peft_t5.bank import AdapterBank
     from peft_t5.quantize import quantize_int8
     from peft_t5.serve.compiled import CompiledStep
+    from peft_t5.serve.decoding import argmax
     from peft_t5.serve.t5_runner import T5Runner
 
     torch.set_num_threads(1)
@@ -55,15 +56,15 @@ def main() -> None:
     runner.add(sources, names, budgets=[4 * args.steps] * args.rows)
     tokens = torch.zeros(args.rows, dtype=torch.long)
     for _ in range(args.steps):  # warm-up: allocations, and lengths like those profiled
-        tokens = runner.step(tokens).argmax(-1)
+        tokens = argmax(runner.step(tokens))
     started = time.process_time()
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         for _ in range(args.steps):
-            tokens = runner.step(tokens).argmax(-1)
+            tokens = argmax(runner.step(tokens))
     step_ms = (time.process_time() - started) / args.steps * 1000  # under the profiler: its overhead included
     plain = time.process_time()
     for _ in range(args.steps):
-        tokens = runner.step(tokens).argmax(-1)
+        tokens = argmax(runner.step(tokens))
     plain_ms = (time.process_time() - plain) / args.steps * 1000
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top, max_name_column_width=40)
     by_shape = prof.key_averages(group_by_input_shape=True).table(  # which matmul: the output projection, q/k/v/o, ...
