@@ -14,7 +14,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import T5Config, T5ForConditionalGeneration
 
-from peft_t5 import int8_matvec
+from peft_t5 import int8_matmul
 from peft_t5.adapters import save_adapter
 from peft_t5.bank import AdapterBank
 from peft_t5.modeling import add_lora, tiny_model, tiny_tokenizer
@@ -283,10 +283,10 @@ def test_int8s_compiled_graphs_stay_as_close_to_float32_as_its_eager_step_is():
         with torch.profiler.profile() as profile:
             assert float((fast.step(tokens[:1]) - expected).abs().max()) <= 1.5 * eager_off
     assert compiled.steps == {"compiled": 7, "eager": 0} and compiled.encodes["eager"] == 0
-    if int8_matvec.matvec_problem() is None:
+    if int8_matmul.kernel_problem() is None:
         ran = [event.name for event in profile.events()]
         products = 6 * len(fast.weights.decoder) + 1  # q/k/v (fused), o, cross q, cross o, wi, wo a layer; the head
-        assert ran.count("peft_t5::int8_matvec") == products and "onednn::qlinear_pointwise" not in ran
+        assert ran.count("peft_t5::int8_matmul") == products and "onednn::qlinear_pointwise" not in ran
 
 
 def test_a_restart_builds_no_kernel_again_from_the_cache_folder(folders, tmp_path):
