@@ -5,7 +5,8 @@ decoder step is the cost), every sequence forced to exactly --tokens new tokens.
   engine:        serve/engine.py, 2 LoRA adapters unmerged, rows of both in every step, the compiled step, float32
   engine_eager:  the same with the eager step (serve --compile off): the reference the compiled one replaces
   engine_int8:   the compiled step after quantize_int8 (serve --quantize int8)
-  engine_int8_onednn: the same with PEFT_T5_INT8_KERNEL=off (oneDNN for every int8 product; not run unless named)
+  engine_no_kernels, engine_int8_no_kernels: engine and engine_int8 with PEFT_T5_KERNELS=off (MKL's and oneDNN's
+                 products only, none of peft-t5's kernels; not run unless named)
   engine_bf16:   the compiled step, base loaded in bfloat16 (serve --dtype bfloat16; CPUs with AMX or AVX512-BF16)
   ct2:           CTranslate2 on the merged model (one adapter: what `peft-t5 export` writes), float32
   ct2_int8:      the same converted with --quantization int8
@@ -39,7 +40,7 @@ from common import jokes_records, machine, squad_records, write_results  # noqa:
 from serve_throughput import make_adapters  # noqa: E402
 
 SYSTEMS = ("engine", "engine_eager", "engine_int8", "engine_bf16", "ct2", "ct2_int8")
-OPTIONAL = ("engine_int8_onednn",)
+OPTIONAL = ("engine_no_kernels", "engine_int8_no_kernels")
 
 
 class RunningEngine:
@@ -93,8 +94,8 @@ def serve_system(system: str, base: str, adapters: dict, folder: str, rows: int,
     """A child process's work: build one system, say "ready" (with its compile seconds), then run each
     (names, sources, tokens, batch) it is sent and send back (CPU seconds, wall seconds, outputs); None ends it."""
     torch.set_num_threads(1)  # this thread's; an engine's model thread gets --threads
-    if system == "engine_int8_onednn":
-        os.environ["PEFT_T5_INT8_KERNEL"] = "off"
+    if system.endswith("_no_kernels"):
+        os.environ["PEFT_T5_KERNELS"] = "off"
     if system.startswith("engine"):
         from peft_t5.bank import AdapterBank
         from peft_t5.quantize import quantize_int8
@@ -211,8 +212,9 @@ def main() -> None:
             process.stop()
     cost = results["cpu_s_per_sequence"]
     ratios = {}
-    for ours, theirs in (("engine", "ct2"), ("engine_int8", "ct2_int8"), ("engine_int8", "engine_int8_onednn"),
-                         ("engine_int8_onednn", "ct2_int8"), ("engine_bf16", "ct2"),
+    for ours, theirs in (("engine", "ct2"), ("engine_int8", "ct2_int8"), ("engine", "engine_no_kernels"),
+                         ("engine_no_kernels", "ct2"), ("engine_int8", "engine_int8_no_kernels"),
+                         ("engine_int8_no_kernels", "ct2_int8"), ("engine_bf16", "ct2"),
                          ("engine_bf16", "ct2_int8"), ("engine", "engine_eager")):
         if ours in cost and theirs in cost:
             for b in map(str, args.batches):

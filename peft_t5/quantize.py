@@ -5,7 +5,7 @@ rows it shares a step with), the matmul int8 x int8 in oneDNN (AMX or VNNI where
     quantize_int8(*bank.models())   # after the adapters are loaded or before: PEFT wraps Int8Linear as it wraps
                                     # nn.Linear, so adapters loaded later (on demand) sit on the int8 layers too
 
-A single row (one-row decoding), and eagerly up to 8 rows, goes to peft-t5's own int8 kernel (int8_matmul.py:
+A single row (one-row decoding), and eagerly up to 8 rows, goes to peft-t5's own int8 kernel (kernels.py:
 oneDNN's per-call cost is most of such a product), with oneDNN's results bit for bit. More rows: eagerly, a layer calls
 oneDNN's qlinear on its prepacked weight; inside torch.compile it is written as the dequantize -> linear pattern that
 inductor lowers to the same qlinear with the weight prepacked once and frozen (the path torchao's int8 dynamic
@@ -19,7 +19,7 @@ import functools
 import torch
 from torch import nn
 
-from . import int8_matmul
+from . import kernels
 from .errors import PeftT5Error
 
 
@@ -75,7 +75,7 @@ def int8_linear(x: torch.Tensor, layer: Int8Linear) -> torch.Tensor:
     """x @ W.T with x quantized per row (symmetric int8, its own scale) and W int8 per channel."""
     shape, dtype = x.shape, x.dtype
     x = x.reshape(-1, shape[-1]).float()
-    if takes_kernel(x, layer):  # peft-t5's kernel (int8_matmul.py), oneDNN's results
+    if takes_kernel(x, layer):  # peft-t5's kernel (kernels.py), oneDNN's results
         y = torch.ops.peft_t5.int8_matmul(x, layer.weight, layer.weight_scale)
     elif torch.compiler.is_compiling():
         scale = x.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127
@@ -101,11 +101,11 @@ def takes_kernel(x: torch.Tensor, layer: Int8Linear) -> bool:
     """Whether x [rows, K] goes to peft-t5's kernel rather than oneDNN: one row; eagerly, up to MOST_ROWS rows through
     a weight of up to MOST_WEIGHT (oneDNN's per-call cost is most of such a product). A compiled graph for several
     rows keeps oneDNN's product: there it costs no more than the kernel at 8 rows (benchmarks/README.md)."""
-    if not int8_matmul.ready or x.requires_grad or x.device.type != "cpu":
+    if not kernels.ready or x.requires_grad or x.device.type != "cpu":
         return False
     rows = x.shape[0]
-    return rows == 1 or (not torch.compiler.is_compiling() and rows <= int8_matmul.MOST_ROWS
-                         and layer.weight.numel() <= int8_matmul.MOST_WEIGHT)
+    return rows == 1 or (not torch.compiler.is_compiling() and rows <= kernels.MOST_ROWS
+                         and layer.weight.numel() <= kernels.MOST_WEIGHT)
 
 
 @functools.lru_cache(maxsize=1)
@@ -125,9 +125,9 @@ def int8_path() -> str:
     cpu = torch.cpu
     isa = ("AMX-INT8" if cpu._is_amx_tile_supported() else "AVX512-VNNI" if cpu._is_vnni_supported()
            else torch.backends.cpu.get_cpu_capability())
-    few = int8_matmul.kernel_problem()
+    few = kernels.kernel_problem()
     few = "peft-t5's AVX512-VNNI kernel" if few is None else f"oneDNN too ({few})"
-    return f"oneDNN int8 ({isa}), activations quantized per row; one row (eager: 1-{int8_matmul.MOST_ROWS}): {few}"
+    return f"oneDNN int8 ({isa}), activations quantized per row; one row (eager: 1-{kernels.MOST_ROWS}): {few}"
 
 
 def quantize_int8(*models: nn.Module) -> int:

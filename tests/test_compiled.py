@@ -14,7 +14,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import T5Config, T5ForConditionalGeneration
 
-from peft_t5 import int8_matmul
+from peft_t5 import kernels
 from peft_t5.adapters import save_adapter
 from peft_t5.bank import AdapterBank
 from peft_t5.modeling import add_lora, tiny_model, tiny_tokenizer
@@ -116,7 +116,31 @@ def test_a_float32_one_row_graph_reads_the_bases_weights_rather_than_a_frozen_co
             assert not torch.allclose(fast.step(tokens), eager.step(tokens), atol=1e-4)  # frozen before the change
         finally:
             fast.weights.decoder[1].wo.weight.copy_(before)
+        if kernels.kernel_problem() is None:  # the one-row graph's products: peft-t5's float32 kernel, MKL's none
+            while fast.n > 1:
+                fast.remove(fast.n - 1)
+            with torch.profiler.profile() as profile:
+                fast.step(tokens[:1])
+            ran = [event.name for event in profile.events()]
+            assert ran.count("peft_t5::f32_matvec") == 6 * len(fast.weights.decoder) + 1
+            assert not {"aten::mm", "aten::addmm", "aten::linear"} & set(ran)
     assert compiled.steps["eager"] == 0
+
+
+def test_the_float32_one_row_kernel_is_as_close_to_float64_as_mkls_product():
+    """peft-t5's float32 product of one row sums in another order than MKL's: as exact, on widths with and without a
+    tail past 16 floats, output counts with and without one past 4; a weight that is not one block is refused."""
+    if kernels.kernel_problem() is not None:
+        pytest.skip(f"peft-t5's kernels are not used here: {kernels.kernel_problem()}")
+    torch.manual_seed(0)
+    for k, n in [(512, 512), (70, 5), (2048, 513), (1, 1), (512, 32128)]:
+        weight, x = torch.randn(n, k) * 0.05, torch.randn(1, k)
+        exact = x.double() @ weight.double().t()
+        ours = torch.ops.peft_t5.f32_matvec(x, weight)
+        mkl = torch.nn.functional.linear(x, weight)
+        assert float((ours - exact).abs().max()) <= 2 * float((mkl - exact).abs().max()) + 1e-6, (k, n)
+    with pytest.raises(RuntimeError, match="weight must be a contiguous"):
+        torch.ops.peft_t5.f32_matvec(torch.randn(1, 4), torch.randn(4, 8).t())
 
 
 @pytest.fixture(scope="module")
@@ -283,7 +307,7 @@ def test_int8s_compiled_graphs_stay_as_close_to_float32_as_its_eager_step_is():
         with torch.profiler.profile() as profile:
             assert float((fast.step(tokens[:1]) - expected).abs().max()) <= 1.5 * eager_off
     assert compiled.steps == {"compiled": 7, "eager": 0} and compiled.encodes["eager"] == 0
-    if int8_matmul.kernel_problem() is None:
+    if kernels.kernel_problem() is None:
         ran = [event.name for event in profile.events()]
         products = 6 * len(fast.weights.decoder) + 1  # q/k/v (fused), o, cross q, cross o, wi, wo a layer; the head
         assert ran.count("peft_t5::int8_matmul") == products and "onednn::qlinear_pointwise" not in ran

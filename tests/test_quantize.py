@@ -4,7 +4,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from peft_t5 import int8_matmul
+from peft_t5 import kernels
 from peft_t5.adapters import save_adapter
 from peft_t5.bank import AdapterBank
 from peft_t5.modeling import tiny_model, tiny_tokenizer
@@ -61,8 +61,8 @@ def test_the_int8_kernel_gives_onednns_results_bit_for_bit(monkeypatch):
     """1-8 rows' int8 product in peft-t5's kernel equals oneDNN's exactly: widths with and without a tail past 64
     bytes, output counts with and without one past 4, row counts with and without one past 4, a row of zeros, strided
     rows."""
-    if int8_matmul.kernel_problem() is not None:
-        pytest.skip(f"peft-t5's int8 kernel is not used here: {int8_matmul.kernel_problem()}")
+    if kernels.kernel_problem() is not None:
+        pytest.skip(f"peft-t5's int8 kernel is not used here: {kernels.kernel_problem()}")
     torch.manual_seed(0)
     cases = [(512, 512), (70, 5), (2048, 513), (1, 1), (100, 3)]
     for k, n in cases:
@@ -72,7 +72,7 @@ def test_the_int8_kernel_gives_onednns_results_bit_for_bit(monkeypatch):
                 kernel = torch.ops.peft_t5.int8_matmul(x, layer.weight, layer.weight_scale)
                 assert torch.equal(int8_linear(x, layer), kernel)
                 with monkeypatch.context() as patch:
-                    patch.setattr(int8_matmul, "ready", False)
+                    patch.setattr(kernels, "ready", False)
                     assert torch.equal(int8_linear(x, layer), kernel), (k, n, rows)
 
 
@@ -81,8 +81,8 @@ def test_the_int8_kernel_gives_onednns_results_bit_for_bit(monkeypatch):
 def test_eagerly_the_int8_kernel_takes_up_to_8_rows_through_weights_up_to_2048_by_512(rows, out, kernel):
     """One row always; 2-8 rows through a weight no larger than 2048 x 512 (T5's output layer, 32128 x 512, is
     oneDNN's from 2 rows); oneDNN past 8 rows."""
-    if int8_matmul.kernel_problem() is not None:
-        pytest.skip(f"peft-t5's int8 kernel is not used here: {int8_matmul.kernel_problem()}")
+    if kernels.kernel_problem() is not None:
+        pytest.skip(f"peft-t5's int8 kernel is not used here: {kernels.kernel_problem()}")
     layer = Int8Linear(torch.randn(out, 512))
     with torch.profiler.profile() as profile:
         int8_linear(torch.randn(rows, 512), layer)
@@ -91,5 +91,5 @@ def test_eagerly_the_int8_kernel_takes_up_to_8_rows_through_weights_up_to_2048_b
 
 
 def test_int8_can_be_left_to_onednn(monkeypatch):
-    monkeypatch.setenv("PEFT_T5_INT8_KERNEL", "off")
-    assert int8_matmul.kernel_problem.__wrapped__() == "PEFT_T5_INT8_KERNEL=off"
+    monkeypatch.setenv("PEFT_T5_KERNELS", "off")
+    assert kernels.kernel_problem.__wrapped__() == "PEFT_T5_KERNELS=off"

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from ..quantize import Int8Linear
 from .module_runner import BASE_ADAPTER, ModuleRunner, copy_sources, encoding_plan, padded
 
@@ -60,9 +61,18 @@ class Linear(nn.Module):
         self.weight = weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # one row too: as torch.mv inductor would write the product as its own reduction, fused with the norm before
-        # it (43% slower a step than the prepacked product; a custom op calling torch.mv, 9% slower)
+        if one_row_float32(x, self.weight):  # the one-row step: peft-t5's kernel streams the weight (kernels.py)
+            return torch.ops.peft_t5.f32_matvec(x, self.weight)
+        # (as torch.mv, inductor would write a one-row product as its own reduction, fused with the norm before it:
+        # 43% slower a step than the prepacked product)
         return F.linear(x.to(self.weight.dtype), self.weight).float()
+
+
+def one_row_float32(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether x @ weight.T goes to peft-t5's float32 kernel: one row [1, K] of the step, a float32 weight in one
+    block of memory, on a CPU, without autograd."""
+    return (kernels.ready and x.dim() == 2 and x.shape[0] == 1 and x.dtype == weight.dtype == torch.float32
+            and x.device.type == "cpu" and weight.is_contiguous() and not (x.requires_grad or weight.requires_grad))
 
 
 def step_linear(layer: nn.Module) -> nn.Module:
@@ -143,6 +153,8 @@ class T5Weights(nn.Module):
         self.buckets, self.max_distance = first.relative_attention_num_buckets, first.relative_attention_max_distance
         self.position_bucket = first._relative_position_bucket  # a static method: T5's bucketing
         self.embed = t5.shared.weight
+        if self.embed.device.type == "cpu":
+            kernels.kernel_problem()  # builds peft-t5's kernels once per machine (~10-20 s), else loads them
         self.encoder = nn.ModuleList(Block(block, False) for block in t5.encoder.block)
         self.decoder = nn.ModuleList(Block(block, True) for block in t5.decoder.block)
         self.encoder_bias = first.relative_attention_bias.weight
