@@ -210,14 +210,16 @@ class Engine:
         self.slot_problems: dict[tuple, str | None] = {}  # (holder, adapter, its config) -> _slot_problem's answer
 
     def describe(self) -> dict[str, str]:
-        """How this engine computes (the log and /metrics say it): the decoder step, the weights, int8's path."""
+        """How this engine computes (the log and /metrics say it): the decoder step, the weights, int8's path,
+        peft-t5's own kernels."""
+        from ..kernels import kernels_used
         from ..quantize import holds_int8, int8_path
 
         int8 = holds_int8(self.bank.base)
         step = ("compiled (torch.compile, inductor)" if self.compiled is not None else
                 "eager (--compile off)" if self.static_problem is None else f"eager: {self.static_problem}")
         return {"step": step, "weights": "int8" if int8 else str(self.bank.base.dtype).removeprefix("torch."),
-                "int8": int8_path() if int8 else "off"}
+                "int8": int8_path() if int8 else "off", "kernels": kernels_used(self.bank.base.device)}
 
     # --- the event loop's side -------------------------------------------------------------------------------
     def start(self) -> None:

@@ -154,7 +154,8 @@ def serve(adapters: dict[str, str], model: str | None = None, qlora: bool = Fals
     described = app.state.engine.describe()
     kept = f" (kernels kept in {compile_cache})" if compile_cache else ""
     int8 = f", {described['int8']}" if described["int8"] != "off" else ""
-    print(f"decoder step {described['step']}{kept}; weights {described['weights']}{int8}", flush=True)
+    print(f"decoder step {described['step']}{kept}; weights {described['weights']}{int8}; kernels "
+          f"{described['kernels']}", flush=True)
     print(f"serving {', '.join(bank.names)} on http://{host}:{bound}/ "
           f"({'API key required' if s['api_key'] else 'no API key: loopback only'})", flush=True)
     make_server(app).run(sockets=[listening])
