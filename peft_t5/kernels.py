@@ -45,7 +45,8 @@ def kernel_problem() -> str | None:
 
         load(name="peft_t5_kernels", sources=[str(s) for s in SOURCES], extra_cflags=["-O3"], is_python_module=False)
     except Exception as e:  # no compiler, no headers: oneDNN and MKL take every product
-        problem = f"they did not build ({type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''})"
+        said = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        problem = f"they did not build ({type(e).__name__}: {said})"
         logger.warning("peft-t5's CPU kernels are not used: %s", problem)
         return problem
     torch.library.register_fake("peft_t5::int8_matmul")(

@@ -5,9 +5,9 @@ rows it shares a step with), the matmul int8 x int8 in oneDNN (AMX or VNNI where
     quantize_int8(*bank.models())   # after the adapters are loaded or before: PEFT wraps Int8Linear as it wraps
                                     # nn.Linear, so adapters loaded later (on demand) sit on the int8 layers too
 
-A single row (one-row decoding), and eagerly up to 8 rows, goes to peft-t5's own int8 kernel (kernels.py:
-oneDNN's per-call cost is most of such a product), with oneDNN's results bit for bit. More rows: eagerly, a layer calls
-oneDNN's qlinear on its prepacked weight; inside torch.compile it is written as the dequantize -> linear pattern that
+A single row (one-row decoding), and eagerly up to 8 rows, goes to peft-t5's own int8 kernel (kernels.py: oneDNN's
+per-call cost is most of such a product), with oneDNN's results bit for bit. More rows: eagerly, a layer calls oneDNN's
+qlinear on its prepacked weight; inside torch.compile it is written as the dequantize -> linear pattern that
 inductor lowers to the same qlinear with the weight prepacked once and frozen (the path torchao's int8 dynamic
 quantization takes on a CPU); the row scales stay outside the pattern, applied to its output. This replaces
 torch.ao's dynamic quantization (deprecated; per-batch activation scales; a layer PEFT cannot wrap).
@@ -125,9 +125,9 @@ def int8_path() -> str:
     cpu = torch.cpu
     isa = ("AMX-INT8" if cpu._is_amx_tile_supported() else "AVX512-VNNI" if cpu._is_vnni_supported()
            else torch.backends.cpu.get_cpu_capability())
-    few = kernels.kernel_problem()
-    few = "peft-t5's AVX512-VNNI kernel" if few is None else f"oneDNN too ({few})"
-    return f"oneDNN int8 ({isa}), activations quantized per row; one row (eager: 1-{kernels.MOST_ROWS}): {few}"
+    kernel = kernels.kernel_problem()
+    kernel = "peft-t5's AVX512-VNNI kernel" if kernel is None else f"oneDNN too ({kernel})"
+    return f"oneDNN int8 ({isa}), activations quantized per row; one row (eager: 1-{kernels.MOST_ROWS}): {kernel}"
 
 
 def quantize_int8(*models: nn.Module) -> int:

@@ -1,8 +1,9 @@
 // A few rows of activations times an int8 weight, for the serving step at one row (eagerly, up to 8; see
-// peft_t5/int8_matmul.py): each row quantized to int8 with a scale of its own, products summed in int32 with AVX512-VNNI, the result scaled as
-// quantize.int8_linear scales oneDNN's. Written by hand because oneDNN's int8 product (torch.ops.onednn.
-// qlinear_pointwise) spends ~25-40 us a call on allocations and descriptors whatever the size: most of a one-row
-// step's products (t5-small: 37 calls, ~1 ms of a ~4 ms step). Past ~8 rows oneDNN (AMX here) is faster.
+// peft_t5/kernels.py): each row quantized to int8 with a scale of its own, products summed in int32 with
+// AVX512-VNNI, the result scaled as quantize.int8_linear scales oneDNN's. Written by hand because oneDNN's int8
+// product (torch.ops.onednn.qlinear_pointwise) spends ~25-40 us a call on allocations and descriptors whatever the
+// size: most of a one-row step's products (t5-small: 37 calls, ~1 ms of a ~4 ms step). Past ~8 rows oneDNN (AMX
+// here) is faster.
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <torch/library.h>
@@ -77,8 +78,8 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) inline void tile(const in
         for (int64_t k = whole; k < k_size; ++k) s[j] += r[j][k] * qi[k];
       sums = _mm_load_si128(reinterpret_cast<const __m128i*>(s));
     }
-    const __m128 y = _mm_mul_ps(_mm_mul_ps(_mm_cvtepi32_ps(sums), _mm_loadu_ps(scale + n)), _mm_set1_ps(x_scale[m0 + i]));
-    _mm_storeu_ps(out + (m0 + i) * n_size + n, y);
+    const __m128 y = _mm_mul_ps(_mm_cvtepi32_ps(sums), _mm_loadu_ps(scale + n));  // (sum * scale) * x_scale, the
+    _mm_storeu_ps(out + (m0 + i) * n_size + n, _mm_mul_ps(y, _mm_set1_ps(x_scale[m0 + i])));  // order oneDNN's has
   }
 }
 
