@@ -12,6 +12,7 @@ import torch
 from peft_t5.adapters import save_adapter
 from peft_t5.bank import AdapterBank
 from peft_t5.errors import PeftT5Error
+from peft_t5.kernels import kernels_used
 from peft_t5.modeling import add_lora, tiny_model, tiny_tokenizer
 from peft_t5.serve.app import ServeSettings, create_app, running
 from peft_t5.tasks import get_task
@@ -217,6 +218,8 @@ def test_metrics_are_prometheus_text_with_requests_errors_latency_batches_and_to
                  'peft_t5_request_seconds_bucket{le="0.005",route="/v1/generate"}', "peft_t5_step_rows_bucket",
                  "peft_t5_source_tokens_total", "peft_t5_generated_tokens_total"]:
         assert line in text, line
+    engine = next(line for line in text.splitlines() if line.startswith("peft_t5_engine_info{"))
+    assert 'weights="float32"' in engine and f'kernels="{kernels_used(torch.device("cpu"))}"' in engine
 
 
 def test_a_client_that_disconnects_mid_request_does_not_break_its_batch(server, reference):

@@ -101,8 +101,8 @@ class Metrics:
                                registry=r, buckets=(.05, .1, .25, .5, 1, 2.5, 5, 10))
         self.evictions = Counter("peft_t5_adapter_evictions", "Adapters unloaded to make room (--max_loaded_adapters)",
                                  registry=r)
-        self.engine = Info("peft_t5_engine", "How the engine computes: its decoder step, the base's weights and "
-                                             "what runs int8 matmuls", registry=r)
+        self.engine = Info("peft_t5_engine", "How the engine computes: its decoder step, the base's weights, "
+                                             "what runs int8 matmuls and peft-t5's own kernels", registry=r)
         self.compiled = {part: Gauge(f"peft_t5_{part}_compiled", f"The {what}'s graph for this many rows is "
                                                                  "compiled (1), or failed and runs eagerly (-1)",
                                      ["rows"], registry=r) for part, what in PARTS.items()}
