@@ -177,11 +177,12 @@ def main() -> None:
         base, adapters = make_adapters(Path(tmp), "t5-small")
         merged = PeftModel.from_pretrained(load_base_model(base), adapters["jokes_a"]).merge_and_unload()
         merged.save_pretrained(f"{tmp}/merged")
-        AutoTokenizer.from_pretrained(adapters["jokes_a"]).save_pretrained(f"{tmp}/merged")
+        tokenizer = AutoTokenizer.from_pretrained(adapters["jokes_a"])
+        tokenizer.save_pretrained(f"{tmp}/merged")
         for quantization in {"int8" if s == "ct2_int8" else "float32" for s in systems if s.startswith("ct2")}:
             ctranslate2.converters.TransformersConverter(f"{tmp}/merged").convert(
                 f"{tmp}/ct2_{quantization}", quantization=quantization, force=True)
-            AutoTokenizer.from_pretrained(adapters["jokes_a"]).save_pretrained(f"{tmp}/ct2_{quantization}")
+            tokenizer.save_pretrained(f"{tmp}/ct2_{quantization}")
         rows, processes = max(args.batches), {}
         for system in systems:
             folder = f"{tmp}/ct2_{'int8' if system == 'ct2_int8' else 'float32'}"
