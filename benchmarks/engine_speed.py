@@ -7,6 +7,8 @@ decoder step is the cost), every sequence forced to exactly --tokens new tokens.
   engine_int8:   the compiled step after quantize_int8 (serve --quantize int8)
   engine_no_kernels, engine_int8_no_kernels: engine and engine_int8 with PEFT_T5_KERNELS=off (MKL's and oneDNN's
                  products only, none of peft-t5's kernels; not run unless named)
+  engine_int8_no_amx: engine_int8 with PEFT_T5_AMX=off (peft-t5's VNNI kernel at one row, oneDNN's products from 2
+                 rows: the int8 engine before its AMX kernel; not run unless named)
   engine_bf16:   the compiled step, base loaded in bfloat16 (serve --dtype bfloat16; CPUs with AMX or AVX512-BF16)
   ct2:           CTranslate2 on the merged model (one adapter: what `peft-t5 export` writes), float32
   ct2_int8:      the same converted with --quantization int8
@@ -40,7 +42,7 @@ from common import jokes_records, machine, squad_records, write_results  # noqa:
 from serve_throughput import make_adapters  # noqa: E402
 
 SYSTEMS = ("engine", "engine_eager", "engine_int8", "engine_bf16", "ct2", "ct2_int8")
-OPTIONAL = ("engine_no_kernels", "engine_int8_no_kernels")
+OPTIONAL = ("engine_no_kernels", "engine_int8_no_kernels", "engine_int8_no_amx")
 
 
 class RunningEngine:
@@ -96,6 +98,8 @@ def serve_system(system: str, base: str, adapters: dict, folder: str, rows: int,
     torch.set_num_threads(1)  # this thread's; an engine's model thread gets --threads
     if system.endswith("_no_kernels"):
         os.environ["PEFT_T5_KERNELS"] = "off"
+    if system.endswith("_no_amx"):
+        os.environ["PEFT_T5_AMX"] = "off"
     if system.startswith("engine"):
         from peft_t5.bank import AdapterBank
         from peft_t5.quantize import quantize_int8
@@ -215,7 +219,8 @@ def main() -> None:
     ratios = {}
     for ours, theirs in (("engine", "ct2"), ("engine_int8", "ct2_int8"), ("engine", "engine_no_kernels"),
                          ("engine_no_kernels", "ct2"), ("engine_int8", "engine_int8_no_kernels"),
-                         ("engine_int8_no_kernels", "ct2_int8"), ("engine_bf16", "ct2"),
+                         ("engine_int8_no_kernels", "ct2_int8"), ("engine_int8", "engine_int8_no_amx"),
+                         ("engine_int8_no_amx", "ct2_int8"), ("engine_bf16", "ct2"),
                          ("engine_bf16", "ct2_int8"), ("engine", "engine_eager")):
         if ours in cost and theirs in cost:
             for b in map(str, args.batches):

@@ -4,17 +4,22 @@
                                                      # scale [N] -> [M, N]; AVX512-VNNI
     torch.ops.peft_t5.f32_matvec(x, weight)          # csrc/f32_matvec.cpp: x [1, K], weight [N, K] float32 -> [1, N];
                                                      # AVX-512
+    torch.ops.peft_t5.int8_amx_matmul(x, packed, scale)  # csrc/int8_amx.cpp: x [M, K] float32, the weight packed
+                                                         # by amx_pack(), scale [N] -> [M, N]; AMX
 
-int8: one row of activations (the one-row decoder step, eager or compiled) and, eagerly, up to 8 rows (the eager
-step, and lanes that stay eager), where oneDNN's per-call cost (~25-40 us, whatever the size) is most of a product.
-Rows are quantized and scaled as quantize.int8_linear does, and the products summed exactly in int32, so its results
-are oneDNN's, bit for bit. float32: the one-row step's products (t5_runner.Linear), which stream their weights from
+int8: where the CPU has AMX, every product of the serving engine's int8 layers (quantize.Int8Linear.pack_for_amx),
+any number of rows: oneDNN's per-call cost (~25-40 us, whatever the size) was most of the step's products at 1-32
+rows (t5-small's 37 at 8 rows: 1.4 ms here, oneDNN's 3.5 eagerly and ~2-2.6 compiled). Without AMX, the AVX512-VNNI
+kernel takes one row of activations (the one-row decoder step, eager or compiled) and, eagerly, up to 8 rows.
+Rows are quantized and scaled as quantize.int8_linear does, and the products summed exactly in int32, so both give
+oneDNN's results bit for bit. float32: the one-row step's products (t5_runner.Linear), which stream their weights from
 memory: MKL's reached ~15 GB/s where this one, prefetching, reached 17-23 (its sums in another order: within 2e-5
 of MKL's on unit-scale weights). Both are built with the C++ compiler torch.compile already needs, once per machine
 (~10-20 s; kept in torch's extensions folder, TORCH_EXTENSIONS_DIR), when kernel_problem() first runs (serve,
 quantize_int8); where they cannot be built or run, oneDNN and MKL take every product.
 
-PEFT_T5_KERNELS=off leaves every product to oneDNN and MKL (to compare them).
+PEFT_T5_KERNELS=off leaves every product to oneDNN and MKL, PEFT_T5_AMX=off the int8 ones to the VNNI kernel and
+oneDNN (to compare them).
 """
 from __future__ import annotations
 
@@ -26,8 +31,9 @@ from pathlib import Path
 import torch
 
 logger = logging.getLogger(__name__)
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("int8_matmul.cpp", "f32_matvec.cpp")]
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("int8_matmul.cpp", "f32_matvec.cpp", "int8_amx.cpp")]
 ready = False  # set once kernel_problem() has loaded the kernels (a plain flag: compiled graphs read it as a constant)
+amx_ready = False  # ... and once amx_problem() has found the AMX kernel usable
 MOST_ROWS = 8  # eagerly, the int8 kernel takes products of up to this many rows (one row: always)
 MOST_WEIGHT = 2048 * 512  # ... through weights of up to N * K this large: T5's output layer (32128 x 512) is oneDNN's
 # from 2 rows (8 rows: the kernel 1.2 ms, oneDNN 0.8; 512 x 512: 22 us and 70)
@@ -51,10 +57,46 @@ def kernel_problem() -> str | None:
         return problem
     torch.library.register_fake("peft_t5::int8_matmul")(
         lambda x, weight, scale: x.new_empty((x.shape[0], weight.shape[0])))
+    torch.library.register_fake("peft_t5::int8_amx_matmul")(
+        lambda x, packed, scale: x.new_empty((x.shape[0], scale.shape[0])))
     torch.library.register_fake("peft_t5::f32_matvec")(lambda x, weight: x.new_empty((x.shape[0], weight.shape[0])))
     global ready
     ready = True
     return None
+
+
+@functools.lru_cache(maxsize=1)
+def amx_problem() -> str | None:
+    """Why the AMX int8 kernel is not used here (None: it is); a product checked against the VNNI kernel first."""
+    if kernel_problem() is not None:
+        return kernel_problem()
+    if os.environ.get("PEFT_T5_AMX", "on") == "off":
+        return "PEFT_T5_AMX=off"
+    if not torch.cpu._is_amx_tile_supported():
+        return "the CPU has no AMX"
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 96, generator=generator)
+    weight = torch.randint(-127, 128, (40, 96), dtype=torch.int8, generator=generator)
+    scale = torch.rand(40, generator=generator)
+    try:
+        same = torch.equal(torch.ops.peft_t5.int8_amx_matmul(x, amx_pack(weight), scale),
+                           torch.ops.peft_t5.int8_matmul(x, weight, scale))
+    except RuntimeError as e:  # the kernel refused AMX's tile registers (the OS would not lend them)
+        return str(e).splitlines()[0][:200]
+    if not same:
+        return "its check against the VNNI kernel failed"
+    global amx_ready
+    amx_ready = True
+    return None
+
+
+def amx_pack(weight: torch.Tensor) -> torch.Tensor:
+    """An int8 weight [N, K] in the AMX kernel's layout: [N / 16, K / 64, 16, 64], where byte c of row r of block
+    (nb, kb) is weight[16 * nb + c // 4, 64 * kb + 4 * r + c % 4] (N padded to 32 and K to 64 with zeros)."""
+    n, k = weight.shape
+    padded = torch.nn.functional.pad(weight, (0, -k % 64, 0, -n % 32))
+    blocks = padded.view(padded.shape[0] // 16, 16, padded.shape[1] // 64, 16, 4)
+    return blocks.permute(0, 2, 3, 1, 4).contiguous().view(padded.shape[0] // 16, padded.shape[1] // 64, 16, 64)
 
 
 def kernels_used(device: torch.device) -> str:
@@ -62,5 +104,7 @@ def kernels_used(device: torch.device) -> str:
     if device.type != "cpu":
         return "off (not on a CPU)"
     problem = kernel_problem()
-    return ("peft-t5's (float32 and int8 products of one row; int8 of 2-8 rows eagerly)" if problem is None
-            else f"off ({problem})")
+    if problem is not None:
+        return f"off ({problem})"
+    int8 = "int8 of any rows (AMX)" if amx_problem() is None else "int8 of one row, 2-8 rows eagerly (VNNI)"
+    return f"peft-t5's (float32 products of one row; {int8})"

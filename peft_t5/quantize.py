@@ -5,8 +5,10 @@ rows it shares a step with), the matmul int8 x int8 in oneDNN (AMX or VNNI where
     quantize_int8(*bank.models())   # after the adapters are loaded or before: PEFT wraps Int8Linear as it wraps
                                     # nn.Linear, so adapters loaded later (on demand) sit on the int8 layers too
 
-A single row (one-row decoding), and eagerly up to 8 rows, goes to peft-t5's own int8 kernel (kernels.py: oneDNN's
-per-call cost is most of such a product), with oneDNN's results bit for bit. More rows: eagerly, a layer calls oneDNN's
+Where the CPU has AMX, the serving engine's layers (pack_for_amx: t5_runner.T5Weights packs them) go to peft-t5's
+AMX kernel from 2 rows on, eagerly and compiled (kernels.py: oneDNN's per-call cost was most of the step's
+products); a single row (one-row decoding), and elsewhere eagerly up to 8 rows, goes to its VNNI kernel. Both give
+oneDNN's results bit for bit. More rows: eagerly, a layer calls oneDNN's
 qlinear on its prepacked weight; inside torch.compile it is written as the dequantize -> linear pattern that
 inductor lowers to the same qlinear with the weight prepacked once and frozen (the path torchao's int8 dynamic
 quantization takes on a CPU); the row scales stay outside the pattern, applied to its output. This replaces
@@ -37,6 +39,7 @@ class Int8Linear(nn.Linear):
         self.register_buffer("weight_zero_point", torch.zeros(self.out_features, dtype=torch.long), persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
         self._packed: tuple | None = None  # (weight, oneDNN's layout of it)
+        self.amx_weight: torch.Tensor | None = None  # the weight in the AMX kernel's layout (pack_for_amx)
 
     @classmethod
     def of(cls, linear: nn.Linear) -> "Int8Linear":
@@ -46,12 +49,18 @@ class Int8Linear(nn.Linear):
         """Hold these int8 values and scales (views into a fused weight, see serve/t5_runner.py)."""
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.weight_scale = scale
-        self._packed = None
+        self._packed = self.amx_weight = None
 
     def packed(self) -> torch.Tensor:
         if self._packed is None or self._packed[0] is not self.weight:
             self._packed = (self.weight, torch.ops.onednn.qlinear_prepack(self.weight.detach(), None))
         return self._packed[1]
+
+    def pack_for_amx(self) -> None:
+        """Hold a copy of the weight in the AMX kernel's layout, so that every product of this layer takes it (where
+        the CPU has AMX; else nothing)."""
+        if kernels.amx_problem() is None and self.weight.device.type == "cpu":
+            self.amx_weight = kernels.amx_pack(self.weight.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return int8_linear(x, self)
@@ -75,7 +84,9 @@ def int8_linear(x: torch.Tensor, layer: Int8Linear) -> torch.Tensor:
     """x @ W.T with x quantized per row (symmetric int8, its own scale) and W int8 per channel."""
     shape, dtype = x.shape, x.dtype
     x = x.reshape(-1, shape[-1]).float()
-    if takes_kernel(x, layer):  # peft-t5's kernel (kernels.py), oneDNN's results
+    if takes_amx(x, layer):  # peft-t5's kernels (kernels.py), oneDNN's results
+        y = torch.ops.peft_t5.int8_amx_matmul(x, layer.amx_weight, layer.weight_scale)
+    elif takes_kernel(x, layer):
         y = torch.ops.peft_t5.int8_matmul(x, layer.weight, layer.weight_scale)
     elif torch.compiler.is_compiling():
         scale = x.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127
@@ -95,6 +106,12 @@ def int8_linear(x: torch.Tensor, layer: Int8Linear) -> torch.Tensor:
     if layer.bias is not None:
         y = y + layer.bias
     return y.reshape(*shape[:-1], layer.out_features).to(dtype)
+
+
+def takes_amx(x: torch.Tensor, layer: Int8Linear) -> bool:
+    """Whether x [rows, K] goes to peft-t5's AMX kernel: a layer packed for it (pack_for_amx), 2 rows or more (at one
+    row the VNNI kernel's step was 10% faster here), without autograd."""
+    return layer.amx_weight is not None and kernels.amx_ready and x.shape[0] > 1 and not x.requires_grad
 
 
 def takes_kernel(x: torch.Tensor, layer: Int8Linear) -> bool:
@@ -125,6 +142,9 @@ def int8_path() -> str:
     cpu = torch.cpu
     isa = ("AMX-INT8" if cpu._is_amx_tile_supported() else "AVX512-VNNI" if cpu._is_vnni_supported()
            else torch.backends.cpu.get_cpu_capability())
+    if kernels.amx_problem() is None:
+        return "peft-t5's AMX kernel for the serving engine's products, oneDNN int8 for the rest; activations " \
+               "quantized per row"
     kernel = kernels.kernel_problem()
     kernel = "peft-t5's AVX512-VNNI kernel" if kernel is None else f"oneDNN too ({kernel})"
     return f"oneDNN int8 ({isa}), activations quantized per row; one row (eager: 1-{kernels.MOST_ROWS}): {kernel}"

@@ -177,9 +177,12 @@ def options(step, args: tuple) -> dict:
     """Inductor's settings for the graph of this module at these arguments (see the module's docstring)."""
     if args[0].device.type != "cpu":
         return {}
-    from ..quantize import holds_int8
+    from ..quantize import Int8Linear
 
-    float32 = step.weights.dtype == torch.float32 and not holds_int8(step.weights)
+    int8 = [m for m in step.weights.modules() if isinstance(m, Int8Linear)]
+    if int8 and all(m.amx_weight is not None for m in int8):  # every product is peft-t5's AMX kernel's: nothing
+        return {"freezing": False}  # for inductor to prepack (and the graph stays in its cache)
+    float32 = step.weights.dtype == torch.float32 and not int8
     many_row_step = args[0].shape[0] > 1 and part_of(step) == "step"
     return {"freezing": not float32 or many_row_step}
 

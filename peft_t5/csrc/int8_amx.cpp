@@ -1,0 +1,152 @@
+// Rows of activations times an int8 weight with AMX (Intel's tile unit), for the serving step's products at any
+// number of rows (see peft_t5/kernels.py): each row quantized to int8 with a scale of its own as int8_matmul.cpp
+// does, tiles of int8 x int8 summed exactly in int32 (TDPBSSD), the result scaled in oneDNN's order, so its results
+// are oneDNN's bit for bit. Written by hand because oneDNN's int8 product spends ~25-40 us a call on set-up
+// whatever the size: at the step's shapes (8-32 rows, 512 x 512) most of its time.
+//
+// The weight is packed once (int8_amx_pack in kernels.py) into AMX's B layout: blocks of 16 outputs x 64 inputs,
+// [N / 16, K / 64, 16, 64], where byte c of row r holds output 16 * nb + c / 4, input 64 * kb + 4 * r + c % 4
+// (N padded to 32 and K to 64 with zeros).
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <torch/library.h>
+#include <torch/types.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+
+struct alignas(64) TileConfig {
+  uint8_t palette_id = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// x [K] -> q [K_pad] int8 = round(x * 127 / max|x|) (to nearest even, as torch.round), zeros past K; max|x| / 127
+__attribute__((target("avx512f,avx512bw"))) float quantize_row(const float* x, int8_t* q, int64_t k_size,
+                                                               int64_t k_pad) {
+  __m512 most = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= k_size; k += 16) most = _mm512_max_ps(most, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
+  float amax = _mm512_reduce_max_ps(most);
+  for (; k < k_size; ++k) amax = std::max(amax, std::fabs(x[k]));
+  amax = std::max(amax, 1e-12f);
+  const float inverse = 1.f / amax * 127.f;  // as torch computes 127 / amax: its reciprocal times 127
+  const __m512 inverse_v = _mm512_set1_ps(inverse);
+  for (k = 0; k + 16 <= k_size; k += 16)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k),
+                     _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + k), inverse_v))));
+  for (; k < k_size; ++k) q[k] = static_cast<int8_t>(std::nearbyint(x[k] * inverse));
+  std::memset(q + k_size, 0, k_pad - k_size);
+  return amax / 127.f;
+}
+
+// one row of a block's 32 (or `width`) outputs: (sum * scale) * x_scale, the order oneDNN's has
+__attribute__((target("avx512f"))) void write_row(float* out, const int32_t* left, const int32_t* right,
+                                                  const float* scale, float x_scale, int64_t width) {
+  const __m512 xs = _mm512_set1_ps(x_scale);
+  for (int half = 0; half < 2; ++half) {
+    const int64_t cols = std::min<int64_t>(16, width - 16 * half);
+    if (cols <= 0) break;
+    const __mmask16 mask = cols == 16 ? 0xFFFF : static_cast<__mmask16>((1u << cols) - 1);
+    const __m512 sums = _mm512_cvtepi32_ps(_mm512_loadu_si512(half ? right : left));
+    _mm512_mask_storeu_ps(out + 16 * half, mask,
+                          _mm512_mul_ps(_mm512_mul_ps(sums, _mm512_maskz_loadu_ps(mask, scale + 16 * half)), xs));
+  }
+}
+
+// out[m, n] for the m_rows (<= 32) rows of q from m0 and outputs [n_first, n_last) (multiples of 32): per 32
+// outputs, two B tiles per 64 inputs, each used by the A tiles of up to two blocks of 16 rows (four accumulators)
+__attribute__((target("avx512f,amx-tile,amx-int8"))) void tile_rows(const int8_t* q, const float* x_scale,
+    const int8_t* packed, const float* scale, float* out, int64_t m0, int64_t m_rows, int64_t k_blocks,
+    int64_t n_size, int64_t n_first, int64_t n_last) {
+  const int64_t rows0 = std::min<int64_t>(m_rows, 16), rows1 = m_rows - rows0;
+  TileConfig config;
+  for (int t : {0, 1}) config.rows[t] = rows0, config.colsb[t] = 64;  // C of rows m0..: outputs +0, +16
+  for (int t : {2, 3, 5}) config.rows[t] = rows1, config.colsb[t] = rows1 ? 64 : 0;  // C, A of rows m0+16..
+  config.rows[4] = rows0, config.colsb[4] = 64;                                     // A, rows m0..
+  for (int t : {6, 7}) config.rows[t] = 16, config.colsb[t] = 64;     // B, outputs +0 and +16
+  _tile_loadconfig(&config);
+  const int64_t q_stride = k_blocks * 64;
+  const int8_t* a0 = q + m0 * q_stride;
+  const int8_t* a1 = a0 + 16 * q_stride;
+  alignas(64) int32_t c[32][16];
+  for (int64_t n = n_first; n < n_last; n += 32) {
+    const int8_t* b0 = packed + (n / 16) * k_blocks * 1024;
+    const int8_t* b1 = b0 + k_blocks * 1024;
+    _tile_zero(0);
+    _tile_zero(1);
+    if (rows1) {
+      _tile_zero(2);
+      _tile_zero(3);
+    }
+    for (int64_t kb = 0; kb < k_blocks; ++kb) {
+      _tile_loadd(6, b0 + kb * 1024, 64);
+      _tile_loadd(7, b1 + kb * 1024, 64);
+      _tile_loadd(4, a0 + kb * 64, q_stride);
+      _tile_dpbssd(0, 4, 6);
+      _tile_dpbssd(1, 4, 7);
+      if (rows1) {
+        _tile_loadd(5, a1 + kb * 64, q_stride);
+        _tile_dpbssd(2, 5, 6);
+        _tile_dpbssd(3, 5, 7);
+      }
+    }
+    _tile_stored(0, &c[0][0], 64);
+    _tile_stored(1, &c[0][0] + 16 * 16, 64);  // rows 0..15 of outputs +16 go to c[16..31] for now
+    const int64_t width = std::min<int64_t>(32, n_size - n);
+    for (int64_t i = 0; i < rows0; ++i) write_row(out + (m0 + i) * n_size + n, c[i], c[16 + i], scale + n, x_scale[m0 + i], width);
+    if (rows1) {
+      _tile_stored(2, &c[0][0], 64);
+      _tile_stored(3, &c[0][0] + 16 * 16, 64);
+      for (int64_t i = 0; i < rows1; ++i)
+        write_row(out + (m0 + 16 + i) * n_size + n, c[i], c[16 + i], scale + n, x_scale[m0 + 16 + i], width);
+    }
+  }
+  _tile_release();
+}
+
+bool tiles_allowed() {  // Linux lets a process use AMX's tile registers once it asks (oneDNN asks the same)
+  static const bool allowed = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+  return allowed;
+}
+
+at::Tensor int8_amx_matmul(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "int8_amx_matmul: x must be [M, K] float32");
+  TORCH_CHECK(packed.dim() == 4 && packed.scalar_type() == at::kChar && packed.size(2) == 16 &&
+                  packed.size(3) == 64 && packed.size(0) % 2 == 0 && packed.is_contiguous(),
+              "int8_amx_matmul: packed must be int8_amx_pack's [N / 16, K / 64, 16, 64]");
+  const int64_t m_size = x.size(0), k_size = x.size(1), k_blocks = packed.size(1), n_size = scale.size(0);
+  TORCH_CHECK(k_blocks * 64 >= k_size && k_blocks * 64 < k_size + 64 && packed.size(0) * 16 >= n_size &&
+                  packed.size(0) * 16 < n_size + 32,
+              "int8_amx_matmul: packed is for another shape than x and scale");
+  TORCH_CHECK(scale.dim() == 1 && scale.scalar_type() == at::kFloat, "int8_amx_matmul: scale must be [N] float32");
+  TORCH_CHECK(tiles_allowed(), "int8_amx_matmul: the kernel refused AMX's tile registers");
+  const at::Tensor xc = x.contiguous(), sc = scale.contiguous();
+  std::vector<int8_t> q(m_size * k_blocks * 64);
+  std::vector<float> x_scale(m_size);
+  const float* xd = xc.data_ptr<float>();
+  for (int64_t m = 0; m < m_size; ++m)
+    x_scale[m] = quantize_row(xd + m * k_size, q.data() + m * k_blocks * 64, k_size, k_blocks * 64);
+  at::Tensor out = at::empty({m_size, n_size}, x.options());
+  const int64_t n_chunks = packed.size(0) / 2;
+  at::parallel_for(0, n_chunks, 8, [&](int64_t first, int64_t last) {
+    for (int64_t m0 = 0; m0 < m_size; m0 += 32)
+      tile_rows(q.data(), x_scale.data(), packed.data_ptr<int8_t>(), sc.data_ptr<float>(), out.data_ptr<float>(),
+                m0, std::min<int64_t>(32, m_size - m0), k_blocks, n_size, first * 32, std::min(last * 32, n_size));
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(peft_t5, m) { m.def("int8_amx_matmul(Tensor x, Tensor packed, Tensor scale) -> Tensor"); }
+
+TORCH_LIBRARY_IMPL(peft_t5, CPU, m) { m.impl("int8_amx_matmul", &int8_amx_matmul); }
