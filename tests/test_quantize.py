@@ -93,3 +93,48 @@ def test_eagerly_the_int8_kernel_takes_up_to_8_rows_through_weights_up_to_2048_b
 def test_int8_can_be_left_to_onednn(monkeypatch):
     monkeypatch.setenv("PEFT_T5_KERNELS", "off")
     assert kernels.kernel_problem.__wrapped__() == "PEFT_T5_KERNELS=off"
+
+
+def amx_or_skip() -> None:
+    if kernels.amx_problem() is not None:
+        pytest.skip(f"peft-t5's AMX kernel is not used here: {kernels.amx_problem()}")
+
+
+def test_the_amx_kernel_gives_onednns_results_bit_for_bit(monkeypatch):
+    """Any number of rows through peft-t5's AMX kernel equals oneDNN's product exactly: widths with and without a tail
+    past 64 bytes, output counts with and without one past 32, row counts below, at and past the kernel's blocks of
+    16 and 32 rows, a row of zeros, strided rows."""
+    amx_or_skip()
+    torch.manual_seed(0)
+    for k, n in [(512, 512), (70, 5), (2048, 513), (1, 1), (100, 40), (64, 32128)]:
+        layer = Int8Linear(torch.randn(n, k))
+        layer.pack_for_amx()
+        assert layer.amx_weight.shape == (-(-n // 32) * 2, -(-k // 64), 16, 64)
+        for rows in (2, 16, 17, 33, 70):
+            for x in (torch.randn(rows, k), torch.zeros(rows, k), torch.randn(k, 2 * rows)[:, ::2].t()):
+                ours = int8_linear(x, layer)
+                with monkeypatch.context() as patch:
+                    patch.setattr(kernels, "ready", False)
+                    patch.setattr(kernels, "amx_ready", False)
+                    assert torch.equal(int8_linear(x, layer), ours), (k, n, rows)
+
+
+def test_a_layer_packed_for_amx_takes_it_from_2_rows_and_the_vnni_kernel_at_one():
+    amx_or_skip()
+    layer = Int8Linear(torch.randn(32128, 512))
+
+    def ran(rows: int) -> list[str]:
+        with torch.profiler.profile() as profile:
+            int8_linear(torch.randn(rows, 512), layer)
+        return [event.name for event in profile.events()]
+    assert "peft_t5::int8_amx_matmul" not in ran(2)  # not packed: oneDNN's
+    layer.pack_for_amx()
+    assert "peft_t5::int8_amx_matmul" in ran(2) and "onednn::qlinear_pointwise" not in ran(40)
+    assert "peft_t5::int8_matmul" in ran(1) and "peft_t5::int8_amx_matmul" not in ran(1)
+    layer.set_weight(layer.weight.clone(), layer.weight_scale)  # new values: the packed copy would be stale
+    assert layer.amx_weight is None and "peft_t5::int8_amx_matmul" not in ran(2)
+
+
+def test_amx_can_be_left_to_the_vnni_kernel_and_onednn(monkeypatch):
+    monkeypatch.setenv("PEFT_T5_AMX", "off")
+    assert kernels.amx_problem.__wrapped__() in ("PEFT_T5_AMX=off", kernels.kernel_problem())

@@ -7,8 +7,10 @@
 On a CPU, inductor compiles each into two graphs per layout of LoRA stacks: one for a single row and one for any
 other number of rows. Row count, lengths, LoRA slots and rank are symbolic sizes, so rows joining, buffers growing,
 prompts of every length and adapters loading never recompile. The step's graph for several rows freezes the base's
-weights (a copy prepacked for oneDNN, which several rows need: 1.7x the speed at 8 rows); so do the graphs of an
-int8 or bfloat16 base, whose matmuls are oneDNN's too (int8's encoder compiled: 1.6-2.1x its eager speed). A float32
+weights (a copy prepacked for oneDNN, which several rows need: 1.7x the speed at 8 rows); so do the graphs of a
+bfloat16 base, and of an int8 one where the CPU has no AMX, whose matmuls are oneDNN's too (int8's encoder compiled:
+1.6-2.1x its eager speed). An int8 base's graphs on a CPU with AMX hold no oneDNN product (peft-t5's kernels take
+every one, kernels.py) and are not frozen. A float32
 base's one-row step and its encoder read the weights as they are: one row streams them from memory whatever their
 layout (MKL's packing for one row was no faster and held 300 MB more for t5-small), and the encoder's products are
 as fast unpacked (the frozen encoder was no faster at 1-32 SQuAD rows; a copy would hold 75 MB). On a GPU the
@@ -16,8 +18,8 @@ graphs compile without freezing.
 
 Compiles run on a thread of their own, one at a time. Until a graph is ready its calls run eagerly (the reference
 the compiled graphs are tested against), so no request waits for a compile. Inductor keeps the kernels it builds in
-TORCHINDUCTOR_CACHE_DIR, so a restart builds none again; it still traces and lowers each graph (graphs holding
-prepacked weights are not kept by its graph cache). Its C++ wrapper is not used: no faster here (within 3%), and a
+TORCHINDUCTOR_CACHE_DIR, so a restart builds none again; it still traces each graph, and lowers again those holding
+prepacked weights (its graph cache does not keep them). Its C++ wrapper is not used: no faster here (within 3%), and a
 restart would build it again (its source names the weights by their memory addresses).
 """
 from __future__ import annotations
