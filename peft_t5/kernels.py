@@ -7,10 +7,10 @@
     torch.ops.peft_t5.int8_amx_matmul(x, packed, scale)  # csrc/int8_amx.cpp: x [M, K] float32, the weight packed
                                                          # by amx_pack(), scale [N] -> [M, N]; AMX
 
-int8: where the CPU has AMX, every product of the serving engine's int8 layers (quantize.Int8Linear.pack_for_amx),
-any number of rows: oneDNN's per-call cost (~25-40 us, whatever the size) was most of the step's products at 1-32
-rows (t5-small's 37 at 8 rows: 1.4 ms here, oneDNN's 3.5 eagerly and ~2-2.6 compiled). Without AMX, the AVX512-VNNI
-kernel takes one row of activations (the one-row decoder step, eager or compiled) and, eagerly, up to 8 rows.
+int8: where the CPU has AMX, every product of the serving engine's int8 layers (quantize.Int8Linear.pack_for_amx)
+from 2 rows on: oneDNN's per-call cost (~25-40 us, whatever the size) was most of the step's products at 1-32 rows
+(t5-small's 37 at 8 rows: 1.4 ms here, oneDNN's 3.5 eagerly and ~2-2.6 compiled). The AVX512-VNNI kernel takes one
+row of activations (the one-row decoder step, eager or compiled) and, without AMX, eagerly up to 8 rows.
 Rows are quantized and scaled as quantize.int8_linear does, and the products summed exactly in int32, so both give
 oneDNN's results bit for bit. float32: the one-row step's products (t5_runner.Linear), which stream their weights from
 memory: MKL's reached ~15 GB/s where this one, prefetching, reached 17-23 (its sums in another order: within 2e-5
@@ -106,5 +106,6 @@ def kernels_used(device: torch.device) -> str:
     problem = kernel_problem()
     if problem is not None:
         return f"off ({problem})"
-    int8 = "int8 of any rows (AMX)" if amx_problem() is None else "int8 of one row, 2-8 rows eagerly (VNNI)"
+    int8 = ("int8 of one row (VNNI) and from 2 rows (AMX)" if amx_problem() is None
+            else "int8 of one row, 2-8 rows eagerly (VNNI)")
     return f"peft-t5's (float32 products of one row; {int8})"

@@ -1,6 +1,6 @@
 """int8 for serving on a CPU: the base's linear layers become Int8Linear, weights int8 per output channel, each row
 of activations quantized to int8 with a scale of its own (as CTranslate2 does: a row's answer never depends on the
-rows it shares a step with), the matmul int8 x int8 in oneDNN (AMX or VNNI where the CPU has them).
+rows it shares a step with), the matmul int8 x int8 in oneDNN or in peft-t5's own kernels (below).
 
     quantize_int8(*bank.models())   # after the adapters are loaded or before: PEFT wraps Int8Linear as it wraps
                                     # nn.Linear, so adapters loaded later (on demand) sit on the int8 layers too
@@ -8,7 +8,7 @@ rows it shares a step with), the matmul int8 x int8 in oneDNN (AMX or VNNI where
 Where the CPU has AMX, the serving engine's layers (pack_for_amx: t5_runner.T5Weights packs them) go to peft-t5's
 AMX kernel from 2 rows on, eagerly and compiled (kernels.py: oneDNN's per-call cost was most of the step's
 products); a single row (one-row decoding), and elsewhere eagerly up to 8 rows, goes to its VNNI kernel. Both give
-oneDNN's results bit for bit. More rows: eagerly, a layer calls oneDNN's
+oneDNN's results bit for bit. Other products of several rows (layers not packed, or no AMX): eagerly, oneDNN's
 qlinear on its prepacked weight; inside torch.compile it is written as the dequantize -> linear pattern that
 inductor lowers to the same qlinear with the weight prepacked once and frozen (the path torchao's int8 dynamic
 quantization takes on a CPU); the row scales stay outside the pattern, applied to its output. This replaces
