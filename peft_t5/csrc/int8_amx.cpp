@@ -20,6 +20,8 @@
 #include <cstring>
 #include <vector>
 
+#include "quantize_row.h"
+
 namespace {
 
 constexpr int64_t ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
@@ -30,24 +32,7 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-// x [K] -> q [K_pad] int8 = round(x * 127 / max|x|) (to nearest even, as torch.round), zeros past K; max|x| / 127
-__attribute__((target("avx512f,avx512bw"))) float quantize_row(const float* x, int8_t* q, int64_t k_size,
-                                                               int64_t k_pad) {
-  __m512 most = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 16 <= k_size; k += 16) most = _mm512_max_ps(most, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
-  float amax = _mm512_reduce_max_ps(most);
-  for (; k < k_size; ++k) amax = std::max(amax, std::fabs(x[k]));
-  amax = std::max(amax, 1e-12f);
-  const float inverse = 1.f / amax * 127.f;  // as torch computes 127 / amax: its reciprocal times 127
-  const __m512 inverse_v = _mm512_set1_ps(inverse);
-  for (k = 0; k + 16 <= k_size; k += 16)
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k),
-                     _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + k), inverse_v))));
-  for (; k < k_size; ++k) q[k] = static_cast<int8_t>(std::nearbyint(x[k] * inverse));
-  std::memset(q + k_size, 0, k_pad - k_size);
-  return amax / 127.f;
-}
+using peft_t5_kernels::quantize_row;
 
 // one row of a block's 32 (or `width`) outputs: (sum * scale) * x_scale, the order oneDNN's has
 __attribute__((target("avx512f"))) void write_row(float* out, const int32_t* left, const int32_t* right,
@@ -135,7 +120,7 @@ at::Tensor int8_amx_matmul(const at::Tensor& x, const at::Tensor& packed, const 
   std::vector<float> x_scale(m_size);
   const float* xd = xc.data_ptr<float>();
   for (int64_t m = 0; m < m_size; ++m)
-    x_scale[m] = quantize_row(xd + m * k_size, q.data() + m * k_blocks * 64, k_size, k_blocks * 64);
+    x_scale[m] = quantize_row(xd + m * k_size, q.data() + m * k_blocks * 64, k_size, k_blocks * 64, 0, nullptr);
   at::Tensor out = at::empty({m_size, n_size}, x.options());
   const int64_t n_chunks = packed.size(0) / 2;
   at::parallel_for(0, n_chunks, 8, [&](int64_t first, int64_t last) {

@@ -13,30 +13,11 @@
 #include <cmath>
 #include <vector>
 
+#include "quantize_row.h"
+
 namespace {
 
-// x [K] -> q [K] int8 = round(x * 127 / max|x|) (to nearest even, as torch.round), the sum of the first `summed`
-// (a multiple of 16), and max|x| / 127
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) float quantize_row(const float* x, int8_t* q, int64_t k_size,
-                                                                            int64_t summed, int32_t* q_sum) {
-  __m512 most = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 16 <= k_size; k += 16) most = _mm512_max_ps(most, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
-  float amax = _mm512_reduce_max_ps(most);
-  for (; k < k_size; ++k) amax = std::max(amax, std::fabs(x[k]));
-  amax = std::max(amax, 1e-12f);
-  const float inverse = 1.f / amax * 127.f;  // as torch computes 127 / amax: its reciprocal times 127
-  const __m512 inverse_v = _mm512_set1_ps(inverse);
-  __m512i sum = _mm512_setzero_si512();
-  for (k = 0; k + 16 <= k_size; k += 16) {
-    __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + k), inverse_v));
-    if (k < summed) sum = _mm512_add_epi32(sum, v);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), _mm512_cvtsepi32_epi8(v));
-  }
-  for (; k < k_size; ++k) q[k] = static_cast<int8_t>(std::nearbyint(x[k] * inverse));
-  *q_sum = _mm512_reduce_add_epi32(sum);
-  return amax / 127.f;
-}
+using peft_t5_kernels::quantize_row;
 
 // out[m, n..n+3] = (sum_k q[m, k] w[n.., k]) * scale[n..] * x_scale[m] for the MR rows from m0. VNNI multiplies
 // unsigned bytes by signed ones: w with its sign bit flipped is w + 128 as unsigned bytes, and 128 * q_sum (a row's
@@ -121,7 +102,7 @@ at::Tensor int8_matmul(const at::Tensor& x, const at::Tensor& weight, const at::
   std::vector<float> x_scale(m_size);
   const float* xd = xc.data_ptr<float>();
   for (int64_t m = 0; m < m_size; ++m)
-    x_scale[m] = quantize_row(xd + m * k_size, q.data() + m * k_size, k_size, k_size / 64 * 64, &q_sum[m]);
+    x_scale[m] = quantize_row(xd + m * k_size, q.data() + m * k_size, k_size, k_size, k_size / 64 * 64, &q_sum[m]);
   at::Tensor out = at::empty({m_size, n_size}, x.options());
   float* out_data = out.data_ptr<float>();
   const int8_t* w = wc.data_ptr<int8_t>();
