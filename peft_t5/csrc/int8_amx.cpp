@@ -5,7 +5,7 @@
 // int8 product spends ~25-40 us a call on set-up whatever the size: most of its time at the decoder step's shapes
 // (8-32 rows, 512 x 512: 56-58 us a call eagerly here, this kernel 8-11 us).
 //
-// The weight is packed once (int8_amx_pack in kernels.py) into AMX's B layout: blocks of 16 outputs x 64 inputs,
+// The weight is packed once (amx_pack in kernels.py) into AMX's B layout: blocks of 16 outputs x 64 inputs,
 // [N / 16, K / 64, 16, 64], where byte c of row r holds output 16 * nb + c / 4, input 64 * kb + 4 * r + c % 4
 // (N padded to 32 and K to 64 with zeros).
 #include <ATen/Parallel.h>
@@ -58,7 +58,7 @@ __attribute__((target("avx512f,amx-tile,amx-int8"))) void tile_rows(const int8_t
   for (int t : {0, 1}) config.rows[t] = rows0, config.colsb[t] = 64;  // C of rows m0..: outputs +0, +16
   for (int t : {2, 3, 5}) config.rows[t] = rows1, config.colsb[t] = rows1 ? 64 : 0;  // C, A of rows m0+16..
   config.rows[4] = rows0, config.colsb[4] = 64;                                     // A, rows m0..
-  for (int t : {6, 7}) config.rows[t] = 16, config.colsb[t] = 64;     // B, outputs +0 and +16
+  for (int t : {6, 7}) config.rows[t] = 16, config.colsb[t] = 64;                  // B, outputs +0 and +16
   _tile_loadconfig(&config);
   const int64_t q_stride = k_blocks * 64;
   const int8_t* a0 = q + m0 * q_stride;
@@ -88,7 +88,8 @@ __attribute__((target("avx512f,amx-tile,amx-int8"))) void tile_rows(const int8_t
     _tile_stored(0, &c[0][0], 64);
     _tile_stored(1, &c[0][0] + 16 * 16, 64);  // rows 0..15 of outputs +16 go to c[16..31] for now
     const int64_t width = std::min<int64_t>(32, n_size - n);
-    for (int64_t i = 0; i < rows0; ++i) write_row(out + (m0 + i) * n_size + n, c[i], c[16 + i], scale + n, x_scale[m0 + i], width);
+    for (int64_t i = 0; i < rows0; ++i)
+      write_row(out + (m0 + i) * n_size + n, c[i], c[16 + i], scale + n, x_scale[m0 + i], width);
     if (rows1) {
       _tile_stored(2, &c[0][0], 64);
       _tile_stored(3, &c[0][0] + 16 * 16, 64);
@@ -108,7 +109,7 @@ at::Tensor int8_amx_matmul(const at::Tensor& x, const at::Tensor& packed, const 
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "int8_amx_matmul: x must be [M, K] float32");
   TORCH_CHECK(packed.dim() == 4 && packed.scalar_type() == at::kChar && packed.size(2) == 16 &&
                   packed.size(3) == 64 && packed.size(0) % 2 == 0 && packed.is_contiguous(),
-              "int8_amx_matmul: packed must be int8_amx_pack's [N / 16, K / 64, 16, 64]");
+              "int8_amx_matmul: packed must be kernels.amx_pack's [N / 16, K / 64, 16, 64]");
   const int64_t m_size = x.size(0), k_size = x.size(1), k_blocks = packed.size(1), n_size = scale.size(0);
   TORCH_CHECK(k_blocks * 64 >= k_size && k_blocks * 64 < k_size + 64 && packed.size(0) * 16 >= n_size &&
                   packed.size(0) * 16 < n_size + 32,
