@@ -1,9 +1,9 @@
 // Rows of activations times an int8 weight with AMX (Intel's tile unit), for the serving engine's products from 2
-// rows on (one row: int8_matmul.cpp's VNNI kernel, ~10% faster there; see peft_t5/kernels.py): each row quantized
-// to int8 with a scale of its own as int8_matmul.cpp does, tiles of int8 x int8 summed exactly in int32 (TDPBSSD),
-// the result scaled in oneDNN's order, so its results are oneDNN's bit for bit. Written by hand because oneDNN's
-// int8 product spends ~25-40 us a call on set-up whatever the size: most of its time at the decoder step's shapes
-// (8-32 rows, 512 x 512: 56-58 us a call eagerly here, this kernel 8-11 us).
+// rows on (one row: int8_matmul.cpp's VNNI kernel, faster there in the compiled step; see peft_t5/kernels.py): each
+// row quantized to int8 with a scale of its own as int8_matmul.cpp does, tiles of int8 x int8 summed exactly in
+// int32 (TDPBSSD), the result scaled in oneDNN's order, so its results are oneDNN's bit for bit. Written by hand
+// because oneDNN's int8 product spends ~25-40 us a call on set-up whatever the size: most of its time at the decoder
+// step's shapes (8-32 rows, 512 x 512: 56-58 us a call eagerly here, this kernel 8-11 us).
 //
 // The weight is packed once (amx_pack in kernels.py) into AMX's B layout: blocks of 16 outputs x 64 inputs,
 // [N / 16, K / 64, 16, 64], where byte c of row r holds output 16 * nb + c / 4, input 64 * kb + 4 * r + c % 4
