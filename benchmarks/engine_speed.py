@@ -1,6 +1,7 @@
 """CPU cost per sequence of the serving engine against CTranslate2, side by side in one run: t5-small shapes (random
-weights), real SQuAD v2 prompts (long: the encoder weighs) or real jokes questions (--prompts jokes, short: the
-decoder step is the cost), every sequence forced to exactly --tokens new tokens.
+weights; --config flan-t5-large for the jokes task's base), real SQuAD v2 prompts (long: the encoder weighs) or real
+jokes questions (--prompts jokes, short: the decoder step is the cost), every sequence forced to exactly --tokens new
+tokens.
 
   engine:        serve/engine.py, 2 LoRA adapters unmerged, rows of both in every step, the compiled step, float32
   engine_eager:  the same with the eager step (serve --compile off): the reference the compiled one replaces
@@ -19,7 +20,8 @@ jokes: the engine's 8-row rounds 0.024-0.056 CPU-s/seq with CTranslate2 beside i
 0.020-0.027 and 0.018-0.020). The machines these run on are shared: each cell runs every system --rounds times in
 turn and keeps each system's median; the CPU seconds are each system's process's, every thread counted.
 
-python benchmarks/engine_speed.py [--quick] [--prompts squad|jokes] [--tokens 32] [--batches 1 8 32] [--rounds 3]
+python benchmarks/engine_speed.py [--quick] [--config t5-small|flan-t5-large] [--prompts squad|jokes] [--tokens 32]
+    [--batches 1 8 32] [--rounds 3]
                                   [--adapters 1|2] [--threads 1] [--systems engine ct2 ...]
 """
 from __future__ import annotations
@@ -148,6 +150,8 @@ class SystemProcess:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="Fewer sequences and one round")
+    parser.add_argument("--config", choices=["t5-small", "flan-t5-large"], default="t5-small",
+                        help="The base's shapes (benchmarks/configs; random weights)")
     parser.add_argument("--tokens", type=int, default=32, help="New tokens per sequence (forced)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--prompts", choices=["squad", "jokes"], default="squad")
@@ -174,11 +178,11 @@ def main() -> None:
     results = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "data": data, "tokens": args.tokens,
                "prompts": args.prompts, "threads": args.threads, "adapters": args.adapters, "rounds": rounds,
                "int8_path": int8_path(), "ctranslate2": ctranslate2.__version__,
-               "setup": f"t5-small shapes, random weights, {args.adapters} LoRA adapter(s) (r16 q,v) unmerged, "
+               "setup": f"{args.config} shapes, random weights, {args.adapters} LoRA adapter(s) (r16 q,v) unmerged, "
                         "rows of each in every step; CTranslate2 on one merged; each system in a process of its own",
                "cpu_s_per_sequence": {}, "wall_s_per_sequence": {}, "compile_s": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        base, adapters = make_adapters(Path(tmp), "t5-small")
+        base, adapters = make_adapters(Path(tmp), args.config)
         merged = PeftModel.from_pretrained(load_base_model(base), adapters["jokes_a"]).merge_and_unload()
         merged.save_pretrained(f"{tmp}/merged")
         tokenizer = AutoTokenizer.from_pretrained(adapters["jokes_a"])
