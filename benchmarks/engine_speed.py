@@ -21,8 +21,7 @@ jokes: the engine's 8-row rounds 0.024-0.056 CPU-s/seq with CTranslate2 beside i
 turn and keeps each system's median; the CPU seconds are each system's process's, every thread counted.
 
 python benchmarks/engine_speed.py [--quick] [--config t5-small|flan-t5-large] [--prompts squad|jokes] [--tokens 32]
-    [--batches 1 8 32] [--rounds 3]
-                                  [--adapters 1|2] [--threads 1] [--systems engine ct2 ...]
+                                  [--batches 1 8 32] [--rounds 3] [--adapters 1|2] [--threads 1] [--systems engine ct2 ...]
 """
 from __future__ import annotations
 
