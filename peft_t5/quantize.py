@@ -143,8 +143,8 @@ def int8_path() -> str:
     isa = ("AMX-INT8" if cpu._is_amx_tile_supported() else "AVX512-VNNI" if cpu._is_vnni_supported()
            else torch.backends.cpu.get_cpu_capability())
     if kernels.amx_problem() is None:
-        return "peft-t5's AMX kernel for the serving engine's products, oneDNN int8 for the rest; activations " \
-               "quantized per row"
+        return "peft-t5's kernels for the serving engine's products (AMX from 2 rows, AVX512-VNNI at one), oneDNN " \
+               "int8 for the rest; activations quantized per row"
     kernel = kernels.kernel_problem()
     kernel = "peft-t5's AVX512-VNNI kernel" if kernel is None else f"oneDNN too ({kernel})"
     return f"oneDNN int8 ({isa}), activations quantized per row; one row (eager: 1-{kernels.MOST_ROWS}): {kernel}"
