@@ -211,6 +211,7 @@ def test_api_key_guards_every_route_but_health(server):
 
 def test_metrics_are_prometheus_text_with_requests_errors_latency_batches_and_tokens(server):
     url, _, _ = server
+    assert post(url, "/v1/generate", {"adapter": "jokes", "inputs": JOKES[:1], "max_new_tokens": 2}).status_code == 200
     post(url, "/v1/generate", {"adapter": "nope", "inputs": ["x"]})
     text = httpx.get(url + "/metrics", headers=AUTH).text
     for line in ['peft_t5_requests_total{route="/v1/generate",status="200"}',
