@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.lora import LoraLayer
 
+from ..quantize import return_freed_memory
+
 BASE_ADAPTER = "__base__"  # PEFT's adapter_names entry for "no adapter"
 
 
@@ -190,6 +192,8 @@ class ModuleRunner:
             if not fresh:
                 new[:self.n] = getattr(self, name)[:self.n]
             setattr(self, name, new)
+        if not fresh and self.device.type == "cpu":
+            return_freed_memory()  # the outgrown slots' memory back to the OS (T5Runner._allocate says why)
 
     @property
     def capacity(self) -> tuple[int, int, int]:
