@@ -22,7 +22,9 @@ using peft_t5_kernels::quantize_row;
 // out[m, n..n+3] = (sum_k q[m, k] w[n.., k]) * scale[n..] * x_scale[m] for the MR rows from m0. VNNI multiplies
 // unsigned bytes by signed ones: w with its sign bit flipped is w + 128 as unsigned bytes, and 128 * q_sum (a row's
 // sum over the 64-byte blocks) is taken back; the last K % 64 are summed one by one. Each load of four weight rows
-// serves MR rows of q: 4 x MR accumulators.
+// serves MR rows of q: 4 x MR accumulators. A weight larger than the cache streams from memory: fetching the next
+// four rows while these are summed took flan-t5-large's 169 one-row products from 26.7 to 23.5 ms (8 rows: 53.0 to
+// 34.7) on a 2-core Xeon; t5-small's, which the cache holds, did not change.
 template <int MR>
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) inline void tile(const int8_t* q, const int32_t* q_sum,
     const float* x_scale, const int8_t* w, const float* scale, float* out, int64_t k_size, int64_t n_size, int64_t m0,
@@ -35,7 +37,10 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) inline void tile(const in
     for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_si512();
   for (int64_t k = 0; k < whole; k += 64) {
     __m512i wv[4];
-    for (int j = 0; j < 4; ++j) wv[j] = _mm512_xor_si512(_mm512_loadu_si512(r[j] + k), flip);
+    for (int j = 0; j < 4; ++j) {  // the next four rows' bytes at this k, fetched ahead of their turn
+      _mm_prefetch(reinterpret_cast<const char*>(r[j] + 4 * k_size + k), _MM_HINT_T0);
+      wv[j] = _mm512_xor_si512(_mm512_loadu_si512(r[j] + k), flip);
+    }
     for (int i = 0; i < MR; ++i) {
       const __m512i qv = _mm512_loadu_si512(q + (m0 + i) * k_size + k);
       for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], wv[j], qv);
