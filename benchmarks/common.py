@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 import threading
 import time
 from pathlib import Path
@@ -11,18 +12,42 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-REAL_SQUAD = Path(os.environ.get("SQUAD_V2_FILE", ROOT.parent / "shared" / "data" / "squad" / "squad-v2-dev-cs224n.json"))
-REAL_JOKES = Path(os.environ.get("JOKES_FILE", ROOT.parent / "shared" / "data" / "jokes" / "qa-jokes.csv"))
+
+
+def shared_folder() -> Path:
+    """../shared beside this checkout, or beside the main checkout when this is a `git worktree` elsewhere."""
+    import subprocess
+
+    try:
+        common = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--path-format=absolute", "--git-common-dir"],
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        common = ""
+    beside_main = Path(common).parent.parent / "shared" if common else None
+    return beside_main if beside_main and beside_main.exists() and not (ROOT.parent / "shared").exists() \
+        else ROOT.parent / "shared"
+
+
+SHARED = shared_folder()
+REAL_SQUAD = Path(os.environ.get("SQUAD_V2_FILE", SHARED / "data" / "squad" / "squad-v2-dev-cs224n.json"))
+REAL_JOKES = Path(os.environ.get("JOKES_FILE", SHARED / "data" / "jokes" / "qa-jokes.csv"))
+
+
+def sample_instead(real: Path, variable: str, sample: str) -> str:
+    """The bundled sample, said on stderr: its prompts are fewer and not the real ones' lengths."""
+    print(f"benchmarks: no {real} (set {variable}): using the bundled sample {sample}; its figures are not the real "
+          "data's", file=sys.stderr, flush=True)
+    return sample
 CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
 def squad_records(limit: int | None = None) -> tuple[list[dict], str]:
-    """SQuAD v2 records (real dev questions when ../shared is there, else the bundled sample), shuffled once."""
+    """SQuAD v2 records (real dev questions when ../shared is there, else the bundled sample, said), shuffled once."""
     import random
 
     from peft_t5.tasks.squad import SAMPLE, read_squad_v2
 
-    path = str(REAL_SQUAD) if REAL_SQUAD.exists() else SAMPLE
+    path = str(REAL_SQUAD) if REAL_SQUAD.exists() else sample_instead(REAL_SQUAD, "SQUAD_V2_FILE", SAMPLE)
     records = read_squad_v2(path)
     random.Random(0).shuffle(records)
     return records[:limit], path
@@ -32,7 +57,7 @@ def jokes_records() -> tuple[list[dict], str]:
     """The training split of the real reddit QA jokes when ../shared is there (31,761), else of the bundled sample."""
     from peft_t5.tasks.jokes import SAMPLE, load_splits
 
-    path = str(REAL_JOKES) if REAL_JOKES.exists() else SAMPLE
+    path = str(REAL_JOKES) if REAL_JOKES.exists() else sample_instead(REAL_JOKES, "JOKES_FILE", SAMPLE)
     return load_splits(path, seed=42)["train"], path
 
 
