@@ -2,7 +2,9 @@
 CTranslate2 process (the merged adapter, tokenised with the `tokenizers` package as a lean CTranslate2 deployment
 does), each launched fresh, on the same work. Start-up: seconds from launch to the answer of one short prompt.
 Peak RSS (the kernel's VmHWM): after that answer, and after 32 SQuAD prompts decoded at once. t5-small shapes, random
-weights, 32 new tokens, float32 and int8 (serve --quantize int8; CTranslate2 converted with int8), 2 threads each.
+weights, 32 new tokens, float32 and int8 (serve --quantize int8; CTranslate2 converted with int8), 2 threads each;
+sources cut to 512 tokens in both (the adapters' max_source_length). Each system's runtime floor, the peak RSS of a
+process that only imports what its server imports, is measured too, and the peaks compared above it.
 
 The engine compiles its decoder step and encoder (serve --compile on, the default) into a compile cache of this run's
 own: a first launch per precision fills it (its seconds to the four graphs compiled, decoder step and encoder, one
@@ -29,13 +31,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import jokes_records, machine, squad_records, write_results  # noqa: E402
 from serve_throughput import free_port, make_adapters  # noqa: E402
 
-TOKENS, ROWS, THREADS = 32, 32, 2
+TOKENS, ROWS, THREADS, SOURCE_LIMIT = 32, 32, 2, 512
 
 CT2_PROCESS = """
 import json, sys
 import ctranslate2, tokenizers
 folder, first, many = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
 tokenizer = tokenizers.Tokenizer.from_file(folder + "/tokenizer.json")
+tokenizer.enable_truncation(%d)  # as the engine truncates (the adapters' max_source_length)
 translator = ctranslate2.Translator(folder, device="cpu", intra_threads=%d)
 def answer(sources):
     pieces = [tokenizer.encode(s).tokens for s in sources]
@@ -49,7 +52,20 @@ def peak():
 first_peak = peak()
 answer(many)
 print(json.dumps({"peak_rss_first": first_peak, "peak_rss_many": peak()}), flush=True)
-""" % (THREADS, ROWS, TOKENS, TOKENS)
+""" % (SOURCE_LIMIT, THREADS, ROWS, TOKENS, TOKENS)
+
+
+# What each process holds before any model: serve's imports (as serve() makes them) and CTranslate2's
+FLOORS = {"engine": "import sys\nfor unused in ('scipy', 'boto3', 'bitsandbytes'):\n    sys.modules.setdefault(unused, "
+                    "None)\nimport uvicorn\nfrom peft_t5.bank import AdapterBank\nfrom peft_t5.serve.app import create_app",
+          "ct2": "import ctranslate2, tokenizers"}
+
+
+def runtime_floor(system: str) -> int:
+    """Peak RSS of a process that only imports what `system`'s server imports before loading a model."""
+    code = FLOORS[system] + "\nprint(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])"
+    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env={**os.environ, "OMP_NUM_THREADS": str(THREADS)}).stdout.split()[-1]) * 1024
 
 
 def vm_hwm(pid: int) -> int:
@@ -175,7 +191,14 @@ def main() -> None:
         f"{system}_{key}_{q}": median[f"{system}_{q}"][key] / median[f"ct2_{q}"][key] for system in
         ("engine", "engine_eager") for q in ("float32", "int8") for key in ("startup_s", "peak_rss_first",
                                                                            "peak_rss_many")}
-    print(json.dumps(results["ratios"], indent=1))
+    floors = {system: runtime_floor(system) for system in FLOORS}
+    results["runtime_floor_rss"] = floors
+    results["ratios_above_floor"] = {  # the same, less what each process holds before any model
+        f"{system}_peak_rss_many_{q}": (median[f"{system}_{q}"]["peak_rss_many"] - floors["engine"])
+        / (median[f"ct2_{q}"]["peak_rss_many"] - floors["ct2"]) for system in ("engine", "engine_eager")
+        for q in ("float32", "int8")}
+    print(json.dumps({"floors_mib": {k: round(v / 2**20) for k, v in floors.items()}, **results["ratios"],
+                      "above_floor": results["ratios_above_floor"]}, indent=1))
     labels = list(median)
     write_results(results, args.output, ("seconds from launch to the first answer (lower is better)", labels,
                                          [median[n]["startup_s"] for n in labels], "seconds"))
