@@ -7,10 +7,12 @@
     torch.ops.peft_t5.int8_amx_matmul(x, packed, scale)  # csrc/int8_amx.cpp: x [M, K] float32, the weight packed
                                                          # by amx_pack(), scale [N] -> [M, N]; AMX
 
-int8: where the CPU has AMX, every product of the serving engine's int8 layers (quantize.Int8Linear.pack_for_amx)
-from 2 rows on: oneDNN's per-call cost (~25-40 us, whatever the size) was most of the step's products at 1-32 rows
-(t5-small's 37 at 8 rows: 1.4 ms here, oneDNN's 3.5 eagerly and ~2-2.6 compiled). The AVX512-VNNI kernel takes one
-row of activations (the one-row decoder step, eager or compiled) and, without AMX, eagerly up to 8 rows.
+int8: where the CPU has AMX, every product of the serving engine's int8 layers (quantize.Int8Linear.pack_for_amx,
+which then holds the weight in this kernel's layout only): oneDNN's per-call cost (~25-40 us, whatever the size) was
+most of the step's products at 1-32 rows (t5-small's 37 at 8 rows: 1.4 ms here, oneDNN's 3.5 eagerly and ~2-2.6
+compiled). One row there is summed with AVX512-VNNI over the packed tiles (as fast as the row-major loop: t5-small's
+compiled one-row step 2.4-2.6 ms against 2.3-2.5). The AVX512-VNNI kernel takes one row of activations of layers
+not packed and, without AMX, eagerly up to 8 rows.
 Rows are quantized and scaled as quantize.int8_linear does, and the products summed exactly in int32, so both give
 oneDNN's results bit for bit. float32: the one-row step's products (t5_runner.Linear), which stream their weights from
 memory: MKL's reached ~15 GB/s where this one, prefetching, reached 17-23 (its sums in another order: within 2e-5
@@ -78,9 +80,9 @@ def amx_problem() -> str | None:
     x = torch.randn(3, 96, generator=generator)
     weight = torch.randint(-127, 128, (40, 96), dtype=torch.int8, generator=generator)
     scale = torch.rand(40, generator=generator)
-    try:
-        same = torch.equal(torch.ops.peft_t5.int8_amx_matmul(x, amx_pack(weight), scale),
-                           torch.ops.peft_t5.int8_matmul(x, weight, scale))
+    try:  # 3 rows (the tiles) and one (VNNI over the packed weight)
+        same = all(torch.equal(torch.ops.peft_t5.int8_amx_matmul(rows, amx_pack(weight), scale),
+                               torch.ops.peft_t5.int8_matmul(rows, weight, scale)) for rows in (x, x[:1]))
     except RuntimeError as e:  # the kernel refused AMX's tile registers (the OS would not lend them)
         return str(e).splitlines()[0][:200]
     if not same:
@@ -97,6 +99,12 @@ def amx_pack(weight: torch.Tensor) -> torch.Tensor:
     padded = torch.nn.functional.pad(weight, (0, -k % 64, 0, -n % 32))
     blocks = padded.view(padded.shape[0] // 16, 16, padded.shape[1] // 64, 16, 4)
     return blocks.permute(0, 2, 3, 1, 4).contiguous().view(padded.shape[0] // 16, padded.shape[1] // 64, 16, 64)
+
+
+def amx_unpack(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """amx_pack's weight [n, k] back from its layout (a new tensor)."""
+    blocks = packed.view(packed.shape[0], packed.shape[1], 16, 16, 4).permute(0, 3, 1, 2, 4)
+    return blocks.reshape(packed.shape[0] * 16, packed.shape[1] * 64)[:n, :k].contiguous()
 
 
 def kernels_used(device: torch.device) -> str:

@@ -6,9 +6,9 @@ rows it shares a step with), the matmul int8 x int8 in oneDNN or in peft-t5's ow
                                     # nn.Linear, so adapters loaded later (on demand) sit on the int8 layers too
 
 Where the CPU has AMX, the serving engine's layers (pack_for_amx: t5_runner.T5Weights packs them) go to peft-t5's
-AMX kernel from 2 rows on, eagerly and compiled (kernels.py: oneDNN's per-call cost was most of the step's
-products); a single row (one-row decoding), and elsewhere eagerly up to 8 rows, goes to its VNNI kernel. Both give
-oneDNN's results bit for bit. Other products of several rows (layers not packed, or no AMX): eagerly, oneDNN's
+AMX kernel, eagerly and compiled (kernels.py: oneDNN's per-call cost was most of the step's products), a single row
+(one-row decoding) by AVX512-VNNI over the same packed weight; other layers' single rows, and eagerly up to 8 rows,
+go to its VNNI kernel. All give oneDNN's results bit for bit. Other products of several rows (layers not packed, or no AMX): eagerly, oneDNN's
 qlinear on its prepacked weight; inside torch.compile it is written as the dequantize -> linear pattern that
 inductor lowers to the same qlinear with the weight prepacked once and frozen (the path torchao's int8 dynamic
 quantization takes on a CPU); the row scales stay outside the pattern, applied to its output. This replaces
@@ -34,7 +34,7 @@ class Int8Linear(nn.Linear):
         self.out_features, self.in_features = weight.shape
         scale = weight.abs().amax(1).clamp(min=1e-12) / 127
         levels = (weight / scale[:, None]).round_().clamp_(-127, 127)  # in place: one float copy at a time (the
-        self.weight = nn.Parameter(levels.to(torch.int8), requires_grad=False)  # output layer's is 66 MB)
+        self._parameters["weight"] = nn.Parameter(levels.to(torch.int8), requires_grad=False)  # head's is 66 MB)
         self.register_buffer("weight_scale", scale)
         self.register_buffer("weight_zero_point", torch.zeros(self.out_features, dtype=torch.long), persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
@@ -45,6 +45,17 @@ class Int8Linear(nn.Linear):
     def of(cls, linear: nn.Linear) -> "Int8Linear":
         return cls(linear.weight, linear.bias)
 
+    # The int8 weight [out, in]: held as is, or once packed for AMX (pack_for_amx) only in the kernel's layout and
+    # unpacked where read (PEFT's checks, DoRA, oneDNN's fallback): every product then takes the packed one
+    @property
+    def weight(self) -> torch.Tensor:
+        held = self._parameters["weight"]
+        return held if held is not None else kernels.amx_unpack(self.amx_weight, self.out_features, self.in_features)
+
+    @weight.setter
+    def weight(self, value: nn.Parameter) -> None:
+        self._parameters["weight"] = value
+
     def set_weight(self, weight: torch.Tensor, scale: torch.Tensor) -> None:
         """Hold these int8 values and scales (views into a fused weight, see serve/t5_runner.py)."""
         self.weight = nn.Parameter(weight, requires_grad=False)
@@ -52,15 +63,16 @@ class Int8Linear(nn.Linear):
         self._packed = self.amx_weight = None
 
     def packed(self) -> torch.Tensor:
-        if self._packed is None or self._packed[0] is not self.weight:
-            self._packed = (self.weight, torch.ops.onednn.qlinear_prepack(self.weight.detach(), None))
+        if self._packed is None or self._packed[0] is not self._parameters["weight"]:
+            self._packed = (self._parameters["weight"], torch.ops.onednn.qlinear_prepack(self.weight.detach(), None))
         return self._packed[1]
 
     def pack_for_amx(self) -> None:
-        """Hold a copy of the weight in the AMX kernel's layout, so that every product of this layer takes it (where
-        the CPU has AMX; else nothing)."""
-        if kernels.amx_problem() is None and self.weight.device.type == "cpu":
+        """Hold the weight in the AMX kernel's layout instead, so that every product of this layer takes that kernel
+        (where the CPU has AMX; else nothing): the same bytes, not a second copy (t5-small's served layers: 48 MB)."""
+        if self.amx_weight is None and kernels.amx_problem() is None and self.weight.device.type == "cpu":
             self.amx_weight = kernels.amx_pack(self.weight.detach())
+            self._parameters["weight"] = self._packed = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return int8_linear(x, self)
@@ -109,9 +121,9 @@ def int8_linear(x: torch.Tensor, layer: Int8Linear) -> torch.Tensor:
 
 
 def takes_amx(x: torch.Tensor, layer: Int8Linear) -> bool:
-    """Whether x [rows, K] goes to peft-t5's AMX kernel: a layer packed for it (pack_for_amx), 2 rows or more (t5-small's
-    compiled one-row step ran 1.6-1.8x faster with the VNNI kernel), without autograd."""
-    return layer.amx_weight is not None and kernels.amx_ready and x.shape[0] > 1 and not x.requires_grad
+    """Whether x [rows, K] goes to peft-t5's AMX kernel (one row: its VNNI loop over the same packed weight): a layer
+    packed for it (pack_for_amx), without autograd."""
+    return layer.amx_weight is not None and kernels.amx_ready and not x.requires_grad
 
 
 def takes_kernel(x: torch.Tensor, layer: Int8Linear) -> bool:
@@ -122,7 +134,7 @@ def takes_kernel(x: torch.Tensor, layer: Int8Linear) -> bool:
         return False
     rows = x.shape[0]
     return rows == 1 or (not torch.compiler.is_compiling() and rows <= kernels.MOST_ROWS
-                         and layer.weight.numel() <= kernels.MOST_WEIGHT)
+                         and layer.out_features * layer.in_features <= kernels.MOST_WEIGHT)
 
 
 @functools.lru_cache(maxsize=1)

@@ -36,13 +36,21 @@ def adapter(folder, seed: int, use_dora: bool = False) -> str:
     return str(folder)
 
 
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("use_dora", [False, True])
-def test_adapters_load_onto_a_base_quantized_before_them_and_answer_close_to_float(tmp_path, use_dora):
+def test_adapters_load_onto_a_base_quantized_before_them_and_answer_close_to_float(tmp_path, use_dora, packed):
     """The on-demand case: the server quantized its base at start, then a request names an adapter on disk (DoRA
-    reads the base's weight itself: through Int8Linear.dequantize)."""
+    reads the base's weight itself: through Int8Linear.dequantize). packed: the base's layers hold their weights in
+    AMX's layout only, as the engine leaves them (where the CPU has AMX)."""
     first, later = adapter(tmp_path / "first", 1), adapter(tmp_path / "later", 2, use_dora)
     int8, float32 = (AdapterBank.load("tiny", {"first": first}) for _ in range(2))
     assert quantize_int8(*int8.models()) > 0
+    if packed:
+        amx_or_skip()
+        for layer in int8.base.modules():
+            if isinstance(layer, Int8Linear):
+                layer.pack_for_amx()
+                assert layer._parameters["weight"] is None
     for bank in (int8, float32):
         bank.add("later", later)
     assert any(isinstance(m, Int8Linear) for m in int8.holders["later"].modules())
@@ -102,15 +110,16 @@ def amx_or_skip() -> None:
 
 def test_the_amx_kernel_gives_onednns_results_bit_for_bit(monkeypatch):
     """Any number of rows through peft-t5's AMX kernel equals oneDNN's product exactly: widths with and without a tail
-    past 64 bytes, output counts with and without one past 32, row counts below, at and past the kernel's blocks of
-    16 and 32 rows, a row of zeros, strided rows."""
+    past 64 bytes, output counts with and without one past 32 (and past 64: one row's groups of four blocks), one row
+    (VNNI over the packed weight), row counts below, at and past the kernel's blocks of 16 and 32 rows, a row of
+    zeros, strided rows."""
     amx_or_skip()
     torch.manual_seed(0)
-    for k, n in [(512, 512), (70, 5), (2048, 513), (1, 1), (100, 40), (64, 32128)]:
+    for k, n in [(512, 512), (70, 5), (2048, 513), (1, 1), (100, 40), (64, 32128), (96, 100)]:
         layer = Int8Linear(torch.randn(n, k))
         layer.pack_for_amx()
         assert layer.amx_weight.shape == (-(-n // 32) * 2, -(-k // 64), 16, 64)
-        for rows in (2, 16, 17, 33, 70):
+        for rows in (1, 2, 16, 17, 33, 70):
             for x in (torch.randn(rows, k), torch.zeros(rows, k), torch.randn(k, 2 * rows)[:, ::2].t()):
                 ours = int8_linear(x, layer)
                 with monkeypatch.context() as patch:
@@ -119,7 +128,7 @@ def test_the_amx_kernel_gives_onednns_results_bit_for_bit(monkeypatch):
                     assert torch.equal(int8_linear(x, layer), ours), (k, n, rows)
 
 
-def test_a_layer_packed_for_amx_takes_it_from_2_rows_and_the_vnni_kernel_at_one():
+def test_a_layer_packed_for_amx_takes_it_at_any_rows():
     amx_or_skip()
     layer = Int8Linear(torch.randn(32128, 512))
 
@@ -128,9 +137,11 @@ def test_a_layer_packed_for_amx_takes_it_from_2_rows_and_the_vnni_kernel_at_one(
             int8_linear(torch.randn(rows, 512), layer)
         return [event.name for event in profile.events()]
     assert "peft_t5::int8_amx_matmul" not in ran(2)  # not packed: oneDNN's
+    weight = layer.weight.clone()
     layer.pack_for_amx()
+    assert dict(layer.named_parameters()) == {} and torch.equal(layer.weight, weight)  # one copy, in AMX's layout
     assert "peft_t5::int8_amx_matmul" in ran(2) and "onednn::qlinear_pointwise" not in ran(40)
-    assert "peft_t5::int8_matmul" in ran(1) and "peft_t5::int8_amx_matmul" not in ran(1)
+    assert "peft_t5::int8_amx_matmul" in ran(1) and "peft_t5::int8_matmul" not in ran(1)
     layer.set_weight(layer.weight.clone(), layer.weight_scale)  # new values: the packed copy would be stale
     assert layer.amx_weight is None and "peft_t5::int8_amx_matmul" not in ran(2)
 
