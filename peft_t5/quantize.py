@@ -62,6 +62,11 @@ class Int8Linear(nn.Linear):
         self.weight_scale = scale
         self._packed = self.amx_weight = None
 
+    def set_packed(self, packed: torch.Tensor, scale: torch.Tensor) -> None:
+        """Hold these values in AMX's layout only (views into a fused layer's packed weight, see serve/t5_runner.py)."""
+        self._parameters["weight"] = self._packed = None
+        self.amx_weight, self.weight_scale = packed, scale
+
     def packed(self) -> torch.Tensor:
         if self._packed is None or self._packed[0] is not self._parameters["weight"]:
             self._packed = (self._parameters["weight"], torch.ops.onednn.qlinear_prepack(self.weight.detach(), None))

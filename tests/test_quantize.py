@@ -149,3 +149,22 @@ def test_a_layer_packed_for_amx_takes_it_at_any_rows():
 def test_amx_can_be_left_to_the_vnni_kernel_and_onednn(monkeypatch):
     monkeypatch.setenv("PEFT_T5_AMX", "off")
     assert kernels.amx_problem.__wrapped__() in ("PEFT_T5_AMX=off", kernels.kernel_problem())
+
+
+def test_the_served_int8_base_holds_each_weight_once_in_amxs_layout():
+    """Where the CPU has AMX, building the engine's step leaves every int8 layer of the model (q, k, v too: views into
+    their fused layer's packed weight) without a row-major copy, and the model answers as before."""
+    amx_or_skip()
+    from peft_t5.serve.t5_runner import T5Runner
+
+    model = tiny_model().eval()
+    quantize_int8(model)
+    ids, start = torch.tensor([[5, 6, 7, 8, 1]]), torch.zeros((1, 1), dtype=torch.long)
+    with torch.inference_mode():
+        before = model(input_ids=ids, decoder_input_ids=start).logits
+        runner = T5Runner(model)
+        int8 = [m for m in model.modules() if isinstance(m, Int8Linear)]
+        assert int8 and all(m._parameters["weight"] is None and m.amx_weight is not None for m in int8)
+        assert torch.equal(model(input_ids=ids, decoder_input_ids=start).logits, before)
+        runner.add([[5, 6, 7, 8, 1]], None, budgets=[2])
+        torch.testing.assert_close(runner.step(torch.zeros(1, dtype=torch.long)), before[:, 0], rtol=1e-4, atol=1e-4)

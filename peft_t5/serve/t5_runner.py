@@ -82,18 +82,25 @@ def step_linear(layer: nn.Module) -> nn.Module:
 
 def fused(layers: list[nn.Module]) -> nn.Module:
     """One layer computing these layers' outputs side by side; each layer's weight becomes a view into its
-    weight, so that the model and the step share it."""
+    weight, so that the model and the step share it (int8 where the CPU has AMX: into its packed weight, the one
+    copy, when each layer's outputs fill whole blocks of 32)."""
     layers = [base_layer(layer) for layer in layers]
     with torch.no_grad():
         if all(isinstance(layer, Int8Linear) for layer in layers):
             weight = torch.cat([layer.weight for layer in layers])
             scale = torch.cat([layer.weight_scale for layer in layers])
-            for layer, (w, s) in zip(layers, zip(views(weight, layers), views(scale, layers))):
-                layer.set_weight(w, s)
             out = Int8Linear(torch.zeros(1, 1))
             out.out_features, out.in_features = weight.shape
             out.weight_zero_point = torch.zeros(weight.shape[0], dtype=torch.long)
             out.set_weight(weight, scale)
+            out.pack_for_amx()
+            if out.amx_weight is not None and all(layer.out_features % 32 == 0 for layer in layers):
+                blocks = torch.split(out.amx_weight, [layer.out_features // 16 for layer in layers])
+                for layer, packed, s in zip(layers, blocks, views(scale, layers)):
+                    layer.set_packed(packed, s)
+                return out
+            for layer, (w, s) in zip(layers, zip(views(out.weight, layers), views(scale, layers))):
+                layer.set_weight(w, s)
             return out
         weight = nn.Parameter(torch.cat([layer.weight for layer in layers]), requires_grad=False)
         for layer, w in zip(layers, views(weight, layers)):
