@@ -114,6 +114,6 @@ def kernels_used(device: torch.device) -> str:
     problem = kernel_problem()
     if problem is not None:
         return f"off ({problem})"
-    int8 = ("int8 of one row (VNNI) and from 2 rows (AMX)" if amx_problem() is None
+    int8 = ("int8 of any rows (AMX; one row AVX512-VNNI over the same packed weights)" if amx_problem() is None
             else "int8 of one row, 2-8 rows eagerly (VNNI)")
     return f"peft-t5's (float32 products of one row; {int8})"

@@ -160,7 +160,7 @@ def int8_path() -> str:
     isa = ("AMX-INT8" if cpu._is_amx_tile_supported() else "AVX512-VNNI" if cpu._is_vnni_supported()
            else torch.backends.cpu.get_cpu_capability())
     if kernels.amx_problem() is None:
-        return "peft-t5's kernels for the serving engine's products (AMX from 2 rows, AVX512-VNNI at one), oneDNN " \
+        return "peft-t5's kernels for the serving engine's products (AMX; one row AVX512-VNNI), oneDNN " \
                "int8 for the rest; activations quantized per row"
     kernel = kernels.kernel_problem()
     kernel = "peft-t5's AVX512-VNNI kernel" if kernel is None else f"oneDNN too ({kernel})"
