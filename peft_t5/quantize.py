@@ -8,10 +8,10 @@ rows it shares a step with), the matmul int8 x int8 in oneDNN or in peft-t5's ow
 Where the CPU has AMX, the serving engine's layers (pack_for_amx: t5_runner.T5Weights packs them) go to peft-t5's
 AMX kernel, eagerly and compiled (kernels.py: oneDNN's per-call cost was most of the step's products), a single row
 (one-row decoding) by AVX512-VNNI over the same packed weight; other layers' single rows, and eagerly up to 8 rows,
-go to its VNNI kernel. All give oneDNN's results bit for bit. Other products of several rows (layers not packed, or no AMX): eagerly, oneDNN's
-qlinear on its prepacked weight; inside torch.compile it is written as the dequantize -> linear pattern that
-inductor lowers to the same qlinear with the weight prepacked once and frozen (the path torchao's int8 dynamic
-quantization takes on a CPU); the row scales stay outside the pattern, applied to its output. This replaces
+go to its VNNI kernel. All give oneDNN's results bit for bit. Other products of several rows (layers not packed,
+or no AMX): eagerly, oneDNN's qlinear on its prepacked weight; inside torch.compile it is written as the
+dequantize -> linear pattern that inductor lowers to the same qlinear with the weight prepacked once and frozen
+(the path torchao's int8 dynamic quantization takes on a CPU); the row scales stay outside the pattern, applied to its output. This replaces
 torch.ao's dynamic quantization (deprecated; per-batch activation scales; a layer PEFT cannot wrap).
 """
 from __future__ import annotations
@@ -74,7 +74,8 @@ class Int8Linear(nn.Linear):
 
     def pack_for_amx(self) -> None:
         """Hold the weight in the AMX kernel's layout instead, so that every product of this layer takes that kernel
-        (where the CPU has AMX; else nothing): the same bytes, not a second copy (t5-small's served layers: 48 MB)."""
+        (where the CPU has AMX; else nothing): the same bytes, not a second copy (58 MiB for t5-small's int8 weights,
+        715 MiB for flan-t5-large's)."""
         if self.amx_weight is None and kernels.amx_problem() is None and self.weight.device.type == "cpu":
             self.amx_weight = kernels.amx_pack(self.weight.detach())
             self._parameters["weight"] = self._packed = None
