@@ -1,9 +1,10 @@
 """Where one decoder step of the serving engine spends its time: torch.profiler over T5Runner.step at jokes prompts
-(short sources, so the step is the decoder's), t5-small shapes (random weights), 2 LoRA adapters mixed per row,
+(short sources, so the step is the decoder's), t5-small shapes (or --config flan-t5-large; random weights), 2 LoRA
+adapters mixed per row,
 1 thread, float32 (or int8), the compiled step (or --eager). Writes the top operators by self CPU time, and the
 step's mean time, as Markdown.
 
-python benchmarks/step_profile.py [--rows 32] [--steps 20] [--int8] [--eager] [--output benchmarks/results/step_profile.md]
+python benchmarks/step_profile.py [--rows 32] [--config t5-small] [--steps 20] [--int8] [--eager] [--output benchmarks/results/step_profile.md]
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ from serve_throughput import make_adapters  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=32)
+    parser.add_argument("--config", choices=["t5-small", "flan-t5-large"], default="t5-small",
+                        help="The base's shapes (benchmarks/configs), random weights")
     parser.add_argument("--steps", type=int, default=20, help="Steps profiled (after as many warm-up steps)")
     parser.add_argument("--int8", action="store_true", help="After quantize_int8, as serve --quantize int8")
     parser.add_argument("--eager", action="store_true", help="The eager step (serve --compile off)")
@@ -41,7 +44,7 @@ def main() -> None:
     torch.set_num_threads(1)
     records, _ = jokes_records()
     with tempfile.TemporaryDirectory() as tmp:
-        base, adapters = make_adapters(Path(tmp), "t5-small")
+        base, adapters = make_adapters(Path(tmp), args.config)
         bank = AdapterBank.load(base, adapters)
     if args.int8:
         quantize_int8(*bank.models())
@@ -69,7 +72,7 @@ def main() -> None:
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top, max_name_column_width=40)
     by_shape = prof.key_averages(group_by_input_shape=True).table(  # which matmul: the output projection, q/k/v/o, ...
         sort_by="self_cpu_time_total", row_limit=8, max_name_column_width=24, max_shapes_column_width=50)
-    header = (f"# One decoder step, {args.rows} rows, jokes prompts, t5-small shapes, 2 LoRA adapters mixed, "
+    header = (f"# One decoder step, {args.rows} rows, jokes prompts, {args.config} shapes, 2 LoRA adapters mixed, "
               f"{'int8' if args.int8 else 'float32'}, {'eager' if args.eager else 'compiled'} step, 1 thread\n\n{machine()}, {time.strftime('%Y-%m-%d')}; "
               f"{plain_ms:.1f} ms of CPU a step without the profiler ({step_ms:.1f} ms under it)\n\n```\n")
     text = header + table + "\n```\n\nThe same, by input shape:\n\n```\n" + by_shape + "\n```\n"
