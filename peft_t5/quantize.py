@@ -11,8 +11,9 @@ AMX kernel, eagerly and compiled (kernels.py: oneDNN's per-call cost was most of
 go to its VNNI kernel. All give oneDNN's results bit for bit. Other products of several rows (layers not packed,
 or no AMX): eagerly, oneDNN's qlinear on its prepacked weight; inside torch.compile it is written as the
 dequantize -> linear pattern that inductor lowers to the same qlinear with the weight prepacked once and frozen
-(the path torchao's int8 dynamic quantization takes on a CPU); the row scales stay outside the pattern, applied to its output. This replaces
-torch.ao's dynamic quantization (deprecated; per-batch activation scales; a layer PEFT cannot wrap).
+(the path torchao's int8 dynamic quantization takes on a CPU); the row scales stay outside the pattern, applied to
+its output. This replaces torch.ao's dynamic quantization (deprecated; per-batch activation scales; a layer PEFT
+cannot wrap).
 """
 from __future__ import annotations
 

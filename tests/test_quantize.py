@@ -168,3 +168,20 @@ def test_the_served_int8_base_holds_each_weight_once_in_amxs_layout():
         assert torch.equal(model(input_ids=ids, decoder_input_ids=start).logits, before)
         runner.add([[5, 6, 7, 8, 1]], None, budgets=[2])
         torch.testing.assert_close(runner.step(torch.zeros(1, dtype=torch.long)), before[:, 0], rtol=1e-4, atol=1e-4)
+
+
+def test_fused_int8_layers_whose_outputs_do_not_fill_amx_blocks_keep_their_values_and_products():
+    """q/k/v widths that are not multiples of 32 cannot be views into the fused layer's packed weight: they keep
+    row-major views of the fused values, and the fused product equals theirs side by side (AMX or not)."""
+    from peft_t5.serve.t5_runner import fused
+
+    torch.manual_seed(0)
+    parts = [Int8Linear(torch.randn(n, 64)) for n in (40, 24)]
+    before = [p.weight.clone() for p in parts]
+    x = torch.randn(3, 64)
+    expected = torch.cat([int8_linear(x, p) for p in parts], -1)
+    with torch.inference_mode():
+        layer = fused(parts)
+        assert all(p.amx_weight is None and torch.equal(p.weight, w) for p, w in zip(parts, before))
+        assert torch.equal(int8_linear(x, layer), expected)
+        assert torch.equal(torch.cat([int8_linear(x, p) for p in parts], -1), expected)

@@ -99,7 +99,7 @@ def fused(layers: list[nn.Module]) -> nn.Module:
                 for layer, packed, s in zip(layers, blocks, views(scale, layers)):
                     layer.set_packed(packed, s)
                 return out
-            for layer, (w, s) in zip(layers, zip(views(out.weight, layers), views(scale, layers))):
+            for layer, (w, s) in zip(layers, zip(views(weight, layers), views(scale, layers))):
                 layer.set_weight(w, s)
             return out
         weight = nn.Parameter(torch.cat([layer.weight for layer in layers]), requires_grad=False)
