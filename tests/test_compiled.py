@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from test_quantize import onednn_matmuls
 from transformers import T5Config, T5ForConditionalGeneration
 
 from peft_t5 import kernels
@@ -268,11 +269,13 @@ def test_adapters_loaded_later_take_slots_without_recompiling_and_new_projection
     assert seen["graphs"] == 0 and seen["eager"] == 0 and seen["held eager"] > 0 and seen["compiled after"] > 0
 
 
-def test_int8s_compiled_graphs_stay_as_close_to_float32_as_its_eager_step_is():
+def test_int8s_compiled_graphs_stay_as_close_to_float32_as_its_eager_step_is(capfd):
     """int8 rounds each activation to one of 255 levels, so a last-bit difference in a norm before it (inductor's
     fused one, or eager's) can move a value a level: int8 compiled and eager are not bit-identical. What must hold:
     the compiled encoder and step are as faithful to float32 as the eager int8 step is (t5-small's widths, 2 LoRA
-    adapters mixed per row, teacher-forced tokens), and they run with no eager call once compiled."""
+    adapters mixed per row, teacher-forced tokens), and they run with no eager call once compiled; the products
+    oneDNN runs (without AMX: the frozen graphs' qlinear, the eager encoder's) run in its kernels, not its reference
+    loop (which int8 activations fell to on a CPU without AMX)."""
     import copy
 
     model = t5_small_wide_with_two_adapters()
@@ -289,7 +292,7 @@ def test_int8s_compiled_graphs_stay_as_close_to_float32_as_its_eager_step_is():
     def off(runner: T5Runner, of: T5Runner) -> float:
         return max(float((x[:5] - y[:5]).abs().max()) for x, y in zip(runner.cross_k + runner.cross_v,
                                                                        of.cross_k + of.cross_v))
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
         for runner in (reference, eager, fast):
             runner.add(sources, names, budgets=[6] * 5)
         assert 0 < off(fast, reference) <= 1.5 * off(eager, reference)
@@ -308,6 +311,9 @@ def test_int8s_compiled_graphs_stay_as_close_to_float32_as_its_eager_step_is():
         with torch.profiler.profile() as profile:
             assert float((fast.step(tokens[:1]) - expected).abs().max()) <= 1.5 * eager_off
     assert compiled.steps == {"compiled": 7, "eager": 0} and compiled.encodes["eager"] == 0
+    ran = onednn_matmuls(capfd.readouterr().out)
+    assert not [name for name in ran if name.startswith("ref")], ran
+    assert ran or kernels.amx_problem() is None  # without AMX, oneDNN takes the many-row products
     if kernels.kernel_problem() is None:  # one row: the VNNI kernel's, over the AMX layout where the CPU has AMX
         ran = [event.name for event in profile.events()]
         products = 6 * len(fast.weights.decoder) + 1  # q/k/v (fused), o, cross q, cross o, wi, wo a layer; the head
