@@ -87,7 +87,7 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     extensions = [name for name, flag in (("AVX2", "avx2"), ("AVX-512", "avx512f"), ("AVX512-BF16", "avx512_bf16"),
-                                          ("AMX", "amx_tile")) if flag in flags]
+                                          ("AVX512-VNNI", "avx512_vnni"), ("AMX", "amx_tile")) if flag in flags]
     return f"{model} ({', '.join(extensions) or 'no AVX2'}), {os.cpu_count()} CPU cores, torch {torch.__version__}"
 
 
