@@ -1,8 +1,7 @@
 """Where one decoder step of the serving engine spends its time: torch.profiler over T5Runner.step at jokes prompts
 (short sources, so the step is the decoder's), t5-small shapes (or --config flan-t5-large; random weights), 2 LoRA
-adapters mixed per row,
-1 thread, float32 (or int8), the compiled step (or --eager). Writes the top operators by self CPU time, and the
-step's mean time, as Markdown.
+adapters mixed per row, 1 thread, float32 (or int8), the compiled step (or --eager). Writes the top operators by self
+CPU time, and the step's mean time, as Markdown.
 
 python benchmarks/step_profile.py [--rows 32] [--config t5-small] [--steps 20] [--int8] [--eager] [--output benchmarks/results/step_profile.md]
 """

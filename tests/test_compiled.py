@@ -311,9 +311,9 @@ def test_int8s_compiled_graphs_stay_as_close_to_float32_as_its_eager_step_is(cap
         with torch.profiler.profile() as profile:
             assert float((fast.step(tokens[:1]) - expected).abs().max()) <= 1.5 * eager_off
     assert compiled.steps == {"compiled": 7, "eager": 0} and compiled.encodes["eager"] == 0
-    ran = onednn_matmuls(capfd.readouterr().out)
-    assert not [name for name in ran if name.startswith("ref")], ran
-    assert ran or kernels.amx_problem() is None  # without AMX, oneDNN takes the many-row products
+    onednn = onednn_matmuls(capfd.readouterr().out)
+    assert not [name for name in onednn if name.startswith("ref")], onednn
+    assert onednn or kernels.amx_problem() is None  # without AMX, oneDNN takes the many-row products
     if kernels.kernel_problem() is None:  # one row: the VNNI kernel's, over the AMX layout where the CPU has AMX
         ran = [event.name for event in profile.events()]
         products = 6 * len(fast.weights.decoder) + 1  # q/k/v (fused), o, cross q, cross o, wi, wo a layer; the head

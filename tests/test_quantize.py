@@ -105,8 +105,8 @@ def onednn_matmuls(output: str) -> list[str]:
 
 def test_onednn_runs_int8_products_in_its_fast_kernels_not_its_reference_loop(capfd):
     """Without AMX, oneDNN's fast int8 kernels take unsigned activations only: given int8 ones, it ran its reference
-    loop (118 ms for a 20 x 512 by 512 x 512 product on an AMD EPYC with AVX512-VNNI, 0.06 in its kernel). Rows go to it as uint8
-    levels with zero point 128, which give the same sums."""
+    loop (118 ms for a 20 x 512 by 512 x 512 product on an AMD EPYC with AVX512-VNNI, 0.06 in its kernel). Rows go to
+    it as uint8 levels with zero point 128, which give the same sums."""
     torch.manual_seed(0)
     layer = Int8Linear(torch.randn(64, 96))
     x = torch.randn(20, 96)  # past the eager kernel's 8 rows: oneDNN's product
