@@ -10,6 +10,8 @@ tokens.
                  products only, none of peft-t5's kernels; not run unless named)
   engine_int8_no_amx: engine_int8 with PEFT_T5_AMX=off (peft-t5's VNNI kernel at one row, oneDNN's products from 2
                  rows: the int8 engine before its AMX kernel; not run unless named)
+  engine_int8_frozen: engine_int8 with PEFT_T5_HELD=off (its compiled graphs' oneDNN products on inductor's frozen,
+                 prepacked weights: the int8 engine before weights held by number; not run unless named)
   engine_bf16:   the compiled step, base loaded in bfloat16 (serve --dtype bfloat16; CPUs with AMX or AVX512-BF16)
   ct2:           CTranslate2 on the merged model (one adapter: what `peft-t5 export` writes), float32
   ct2_int8:      the same converted with --quantization int8
@@ -43,7 +45,7 @@ from common import jokes_records, machine, squad_records, write_results  # noqa:
 from serve_throughput import make_adapters  # noqa: E402
 
 SYSTEMS = ("engine", "engine_eager", "engine_int8", "engine_bf16", "ct2", "ct2_int8")
-OPTIONAL = ("engine_no_kernels", "engine_int8_no_kernels", "engine_int8_no_amx")
+OPTIONAL = ("engine_no_kernels", "engine_int8_no_kernels", "engine_int8_no_amx", "engine_int8_frozen")
 
 
 class RunningEngine:
@@ -101,6 +103,8 @@ def serve_system(system: str, base: str, adapters: dict, folder: str, rows: int,
         os.environ["PEFT_T5_KERNELS"] = "off"
     if system.endswith("_no_amx"):
         os.environ["PEFT_T5_AMX"] = "off"
+    if system.endswith("_frozen"):
+        os.environ["PEFT_T5_HELD"] = "off"
     if system.startswith("engine"):
         from peft_t5.bank import AdapterBank
         from peft_t5.quantize import quantize_int8
@@ -223,7 +227,8 @@ def main() -> None:
     for ours, theirs in (("engine", "ct2"), ("engine_int8", "ct2_int8"), ("engine", "engine_no_kernels"),
                          ("engine_no_kernels", "ct2"), ("engine_int8", "engine_int8_no_kernels"),
                          ("engine_int8_no_kernels", "ct2_int8"), ("engine_int8", "engine_int8_no_amx"),
-                         ("engine_int8_no_amx", "ct2_int8"), ("engine_bf16", "ct2"),
+                         ("engine_int8_no_amx", "ct2_int8"), ("engine_int8", "engine_int8_frozen"),
+                         ("engine_int8_frozen", "ct2_int8"), ("engine_bf16", "ct2"),
                          ("engine_bf16", "ct2_int8"), ("engine", "engine_eager")):
         if ours in cost and theirs in cost:
             for b in map(str, args.batches):

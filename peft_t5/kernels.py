@@ -6,6 +6,9 @@
                                                      # AVX-512
     torch.ops.peft_t5.int8_amx_matmul(x, packed, scale)  # csrc/int8_amx.cpp: x [M, K] float32, the weight packed
                                                          # by amx_pack(), scale [N] -> [M, N]; AMX
+    number = torch.ops.peft_t5.onednn_int8_pack(weight)  # csrc/onednn_int8.cpp: oneDNN's prepacked copy of an int8
+    torch.ops.peft_t5.onednn_int8_matmul(q, number, scale, zero_point)  # weight, held under a number; oneDNN's
+                                                         # qlinear on it (q: uint8 levels + 128); any x86 CPU
 
 int8: where the CPU has AMX, every product of the serving engine's int8 layers (quantize.Int8Linear.pack_for_amx,
 which then holds the weight in this kernel's layout only): oneDNN's per-call cost (~25-40 us, whatever the size) was
@@ -21,7 +24,7 @@ of MKL's on unit-scale weights). Both are built with the C++ compiler torch.comp
 quantize_int8); where they cannot be built or run, oneDNN and MKL take every product.
 
 PEFT_T5_KERNELS=off leaves every product to oneDNN and MKL, PEFT_T5_AMX=off the int8 ones to the VNNI kernel and
-oneDNN (to compare them).
+oneDNN, PEFT_T5_HELD=off the compiled graphs' oneDNN int8 products to inductor's frozen weights (to compare them).
 """
 from __future__ import annotations
 
@@ -33,8 +36,10 @@ from pathlib import Path
 import torch
 
 logger = logging.getLogger(__name__)
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("int8_matmul.cpp", "f32_matvec.cpp", "int8_amx.cpp")]
+SOURCES = [Path(__file__).parent / "csrc" / name
+           for name in ("int8_matmul.cpp", "f32_matvec.cpp", "int8_amx.cpp", "onednn_int8.cpp")]
 ready = False  # set once kernel_problem() has loaded the kernels (a plain flag: compiled graphs read it as a constant)
+onednn_ready = False  # ... once onednn_problem() has: oneDNN's int8 products take weights held by number
 amx_ready = False  # ... and once amx_problem() has found the AMX kernel usable
 MOST_ROWS = 8  # eagerly, the int8 kernel takes products of up to this many rows (one row: always)
 MOST_WEIGHT = 2048 * 512  # ... through weights of up to N * K this large: T5's output layer (32128 x 512) is oneDNN's
@@ -48,6 +53,32 @@ def kernel_problem() -> str | None:
         return "PEFT_T5_KERNELS=off"
     if not torch.cpu._is_vnni_supported():
         return "the CPU has no AVX512-VNNI"
+    problem = build_problem()
+    if problem is None:
+        global ready
+        ready = True
+    return problem
+
+
+@functools.lru_cache(maxsize=1)
+def onednn_problem() -> str | None:
+    """Why oneDNN's int8 products do not take weights held by number here (None: they do; csrc/onednn_int8.cpp, any
+    x86 CPU), building and loading the library on the first call. Else the eager products take a prepacked weight
+    the layer holds, and compiled graphs inductor's frozen one (a second copy; lowered again at each start)."""
+    if os.environ.get("PEFT_T5_KERNELS", "on") == "off":
+        return "PEFT_T5_KERNELS=off"
+    if os.environ.get("PEFT_T5_HELD", "on") == "off":
+        return "PEFT_T5_HELD=off"
+    problem = build_problem()
+    if problem is None:
+        global onednn_ready
+        onednn_ready = True
+    return problem
+
+
+@functools.lru_cache(maxsize=1)
+def build_problem() -> str | None:
+    """Why peft-t5's library of kernels did not load (None: it did), building it on the first call."""
     try:
         from torch.utils.cpp_extension import load
 
@@ -62,8 +93,8 @@ def kernel_problem() -> str | None:
     torch.library.register_fake("peft_t5::int8_amx_matmul")(
         lambda x, packed, scale: x.new_empty((x.shape[0], scale.shape[0])))
     torch.library.register_fake("peft_t5::f32_matvec")(lambda x, weight: x.new_empty((x.shape[0], weight.shape[0])))
-    global ready
-    ready = True
+    torch.library.register_fake("peft_t5::onednn_int8_matmul")(
+        lambda q, number, scale, zero_point: q.new_empty((q.shape[0], scale.shape[0]), dtype=torch.float32))
     return None
 
 

@@ -9,10 +9,13 @@ Where the CPU has AMX, the serving engine's layers (pack_for_amx: t5_runner.T5We
 AMX kernel, eagerly and compiled (kernels.py: oneDNN's per-call cost was most of the step's products), a single row
 (one-row decoding) by AVX512-VNNI over the same packed weight; other layers' single rows, and eagerly up to 8 rows,
 go to its VNNI kernel. All give oneDNN's results bit for bit. Other products of several rows (layers not packed,
-or no AMX): eagerly, oneDNN's qlinear on its prepacked weight; inside torch.compile it is written as the
-dequantize -> linear pattern that inductor lowers to the same qlinear with the weight prepacked once and frozen
-(the path torchao's int8 dynamic quantization takes on a CPU); the row scales stay outside the pattern, applied to
-its output. oneDNN is given each row's levels shifted by 128, as uint8 with zero point 128 (the same integers, so
+or no AMX) are oneDNN's qlinear on a weight it prepacked once, held by peft-t5's library under a number
+(kernels.onednn_problem; the serving engine's layers numbered as it builds them), eagerly and in compiled graphs,
+which name the weight by its number: a graph holds no copy of it, and inductor's graph cache keeps the graph for
+the next start. Where that library cannot load, eagerly the layer holds oneDNN's prepacked weight, and inside
+torch.compile the product is written as the dequantize -> linear pattern that inductor lowers to the same qlinear
+with the weight prepacked and frozen into the graph (the path torchao's int8 dynamic quantization takes on a CPU; a
+second copy, and lowered again at each start); the row scales stay outside it, applied to its output. oneDNN is given each row's levels shifted by 128, as uint8 with zero point 128 (the same integers, so
 the same sums): without AMX, its fast int8 kernels take unsigned activations only, and signed ones fell to its
 reference loop (a 20 x 512 by 512 x 512 product took 118 ms instead of 0.06 on an AMD EPYC with AVX512-VNNI). This
 replaces torch.ao's dynamic quantization (deprecated; per-batch activation scales; a layer PEFT cannot wrap).
@@ -41,7 +44,8 @@ class Int8Linear(nn.Linear):
         self.register_buffer("weight_scale", scale)
         self.register_buffer("weight_zero_point", torch.zeros(self.out_features, dtype=torch.long), persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
-        self._packed: tuple | None = None  # (weight, oneDNN's layout of it)
+        self._packed: tuple | None = None  # (weight, oneDNN's layout of it), where kernels.onednn_ready is not set
+        self._held: tuple | None = None  # (weight, HeldByOneDNN: the number oneDNN's layout of it is held under)
         self.amx_weight: torch.Tensor | None = None  # the weight in the AMX kernel's layout (pack_for_amx)
 
     @classmethod
@@ -63,17 +67,33 @@ class Int8Linear(nn.Linear):
         """Hold these int8 values and scales (views into a fused weight, see serve/t5_runner.py)."""
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.weight_scale = scale
-        self._packed = self.amx_weight = None
+        self._packed = self._held = self.amx_weight = None
 
     def set_packed(self, packed: torch.Tensor, scale: torch.Tensor) -> None:
         """Hold these values in AMX's layout only (views into a fused layer's packed weight, see serve/t5_runner.py)."""
-        self._parameters["weight"] = self._packed = None
+        self._parameters["weight"] = self._packed = self._held = None
         self.amx_weight, self.weight_scale = packed, scale
 
     def packed(self) -> torch.Tensor:
         if self._packed is None or self._packed[0] is not self._parameters["weight"]:
             self._packed = (self._parameters["weight"], torch.ops.onednn.qlinear_prepack(self.weight.detach(), None))
         return self._packed[1]
+
+    def onednn_number(self) -> int:
+        """The number oneDNN's prepacked copy of the weight is held under (kernels.onednn_problem), packed on the first
+        call: compiled graphs name the weight by it (hold_for_onednn() packs before any graph is traced)."""
+        if self._held is None or self._held[0] is not self._parameters["weight"] or self._held[1] is None:
+            if torch.compiler.is_compiling():
+                raise RuntimeError("an int8 layer was not held for oneDNN before its graph was traced")
+            self._held = (self._parameters["weight"], HeldByOneDNN(self.weight.detach()))
+        return self._held[1].number
+
+    def hold_for_onednn(self) -> None:
+        """Pack the weight for oneDNN now (where its products take held weights and this layer is not AMX's), in the
+        order the serving engine's layers are built: a restart gives each the same number, so that inductor's cache
+        finds the graphs that name them."""
+        if self.amx_weight is None and kernels.onednn_ready and self.weight.device.type == "cpu":
+            self.onednn_number()
 
     def pack_for_amx(self) -> None:
         """Hold the weight in the AMX kernel's layout instead, so that every product of this layer takes that kernel
@@ -96,6 +116,22 @@ class Int8Linear(nn.Linear):
         return self.weight.float() * self.weight_scale[:, None]
 
 
+class HeldByOneDNN:
+    """A weight's prepacked copy, held by peft-t5's library under a number (csrc/onednn_int8.cpp) while this lives."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.number = torch.ops.peft_t5.onednn_int8_pack(weight)
+
+    def __del__(self):
+        try:
+            torch.ops.peft_t5.onednn_int8_release(self.number)
+        except Exception:  # the interpreter shutting down
+            pass
+
+    def __deepcopy__(self, memo) -> None:  # a copied layer packs its own (two releasing one number would fail)
+        return None
+
+
 def holds_int8(module: nn.Module) -> bool:
     """Whether any layer under this module is Int8Linear (quantize_int8 has run on it)."""
     return any(isinstance(m, Int8Linear) for m in module.modules())
@@ -109,6 +145,12 @@ def int8_linear(x: torch.Tensor, layer: Int8Linear) -> torch.Tensor:
         y = torch.ops.peft_t5.int8_amx_matmul(x, layer.amx_weight, layer.weight_scale)
     elif takes_kernel(x, layer):
         y = torch.ops.peft_t5.int8_matmul(x, layer.weight, layer.weight_scale)
+    elif kernels.onednn_ready:  # eager and compiled: oneDNN's product on the weight held under the layer's number
+        scale = x.abs().amax(-1, keepdim=True).clamp_(min=1e-12)
+        q = (x * (127 / scale)).round_().add_(128).to(torch.uint8)  # the fewest eager ops: |x| * 127 / max|x| needs
+        y = torch.ops.peft_t5.onednn_int8_matmul(q, layer.onednn_number(), layer.weight_scale,  # no clamp
+                                                 layer.weight_zero_point)
+        y.mul_(scale / 127)
     elif torch.compiler.is_compiling():
         scale = x.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127
         q = ((x / scale).round().clamp(-127, 127) + 128).to(torch.uint8)
@@ -153,6 +195,7 @@ def int8_path() -> str:
 
     if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.onednn, "qlinear_pointwise"):
         raise PeftT5Error("--quantize int8 needs PyTorch with oneDNN (an x86 build); serve in float32 or bfloat16")
+    kernels.onednn_problem()
     try:  # a round trip on a small matrix: the build has the kernels
         layer = Int8Linear(torch.eye(16))
         if not torch.allclose(layer(torch.eye(16)), torch.eye(16), atol=0.02):
@@ -168,7 +211,9 @@ def int8_path() -> str:
                "int8 for the rest; activations quantized per row"
     kernel = kernels.kernel_problem()
     kernel = "peft-t5's AVX512-VNNI kernel" if kernel is None else f"oneDNN too ({kernel})"
-    return f"oneDNN int8 ({isa}), activations quantized per row; one row (eager: 1-{kernels.MOST_ROWS}): {kernel}"
+    held = "its weights prepacked once, held by number" if kernels.onednn_ready else "compiled graphs frozen"
+    return (f"oneDNN int8 ({isa}), activations quantized per row, {held}; one row (eager: 1-{kernels.MOST_ROWS}): "
+            f"{kernel}")
 
 
 def quantize_int8(*models: nn.Module) -> int:

@@ -324,23 +324,37 @@ def test_int8s_compiled_graphs_stay_as_close_to_float32_as_its_eager_step_is(cap
         assert ran.count("peft_t5::int8_amx_matmul") == products and "onednn::qlinear_pointwise" not in ran
 
 
-def test_a_restart_builds_no_kernel_again_from_the_cache_folder(folders, tmp_path):
+@pytest.mark.parametrize("int8", [False, True])
+def test_a_restart_builds_no_kernel_again_from_the_cache_folder(folders, tmp_path, int8):
     """Two processes compile the same step with one cache folder: the first writes the kernels it builds there, the
-    second finds them and builds none."""
+    second finds them and builds none. int8 (where oneDNN's products take weights held by number, or AMX's kernel
+    takes them all): the second finds every graph whole in inductor's graph cache, none traced and lowered again
+    (frozen graphs, which hold oneDNN's prepacked weights, were never stored: each start lowered them again)."""
+    import json
     import subprocess
     import sys
 
-    script = (f"import asyncio, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_compiled as t; "
-              f"from pathlib import Path; from peft_t5.serve.engine import Engine; "
+    script = (f"import asyncio, json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+              f"import test_compiled as t; from pathlib import Path; from peft_t5.serve.engine import Engine; "
+              f"from peft_t5.quantize import quantize_int8; from torch._dynamo.utils import counters; "
               f"bank = t.bank_of(Path({str(folders)!r}), q_v='q_v'); "
+              f"{int8} and quantize_int8(*bank.models()); "
               f"engine = Engine(bank, compile_cache={str(tmp_path / 'cache')!r}); "
-              f"t.running(engine, t.ready); assert engine.compiled.ready and not engine.compiled.failed")
+              f"t.running(engine, t.ready); assert engine.compiled.ready and not engine.compiled.failed; "
+              f"print(json.dumps(dict(counters['inductor'])))")
 
-    def built() -> dict:
-        subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, timeout=600)
-        return {path: path.stat().st_mtime_ns for path in (tmp_path / "cache").rglob("*.so")}
-    first = built()
-    assert first and built() == first
+    def built() -> tuple[dict, dict]:
+        run = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True, timeout=600)
+        inductor = json.loads(run.stdout.strip().splitlines()[-1])
+        return {path: path.stat().st_mtime_ns for path in (tmp_path / "cache").rglob("*.so")}, inductor
+    first, inductor = built()
+    compiled = inductor.get("fxgraph_cache_miss", 0) + inductor.get("fxgraph_cache_bypass", 0)
+    assert first and compiled >= 4  # the decoder step and encoder, one row and many
+    again, inductor = built()
+    assert again == first
+    if int8 and kernels.build_problem() is None and os.environ.get("PEFT_T5_KERNELS", "on") != "off":
+        assert inductor.get("fxgraph_cache_hit", 0) >= 4 and not inductor.get("fxgraph_cache_miss")
+        assert not inductor.get("fxgraph_cache_bypass"), inductor
 
 
 async def ready(engine: Engine) -> None:

@@ -119,6 +119,29 @@ def test_onednn_runs_int8_products_in_its_fast_kernels_not_its_reference_loop(ca
     assert torch.allclose(y, exact, rtol=1e-5, atol=1e-5)
 
 
+def test_a_copied_int8_layer_holds_oneDNNs_weight_of_its_own_and_a_freed_layer_lets_its_go():
+    """oneDNN's prepacked weights are held under numbers (compiled graphs name them): a deep copy of a layer (tests
+    and benchmarks copy models) packs its own, and a layer that is freed releases its number."""
+    import copy
+    import gc
+
+    if kernels.onednn_problem() is not None:
+        pytest.skip(f"oneDNN's products take no held weights here: {kernels.onednn_problem()}")
+    torch.manual_seed(0)
+    layer, x = Int8Linear(torch.randn(64, 96)), torch.randn(20, 96)
+    expected = int8_linear(x, layer)
+    copied = copy.deepcopy(layer)
+    number = layer.onednn_number()
+    q = torch.full((2, 96), 128, dtype=torch.uint8)
+    assert torch.equal(torch.ops.peft_t5.onednn_int8_matmul(q, number, layer.weight_scale, layer.weight_zero_point),
+                       torch.zeros(2, 64))
+    del layer
+    gc.collect()
+    assert torch.equal(int8_linear(x, copied), expected) and copied.onednn_number() != number
+    with pytest.raises(RuntimeError, match=f"no weight is held under {number}"):
+        torch.ops.peft_t5.onednn_int8_matmul(q, number, copied.weight_scale, copied.weight_zero_point)
+
+
 def test_int8_can_be_left_to_onednn(monkeypatch):
     monkeypatch.setenv("PEFT_T5_KERNELS", "off")
     assert kernels.kernel_problem.__wrapped__() == "PEFT_T5_KERNELS=off"

@@ -8,9 +8,9 @@ On a CPU, inductor compiles each into two graphs per layout of LoRA stacks: one 
 other number of rows. Row count, lengths, LoRA slots and rank are symbolic sizes, so rows joining, buffers growing,
 prompts of every length and adapters loading never recompile. The step's graph for several rows freezes the base's
 weights (a copy prepacked for oneDNN, which several rows need: 1.7x the speed at 8 rows); so do the graphs of a
-bfloat16 base, and of an int8 one where the CPU has no AMX, whose matmuls are oneDNN's too (int8's encoder compiled:
-1.6-2.1x its eager speed). An int8 base's graphs on a CPU with AMX hold no oneDNN product (peft-t5's kernels take
-every one, kernels.py) and are not frozen. A float32
+bfloat16 base. An int8 base's graphs are not frozen: their products are peft-t5's kernels' (kernels.py) or oneDNN's
+over weights prepacked once and held by number (csrc/onednn_int8.cpp), which a graph names by that number (int8's
+encoder compiled: 1.6-2.1x its eager speed). A float32
 base's one-row step and its encoder read the weights as they are: one row streams them from memory whatever their
 layout (MKL's packing for one row was no faster and held 300 MB more for t5-small), and the encoder's products are
 as fast unpacked (the frozen encoder was no faster at 1-32 SQuAD rows; a copy would hold 75 MB). On a GPU the
@@ -19,7 +19,8 @@ graphs compile without freezing.
 Compiles run on a thread of their own, one at a time. Until a graph is ready its calls run eagerly (the reference
 the compiled graphs are tested against), so no request waits for a compile. Inductor keeps the kernels it builds in
 TORCHINDUCTOR_CACHE_DIR, so a restart builds none again; it still traces each graph, and lowers again those holding
-prepacked weights (its graph cache does not keep them). Its C++ wrapper is not used: no faster here (within 3%), and a
+prepacked weights (frozen: its graph cache cannot store oneDNN's opaque tensors); the others it finds whole in its
+graph cache. Its C++ wrapper is not used: no faster here (within 3%), and a
 restart would build it again (its source names the weights by their memory addresses).
 """
 from __future__ import annotations
@@ -179,11 +180,13 @@ def options(step, args: tuple) -> dict:
     """Inductor's settings for the graph of this module at these arguments (see the module's docstring)."""
     if args[0].device.type != "cpu":
         return {}
+    from .. import kernels
     from ..quantize import Int8Linear
 
     int8 = [m for m in step.weights.modules() if isinstance(m, Int8Linear)]
-    if int8 and all(m.amx_weight is not None for m in int8):  # every product is peft-t5's AMX kernel's: nothing
-        return {"freezing": False}  # for inductor to prepack (and the graph stays in its cache)
+    if int8 and (kernels.onednn_ready or all(m.amx_weight is not None for m in int8)):  # every product peft-t5's
+        return {"freezing": False}  # kernels' or oneDNN's over weights held by number: nothing for inductor to
+    # prepack (and the graph stays in its cache)
     float32 = step.weights.dtype == torch.float32 and not int8
     many_row_step = args[0].shape[0] > 1 and part_of(step) == "step"
     return {"freezing": not float32 or many_row_step}

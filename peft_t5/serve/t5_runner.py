@@ -171,9 +171,10 @@ class T5Weights(nn.Module):
         self.head_scale = config.d_model ** -0.5 if getattr(config, "scale_decoder_outputs",
                                                             config.tie_word_embeddings) else 1.0
         self.dtype = self.embed.dtype  # of the caches: the model's float dtype
-        for module in self.modules():  # int8: every product through peft-t5's AMX kernel where the CPU has AMX
-            if isinstance(module, Int8Linear):
+        for module in self.modules():  # int8: every product through peft-t5's AMX kernel where the CPU has AMX,
+            if isinstance(module, Int8Linear):  # else oneDNN's over weights held by number, numbered in this order
                 module.pack_for_amx()
+                module.hold_for_onednn()
 
     def norm(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(h, (self.d_model,), weight.float(), self.eps)
