@@ -2,18 +2,20 @@
 // peft_t5/kernels.py). A one-row product reads its whole weight once and does little else, so it runs at the speed
 // memory delivers the weight: written by hand because MKL's (F.linear at one row) reached ~15 GB/s on a 2-core Xeon
 // where this loop, four weight rows at a time and each stream prefetched 8 KB ahead, reached 17-23 (t5-small's
-// 154 MB a step).
+// 154 MB a step); on a 2-core AMD EPYC MKL's 10.6, this loop's 20-22 (prefetching into L2 there: prefetch.h).
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <torch/library.h>
 #include <torch/types.h>
 
+#include "prefetch.h"
+
 namespace {
 
 constexpr int64_t kAhead = 2048;  // floats prefetched ahead of each load (8 KB)
 
-// out[n + j] = w[n + j, :] . x for j < R
-template <int R>
+// out[n + j] = w[n + j, :] . x for j < R, the weight prefetched with Hint (prefetch.h)
+template <int R, int Hint>
 __attribute__((target("avx512f"))) inline void weight_rows(const float* x, const float* w, float* out,
                                                             int64_t k_size, int64_t n) {
   __m512 acc[R];
@@ -23,7 +25,7 @@ __attribute__((target("avx512f"))) inline void weight_rows(const float* x, const
   for (int64_t k = 0; k < whole; k += 16) {
     const __m512 xv = _mm512_loadu_ps(x + k);
     for (int j = 0; j < R; ++j) {
-      _mm_prefetch(reinterpret_cast<const char*>(r + j * k_size + k + kAhead), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(r + j * k_size + k + kAhead), static_cast<_mm_hint>(Hint));
       acc[j] = _mm512_fmadd_ps(_mm512_loadu_ps(r + j * k_size + k), xv, acc[j]);
     }
   }
@@ -34,6 +36,15 @@ __attribute__((target("avx512f"))) inline void weight_rows(const float* x, const
       acc[j] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, r + j * k_size + whole), xv, acc[j]);
   }
   for (int j = 0; j < R; ++j) out[n + j] = _mm512_reduce_add_ps(acc[j]);
+}
+
+template <int Hint>
+void products(const float* xd, const float* w, float* o, int64_t k_size, int64_t n_size) {
+  const int64_t blocks = n_size / 4;
+  at::parallel_for(0, blocks, 64, [&](int64_t first, int64_t last) {
+    for (int64_t b = first; b < last; ++b) weight_rows<4, Hint>(xd, w, o, k_size, 4 * b);
+  });
+  for (int64_t n = 4 * blocks; n < n_size; ++n) weight_rows<1, Hint>(xd, w, o, k_size, n);
 }
 
 at::Tensor f32_matvec(const at::Tensor& x, const at::Tensor& weight) {
@@ -47,11 +58,10 @@ at::Tensor f32_matvec(const at::Tensor& x, const at::Tensor& weight) {
   const float* xd = xc.data_ptr<float>();
   const float* w = weight.data_ptr<float>();
   float* o = out.data_ptr<float>();
-  const int64_t blocks = n_size / 4;
-  at::parallel_for(0, blocks, 64, [&](int64_t first, int64_t last) {
-    for (int64_t b = first; b < last; ++b) weight_rows<4>(xd, w, o, k_size, 4 * b);
-  });
-  for (int64_t n = 4 * blocks; n < n_size; ++n) weight_rows<1>(xd, w, o, k_size, n);
+  if (peft_t5_kernels::prefetch_to_l2())
+    products<_MM_HINT_T1>(xd, w, o, k_size, n_size);
+  else
+    products<_MM_HINT_T0>(xd, w, o, k_size, n_size);
   return out;
 }
 

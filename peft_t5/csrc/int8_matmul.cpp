@@ -13,6 +13,7 @@
 #include <cmath>
 #include <vector>
 
+#include "prefetch.h"
 #include "quantize_row.h"
 
 namespace {
@@ -25,7 +26,7 @@ using peft_t5_kernels::quantize_row;
 // serves MR rows of q: 4 x MR accumulators. A weight larger than the cache streams from memory: fetching the next
 // four rows while these are summed took flan-t5-large's 169 one-row products from 26.7 to 23.5 ms (8 rows: 53.0 to
 // 34.7) on a 2-core Xeon; t5-small's, which the cache holds, did not change.
-template <int MR>
+template <int MR, int Hint>
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) inline void tile(const int8_t* q, const int32_t* q_sum,
     const float* x_scale, const int8_t* w, const float* scale, float* out, int64_t k_size, int64_t n_size, int64_t m0,
     int64_t n) {
@@ -38,7 +39,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) inline void tile(const in
   for (int64_t k = 0; k < whole; k += 64) {
     __m512i wv[4];
     for (int j = 0; j < 4; ++j) {  // the next four rows' bytes at this k, fetched ahead of their turn
-      _mm_prefetch(reinterpret_cast<const char*>(r[j] + 4 * k_size + k), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(r[j] + 4 * k_size + k), static_cast<_mm_hint>(Hint));
       wv[j] = _mm512_xor_si512(_mm512_loadu_si512(r[j] + k), flip);
     }
     for (int i = 0; i < MR; ++i) {
@@ -69,18 +70,20 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) inline void tile(const in
   }
 }
 
-// weight rows [first, last) for every row of q: four at a time (in tiles of up to four rows of q), then one by one
+// weight rows [first, last) for every row of q: four at a time (in tiles of up to four rows of q), then one by one;
+// the weight prefetched with Hint (prefetch.h)
+template <int Hint>
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) void weight_rows(const int8_t* q, const int32_t* q_sum,
     const float* x_scale, const int8_t* w, const float* scale, float* out, int64_t m_size, int64_t k_size,
     int64_t n_size, int64_t first, int64_t last) {
   int64_t n = first;
   for (; n + 4 <= last; n += 4) {
     int64_t m = 0;
-    for (; m + 4 <= m_size; m += 4) tile<4>(q, q_sum, x_scale, w, scale, out, k_size, n_size, m, n);
+    for (; m + 4 <= m_size; m += 4) tile<4, Hint>(q, q_sum, x_scale, w, scale, out, k_size, n_size, m, n);
     switch (m_size - m) {
-      case 3: tile<3>(q, q_sum, x_scale, w, scale, out, k_size, n_size, m, n); break;
-      case 2: tile<2>(q, q_sum, x_scale, w, scale, out, k_size, n_size, m, n); break;
-      case 1: tile<1>(q, q_sum, x_scale, w, scale, out, k_size, n_size, m, n); break;
+      case 3: tile<3, Hint>(q, q_sum, x_scale, w, scale, out, k_size, n_size, m, n); break;
+      case 2: tile<2, Hint>(q, q_sum, x_scale, w, scale, out, k_size, n_size, m, n); break;
+      case 1: tile<1, Hint>(q, q_sum, x_scale, w, scale, out, k_size, n_size, m, n); break;
     }
   }
   for (; n < last; ++n) {
@@ -114,7 +117,12 @@ at::Tensor int8_matmul(const at::Tensor& x, const at::Tensor& weight, const at::
   const float* s = sc.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(16, 1024 / std::max<int64_t>(m_size, 1) / 4 * 4);  // ~1024 rows' work
   at::parallel_for(0, n_size, grain, [&](int64_t first, int64_t last) {
-    weight_rows(q.data(), q_sum.data(), x_scale.data(), w, s, out_data, m_size, k_size, n_size, first, last);
+    if (peft_t5_kernels::prefetch_to_l2())
+      weight_rows<_MM_HINT_T1>(q.data(), q_sum.data(), x_scale.data(), w, s, out_data, m_size, k_size, n_size, first,
+                               last);
+    else
+      weight_rows<_MM_HINT_T0>(q.data(), q_sum.data(), x_scale.data(), w, s, out_data, m_size, k_size, n_size, first,
+                               last);
   });
   return out;
 }
