@@ -10,8 +10,9 @@ tokens.
                  products only, none of peft-t5's kernels; not run unless named)
   engine_int8_no_amx: engine_int8 with PEFT_T5_AMX=off (peft-t5's VNNI kernel at one row, oneDNN's products from 2
                  rows: the int8 engine before its AMX kernel; not run unless named)
-  engine_int8_frozen: engine_int8 with PEFT_T5_HELD=off (its compiled graphs' oneDNN products on inductor's frozen,
-                 prepacked weights: the int8 engine before weights held by number; not run unless named)
+  engine_frozen, engine_int8_frozen, engine_bf16_frozen: engine, engine_int8 and engine_bf16 with PEFT_T5_HELD=off
+                 (the compiled graphs' oneDNN products on inductor's frozen, prepacked weights: the engine before
+                 weights held by number; not run unless named)
   engine_bf16:   the compiled step, base loaded in bfloat16 (serve --dtype bfloat16; CPUs with AMX or AVX512-BF16)
   ct2:           CTranslate2 on the merged model (one adapter: what `peft-t5 export` writes), float32
   ct2_int8:      the same converted with --quantization int8
@@ -45,7 +46,8 @@ from common import jokes_records, machine, squad_records, write_results  # noqa:
 from serve_throughput import make_adapters  # noqa: E402
 
 SYSTEMS = ("engine", "engine_eager", "engine_int8", "engine_bf16", "ct2", "ct2_int8")
-OPTIONAL = ("engine_no_kernels", "engine_int8_no_kernels", "engine_int8_no_amx", "engine_int8_frozen")
+OPTIONAL = ("engine_no_kernels", "engine_int8_no_kernels", "engine_int8_no_amx", "engine_frozen", "engine_int8_frozen",
+            "engine_bf16_frozen")
 
 
 class RunningEngine:
@@ -109,7 +111,7 @@ def serve_system(system: str, base: str, adapters: dict, folder: str, rows: int,
         from peft_t5.bank import AdapterBank
         from peft_t5.quantize import quantize_int8
 
-        bank = AdapterBank.load(base, adapters, dtype="bfloat16" if system == "engine_bf16" else "float32")
+        bank = AdapterBank.load(base, adapters, dtype="bfloat16" if system.startswith("engine_bf16") else "float32")
         if system.startswith("engine_int8"):
             quantize_int8(*bank.models())
         runner = RunningEngine(bank, rows, threads, compile=system != "engine_eager")
@@ -174,7 +176,7 @@ def main() -> None:
     from peft_t5.quantize import int8_path
     from peft_t5.tasks import get_task
 
-    systems = [s for s in args.systems if s != "engine_bf16" or bf16_supported()]
+    systems = [s for s in args.systems if not s.startswith("engine_bf16") or bf16_supported()]
     rounds = 1 if args.quick else args.rounds
     template = get_task(args.prompts).template
     records, data = squad_records(256) if args.prompts == "squad" else jokes_records()
@@ -228,7 +230,8 @@ def main() -> None:
                          ("engine_no_kernels", "ct2"), ("engine_int8", "engine_int8_no_kernels"),
                          ("engine_int8_no_kernels", "ct2_int8"), ("engine_int8", "engine_int8_no_amx"),
                          ("engine_int8_no_amx", "ct2_int8"), ("engine_int8", "engine_int8_frozen"),
-                         ("engine_int8_frozen", "ct2_int8"), ("engine_bf16", "ct2"),
+                         ("engine_int8_frozen", "ct2_int8"), ("engine", "engine_frozen"), ("engine_frozen", "ct2"),
+                         ("engine_bf16", "engine_bf16_frozen"), ("engine_bf16", "ct2"),
                          ("engine_bf16", "ct2_int8"), ("engine", "engine_eager")):
         if ours in cost and theirs in cost:
             for b in map(str, args.batches):

@@ -6,9 +6,12 @@
                                                      # AVX-512
     torch.ops.peft_t5.int8_amx_matmul(x, packed, scale)  # csrc/int8_amx.cpp: x [M, K] float32, the weight packed
                                                          # by amx_pack(), scale [N] -> [M, N]; AMX
-    number = torch.ops.peft_t5.onednn_int8_pack(weight)  # csrc/onednn_int8.cpp: oneDNN's prepacked copy of an int8
+    number = torch.ops.peft_t5.onednn_int8_pack(weight)  # csrc/onednn_held.cpp: oneDNN's prepacked copy of an int8
     torch.ops.peft_t5.onednn_int8_matmul(q, number, scale, zero_point)  # weight, held under a number; oneDNN's
                                                          # qlinear on it (q: uint8 levels + 128); any x86 CPU
+    number = torch.ops.peft_t5.onednn_float_pack(weight, rows)  # ... of a float32 or bfloat16 weight, laid out for
+    torch.ops.peft_t5.onednn_float_linear(x, number, out_features)  # about `rows` rows; oneDNN's linear on it
+    torch.ops.peft_t5.onednn_release(number)             # the copy let go
 
 int8: where the CPU has AMX, every product of the serving engine's int8 layers (quantize.Int8Linear.pack_for_amx,
 which then holds the weight in this kernel's layout only): oneDNN's per-call cost (~25-40 us, whatever the size) was
@@ -24,7 +27,7 @@ of MKL's on unit-scale weights). Both are built with the C++ compiler torch.comp
 quantize_int8); where they cannot be built or run, oneDNN and MKL take every product.
 
 PEFT_T5_KERNELS=off leaves every product to oneDNN and MKL, PEFT_T5_AMX=off the int8 ones to the VNNI kernel and
-oneDNN, PEFT_T5_HELD=off the compiled graphs' oneDNN int8 products to inductor's frozen weights (to compare them).
+oneDNN, PEFT_T5_HELD=off the compiled graphs' oneDNN products to inductor's frozen weights (to compare them).
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 SOURCES = [Path(__file__).parent / "csrc" / name
-           for name in ("int8_matmul.cpp", "f32_matvec.cpp", "int8_amx.cpp", "onednn_int8.cpp")]
+           for name in ("int8_matmul.cpp", "f32_matvec.cpp", "int8_amx.cpp", "onednn_held.cpp")]
 ready = False  # set once kernel_problem() has loaded the kernels (a plain flag: compiled graphs read it as a constant)
 onednn_ready = False  # ... once onednn_problem() has: oneDNN's int8 products take weights held by number
 amx_ready = False  # ... and once amx_problem() has found the AMX kernel usable
@@ -62,9 +65,9 @@ def kernel_problem() -> str | None:
 
 @functools.lru_cache(maxsize=1)
 def onednn_problem() -> str | None:
-    """Why oneDNN's int8 products do not take weights held by number here (None: they do; csrc/onednn_int8.cpp, any
-    x86 CPU), building and loading the library on the first call. Else the eager products take a prepacked weight
-    the layer holds, and compiled graphs inductor's frozen one (a second copy; lowered again at each start)."""
+    """Why oneDNN's products do not take weights held by number here (None: they do; csrc/onednn_held.cpp, any x86
+    CPU), building and loading the library on the first call. Else int8's eager products take a prepacked weight the
+    layer holds, and compiled graphs inductor's frozen ones (a copy in each graph; lowered again at each start)."""
     if os.environ.get("PEFT_T5_KERNELS", "on") == "off":
         return "PEFT_T5_KERNELS=off"
     if os.environ.get("PEFT_T5_HELD", "on") == "off":
@@ -95,6 +98,8 @@ def build_problem() -> str | None:
     torch.library.register_fake("peft_t5::f32_matvec")(lambda x, weight: x.new_empty((x.shape[0], weight.shape[0])))
     torch.library.register_fake("peft_t5::onednn_int8_matmul")(
         lambda q, number, scale, zero_point: q.new_empty((q.shape[0], scale.shape[0]), dtype=torch.float32))
+    torch.library.register_fake("peft_t5::onednn_float_linear")(
+        lambda x, number, out_features: x.new_empty((x.shape[0], out_features)))
     return None
 
 

@@ -85,7 +85,7 @@ class Int8Linear(nn.Linear):
         if self._held is None or self._held[0] is not self._parameters["weight"] or self._held[1] is None:
             if torch.compiler.is_compiling():
                 raise RuntimeError("an int8 layer was not held for oneDNN before its graph was traced")
-            self._held = (self._parameters["weight"], HeldByOneDNN(self.weight.detach()))
+            self._held = (self._parameters["weight"], HeldByOneDNN(torch.ops.peft_t5.onednn_int8_pack(self.weight)))
         return self._held[1].number
 
     def hold_for_onednn(self) -> None:
@@ -117,14 +117,15 @@ class Int8Linear(nn.Linear):
 
 
 class HeldByOneDNN:
-    """A weight's prepacked copy, held by peft-t5's library under a number (csrc/onednn_int8.cpp) while this lives."""
+    """A weight's copy laid out by oneDNN, held by peft-t5's library under a number (csrc/onednn_held.cpp, from its
+    onednn_*_pack) while this lives."""
 
-    def __init__(self, weight: torch.Tensor):
-        self.number = torch.ops.peft_t5.onednn_int8_pack(weight)
+    def __init__(self, number: int):
+        self.number = number
 
     def __del__(self):
         try:
-            torch.ops.peft_t5.onednn_int8_release(self.number)
+            torch.ops.peft_t5.onednn_release(self.number)
         except Exception:  # the interpreter shutting down
             pass
 

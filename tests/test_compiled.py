@@ -92,7 +92,7 @@ def test_the_compiled_step_answers_as_the_eager_one_on_real_shaped_random_weight
 
 def test_a_float32_one_row_graph_reads_the_bases_weights_rather_than_a_frozen_copy_of_them():
     """The one-row graph of a float32 base is not frozen (no prepacked copy of the decoder): a weight changed in place
-    changes its answer as it changes the eager step's. The graph of several rows holds its own copy."""
+    changes its answer as it changes the eager step's. The step of several rows takes a copy oneDNN laid out."""
     config = T5Config(d_model=64, d_kv=16, d_ff=128, num_heads=4, num_layers=2, vocab_size=300,
                       feed_forward_proj="relu", decoder_start_token_id=0)
     torch.manual_seed(0)
@@ -126,6 +126,38 @@ def test_a_float32_one_row_graph_reads_the_bases_weights_rather_than_a_frozen_co
             assert ran.count("peft_t5::f32_matvec") == 6 * len(fast.weights.decoder) + 1
             assert not {"aten::mm", "aten::addmm", "aten::linear"} & set(ran)
     assert compiled.steps["eager"] == 0
+
+
+def test_a_bfloat16_bases_compiled_graphs_answer_as_its_eager_step_on_weights_held_by_number():
+    """bfloat16's graphs were frozen (oneDNN's prepacked copies inside them); where peft-t5's library loads, their
+    products take copies held by number instead: the same logits as the eager step (bfloat16's rounding apart), the
+    same greedy tokens, every product of the compiled step oneDNN's on a held weight."""
+    config = T5Config(d_model=64, d_kv=16, d_ff=128, num_heads=4, num_layers=2, vocab_size=300,
+                      feed_forward_proj="relu", decoder_start_token_id=0)
+    torch.manual_seed(0)
+    base = T5ForConditionalGeneration(config).eval().to(torch.bfloat16)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q", "v"]))
+    compiled = CompiledStep()
+    eager, fast = T5Runner(model), T5Runner(model, compiled=compiled)
+    fast.warm(["default"])
+    compiled.wait()
+    assert not compiled.failed and len(compiled.ready) == 4
+    sources = [list(range(5, 5 + n)) + [1] for n in (20, 6, 13)]
+    with torch.inference_mode():
+        for runner in (eager, fast):
+            runner.add(sources, ["default", "__base__", "default"], budgets=[4] * 3)
+        tokens = torch.zeros(3, dtype=torch.long)
+        for _ in range(4):
+            expected = eager.step(tokens)
+            with torch.profiler.profile() as profile:
+                got = fast.step(tokens)
+            assert (got - expected).norm() < 0.02 * expected.norm() and torch.equal(got.argmax(-1), expected.argmax(-1))
+            tokens = expected.argmax(-1)
+    assert compiled.steps == {"compiled": 4, "eager": 0} and fast.weights.held == (kernels.onednn_problem() is None)
+    if fast.weights.held:
+        ran = [event.name for event in profile.events()]
+        assert ran.count("peft_t5::onednn_float_linear") == 6 * len(fast.weights.decoder) + 1
+        assert not {"aten::mm", "aten::addmm", "aten::linear"} & set(ran)
 
 
 def test_the_float32_one_row_kernel_is_as_close_to_float64_as_mkls_product():
@@ -327,9 +359,9 @@ def test_int8s_compiled_graphs_stay_as_close_to_float32_as_its_eager_step_is(cap
 @pytest.mark.parametrize("int8", [False, True])
 def test_a_restart_builds_no_kernel_again_from_the_cache_folder(folders, tmp_path, int8):
     """Two processes compile the same step with one cache folder: the first writes the kernels it builds there, the
-    second finds them and builds none. int8 (where oneDNN's products take weights held by number, or AMX's kernel
-    takes them all): the second finds every graph whole in inductor's graph cache, none traced and lowered again
-    (frozen graphs, which hold oneDNN's prepacked weights, were never stored: each start lowered them again)."""
+    second finds them and builds none, and (where oneDNN's products take weights held by number) finds every graph
+    whole in inductor's graph cache, none lowered again: frozen graphs, which hold oneDNN's prepacked weights (int8's
+    without AMX, float32's step of several rows), were never stored, so each start lowered them again."""
     import json
     import subprocess
     import sys
@@ -352,7 +384,7 @@ def test_a_restart_builds_no_kernel_again_from_the_cache_folder(folders, tmp_pat
     assert first and compiled >= 4  # the decoder step and encoder, one row and many
     again, inductor = built()
     assert again == first
-    if int8 and kernels.build_problem() is None and os.environ.get("PEFT_T5_KERNELS", "on") != "off":
+    if kernels.build_problem() is None and os.environ.get("PEFT_T5_KERNELS", "on") != "off":
         assert inductor.get("fxgraph_cache_hit", 0) >= 4 and not inductor.get("fxgraph_cache_miss")
         assert not inductor.get("fxgraph_cache_bypass"), inductor
 

@@ -8,9 +8,10 @@ On a CPU, inductor compiles each into two graphs per layout of LoRA stacks: one 
 other number of rows. Row count, lengths, LoRA slots and rank are symbolic sizes, so rows joining, buffers growing,
 prompts of every length and adapters loading never recompile. The step's graph for several rows freezes the base's
 weights (a copy prepacked for oneDNN, which several rows need: 1.7x the speed at 8 rows); so do the graphs of a
-bfloat16 base. An int8 base's graphs are not frozen: their products are peft-t5's kernels' (kernels.py) or oneDNN's
-over weights prepacked once and held by number (csrc/onednn_int8.cpp), which a graph names by that number (int8's
-encoder compiled: 1.6-2.1x its eager speed). A float32
+bfloat16 base. Where peft-t5's library loads (kernels.onednn_problem), no graph is frozen: those oneDNN products take
+a copy prepacked once and held by number (csrc/onednn_held.cpp; t5_runner.T5Weights.hold_for_onednn), which the
+graphs name by that number, and an int8 base's others are peft-t5's kernels' (kernels.py; int8's encoder compiled:
+1.6-2.1x its eager speed). A float32
 base's one-row step and its encoder read the weights as they are: one row streams them from memory whatever their
 layout (MKL's packing for one row was no faster and held 300 MB more for t5-small), and the encoder's products are
 as fast unpacked (the frozen encoder was no faster at 1-32 SQuAD rows; a copy would hold 75 MB). On a GPU the
@@ -180,11 +181,10 @@ def options(step, args: tuple) -> dict:
     """Inductor's settings for the graph of this module at these arguments (see the module's docstring)."""
     if args[0].device.type != "cpu":
         return {}
-    from .. import kernels
     from ..quantize import Int8Linear
 
     int8 = [m for m in step.weights.modules() if isinstance(m, Int8Linear)]
-    if int8 and (kernels.onednn_ready or all(m.amx_weight is not None for m in int8)):  # every product peft-t5's
+    if step.weights.held or (int8 and all(m.amx_weight is not None for m in int8)):  # every product peft-t5's
         return {"freezing": False}  # kernels' or oneDNN's over weights held by number: nothing for inductor to
     # prepack (and the graph stays in its cache)
     float32 = step.weights.dtype == torch.float32 and not int8

@@ -25,13 +25,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
-from ..quantize import Int8Linear, return_freed_memory
+from ..quantize import HeldByOneDNN, Int8Linear, return_freed_memory
 from .module_runner import BASE_ADAPTER, ModuleRunner, copy_sources, encoding_plan, padded
 
 # a LoRA layer's place in T5 -> the projection's name in the step (cross-attention: c*)
 LORA_PLACE = re.compile(r"(?:^|\.)(encoder|decoder)\.block\.(\d+)\.layer\.\d\.(SelfAttention|EncDecAttention|"
                         r"DenseReluDense)\.(q|k|v|o|wi|wi_0|wi_1|wo)$")
 STEP_PROJECTIONS = ("q", "k", "v", "o", "cq", "co", "wi", "wi_0", "wi_1", "wo")  # the rest run when a row joins
+STEP_LAYERS = ("qkv", "o", "cq", "co", "wi", "wi_0", "wi_1", "wo")  # a decoder Block's layers the step runs
+PACK_ROWS = 16  # oneDNN lays a held float weight out for products of about this many rows (compiled.EXAMPLE_ROWS)
 
 
 def base_model(model) -> nn.Module:
@@ -59,12 +61,22 @@ class Linear(nn.Module):
     def __init__(self, weight: nn.Parameter):
         super().__init__()
         self.weight = weight
+        self.held: HeldByOneDNN | None = None  # oneDNN's copy laid out for several rows (hold), where it has one
+
+    def hold(self) -> None:
+        """Products of this layer (but a float32 row's) take a copy oneDNN lays out for several rows, held by number:
+        what inductor's freezing would prepack into each graph, held once and named by the graphs."""
+        self.held = HeldByOneDNN(torch.ops.peft_t5.onednn_float_pack(self.weight, PACK_ROWS))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if one_row_float32(x, self.weight):  # the one-row step: peft-t5's kernel streams the weight (kernels.py)
             return torch.ops.peft_t5.f32_matvec(x, self.weight)
         # (as torch.mv, inductor would write a one-row product as its own reduction, fused with the norm before it:
         # 43% slower a step than the prepacked product)
+        if self.held is not None:
+            rows = x.reshape(-1, x.shape[-1]).to(self.weight.dtype)
+            y = torch.ops.peft_t5.onednn_float_linear(rows, self.held.number, self.weight.shape[0])
+            return y.reshape(*x.shape[:-1], self.weight.shape[0]).float()
         return F.linear(x.to(self.weight.dtype), self.weight).float()
 
 
@@ -149,7 +161,8 @@ def lora_delta(x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, slots: torch.
 class T5Weights(nn.Module):
     """The base's weights arranged for serving, and T5's math over them: encode (when rows join) and step."""
 
-    def __init__(self, model):
+    def __init__(self, model, hold_float: bool = False):
+        """hold_float: hold oneDNN's copies of the float weights compiled graphs would freeze (hold_for_onednn)."""
         super().__init__()
         t5 = base_model(model)
         config = t5.config
@@ -171,10 +184,32 @@ class T5Weights(nn.Module):
         self.head_scale = config.d_model ** -0.5 if getattr(config, "scale_decoder_outputs",
                                                             config.tie_word_embeddings) else 1.0
         self.dtype = self.embed.dtype  # of the caches: the model's float dtype
-        for module in self.modules():  # int8: every product through peft-t5's AMX kernel where the CPU has AMX,
-            if isinstance(module, Int8Linear):  # else oneDNN's over weights held by number, numbered in this order
+        for module in self.modules():  # int8: every product through peft-t5's AMX kernel where the CPU has AMX
+            if isinstance(module, Int8Linear):
                 module.pack_for_amx()
-                module.hold_for_onednn()
+        self.held = self.hold_for_onednn(hold_float)
+
+    def hold_for_onednn(self, hold_float: bool) -> bool:
+        """Give oneDNN's products of several rows copies of the weights laid out once and held by number (kernels.
+        onednn_problem), numbered in this order (a restart gives each the same number, so that inductor's cache
+        finds the graphs that name them): int8 layers (not AMX's), and with hold_float the float layers whose
+        compiled graphs inductor would freeze otherwise (a bfloat16 base's, a float32 base's step: its encoder and
+        one-row step read the weights as they are). Returns whether the compiled graphs need no freezing."""
+        if self.embed.device.type != "cpu" or kernels.onednn_problem() is not None:
+            return False
+        int8 = [m for m in self.modules() if isinstance(m, Int8Linear)]
+        for layer in int8:
+            layer.hold_for_onednn()
+        if int8 or not hold_float:
+            return bool(int8)
+        if self.dtype == torch.float32:
+            layers = [getattr(b, name) for b in self.decoder for name in STEP_LAYERS if hasattr(b, name)]
+            layers.append(self.head)
+        else:
+            layers = [m for m in self.modules() if isinstance(m, Linear)]
+        for layer in layers:
+            layer.hold()
+        return True
 
     def norm(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(h, (self.d_model,), weight.float(), self.eps)
@@ -424,7 +459,7 @@ class T5Runner:
 
     def __init__(self, model, capacity: int = 8, compiled=None):
         self.holder = model
-        self.weights = T5Weights(model).eval()
+        self.weights = T5Weights(model, hold_float=compiled is not None).eval()
         self.device = self.weights.embed.device
         self.slots = LoraSlots(self.device)
         self.compiled = compiled  # a compiled.CompiledStep; None: the eager step
