@@ -21,8 +21,9 @@ compiled one-row step 2.4-2.6 ms against 2.3-2.5). The AVX512-VNNI kernel takes 
 not packed and, without AMX, eagerly up to 8 rows.
 Rows are quantized and scaled as quantize.int8_linear does, and the products summed exactly in int32, so both give
 oneDNN's results bit for bit. float32: the one-row step's products (t5_runner.Linear), which stream their weights from
-memory: MKL's reached ~15 GB/s where this one, prefetching, reached 17-23 (its sums in another order: within 2e-5
-of MKL's on unit-scale weights). Both are built with the C++ compiler torch.compile already needs, once per machine
+memory: MKL's reached ~15 GB/s where this one, prefetching, reached 17-23 on a Xeon (its sums in another order:
+within 2e-5 of MKL's on unit-scale weights); on an AMD EPYC, prefetching into L2 (csrc/prefetch.h), 20-22 to MKL's
+10.6. Both are built with the C++ compiler torch.compile already needs, once per machine
 (~10-20 s; kept in torch's extensions folder, TORCH_EXTENSIONS_DIR), when kernel_problem() first runs (serve,
 quantize_int8); where they cannot be built or run, oneDNN and MKL take every product.
 
