@@ -148,9 +148,11 @@ def kernels_used(device: torch.device) -> str:
     """What the log and /metrics say of these kernels on this device."""
     if device.type != "cpu":
         return "off (not on a CPU)"
+    held = ("oneDNN's weights held by number, no graph frozen" if onednn_problem() is None
+            else f"compiled graphs frozen ({onednn_problem()})")
     problem = kernel_problem()
     if problem is not None:
-        return f"off ({problem})"
+        return f"off ({problem}); {held}"
     int8 = ("int8 of any rows (AMX; one row AVX512-VNNI over the same packed weights)" if amx_problem() is None
             else "int8 of one row, 2-8 rows eagerly (VNNI)")
-    return f"peft-t5's (float32 products of one row; {int8})"
+    return f"peft-t5's (float32 products of one row; {int8}); {held}"

@@ -15,8 +15,9 @@ which name the weight by its number: a graph holds no copy of it, and inductor's
 the next start. Where that library cannot load, eagerly the layer holds oneDNN's prepacked weight, and inside
 torch.compile the product is written as the dequantize -> linear pattern that inductor lowers to the same qlinear
 with the weight prepacked and frozen into the graph (the path torchao's int8 dynamic quantization takes on a CPU; a
-second copy, and lowered again at each start); the row scales stay outside it, applied to its output. oneDNN is given each row's levels shifted by 128, as uint8 with zero point 128 (the same integers, so
-the same sums): without AMX, its fast int8 kernels take unsigned activations only, and signed ones fell to its
+second copy, and lowered again at each start); the row scales stay outside it, applied to its output. oneDNN is
+given each row's levels shifted by 128, as uint8 with zero point 128 (the same integers, so the same sums): without
+AMX, its fast int8 kernels take unsigned activations only, and signed ones fell to its
 reference loop (a 20 x 512 by 512 x 512 product took 118 ms instead of 0.06 on an AMD EPYC with AVX512-VNNI). This
 replaces torch.ao's dynamic quantization (deprecated; per-batch activation scales; a layer PEFT cannot wrap).
 """

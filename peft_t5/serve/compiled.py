@@ -6,12 +6,13 @@
 
 On a CPU, inductor compiles each into two graphs per layout of LoRA stacks: one for a single row and one for any
 other number of rows. Row count, lengths, LoRA slots and rank are symbolic sizes, so rows joining, buffers growing,
-prompts of every length and adapters loading never recompile. The step's graph for several rows freezes the base's
-weights (a copy prepacked for oneDNN, which several rows need: 1.7x the speed at 8 rows); so do the graphs of a
-bfloat16 base. Where peft-t5's library loads (kernels.onednn_problem), no graph is frozen: those oneDNN products take
-a copy prepacked once and held by number (csrc/onednn_held.cpp; t5_runner.T5Weights.hold_for_onednn), which the
-graphs name by that number, and an int8 base's others are peft-t5's kernels' (kernels.py; int8's encoder compiled:
-1.6-2.1x its eager speed). A float32
+prompts of every length and adapters loading never recompile. The step's graph for several rows takes the base's
+weights as a copy laid out for oneDNN (which several rows need: 1.7x the speed at 8 rows), as do every graph of a
+bfloat16 base and an int8 base's products of several rows without AMX (int8's encoder compiled: 1.6-2.1x its eager
+speed): a copy laid out once and held by peft-t5's library under a number (csrc/onednn_held.cpp;
+t5_runner.T5Weights.hold_for_onednn), which the graphs name, so no graph is frozen. Where that library cannot load
+(kernels.onednn_problem), inductor freezes such copies into the graphs instead. An int8 base's other products are
+peft-t5's kernels' (kernels.py). A float32
 base's one-row step and its encoder read the weights as they are: one row streams them from memory whatever their
 layout (MKL's packing for one row was no faster and held 300 MB more for t5-small), and the encoder's products are
 as fast unpacked (the frozen encoder was no faster at 1-32 SQuAD rows; a copy would hold 75 MB). On a GPU the
@@ -19,9 +20,9 @@ graphs compile without freezing.
 
 Compiles run on a thread of their own, one at a time. Until a graph is ready its calls run eagerly (the reference
 the compiled graphs are tested against), so no request waits for a compile. Inductor keeps the kernels it builds in
-TORCHINDUCTOR_CACHE_DIR, so a restart builds none again; it still traces each graph, and lowers again those holding
-prepacked weights (frozen: its graph cache cannot store oneDNN's opaque tensors); the others it finds whole in its
-graph cache. Its C++ wrapper is not used: no faster here (within 3%), and a
+TORCHINDUCTOR_CACHE_DIR, and the graphs in its graph cache: a restart traces each graph and finds it whole there
+(frozen graphs excepted: its graph cache cannot store oneDNN's opaque tensors, so they are lowered again). Its C++
+wrapper is not used: no faster here (within 3%), and a
 restart would build it again (its source names the weights by their memory addresses).
 """
 from __future__ import annotations

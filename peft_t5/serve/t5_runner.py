@@ -18,6 +18,7 @@ buffers growing and adapters loading never recompile it.
 """
 from __future__ import annotations
 
+import logging
 import re
 
 import torch
@@ -28,6 +29,7 @@ from .. import kernels
 from ..quantize import HeldByOneDNN, Int8Linear, return_freed_memory
 from .module_runner import BASE_ADAPTER, ModuleRunner, copy_sources, encoding_plan, padded
 
+logger = logging.getLogger(__name__)
 # a LoRA layer's place in T5 -> the projection's name in the step (cross-attention: c*)
 LORA_PLACE = re.compile(r"(?:^|\.)(encoder|decoder)\.block\.(\d+)\.layer\.\d\.(SelfAttention|EncDecAttention|"
                         r"DenseReluDense)\.(q|k|v|o|wi|wi_0|wi_1|wo)$")
@@ -207,8 +209,15 @@ class T5Weights(nn.Module):
             layers.append(self.head)
         else:
             layers = [m for m in self.modules() if isinstance(m, Linear)]
-        for layer in layers:
-            layer.hold()
+        try:
+            for layer in layers:
+                layer.hold()
+        except RuntimeError as e:  # oneDNN cannot lay out this dtype here: inductor's frozen graphs, as before
+            logger.warning("oneDNN holds no %s weights here (%s); the compiled graphs freeze them",
+                           self.dtype, str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__)
+            for layer in layers:
+                layer.held = None
+            return False
         return True
 
     def norm(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
