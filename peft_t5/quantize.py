@@ -147,13 +147,7 @@ def int8_linear(x: torch.Tensor, layer: Int8Linear) -> torch.Tensor:
         y = torch.ops.peft_t5.int8_amx_matmul(x, layer.amx_weight, layer.weight_scale)
     elif takes_kernel(x, layer):
         y = torch.ops.peft_t5.int8_matmul(x, layer.weight, layer.weight_scale)
-    elif kernels.onednn_ready:  # eager and compiled: oneDNN's product on the weight held under the layer's number
-        scale = x.abs().amax(-1, keepdim=True).clamp_(min=1e-12)
-        q = (x * (127 / scale)).round_().add_(128).to(torch.uint8)  # the fewest eager ops: |x| * 127 / max|x| needs
-        y = torch.ops.peft_t5.onednn_int8_matmul(q, layer.onednn_number(), layer.weight_scale,  # no clamp
-                                                 layer.weight_zero_point)
-        y.mul_(scale / 127)
-    elif torch.compiler.is_compiling():
+    elif torch.compiler.is_compiling() and not kernels.onednn_ready:  # the pattern inductor freezes (see above)
         scale = x.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127
         q = ((x / scale).round().clamp(-127, 127) + 128).to(torch.uint8)
         decomposed = torch.ops.quantized_decomposed
@@ -165,8 +159,12 @@ def int8_linear(x: torch.Tensor, layer: Int8Linear) -> torch.Tensor:
     else:  # the fewest eager ops (each a pass over the activations): |x| * 127 / max|x| needs no clamp
         scale = x.abs().amax(-1, keepdim=True).clamp_(min=1e-12)
         q = (x * (127 / scale)).round_().add_(128).to(torch.uint8)
-        y = torch.ops.onednn.qlinear_pointwise(q, 1.0, 128, layer.packed(), layer.weight_scale,
-                                               layer.weight_zero_point, None, 1.0, 0, torch.float32, "none", [], "")
+        if kernels.onednn_ready:  # eager and compiled: the weight held under the layer's number
+            y = torch.ops.peft_t5.onednn_int8_matmul(q, layer.onednn_number(), layer.weight_scale,
+                                                     layer.weight_zero_point)
+        else:
+            y = torch.ops.onednn.qlinear_pointwise(q, 1.0, 128, layer.packed(), layer.weight_scale,
+                                                   layer.weight_zero_point, None, 1.0, 0, torch.float32, "none", [], "")
         y.mul_(scale / 127)
     if layer.bias is not None:
         y = y + layer.bias
