@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 SOURCES = [Path(__file__).parent / "csrc" / name
            for name in ("int8_matmul.cpp", "f32_matvec.cpp", "int8_amx.cpp", "onednn_held.cpp")]
 ready = False  # set once kernel_problem() has loaded the kernels (a plain flag: compiled graphs read it as a constant)
-onednn_ready = False  # ... once onednn_problem() has: oneDNN's int8 products take weights held by number
+onednn_ready = False  # ... once onednn_problem() has: oneDNN's products (int8 and float) take weights held by number
 amx_ready = False  # ... and once amx_problem() has found the AMX kernel usable
 MOST_ROWS = 8  # eagerly, the int8 kernel takes products of up to this many rows (one row: always)
 MOST_WEIGHT = 2048 * 512  # ... through weights of up to N * K this large: T5's output layer (32128 x 512) is oneDNN's
