@@ -13,6 +13,9 @@ tokens.
   engine_frozen, engine_int8_frozen, engine_bf16_frozen: engine, engine_int8 and engine_bf16 with PEFT_T5_HELD=off
                  (the compiled graphs' oneDNN products on inductor's frozen, prepacked weights: the engine before
                  weights held by number; not run unless named)
+  engine_inductor_attention, engine_int8_inductor_attention: engine and engine_int8 with PEFT_T5_ATTENTION=off
+                 (the compiled step's attention as inductor's fused loops, not peft-t5's kernel: the engine before
+                 that kernel; not run unless named)
   engine_bf16:   the compiled step, base loaded in bfloat16 (serve --dtype bfloat16; CPUs with AMX or AVX512-BF16)
   ct2:           CTranslate2 on the merged model (one adapter: what `peft-t5 export` writes), float32
   ct2_int8:      the same converted with --quantization int8
@@ -47,7 +50,7 @@ from serve_throughput import make_adapters  # noqa: E402
 
 SYSTEMS = ("engine", "engine_eager", "engine_int8", "engine_bf16", "ct2", "ct2_int8")
 OPTIONAL = ("engine_no_kernels", "engine_int8_no_kernels", "engine_int8_no_amx", "engine_frozen", "engine_int8_frozen",
-            "engine_bf16_frozen")
+            "engine_bf16_frozen", "engine_inductor_attention", "engine_int8_inductor_attention")
 
 
 class RunningEngine:
@@ -107,6 +110,8 @@ def serve_system(system: str, base: str, adapters: dict, folder: str, rows: int,
         os.environ["PEFT_T5_AMX"] = "off"
     if system.endswith("_frozen"):
         os.environ["PEFT_T5_HELD"] = "off"
+    if system.endswith("_inductor_attention"):
+        os.environ["PEFT_T5_ATTENTION"] = "off"
     if system.startswith("engine"):
         from peft_t5.bank import AdapterBank
         from peft_t5.quantize import quantize_int8
@@ -232,7 +237,10 @@ def main() -> None:
                          ("engine_int8_no_amx", "ct2_int8"), ("engine_int8", "engine_int8_frozen"),
                          ("engine_int8_frozen", "ct2_int8"), ("engine", "engine_frozen"), ("engine_frozen", "ct2"),
                          ("engine_bf16", "engine_bf16_frozen"), ("engine_bf16", "ct2"),
-                         ("engine_bf16", "ct2_int8"), ("engine", "engine_eager")):
+                         ("engine_bf16", "ct2_int8"), ("engine", "engine_eager"),
+                         ("engine", "engine_inductor_attention"), ("engine_inductor_attention", "ct2"),
+                         ("engine_int8", "engine_int8_inductor_attention"),
+                         ("engine_int8_inductor_attention", "ct2_int8")):
         if ours in cost and theirs in cost:
             for b in map(str, args.batches):
                 ratios[f"{ours}_vs_{theirs}_at_{b}"] = cost[theirs][b] / cost[ours][b]

@@ -12,6 +12,10 @@
     number = torch.ops.peft_t5.onednn_float_pack(weight, rows)  # ... of a float32 or bfloat16 weight, laid out for
     torch.ops.peft_t5.onednn_float_linear(x, number, out_features)  # about `rows` rows; oneDNN's linear on it
     torch.ops.peft_t5.onednn_release(number)             # the copy let go
+    torch.ops.peft_t5.decode_attention(q, keys, values, bias)  # csrc/decode_attention.cpp: one query a row over
+    torch.ops.peft_t5.decode_self_attention(q, k, v, lengths, keys, values, bias)  # float32 caches [rows, heads,
+                                                         # positions, 64 or 128]; the second writes each row's new k
+                                                         # and v at its length first; AVX-512 (compiled steps only)
 
 int8: where the CPU has AMX, every product of the serving engine's int8 layers (quantize.Int8Linear.pack_for_amx,
 which then holds the weight in this kernel's layout only): oneDNN's per-call cost (~25-40 us, whatever the size) was
@@ -27,7 +31,13 @@ within 2e-5 of MKL's on unit-scale weights); on an AMD EPYC, prefetching into L2
 (~10-20 s; kept in torch's extensions folder, TORCH_EXTENSIONS_DIR), when kernel_problem() first runs (serve,
 quantize_int8); where they cannot be built or run, oneDNN and MKL take every product.
 
-PEFT_T5_KERNELS=off leaves every product to oneDNN and MKL, PEFT_T5_AMX=off the int8 ones to the VNNI kernel and
+Attention: the compiled float32 step's, over caches cut from buffers sized for the longest row, which inductor's fused
+loops read at 5-8 GB/s (each row's and head's block a fresh stream for the hardware's prefetcher); the kernel
+prefetches the next block's keys and values while it sums the current one's: ~13 GB/s, 2x at 32 rows (t5-small, ~40
+positions, a 2-core AMD EPYC), within 1e-5 of SDPA.
+
+PEFT_T5_KERNELS=off leaves every product to oneDNN and MKL (and the attention to inductor), PEFT_T5_ATTENTION=off
+the attention alone, PEFT_T5_AMX=off the int8 ones to the VNNI kernel and
 oneDNN, PEFT_T5_HELD=off the compiled graphs' oneDNN products to inductor's frozen weights (to compare them).
 """
 from __future__ import annotations
@@ -41,10 +51,11 @@ import torch
 
 logger = logging.getLogger(__name__)
 SOURCES = [Path(__file__).parent / "csrc" / name
-           for name in ("int8_matmul.cpp", "f32_matvec.cpp", "int8_amx.cpp", "onednn_held.cpp")]
+           for name in ("int8_matmul.cpp", "f32_matvec.cpp", "int8_amx.cpp", "onednn_held.cpp", "decode_attention.cpp")]
 ready = False  # set once kernel_problem() has loaded the kernels (a plain flag: compiled graphs read it as a constant)
 onednn_ready = False  # ... once onednn_problem() has: oneDNN's products (int8 and float) take weights held by number
 amx_ready = False  # ... and once amx_problem() has found the AMX kernel usable
+attention_ready = False  # ... once attention_problem() has: compiled steps attend through decode_attention
 MOST_ROWS = 8  # eagerly, the int8 kernel takes products of up to this many rows (one row: always)
 MOST_WEIGHT = 2048 * 512  # ... through weights of up to N * K this large: T5's output layer (32128 x 512) is oneDNN's
 # from 2 rows (8 rows: the kernel 1.2 ms, oneDNN 0.8; 512 x 512: 22 us and 70)
@@ -81,6 +92,23 @@ def onednn_problem() -> str | None:
 
 
 @functools.lru_cache(maxsize=1)
+def attention_problem() -> str | None:
+    """Why the compiled step's float32 attention is not peft-t5's kernel here (None: it is; csrc/decode_attention.cpp,
+    CPUs with AVX-512), building and loading the library on the first call. Else inductor's fused loops attend."""
+    if os.environ.get("PEFT_T5_KERNELS", "on") == "off":
+        return "PEFT_T5_KERNELS=off"
+    if os.environ.get("PEFT_T5_ATTENTION", "on") == "off":
+        return "PEFT_T5_ATTENTION=off"
+    if not torch.cpu._is_avx512_supported():
+        return "the CPU has no AVX-512"
+    problem = build_problem()
+    if problem is None:
+        global attention_ready
+        attention_ready = True
+    return problem
+
+
+@functools.lru_cache(maxsize=1)
 def build_problem() -> str | None:
     """Why peft-t5's library of kernels did not load (None: it did), building it on the first call."""
     try:
@@ -101,6 +129,10 @@ def build_problem() -> str | None:
         lambda q, number, scale, zero_point: q.new_empty((q.shape[0], scale.shape[0]), dtype=torch.float32))
     torch.library.register_fake("peft_t5::onednn_float_linear")(
         lambda x, number, out_features: x.new_empty((x.shape[0], out_features)))
+    torch.library.register_fake("peft_t5::decode_attention")(
+        lambda q, keys, values, bias: q.new_empty((keys.shape[0], keys.shape[1] * keys.shape[3])))
+    torch.library.register_fake("peft_t5::decode_self_attention")(
+        lambda q, new_k, new_v, lengths, keys, values, bias: q.new_empty((keys.shape[0], keys.shape[1] * keys.shape[3])))
     return None
 
 
@@ -150,9 +182,11 @@ def kernels_used(device: torch.device) -> str:
         return "off (not on a CPU)"
     held = ("oneDNN's weights held by number, no graph frozen" if onednn_problem() is None
             else f"compiled graphs frozen ({onednn_problem()})")
+    attention = ("compiled float32 attention peft-t5's" if attention_problem() is None
+                 else f"compiled attention inductor's ({attention_problem()})")
     problem = kernel_problem()
     if problem is not None:
-        return f"off ({problem}); {held}"
+        return f"off ({problem}); {held}; {attention}"
     int8 = ("int8 of any rows (AMX; one row AVX512-VNNI over the same packed weights)" if amx_problem() is None
             else "int8 of one row, 2-8 rows eagerly (VNNI)")
-    return f"peft-t5's (float32 products of one row; {int8}); {held}"
+    return f"peft-t5's (float32 products of one row; {int8}); {held}; {attention}"

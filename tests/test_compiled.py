@@ -88,6 +88,16 @@ def test_the_compiled_step_answers_as_the_eager_one_on_real_shaped_random_weight
         lockstep(eager, fast, [sources[1], list(range(40, 47)) + [1]], ["a", "b"], 2)  # encoded together
     assert compiled.steps == {"compiled": 26, "eager": 0}
     assert compiled.encodes["eager"] == 0 and compiled.encodes["compiled"] >= 3
+    if kernels.attention_problem() is None:  # the checks above were of peft-t5's attention kernel (several rows)
+        with torch.inference_mode():
+            for rows, calls in ((3, 2), (1, 0)):
+                fast.add(sources[:rows], ["a", "b", "a"][:rows], budgets=[4] * rows)
+                with torch.profiler.profile() as profile:
+                    fast.step(torch.zeros(rows, dtype=torch.long))
+                ran = [event.name for event in profile.events()]
+                assert ran.count("peft_t5::decode_self_attention") == ran.count("peft_t5::decode_attention") == calls
+                while fast.n:
+                    fast.remove(fast.n - 1)
 
 
 def test_a_float32_one_row_graph_reads_the_bases_weights_rather_than_a_frozen_copy_of_them():
@@ -174,6 +184,55 @@ def test_the_float32_one_row_kernel_is_as_close_to_float64_as_mkls_product():
         assert float((ours - exact).abs().max()) <= 2 * float((mkl - exact).abs().max()) + 1e-6, (k, n)
     with pytest.raises(RuntimeError, match="weight must be a contiguous"):
         torch.ops.peft_t5.f32_matvec(torch.randn(1, 4), torch.randn(4, 8).t())
+
+
+def masked_bias(rows: int, heads: int, positions: int, generator) -> torch.Tensor:
+    """A bias [rows, heads, 1, positions] of T5's kind: a random one per head, and each row's positions past a
+    random length masked with float32's least value."""
+    bias = torch.randn(rows, heads, 1, positions, generator=generator)
+    lengths = torch.randint(1, positions + 1, (rows,), generator=generator)
+    mask = torch.where(torch.arange(positions)[None] < lengths[:, None], 0.0, torch.finfo(torch.float32).min)
+    return bias + mask[:, None, None, :]
+
+
+def test_the_attention_kernel_answers_as_sdpa_over_cut_caches_and_writes_each_rows_new_key_at_its_length():
+    """peft-t5's decode attention (the compiled step's, csrc/decode_attention.cpp) against SDPA: caches cut from
+    larger buffers, positions with and without a tail past 16, 1 to 300 of them, head_dim 64 and 128, a bias per head
+    or one for all and laid out across positions; the self-attention op writes each row's new key and value at its
+    length, and nothing else, before attending."""
+    if kernels.attention_problem() is not None:
+        pytest.skip(f"peft-t5's attention kernel is not used here: {kernels.attention_problem()}")
+    g = torch.Generator().manual_seed(0)
+    F = torch.nn.functional
+    for rows, heads, positions, head_dim, capacity, bias_heads in [(1, 8, 1, 64, 5, 1), (3, 8, 17, 64, 40, 8),
+                                                                   (32, 8, 40, 64, 81, 1), (5, 16, 300, 64, 512, 16),
+                                                                   (2, 4, 33, 128, 50, 1), (4, 8, 16, 64, 16, 8)]:
+        keys = torch.randn(rows, heads, capacity, head_dim, generator=g)[:, :, :positions]
+        values = torch.randn(rows, heads, capacity, head_dim, generator=g)[:, :, :positions]
+        q = torch.randn(rows, heads * head_dim, generator=g)
+        bias = masked_bias(rows, bias_heads, positions, g)
+        across = bias.transpose(1, 3).contiguous().transpose(1, 3)  # positions bias_heads floats apart
+        expected = F.scaled_dot_product_attention(q.view(rows, heads, 1, head_dim), keys, values, attn_mask=bias,
+                                                  scale=1.0).reshape(rows, heads * head_dim)
+        for b in (bias, across):
+            got = torch.ops.peft_t5.decode_attention(q, keys, values, b)
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+        lengths = torch.randint(0, positions, (rows,), generator=g)
+        qkv = torch.randn(rows, 3 * heads * head_dim, generator=g)  # k and v cut from one product, as the step's
+        new_q, new_k, new_v = qkv.split(heads * head_dim, -1)
+        mine_k, mine_v = keys.clone(), values.clone()
+        keys[torch.arange(rows), :, lengths] = new_k.reshape(rows, heads, head_dim)
+        values[torch.arange(rows), :, lengths] = new_v.reshape(rows, heads, head_dim)
+        expected = F.scaled_dot_product_attention(new_q.reshape(rows, heads, 1, head_dim), keys, values,
+                                                  attn_mask=bias, scale=1.0).reshape(rows, heads * head_dim)
+        got = torch.ops.peft_t5.decode_self_attention(new_q, new_k, new_v, lengths, mine_k, mine_v, bias)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+        assert torch.equal(mine_k, keys) and torch.equal(mine_v, values)
+    with pytest.raises(RuntimeError, match="head_dim must be 64 or 128"):
+        torch.ops.peft_t5.decode_attention(torch.randn(1, 32), *torch.randn(2, 1, 1, 3, 32), torch.zeros(1, 1, 1, 3))
+    with pytest.raises(RuntimeError, match="a length is past the caches"):
+        torch.ops.peft_t5.decode_self_attention(*torch.randn(3, 1, 64), torch.tensor([3]), *torch.randn(2, 1, 1, 3, 64),
+                                                torch.zeros(1, 1, 1, 3))
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,211 @@
+// One query a row over a decoder's cached keys and values: the serving step's self- and cross-attention, in its
+// compiled graphs (see peft_t5/kernels.py). Each (row, head) reads its block of keys and values once, so the step's
+// attention runs at the speed memory delivers the caches: written by hand because inductor's fused loops (and
+// SDPA's) reached 5-8 GB/s on a 2-core AMD EPYC, 32 rows x 8 heads of ~40 cached positions being ~100 blocks of
+// 10 KB, each a fresh stream for the hardware's prefetcher. Here each block's values are prefetched while its keys
+// are read, and the next block's keys while its values are summed (prefetch.h picks the cache level), and 16
+// positions' dot products are reduced together.
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <algorithm>
+
+#include "prefetch.h"
+
+namespace {
+
+#define AVX512 __attribute__((target("avx512f")))
+
+// e^x for x <= 0 (scores less their row's maximum) as Cephes' expf: 2^n e^r, r = x - n ln 2 in [-ln2/2, ln2/2];
+// 0 below -87 (the masks' -3.4e38 included)
+AVX512 inline __m512 exp_nonpositive(__m512 x) {
+  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GE_OQ);
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, n));
+}
+
+// lane j of the result = the sum of a[j]'s 16 lanes
+AVX512 inline __m512 sum16(const __m512* a) {
+  __m512 b[8], c[4];
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: a[2i] and a[2i+1], halved
+    b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // per 128-bit lane: a[4i..4i+3], each summed within the lane
+    const __m512d x = _mm512_castps_pd(b[2 * i]), y = _mm512_castps_pd(b[2 * i + 1]);
+    c[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  const __m512 f0 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                  _mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 f1 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], _MM_SHUFFLE(1, 0, 1, 0)),
+                                  _mm512_shuffle_f32x4(c[2], c[3], _MM_SHUFFLE(3, 2, 3, 2)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(f0, f1, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(f0, f1, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+template <int Hint>
+AVX512 inline void prefetch_position(const float* p, int64_t head_dim) {
+  for (int64_t d = 0; d < head_dim; d += 16) _mm_prefetch(reinterpret_cast<const char*>(p + d), static_cast<_mm_hint>(Hint));
+}
+
+// out[0:16D] = softmax(k . q + bias) . v over `positions` keys and values (each 16D floats, `step` apart)
+template <int D, int Hint>
+AVX512 void one_block(const float* q, const float* k, const float* v, const float* bias, int64_t bias_step,
+                      int64_t positions, int64_t k_step, int64_t v_step, const float* next_k, float* scores,
+                      float* out) {
+  constexpr int64_t head_dim = 16 * D;
+  __m512 qv[D];
+  for (int d = 0; d < D; ++d) qv[d] = _mm512_loadu_ps(q + 16 * d);
+  const __m512i bias_at = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                              _mm512_set1_epi32(static_cast<int>(bias_step)));
+  __m512 top = _mm512_set1_ps(-INFINITY);
+  for (int64_t j0 = 0; j0 < positions; j0 += 16) {
+    const int64_t n = std::min<int64_t>(16, positions - j0);
+    __m512 a[16];
+    for (int j = 0; j < 16; ++j) {
+      a[j] = _mm512_setzero_ps();
+      if (j < n) {
+        const float* kj = k + (j0 + j) * k_step;
+        prefetch_position<Hint>(v + (j0 + j) * v_step, head_dim);  // read next, by the sums below
+        for (int d = 0; d < D; ++d) a[j] = _mm512_fmadd_ps(qv[d], _mm512_loadu_ps(kj + 16 * d), a[j]);
+      }
+    }
+    const __mmask16 m = static_cast<__mmask16>((1u << n) - 1);
+    const __m512 b = bias_step == 1 ? _mm512_maskz_loadu_ps(m, bias + j0)
+                                    : _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, bias_at, bias + j0 * bias_step, 4);
+    const __m512 s = _mm512_add_ps(sum16(a), b);
+    _mm512_mask_storeu_ps(scores + j0, m, s);
+    top = _mm512_mask_max_ps(top, m, top, s);
+  }
+  const __m512 most = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t j0 = 0; j0 < positions; j0 += 16) {
+    const __mmask16 m = static_cast<__mmask16>((1u << std::min<int64_t>(16, positions - j0)) - 1);
+    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores + j0), most));
+    _mm512_mask_storeu_ps(scores + j0, m, e);
+    total = _mm512_add_ps(total, _mm512_maskz_mov_ps(m, e));
+  }
+  __m512 even[D], odd[D];  // two chains of sums, positions in turn
+  for (int d = 0; d < D; ++d) even[d] = odd[d] = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + 1 < positions; j += 2) {
+    if (next_k != nullptr) {
+      prefetch_position<Hint>(next_k + j * k_step, head_dim);
+      prefetch_position<Hint>(next_k + (j + 1) * k_step, head_dim);
+    }
+    const __m512 p0 = _mm512_set1_ps(scores[j]), p1 = _mm512_set1_ps(scores[j + 1]);
+    const float *v0 = v + j * v_step, *v1 = v0 + v_step;
+    for (int d = 0; d < D; ++d) {
+      even[d] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(v0 + 16 * d), even[d]);
+      odd[d] = _mm512_fmadd_ps(p1, _mm512_loadu_ps(v1 + 16 * d), odd[d]);
+    }
+  }
+  if (j < positions) {
+    const __m512 p0 = _mm512_set1_ps(scores[j]);
+    for (int d = 0; d < D; ++d) even[d] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(v + j * v_step + 16 * d), even[d]);
+  }
+  const __m512 scale = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
+  for (int d = 0; d < D; ++d) _mm512_storeu_ps(out + 16 * d, _mm512_mul_ps(_mm512_add_ps(even[d], odd[d]), scale));
+}
+
+template <int D, int Hint>
+void blocks(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values, const at::Tensor& bias,
+            at::Tensor& scores, at::Tensor& out) {
+  const int64_t rows = keys.size(0), heads = keys.size(1), positions = keys.size(2);
+  const float *qd = q.data_ptr<float>(), *kd = keys.data_ptr<float>(), *vd = values.data_ptr<float>();
+  const float* bd = bias.data_ptr<float>();
+  float *sd = scores.data_ptr<float>(), *od = out.data_ptr<float>();
+  const int64_t bias_row = bias.size(0) == 1 ? 0 : bias.stride(0), bias_head = bias.size(1) == 1 ? 0 : bias.stride(1);
+  at::parallel_for(0, rows * heads, 16, [&](int64_t first, int64_t last) {
+    for (int64_t b = first; b < last; ++b) {
+      const int64_t r = b / heads, h = b % heads;
+      const float* next_k = nullptr;
+      if (b + 1 < last) next_k = kd + (b + 1) / heads * keys.stride(0) + (b + 1) % heads * keys.stride(1);
+      one_block<D, Hint>(qd + r * q.stride(0) + h * 16 * D, kd + r * keys.stride(0) + h * keys.stride(1),
+                         vd + r * values.stride(0) + h * values.stride(1), bd + r * bias_row + h * bias_head,
+                         bias.stride(3), positions, keys.stride(2), values.stride(2), next_k, sd + b * positions,
+                         od + r * heads * 16 * D + h * 16 * D);
+    }
+  });
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
+                            const at::Tensor& bias) {
+  TORCH_CHECK(keys.dim() == 4 && values.sizes() == keys.sizes() && keys.scalar_type() == at::kFloat &&
+                  values.scalar_type() == at::kFloat && keys.stride(3) == 1 && values.stride(3) == 1,
+              "decode_attention: keys and values must be float32 [rows, heads, positions, head_dim], head_dim "
+              "contiguous");
+  const int64_t rows = keys.size(0), heads = keys.size(1), positions = keys.size(2), head_dim = keys.size(3);
+  TORCH_CHECK(head_dim == 64 || head_dim == 128, "decode_attention: head_dim must be 64 or 128");
+  TORCH_CHECK(positions >= 1, "decode_attention: no positions");
+  TORCH_CHECK(q.dim() == 2 && q.size(0) == rows && q.size(1) == heads * head_dim && q.scalar_type() == at::kFloat &&
+                  q.stride(1) == 1,
+              "decode_attention: q must be float32 [rows, heads * head_dim]");
+  TORCH_CHECK(bias.dim() == 4 && (bias.size(0) == rows || bias.size(0) == 1) &&
+                  (bias.size(1) == heads || bias.size(1) == 1) && bias.size(2) == 1 && bias.size(3) == positions &&
+                  bias.scalar_type() == at::kFloat,
+              "decode_attention: bias must be float32 [rows or 1, heads or 1, 1, positions]");
+  const at::Tensor& b = bias;
+  at::Tensor out = at::empty({rows, heads * head_dim}, q.options());
+  at::Tensor scores = at::empty({rows * heads, positions}, q.options());
+  const bool l2 = peft_t5_kernels::prefetch_to_l2();
+  if (head_dim == 64)
+    l2 ? blocks<4, _MM_HINT_T1>(q, keys, values, b, scores, out) : blocks<4, _MM_HINT_T0>(q, keys, values, b, scores, out);
+  else
+    l2 ? blocks<8, _MM_HINT_T1>(q, keys, values, b, scores, out) : blocks<8, _MM_HINT_T0>(q, keys, values, b, scores, out);
+  return out;
+}
+
+// Self-attention: each row's new key and value [rows, heads * head_dim] written into the caches at its length
+// first. In the op, so that a compiled graph writes into the caches it is given, where the index_put before an
+// opaque op made inductor copy each layer's caches whole every step.
+at::Tensor decode_self_attention(const at::Tensor& q, const at::Tensor& new_k, const at::Tensor& new_v,
+                                 const at::Tensor& lengths, at::Tensor& keys, at::Tensor& values,
+                                 const at::Tensor& bias) {
+  TORCH_CHECK(keys.dim() == 4 && values.sizes() == keys.sizes() && keys.scalar_type() == at::kFloat,
+              "decode_self_attention: keys and values must be float32 [rows, heads, positions, head_dim]");
+  const int64_t rows = keys.size(0), heads = keys.size(1), positions = keys.size(2), head_dim = keys.size(3);
+  TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == rows && lengths.scalar_type() == at::kLong,
+              "decode_self_attention: lengths must be int64 [rows]");
+  for (const at::Tensor* t : {&new_k, &new_v})
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == rows && t->size(1) == heads * head_dim &&
+                    t->scalar_type() == at::kFloat && t->stride(1) == 1,
+                "decode_self_attention: new keys and values must be float32 [rows, heads * head_dim]");
+  const at::Tensor at_ = lengths.contiguous();
+  const int64_t* at = at_.data_ptr<int64_t>();
+  for (int64_t r = 0; r < rows; ++r) {
+    TORCH_CHECK(at[r] >= 0 && at[r] < positions, "decode_self_attention: a length is past the caches");
+    for (int64_t h = 0; h < heads; ++h) {
+      const int64_t source = r * new_k.stride(0) + h * head_dim, value_source = r * new_v.stride(0) + h * head_dim;
+      std::copy_n(new_k.data_ptr<float>() + source, head_dim,
+                  keys.data_ptr<float>() + r * keys.stride(0) + h * keys.stride(1) + at[r] * keys.stride(2));
+      std::copy_n(new_v.data_ptr<float>() + value_source, head_dim,
+                  values.data_ptr<float>() + r * values.stride(0) + h * values.stride(1) + at[r] * values.stride(2));
+    }
+  }
+  return decode_attention(q, keys, values, bias);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(peft_t5, m) {
+  m.def("decode_attention(Tensor q, Tensor keys, Tensor values, Tensor bias) -> Tensor");
+  m.def("decode_self_attention(Tensor q, Tensor new_k, Tensor new_v, Tensor lengths, Tensor(a!) keys, "
+        "Tensor(b!) values, Tensor bias) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(peft_t5, CPU, m) {
+  m.impl("decode_attention", &decode_attention);
+  m.impl("decode_self_attention", &decode_self_attention);
+}
