@@ -61,17 +61,23 @@ MOST_WEIGHT = 2048 * 512  # ... through weights of up to N * K this large: T5's 
 # from 2 rows (8 rows: the kernel 1.2 ms, oneDNN 0.8; 512 x 512: 22 us and 70)
 
 
+def switched_off_or_unbuilt(switch: str | None = None, feature: tuple | None = None) -> str | None:
+    """Why a group of these kernels is not used here (None: it is): PEFT_T5_KERNELS or its own switch off, the CPU
+    without the feature it needs (a (check, name) pair), or the library not building (built on the first call)."""
+    for name in ("PEFT_T5_KERNELS", switch):
+        if name is not None and os.environ.get(name, "on") == "off":
+            return f"{name}=off"
+    if feature is not None and not feature[0]():
+        return f"the CPU has no {feature[1]}"
+    return build_problem()
+
+
 @functools.lru_cache(maxsize=1)
 def kernel_problem() -> str | None:
     """Why the kernels are not used here (None: they are), building and loading them on the first call."""
-    if os.environ.get("PEFT_T5_KERNELS", "on") == "off":
-        return "PEFT_T5_KERNELS=off"
-    if not torch.cpu._is_vnni_supported():
-        return "the CPU has no AVX512-VNNI"
-    problem = build_problem()
-    if problem is None:
-        global ready
-        ready = True
+    global ready
+    problem = switched_off_or_unbuilt(feature=(torch.cpu._is_vnni_supported, "AVX512-VNNI"))
+    ready = problem is None
     return problem
 
 
@@ -80,14 +86,9 @@ def onednn_problem() -> str | None:
     """Why oneDNN's products do not take weights held by number here (None: they do; csrc/onednn_held.cpp, any x86
     CPU), building and loading the library on the first call. Else int8's eager products take a prepacked weight the
     layer holds, and compiled graphs inductor's frozen ones (a copy in each graph; lowered again at each start)."""
-    if os.environ.get("PEFT_T5_KERNELS", "on") == "off":
-        return "PEFT_T5_KERNELS=off"
-    if os.environ.get("PEFT_T5_HELD", "on") == "off":
-        return "PEFT_T5_HELD=off"
-    problem = build_problem()
-    if problem is None:
-        global onednn_ready
-        onednn_ready = True
+    global onednn_ready
+    problem = switched_off_or_unbuilt("PEFT_T5_HELD")
+    onednn_ready = problem is None
     return problem
 
 
@@ -95,16 +96,9 @@ def onednn_problem() -> str | None:
 def attention_problem() -> str | None:
     """Why the compiled step's float32 attention is not peft-t5's kernel here (None: it is; csrc/decode_attention.cpp,
     CPUs with AVX-512), building and loading the library on the first call. Else inductor's fused loops attend."""
-    if os.environ.get("PEFT_T5_KERNELS", "on") == "off":
-        return "PEFT_T5_KERNELS=off"
-    if os.environ.get("PEFT_T5_ATTENTION", "on") == "off":
-        return "PEFT_T5_ATTENTION=off"
-    if not torch.cpu._is_avx512_supported():
-        return "the CPU has no AVX-512"
-    problem = build_problem()
-    if problem is None:
-        global attention_ready
-        attention_ready = True
+    global attention_ready
+    problem = switched_off_or_unbuilt("PEFT_T5_ATTENTION", (torch.cpu._is_avx512_supported, "AVX-512"))
+    attention_ready = problem is None
     return problem
 
 
