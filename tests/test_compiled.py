@@ -230,9 +230,12 @@ def test_the_attention_kernel_answers_as_sdpa_over_cut_caches_and_writes_each_ro
         assert torch.equal(mine_k, keys) and torch.equal(mine_v, values)
     with pytest.raises(RuntimeError, match="head_dim must be 64 or 128"):
         torch.ops.peft_t5.decode_attention(torch.randn(1, 32), *torch.randn(2, 1, 1, 3, 32), torch.zeros(1, 1, 1, 3))
-    with pytest.raises(RuntimeError, match="a length is past the caches"):
-        torch.ops.peft_t5.decode_self_attention(*torch.randn(3, 1, 64), torch.tensor([3]), *torch.randn(2, 1, 1, 3, 64),
-                                                torch.zeros(1, 1, 1, 3))
+    caches = torch.randn(2, 2, 1, 3, 64)
+    written = caches.clone()
+    with pytest.raises(RuntimeError, match="a length is past the caches"):  # and row 0's is not written either
+        torch.ops.peft_t5.decode_self_attention(*torch.randn(3, 2, 64), torch.tensor([0, 3]), *written,
+                                                torch.zeros(2, 1, 1, 3))
+    assert torch.equal(written, caches)
 
 
 @pytest.fixture(scope="module")

@@ -156,14 +156,13 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
                   (bias.size(1) == heads || bias.size(1) == 1) && bias.size(2) == 1 && bias.size(3) == positions &&
                   bias.scalar_type() == at::kFloat,
               "decode_attention: bias must be float32 [rows or 1, heads or 1, 1, positions]");
-  const at::Tensor& b = bias;
   at::Tensor out = at::empty({rows, heads * head_dim}, q.options());
   at::Tensor scores = at::empty({rows * heads, positions}, q.options());
   const bool l2 = peft_t5_kernels::prefetch_to_l2();
   if (head_dim == 64)
-    l2 ? blocks<4, _MM_HINT_T1>(q, keys, values, b, scores, out) : blocks<4, _MM_HINT_T0>(q, keys, values, b, scores, out);
+    l2 ? blocks<4, _MM_HINT_T1>(q, keys, values, bias, scores, out) : blocks<4, _MM_HINT_T0>(q, keys, values, bias, scores, out);
   else
-    l2 ? blocks<8, _MM_HINT_T1>(q, keys, values, b, scores, out) : blocks<8, _MM_HINT_T0>(q, keys, values, b, scores, out);
+    l2 ? blocks<8, _MM_HINT_T1>(q, keys, values, bias, scores, out) : blocks<8, _MM_HINT_T0>(q, keys, values, bias, scores, out);
   return out;
 }
 
@@ -173,8 +172,10 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
 at::Tensor decode_self_attention(const at::Tensor& q, const at::Tensor& new_k, const at::Tensor& new_v,
                                  const at::Tensor& lengths, at::Tensor& keys, at::Tensor& values,
                                  const at::Tensor& bias) {
-  TORCH_CHECK(keys.dim() == 4 && values.sizes() == keys.sizes() && keys.scalar_type() == at::kFloat,
-              "decode_self_attention: keys and values must be float32 [rows, heads, positions, head_dim]");
+  TORCH_CHECK(keys.dim() == 4 && values.sizes() == keys.sizes() && keys.scalar_type() == at::kFloat &&
+                  values.scalar_type() == at::kFloat && keys.stride(3) == 1 && values.stride(3) == 1,
+              "decode_self_attention: keys and values must be float32 [rows, heads, positions, head_dim], head_dim "
+              "contiguous");
   const int64_t rows = keys.size(0), heads = keys.size(1), positions = keys.size(2), head_dim = keys.size(3);
   TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == rows && lengths.scalar_type() == at::kLong,
               "decode_self_attention: lengths must be int64 [rows]");
@@ -182,10 +183,11 @@ at::Tensor decode_self_attention(const at::Tensor& q, const at::Tensor& new_k, c
     TORCH_CHECK(t->dim() == 2 && t->size(0) == rows && t->size(1) == heads * head_dim &&
                     t->scalar_type() == at::kFloat && t->stride(1) == 1,
                 "decode_self_attention: new keys and values must be float32 [rows, heads * head_dim]");
-  const at::Tensor at_ = lengths.contiguous();
-  const int64_t* at = at_.data_ptr<int64_t>();
-  for (int64_t r = 0; r < rows; ++r) {
+  const at::Tensor positions_at = lengths.contiguous();
+  const int64_t* at = positions_at.data_ptr<int64_t>();
+  for (int64_t r = 0; r < rows; ++r)  // every length checked before anything is written
     TORCH_CHECK(at[r] >= 0 && at[r] < positions, "decode_self_attention: a length is past the caches");
+  for (int64_t r = 0; r < rows; ++r) {
     for (int64_t h = 0; h < heads; ++h) {
       const int64_t source = r * new_k.stride(0) + h * head_dim, value_source = r * new_v.stride(0) + h * head_dim;
       std::copy_n(new_k.data_ptr<float>() + source, head_dim,
