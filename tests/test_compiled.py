@@ -235,6 +235,9 @@ def test_the_attention_kernel_answers_as_sdpa_over_cut_caches_and_writes_each_ro
     with pytest.raises(RuntimeError, match="a length is past the caches"):  # and row 0's is not written either
         torch.ops.peft_t5.decode_self_attention(*torch.randn(3, 2, 64), torch.tensor([0, 3]), *written,
                                                 torch.zeros(2, 1, 1, 3))
+    with pytest.raises(RuntimeError, match="decode_self_attention: bias must be"):  # a bias of 2 positions, not 3
+        torch.ops.peft_t5.decode_self_attention(*torch.randn(3, 2, 64), torch.tensor([0, 1]), *written,
+                                                torch.zeros(2, 1, 1, 2))
     assert torch.equal(written, caches)
 
 

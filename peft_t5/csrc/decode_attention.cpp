@@ -140,22 +140,28 @@ void blocks(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& value
   });
 }
 
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
-                            const at::Tensor& bias) {
+// What the kernel cannot take, refused before anything is computed or written (op: the name the message gives)
+void check_attention(const char* op, const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
+                     const at::Tensor& bias) {
   TORCH_CHECK(keys.dim() == 4 && values.sizes() == keys.sizes() && keys.scalar_type() == at::kFloat &&
                   values.scalar_type() == at::kFloat && keys.stride(3) == 1 && values.stride(3) == 1,
-              "decode_attention: keys and values must be float32 [rows, heads, positions, head_dim], head_dim "
-              "contiguous");
+              op, ": keys and values must be float32 [rows, heads, positions, head_dim], head_dim contiguous");
   const int64_t rows = keys.size(0), heads = keys.size(1), positions = keys.size(2), head_dim = keys.size(3);
-  TORCH_CHECK(head_dim == 64 || head_dim == 128, "decode_attention: head_dim must be 64 or 128");
-  TORCH_CHECK(positions >= 1, "decode_attention: no positions");
+  TORCH_CHECK(head_dim == 64 || head_dim == 128, op, ": head_dim must be 64 or 128");
+  TORCH_CHECK(positions >= 1, op, ": no positions");
   TORCH_CHECK(q.dim() == 2 && q.size(0) == rows && q.size(1) == heads * head_dim && q.scalar_type() == at::kFloat &&
                   q.stride(1) == 1,
-              "decode_attention: q must be float32 [rows, heads * head_dim]");
+              op, ": q must be float32 [rows, heads * head_dim]");
   TORCH_CHECK(bias.dim() == 4 && (bias.size(0) == rows || bias.size(0) == 1) &&
                   (bias.size(1) == heads || bias.size(1) == 1) && bias.size(2) == 1 && bias.size(3) == positions &&
                   bias.scalar_type() == at::kFloat,
-              "decode_attention: bias must be float32 [rows or 1, heads or 1, 1, positions]");
+              op, ": bias must be float32 [rows or 1, heads or 1, 1, positions]");
+}
+
+// The attention of checked tensors
+at::Tensor attend_blocks(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
+                         const at::Tensor& bias) {
+  const int64_t rows = keys.size(0), heads = keys.size(1), positions = keys.size(2), head_dim = keys.size(3);
   at::Tensor out = at::empty({rows, heads * head_dim}, q.options());
   at::Tensor scores = at::empty({rows * heads, positions}, q.options());
   const bool l2 = peft_t5_kernels::prefetch_to_l2();
@@ -166,16 +172,19 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
   return out;
 }
 
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
+                            const at::Tensor& bias) {
+  check_attention("decode_attention", q, keys, values, bias);
+  return attend_blocks(q, keys, values, bias);
+}
+
 // Self-attention: each row's new key and value [rows, heads * head_dim] written into the caches at its length
 // first. In the op, so that a compiled graph writes into the caches it is given, where the index_put before an
 // opaque op made inductor copy each layer's caches whole every step.
 at::Tensor decode_self_attention(const at::Tensor& q, const at::Tensor& new_k, const at::Tensor& new_v,
                                  const at::Tensor& lengths, at::Tensor& keys, at::Tensor& values,
                                  const at::Tensor& bias) {
-  TORCH_CHECK(keys.dim() == 4 && values.sizes() == keys.sizes() && keys.scalar_type() == at::kFloat &&
-                  values.scalar_type() == at::kFloat && keys.stride(3) == 1 && values.stride(3) == 1,
-              "decode_self_attention: keys and values must be float32 [rows, heads, positions, head_dim], head_dim "
-              "contiguous");
+  check_attention("decode_self_attention", q, keys, values, bias);  // before anything is written
   const int64_t rows = keys.size(0), heads = keys.size(1), positions = keys.size(2), head_dim = keys.size(3);
   TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == rows && lengths.scalar_type() == at::kLong,
               "decode_self_attention: lengths must be int64 [rows]");
@@ -196,7 +205,7 @@ at::Tensor decode_self_attention(const at::Tensor& q, const at::Tensor& new_k, c
                   values.data_ptr<float>() + r * values.stride(0) + h * values.stride(1) + at[r] * values.stride(2));
     }
   }
-  return decode_attention(q, keys, values, bias);
+  return attend_blocks(q, keys, values, bias);
 }
 
 }  // namespace
