@@ -42,6 +42,7 @@ oneDNN, PEFT_T5_HELD=off the compiled graphs' oneDNN products to inductor's froz
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -50,6 +51,7 @@ from pathlib import Path
 import torch
 
 logger = logging.getLogger(__name__)
+LIBRARY = "peft_t5_kernels"
 SOURCES = [Path(__file__).parent / "csrc" / name
            for name in ("int8_matmul.cpp", "f32_matvec.cpp", "int8_amx.cpp", "onednn_held.cpp", "decode_attention.cpp")]
 ready = False  # set once kernel_problem() has loaded the kernels (a plain flag: compiled graphs read it as a constant)
@@ -106,9 +108,7 @@ def attention_problem() -> str | None:
 def build_problem() -> str | None:
     """Why peft-t5's library of kernels did not load (None: it did), building it on the first call."""
     try:
-        from torch.utils.cpp_extension import load
-
-        load(name="peft_t5_kernels", sources=[str(s) for s in SOURCES], extra_cflags=["-O3"], is_python_module=False)
+        load_library()
     except Exception as e:  # no compiler, no headers: oneDNN and MKL take every product
         said = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
         problem = f"they did not build ({type(e).__name__}: {said})"
@@ -128,6 +128,37 @@ def build_problem() -> str | None:
     torch.library.register_fake("peft_t5::decode_self_attention")(
         lambda q, new_k, new_v, lengths, keys, values, bias: q.new_empty((keys.shape[0], keys.shape[1] * keys.shape[3])))
     return None
+
+
+def load_library() -> None:
+    """Build the library if its sources changed (in torch's extensions folder, TORCH_EXTENSIONS_DIR), and load it."""
+    from torch.utils.cpp_extension import _get_build_directory, load
+
+    folder = _get_build_directory(LIBRARY, verbose=False)
+    with building(folder):
+        load(name=LIBRARY, sources=[str(s) for s in SOURCES], extra_cflags=["-O3"], build_directory=folder,
+             is_python_module=False)
+
+
+@contextlib.contextmanager
+def building(folder: str):
+    """Held while torch builds or loads the library in `folder`: an flock, which the OS lets go when its process dies.
+    torch's own lock is a file (`lock`) that a process killed mid-build leaves behind, and every later load would wait
+    on it forever (a server that never starts); whoever holds the flock knows no peft-t5 process is building, so a
+    `lock` there is such a leftover, and goes."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: torch's lock alone
+        yield
+        return
+    with open(os.path.join(folder, "peft-t5.flock"), "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # let go when the file closes, or the process ends
+        stale = os.path.join(folder, "lock")
+        if os.path.exists(stale):
+            logger.warning("removed %s, left by a build of peft-t5's kernels that was killed midway", stale)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(stale)
+        yield
 
 
 @functools.lru_cache(maxsize=1)

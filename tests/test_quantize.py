@@ -1,5 +1,8 @@
 """int8 for serving: each row quantized with its own scale (a row's answer never depends on the rows beside it), close
 to float32, and a layer PEFT wraps, so that adapters of every method load onto a base quantized before them."""
+import logging
+from pathlib import Path
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -145,6 +148,27 @@ def test_a_copied_int8_layer_holds_oneDNNs_weight_of_its_own_and_a_freed_layer_l
 def test_int8_can_be_left_to_onednn(monkeypatch):
     monkeypatch.setenv("PEFT_T5_KERNELS", "off")
     assert kernels.kernel_problem.__wrapped__() == "PEFT_T5_KERNELS=off"
+
+
+def test_a_lock_left_by_a_build_killed_midway_is_cleared_and_the_library_loads(monkeypatch, caplog):
+    """torch's lock file in the kernels' build folder, as a process killed while building leaves it: the next load
+    removes it (no peft-t5 build holds the flock) instead of waiting on it forever."""
+    from torch.utils.cpp_extension import _get_build_directory
+    from torch.utils.file_baton import FileBaton
+
+    if kernels.build_problem() is not None:
+        pytest.skip(f"peft-t5's kernels do not build here: {kernels.build_problem()}")
+    stale = Path(_get_build_directory(kernels.LIBRARY, verbose=False)) / "lock"
+    stale.touch()
+
+    def forever(baton):
+        raise AssertionError(f"the load waited on {baton.lock_file_path}")
+
+    monkeypatch.setattr(FileBaton, "wait", forever)
+    with caplog.at_level(logging.WARNING, logger="peft_t5.kernels"):
+        kernels.load_library()
+    assert not stale.exists()
+    assert f"removed {stale}, left by a build of peft-t5's kernels that was killed midway" in caplog.text
 
 
 def amx_or_skip() -> None:
