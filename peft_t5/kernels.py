@@ -28,7 +28,7 @@ oneDNN's results bit for bit. float32: the one-row step's products (t5_runner.Li
 memory: MKL's reached ~15 GB/s where this one, prefetching, reached 17-23 on a Xeon (its sums in another order:
 within 2e-5 of MKL's on unit-scale weights); on an AMD EPYC, prefetching into L2 (csrc/prefetch.h), 20-22 to MKL's
 10.6. Both are built with the C++ compiler torch.compile already needs, once per machine
-(~10-20 s; kept in torch's extensions folder, TORCH_EXTENSIONS_DIR), when kernel_problem() first runs (serve,
+(~30 s on 2 cores; kept in torch's extensions folder, TORCH_EXTENSIONS_DIR), when kernel_problem() first runs (serve,
 quantize_int8); where they cannot be built or run, oneDNN and MKL take every product.
 
 Attention: the compiled float32 step's, over caches cut from buffers sized for the longest row, which inductor's fused

@@ -176,7 +176,7 @@ class T5Weights(nn.Module):
         self.position_bucket = first._relative_position_bucket  # a static method: T5's bucketing
         self.embed = t5.shared.weight
         if self.embed.device.type == "cpu":
-            kernels.kernel_problem()  # builds peft-t5's kernels once per machine (~10-20 s), else loads them
+            kernels.kernel_problem()  # builds peft-t5's kernels once per machine (~30 s on 2 cores), else loads them
             kernels.attention_problem()
         self.encoder = nn.ModuleList(Block(block, False) for block in t5.encoder.block)
         self.decoder = nn.ModuleList(Block(block, True) for block in t5.decoder.block)
