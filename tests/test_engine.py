@@ -266,6 +266,31 @@ def test_holding_the_engine_queues_requests_and_runs_no_step_until_released(bank
     assert steps[0] == 3  # the rows queued while held were admitted together
 
 
+@pytest.mark.parametrize("idle_s", [0.0, 3600.0])
+def test_an_engine_idle_for_idle_release_s_lets_go_of_the_slots_a_burst_grew(bank, monkeypatch, idle_s):
+    """After IDLE_RELEASE_S without a row the runners' slots go back to their first size (here at once; with an
+    hour, a test's few seconds later they are still those the burst grew); the answers are generate()'s."""
+    from peft_t5.serve import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "IDLE_RELEASE_S", idle_s)
+    sources = [" ".join(["word"] * 300), *SOURCES[:2]]  # a source past the slots' first size
+
+    async def scenario(engine):
+        out = await engine.generate(["jokes", "jokes2", "base"], sources, 4)
+        runners = [lane.runner for lane in engine.lanes.values()]
+        if idle_s:
+            await asyncio.to_thread(engine.wait_until, lambda: not engine.busy)
+            assert any(r.capacity != r.first_capacity for r in runners)
+        else:
+            await asyncio.to_thread(engine.wait_until,
+                                    lambda: all(r.capacity == r.first_capacity for r in runners))
+        return out, runners
+
+    out, runners = run(scenario, bank)
+    assert out == bank.generate_per_adapter(["jokes", "jokes2", "base"], sources, max_new_tokens=4)
+    assert runners
+
+
 def test_streamed_pieces_concatenate_to_the_whole_outputs(bank):
     async def scenario(engine):
         pieces = ["", ""]

@@ -491,6 +491,7 @@ class T5Runner:
         self.modules: dict[tuple, nn.Module] = {}  # (Step or Encode, LoRA layout) -> it
         self.n = 0
         self._allocate(capacity, 2, 2)
+        self.first_capacity = self.capacity
 
     @torch.inference_mode()  # every tensor the step takes is an inference tensor (a compiled step guards on it)
     def _allocate(self, rows: int, length: int, source: int) -> None:
