@@ -104,6 +104,8 @@ def test_the_compiled_step_answers_as_the_eager_one_on_real_shaped_random_weight
 def test_a_float32_one_row_graph_reads_the_bases_weights_rather_than_a_frozen_copy_of_them():
     """The one-row graph of a float32 base is not frozen (no prepacked copy of the decoder): a weight changed in place
     changes its answer as it changes the eager step's. The step of several rows takes a copy oneDNN laid out."""
+    if kernels.kernel_problem() is not None:  # a row's products then take oneDNN's copy too (t5_runner.Linear)
+        pytest.skip(f"peft-t5's float32 kernel is not used here: {kernels.kernel_problem()}")
     config = T5Config(d_model=64, d_kv=16, d_ff=128, num_heads=4, num_layers=2, vocab_size=300,
                       feed_forward_proj="relu", decoder_start_token_id=0)
     torch.manual_seed(0)

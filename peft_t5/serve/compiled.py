@@ -13,11 +13,12 @@ speed): a copy laid out once and held by peft-t5's library under a number (csrc/
 t5_runner.T5Weights.hold_for_onednn), which the graphs name, so no graph is frozen. Where that library cannot load
 (kernels.onednn_problem), inductor freezes such copies into the graphs instead. An int8 base's other products are
 peft-t5's kernels' (kernels.py). A float32
-base's one-row step and its encoder read the weights as they are: one row streams them from memory whatever their
-layout (MKL's packing for one row was no faster and held 300 MB more for t5-small), and the encoder's products are
-as fast unpacked (the frozen encoder was no faster at 1-32 SQuAD rows; a copy would hold 75 MB). The step's graph for
-several rows attends over float32 caches through peft-t5's kernel where the CPU has AVX-512 (t5_runner.
-attends_by_kernel; kernels.attention_problem). On a GPU the graphs compile without freezing.
+base's encoder, and its one-row step where peft-t5's kernel runs (elsewhere that step takes oneDNN's copy too), read
+the weights as they are: one row streams them from memory whatever their layout (MKL's packing for one row was no
+faster and held 300 MB more for t5-small), and the encoder's products are as fast unpacked (the frozen encoder was
+no faster at 1-32 SQuAD rows; a copy would hold 75 MB). The step's graph for several rows attends over float32
+caches through peft-t5's kernel where the CPU has AVX-512 (t5_runner.attends_by_kernel; kernels.attention_problem).
+On a GPU the graphs compile without freezing.
 
 Compiles run on a thread of their own, one at a time. Until a graph is ready its calls run eagerly (the reference
 the compiled graphs are tested against), so no request waits for a compile. Inductor keeps the kernels it builds in
