@@ -278,17 +278,16 @@ def test_an_engine_idle_for_idle_release_s_lets_go_of_the_slots_a_burst_grew(ban
     async def scenario(engine):
         out = await engine.generate(["jokes", "jokes2", "base"], sources, 4)
         runners = [lane.runner for lane in engine.lanes.values()]
+        assert runners
         if idle_s:
             await asyncio.to_thread(engine.wait_until, lambda: not engine.busy)
             assert any(r.capacity != r.first_capacity for r in runners)
         else:
             await asyncio.to_thread(engine.wait_until,
                                     lambda: all(r.capacity == r.first_capacity for r in runners))
-        return out, runners
+        return out
 
-    out, runners = run(scenario, bank)
-    assert out == bank.generate_per_adapter(["jokes", "jokes2", "base"], sources, max_new_tokens=4)
-    assert runners
+    assert run(scenario, bank) == bank.generate_per_adapter(["jokes", "jokes2", "base"], sources, max_new_tokens=4)
 
 
 def test_streamed_pieces_concatenate_to_the_whole_outputs(bank):
