@@ -130,11 +130,18 @@ def build_problem() -> str | None:
     return None
 
 
-def load_library() -> None:
-    """Build the library if its sources changed (in torch's extensions folder, TORCH_EXTENSIONS_DIR), and load it."""
-    from torch.utils.cpp_extension import _get_build_directory, load
+def build_folder() -> str:
+    """Where torch builds the library: its extensions folder (TORCH_EXTENSIONS_DIR), made if missing."""
+    from torch.utils.cpp_extension import _get_build_directory
 
-    folder = _get_build_directory(LIBRARY, verbose=False)
+    return _get_build_directory(LIBRARY, verbose=False)
+
+
+def load_library() -> None:
+    """Build the library if its sources changed (in build_folder()), and load it."""
+    from torch.utils.cpp_extension import load
+
+    folder = build_folder()
     with building(folder):
         load(name=LIBRARY, sources=[str(s) for s in SOURCES], extra_cflags=["-O3"], build_directory=folder,
              is_python_module=False)

@@ -155,12 +155,11 @@ def test_int8_can_be_left_to_onednn(monkeypatch):
 def test_a_lock_left_by_a_build_killed_midway_is_cleared_and_the_library_loads(monkeypatch, caplog):
     """torch's lock file in the kernels' build folder, as a process killed while building leaves it: the next load
     removes it (no peft-t5 build holds the flock) instead of waiting on it forever."""
-    from torch.utils.cpp_extension import _get_build_directory
     from torch.utils.file_baton import FileBaton
 
     if kernels.build_problem() is not None:
         pytest.skip(f"peft-t5's kernels do not build here: {kernels.build_problem()}")
-    stale = Path(_get_build_directory(kernels.LIBRARY, verbose=False)) / "lock"
+    stale = Path(kernels.build_folder()) / "lock"
     stale.touch()
 
     def forever(baton):
