@@ -75,6 +75,11 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+# The switches that hold torch (and inductor's code, and peft-t5's kernels), oneDNN, MKL and CTranslate2 to fewer of
+# the CPU's instructions: set to avx2 / AVX2, a CPU with AVX-512 runs as one without (benchmarks/README.md)
+ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "CT2_FORCE_CPU_ISA")
+
+
 def machine() -> str:
     """The GPU, or the CPU's model and vector extensions (CTranslate2 and oneDNN pick their kernels by them)."""
     if torch.cuda.is_available():
@@ -88,7 +93,9 @@ def machine() -> str:
         pass
     extensions = [name for name, flag in (("AVX2", "avx2"), ("AVX-512", "avx512f"), ("AVX512-BF16", "avx512_bf16"),
                                           ("AVX512-VNNI", "avx512_vnni"), ("AMX", "amx_tile")) if flag in flags]
-    return f"{model} ({', '.join(extensions) or 'no AVX2'}), {os.cpu_count()} CPU cores, torch {torch.__version__}"
+    held = [f"{name}={os.environ[name]}" for name in ISA_CAPS if os.environ.get(name)]
+    return (f"{model} ({', '.join(extensions) or 'no AVX2'}), {os.cpu_count()} CPU cores, torch {torch.__version__}"
+            + (f"; instructions held by {', '.join(held)}" if held else ""))
 
 
 class PeakMemory:

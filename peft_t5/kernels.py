@@ -63,14 +63,30 @@ MOST_WEIGHT = 2048 * 512  # ... through weights of up to N * K this large: T5's 
 # from 2 rows (8 rows: the kernel 1.2 ms, oneDNN 0.8; 512 x 512: 22 us and 70)
 
 
-def switched_off_or_unbuilt(switch: str | None = None, feature: tuple | None = None) -> str | None:
+CPU_FEATURES = {"AVX-512": "_is_avx512_supported", "AVX512-VNNI": "_is_vnni_supported",
+                "AVX512-BF16": "_is_avx512_bf16_supported", "AMX": "_is_amx_tile_supported"}
+
+
+def cpu_lacks(feature: str) -> str | None:
+    """Why `feature` (a key of CPU_FEATURES) is not used here (None: it is): the CPU has none, or torch's own kernels
+    are held below AVX-512 (ATEN_CPU_CAPABILITY=avx2 or default: then inductor's code and peft-t5's kernels are too,
+    as on a CPU without it; with ONEDNN_MAX_CPU_ISA and MKL_ENABLE_INSTRUCTIONS, how an AVX2-only CPU is tested)."""
+    if not getattr(torch.cpu, CPU_FEATURES[feature], lambda: False)():
+        return f"the CPU has no {feature}"
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability != "AVX512":
+        return f"torch's kernels are held to {capability} (ATEN_CPU_CAPABILITY)"
+    return None
+
+
+def switched_off_or_unbuilt(switch: str | None = None, feature: str | None = None) -> str | None:
     """Why a group of these kernels is not used here (None: it is): PEFT_T5_KERNELS or its own switch off, the CPU
-    without the feature it needs (a (check, name) pair), or the library not building (built on the first call)."""
+    feature it needs unused (cpu_lacks), or the library not building (built on the first call)."""
     for name in ("PEFT_T5_KERNELS", switch):
         if name is not None and os.environ.get(name, "on") == "off":
             return f"{name}=off"
-    if feature is not None and not feature[0]():
-        return f"the CPU has no {feature[1]}"
+    if feature is not None and cpu_lacks(feature) is not None:
+        return cpu_lacks(feature)
     return build_problem()
 
 
@@ -78,7 +94,7 @@ def switched_off_or_unbuilt(switch: str | None = None, feature: tuple | None = N
 def kernel_problem() -> str | None:
     """Why the kernels are not used here (None: they are), building and loading them on the first call."""
     global ready
-    problem = switched_off_or_unbuilt(feature=(torch.cpu._is_vnni_supported, "AVX512-VNNI"))
+    problem = switched_off_or_unbuilt(feature="AVX512-VNNI")
     ready = problem is None
     return problem
 
@@ -99,7 +115,7 @@ def attention_problem() -> str | None:
     """Why the compiled step's float32 attention is not peft-t5's kernel here (None: it is; csrc/decode_attention.cpp,
     CPUs with AVX-512), building and loading the library on the first call. Else inductor's fused loops attend."""
     global attention_ready
-    problem = switched_off_or_unbuilt("PEFT_T5_ATTENTION", (torch.cpu._is_avx512_supported, "AVX-512"))
+    problem = switched_off_or_unbuilt("PEFT_T5_ATTENTION", "AVX-512")
     attention_ready = problem is None
     return problem
 
@@ -175,8 +191,8 @@ def amx_problem() -> str | None:
         return kernel_problem()
     if os.environ.get("PEFT_T5_AMX", "on") == "off":
         return "PEFT_T5_AMX=off"
-    if not torch.cpu._is_amx_tile_supported():
-        return "the CPU has no AMX"
+    if cpu_lacks("AMX") is not None:
+        return cpu_lacks("AMX")
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(3, 96, generator=generator)
     weight = torch.randint(-127, 128, (40, 96), dtype=torch.int8, generator=generator)

@@ -30,8 +30,9 @@ def bf16_supported() -> bool:
     """bf16 that runs fast here: a CUDA GPU with bf16, or a CPU with AVX512-BF16 or AMX matrix units."""
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
-    cpu = getattr(torch, "cpu", None)
-    return any(getattr(cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    from .kernels import cpu_lacks
+
+    return cpu_lacks("AVX512-BF16") is None or cpu_lacks("AMX") is None
 
 
 def _sample_texts() -> list[str]:

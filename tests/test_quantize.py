@@ -152,6 +152,25 @@ def test_int8_can_be_left_to_onednn(monkeypatch):
     assert not kernels.ready
 
 
+def test_torch_held_to_avx2_by_aten_cpu_capability_holds_peft_t5s_kernels_and_bf16_off(monkeypatch):
+    """ATEN_CPU_CAPABILITY=avx2 holds torch's kernels and inductor's code to AVX2: peft-t5's AVX-512 kernels and
+    bfloat16 are then unused as on a CPU without AVX-512 (how the suite is run as on one: benchmarks/README.md)."""
+    from peft_t5.modeling import bf16_supported
+
+    for name in kernels.CPU_FEATURES.values():
+        monkeypatch.setattr(torch.cpu, name, lambda: True)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    for flag in ("ready", "attention_ready"):  # the calls below set them: later tests in this process use the real
+        monkeypatch.setattr(kernels, flag, getattr(kernels, flag))
+    held = "torch's kernels are held to AVX2 (ATEN_CPU_CAPABILITY)"
+    assert kernels.kernel_problem.__wrapped__() == held and kernels.attention_problem.__wrapped__() == held
+    assert not kernels.ready and not kernels.attention_ready and not bf16_supported()
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: False)
+    assert kernels.cpu_lacks("AVX512-VNNI") == "the CPU has no AVX512-VNNI"
+    assert kernels.cpu_lacks("AVX-512") is None and bf16_supported()
+
+
 def test_a_lock_left_by_a_build_killed_midway_is_cleared_and_the_library_loads(monkeypatch, caplog):
     """torch's lock file in the kernels' build folder, as a process killed while building leaves it: the next load
     removes it (no peft-t5 build holds the flock) instead of waiting on it forever."""
