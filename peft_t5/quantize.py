@@ -24,12 +24,16 @@ replaces torch.ao's dynamic quantization (deprecated; per-batch activation scale
 from __future__ import annotations
 
 import functools
+import logging
+import os
 
 import torch
 from torch import nn
 
 from . import kernels
 from .errors import PeftT5Error
+
+logger = logging.getLogger(__name__)
 
 
 class Int8Linear(nn.Linear):
@@ -39,8 +43,9 @@ class Int8Linear(nn.Linear):
         nn.Module.__init__(self)  # not nn.Linear's: it would make a float weight first
         weight = weight.detach().float()
         self.out_features, self.in_features = weight.shape
-        scale = weight.abs().amax(1).clamp(min=1e-12) / 127
-        levels = (weight / scale[:, None]).round_().clamp_(-127, 127)  # in place: one float copy at a time (the
+        most = weight_levels()
+        scale = weight.abs().amax(1).clamp(min=1e-12) / most
+        levels = (weight / scale[:, None]).round_().clamp_(-most, most)  # in place: one float copy at a time (the
         self._parameters["weight"] = nn.Parameter(levels.to(torch.int8), requires_grad=False)  # head's is 66 MB)
         self.register_buffer("weight_scale", scale)
         self.register_buffer("weight_zero_point", torch.zeros(self.out_features, dtype=torch.long), persistent=False)
@@ -115,6 +120,25 @@ class Int8Linear(nn.Linear):
 
     def dequantize(self) -> torch.Tensor:
         return self.weight.float() * self.weight_scale[:, None]
+
+
+@functools.lru_cache(maxsize=1)
+def weight_levels() -> int:
+    """The int8 weights' largest level: 127, or 63 where oneDNN's int8 products saturate. Without VNNI (AVX2 CPUs,
+    AVX-512 ones without VNNI) oneDNN sums pairs of uint8 x int8 products in int16 (vpmaddubsw), which overflows past
+    2 x 255 x 64: t5-small-sized products erred by 9.7% at 127 levels (by 1.8% at 63, 1.0% with VNNI; tests/
+    test_quantize.py). Found by a product of the largest levels, not from CPU flags: oneDNN picks its own kernels."""
+    if not hasattr(torch.ops.onednn, "qlinear_pointwise"):  # no oneDNN: int8_path() refuses int8
+        return 127
+    k = 64
+    packed = torch.ops.onednn.qlinear_prepack(torch.full((8, k), 127, dtype=torch.int8), None)
+    y = torch.ops.onednn.qlinear_pointwise(torch.full((1, k), 255, dtype=torch.uint8), 1.0, 128, packed,
+                                           torch.ones(8), torch.zeros(8, dtype=torch.long), None, 1.0, 0,
+                                           torch.float32, "none", [], "")
+    saturates = y[0, 0].item() != k * 127 * 127
+    if saturates:
+        logger.info("oneDNN's int8 products saturate on this CPU (no VNNI): weights take 63 levels, not 127")
+    return 63 if saturates else 127
 
 
 class HeldByOneDNN:
@@ -203,17 +227,19 @@ def int8_path() -> str:
     except RuntimeError as e:
         raise PeftT5Error(f"--quantize int8: oneDNN's int8 matmul fails here ({str(e).splitlines()[0]}); serve in "
                           "float32 or bfloat16") from None
-    cpu = torch.cpu
-    isa = ("AMX-INT8" if cpu._is_amx_tile_supported() else "AVX512-VNNI" if cpu._is_vnni_supported()
-           else torch.backends.cpu.get_cpu_capability())
+    cpu = torch.cpu  # oneDNN picks its own instructions from the CPU's, unless ONEDNN_MAX_CPU_ISA holds it lower
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA") or next(name for name, has in (
+        ("AMX-INT8", cpu._is_amx_tile_supported), ("AVX512-VNNI", cpu._is_vnni_supported),
+        ("AVX-512", cpu._is_avx512_supported), ("AVX2", cpu._is_avx2_supported), ("SSE", lambda: True)) if has())
     if kernels.amx_problem() is None:
         return "peft-t5's kernels for the serving engine's products (AMX; one row AVX512-VNNI), oneDNN " \
                "int8 for the rest; activations quantized per row"
     kernel = kernels.kernel_problem()
     kernel = "peft-t5's AVX512-VNNI kernel" if kernel is None else f"oneDNN too ({kernel})"
     held = "its weights prepacked once, held by number" if kernels.onednn_ready else "compiled graphs frozen"
-    return (f"oneDNN int8 ({isa}), activations quantized per row, {held}; one row (eager: 1-{kernels.MOST_ROWS}): "
-            f"{kernel}")
+    weights = "" if weight_levels() == 127 else " (weights in 63 levels: its int16 sums would saturate at 127)"
+    return (f"oneDNN int8 ({isa}){weights}, activations quantized per row, {held}; one row (eager: "
+            f"1-{kernels.MOST_ROWS}): {kernel}")
 
 
 def quantize_int8(*models: nn.Module) -> int:

@@ -1,6 +1,9 @@
 """int8 for serving: each row quantized with its own scale (a row's answer never depends on the rows beside it), close
 to float32, and a layer PEFT wraps, so that adapters of every method load onto a base quantized before them."""
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +27,28 @@ def test_a_rows_int8_output_is_the_same_alone_and_beside_other_rows():
             assert torch.equal(layer(rows[i:i + 1]), together[i:i + 1])
         exact = rows @ layer.dequantize().t()
     assert ((together - exact).norm(dim=1) / exact.norm(dim=1)).max() < 0.02  # each row close, the small one too
+
+
+SATURATING_CPU = """
+import torch
+from peft_t5.quantize import Int8Linear, int8_path, weight_levels
+torch.manual_seed(0)
+layer, rows = Int8Linear(torch.randn(96, 512)), torch.randn(5, 512) * torch.tensor([[0.01], [1.0], [100.0], [3.0], [0.5]])
+with torch.inference_mode():
+    exact = rows @ layer.dequantize().t()
+    print(weight_levels(), ((layer(rows) - exact).norm(dim=1) / exact.norm(dim=1)).max().item(), int8_path())
+"""
+
+
+def test_where_onednn_sums_int8_pairs_in_int16_weights_take_63_levels_and_products_stay_close():
+    """oneDNN held to AVX2 (as on a CPU without VNNI, or AVX-512 without VNNI): its int8 products saturate at 127
+    weight levels (each row erred by up to 9.7%); with 63 they are as close as with VNNI."""
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "PEFT_T5_KERNELS": "off"}
+    out = subprocess.run([sys.executable, "-c", SATURATING_CPU], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    levels, error, path = out.stdout.split(maxsplit=2)
+    assert levels == "63" and float(error) < 0.02
+    assert "oneDNN int8 (AVX2) (weights in 63 levels: its int16 sums would saturate at 127)" in path
 
 
 def adapter(folder, seed: int, use_dora: bool = False) -> str:
