@@ -457,6 +457,37 @@ def test_a_restart_builds_no_kernel_again_from_the_cache_folder(folders, tmp_pat
         assert not inductor.get("fxgraph_cache_bypass"), inductor
 
 
+SMALL_GRAPH = """
+import sys, torch
+from peft_t5.serve.compiled import CompiledStep
+CompiledStep(cache_dir=sys.argv[1])  # sets the folder inductor keeps what it builds in
+def norm_gate(x, w):
+    return torch.nn.functional.rms_norm(x, (x.shape[-1],), w, 1e-6) * torch.sigmoid(x)
+x, w = torch.randn(5, 300), torch.rand(300)
+print((torch.compile(norm_gate, dynamic=False)(x, w) - norm_gate(x, w)).abs().max().item())
+"""
+
+
+def test_a_cache_folder_filled_under_avx_512_answers_right_under_avx2(tmp_path):
+    """One cache folder, then ATEN_CPU_CAPABILITY=avx2 (as a home folder shared with a machine without AVX-512):
+    inductor's graph cache does not key on the instruction set, and its graphs were found and their kernels built
+    again for the other set, stepping by 16 floats over vectors of 8 (NaN here; the engine's step crashed). Each set
+    has a folder of its own, and both processes compute what eager torch does. (On a CPU without AVX-512 both are
+    AVX2's: the results are checked all the same.)"""
+    import subprocess
+    import sys
+
+    cache = tmp_path / "cache"
+    for held in ({}, {"ATEN_CPU_CAPABILITY": "avx2"}):
+        run = subprocess.run([sys.executable, "-c", SMALL_GRAPH, str(cache)], env={**os.environ, **held},
+                             capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert float(run.stdout.split()[-1]) < 1e-5, held
+    written = sorted(folder.name for folder in cache.iterdir())
+    assert "isa-avx2" in written and all(name.startswith("isa-") for name in written)
+    assert all(list(cache.glob(f"{name}/**/*.so")) for name in written)
+
+
 async def ready(engine: Engine) -> None:
     """Nothing: running() has waited for the graphs."""
 

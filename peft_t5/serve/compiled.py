@@ -22,7 +22,7 @@ On a GPU the graphs compile without freezing.
 
 Compiles run on a thread of their own, one at a time. Until a graph is ready its calls run eagerly (the reference
 the compiled graphs are tested against), so no request waits for a compile. Inductor keeps the kernels it builds in
-TORCHINDUCTOR_CACHE_DIR, and the graphs in its graph cache: a restart traces each graph and finds it whole there
+TORCHINDUCTOR_CACHE_DIR (a folder per instruction set: cache_folder), and the graphs in its graph cache: a restart traces each graph and finds it whole there
 (frozen graphs excepted: its graph cache cannot store oneDNN's opaque tensors, so they are lowered again). Its C++
 wrapper is not used: no faster here (within 3%), and a
 restart would build it again (its source names the weights by their memory addresses).
@@ -53,11 +53,11 @@ COMPILE_NICE = 10
 
 class CompiledStep:
     def __init__(self, cache_dir: str | None = None, on_event=None):
-        """cache_dir: where inductor keeps what it builds (default: its own, or TORCHINDUCTOR_CACHE_DIR);
+        """cache_dir: where inductor keeps what it builds, in a folder per instruction set (cache_folder; default:
+        its own, or TORCHINDUCTOR_CACHE_DIR);
         on_event(part, kind, seconds, error): called on the compiling thread when a graph is ready or failed (part:
         "step" or "encoder"; kind: "one" row or "many")."""
-        if cache_dir:
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_folder(cache_dir or os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
         self.on_event = on_event or (lambda part, kind, seconds, error: None)
         self.ready: dict[tuple, object] = {}  # (step, kind) -> the compiled step
         self.failed: dict[tuple, str] = {}
@@ -172,6 +172,19 @@ class CompiledStep:
         with inductor_config.patch(options(step, args)), torch.inference_mode():
             compiled(*args)
         return compiled
+
+
+def cache_folder(base: str | None) -> str:
+    """The folder inductor keeps what it builds in: base (default: inductor's own) / the instruction set it writes
+    its CPU kernels for. Its graph cache does not key on that set: a graph cached under AVX-512 (another machine's,
+    through a shared home or image, or ATEN_CPU_CAPABILITY since changed) was found under AVX2 and its kernels built
+    again for 8 floats a vector where they step by 16: wrong answers, NaN (test_compiled.py)."""
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    folder = "isa-" + ("-".join(str(pick_vec_isa()).split()) or "none")  # "avx512 avx512_vnni" -> isa-avx512-...
+    base = os.path.abspath(base or default_cache_dir())
+    return base if os.path.basename(base) == folder else os.path.join(base, folder)
 
 
 def part_of(step) -> str:

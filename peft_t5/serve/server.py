@@ -152,7 +152,8 @@ def serve(adapters: dict[str, str], model: str | None = None, qlora: bool = Fals
     app = create_app(bank, settings)
     bound = listening.getsockname()[1]
     described = app.state.engine.describe()
-    kept = f" (kernels kept in {compile_cache})" if compile_cache else ""
+    kept = (f" (kernels kept in {os.environ['TORCHINDUCTOR_CACHE_DIR']})"  # compile_cache's folder for this CPU
+            if app.state.engine.compiled is not None else "")
     int8 = f", {described['int8']}" if described["int8"] != "off" else ""
     print(f"decoder step {described['step']}{kept}; weights {described['weights']}{int8}; kernels "
           f"{described['kernels']}", flush=True)
