@@ -85,8 +85,8 @@ def switched_off_or_unbuilt(switch: str | None = None, feature: str | None = Non
     for name in ("PEFT_T5_KERNELS", switch):
         if name is not None and os.environ.get(name, "on") == "off":
             return f"{name}=off"
-    if feature is not None and cpu_lacks(feature) is not None:
-        return cpu_lacks(feature)
+    if feature is not None and (lacking := cpu_lacks(feature)) is not None:
+        return lacking
     return build_problem()
 
 
@@ -191,8 +191,8 @@ def amx_problem() -> str | None:
         return kernel_problem()
     if os.environ.get("PEFT_T5_AMX", "on") == "off":
         return "PEFT_T5_AMX=off"
-    if cpu_lacks("AMX") is not None:
-        return cpu_lacks("AMX")
+    if (lacking := cpu_lacks("AMX")) is not None:
+        return lacking
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(3, 96, generator=generator)
     weight = torch.randint(-127, 128, (40, 96), dtype=torch.int8, generator=generator)

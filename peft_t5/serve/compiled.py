@@ -22,10 +22,10 @@ On a GPU the graphs compile without freezing.
 
 Compiles run on a thread of their own, one at a time. Until a graph is ready its calls run eagerly (the reference
 the compiled graphs are tested against), so no request waits for a compile. Inductor keeps the kernels it builds in
-TORCHINDUCTOR_CACHE_DIR (a folder per instruction set: cache_folder), and the graphs in its graph cache: a restart traces each graph and finds it whole there
-(frozen graphs excepted: its graph cache cannot store oneDNN's opaque tensors, so they are lowered again). Its C++
-wrapper is not used: no faster here (within 3%), and a
-restart would build it again (its source names the weights by their memory addresses).
+TORCHINDUCTOR_CACHE_DIR (a folder per instruction set: cache_folder), and the graphs in its graph cache: a restart
+traces each graph and finds it whole there (frozen graphs excepted: its graph cache cannot store oneDNN's opaque
+tensors, so they are lowered again). Its C++ wrapper is not used: no faster here (within 3%), and a restart would
+build it again (its source names the weights by their memory addresses).
 """
 from __future__ import annotations
 
@@ -178,7 +178,7 @@ def cache_folder(base: str | None) -> str:
     """The folder inductor keeps what it builds in: base (default: inductor's own) / the instruction set it writes
     its CPU kernels for. Its graph cache does not key on that set: a graph cached under AVX-512 (another machine's,
     through a shared home or image, or ATEN_CPU_CAPABILITY since changed) was found under AVX2 and its kernels built
-    again for 8 floats a vector where they step by 16: wrong answers, NaN (test_compiled.py)."""
+    again for 8 floats a vector where they step by 16: wrong answers, NaN, or a crash (test_compiled.py)."""
     from torch._inductor.cpu_vec_isa import pick_vec_isa
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
