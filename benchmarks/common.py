@@ -98,6 +98,25 @@ def machine() -> str:
             + (f"; instructions held by {', '.join(held)}" if held else ""))
 
 
+def merged_ct2(folder: Path, base: str, adapter: str) -> dict[str, str]:
+    """The adapter merged into its base (folder/merged, with the base's tokenizer) and converted to CTranslate2 in
+    float32 and in int8 (folder/ct2_float32, folder/ct2_int8, each with its tokenizer.json): quantization -> folder."""
+    import ctranslate2
+    from peft import PeftModel
+
+    from peft_t5.modeling import load_base_model, load_tokenizer
+
+    merged = PeftModel.from_pretrained(load_base_model(base), adapter).merge_and_unload()
+    merged.save_pretrained(folder / "merged")
+    load_tokenizer(base).save_pretrained(folder / "merged")
+    converted = {}
+    for quantization in ("float32", "int8"):
+        converted[quantization] = str(folder / f"ct2_{quantization}")
+        ctranslate2.converters.TransformersConverter(str(folder / "merged"), copy_files=["tokenizer.json"]).convert(
+            converted[quantization], quantization=quantization, force=True)
+    return converted
+
+
 class PeakMemory:
     """Peak memory of a block: CUDA allocator peak on a GPU, sampled process RSS growth on a CPU (bytes)."""
 

@@ -116,26 +116,17 @@ def run_child(system: str, work_file: str) -> list[dict]:
 
 
 def prepare(folder: Path, cache: str) -> dict:
-    import ctranslate2
-    from common import jokes_records, squad_records
-    from peft import PeftModel
+    from common import jokes_records, merged_ct2, squad_records
     from serve_throughput import make_adapters
 
-    from peft_t5.modeling import load_base_model, load_tokenizer
     from peft_t5.tasks import get_task
 
     base, adapters = make_adapters(folder, "t5-small")
-    merged = PeftModel.from_pretrained(load_base_model(base), adapters["jokes_a"]).merge_and_unload()
-    merged.save_pretrained(folder / "merged")
-    load_tokenizer(base).save_pretrained(folder / "merged")
-    work = {"base": base, "adapters": adapters, "cache": cache,
+    converted = merged_ct2(folder, base, adapters["jokes_a"])
+    return {"base": base, "adapters": adapters, "cache": cache,
             "first": get_task("jokes").template.format(**jokes_records()[0][0]),
-            "many": [get_task("squad").template.format(**r) for r in squad_records(ROWS)[0]]}
-    for quantization in ("float32", "int8"):
-        work[f"ct2_{quantization}"] = str(folder / f"ct2_{quantization}")
-        ctranslate2.converters.TransformersConverter(str(folder / "merged"), copy_files=["tokenizer.json"]).convert(
-            work[f"ct2_{quantization}"], quantization=quantization, force=True)
-    return work
+            "many": [get_task("squad").template.format(**r) for r in squad_records(ROWS)[0]],
+            **{f"ct2_{quantization}": path for quantization, path in converted.items()}}
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import jokes_records, machine, squad_records, write_results  # noqa: E402
+from common import jokes_records, machine, merged_ct2, squad_records, write_results  # noqa: E402
 from serve_throughput import free_port, make_adapters  # noqa: E402
 
 TOKENS, ROWS, THREADS, SOURCE_LIMIT = 32, 32, 2, 512
@@ -150,10 +150,6 @@ def main() -> None:
     parser.add_argument("--output", default="benchmarks/results/serve_startup.json")
     args = parser.parse_args()
 
-    import ctranslate2
-    from peft import PeftModel
-
-    from peft_t5.modeling import load_base_model, load_tokenizer
     from peft_t5.tasks import get_task
 
     first = get_task("jokes").template.format(**jokes_records()[0][0])
@@ -163,12 +159,7 @@ def main() -> None:
                "rows": ROWS, "threads": THREADS, "rounds": args.rounds, "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         base, adapters = make_adapters(Path(tmp), "t5-small")
-        merged = PeftModel.from_pretrained(load_base_model(base), adapters["jokes_a"]).merge_and_unload()
-        merged.save_pretrained(f"{tmp}/merged")
-        load_tokenizer(base).save_pretrained(f"{tmp}/merged")
-        for quantization in ("float32", "int8"):
-            ctranslate2.converters.TransformersConverter(f"{tmp}/merged", copy_files=["tokenizer.json"]).convert(
-                f"{tmp}/ct2_{quantization}", quantization=quantization, force=True)
+        converted = merged_ct2(Path(tmp), base, adapters["jokes_a"])
         cache = f"{tmp}/inductor"
         for quantization in ("float32", "int8"):  # the cache filled: the cold compile
             cold = engine_round(base, adapters, first, many, quantization == "int8", cache)
@@ -179,7 +170,7 @@ def main() -> None:
                 int8 = quantization == "int8"
                 for system, run in (("engine", lambda: engine_round(base, adapters, first, many, int8, cache)),
                                     ("engine_eager", lambda: engine_round(base, adapters, first, many, int8, None)),
-                                    ("ct2", lambda: ct2_round(f"{tmp}/ct2_{quantization}", first, many))):
+                                    ("ct2", lambda: ct2_round(converted[quantization], first, many))):
                     found = run()
                     results["runs"].setdefault(f"{system}_{quantization}", []).append(found)
                     print(system, quantization, {k: round(v / 2**20) if "rss" in k else v and round(v, 2)
