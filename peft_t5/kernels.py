@@ -1,9 +1,9 @@
 """peft-t5's own CPU kernels, for the products where the libraries' are slow at the serving step's shapes:
 
     torch.ops.peft_t5.int8_matmul(x, weight, scale)  # csrc/int8_matmul.cpp: x [M, K] float32, weight [N, K] int8,
-                                                     # scale [N] -> [M, N]; AVX512-VNNI
+                                                     # scale [N] -> [M, N]; AVX512-VNNI, else AVX2
     torch.ops.peft_t5.f32_matvec(x, weight)          # csrc/f32_matvec.cpp: x [1, K], weight [N, K] float32 -> [1, N];
-                                                     # AVX-512
+                                                     # AVX-512, else AVX2
     torch.ops.peft_t5.int8_amx_matmul(x, packed, scale)  # csrc/int8_amx.cpp: x [M, K] float32, the weight packed
                                                          # by amx_pack(), scale [N] -> [M, N]; AMX
     number = torch.ops.peft_t5.onednn_int8_pack(weight)  # csrc/onednn_held.cpp: oneDNN's prepacked copy of an int8
@@ -27,7 +27,9 @@ Rows are quantized and scaled as quantize.int8_linear does, and the products sum
 oneDNN's results bit for bit. float32: the one-row step's products (t5_runner.Linear), which stream their weights from
 memory: MKL's reached ~15 GB/s where this one, prefetching, reached 17-23 on a Xeon (its sums in another order:
 within 2e-5 of MKL's on unit-scale weights); on an AMD EPYC, prefetching into L2 (csrc/prefetch.h), 20-22 to MKL's
-10.6. Both are built with the C++ compiler torch.compile already needs, once per machine
+10.6. Without AVX-512 (or where torch is held below it, ATEN_CPU_CAPABILITY), both take AVX2 (csrc/isa.h): int8's
+rows widened to int16 pairs (vpmaddwd; oneDNN's AVX2 sums, in int16, saturate), so any CPU with AVX2 and FMA runs
+them. Both are built with the C++ compiler torch.compile already needs, once per machine
 (~30 s on 2 cores; kept in torch's extensions folder, TORCH_EXTENSIONS_DIR), when kernel_problem() first runs (serve,
 quantize_int8); where they cannot be built or run, oneDNN and MKL take every product.
 
@@ -55,28 +57,37 @@ LIBRARY = "peft_t5_kernels"
 SOURCES = [Path(__file__).parent / "csrc" / name
            for name in ("int8_matmul.cpp", "f32_matvec.cpp", "int8_amx.cpp", "onednn_held.cpp", "decode_attention.cpp")]
 ready = False  # set once kernel_problem() has loaded the kernels (a plain flag: compiled graphs read it as a constant)
+widened = False  # ... and found int8 summed in int16 pairs (AVX2, no AVX512-VNNI): oneDNN's int8 is slower there
 onednn_ready = False  # ... once onednn_problem() has: oneDNN's products (int8 and float) take weights held by number
 amx_ready = False  # ... and once amx_problem() has found the AMX kernel usable
 attention_ready = False  # ... once attention_problem() has: compiled steps attend through decode_attention
 MOST_ROWS = 8  # eagerly, the int8 kernel takes products of up to this many rows (one row: always)
 MOST_WEIGHT = 2048 * 512  # ... through weights of up to N * K this large: T5's output layer (32128 x 512) is oneDNN's
-# from 2 rows (8 rows: the kernel 1.2 ms, oneDNN 0.8; 512 x 512: 22 us and 70)
+# from 2 rows (8 rows: the kernel 1.2 ms, oneDNN 0.8; 512 x 512: 22 us and 70). Where `widened`, up to MOST_ROWS rows
+# of every weight, compiled too: oneDNN's AVX2 int8 took 2-8x the kernel's time at 1-8 rows (8 rows of 512 x 512:
+# 61 us and 122; of the output layer 4.1 ms and 5.1), as much at 16 (benchmarks/README.md, "As a CPU without AVX-512")
 
 
-CPU_FEATURES = {"AVX-512": "_is_avx512_supported", "AVX512-VNNI": "_is_vnni_supported",
+CPU_FEATURES = {"AVX2": "_is_avx2_supported", "AVX-512": "_is_avx512_supported", "AVX512-VNNI": "_is_vnni_supported",
                 "AVX512-BF16": "_is_avx512_bf16_supported", "AMX": "_is_amx_tile_supported"}
 
 
 def cpu_lacks(feature: str) -> str | None:
     """Why `feature` (a key of CPU_FEATURES) is not used here (None: it is): the CPU has none, or torch's own kernels
-    are held below AVX-512 (ATEN_CPU_CAPABILITY=avx2 or default: then inductor's code and peft-t5's kernels are too,
+    are held below it (ATEN_CPU_CAPABILITY=avx2 below AVX-512's features, or default: then inductor's code and peft-t5's kernels are too,
     as on a CPU without it; with ONEDNN_MAX_CPU_ISA and MKL_ENABLE_INSTRUCTIONS, how an AVX2-only CPU is tested)."""
     if not getattr(torch.cpu, CPU_FEATURES[feature], lambda: False)():
         return f"the CPU has no {feature}"
     capability = torch.backends.cpu.get_cpu_capability()
-    if capability != "AVX512":
+    if capability not in (("AVX2", "AVX512") if feature == "AVX2" else ("AVX512",)):
         return f"torch's kernels are held to {capability} (ATEN_CPU_CAPABILITY)"
     return None
+
+
+def instructions(feature: str) -> str:
+    """What peft-t5's float32 ("AVX-512") or int8 ("AVX512-VNNI") kernels run here: `feature` where it is used, else
+    AVX2 (csrc/isa.h decides the same way)."""
+    return feature if cpu_lacks(feature) is None else "AVX2"
 
 
 def switched_off_or_unbuilt(switch: str | None = None, feature: str | None = None) -> str | None:
@@ -94,8 +105,10 @@ def switched_off_or_unbuilt(switch: str | None = None, feature: str | None = Non
 def kernel_problem() -> str | None:
     """Why the kernels are not used here (None: they are), building and loading them on the first call."""
     global ready
-    problem = switched_off_or_unbuilt(feature="AVX512-VNNI")
+    global widened
+    problem = switched_off_or_unbuilt(feature="AVX2")
     ready = problem is None
+    widened = ready and instructions("AVX512-VNNI") == "AVX2"
     return problem
 
 
@@ -235,6 +248,10 @@ def kernels_used(device: torch.device) -> str:
     problem = kernel_problem()
     if problem is not None:
         return f"off ({problem}); {held}; {attention}"
-    int8 = ("int8 of any rows (AMX; one row AVX512-VNNI over the same packed weights)" if amx_problem() is None
-            else "int8 of one row, 2-8 rows eagerly (VNNI)")
-    return f"peft-t5's (float32 products of one row; {int8}); {held}; {attention}"
+    if amx_problem() is None:
+        int8 = "int8 of any rows (AMX; one row AVX512-VNNI over the same packed weights)"
+    elif widened:
+        int8 = f"int8 of 1-{MOST_ROWS} rows (AVX2)"
+    else:
+        int8 = f"int8 of one row, 2-{MOST_ROWS} rows eagerly (AVX512-VNNI)"
+    return f"peft-t5's (float32 products of one row ({instructions('AVX-512')}); {int8}); {held}; {attention}"

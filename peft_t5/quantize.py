@@ -204,12 +204,15 @@ def takes_amx(x: torch.Tensor, layer: Int8Linear) -> bool:
 def takes_kernel(x: torch.Tensor, layer: Int8Linear) -> bool:
     """Whether x [rows, K] goes to peft-t5's kernel rather than oneDNN: one row; eagerly, up to MOST_ROWS rows through
     a weight of up to MOST_WEIGHT (oneDNN's per-call cost is most of such a product). A compiled graph for several
-    rows keeps oneDNN's product: there it costs no more than the kernel at 8 rows (benchmarks/README.md)."""
+    rows keeps oneDNN's product: there it costs no more than the kernel at 8 rows (benchmarks/README.md). Where the
+    kernel is AVX2's (kernels.widened), up to MOST_ROWS rows of any weight, compiled or not."""
     if not kernels.ready or x.requires_grad or x.device.type != "cpu":
         return False
     rows = x.shape[0]
-    return rows == 1 or (not torch.compiler.is_compiling() and rows <= kernels.MOST_ROWS
-                         and layer.out_features * layer.in_features <= kernels.MOST_WEIGHT)
+    if rows == 1 or (kernels.widened and rows <= kernels.MOST_ROWS):
+        return True
+    return (not torch.compiler.is_compiling() and rows <= kernels.MOST_ROWS
+            and layer.out_features * layer.in_features <= kernels.MOST_WEIGHT)
 
 
 @functools.lru_cache(maxsize=1)
@@ -235,11 +238,12 @@ def int8_path() -> str:
         return "peft-t5's kernels for the serving engine's products (AMX; one row AVX512-VNNI), oneDNN " \
                "int8 for the rest; activations quantized per row"
     kernel = kernels.kernel_problem()
-    kernel = "peft-t5's AVX512-VNNI kernel" if kernel is None else f"oneDNN too ({kernel})"
+    kernel = (f"peft-t5's {kernels.instructions('AVX512-VNNI')} kernel" if kernel is None
+              else f"oneDNN too ({kernel})")
     held = "its weights prepacked once, held by number" if kernels.onednn_ready else "compiled graphs frozen"
     weights = "" if weight_levels() == 127 else " (weights in 63 levels: its int16 sums would saturate at 127)"
-    return (f"oneDNN int8 ({isa}){weights}, activations quantized per row, {held}; one row (eager: "
-            f"1-{kernels.MOST_ROWS}): {kernel}")
+    rows = f"1-{kernels.MOST_ROWS} rows" if kernels.widened else f"one row (eager: 1-{kernels.MOST_ROWS})"
+    return f"oneDNN int8 ({isa}){weights}, activations quantized per row, {held}; {rows}: {kernel}"
 
 
 def quantize_int8(*models: nn.Module) -> int:

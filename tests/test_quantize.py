@@ -51,6 +51,52 @@ def test_where_onednn_sums_int8_pairs_in_int16_weights_take_63_levels_and_produc
     assert "oneDNN int8 (AVX2) (weights in 63 levels: its int16 sums would saturate at 127)" in path
 
 
+AVX2_CPU = """
+import torch
+from peft_t5 import kernels
+from peft_t5.quantize import Int8Linear, int8_linear, int8_path
+from peft_t5.serve.t5_runner import one_row_float32
+assert kernels.kernel_problem() is None and kernels.widened, kernels.kernel_problem()
+torch.manual_seed(0)
+for k, n in [(512, 512), (70, 5), (2048, 513), (1, 1), (100, 3), (24, 7)]:
+    layer = Int8Linear(torch.randn(n, k))
+    for rows in (1, 2, 3, 8):
+        for x in (torch.randn(rows, k), torch.zeros(rows, k), torch.randn(k, 2 * rows)[:, ::2].t()):
+            kernel = torch.ops.peft_t5.int8_matmul(x, layer.weight, layer.weight_scale)
+            kernels.ready = False
+            assert torch.equal(int8_linear(x, layer), kernel), (k, n, rows)  # oneDNN's
+            kernels.ready = True
+    weight, x = torch.randn(n, k) * 0.05, torch.randn(1, k)
+    exact = x.double() @ weight.double().t()
+    ours, mkl = torch.ops.peft_t5.f32_matvec(x, weight), torch.nn.functional.linear(x, weight)
+    assert one_row_float32(x, weight)
+    assert float((ours - exact).abs().max()) <= 2 * float((mkl - exact).abs().max()) + 1e-6, (k, n)
+head = Int8Linear(torch.randn(32128, 512))  # T5's output layer: oneDNN's from 2 rows with VNNI, the kernel's here
+with torch.profiler.profile() as profile:
+    int8_linear(torch.randn(8, 512), head)
+ran = [event.name for event in profile.events()]
+print(ran.count("peft_t5::int8_matmul"), ran.count("peft_t5::onednn_int8_matmul"))
+print(kernels.kernels_used(torch.device("cpu")))
+print(int8_path())
+"""
+
+
+def test_without_avx512_the_kernels_take_avx2_and_int8_gives_onednns_results_bit_for_bit():
+    """torch and oneDNN held to AVX2, as on a CPU without AVX-512: peft-t5's int8 kernel sums int16 pairs (exactly:
+    oneDNN's results bit for bit, weights in 63 levels) and takes up to 8 rows of any weight, oneDNN's AVX2 int8 being
+    slower there; the float32 one-row kernel is as close to float64 as MKL's. Widths with and without tails past 16
+    and 64, output counts with and without one past 4, rows of zeros, strided rows."""
+    if not torch.cpu._is_avx2_supported() or kernels.build_problem() is not None:
+        pytest.skip(f"peft-t5's AVX2 kernels cannot run here: {kernels.build_problem() or 'the CPU has no AVX2'}")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    out = subprocess.run([sys.executable, "-c", AVX2_CPU], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    counts, used, path = out.stdout.strip().splitlines()
+    assert counts == "1 0"
+    assert "float32 products of one row (AVX2); int8 of 1-8 rows (AVX2)" in used
+    assert path.endswith("1-8 rows: peft-t5's AVX2 kernel")
+
+
 def adapter(folder, seed: int, use_dora: bool = False) -> str:
     """A LoRA (or DoRA) adapter on q and v whose B has the size a trained adapter's has."""
     torch.manual_seed(seed)
@@ -116,9 +162,9 @@ def test_the_int8_kernel_gives_onednns_results_bit_for_bit(monkeypatch):
                                                      (2, 32128, False)])
 def test_eagerly_the_int8_kernel_takes_up_to_8_rows_through_weights_up_to_2048_by_512(rows, out, kernel):
     """One row always; 2-8 rows through a weight no larger than 2048 x 512 (T5's output layer, 32128 x 512, is
-    oneDNN's from 2 rows); oneDNN past 8 rows."""
-    if kernels.kernel_problem() is not None:
-        pytest.skip(f"peft-t5's int8 kernel is not used here: {kernels.kernel_problem()}")
+    oneDNN's from 2 rows); oneDNN past 8 rows. (Without VNNI up to 8 rows of any weight: the test above.)"""
+    if kernels.kernel_problem() is not None or kernels.widened:
+        pytest.skip(f"peft-t5's VNNI int8 kernel is not used here: {kernels.kernel_problem() or 'AVX2'}")
     layer = Int8Linear(torch.randn(out, 512))
     with torch.profiler.profile() as profile:
         int8_linear(torch.randn(rows, 512), layer)
@@ -177,23 +223,30 @@ def test_int8_can_be_left_to_onednn(monkeypatch):
     assert not kernels.ready
 
 
-def test_torch_held_to_avx2_by_aten_cpu_capability_holds_peft_t5s_kernels_and_bf16_off(monkeypatch):
-    """ATEN_CPU_CAPABILITY=avx2 holds torch's kernels and inductor's code to AVX2: peft-t5's AVX-512 kernels and
-    bfloat16 are then unused as on a CPU without AVX-512 (how the suite is run as on one: benchmarks/README.md)."""
+def test_torch_held_to_avx2_by_aten_cpu_capability_holds_peft_t5s_kernels_to_avx2_and_bf16_off(monkeypatch):
+    """ATEN_CPU_CAPABILITY=avx2 holds torch's kernels and inductor's code to AVX2: peft-t5's kernels then take AVX2
+    (int8 widened to int16 pairs), its AVX-512 attention and bfloat16 are unused, as on a CPU without AVX-512 (how the
+    suite is run as on one: benchmarks/README.md); held to DEFAULT, none of its kernels."""
     from peft_t5.modeling import bf16_supported
 
     for name in kernels.CPU_FEATURES.values():
         monkeypatch.setattr(torch.cpu, name, lambda: True)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    for flag in ("ready", "attention_ready"):  # the calls below set them: later tests in this process use the real
-        monkeypatch.setattr(kernels, flag, getattr(kernels, flag))
+    for flag in ("ready", "widened", "attention_ready"):  # the calls below set them: later tests in this process use
+        monkeypatch.setattr(kernels, flag, getattr(kernels, flag))  # the real ones
     held = "torch's kernels are held to AVX2 (ATEN_CPU_CAPABILITY)"
-    assert kernels.kernel_problem.__wrapped__() == held and kernels.attention_problem.__wrapped__() == held
-    assert not kernels.ready and not kernels.attention_ready and not bf16_supported()
+    assert kernels.attention_problem.__wrapped__() == held and not kernels.attention_ready and not bf16_supported()
+    assert kernels.kernel_problem.__wrapped__() == kernels.build_problem()
+    assert kernels.ready == kernels.widened == (kernels.build_problem() is None)
+    assert kernels.instructions("AVX-512") == kernels.instructions("AVX512-VNNI") == "AVX2"
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    assert kernels.kernel_problem.__wrapped__() == "torch's kernels are held to DEFAULT (ATEN_CPU_CAPABILITY)"
+    assert not kernels.ready and not kernels.widened
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: False)
     assert kernels.cpu_lacks("AVX512-VNNI") == "the CPU has no AVX512-VNNI"
     assert kernels.cpu_lacks("AVX-512") is None and bf16_supported()
+    assert kernels.instructions("AVX-512") == "AVX-512" and kernels.instructions("AVX512-VNNI") == "AVX2"
 
 
 def test_a_lock_left_by_a_build_killed_midway_is_cleared_and_the_library_loads(monkeypatch, caplog):
