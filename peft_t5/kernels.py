@@ -15,7 +15,8 @@
     torch.ops.peft_t5.decode_attention(q, keys, values, bias)  # csrc/decode_attention.cpp: one query a row over
     torch.ops.peft_t5.decode_self_attention(q, k, v, lengths, keys, values, bias)  # float32 caches [rows, heads,
                                                          # positions, 64 or 128]; the second writes each row's new k
-                                                         # and v at its length first; AVX-512 (compiled steps only)
+                                                         # and v at its length first; AVX-512, else AVX2
+                                                         # (compiled steps only)
 
 int8: where the CPU has AMX, every product of the serving engine's int8 layers (quantize.Int8Linear.pack_for_amx,
 which then holds the weight in this kernel's layout only): oneDNN's per-call cost (~25-40 us, whatever the size) was
@@ -28,15 +29,16 @@ oneDNN's results bit for bit. float32: the one-row step's products (t5_runner.Li
 memory: MKL's reached ~15 GB/s where this one, prefetching, reached 17-23 on a Xeon (its sums in another order:
 within 2e-5 of MKL's on unit-scale weights); on an AMD EPYC, prefetching into L2 (csrc/prefetch.h), 20-22 to MKL's
 10.6. Without AVX-512 (or where torch is held below it, ATEN_CPU_CAPABILITY), both take AVX2 (csrc/isa.h): int8's
-rows widened to int16 pairs (vpmaddwd; oneDNN's AVX2 sums, in int16, saturate), so any CPU with AVX2 and FMA runs
-them. Both are built with the C++ compiler torch.compile already needs, once per machine
+rows widened to int16 pairs (vpmaddwd; oneDNN's AVX2 sums, in int16, saturate), taking 1-8 rows of any weight, compiled
+too (`widened`: oneDNN's AVX2 int8 is slower there); so does the attention below. Any CPU with AVX2 and FMA runs them.
+They are built with the C++ compiler torch.compile already needs, once per machine
 (~30 s on 2 cores; kept in torch's extensions folder, TORCH_EXTENSIONS_DIR), when kernel_problem() first runs (serve,
 quantize_int8); where they cannot be built or run, oneDNN and MKL take every product.
 
 Attention: the compiled float32 step's, over caches cut from buffers sized for the longest row, which inductor's fused
 loops read at 5-8 GB/s (each row's and head's block a fresh stream for the hardware's prefetcher); the kernel
 prefetches the next block's keys and values while it sums the current one's: ~13 GB/s, 2x at 32 rows (t5-small, ~40
-positions, a 2-core AMD EPYC), within 1e-5 of SDPA.
+positions, a 2-core AMD EPYC), within 1e-5 of SDPA. With AVX2, 8 positions' dot products are summed together, not 16.
 
 PEFT_T5_KERNELS=off leaves every product to oneDNN and MKL (and the attention to inductor), PEFT_T5_ATTENTION=off
 the attention alone, PEFT_T5_AMX=off the int8 ones to the VNNI kernel and
@@ -74,8 +76,9 @@ CPU_FEATURES = {"AVX2": "_is_avx2_supported", "AVX-512": "_is_avx512_supported",
 
 def cpu_lacks(feature: str) -> str | None:
     """Why `feature` (a key of CPU_FEATURES) is not used here (None: it is): the CPU has none, or torch's own kernels
-    are held below it (ATEN_CPU_CAPABILITY=avx2 below AVX-512's features, or default: then inductor's code and peft-t5's kernels are too,
-    as on a CPU without it; with ONEDNN_MAX_CPU_ISA and MKL_ENABLE_INSTRUCTIONS, how an AVX2-only CPU is tested)."""
+    are held below it (ATEN_CPU_CAPABILITY=avx2 below AVX-512's features, default below AVX2's: then inductor's code
+    and peft-t5's kernels are too, as on a CPU without them; with ONEDNN_MAX_CPU_ISA and MKL_ENABLE_INSTRUCTIONS, how
+    an AVX2-only CPU is tested)."""
     if not getattr(torch.cpu, CPU_FEATURES[feature], lambda: False)():
         return f"the CPU has no {feature}"
     capability = torch.backends.cpu.get_cpu_capability()
@@ -126,9 +129,9 @@ def onednn_problem() -> str | None:
 @functools.lru_cache(maxsize=1)
 def attention_problem() -> str | None:
     """Why the compiled step's float32 attention is not peft-t5's kernel here (None: it is; csrc/decode_attention.cpp,
-    CPUs with AVX-512), building and loading the library on the first call. Else inductor's fused loops attend."""
+    AVX-512 or AVX2), building and loading the library on the first call. Else inductor's fused loops attend."""
     global attention_ready
-    problem = switched_off_or_unbuilt("PEFT_T5_ATTENTION", "AVX-512")
+    problem = switched_off_or_unbuilt("PEFT_T5_ATTENTION", "AVX2")
     attention_ready = problem is None
     return problem
 
@@ -243,7 +246,7 @@ def kernels_used(device: torch.device) -> str:
         return "off (not on a CPU)"
     held = ("oneDNN's weights held by number, no graph frozen" if onednn_problem() is None
             else f"compiled graphs frozen ({onednn_problem()})")
-    attention = ("compiled float32 attention peft-t5's" if attention_problem() is None
+    attention = (f"compiled float32 attention peft-t5's ({instructions('AVX-512')})" if attention_problem() is None
                  else f"compiled attention inductor's ({attention_problem()})")
     problem = kernel_problem()
     if problem is not None:

@@ -5,6 +5,7 @@ step answers meanwhile), int8 (as close to float32 as its eager step), and the k
 takes seconds: these tests are slow."""
 import asyncio
 import os
+import subprocess
 import sys
 import threading
 import weakref
@@ -248,6 +249,21 @@ def test_the_attention_kernel_answers_as_sdpa_over_cut_caches_and_writes_each_ro
     assert torch.equal(written, caches)
 
 
+def test_the_attention_kernel_answers_as_sdpa_with_avx2_too():
+    """The test above in a process with torch held to AVX2 (ATEN_CPU_CAPABILITY), as on a CPU without AVX-512: the
+    kernel's AVX2 loops (csrc/decode_attention.cpp) answer as SDPA and refuse what they cannot take alike."""
+    if not torch.cpu._is_avx2_supported() or kernels.build_problem() is not None:
+        pytest.skip(f"peft-t5's AVX2 kernels cannot run here: {kernels.build_problem() or 'the CPU has no AVX2'}")
+    test = f"{__file__}::test_the_attention_kernel_answers_as_sdpa_over_cut_caches_and_writes_each_rows_new_key_at_its_length"
+    code = ("import sys, pytest, torch; from peft_t5 import kernels; assert kernels.attention_problem() is None; "
+            "print(kernels.kernels_used(torch.device('cpu'))); sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', "
+            f"'-p', 'no:xdist', '-o', 'addopts=', {test!r}]))")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert "compiled float32 attention peft-t5's (AVX2)" in out.stdout and "1 passed" in out.stdout
+
+
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     """A tiny base with weights spread wide (greedy decoding then wanders over the vocabulary instead of repeating one
@@ -435,8 +451,6 @@ def test_a_restart_builds_no_kernel_again_from_the_cache_folder(folders, tmp_pat
     whole in inductor's graph cache, none lowered again: frozen graphs, which hold oneDNN's prepacked weights (int8's
     without AMX, float32's step of several rows), were never stored, so each start lowered them again."""
     import json
-    import subprocess
-    import sys
 
     script = (f"import asyncio, json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
               f"import test_compiled as t; from pathlib import Path; from peft_t5.serve.engine import Engine; "
@@ -478,8 +492,6 @@ def test_a_cache_folder_filled_under_avx_512_answers_right_under_avx2(tmp_path):
     again for the other set, stepping by 16 floats over vectors of 8 (NaN here; the engine's step crashed). Each set
     has a folder of its own, and both processes compute what eager torch does. (On a CPU without AVX-512 both are
     AVX2's: the results are checked all the same.)"""
-    import subprocess
-    import sys
 
     cache = tmp_path / "cache"
     for held in ({}, {"ATEN_CPU_CAPABILITY": "avx2"}):

@@ -225,7 +225,7 @@ def test_int8_can_be_left_to_onednn(monkeypatch):
 
 def test_torch_held_to_avx2_by_aten_cpu_capability_holds_peft_t5s_kernels_to_avx2_and_bf16_off(monkeypatch):
     """ATEN_CPU_CAPABILITY=avx2 holds torch's kernels and inductor's code to AVX2: peft-t5's kernels then take AVX2
-    (int8 widened to int16 pairs), its AVX-512 attention and bfloat16 are unused, as on a CPU without AVX-512 (how the
+    (int8 widened to int16 pairs, the attention too) and bfloat16 is unused, as on a CPU without AVX-512 (how the
     suite is run as on one: benchmarks/README.md); held to DEFAULT, none of its kernels."""
     from peft_t5.modeling import bf16_supported
 
@@ -234,14 +234,15 @@ def test_torch_held_to_avx2_by_aten_cpu_capability_holds_peft_t5s_kernels_to_avx
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     for flag in ("ready", "widened", "attention_ready"):  # the calls below set them: later tests in this process use
         monkeypatch.setattr(kernels, flag, getattr(kernels, flag))  # the real ones
-    held = "torch's kernels are held to AVX2 (ATEN_CPU_CAPABILITY)"
-    assert kernels.attention_problem.__wrapped__() == held and not kernels.attention_ready and not bf16_supported()
-    assert kernels.kernel_problem.__wrapped__() == kernels.build_problem()
-    assert kernels.ready == kernels.widened == (kernels.build_problem() is None)
+    assert not bf16_supported()
+    for problem in (kernels.kernel_problem, kernels.attention_problem):
+        assert problem.__wrapped__() == kernels.build_problem()
+    assert kernels.ready == kernels.widened == kernels.attention_ready == (kernels.build_problem() is None)
     assert kernels.instructions("AVX-512") == kernels.instructions("AVX512-VNNI") == "AVX2"
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
-    assert kernels.kernel_problem.__wrapped__() == "torch's kernels are held to DEFAULT (ATEN_CPU_CAPABILITY)"
-    assert not kernels.ready and not kernels.widened
+    held = "torch's kernels are held to DEFAULT (ATEN_CPU_CAPABILITY)"
+    assert kernels.kernel_problem.__wrapped__() == held and kernels.attention_problem.__wrapped__() == held
+    assert not kernels.ready and not kernels.widened and not kernels.attention_ready
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: False)
     assert kernels.cpu_lacks("AVX512-VNNI") == "the CPU has no AVX512-VNNI"

@@ -4,7 +4,7 @@
 // SDPA's) reached 5-8 GB/s on a 2-core AMD EPYC, 32 rows x 8 heads of ~40 cached positions being ~100 blocks of
 // 10 KB, each a fresh stream for the hardware's prefetcher. Here each block's values are prefetched while its keys
 // are read, and the next block's keys while its values are summed (prefetch.h picks the cache level), and 16
-// positions' dot products are reduced together.
+// positions' dot products are reduced together (8 with AVX2, where AVX-512 is not used: isa.h).
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <torch/library.h>
@@ -12,6 +12,7 @@
 
 #include <algorithm>
 
+#include "isa.h"
 #include "prefetch.h"
 
 namespace {
@@ -55,7 +56,7 @@ AVX512 inline __m512 sum16(const __m512* a) {
 }
 
 template <int Hint>
-AVX512 inline void prefetch_position(const float* p, int64_t head_dim) {
+inline void prefetch_position(const float* p, int64_t head_dim) {
   for (int64_t d = 0; d < head_dim; d += 16) _mm_prefetch(reinterpret_cast<const char*>(p + d), static_cast<_mm_hint>(Hint));
 }
 
@@ -119,7 +120,92 @@ AVX512 void one_block(const float* q, const float* k, const float* v, const floa
   for (int d = 0; d < D; ++d) _mm512_storeu_ps(out + 16 * d, _mm512_mul_ps(_mm512_add_ps(even[d], odd[d]), scale));
 }
 
+#define AVX2 __attribute__((target("avx2,fma")))
+
+// exp_nonpositive with AVX2: 2^n built in the exponent's bits (n >= -126 above -87: a normal float)
+AVX2 inline __m256 exp_nonpositive8(__m256 x) {
+  const __m256 live = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_GE_OQ);
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_and_ps(live, _mm256_mul_ps(p, _mm256_castsi256_ps(two_n)));
+}
+
+// lane j of the result = the sum of a[j]'s 8 lanes
+AVX2 inline __m256 sum8(const __m256* a) {
+  const __m256 h0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));  // per 128-bit lane
+  const __m256 h1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  const __m256 lo = _mm256_permute2f128_ps(h0, h1, 0x20), hi = _mm256_permute2f128_ps(h0, h1, 0x31);
+  return _mm256_add_ps(lo, hi);
+}
+
+AVX2 inline __m256i first_lanes(int64_t n) {  // the mask of lanes [0, n), n <= 8
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// one_block with AVX2 over head_dim = 8 * D floats: 8 positions' dot products reduced together, q read from L1
+// (D registers of it would leave too few for the sums), the values summed in chunks of 64 floats
 template <int D, int Hint>
+AVX2 void one_block8(const float* q, const float* k, const float* v, const float* bias, int64_t bias_step,
+                     int64_t positions, int64_t k_step, int64_t v_step, const float* next_k, float* scores,
+                     float* out) {
+  constexpr int64_t head_dim = 8 * D;
+  __m256 top = _mm256_set1_ps(-INFINITY);
+  for (int64_t j0 = 0; j0 < positions; j0 += 8) {
+    const int64_t n = std::min<int64_t>(8, positions - j0);
+    __m256 a[8];
+    for (int j = 0; j < 8; ++j) a[j] = _mm256_setzero_ps();
+    for (int j = 0; j < n; ++j) prefetch_position<Hint>(v + (j0 + j) * v_step, head_dim);  // read next, below
+    for (int d = 0; d < D; ++d) {
+      const __m256 qd = _mm256_loadu_ps(q + 8 * d);
+      for (int j = 0; j < n; ++j) a[j] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k + (j0 + j) * k_step + 8 * d), a[j]);
+    }
+    alignas(32) float b[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int j = 0; j < n; ++j) b[j] = bias[(j0 + j) * bias_step];
+    const __m256i m = first_lanes(n);
+    const __m256 s = _mm256_add_ps(sum8(a), _mm256_load_ps(b));
+    _mm256_maskstore_ps(scores + j0, m, s);
+    top = _mm256_blendv_ps(top, _mm256_max_ps(top, s), _mm256_castsi256_ps(m));
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, top);
+  const __m256 most = _mm256_set1_ps(*std::max_element(lanes, lanes + 8));
+  __m256 total = _mm256_setzero_ps();
+  for (int64_t j0 = 0; j0 < positions; j0 += 8) {
+    const __m256i m = first_lanes(std::min<int64_t>(8, positions - j0));
+    const __m256 e = _mm256_and_ps(exp_nonpositive8(_mm256_sub_ps(_mm256_maskload_ps(scores + j0, m), most)),
+                                   _mm256_castsi256_ps(m));
+    _mm256_maskstore_ps(scores + j0, m, e);
+    total = _mm256_add_ps(total, e);
+  }
+  _mm256_store_ps(lanes, total);
+  float sum = 0;
+  for (float lane : lanes) sum += lane;
+  const __m256 scale = _mm256_set1_ps(1.0f / sum);
+  for (int c = 0; c < D; c += 8) {  // 64 floats of the output at a time: 8 sums, a chain each
+    __m256 acc[8];
+    for (int d = 0; d < 8; ++d) acc[d] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < positions; ++j) {
+      if (next_k != nullptr && c == 0) prefetch_position<Hint>(next_k + j * k_step, head_dim);
+      const __m256 p = _mm256_set1_ps(scores[j]);
+      const float* vj = v + j * v_step + 8 * c;
+      for (int d = 0; d < 8; ++d) acc[d] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vj + 8 * d), acc[d]);
+    }
+    for (int d = 0; d < 8; ++d) _mm256_storeu_ps(out + 8 * (c + d), _mm256_mul_ps(acc[d], scale));
+  }
+}
+
+template <bool Avx512, int D, int Hint>
 void blocks(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values, const at::Tensor& bias,
             at::Tensor& scores, at::Tensor& out) {
   const int64_t rows = keys.size(0), heads = keys.size(1), positions = keys.size(2);
@@ -132,10 +218,16 @@ void blocks(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& value
       const int64_t r = b / heads, h = b % heads;
       const float* next_k = nullptr;
       if (b + 1 < last) next_k = kd + (b + 1) / heads * keys.stride(0) + (b + 1) % heads * keys.stride(1);
-      one_block<D, Hint>(qd + r * q.stride(0) + h * 16 * D, kd + r * keys.stride(0) + h * keys.stride(1),
-                         vd + r * values.stride(0) + h * values.stride(1), bd + r * bias_row + h * bias_head,
-                         bias.stride(3), positions, keys.stride(2), values.stride(2), next_k, sd + b * positions,
-                         od + r * heads * 16 * D + h * 16 * D);
+      const int64_t head_dim = (Avx512 ? 16 : 8) * D;
+      const float *qb = qd + r * q.stride(0) + h * head_dim, *kb = kd + r * keys.stride(0) + h * keys.stride(1),
+                  *vb = vd + r * values.stride(0) + h * values.stride(1), *bb = bd + r * bias_row + h * bias_head;
+      float* ob = od + r * heads * head_dim + h * head_dim;
+      if constexpr (Avx512)
+        one_block<D, Hint>(qb, kb, vb, bb, bias.stride(3), positions, keys.stride(2), values.stride(2), next_k,
+                           sd + b * positions, ob);
+      else
+        one_block8<D, Hint>(qb, kb, vb, bb, bias.stride(3), positions, keys.stride(2), values.stride(2), next_k,
+                            sd + b * positions, ob);
     }
   });
 }
@@ -164,11 +256,19 @@ at::Tensor attend_blocks(const at::Tensor& q, const at::Tensor& keys, const at::
   const int64_t rows = keys.size(0), heads = keys.size(1), positions = keys.size(2), head_dim = keys.size(3);
   at::Tensor out = at::empty({rows, heads * head_dim}, q.options());
   at::Tensor scores = at::empty({rows * heads, positions}, q.options());
-  const bool l2 = peft_t5_kernels::prefetch_to_l2();
-  if (head_dim == 64)
-    l2 ? blocks<4, _MM_HINT_T1>(q, keys, values, bias, scores, out) : blocks<4, _MM_HINT_T0>(q, keys, values, bias, scores, out);
-  else
-    l2 ? blocks<8, _MM_HINT_T1>(q, keys, values, bias, scores, out) : blocks<8, _MM_HINT_T0>(q, keys, values, bias, scores, out);
+  const bool l2 = peft_t5_kernels::prefetch_to_l2(), wide = head_dim == 128;
+  if (peft_t5_kernels::avx512_used()) {
+    if (wide) l2 ? blocks<true, 8, _MM_HINT_T1>(q, keys, values, bias, scores, out)
+                 : blocks<true, 8, _MM_HINT_T0>(q, keys, values, bias, scores, out);
+    else l2 ? blocks<true, 4, _MM_HINT_T1>(q, keys, values, bias, scores, out)
+            : blocks<true, 4, _MM_HINT_T0>(q, keys, values, bias, scores, out);
+  } else {
+    TORCH_CHECK(peft_t5_kernels::avx2_usable(), "decode_attention: the CPU has neither AVX-512 nor AVX2 with FMA");
+    if (wide) l2 ? blocks<false, 16, _MM_HINT_T1>(q, keys, values, bias, scores, out)
+                 : blocks<false, 16, _MM_HINT_T0>(q, keys, values, bias, scores, out);
+    else l2 ? blocks<false, 8, _MM_HINT_T1>(q, keys, values, bias, scores, out)
+            : blocks<false, 8, _MM_HINT_T0>(q, keys, values, bias, scores, out);
+  }
   return out;
 }
 
