@@ -2,6 +2,9 @@
 
     torch.ops.peft_t5.int8_matmul(x, weight, scale)  # csrc/int8_matmul.cpp: x [M, K] float32, weight [N, K] int8,
                                                      # scale [N] -> [M, N]; AVX512-VNNI, else AVX2
+    torch.ops.peft_t5.int8_rows(x, weight, scale, number, zero_point)  # the same up to MOST_ROWS rows, else oneDNN's
+                                                     # product over the weight held under number (compiled graphs'
+                                                     # products of several rows, where `widened`)
     torch.ops.peft_t5.f32_matvec(x, weight)          # csrc/f32_matvec.cpp: x [1, K], weight [N, K] float32 -> [1, N];
                                                      # AVX-512, else AVX2
     torch.ops.peft_t5.int8_amx_matmul(x, packed, scale)  # csrc/int8_amx.cpp: x [M, K] float32, the weight packed
@@ -30,7 +33,8 @@ memory: MKL's reached ~15 GB/s where this one, prefetching, reached 17-23 on a X
 within 2e-5 of MKL's on unit-scale weights); on an AMD EPYC, prefetching into L2 (csrc/prefetch.h), 20-22 to MKL's
 10.6. Without AVX-512 (or where torch is held below it, ATEN_CPU_CAPABILITY), both take AVX2 (csrc/isa.h): int8's
 rows widened to int16 pairs (vpmaddwd; oneDNN's AVX2 sums, in int16, saturate), taking 1-8 rows of any weight, compiled
-too (`widened`: oneDNN's AVX2 int8 is slower there); so does the attention below. Any CPU with AVX2 and FMA runs them.
+too (`widened`: oneDNN's AVX2 int8 is slower there; int8_rows decides by the count as the call runs); so does the
+attention below. Any CPU with AVX2 and FMA runs them.
 They are built with the C++ compiler torch.compile already needs, once per machine
 (~30 s on 2 cores; kept in torch's extensions folder, TORCH_EXTENSIONS_DIR), when kernel_problem() first runs (serve,
 quantize_int8); where they cannot be built or run, oneDNN and MKL take every product.
@@ -148,6 +152,8 @@ def build_problem() -> str | None:
         return problem
     torch.library.register_fake("peft_t5::int8_matmul")(
         lambda x, weight, scale: x.new_empty((x.shape[0], weight.shape[0])))
+    torch.library.register_fake("peft_t5::int8_rows")(
+        lambda x, weight, scale, number, zero_point: x.new_empty((x.shape[0], weight.shape[0])))
     torch.library.register_fake("peft_t5::int8_amx_matmul")(
         lambda x, packed, scale: x.new_empty((x.shape[0], scale.shape[0])))
     torch.library.register_fake("peft_t5::f32_matvec")(lambda x, weight: x.new_empty((x.shape[0], weight.shape[0])))

@@ -171,6 +171,11 @@ def int8_linear(x: torch.Tensor, layer: Int8Linear) -> torch.Tensor:
         y = torch.ops.peft_t5.int8_amx_matmul(x, layer.amx_weight, layer.weight_scale)
     elif takes_kernel(x, layer):
         y = torch.ops.peft_t5.int8_matmul(x, layer.weight, layer.weight_scale)
+    elif kernels.widened and kernels.onednn_ready and torch.compiler.is_compiling() and not x.requires_grad:
+        # a compiled graph of several rows: the AVX2 kernel up to MOST_ROWS of them, oneDNN's product past them,
+        # decided as the call runs (csrc/int8_matmul.cpp)
+        y = torch.ops.peft_t5.int8_rows(x, layer.weight, layer.weight_scale, layer.onednn_number(),
+                                        layer.weight_zero_point)
     elif torch.compiler.is_compiling() and not kernels.onednn_ready:  # the pattern inductor freezes (see above)
         scale = x.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127
         q = ((x / scale).round().clamp(-127, 127) + 128).to(torch.uint8)
@@ -203,16 +208,18 @@ def takes_amx(x: torch.Tensor, layer: Int8Linear) -> bool:
 
 def takes_kernel(x: torch.Tensor, layer: Int8Linear) -> bool:
     """Whether x [rows, K] goes to peft-t5's kernel rather than oneDNN: one row; eagerly, up to MOST_ROWS rows through
-    a weight of up to MOST_WEIGHT (oneDNN's per-call cost is most of such a product). A compiled graph for several
-    rows keeps oneDNN's product: there it costs no more than the kernel at 8 rows (benchmarks/README.md). Where the
-    kernel is AVX2's (kernels.widened), up to MOST_ROWS rows of any weight, compiled or not."""
+    a weight of up to MOST_WEIGHT (oneDNN's per-call cost is most of such a product), of any weight where the kernel is
+    AVX2's (kernels.widened). A compiled graph for several rows keeps oneDNN's product: there it costs no more than
+    the kernel at 8 rows (benchmarks/README.md); where widened, int8_rows (see int8_linear)."""
     if not kernels.ready or x.requires_grad or x.device.type != "cpu":
         return False
     rows = x.shape[0]
-    if rows == 1 or (kernels.widened and rows <= kernels.MOST_ROWS):
+    if rows == 1:
         return True
-    return (not torch.compiler.is_compiling() and rows <= kernels.MOST_ROWS
-            and layer.out_features * layer.in_features <= kernels.MOST_WEIGHT)
+    if torch.compiler.is_compiling():  # the count is symbolic there: a test of it would be a guard (a graph a count)
+        return False
+    return rows <= kernels.MOST_ROWS and (kernels.widened
+                                          or layer.out_features * layer.in_features <= kernels.MOST_WEIGHT)
 
 
 @functools.lru_cache(maxsize=1)

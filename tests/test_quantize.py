@@ -57,6 +57,7 @@ from peft_t5 import kernels
 from peft_t5.quantize import Int8Linear, int8_linear, int8_path
 from peft_t5.serve.t5_runner import one_row_float32
 assert kernels.kernel_problem() is None and kernels.widened, kernels.kernel_problem()
+assert kernels.onednn_problem() is None  # oneDNN's weights held by number, as the engine's are (int8_path)
 torch.manual_seed(0)
 for k, n in [(512, 512), (70, 5), (2048, 513), (1, 1), (100, 3), (24, 7)]:
     layer = Int8Linear(torch.randn(n, k))
@@ -76,6 +77,22 @@ with torch.profiler.profile() as profile:
     int8_linear(torch.randn(8, 512), head)
 ran = [event.name for event in profile.events()]
 print(ran.count("peft_t5::int8_matmul"), ran.count("peft_t5::onednn_int8_matmul"))
+layer = Int8Linear(torch.randn(70, 100))
+layer.onednn_number()  # held before the graph is traced, as the engine's are
+graph = torch.compile(lambda x: int8_linear(x, layer), dynamic=False, fullgraph=True)  # as the engine's of several rows
+example = torch.randn(16, 100)
+torch._dynamo.mark_dynamic(example, 0)
+graph(example)
+torch._dynamo.config.error_on_recompile = True  # one graph for every count: the kernel or oneDNN, decided in the op
+for rows in (2, 8, 9, 32):
+    x = torch.randn(rows, 100)
+    kernels.ready = False
+    expected = int8_linear(x, layer)
+    kernels.ready = True
+    with torch.profiler.profile() as profile:
+        assert torch.equal(graph(x), expected), rows
+    ran = [event.name for event in profile.events()]
+    assert "peft_t5::int8_rows" in ran and ("peft_t5::onednn_int8_matmul" in ran) == (rows > 8), rows
 print(kernels.kernels_used(torch.device("cpu")))
 print(int8_path())
 """
@@ -84,7 +101,8 @@ print(int8_path())
 def test_without_avx512_the_kernels_take_avx2_and_int8_gives_onednns_results_bit_for_bit():
     """torch and oneDNN held to AVX2, as on a CPU without AVX-512: peft-t5's int8 kernel sums int16 pairs (exactly:
     oneDNN's results bit for bit, weights in 63 levels) and takes up to 8 rows of any weight, oneDNN's AVX2 int8 being
-    slower there; the float32 one-row kernel is as close to float64 as MKL's. Widths with and without tails past 16
+    slower there, eagerly and in a compiled graph of several rows, which takes every count (no guard on it: oneDNN's
+    past 8 rows, decided in the op); the float32 one-row kernel is as close to float64 as MKL's. Widths with and without tails past 16
     and 64, output counts with and without one past 4, rows of zeros, strided rows."""
     if not torch.cpu._is_avx2_supported() or kernels.build_problem() is not None:
         pytest.skip(f"peft-t5's AVX2 kernels cannot run here: {kernels.build_problem() or 'the CPU has no AVX2'}")

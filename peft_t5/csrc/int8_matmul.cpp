@@ -7,6 +7,7 @@
 // load, summed in pairs by vpmaddwd into int32, exactly (oneDNN's AVX2 sums, vpmaddubsw, saturate int16: see
 // quantize.weight_levels).
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <immintrin.h>
 #include <torch/library.h>
 #include <torch/types.h>
@@ -100,9 +101,11 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void weight_rows(const in
   }
 }
 
-// x [K] -> q [k_pad] int16, as quantize_row (quantize_row.h) quantizes it to int8; returns its scale
-__attribute__((target("avx2,fma"))) float quantize_row_int16(const float* x, int16_t* q, int64_t k_size,
-                                                             int64_t k_pad) {
+// x [K] -> q [k_pad] int16, as quantize_row (quantize_row.h) quantizes it to int8 (plus `offset`: 128 gives oneDNN's
+// unsigned levels); returns its scale
+template <typename Q>
+__attribute__((target("avx2,fma"))) float quantize_row_avx2(const float* x, Q* q, int64_t k_size, int64_t k_pad,
+                                                            int offset) {
   __m256 most = _mm256_setzero_ps();
   const __m256 sign = _mm256_set1_ps(-0.f);
   int64_t k = 0;
@@ -114,13 +117,15 @@ __attribute__((target("avx2,fma"))) float quantize_row_int16(const float* x, int
   amax = std::max(amax, 1e-12f);
   const float inverse = 1.f / amax * 127.f;  // quantize_row's, as torch computes it
   const __m256 inverse_v = _mm256_set1_ps(inverse);
+  const __m256i shift = _mm256_set1_epi32(offset);
+  alignas(32) int32_t levels[8];
   for (k = 0; k + 8 <= k_size; k += 8) {
-    const __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k), inverse_v));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k),
-                     _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)));
+    const __m256i v = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k), inverse_v)), shift);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(levels), v);
+    for (int i = 0; i < 8; ++i) q[k + i] = static_cast<Q>(levels[i]);
   }
-  for (; k < k_size; ++k) q[k] = static_cast<int16_t>(std::nearbyint(x[k] * inverse));
-  std::fill(q + k_size, q + k_pad, int16_t{0});
+  for (; k < k_size; ++k) q[k] = static_cast<Q>(std::nearbyint(x[k] * inverse) + offset);
+  std::fill(q + k_size, q + k_pad, Q{0});
   return amax / 127.f;
 }
 
@@ -193,7 +198,7 @@ at::Tensor int8_matmul_avx2(const at::Tensor& xc, const at::Tensor& wc, const at
   std::vector<float> x_scale(m_size);
   const float* xd = xc.data_ptr<float>();
   for (int64_t m = 0; m < m_size; ++m)
-    x_scale[m] = quantize_row_int16(xd + m * k_size, q.data() + m * k_pad, k_size, k_pad);
+    x_scale[m] = quantize_row_avx2(xd + m * k_size, q.data() + m * k_pad, k_size, k_pad, 0);
   at::Tensor out = at::empty({m_size, n_size}, xc.options());
   float* out_data = out.data_ptr<float>();
   const int8_t* w = wc.data_ptr<int8_t>();
@@ -241,8 +246,42 @@ at::Tensor int8_matmul(const at::Tensor& x, const at::Tensor& weight, const at::
   return out;
 }
 
+// Any rows of a compiled graph's int8 product where the kernel is AVX2's: the kernel up to kMostRows rows, oneDNN's
+// product over the weight held under `number` past them (the same results, bit for bit). Decided here, as the call
+// runs: a graph of several rows takes any count of them, and deciding in the graph would make it guard on the count
+// (and compile again for each other).
+constexpr int64_t kMostRows = 8;  // kernels.MOST_ROWS
+
+at::Tensor int8_rows(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale, int64_t number,
+                     const at::Tensor& zero_point) {
+  if (x.size(0) <= kMostRows) return int8_matmul(x, weight, scale);
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "int8_rows: x must be [M, K] float32");
+  const at::Tensor xc = x.contiguous();
+  const int64_t m_size = xc.size(0), k_size = xc.size(1);
+  at::Tensor q = at::empty({m_size, k_size}, xc.options().dtype(at::kByte));
+  std::vector<float> x_scale(m_size);
+  for (int64_t m = 0; m < m_size; ++m)
+    x_scale[m] = quantize_row_avx2(xc.data_ptr<float>() + m * k_size, q.data_ptr<uint8_t>() + m * k_size, k_size,
+                                   k_size, 128);
+  static const auto product = c10::Dispatcher::singleton()
+      .findSchemaOrThrow("peft_t5::onednn_int8_matmul", "")
+      .typed<at::Tensor(const at::Tensor&, int64_t, const at::Tensor&, const at::Tensor&)>();
+  at::Tensor out = product.call(q, number, scale, zero_point);
+  float* o = out.data_ptr<float>();
+  const int64_t n_size = out.size(1);
+  for (int64_t m = 0; m < m_size; ++m)  // times each row's scale, after oneDNN's, as quantize.int8_linear does
+    for (int64_t n = 0; n < n_size; ++n) o[m * n_size + n] *= x_scale[m];
+  return out;
+}
+
 }  // namespace
 
-TORCH_LIBRARY(peft_t5, m) { m.def("int8_matmul(Tensor x, Tensor weight, Tensor scale) -> Tensor"); }
+TORCH_LIBRARY(peft_t5, m) {
+  m.def("int8_matmul(Tensor x, Tensor weight, Tensor scale) -> Tensor");
+  m.def("int8_rows(Tensor x, Tensor weight, Tensor scale, int number, Tensor zero_point) -> Tensor");
+}
 
-TORCH_LIBRARY_IMPL(peft_t5, CPU, m) { m.impl("int8_matmul", &int8_matmul); }
+TORCH_LIBRARY_IMPL(peft_t5, CPU, m) {
+  m.impl("int8_matmul", &int8_matmul);
+  m.impl("int8_rows", &int8_rows);
+}
