@@ -2,9 +2,9 @@
 
     torch.ops.peft_t5.int8_matmul(x, weight, scale)  # csrc/int8_matmul.cpp: x [M, K] float32, weight [N, K] int8,
                                                      # scale [N] -> [M, N]; AVX512-VNNI, else AVX2
-    torch.ops.peft_t5.int8_rows(x, weight, scale, number, zero_point)  # the same up to MOST_ROWS rows, else oneDNN's
+    torch.ops.peft_t5.int8_rows(x, weight, scale, number, zero_point)  # the same where it is faster, else oneDNN's
                                                      # product over the weight held under number (compiled graphs'
-                                                     # products of several rows, where `widened`)
+                                                     # products of several rows: it decides as it runs)
     torch.ops.peft_t5.f32_matvec(x, weight)          # csrc/f32_matvec.cpp: x [1, K], weight [N, K] float32 -> [1, N];
                                                      # AVX-512, else AVX2
     torch.ops.peft_t5.int8_amx_matmul(x, packed, scale)  # csrc/int8_amx.cpp: x [M, K] float32, the weight packed
@@ -69,7 +69,8 @@ amx_ready = False  # ... and once amx_problem() has found the AMX kernel usable
 attention_ready = False  # ... once attention_problem() has: compiled steps attend through decode_attention
 MOST_ROWS = 8  # eagerly, the int8 kernel takes products of up to this many rows (one row: always)
 MOST_WEIGHT = 2048 * 512  # ... through weights of up to N * K this large: T5's output layer (32128 x 512) is oneDNN's
-# from 2 rows (8 rows: the kernel 1.2 ms, oneDNN 0.8; 512 x 512: 22 us and 70). Where `widened`, up to MOST_ROWS rows
+# from 2 rows (8 rows: the kernel 1.2 ms, oneDNN 0.8; 512 x 512: 22 us and 70); compiled graphs, up to 4 rows of them
+# (int8_rows, csrc/int8_matmul.cpp). Where `widened`, up to MOST_ROWS rows
 # of every weight, compiled too: oneDNN's AVX2 int8 took 2-8x the kernel's time at 1-8 rows (8 rows of 512 x 512:
 # 61 us and 122; of the output layer 4.1 ms and 5.1), as much at 16 (benchmarks/README.md, "As a CPU without AVX-512")
 
@@ -262,5 +263,5 @@ def kernels_used(device: torch.device) -> str:
     elif widened:
         int8 = f"int8 of 1-{MOST_ROWS} rows (AVX2)"
     else:
-        int8 = f"int8 of one row, 2-{MOST_ROWS} rows eagerly (AVX512-VNNI)"
+        int8 = f"int8 of one row, 2-{MOST_ROWS} rows eagerly, 2-4 compiled (AVX512-VNNI)"
     return f"peft-t5's (float32 products of one row ({instructions('AVX-512')}); {int8}); {held}; {attention}"

@@ -7,8 +7,8 @@ rows it shares a step with), the matmul int8 x int8 in oneDNN or in peft-t5's ow
 
 Where the CPU has AMX, the serving engine's layers (pack_for_amx: t5_runner.T5Weights packs them) go to peft-t5's
 AMX kernel, eagerly and compiled (kernels.py: oneDNN's per-call cost was most of the step's products), a single row
-(one-row decoding) by AVX512-VNNI over the same packed weight; other layers' single rows, and eagerly up to 8 rows,
-go to its VNNI kernel; without VNNI, to its AVX2 kernel (int16 pairs), which takes 1-8 rows of any layer, in
+(one-row decoding) by AVX512-VNNI over the same packed weight; other layers' single rows, eagerly up to 8 rows and
+in compiled graphs up to 4 (int8_rows), go to its VNNI kernel; without VNNI, to its AVX2 kernel (int16 pairs), which takes 1-8 rows of any layer, in
 compiled graphs too (int8_rows). All give oneDNN's results bit for bit. Other products of several rows (layers not
 packed, or no AMX) are oneDNN's qlinear on a weight it prepacked once, held by peft-t5's library under a number
 (kernels.onednn_problem; the serving engine's layers numbered as it builds them), eagerly and in compiled graphs,
@@ -172,9 +172,9 @@ def int8_linear(x: torch.Tensor, layer: Int8Linear) -> torch.Tensor:
         y = torch.ops.peft_t5.int8_amx_matmul(x, layer.amx_weight, layer.weight_scale)
     elif takes_kernel(x, layer):
         y = torch.ops.peft_t5.int8_matmul(x, layer.weight, layer.weight_scale)
-    elif kernels.widened and kernels.onednn_ready and torch.compiler.is_compiling() and not x.requires_grad:
-        # a compiled graph of several rows: the AVX2 kernel up to MOST_ROWS of them, oneDNN's product past them,
-        # decided as the call runs (csrc/int8_matmul.cpp)
+    elif kernels.ready and kernels.onednn_ready and torch.compiler.is_compiling() and not x.requires_grad:
+        # a compiled graph of several rows: the kernel where it is faster (AVX2: up to MOST_ROWS rows; VNNI: up to 4
+        # rows of the smaller weights), oneDNN's product past that, decided as the call runs (csrc/int8_matmul.cpp)
         y = torch.ops.peft_t5.int8_rows(x, layer.weight, layer.weight_scale, layer.onednn_number(),
                                         layer.weight_zero_point)
     elif torch.compiler.is_compiling() and not kernels.onednn_ready:  # the pattern inductor freezes (see above)
@@ -210,8 +210,8 @@ def takes_amx(x: torch.Tensor, layer: Int8Linear) -> bool:
 def takes_kernel(x: torch.Tensor, layer: Int8Linear) -> bool:
     """Whether x [rows, K] goes to peft-t5's kernel rather than oneDNN: one row; eagerly, up to MOST_ROWS rows through
     a weight of up to MOST_WEIGHT (oneDNN's per-call cost is most of such a product), of any weight where the kernel is
-    AVX2's (kernels.widened). A compiled graph for several rows keeps oneDNN's product: there it costs no more than
-    the kernel at 8 rows (benchmarks/README.md); where widened, int8_rows (see int8_linear)."""
+    AVX2's (kernels.widened). A compiled graph for several rows calls int8_rows (see int8_linear), which decides as it
+    runs."""
     if not kernels.ready or x.requires_grad or x.device.type != "cpu":
         return False
     rows = x.shape[0]
@@ -250,7 +250,8 @@ def int8_path() -> str:
               else f"oneDNN too ({kernel})")
     held = "its weights prepacked once, held by number" if kernels.onednn_ready else "compiled graphs frozen"
     weights = "" if weight_levels() == 127 else " (weights in 63 levels: its int16 sums would saturate at 127)"
-    rows = f"1-{kernels.MOST_ROWS} rows" if kernels.widened else f"one row (eager: 1-{kernels.MOST_ROWS})"
+    rows = (f"1-{kernels.MOST_ROWS} rows" if kernels.widened
+            else f"one row (eager: 1-{kernels.MOST_ROWS}; compiled: 1-4, smaller layers)")
     return f"oneDNN int8 ({isa}){weights}, activations quantized per row, {held}; {rows}: {kernel}"
 
 

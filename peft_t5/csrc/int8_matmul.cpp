@@ -118,11 +118,13 @@ __attribute__((target("avx2,fma"))) float quantize_row_avx2(const float* x, Q* q
   const float inverse = 1.f / amax * 127.f;  // quantize_row's, as torch computes it
   const __m256 inverse_v = _mm256_set1_ps(inverse);
   const __m256i shift = _mm256_set1_epi32(offset);
-  alignas(32) int32_t levels[8];
   for (k = 0; k + 8 <= k_size; k += 8) {
     const __m256i v = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k), inverse_v)), shift);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(levels), v);
-    for (int i = 0; i < 8; ++i) q[k + i] = static_cast<Q>(levels[i]);
+    const __m128i halves = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));  // int16
+    if constexpr (sizeof(Q) == 2)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), halves);
+    else  // uint8 levels 1-255
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(q + k), _mm_packus_epi16(halves, halves));
   }
   for (; k < k_size; ++k) q[k] = static_cast<Q>(std::nearbyint(x[k] * inverse) + offset);
   std::fill(q + k_size, q + k_pad, Q{0});
@@ -246,15 +248,22 @@ at::Tensor int8_matmul(const at::Tensor& x, const at::Tensor& weight, const at::
   return out;
 }
 
-// Any rows of a compiled graph's int8 product where the kernel is AVX2's: the kernel up to kMostRows rows, oneDNN's
-// product over the weight held under `number` past them (the same results, bit for bit). Decided here, as the call
-// runs: a graph of several rows takes any count of them, and deciding in the graph would make it guard on the count
-// (and compile again for each other).
-constexpr int64_t kMostRows = 8;  // kernels.MOST_ROWS
+// Any rows of a compiled graph's int8 product: the kernel where it is faster than oneDNN, else oneDNN's product over
+// the weight held under `number` (the same results, bit for bit). Decided here, as the call runs: a graph of several
+// rows takes any count of them, and deciding in the graph would make it guard on the count (and compile again for
+// each other). The kernel's share (kernel_products.py): with AVX2, up to 8 rows of any weight (oneDNN's AVX2 int8
+// costs ~50-120 us a call); with AVX512-VNNI, up to 4 rows of weights up to 2048 x 512 (2 rows of 512 x 512: 9 us
+// against 26; 8 rows of 2048 x 512: 80 against 68).
+constexpr int64_t kMostRows = 8, kFewRows = 4, kMostWeight = 2048 * 512;  // kernels.MOST_ROWS, MOST_WEIGHT
+
+bool kernel_is_faster(int64_t rows, int64_t weight_size) {
+  if (!peft_t5_kernels::vnni_used()) return rows <= kMostRows;
+  return rows <= kFewRows && weight_size <= kMostWeight;
+}
 
 at::Tensor int8_rows(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale, int64_t number,
                      const at::Tensor& zero_point) {
-  if (x.size(0) <= kMostRows) return int8_matmul(x, weight, scale);
+  if (x.size(0) == 1 || kernel_is_faster(x.size(0), weight.numel())) return int8_matmul(x, weight, scale);
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "int8_rows: x must be [M, K] float32");
   const at::Tensor xc = x.contiguous();
   const int64_t m_size = xc.size(0), k_size = xc.size(1);
