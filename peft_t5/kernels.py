@@ -7,6 +7,8 @@
                                                      # products of several rows: it decides as it runs)
     torch.ops.peft_t5.f32_matvec(x, weight)          # csrc/f32_matvec.cpp: x [1, K], weight [N, K] float32 -> [1, N];
                                                      # AVX-512, else AVX2
+    torch.ops.peft_t5.f32_rows(x, weight, number, out_features)  # x [M, K]: the same loops over 2-4 rows, else
+                                                     # oneDNN's product over the copy held under number
     torch.ops.peft_t5.int8_amx_matmul(x, packed, scale)  # csrc/int8_amx.cpp: x [M, K] float32, the weight packed
                                                          # by amx_pack(), scale [N] -> [M, N]; AMX
     number = torch.ops.peft_t5.onednn_int8_pack(weight)  # csrc/onednn_held.cpp: oneDNN's prepacked copy of an int8
@@ -31,7 +33,8 @@ Rows are quantized and scaled as quantize.int8_linear does, and the products sum
 oneDNN's results bit for bit. float32: the one-row step's products (t5_runner.Linear), which stream their weights from
 memory: MKL's reached ~15 GB/s where this one, prefetching, reached 17-23 on a Xeon (its sums in another order:
 within 2e-5 of MKL's on unit-scale weights); on an AMD EPYC, prefetching into L2 (csrc/prefetch.h), 20-22 to MKL's
-10.6. Without AVX-512 (or where torch is held below it, ATEN_CPU_CAPABILITY), both take AVX2 (csrc/isa.h): int8's
+10.6. The step of 2-4 rows streams the weights too: f32_rows reads them once for all its rows, ~18 GB/s where
+oneDNN's product over its held copy read t5-small's decoder at ~10 (2 rows: 4.8 ms against 9.6). Without AVX-512 (or where torch is held below it, ATEN_CPU_CAPABILITY), both take AVX2 (csrc/isa.h): int8's
 rows widened to int16 pairs (vpmaddwd; oneDNN's AVX2 sums, in int16, saturate), taking 1-8 rows of any weight, compiled
 too (`widened`: oneDNN's AVX2 int8 is slower there; int8_rows decides by the count as the call runs); so does the
 attention below. Any CPU with AVX2 and FMA runs them.
@@ -158,6 +161,8 @@ def build_problem() -> str | None:
     torch.library.register_fake("peft_t5::int8_amx_matmul")(
         lambda x, packed, scale: x.new_empty((x.shape[0], scale.shape[0])))
     torch.library.register_fake("peft_t5::f32_matvec")(lambda x, weight: x.new_empty((x.shape[0], weight.shape[0])))
+    torch.library.register_fake("peft_t5::f32_rows")(
+        lambda x, weight, number, out_features: x.new_empty((x.shape[0], out_features)))
     torch.library.register_fake("peft_t5::onednn_int8_matmul")(
         lambda q, number, scale, zero_point: q.new_empty((q.shape[0], scale.shape[0]), dtype=torch.float32))
     torch.library.register_fake("peft_t5::onednn_float_linear")(
@@ -264,4 +269,4 @@ def kernels_used(device: torch.device) -> str:
         int8 = f"int8 of 1-{MOST_ROWS} rows (AVX2)"
     else:
         int8 = f"int8 of one row, 2-{MOST_ROWS} rows eagerly, 2-4 compiled (AVX512-VNNI)"
-    return f"peft-t5's (float32 products of one row ({instructions('AVX-512')}); {int8}); {held}; {attention}"
+    return f"peft-t5's (float32 products of 1-4 rows ({instructions('AVX-512')}); {int8}); {held}; {attention}"

@@ -104,7 +104,8 @@ def test_the_compiled_step_answers_as_the_eager_one_on_real_shaped_random_weight
 
 def test_a_float32_one_row_graph_reads_the_bases_weights_rather_than_a_frozen_copy_of_them():
     """The one-row graph of a float32 base is not frozen (no prepacked copy of the decoder): a weight changed in place
-    changes its answer as it changes the eager step's. The step of several rows takes a copy oneDNN laid out."""
+    changes its answer as it changes the eager step's. The step of several rows reads them as they are at 2-4 rows
+    (peft-t5's kernel, f32_rows) and past 4 takes a copy oneDNN laid out, the same graph deciding as it runs."""
     if kernels.kernel_problem() is not None:  # a row's products then take oneDNN's copy too (t5_runner.Linear)
         pytest.skip(f"peft-t5's float32 kernel is not used here: {kernels.kernel_problem()}")
     config = T5Config(d_model=64, d_kv=16, d_ff=128, num_heads=4, num_layers=2, vocab_size=300,
@@ -125,10 +126,17 @@ def test_a_float32_one_row_graph_reads_the_bases_weights_rather_than_a_frozen_co
             assert torch.equal(model.get_base_model().decoder.block[1].layer[2].DenseReluDense.wo.weight,
                                fast.weights.decoder[1].wo.weight)
             lockstep(eager, fast, source, ["default"], 3)
-            fast.add(source * 2, ["default"] * 2, budgets=[3] * 2)
-            eager.add(source * 2, ["default"] * 2, budgets=[3] * 2)
-            tokens = torch.zeros(2, dtype=torch.long)
-            assert not torch.allclose(fast.step(tokens), eager.step(tokens), atol=1e-4)  # frozen before the change
+            for rows in (2, 3):  # 2 rows, then 5
+                fast.add(source * rows, ["default"] * rows, budgets=[3] * rows)
+                eager.add(source * rows, ["default"] * rows, budgets=[3] * rows)
+                tokens = torch.zeros(fast.n, dtype=torch.long)
+                with torch.profiler.profile() as profile:
+                    fast_logits = fast.step(tokens)
+                ran = [event.name for event in profile.events()]
+                assert ran.count("peft_t5::f32_rows") == 6 * len(fast.weights.decoder) + 1
+                assert ("peft_t5::onednn_float_linear" in ran) == (fast.n > 4)
+                close = torch.allclose(fast_logits, eager.step(tokens), atol=1e-4)
+                assert close == (fast.n <= 4)  # oneDNN's copy was laid out before the change
         finally:
             fast.weights.decoder[1].wo.weight.copy_(before)
         if kernels.kernel_problem() is None:  # the one-row graph's products: peft-t5's float32 kernel, MKL's none
@@ -178,20 +186,33 @@ def test_a_bfloat16_bases_compiled_graphs_answer_as_its_eager_step_on_weights_he
         assert not {"aten::mm", "aten::addmm", "aten::linear"} & set(ran)
 
 
-def test_the_float32_one_row_kernel_is_as_close_to_float64_as_mkls_product():
-    """peft-t5's float32 product of one row sums in another order than MKL's: as exact, on widths with and without a
-    tail past 16 floats, output counts with and without one past 4; a weight that is not one block is refused."""
-    if kernels.kernel_problem() is not None:
-        pytest.skip(f"peft-t5's kernels are not used here: {kernels.kernel_problem()}")
+def test_the_float32_kernels_of_1_to_4_rows_are_as_close_to_float64_as_mkls_product():
+    """peft-t5's float32 products of one row (f32_matvec) and of 2-4 (f32_rows) sum in another order than MKL's: as
+    exact, on widths with and without a tail past 16 floats, output counts with and without one past 4; past 4 rows
+    f32_rows gives oneDNN's product over the held copy, exactly; a weight that is not one block is refused."""
+    if kernels.kernel_problem() is not None or kernels.onednn_problem() is not None:
+        pytest.skip(f"peft-t5's kernels are not used here: {kernels.kernel_problem() or kernels.onednn_problem()}")
     torch.manual_seed(0)
     for k, n in [(512, 512), (70, 5), (2048, 513), (1, 1), (512, 32128)]:
-        weight, x = torch.randn(n, k) * 0.05, torch.randn(1, k)
-        exact = x.double() @ weight.double().t()
-        ours = torch.ops.peft_t5.f32_matvec(x, weight)
-        mkl = torch.nn.functional.linear(x, weight)
-        assert float((ours - exact).abs().max()) <= 2 * float((mkl - exact).abs().max()) + 1e-6, (k, n)
+        weight = torch.randn(n, k) * 0.05
+        number = torch.ops.peft_t5.onednn_float_pack(weight, 16)
+        try:
+            for rows in (1, 2, 3, 4, 5):
+                x = torch.randn(rows, k)
+                exact = x.double() @ weight.double().t()
+                ours = (torch.ops.peft_t5.f32_matvec(x, weight) if rows == 1
+                        else torch.ops.peft_t5.f32_rows(x, weight, number, n))
+                if rows == 5:
+                    assert torch.equal(ours, torch.ops.peft_t5.onednn_float_linear(x, number, n))
+                    continue
+                mkl = torch.nn.functional.linear(x, weight)
+                assert float((ours - exact).abs().max()) <= 2 * float((mkl - exact).abs().max()) + 1e-6, (k, n, rows)
+        finally:
+            torch.ops.peft_t5.onednn_release(number)
     with pytest.raises(RuntimeError, match="weight must be a contiguous"):
         torch.ops.peft_t5.f32_matvec(torch.randn(1, 4), torch.randn(4, 8).t())
+    with pytest.raises(RuntimeError, match="f32_rows: weight must be a contiguous"):
+        torch.ops.peft_t5.f32_rows(torch.randn(2, 4), torch.randn(4, 8).t(), 0, 8)
 
 
 def masked_bias(rows: int, heads: int, positions: int, generator) -> torch.Tensor:

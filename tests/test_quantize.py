@@ -72,6 +72,11 @@ for k, n in [(512, 512), (70, 5), (2048, 513), (1, 1), (100, 3), (24, 7)]:
     ours, mkl = torch.ops.peft_t5.f32_matvec(x, weight), torch.nn.functional.linear(x, weight)
     assert one_row_float32(x, weight)
     assert float((ours - exact).abs().max()) <= 2 * float((mkl - exact).abs().max()) + 1e-6, (k, n)
+    for rows in (2, 3, 4):  # two rows of x at a time with AVX2, and one left over
+        x = torch.randn(rows, k)
+        exact = x.double() @ weight.double().t()
+        ours, mkl = torch.ops.peft_t5.f32_rows(x, weight, -1, n), torch.nn.functional.linear(x, weight)
+        assert float((ours - exact).abs().max()) <= 2 * float((mkl - exact).abs().max()) + 1e-6, (k, n, rows)
 head = Int8Linear(torch.randn(32128, 512))  # T5's output layer: oneDNN's from 2 rows with VNNI, the kernel's here
 with torch.profiler.profile() as profile:
     int8_linear(torch.randn(8, 512), head)
@@ -102,7 +107,7 @@ def test_without_avx512_the_kernels_take_avx2_and_int8_gives_onednns_results_bit
     """torch and oneDNN held to AVX2, as on a CPU without AVX-512: peft-t5's int8 kernel sums int16 pairs (exactly:
     oneDNN's results bit for bit, weights in 63 levels) and takes up to 8 rows of any weight, oneDNN's AVX2 int8 being
     slower there, eagerly and in a compiled graph of several rows, which takes every count (no guard on it: oneDNN's
-    past 8 rows, decided in the op); the float32 one-row kernel is as close to float64 as MKL's. Widths with and without tails past 16
+    past 8 rows, decided in the op); the float32 kernels of 1-4 rows are as close to float64 as MKL's. Widths with and without tails past 16
     and 64, output counts with and without one past 4, rows of zeros, strided rows."""
     if not torch.cpu._is_avx2_supported() or kernels.build_problem() is not None:
         pytest.skip(f"peft-t5's AVX2 kernels cannot run here: {kernels.build_problem() or 'the CPU has no AVX2'}")
@@ -111,7 +116,7 @@ def test_without_avx512_the_kernels_take_avx2_and_int8_gives_onednns_results_bit
     assert out.returncode == 0, out.stderr[-2000:]
     counts, used, path = out.stdout.strip().splitlines()
     assert counts == "1 0"
-    assert "float32 products of one row (AVX2); int8 of 1-8 rows (AVX2)" in used
+    assert "float32 products of 1-4 rows (AVX2); int8 of 1-8 rows (AVX2)" in used
     assert path.endswith("1-8 rows: peft-t5's AVX2 kernel")
 
 

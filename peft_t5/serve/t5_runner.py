@@ -77,7 +77,10 @@ class Linear(nn.Module):
         # 43% slower a step than the prepacked product)
         if self.held is not None:
             rows = x.reshape(-1, x.shape[-1]).to(self.weight.dtype)
-            y = torch.ops.peft_t5.onednn_float_linear(rows, self.held.number, self.weight.shape[0])
+            if by_kernel_float32(rows, self.weight):  # 2-4 rows peft-t5's kernel, more oneDNN's, decided in the op
+                y = torch.ops.peft_t5.f32_rows(rows, self.weight, self.held.number, self.weight.shape[0])
+            else:
+                y = torch.ops.peft_t5.onednn_float_linear(rows, self.held.number, self.weight.shape[0])
             return y.reshape(*x.shape[:-1], self.weight.shape[0]).float()
         return F.linear(x.to(self.weight.dtype), self.weight).float()
 
@@ -85,8 +88,15 @@ class Linear(nn.Module):
 def one_row_float32(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether x @ weight.T goes to peft-t5's float32 kernel: one row [1, K] of the step, a float32 weight in one
     block of memory, on a CPU, without autograd."""
-    return (kernels.ready and x.dim() == 2 and x.shape[0] == 1 and x.dtype == weight.dtype == torch.float32
-            and x.device.type == "cpu" and weight.is_contiguous() and not (x.requires_grad or weight.requires_grad))
+    return x.dim() == 2 and x.shape[0] == 1 and by_kernel_float32(x, weight)
+
+
+def by_kernel_float32(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether peft-t5's float32 kernels can take x [rows, K] @ weight.T: float32 in one block of memory, on a CPU,
+    without autograd. Of several rows, f32_rows takes 2-4 itself (csrc/f32_matvec.cpp: one stream of the weight at
+    ~18 GB/s where oneDNN's product read t5-small's decoder at ~10 in the step) and gives more to oneDNN."""
+    return (kernels.ready and x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu"
+            and weight.is_contiguous() and not (x.requires_grad or weight.requires_grad))
 
 
 def step_linear(layer: nn.Module) -> nn.Module:
