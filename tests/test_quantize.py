@@ -103,6 +103,7 @@ print(int8_path())
 """
 
 
+@pytest.mark.slow  # a process of its own, which compiles a graph
 def test_without_avx512_the_kernels_take_avx2_and_int8_gives_onednns_results_bit_for_bit():
     """torch and oneDNN held to AVX2, as on a CPU without AVX-512: peft-t5's int8 kernel sums int16 pairs (exactly:
     oneDNN's results bit for bit, weights in 63 levels) and takes up to 8 rows of any weight, oneDNN's AVX2 int8 being
@@ -195,6 +196,7 @@ def test_eagerly_the_int8_kernel_takes_up_to_8_rows_through_weights_up_to_2048_b
     assert ("peft_t5::int8_matmul" in ran) == kernel and ("onednn::qlinear_pointwise" in ran) == (not kernel)
 
 
+@pytest.mark.slow  # compiles a graph
 @pytest.mark.parametrize(("rows", "out", "kernel"), [(2, 512, True), (4, 2048, True), (5, 512, False),
                                                      (2, 32128, False)])
 def test_a_compiled_graph_of_several_int8_rows_takes_the_vnni_kernel_up_to_4_rows_of_weights_up_to_2048_by_512(
