@@ -1,9 +1,9 @@
 // One row of float32 activations times a float32 weight, for the float32 decoder step at one row, and 2-4 rows over
 // one stream of the weight for the step of a few (see peft_t5/kernels.py). A one-row product reads its whole weight
-// once and does little else, so it runs at the speed memory delivers the weight: written by hand because MKL's (F.linear at one row) reached ~15 GB/s on a 2-core Xeon
-// where this loop, four weight rows at a time and each stream prefetched 8 KB ahead, reached 17-23 (t5-small's
-// 154 MB a step); on a 2-core AMD EPYC MKL's 10.6, this loop's 20-22 (prefetching into L2 there: prefetch.h).
-// AVX-512 where it is used, else AVX2 (isa.h).
+// once and does little else, so it runs at the speed memory delivers the weight: written by hand because MKL's
+// (F.linear at one row) reached ~15 GB/s on a 2-core Xeon where this loop, four weight rows at a time and each stream
+// prefetched 8 KB ahead, reached 17-23 (t5-small's 154 MB a step); on a 2-core AMD EPYC MKL's 10.6, this loop's
+// 20-22 (prefetching into L2 there: prefetch.h). AVX-512 where it is used, else AVX2 (isa.h).
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <immintrin.h>
@@ -20,31 +20,9 @@ namespace {
 
 constexpr int64_t kAhead = 2048;  // floats prefetched ahead of each load (8 KB)
 
-// out[n + j] = w[n + j, :] . x for j < R, the weight prefetched with Hint (prefetch.h)
-template <int R, int Hint>
-__attribute__((target("avx512f"))) inline void weight_rows(const float* x, const float* w, float* out,
-                                                            int64_t k_size, int64_t n) {
-  __m512 acc[R];
-  for (int j = 0; j < R; ++j) acc[j] = _mm512_setzero_ps();
-  const float* r = w + n * k_size;
-  const int64_t whole = k_size / 16 * 16;
-  for (int64_t k = 0; k < whole; k += 16) {
-    const __m512 xv = _mm512_loadu_ps(x + k);
-    for (int j = 0; j < R; ++j) {
-      _mm_prefetch(reinterpret_cast<const char*>(r + j * k_size + k + kAhead), static_cast<_mm_hint>(Hint));
-      acc[j] = _mm512_fmadd_ps(_mm512_loadu_ps(r + j * k_size + k), xv, acc[j]);
-    }
-  }
-  if (whole < k_size) {
-    const __mmask16 tail = static_cast<__mmask16>((1u << (k_size - whole)) - 1);
-    const __m512 xv = _mm512_maskz_loadu_ps(tail, x + whole);
-    for (int j = 0; j < R; ++j)
-      acc[j] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, r + j * k_size + whole), xv, acc[j]);
-  }
-  for (int j = 0; j < R; ++j) out[n + j] = _mm512_reduce_add_ps(acc[j]);
-}
-
-// the same with AVX2: 16 floats a turn (two accumulators a row), so each row's stream is prefetched once a line
+// out[n + j] = w[n + j, :] . x for j < R with AVX2 (with AVX-512: weight_rows_of_rows<1, R>, below), the weight
+// prefetched with Hint (prefetch.h): 16 floats a turn (two accumulators a row), so each row's stream is prefetched
+// once a line
 template <int R, int Hint>
 __attribute__((target("avx2,fma"))) inline void weight_rows_avx2(const float* x, const float* w, float* out,
                                                                   int64_t k_size, int64_t n) {
@@ -149,7 +127,7 @@ void rows_products(const float* x, const float* w, float* o, int64_t k_size, int
 
 template <bool Avx512, int R, int Hint>
 inline void rows_of(const float* x, const float* w, float* out, int64_t k_size, int64_t n) {
-  if constexpr (Avx512) weight_rows<R, Hint>(x, w, out, k_size, n);
+  if constexpr (Avx512) weight_rows_of_rows<1, R, Hint>(x, w, out, k_size, 0, n);
   else weight_rows_avx2<R, Hint>(x, w, out, k_size, n);
 }
 
@@ -189,7 +167,7 @@ at::Tensor f32_matvec(const at::Tensor& x, const at::Tensor& weight) {
 // kFewRows rows, two rows of x at a time with AVX2, over one stream of the weight each; oneDNN's product over the
 // weight's copy held under `number` (onednn_held.cpp) past them. Decided here, as the call runs, so that the
 // compiled graph of several rows (which takes any count) needs no guard on the count. Measured in the engine's step
-// (weights streaming from memory): oneDNN's read them at ~11 GB/s at 2 rows, these loops at ~20.
+// (weights streaming from memory): oneDNN's read them at ~10 GB/s at 2 rows, these loops at ~18.
 constexpr int64_t kFewRows = 4;
 
 template <int Hint>
