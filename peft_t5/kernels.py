@@ -34,11 +34,11 @@ oneDNN's results bit for bit. float32: the one-row step's products (t5_runner.Li
 memory: MKL's reached ~15 GB/s where this one, prefetching, reached 17-23 on a Xeon (its sums in another order:
 within 2e-5 of MKL's on unit-scale weights); on an AMD EPYC, prefetching into L2 (csrc/prefetch.h), 20-22 to MKL's
 10.6. The step of 2-4 rows streams the weights too: f32_rows reads them once for all its rows, ~18 GB/s where
-oneDNN's product over its held copy read t5-small's decoder at ~10 (2 rows: 4.8 ms against 9.6). Without AVX-512 (or where torch is held below it, ATEN_CPU_CAPABILITY), both take AVX2 (csrc/isa.h): int8's
-rows widened to int16 pairs (vpmaddwd; oneDNN's AVX2 sums, in int16, saturate), taking 1-8 rows of any weight, compiled
-too (`widened`: oneDNN's AVX2 int8 is slower there; int8_rows decides by the count as the call runs); so does the
-attention below. Any CPU with AVX2 and FMA runs them.
-They are built with the C++ compiler torch.compile already needs, once per machine
+oneDNN's product over its held copy read t5-small's decoder at ~10 (2 rows: 4.8 ms against 9.6). Without AVX-512 (or
+where torch is held below it, ATEN_CPU_CAPABILITY), both take AVX2 (csrc/isa.h): int8's rows widened to int16 pairs
+(vpmaddwd; oneDNN's AVX2 sums, in int16, saturate), taking 1-8 rows of any weight, compiled too (`widened`: oneDNN's
+AVX2 int8 is slower there; int8_rows decides by the count as the call runs); so does the attention below. Any CPU
+with AVX2 and FMA runs them. They are built with the C++ compiler torch.compile already needs, once per machine
 (~30 s on 2 cores; kept in torch's extensions folder, TORCH_EXTENSIONS_DIR), when kernel_problem() first runs (serve,
 quantize_int8); where they cannot be built or run, oneDNN and MKL take every product.
 
@@ -73,9 +73,9 @@ attention_ready = False  # ... once attention_problem() has: compiled steps atte
 MOST_ROWS = 8  # eagerly, the int8 kernel takes products of up to this many rows (one row: always)
 MOST_WEIGHT = 2048 * 512  # ... through weights of up to N * K this large: T5's output layer (32128 x 512) is oneDNN's
 # from 2 rows (8 rows: the kernel 1.2 ms, oneDNN 0.8; 512 x 512: 22 us and 70); compiled graphs, up to 4 rows of them
-# (int8_rows, csrc/int8_matmul.cpp). Where `widened`, up to MOST_ROWS rows
-# of every weight, compiled too: oneDNN's AVX2 int8 took 2-8x the kernel's time at 1-8 rows (8 rows of 512 x 512:
-# 61 us and 122; of the output layer 4.1 ms and 5.1), as much at 16 (benchmarks/README.md, "As a CPU without AVX-512")
+# (int8_rows, csrc/int8_matmul.cpp, whose kMostRows, kFewRows and kMostWeight repeat these). Where `widened`, up to
+# MOST_ROWS rows of every weight, compiled too: oneDNN's AVX2 int8 took 2-8x the kernel's time at 1-8 rows (8 rows of
+# 512 x 512: 61 us and 122; of the output layer 4.1 ms and 5.1), as much at 16 (benchmarks/kernel_products.py)
 
 
 CPU_FEATURES = {"AVX2": "_is_avx2_supported", "AVX-512": "_is_avx512_supported", "AVX512-VNNI": "_is_vnni_supported",
@@ -115,8 +115,7 @@ def switched_off_or_unbuilt(switch: str | None = None, feature: str | None = Non
 @functools.lru_cache(maxsize=1)
 def kernel_problem() -> str | None:
     """Why the kernels are not used here (None: they are), building and loading them on the first call."""
-    global ready
-    global widened
+    global ready, widened
     problem = switched_off_or_unbuilt(feature="AVX2")
     ready = problem is None
     widened = ready and instructions("AVX512-VNNI") == "AVX2"
