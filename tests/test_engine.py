@@ -1,6 +1,8 @@
 """The continuous engine: greedy outputs equal generate() token for token, with adapters mixed per row, rows joining
 mid-flight and rows of different lengths; finished rows free their slots; deadlines, a full queue, int8."""
 import asyncio
+import itertools
+import random
 import threading
 import time
 from pathlib import Path
@@ -14,7 +16,7 @@ from peft_t5.modeling import tiny_model, tiny_tokenizer
 from peft_t5.quantize import quantize_int8
 from peft_t5.serve.engine import Engine
 from peft_t5.serve.failures import Busy, DeadlineExceeded
-from peft_t5.serve.module_runner import length_groups
+from peft_t5.serve.module_runner import ATTENTION_LENGTH, CALL_TOKENS, length_groups
 from peft_t5.serve.t5_runner import T5Runner
 
 SOURCES = ["why did the chicken cross the road", "what is the capital of france and why is it so very big today",
@@ -91,12 +93,35 @@ def test_rows_joining_and_leaving_mid_flight_decode_as_generate_does_alone(errat
 
 
 def test_encoding_groups_pad_little_and_cover_every_source():
-    sources = [[0] * n for n in (500, 12, 480, 13, 14, 300, 90)]
+    sources = [[0] * n for n in (500, 12, 498, 13, 14, 300, 90)]
     groups = length_groups(sources)
     assert sorted(i for g in groups for i in g) == list(range(7))
-    for group in groups:
-        lengths = [len(sources[i]) for i in group]
-        assert max(lengths) * len(group) <= 1.15 * sum(lengths)
+    assert sorted(map(sorted, groups)) == [[0, 2], [1, 3, 4], [5], [6]]  # 3 short rows pad 3 tokens: one call
+
+
+def plan_cost(lengths: list[int], groups: list[list[int]]) -> float:
+    return sum(CALL_TOKENS + len(g) * max(lengths[i] for i in g) * (1 + max(lengths[i] for i in g) / ATTENTION_LENGTH)
+               for g in groups)
+
+
+def test_encoding_groups_are_the_cheapest_split_by_length():
+    rng = random.Random(0)
+    for _ in range(40):
+        lengths = sorted(rng.choice([rng.randint(5, 40), rng.randint(100, 512)]) for _ in range(rng.randint(1, 8)))
+        groups = length_groups([[0] * n for n in lengths], most_tokens=1500)
+        assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+        assert all(len(g) * max(lengths[i] for i in g) <= 1500 or len(g) == 1 for g in groups)
+        splits = []  # every split of the sorted rows into runs within the token bound
+        for cuts in itertools.product([False, True], repeat=len(lengths) - 1):
+            runs, start = [], 0
+            for i, cut in enumerate(cuts, 1):
+                if cut:
+                    runs.append(list(range(start, i)))
+                    start = i
+            runs.append(list(range(start, len(lengths))))
+            if all(len(r) * lengths[r[-1]] <= 1500 or len(r) == 1 for r in runs):
+                splits.append(runs)
+        assert plan_cost(lengths, groups) == pytest.approx(min(plan_cost(lengths, r) for r in splits))
 
 
 @pytest.fixture(scope="module")

@@ -392,16 +392,32 @@ def release_when_idle(runner) -> None:
         return_freed_memory()
 
 
-def length_groups(sources: list[list[int]], waste: float = 0.15, most_tokens: int = 16384) -> list[list[int]]:
-    """Indices of sources in groups of similar length, so that encoding pads at most `waste` of the tokens."""
-    groups: list[list[int]] = []
-    total = 0
-    for i in sorted(range(len(sources)), key=lambda i: len(sources[i])):
-        length = len(sources[i])
-        if groups and (len(groups[-1]) + 1) * length <= min((1 + waste) * (total + length), most_tokens):
-            groups[-1].append(i)
-            total += length
-        else:
-            groups.append([i])
-            total = length
-    return groups
+CALL_TOKENS = 24  # what one encoder call costs beyond its rows, in padded tokens' worth (t5-small, 1 thread, a
+# 2-core AMD EPYC: with 24, 32 SQuAD prompts encode 13% faster than under the 15%-padding bound this replaced and
+# 32 jokes prompts as fast; 80 was slower on SQuAD, and a 2% bound, 19 calls, 25% slower on jokes)
+ATTENTION_LENGTH = 2400  # a row of L tokens costs L * (1 + L / ATTENTION_LENGTH): attention's share, 21% at 512
+
+
+def length_groups(sources: list[list[int]], most_tokens: int = 16384) -> list[list[int]]:
+    """Indices of sources in groups of similar length, each encoded as one padded batch of at most `most_tokens`
+    tokens: the split of the sources by length that costs least, counting each group's call (CALL_TOKENS) and its
+    padded rows (ATTENTION_LENGTH). 32 SQuAD prompts: 13 calls padding 1% of their tokens (under the 15% bound this
+    replaced: 4 calls, 8%); 32 jokes prompts: 5 calls, 9% (6, 11%)."""
+    order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
+    lengths = [len(sources[i]) for i in order]
+    best, cut = [0.0] * (len(order) + 1), [0] * (len(order) + 1)  # best[j]: the cost of the j shortest; cut[j]: where
+    for j in range(1, len(order) + 1):  # their last group starts
+        longest = lengths[j - 1]
+        row = longest * (1 + longest / ATTENTION_LENGTH)
+        best[j] = float("inf")
+        for i in range(j - 1, -1, -1):
+            if (j - i) * longest > most_tokens and i < j - 1:
+                break
+            cost = best[i] + CALL_TOKENS + (j - i) * row
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], len(order)
+    while j:
+        groups.append(order[cut[j]:j])
+        j = cut[j]
+    return groups[::-1]
