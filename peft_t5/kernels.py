@@ -17,10 +17,11 @@
     number = torch.ops.peft_t5.onednn_float_pack(weight, rows)  # ... of a float32 or bfloat16 weight, laid out for
     torch.ops.peft_t5.onednn_float_linear(x, number, out_features)  # about `rows` rows; oneDNN's linear on it
     torch.ops.peft_t5.onednn_release(number)             # the copy let go
-    torch.ops.peft_t5.decode_attention(q, keys, values, bias)  # csrc/decode_attention.cpp: one query a row over
-    torch.ops.peft_t5.decode_self_attention(q, k, v, lengths, keys, values, bias)  # float32 caches [rows, heads,
-                                                         # positions, 64 or 128]; the second writes each row's new k
-                                                         # and v at its length first; AVX-512, else AVX2
+    torch.ops.peft_t5.decode_attention(q, keys, values, bias, valid)  # csrc/decode_attention.cpp: one query a row
+    torch.ops.peft_t5.decode_self_attention(q, k, v, lengths, keys, values, bias)  # over float32 caches [rows,
+                                                         # heads, positions, 64 or 128], each row's first valid[r]
+                                                         # (the second: lengths[r] + 1, each row's new k and v
+                                                         # written at its length first); AVX-512, else AVX2
                                                          # (compiled steps only)
 
 int8: where the CPU has AMX, every product of the serving engine's int8 layers (quantize.Int8Linear.pack_for_amx,
@@ -167,7 +168,7 @@ def build_problem() -> str | None:
     torch.library.register_fake("peft_t5::onednn_float_linear")(
         lambda x, number, out_features: x.new_empty((x.shape[0], out_features)))
     torch.library.register_fake("peft_t5::decode_attention")(
-        lambda q, keys, values, bias: q.new_empty((keys.shape[0], keys.shape[1] * keys.shape[3])))
+        lambda q, keys, values, bias, valid: q.new_empty((keys.shape[0], keys.shape[1] * keys.shape[3])))
     torch.library.register_fake("peft_t5::decode_self_attention")(
         lambda q, new_k, new_v, lengths, keys, values, bias: q.new_empty((keys.shape[0], keys.shape[1] * keys.shape[3])))
     return None

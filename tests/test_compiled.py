@@ -215,20 +215,32 @@ def test_the_float32_kernels_of_1_to_4_rows_are_as_close_to_float64_as_mkls_prod
         torch.ops.peft_t5.f32_rows(torch.randn(2, 4), torch.randn(4, 8).t(), 0, 8)
 
 
-def masked_bias(rows: int, heads: int, positions: int, generator) -> torch.Tensor:
-    """A bias [rows, heads, 1, positions] of T5's kind: a random one per head, and each row's positions past a
-    random length masked with float32's least value."""
+def masked_bias(rows: int, heads: int, positions: int, generator, lengths=None) -> torch.Tensor:
+    """A bias [rows, heads, 1, positions] of T5's kind: a random one per head, and each row's positions past its
+    length (random where not given) masked with float32's least value."""
     bias = torch.randn(rows, heads, 1, positions, generator=generator)
-    lengths = torch.randint(1, positions + 1, (rows,), generator=generator)
+    if lengths is None:
+        lengths = torch.randint(1, positions + 1, (rows,), generator=generator)
     mask = torch.where(torch.arange(positions)[None] < lengths[:, None], 0.0, torch.finfo(torch.float32).min)
     return bias + mask[:, None, None, :]
+
+
+def poisoned(caches: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """A copy of the caches, cut from a buffer as large as theirs, with each row's positions from valid[r] on NaN: a
+    kernel that read one would answer NaN."""
+    rows, heads, positions, head_dim = caches.shape
+    out = torch.empty(rows, heads, caches.stride(1) // head_dim, head_dim)[:, :, :positions]
+    out.copy_(caches)
+    out.transpose(1, 2)[torch.arange(positions)[None, :] >= valid[:, None]] = float("nan")
+    return out
 
 
 def test_the_attention_kernel_answers_as_sdpa_over_cut_caches_and_writes_each_rows_new_key_at_its_length():
     """peft-t5's decode attention (the compiled step's, csrc/decode_attention.cpp) against SDPA: caches cut from
     larger buffers, positions with and without a tail past 16, 1 to 300 of them, head_dim 64 and 128, a bias per head
-    or one for all and laid out across positions; the self-attention op writes each row's new key and value at its
-    length, and nothing else, before attending."""
+    or one for all and laid out across positions; each row reads no position past those it attends to (NaN there
+    changes nothing); the self-attention op writes each row's new key and value at its length, and nothing else,
+    before attending."""
     if kernels.attention_problem() is not None:
         pytest.skip(f"peft-t5's attention kernel is not used here: {kernels.attention_problem()}")
     g = torch.Generator().manual_seed(0)
@@ -239,26 +251,33 @@ def test_the_attention_kernel_answers_as_sdpa_over_cut_caches_and_writes_each_ro
         keys = torch.randn(rows, heads, capacity, head_dim, generator=g)[:, :, :positions]
         values = torch.randn(rows, heads, capacity, head_dim, generator=g)[:, :, :positions]
         q = torch.randn(rows, heads * head_dim, generator=g)
-        bias = masked_bias(rows, bias_heads, positions, g)
+        valid = torch.randint(1, positions + 1, (rows,), generator=g)
+        bias = masked_bias(rows, bias_heads, positions, g, valid)
         across = bias.transpose(1, 3).contiguous().transpose(1, 3)  # positions bias_heads floats apart
         expected = F.scaled_dot_product_attention(q.view(rows, heads, 1, head_dim), keys, values, attn_mask=bias,
                                                   scale=1.0).reshape(rows, heads * head_dim)
         for b in (bias, across):
-            got = torch.ops.peft_t5.decode_attention(q, keys, values, b)
+            got = torch.ops.peft_t5.decode_attention(q, poisoned(keys, valid), poisoned(values, valid), b, valid)
             torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
         lengths = torch.randint(0, positions, (rows,), generator=g)
+        bias = masked_bias(rows, bias_heads, positions, g, lengths + 1)
         qkv = torch.randn(rows, 3 * heads * head_dim, generator=g)  # k and v cut from one product, as the step's
         new_q, new_k, new_v = qkv.split(heads * head_dim, -1)
-        mine_k, mine_v = keys.clone(), values.clone()
+        mine_k, mine_v = poisoned(keys, lengths + 1), poisoned(values, lengths + 1)
         keys[torch.arange(rows), :, lengths] = new_k.reshape(rows, heads, head_dim)
         values[torch.arange(rows), :, lengths] = new_v.reshape(rows, heads, head_dim)
         expected = F.scaled_dot_product_attention(new_q.reshape(rows, heads, 1, head_dim), keys, values,
                                                   attn_mask=bias, scale=1.0).reshape(rows, heads * head_dim)
         got = torch.ops.peft_t5.decode_self_attention(new_q, new_k, new_v, lengths, mine_k, mine_v, bias)
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
-        assert torch.equal(mine_k, keys) and torch.equal(mine_v, values)
+        for mine, theirs in ((mine_k, keys), (mine_v, values)):
+            torch.testing.assert_close(mine, poisoned(theirs, lengths + 1), rtol=0, atol=0, equal_nan=True)
     with pytest.raises(RuntimeError, match="head_dim must be 64 or 128"):
-        torch.ops.peft_t5.decode_attention(torch.randn(1, 32), *torch.randn(2, 1, 1, 3, 32), torch.zeros(1, 1, 1, 3))
+        torch.ops.peft_t5.decode_attention(torch.randn(1, 32), *torch.randn(2, 1, 1, 3, 32), torch.zeros(1, 1, 1, 3),
+                                           torch.tensor([3]))
+    with pytest.raises(RuntimeError, match="valid must be int64"):
+        torch.ops.peft_t5.decode_attention(torch.randn(1, 64), *torch.randn(2, 1, 1, 3, 64), torch.zeros(1, 1, 1, 3),
+                                           torch.tensor([3, 3]))
     caches = torch.randn(2, 2, 1, 3, 64)
     written = caches.clone()
     with pytest.raises(RuntimeError, match="a length is past the caches"):  # and row 0's is not written either

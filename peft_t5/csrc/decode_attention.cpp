@@ -11,6 +11,7 @@
 #include <torch/types.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "isa.h"
 #include "prefetch.h"
@@ -205,11 +206,19 @@ AVX2 void one_block8(const float* q, const float* k, const float* v, const float
   }
 }
 
+// New keys and values to write first (self-attention), each row's at its position: [rows, heads * head_dim]
+struct Written {
+  const float *k = nullptr, *v = nullptr;
+  int64_t k_row = 0, v_row = 0;
+  const int64_t* at = nullptr;
+};
+
 template <bool Avx512, int D, int Hint>
 void blocks(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values, const at::Tensor& bias,
-            at::Tensor& scores, at::Tensor& out) {
-  const int64_t rows = keys.size(0), heads = keys.size(1), positions = keys.size(2);
-  const float *qd = q.data_ptr<float>(), *kd = keys.data_ptr<float>(), *vd = values.data_ptr<float>();
+            const int64_t* valid, const Written& written, at::Tensor& scores, at::Tensor& out) {
+  const int64_t rows = keys.size(0), heads = keys.size(1), all = keys.size(2);
+  float *kd = keys.data_ptr<float>(), *vd = values.data_ptr<float>();
+  const float* qd = q.data_ptr<float>();
   const float* bd = bias.data_ptr<float>();
   float *sd = scores.data_ptr<float>(), *od = out.data_ptr<float>();
   const int64_t bias_row = bias.size(0) == 1 ? 0 : bias.stride(0), bias_head = bias.size(1) == 1 ? 0 : bias.stride(1);
@@ -219,15 +228,20 @@ void blocks(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& value
       const float* next_k = nullptr;
       if (b + 1 < last) next_k = kd + (b + 1) / heads * keys.stride(0) + (b + 1) % heads * keys.stride(1);
       const int64_t head_dim = (Avx512 ? 16 : 8) * D;
-      const float *qb = qd + r * q.stride(0) + h * head_dim, *kb = kd + r * keys.stride(0) + h * keys.stride(1),
-                  *vb = vd + r * values.stride(0) + h * values.stride(1), *bb = bd + r * bias_row + h * bias_head;
+      float *kb = kd + r * keys.stride(0) + h * keys.stride(1), *vb = vd + r * values.stride(0) + h * values.stride(1);
+      if (written.k != nullptr) {  // here rather than all first: each write's line is fetched with its block's reads
+        std::copy_n(written.k + r * written.k_row + h * head_dim, head_dim, kb + written.at[r] * keys.stride(2));
+        std::copy_n(written.v + r * written.v_row + h * head_dim, head_dim, vb + written.at[r] * values.stride(2));
+      }
+      const int64_t positions = valid == nullptr ? all : std::clamp<int64_t>(valid[r], 1, all);
+      const float *qb = qd + r * q.stride(0) + h * head_dim, *bb = bd + r * bias_row + h * bias_head;
       float* ob = od + r * heads * head_dim + h * head_dim;
       if constexpr (Avx512)
         one_block<D, Hint>(qb, kb, vb, bb, bias.stride(3), positions, keys.stride(2), values.stride(2), next_k,
-                           sd + b * positions, ob);
+                           sd + b * all, ob);
       else
         one_block8<D, Hint>(qb, kb, vb, bb, bias.stride(3), positions, keys.stride(2), values.stride(2), next_k,
-                            sd + b * positions, ob);
+                            sd + b * all, ob);
     }
   });
 }
@@ -250,37 +264,42 @@ void check_attention(const char* op, const at::Tensor& q, const at::Tensor& keys
               op, ": bias must be float32 [rows or 1, heads or 1, 1, positions]");
 }
 
-// The attention of checked tensors
-at::Tensor attend_blocks(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
-                         const at::Tensor& bias) {
+// The attention of checked tensors: row r reads its first valid[r] positions (all where valid is null)
+at::Tensor attend_blocks(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values, const at::Tensor& bias,
+                         const int64_t* valid, const Written& written = Written()) {
   const int64_t rows = keys.size(0), heads = keys.size(1), positions = keys.size(2), head_dim = keys.size(3);
   at::Tensor out = at::empty({rows, heads * head_dim}, q.options());
   at::Tensor scores = at::empty({rows * heads, positions}, q.options());
   const bool l2 = peft_t5_kernels::prefetch_to_l2(), wide = head_dim == 128;
   if (peft_t5_kernels::avx512_used()) {
-    if (wide) l2 ? blocks<true, 8, _MM_HINT_T1>(q, keys, values, bias, scores, out)
-                 : blocks<true, 8, _MM_HINT_T0>(q, keys, values, bias, scores, out);
-    else l2 ? blocks<true, 4, _MM_HINT_T1>(q, keys, values, bias, scores, out)
-            : blocks<true, 4, _MM_HINT_T0>(q, keys, values, bias, scores, out);
+    if (wide) l2 ? blocks<true, 8, _MM_HINT_T1>(q, keys, values, bias, valid, written, scores, out)
+                 : blocks<true, 8, _MM_HINT_T0>(q, keys, values, bias, valid, written, scores, out);
+    else l2 ? blocks<true, 4, _MM_HINT_T1>(q, keys, values, bias, valid, written, scores, out)
+            : blocks<true, 4, _MM_HINT_T0>(q, keys, values, bias, valid, written, scores, out);
   } else {
     TORCH_CHECK(peft_t5_kernels::avx2_usable(), "decode_attention: the CPU has neither AVX-512 nor AVX2 with FMA");
-    if (wide) l2 ? blocks<false, 16, _MM_HINT_T1>(q, keys, values, bias, scores, out)
-                 : blocks<false, 16, _MM_HINT_T0>(q, keys, values, bias, scores, out);
-    else l2 ? blocks<false, 8, _MM_HINT_T1>(q, keys, values, bias, scores, out)
-            : blocks<false, 8, _MM_HINT_T0>(q, keys, values, bias, scores, out);
+    if (wide) l2 ? blocks<false, 16, _MM_HINT_T1>(q, keys, values, bias, valid, written, scores, out)
+                 : blocks<false, 16, _MM_HINT_T0>(q, keys, values, bias, valid, written, scores, out);
+    else l2 ? blocks<false, 8, _MM_HINT_T1>(q, keys, values, bias, valid, written, scores, out)
+            : blocks<false, 8, _MM_HINT_T0>(q, keys, values, bias, valid, written, scores, out);
   }
   return out;
 }
 
+// valid: int64 [rows], the positions each row attends to (those past it, which the bias must mask, are not read:
+// the cross-attention of rows whose sources are shorter than the longest)
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
-                            const at::Tensor& bias) {
+                            const at::Tensor& bias, const at::Tensor& valid) {
   check_attention("decode_attention", q, keys, values, bias);
-  return attend_blocks(q, keys, values, bias);
+  TORCH_CHECK(valid.dim() == 1 && valid.size(0) == keys.size(0) && valid.scalar_type() == at::kLong,
+              "decode_attention: valid must be int64 [rows]");
+  const at::Tensor counts = valid.contiguous();
+  return attend_blocks(q, keys, values, bias, counts.data_ptr<int64_t>());
 }
 
 // Self-attention: each row's new key and value [rows, heads * head_dim] written into the caches at its length
-// first. In the op, so that a compiled graph writes into the caches it is given, where the index_put before an
-// opaque op made inductor copy each layer's caches whole every step.
+// first, and its positions up to it attended to. In the op, so that a compiled graph writes into the caches it is
+// given, where the index_put before an opaque op made inductor copy each layer's caches whole every step.
 at::Tensor decode_self_attention(const at::Tensor& q, const at::Tensor& new_k, const at::Tensor& new_v,
                                  const at::Tensor& lengths, at::Tensor& keys, at::Tensor& values,
                                  const at::Tensor& bias) {
@@ -296,22 +315,18 @@ at::Tensor decode_self_attention(const at::Tensor& q, const at::Tensor& new_k, c
   const int64_t* at = positions_at.data_ptr<int64_t>();
   for (int64_t r = 0; r < rows; ++r)  // every length checked before anything is written
     TORCH_CHECK(at[r] >= 0 && at[r] < positions, "decode_self_attention: a length is past the caches");
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t h = 0; h < heads; ++h) {
-      const int64_t source = r * new_k.stride(0) + h * head_dim, value_source = r * new_v.stride(0) + h * head_dim;
-      std::copy_n(new_k.data_ptr<float>() + source, head_dim,
-                  keys.data_ptr<float>() + r * keys.stride(0) + h * keys.stride(1) + at[r] * keys.stride(2));
-      std::copy_n(new_v.data_ptr<float>() + value_source, head_dim,
-                  values.data_ptr<float>() + r * values.stride(0) + h * values.stride(1) + at[r] * values.stride(2));
-    }
-  }
-  return attend_blocks(q, keys, values, bias);
+  std::vector<int64_t> valid(at, at + rows);
+  for (int64_t& v : valid) ++v;
+  Written written;
+  written.k = new_k.data_ptr<float>(), written.v = new_v.data_ptr<float>();
+  written.k_row = new_k.stride(0), written.v_row = new_v.stride(0), written.at = at;
+  return attend_blocks(q, keys, values, bias, valid.data(), written);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(peft_t5, m) {
-  m.def("decode_attention(Tensor q, Tensor keys, Tensor values, Tensor bias) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor keys, Tensor values, Tensor bias, Tensor valid) -> Tensor");
   m.def("decode_self_attention(Tensor q, Tensor new_k, Tensor new_v, Tensor lengths, Tensor(a!) keys, "
         "Tensor(b!) values, Tensor bias) -> Tensor");
 }
