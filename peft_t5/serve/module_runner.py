@@ -393,7 +393,7 @@ def release_when_idle(runner) -> None:
 
 
 CALL_TOKENS = 24  # what one encoder call costs beyond its rows, in padded tokens' worth (t5-small, 1 thread, a
-# 2-core AMD EPYC: with 24, 32 SQuAD prompts encode 13% faster than under the 15%-padding bound this replaced and
+# 2-core AMD EPYC: with 24, 32 SQuAD prompts encode in 13% less time than under the 15%-padding bound this replaced,
 # 32 jokes prompts as fast; 80 was slower on SQuAD, and a 2% bound, 19 calls, 25% slower on jokes)
 ATTENTION_LENGTH = 2400  # a row of L tokens costs L * (1 + L / ATTENTION_LENGTH): attention's share, 21% at 512
 
