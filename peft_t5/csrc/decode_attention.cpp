@@ -1,10 +1,11 @@
 // One query a row over a decoder's cached keys and values: the serving step's self- and cross-attention, in its
-// compiled graphs (see peft_t5/kernels.py). Each (row, head) reads its block of keys and values once, so the step's
-// attention runs at the speed memory delivers the caches: written by hand because inductor's fused loops (and
-// SDPA's) reached 5-8 GB/s on a 2-core AMD EPYC, 32 rows x 8 heads of ~40 cached positions being ~100 blocks of
-// 10 KB, each a fresh stream for the hardware's prefetcher. Here each block's values are prefetched while its keys
-// are read, and the next block's keys while its values are summed (prefetch.h picks the cache level), and 16
-// positions' dot products are reduced together (8 with AVX2, where AVX-512 is not used: isa.h).
+// compiled graphs (see peft_t5/kernels.py). Each (row, head) reads its block of keys and values once, and only the
+// positions the row attends to, so the step's attention runs at the speed memory delivers the caches: written by
+// hand because inductor's fused loops (and SDPA's) reached 5-8 GB/s on a 2-core AMD EPYC, 32 rows x 8 heads of ~40
+// cached positions being ~100 blocks of 10 KB, each a fresh stream for the hardware's prefetcher. Here each block's
+// values are prefetched while its keys are read, and the next block's keys while its values are summed (prefetch.h
+// picks the cache level), and 16 positions' dot products are reduced together (8 with AVX2, where AVX-512 is not
+// used: isa.h).
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <torch/library.h>
@@ -233,7 +234,7 @@ void blocks(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& value
         std::copy_n(written.k + r * written.k_row + h * head_dim, head_dim, kb + written.at[r] * keys.stride(2));
         std::copy_n(written.v + r * written.v_row + h * head_dim, head_dim, vb + written.at[r] * values.stride(2));
       }
-      const int64_t positions = valid == nullptr ? all : std::clamp<int64_t>(valid[r], 1, all);
+      const int64_t positions = std::clamp<int64_t>(valid[r], 1, all);
       const float *qb = qd + r * q.stride(0) + h * head_dim, *bb = bd + r * bias_row + h * bias_head;
       float* ob = od + r * heads * head_dim + h * head_dim;
       if constexpr (Avx512)
@@ -264,7 +265,7 @@ void check_attention(const char* op, const at::Tensor& q, const at::Tensor& keys
               op, ": bias must be float32 [rows or 1, heads or 1, 1, positions]");
 }
 
-// The attention of checked tensors: row r reads its first valid[r] positions (all where valid is null)
+// The attention of checked tensors: row r reads its first valid[r] positions
 at::Tensor attend_blocks(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values, const at::Tensor& bias,
                          const int64_t* valid, const Written& written = Written()) {
   const int64_t rows = keys.size(0), heads = keys.size(1), positions = keys.size(2), head_dim = keys.size(3);
