@@ -9,10 +9,10 @@ Where the CPU has AMX, the serving engine's layers (pack_for_amx: t5_runner.T5We
 AMX kernel, eagerly and compiled (kernels.py: oneDNN's per-call cost was most of the step's products), a single row
 (one-row decoding) by AVX512-VNNI over the same packed weight; other layers' single rows, eagerly up to 8 rows and
 in compiled graphs up to 4 (int8_rows), go to its VNNI kernel; without VNNI, to its AVX2 kernel (int16 pairs), which
-takes 1-8 rows of any layer, in compiled graphs too. All give oneDNN's results bit for bit. Other products of
-several rows (layers not packed, or no AMX) are oneDNN's qlinear on a weight it prepacked once, held by peft-t5's library under a number
-(kernels.onednn_problem; the serving engine's layers numbered as it builds them), eagerly and in compiled graphs,
-which name the weight by its number: a graph holds no copy of it, and inductor's graph cache keeps the graph for
+takes 1-8 rows of any layer, in compiled graphs too. All give oneDNN's results bit for bit. Other products of several
+rows (layers not packed, or no AMX) are oneDNN's qlinear on a weight it prepacked once, held by peft-t5's library under
+a number (kernels.onednn_problem; the serving engine's layers numbered as it builds them), eagerly and in compiled
+graphs, which name the weight by its number: a graph holds no copy of it, and inductor's graph cache keeps the graph for
 the next start. Where that library cannot load, eagerly the layer holds oneDNN's prepacked weight, and inside
 torch.compile the product is written as the dequantize -> linear pattern that inductor lowers to the same qlinear
 with the weight prepacked and frozen into the graph (the path torchao's int8 dynamic quantization takes on a CPU; a

@@ -108,8 +108,8 @@ def test_without_avx512_the_kernels_take_avx2_and_int8_gives_onednns_results_bit
     """torch and oneDNN held to AVX2, as on a CPU without AVX-512: peft-t5's int8 kernel sums int16 pairs (exactly:
     oneDNN's results bit for bit, weights in 63 levels) and takes up to 8 rows of any weight, oneDNN's AVX2 int8 being
     slower there, eagerly and in a compiled graph of several rows, which takes every count (no guard on it: oneDNN's
-    past 8 rows, decided in the op); the float32 kernels of 1-4 rows are as close to float64 as MKL's. Widths with and without tails past 16
-    and 64, output counts with and without one past 4, rows of zeros, strided rows."""
+    past 8 rows, decided in the op); the float32 kernels of 1-4 rows are as close to float64 as MKL's. Widths with and
+    without tails past 16 and 64, output counts with and without one past 4, rows of zeros, strided rows."""
     if not torch.cpu._is_avx2_supported() or kernels.build_problem() is not None:
         pytest.skip(f"peft-t5's AVX2 kernels cannot run here: {kernels.build_problem() or 'the CPU has no AVX2'}")
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}

@@ -322,9 +322,9 @@ class T5Weights(nn.Module):
 def attends_by_kernel(keys: torch.Tensor) -> bool:
     """Whether a compiled step attends over these caches through peft-t5's kernel (kernels.attention_problem): float32
     on a CPU with AVX-512 or AVX2, several rows. It streams each row's and head's keys and values from memory at ~13
-    GB/s where inductor's fused loops reached 5-8 (t5-small, 32 rows of ~40 positions, on a 2-core AMD EPYC: 1.10-1.25x the step
-    at 8 and 32 SQuAD rows, benchmarks/attention_step.py); the one-row graph keeps inductor's, which are fused with the
-    ops around them where each of the kernel's calls costs ~10-20 us (0.94-0.96x the one-row step)."""
+    GB/s where inductor's fused loops reached 5-8 (t5-small, 32 rows of ~40 positions, on a 2-core AMD EPYC: 1.10-1.25x
+    the step at 8 and 32 SQuAD rows, benchmarks/attention_step.py); the one-row graph keeps inductor's, which are fused
+    with the ops around them where each of the kernel's calls costs ~10-20 us (0.94-0.96x the one-row step)."""
     return (torch.compiler.is_compiling() and kernels.attention_ready and keys.dtype == torch.float32
             and keys.shape[3] in (64, 128) and keys.shape[0] > 1 and keys.device.type == "cpu")
 
