@@ -186,6 +186,40 @@ def test_a_bfloat16_bases_compiled_graphs_answer_as_its_eager_step_on_weights_he
         assert not {"aten::mm", "aten::addmm", "aten::linear"} & set(ran)
 
 
+def test_a_float32_encoder_takes_onednns_held_copies_except_on_intel_cpus(monkeypatch):
+    """Where MKL's float32 products are not on their home CPU, the encoder's and the cross-attention K/V's products
+    take oneDNN's copies held by number, eagerly as compiled (no aten::mm left); on Intel's, the weights as they are.
+    The encoder's output either way within 1e-5 of the unheld one's."""
+    from peft_t5.serve.t5_runner import T5Weights
+
+    if kernels.onednn_problem() is not None:
+        pytest.skip(f"oneDNN holds no weight here: {kernels.onednn_problem()}")
+    config = T5Config(d_model=64, d_kv=16, d_ff=128, num_heads=4, num_layers=2, vocab_size=300,
+                      feed_forward_proj="relu", decoder_start_token_id=0)
+    torch.manual_seed(0)
+    model = get_peft_model(T5ForConditionalGeneration(config).eval(), LoraConfig(r=4, target_modules=["q", "v"]))
+    ids = torch.randint(5, 300, (3, 9))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[1, 6:] = False
+    slots = torch.zeros(3, dtype=torch.long)
+    with torch.inference_mode():
+        expected = T5Weights(model).encode(ids, mask, {}, slots)
+        for intel in (True, False):
+            monkeypatch.setattr(kernels, "intel_cpu", lambda: intel)
+            weights = T5Weights(model, hold_float=True)
+            layers = [m for b in weights.encoder for m in (b.qkv, b.o, b.wi, b.wo)] + [b.ckv for b in weights.decoder]
+            assert [layer.held is None for layer in layers] == [intel] * len(layers)
+            assert weights.head.held is not None and weights.decoder[0].qkv.held is not None  # the step's, always
+            with torch.profiler.profile() as profile:
+                hidden = weights.encode(ids, mask, {}, slots)
+                weights.cross(0, hidden, {}, slots)
+            ran = [event.name for event in profile.events()]
+            assert ran.count("peft_t5::onednn_float_linear") == (0 if intel else 4 * len(weights.encoder) + 1)
+            assert ("aten::mm" in ran or "aten::addmm" in ran) == intel
+            torch.testing.assert_close(hidden, expected, rtol=0, atol=1e-5)
+    assert kernels.kernels_used(torch.device("cpu")).count("a float32 encoder's products oneDNN's") == 1
+
+
 def test_the_float32_kernels_of_1_to_4_rows_are_as_close_to_float64_as_mkls_product():
     """peft-t5's float32 products of one row (f32_matvec) and of 2-4 (f32_rows) sum in another order than MKL's: as
     exact, on widths with and without a tail past 16 floats, output counts with and without one past 4; past 4 rows

@@ -4,21 +4,21 @@
     logits = compiled(step, args)        # t5_runner.Step and its tensors: the compiled graph once ready, else eager
     keys, values = compiled(encode, args)  # t5_runner.Encode (new rows' encoder and cross-attention K/V) likewise
 
-On a CPU, inductor compiles each into two graphs per layout of LoRA stacks: one for a single row and one for any
-other number of rows. Row count, lengths, LoRA slots and rank are symbolic sizes, so rows joining, buffers growing,
-prompts of every length and adapters loading never recompile. The step's graph for several rows takes the base's
-weights as a copy laid out for oneDNN (which several rows need: 1.7x the speed at 8 rows), as do every graph of a
-bfloat16 base and an int8 base's products of several rows without AMX (int8's encoder compiled: 1.6-2.1x its eager
-speed): a copy laid out once and held by peft-t5's library under a number (csrc/onednn_held.cpp;
-t5_runner.T5Weights.hold_for_onednn), which the graphs name, so no graph is frozen. Where that library cannot load
-(kernels.onednn_problem), inductor freezes such copies into the graphs instead. An int8 base's other products are
-peft-t5's kernels' (kernels.py). A float32
-base's encoder, and its one-row step where peft-t5's kernel runs (elsewhere that step takes oneDNN's copy too), read
-the weights as they are: one row streams them from memory whatever their layout (MKL's packing for one row was no
-faster and held 300 MB more for t5-small), and the encoder's products are as fast unpacked (the frozen encoder was
-no faster at 1-32 SQuAD rows; a copy would hold 75 MB). The step's graph for several rows attends over float32
-caches through peft-t5's kernel where the CPU has AVX-512 (t5_runner.attends_by_kernel; kernels.attention_problem).
-On a GPU the graphs compile without freezing.
+On a CPU, inductor compiles each into two graphs per layout of LoRA stacks: one for a single row and one for any other
+number of rows. Row count, lengths, LoRA slots and rank are symbolic sizes, so rows joining, buffers growing, prompts of
+every length and adapters loading never recompile. The step's graph for several rows takes the base's weights as a copy
+laid out for oneDNN (which several rows need: 1.7x the speed at 8 rows), as do every graph of a bfloat16 base and an
+int8 base's products of several rows without AMX (int8's encoder compiled: 1.6-2.1x its eager speed): a copy laid out
+once and held by peft-t5's library under a number (csrc/onednn_held.cpp; t5_runner.T5Weights.hold_for_onednn), which the
+graphs name, so no graph is frozen. Where that library cannot load (kernels.onednn_problem), inductor freezes such
+copies into the graphs instead. An int8 base's other products are peft-t5's kernels' (kernels.py). A float32 base's
+one-row step where peft-t5's kernel runs (elsewhere that step takes oneDNN's copy too) reads the weights as they are:
+one row streams them from memory whatever their layout (MKL's packing for one row was no faster and held 300 MB more for
+t5-small). So does its encoder on Intel's CPUs, where MKL's products are as fast unpacked (a frozen encoder was no
+faster at 1-32 SQuAD rows on a Xeon); elsewhere the encoder takes oneDNN's copy too (on an AMD EPYC MKL's were 12-17%
+slower at its shapes; the copy holds 88 MB for t5-small, kernels.intel_cpu). The step's graph for several rows attends
+over float32 caches through peft-t5's kernel where the CPU has AVX-512 (t5_runner.attends_by_kernel;
+kernels.attention_problem). On a GPU the graphs compile without freezing.
 
 Compiles run on a thread of their own, one at a time. Until a graph is ready its calls run eagerly (the reference
 the compiled graphs are tested against), so no request waits for a compile. Inductor keeps the kernels it builds in
