@@ -271,10 +271,9 @@ def kernels_used(device: torch.device) -> str:
     """What the log and /metrics say of these kernels on this device."""
     if device.type != "cpu":
         return "off (not on a CPU)"
-    held = ("oneDNN's weights held by number, no graph frozen" if onednn_problem() is None
+    held = (f"oneDNN's weights held by number, no graph frozen; a float32 encoder's products "
+            f"{'MKL' if intel_cpu() else 'oneDNN'}'s" if onednn_problem() is None
             else f"compiled graphs frozen ({onednn_problem()})")
-    if onednn_problem() is None:
-        held += f"; a float32 encoder's products {'MKL' if intel_cpu() else 'oneDNN'}'s"
     attention = (f"compiled float32 attention peft-t5's ({instructions('AVX-512')})" if attention_problem() is None
                  else f"compiled attention inductor's ({attention_problem()})")
     problem = kernel_problem()

@@ -188,8 +188,8 @@ def test_a_bfloat16_bases_compiled_graphs_answer_as_its_eager_step_on_weights_he
 
 def test_a_float32_encoder_takes_onednns_held_copies_except_on_intel_cpus(monkeypatch):
     """Where MKL's float32 products are not on their home CPU, the encoder's and the cross-attention K/V's products
-    take oneDNN's copies held by number, eagerly as compiled (no aten::mm left); on Intel's, the weights as they are.
-    The encoder's output either way within 1e-5 of the unheld one's."""
+    take oneDNN's copies held by number (no aten::mm left; the eager pass here, and the compiled graphs call the same
+    layers); on Intel's, the weights as they are. The encoder's output either way within 1e-5 of the unheld one's."""
     from peft_t5.serve.t5_runner import T5Weights
 
     if kernels.onednn_problem() is not None:
