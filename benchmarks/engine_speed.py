@@ -16,6 +16,9 @@ tokens.
   engine_inductor_attention, engine_int8_inductor_attention: engine and engine_int8 with PEFT_T5_ATTENTION=off
                  (the compiled step's attention as inductor's fused loops, not peft-t5's kernel: the engine before
                  that kernel; not run unless named)
+  engine_int8_f32_cache: engine_int8 with float32 attention caches (serve --quantize int8 --kv_cache_dtype float32:
+                 the int8 engine before its caches were bfloat16 by default; not run unless named)
+  engine_cache_bf16: engine with bfloat16 attention caches (serve --kv_cache_dtype bfloat16; not run unless named)
   engine_bf16:   the compiled step, base loaded in bfloat16 (serve --dtype bfloat16; CPUs with AMX or AVX512-BF16)
   ct2:           CTranslate2 on the merged model (one adapter: what `peft-t5 export` writes), float32
   ct2_int8:      the same converted with --quantization int8
@@ -50,19 +53,20 @@ from serve_throughput import make_adapters  # noqa: E402
 
 SYSTEMS = ("engine", "engine_eager", "engine_int8", "engine_bf16", "ct2", "ct2_int8")
 OPTIONAL = ("engine_no_kernels", "engine_int8_no_kernels", "engine_int8_no_amx", "engine_frozen", "engine_int8_frozen",
-            "engine_bf16_frozen", "engine_inductor_attention", "engine_int8_inductor_attention")
+            "engine_bf16_frozen", "engine_inductor_attention", "engine_int8_inductor_attention", "engine_int8_f32_cache",
+            "engine_cache_bf16")
 
 
 class RunningEngine:
     """An engine serving on an event loop of its own thread, for the whole benchmark."""
 
-    def __init__(self, bank, rows: int, threads: int, compile: bool):
+    def __init__(self, bank, rows: int, threads: int, compile: bool, kv_cache_dtype: str = "auto"):
         from peft_t5.serve.engine import Engine
 
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, daemon=True).start()
         self.engine = Engine(bank, max_rows=rows, max_encode_tokens=512 * rows, max_rows_per_request=rows,
-                             threads=threads, compile=compile)
+                             threads=threads, compile=compile, kv_cache_dtype=kv_cache_dtype)
         self.call(self._start())
         started = time.perf_counter()
         self.engine.wait_compiled()
@@ -119,7 +123,8 @@ def serve_system(system: str, base: str, adapters: dict, folder: str, rows: int,
         bank = AdapterBank.load(base, adapters, dtype="bfloat16" if system.startswith("engine_bf16") else "float32")
         if system.startswith("engine_int8"):
             quantize_int8(*bank.models())
-        runner = RunningEngine(bank, rows, threads, compile=system != "engine_eager")
+        cache = "float32" if system.endswith("_f32_cache") else "bfloat16" if system == "engine_cache_bf16" else "auto"
+        runner = RunningEngine(bank, rows, threads, compile=system != "engine_eager", kv_cache_dtype=cache)
         conn.send(("ready", runner.compile_s))
         while (job := conn.recv()) is not None:
             conn.send(cpu_seconds(lambda: runner.generate(*job)))
@@ -240,13 +245,15 @@ def main() -> None:
                          ("engine_bf16", "ct2_int8"), ("engine", "engine_eager"),
                          ("engine", "engine_inductor_attention"), ("engine_inductor_attention", "ct2"),
                          ("engine_int8", "engine_int8_inductor_attention"),
-                         ("engine_int8_inductor_attention", "ct2_int8")):
+                         ("engine_int8_inductor_attention", "ct2_int8"), ("engine_int8", "engine_int8_f32_cache"),
+                         ("engine_int8_f32_cache", "ct2_int8"), ("engine_cache_bf16", "engine"),
+                         ("engine_cache_bf16", "ct2")):
         if ours in cost and theirs in cost:
             for b in map(str, args.batches):
                 ratios[f"{ours}_vs_{theirs}_at_{b}"] = cost[theirs][b] / cost[ours][b]
     results["ratios"] = ratios  # throughput ratios: above 1, the first is faster
     agreement = {}
-    for other in ("engine_int8", "engine_bf16", "engine_eager"):
+    for other in ("engine_int8", "engine_int8_f32_cache", "engine_cache_bf16", "engine_bf16", "engine_eager"):
         if other in outputs and "engine" in outputs:
             pairs = [(a, b) for batch in args.batches for a, b in zip(outputs[other][batch], outputs["engine"][batch])]
             agreement[other] = sum(a == b for a, b in pairs) / len(pairs)

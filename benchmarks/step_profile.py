@@ -28,6 +28,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="Steps profiled (after as many warm-up steps)")
     parser.add_argument("--int8", action="store_true", help="After quantize_int8, as serve --quantize int8")
     parser.add_argument("--eager", action="store_true", help="The eager step (serve --compile off)")
+    parser.add_argument("--cache_dtype", choices=["float32", "bfloat16"], default=None,
+                        help="The attention caches' dtype (default: the model's)")
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--output", default="benchmarks/results/step_profile.md")
     args = parser.parse_args()
@@ -51,7 +53,8 @@ def main() -> None:
     names = [bank.peft_name(list(adapters)[i % 2]) for i in range(args.rows)]
     sources = [bank.tokenizer(r["question"]).input_ids for r in records[:args.rows]]
     compiled = None if args.eager else CompiledStep()
-    runner = T5Runner(model, capacity=args.rows, compiled=compiled)
+    runner = T5Runner(model, capacity=args.rows, compiled=compiled,
+                      cache_dtype=getattr(torch, args.cache_dtype) if args.cache_dtype else None)
     runner.warm(sorted(set(names)))
     if compiled is not None:
         compiled.wait()

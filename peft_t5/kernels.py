@@ -18,8 +18,9 @@
     torch.ops.peft_t5.onednn_float_linear(x, number, out_features)  # about `rows` rows; oneDNN's linear on it
     torch.ops.peft_t5.onednn_release(number)             # the copy let go
     torch.ops.peft_t5.decode_attention(q, keys, values, bias, valid)  # csrc/decode_attention.cpp: one query a row
-    torch.ops.peft_t5.decode_self_attention(q, k, v, lengths, keys, values, bias)  # over float32 caches [rows,
-                                                         # heads, positions, 64 or 128], each row's first valid[r]
+    torch.ops.peft_t5.decode_self_attention(q, k, v, lengths, keys, values, bias)  # over float32 or bfloat16
+                                                         # caches [rows, heads, positions, 64 or 128] (q, k, v, bias
+                                                         # float32; sums float32), each row's first valid[r]
                                                          # (the second: lengths[r] + 1, each row's new k and v
                                                          # written at its length first); AVX-512, else AVX2
                                                          # (compiled steps only)

@@ -4,6 +4,7 @@ request through an engine, adapters loaded and unloaded without recompiling, a g
 step answers meanwhile), int8 (as close to float32 as its eager step), and the kernels kept on disk. Compiling
 takes seconds: these tests are slow."""
 import asyncio
+import itertools
 import os
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from peft_t5.quantize import quantize_int8
 from peft_t5.serve.compiled import COMPILE_NICE, COMPILE_SWITCH_INTERVAL, CompiledStep, part_of
 from peft_t5.serve.decoding import Sampling
 from peft_t5.serve.engine import Engine
-from peft_t5.serve.t5_runner import T5Runner
+from peft_t5.serve.t5_runner import T5Runner, cache_dtype
 
 pytestmark = pytest.mark.slow
 SOURCES = ["why did the chicken cross the road", "what is the capital of france and why is it so very big today",
@@ -263,7 +264,7 @@ def poisoned(caches: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """A copy of the caches, cut from a buffer as large as theirs, with each row's positions from valid[r] on NaN: a
     kernel that read one would answer NaN."""
     rows, heads, positions, head_dim = caches.shape
-    out = torch.empty(rows, heads, caches.stride(1) // head_dim, head_dim)[:, :, :positions]
+    out = torch.empty(rows, heads, caches.stride(1) // head_dim, head_dim, dtype=caches.dtype)[:, :, :positions]
     out.copy_(caches)
     out.transpose(1, 2)[torch.arange(positions)[None, :] >= valid[:, None]] = float("nan")
     return out
@@ -274,22 +275,24 @@ def test_the_attention_kernel_answers_as_sdpa_over_cut_caches_and_writes_each_ro
     larger buffers, positions with and without a tail past 16, 1 to 300 of them, head_dim 64 and 128, a bias per head
     or one for all and laid out across positions; each row reads no position past those it attends to (NaN there
     changes nothing); the self-attention op writes each row's new key and value at its length, and nothing else,
-    before attending."""
+    before attending. Caches in float32 and in bfloat16 (an int8 base's, t5_runner.cache_dtype): the bfloat16 ones
+    are attended to as SDPA does in float32 over the same values, and written rounded as torch rounds them."""
     if kernels.attention_problem() is not None:
         pytest.skip(f"peft-t5's attention kernel is not used here: {kernels.attention_problem()}")
     g = torch.Generator().manual_seed(0)
     F = torch.nn.functional
-    for rows, heads, positions, head_dim, capacity, bias_heads in [(1, 8, 1, 64, 5, 1), (3, 8, 17, 64, 40, 8),
-                                                                   (32, 8, 40, 64, 81, 1), (5, 16, 300, 64, 512, 16),
-                                                                   (2, 4, 33, 128, 50, 1), (4, 8, 16, 64, 16, 8)]:
-        keys = torch.randn(rows, heads, capacity, head_dim, generator=g)[:, :, :positions]
-        values = torch.randn(rows, heads, capacity, head_dim, generator=g)[:, :, :positions]
+    cases = [(1, 8, 1, 64, 5, 1), (3, 8, 17, 64, 40, 8), (32, 8, 40, 64, 81, 1), (5, 16, 300, 64, 512, 16),
+             (2, 4, 33, 128, 50, 1), (4, 8, 16, 64, 16, 8)]
+    for dtype, (rows, heads, positions, head_dim, capacity, bias_heads) in itertools.product(
+            (torch.float32, torch.bfloat16), cases):
+        keys = torch.randn(rows, heads, capacity, head_dim, generator=g).to(dtype)[:, :, :positions]
+        values = torch.randn(rows, heads, capacity, head_dim, generator=g).to(dtype)[:, :, :positions]
         q = torch.randn(rows, heads * head_dim, generator=g)
         valid = torch.randint(1, positions + 1, (rows,), generator=g)
         bias = masked_bias(rows, bias_heads, positions, g, valid)
         across = bias.transpose(1, 3).contiguous().transpose(1, 3)  # positions bias_heads floats apart
-        expected = F.scaled_dot_product_attention(q.view(rows, heads, 1, head_dim), keys, values, attn_mask=bias,
-                                                  scale=1.0).reshape(rows, heads * head_dim)
+        expected = F.scaled_dot_product_attention(q.view(rows, heads, 1, head_dim), keys.float(), values.float(),
+                                                  attn_mask=bias, scale=1.0).reshape(rows, heads * head_dim)
         for b in (bias, across):
             got = torch.ops.peft_t5.decode_attention(q, poisoned(keys, valid), poisoned(values, valid), b, valid)
             torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
@@ -298,14 +301,18 @@ def test_the_attention_kernel_answers_as_sdpa_over_cut_caches_and_writes_each_ro
         qkv = torch.randn(rows, 3 * heads * head_dim, generator=g)  # k and v cut from one product, as the step's
         new_q, new_k, new_v = qkv.split(heads * head_dim, -1)
         mine_k, mine_v = poisoned(keys, lengths + 1), poisoned(values, lengths + 1)
-        keys[torch.arange(rows), :, lengths] = new_k.reshape(rows, heads, head_dim)
-        values[torch.arange(rows), :, lengths] = new_v.reshape(rows, heads, head_dim)
-        expected = F.scaled_dot_product_attention(new_q.reshape(rows, heads, 1, head_dim), keys, values,
-                                                  attn_mask=bias, scale=1.0).reshape(rows, heads * head_dim)
+        keys[torch.arange(rows), :, lengths] = new_k.reshape(rows, heads, head_dim).to(dtype)
+        values[torch.arange(rows), :, lengths] = new_v.reshape(rows, heads, head_dim).to(dtype)
+        expected = F.scaled_dot_product_attention(new_q.reshape(rows, heads, 1, head_dim), keys.float(),
+                                                  values.float(), attn_mask=bias, scale=1.0).reshape(rows, -1)
         got = torch.ops.peft_t5.decode_self_attention(new_q, new_k, new_v, lengths, mine_k, mine_v, bias)
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
         for mine, theirs in ((mine_k, keys), (mine_v, values)):
+            assert mine.dtype == dtype
             torch.testing.assert_close(mine, poisoned(theirs, lengths + 1), rtol=0, atol=0, equal_nan=True)
+    with pytest.raises(RuntimeError, match="keys and values must be float32 or bfloat16"):  # of one dtype
+        torch.ops.peft_t5.decode_attention(torch.randn(1, 64), torch.randn(1, 1, 3, 64).bfloat16(),
+                                           torch.randn(1, 1, 3, 64), torch.zeros(1, 1, 1, 3), torch.tensor([3]))
     with pytest.raises(RuntimeError, match="head_dim must be 64 or 128"):
         torch.ops.peft_t5.decode_attention(torch.randn(1, 32), *torch.randn(2, 1, 1, 3, 32), torch.zeros(1, 1, 1, 3),
                                            torch.tensor([3]))
@@ -469,14 +476,18 @@ def test_int8s_compiled_graphs_stay_as_close_to_float32_as_its_eager_step_is(cap
     the compiled encoder and step are as faithful to float32 as the eager int8 step is (t5-small's widths, 2 LoRA
     adapters mixed per row, teacher-forced tokens), and they run with no eager call once compiled; the products
     oneDNN runs (without AMX: the frozen graphs' qlinear, the eager encoder's) run in its kernels, not its reference
-    loop (which int8 activations fell to on a CPU without AMX)."""
+    loop (which int8 activations fell to on a CPU without AMX). The int8 runners' caches are bfloat16, as the server
+    holds an int8 base's by default (--kv_cache_dtype auto), and the float32 reference's float32."""
     import copy
 
     model = t5_small_wide_with_two_adapters()
     int8 = copy.deepcopy(model)
     quantize_int8(int8)
+    assert cache_dtype(int8) == torch.bfloat16 and cache_dtype(model) == torch.float32
+    assert cache_dtype(int8, "float32") == torch.float32 and cache_dtype(model, "bfloat16") == torch.bfloat16
     compiled = CompiledStep()
-    reference, eager, fast = T5Runner(model), T5Runner(int8), T5Runner(int8, compiled=compiled)
+    reference = T5Runner(model)
+    eager, fast = (T5Runner(int8, compiled=c, cache_dtype=cache_dtype(int8)) for c in (None, compiled))
     fast.warm(["a", "b"])
     compiled.wait()
     assert not compiled.failed and len(compiled.ready) == 4
@@ -489,6 +500,8 @@ def test_int8s_compiled_graphs_stay_as_close_to_float32_as_its_eager_step_is(cap
     with torch.inference_mode(), torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
         for runner in (reference, eager, fast):
             runner.add(sources, names, budgets=[6] * 5)
+        assert [r.cross_k[0].dtype for r in (reference, eager, fast)] == [torch.float32] + [torch.bfloat16] * 2
+        assert fast.self_v[-1].dtype == torch.bfloat16
         assert 0 < off(fast, reference) <= 1.5 * off(eager, reference)
         tokens = torch.zeros(5, dtype=torch.long)
         for _ in range(6):

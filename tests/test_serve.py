@@ -221,6 +221,7 @@ def test_metrics_are_prometheus_text_with_requests_errors_latency_batches_and_to
         assert line in text, line
     engine = next(line for line in text.splitlines() if line.startswith("peft_t5_engine_info{"))
     assert 'weights="float32"' in engine and f'kernels="{kernels_used(torch.device("cpu"))}"' in engine
+    assert 'kv_cache="float32"' in engine  # a float32 base's caches: float32 (auto)
 
 
 def test_a_client_that_disconnects_mid_request_does_not_break_its_batch(server, reference):

@@ -129,3 +129,18 @@ def test_engine_flags_are_checked_before_the_model_loads(tmp_path, flags, messag
     adapter = make_adapter(tmp_path / "jokes", "jokes", 1)
     with pytest.raises(PeftT5Error, match=message.replace("(", r"\(").replace(")", r"\)")):
         check_args(parse_args(["--adapter", f"jokes={adapter}", *flags]))
+
+
+def test_kv_cache_dtype_reaches_serve_from_the_flag_and_an_unknown_one_is_refused_before_the_model_loads(tmp_path):
+    from peft_t5.commands.serve import parse_args
+    from peft_t5.errors import PeftT5Error
+    from peft_t5.serve.server import check_settings as check_args
+
+    adapter = make_adapter(tmp_path / "jokes", "jokes", 1)
+    assert parse_args(["--adapter", f"jokes={adapter}"])["kv_cache_dtype"] == "auto"
+    settings = parse_args(["--adapter", f"jokes={adapter}", "--kv_cache_dtype", "bfloat16"])
+    assert settings["kv_cache_dtype"] == "bfloat16"
+    check_args(settings)
+    settings["kv_cache_dtype"] = "float16"  # serve() called from Python: argparse's choices are not there
+    with pytest.raises(PeftT5Error, match="^--kv_cache_dtype float16: auto, float32 or bfloat16$"):
+        check_args(settings)

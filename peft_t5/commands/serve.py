@@ -29,6 +29,10 @@ def build_parser():
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="The base's weights (default float32); bfloat16 on a GPU or a CPU with AMX or "
                              "AVX512-BF16: half the memory, faster matmuls, answers that differ slightly")
+    parser.add_argument("--kv_cache_dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                        help="The attention caches of base and LoRA rows: auto (default) the base's dtype, but "
+                             "bfloat16 with --quantize int8 on a CPU (half the memory to stream each step; answers "
+                             "that differ slightly); float32 keeps int8's caches exact")
     parser.add_argument("--compile", choices=["on", "off"], default="on",
                         help="on (default): the decoder step and the encoder of base and LoRA rows compiled with "
                              "torch.compile, eager until they are; off: eager only, the reference the compiled graphs "

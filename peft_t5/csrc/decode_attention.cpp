@@ -5,8 +5,10 @@
 // cached positions being ~100 blocks of 10 KB, each a fresh stream for the hardware's prefetcher. Here each block's
 // values are prefetched while its keys are read, and the next block's keys while its values are summed (prefetch.h
 // picks the cache level), and 16 positions' dot products are reduced together (8 with AVX2, where AVX-512 is not
-// used: isa.h).
+// used: isa.h). The caches may be bfloat16 (an int8 base's, t5_runner.cache_dtype): half the bytes to stream, each
+// widened to float32 as it is loaded (a shift: no AVX512-BF16 needed) and every sum kept in float32.
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
 #include <immintrin.h>
 #include <torch/library.h>
 #include <torch/types.h>
@@ -20,6 +22,21 @@
 namespace {
 
 #define AVX512 __attribute__((target("avx512f")))
+#define AVX2 __attribute__((target("avx2,fma")))
+
+using bf16 = c10::BFloat16;
+
+// 16 (AVX-512) or 8 (AVX2) keys' or values' elements as float32: a bfloat16 is a float32's upper half
+AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+AVX512 inline __m512 load16(const bf16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+AVX2 inline __m256 load8(const bf16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
 
 // e^x for x <= 0 (scores less their row's maximum) as Cephes' expf: 2^n e^r, r = x - n ln 2 in [-ln2/2, ln2/2];
 // 0 below -87 (the masks' -3.4e38 included)
@@ -57,15 +74,17 @@ AVX512 inline __m512 sum16(const __m512* a) {
                        _mm512_shuffle_f32x4(f0, f1, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-template <int Hint>
-inline void prefetch_position(const float* p, int64_t head_dim) {
-  for (int64_t d = 0; d < head_dim; d += 16) _mm_prefetch(reinterpret_cast<const char*>(p + d), static_cast<_mm_hint>(Hint));
+template <int Hint, typename T>
+inline void prefetch_position(const T* p, int64_t head_dim) {
+  const char* bytes = reinterpret_cast<const char*>(p);
+  for (int64_t b = 0; b < head_dim * static_cast<int64_t>(sizeof(T)); b += 64)
+    _mm_prefetch(bytes + b, static_cast<_mm_hint>(Hint));
 }
 
 // out[0:16D] = softmax(k . q + bias) . v over `positions` keys and values (each 16D floats, `step` apart)
-template <int D, int Hint>
-AVX512 void one_block(const float* q, const float* k, const float* v, const float* bias, int64_t bias_step,
-                      int64_t positions, int64_t k_step, int64_t v_step, const float* next_k, float* scores,
+template <int D, int Hint, typename T>
+AVX512 void one_block(const float* q, const T* k, const T* v, const float* bias, int64_t bias_step,
+                      int64_t positions, int64_t k_step, int64_t v_step, const T* next_k, float* scores,
                       float* out) {
   constexpr int64_t head_dim = 16 * D;
   __m512 qv[D];
@@ -79,9 +98,9 @@ AVX512 void one_block(const float* q, const float* k, const float* v, const floa
     for (int j = 0; j < 16; ++j) {
       a[j] = _mm512_setzero_ps();
       if (j < n) {
-        const float* kj = k + (j0 + j) * k_step;
+        const T* kj = k + (j0 + j) * k_step;
         prefetch_position<Hint>(v + (j0 + j) * v_step, head_dim);  // read next, by the sums below
-        for (int d = 0; d < D; ++d) a[j] = _mm512_fmadd_ps(qv[d], _mm512_loadu_ps(kj + 16 * d), a[j]);
+        for (int d = 0; d < D; ++d) a[j] = _mm512_fmadd_ps(qv[d], load16(kj + 16 * d), a[j]);
       }
     }
     const __mmask16 m = static_cast<__mmask16>((1u << n) - 1);
@@ -108,21 +127,19 @@ AVX512 void one_block(const float* q, const float* k, const float* v, const floa
       prefetch_position<Hint>(next_k + (j + 1) * k_step, head_dim);
     }
     const __m512 p0 = _mm512_set1_ps(scores[j]), p1 = _mm512_set1_ps(scores[j + 1]);
-    const float *v0 = v + j * v_step, *v1 = v0 + v_step;
+    const T *v0 = v + j * v_step, *v1 = v0 + v_step;
     for (int d = 0; d < D; ++d) {
-      even[d] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(v0 + 16 * d), even[d]);
-      odd[d] = _mm512_fmadd_ps(p1, _mm512_loadu_ps(v1 + 16 * d), odd[d]);
+      even[d] = _mm512_fmadd_ps(p0, load16(v0 + 16 * d), even[d]);
+      odd[d] = _mm512_fmadd_ps(p1, load16(v1 + 16 * d), odd[d]);
     }
   }
   if (j < positions) {
     const __m512 p0 = _mm512_set1_ps(scores[j]);
-    for (int d = 0; d < D; ++d) even[d] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(v + j * v_step + 16 * d), even[d]);
+    for (int d = 0; d < D; ++d) even[d] = _mm512_fmadd_ps(p0, load16(v + j * v_step + 16 * d), even[d]);
   }
   const __m512 scale = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
   for (int d = 0; d < D; ++d) _mm512_storeu_ps(out + 16 * d, _mm512_mul_ps(_mm512_add_ps(even[d], odd[d]), scale));
 }
-
-#define AVX2 __attribute__((target("avx2,fma")))
 
 // exp_nonpositive with AVX2: 2^n built in the exponent's bits (n >= -126 above -87: a normal float)
 AVX2 inline __m256 exp_nonpositive8(__m256 x) {
@@ -157,9 +174,9 @@ AVX2 inline __m256i first_lanes(int64_t n) {  // the mask of lanes [0, n), n <= 
 
 // one_block with AVX2 over head_dim = 8 * D floats: 8 positions' dot products reduced together, q read from L1
 // (D registers of it would leave too few for the sums), the values summed in chunks of 64 floats
-template <int D, int Hint>
-AVX2 void one_block8(const float* q, const float* k, const float* v, const float* bias, int64_t bias_step,
-                     int64_t positions, int64_t k_step, int64_t v_step, const float* next_k, float* scores,
+template <int D, int Hint, typename T>
+AVX2 void one_block8(const float* q, const T* k, const T* v, const float* bias, int64_t bias_step,
+                     int64_t positions, int64_t k_step, int64_t v_step, const T* next_k, float* scores,
                      float* out) {
   constexpr int64_t head_dim = 8 * D;
   __m256 top = _mm256_set1_ps(-INFINITY);
@@ -170,7 +187,7 @@ AVX2 void one_block8(const float* q, const float* k, const float* v, const float
     for (int j = 0; j < n; ++j) prefetch_position<Hint>(v + (j0 + j) * v_step, head_dim);  // read next, below
     for (int d = 0; d < D; ++d) {
       const __m256 qd = _mm256_loadu_ps(q + 8 * d);
-      for (int j = 0; j < n; ++j) a[j] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k + (j0 + j) * k_step + 8 * d), a[j]);
+      for (int j = 0; j < n; ++j) a[j] = _mm256_fmadd_ps(qd, load8(k + (j0 + j) * k_step + 8 * d), a[j]);
     }
     alignas(32) float b[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     for (int j = 0; j < n; ++j) b[j] = bias[(j0 + j) * bias_step];
@@ -200,8 +217,8 @@ AVX2 void one_block8(const float* q, const float* k, const float* v, const float
     for (int64_t j = 0; j < positions; ++j) {
       if (next_k != nullptr && c == 0) prefetch_position<Hint>(next_k + j * k_step, head_dim);
       const __m256 p = _mm256_set1_ps(scores[j]);
-      const float* vj = v + j * v_step + 8 * c;
-      for (int d = 0; d < 8; ++d) acc[d] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vj + 8 * d), acc[d]);
+      const T* vj = v + j * v_step + 8 * c;
+      for (int d = 0; d < 8; ++d) acc[d] = _mm256_fmadd_ps(p, load8(vj + 8 * d), acc[d]);
     }
     for (int d = 0; d < 8; ++d) _mm256_storeu_ps(out + 8 * (c + d), _mm256_mul_ps(acc[d], scale));
   }
@@ -214,11 +231,11 @@ struct Written {
   const int64_t* at = nullptr;
 };
 
-template <bool Avx512, int D, int Hint>
+template <bool Avx512, int D, int Hint, typename T>
 void blocks(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values, const at::Tensor& bias,
             const int64_t* valid, const Written& written, at::Tensor& scores, at::Tensor& out) {
   const int64_t rows = keys.size(0), heads = keys.size(1), all = keys.size(2);
-  float *kd = keys.data_ptr<float>(), *vd = values.data_ptr<float>();
+  T *kd = keys.data_ptr<T>(), *vd = values.data_ptr<T>();
   const float* qd = q.data_ptr<float>();
   const float* bd = bias.data_ptr<float>();
   float *sd = scores.data_ptr<float>(), *od = out.data_ptr<float>();
@@ -226,11 +243,12 @@ void blocks(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& value
   at::parallel_for(0, rows * heads, 16, [&](int64_t first, int64_t last) {
     for (int64_t b = first; b < last; ++b) {
       const int64_t r = b / heads, h = b % heads;
-      const float* next_k = nullptr;
+      const T* next_k = nullptr;
       if (b + 1 < last) next_k = kd + (b + 1) / heads * keys.stride(0) + (b + 1) % heads * keys.stride(1);
       const int64_t head_dim = (Avx512 ? 16 : 8) * D;
-      float *kb = kd + r * keys.stride(0) + h * keys.stride(1), *vb = vd + r * values.stride(0) + h * values.stride(1);
+      T *kb = kd + r * keys.stride(0) + h * keys.stride(1), *vb = vd + r * values.stride(0) + h * values.stride(1);
       if (written.k != nullptr) {  // here rather than all first: each write's line is fetched with its block's reads
+        // (to bfloat16 rounded to nearest even, as torch's .to() does)
         std::copy_n(written.k + r * written.k_row + h * head_dim, head_dim, kb + written.at[r] * keys.stride(2));
         std::copy_n(written.v + r * written.v_row + h * head_dim, head_dim, vb + written.at[r] * values.stride(2));
       }
@@ -238,10 +256,10 @@ void blocks(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& value
       const float *qb = qd + r * q.stride(0) + h * head_dim, *bb = bd + r * bias_row + h * bias_head;
       float* ob = od + r * heads * head_dim + h * head_dim;
       if constexpr (Avx512)
-        one_block<D, Hint>(qb, kb, vb, bb, bias.stride(3), positions, keys.stride(2), values.stride(2), next_k,
+        one_block<D, Hint, T>(qb, kb, vb, bb, bias.stride(3), positions, keys.stride(2), values.stride(2), next_k,
                            sd + b * all, ob);
       else
-        one_block8<D, Hint>(qb, kb, vb, bb, bias.stride(3), positions, keys.stride(2), values.stride(2), next_k,
+        one_block8<D, Hint, T>(qb, kb, vb, bb, bias.stride(3), positions, keys.stride(2), values.stride(2), next_k,
                             sd + b * all, ob);
     }
   });
@@ -250,9 +268,11 @@ void blocks(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& value
 // What the kernel cannot take, refused before anything is computed or written (op: the name the message gives)
 void check_attention(const char* op, const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
                      const at::Tensor& bias) {
-  TORCH_CHECK(keys.dim() == 4 && values.sizes() == keys.sizes() && keys.scalar_type() == at::kFloat &&
-                  values.scalar_type() == at::kFloat && keys.stride(3) == 1 && values.stride(3) == 1,
-              op, ": keys and values must be float32 [rows, heads, positions, head_dim], head_dim contiguous");
+  TORCH_CHECK(keys.dim() == 4 && values.sizes() == keys.sizes() && values.scalar_type() == keys.scalar_type() &&
+                  (keys.scalar_type() == at::kFloat || keys.scalar_type() == at::kBFloat16) &&
+                  keys.stride(3) == 1 && values.stride(3) == 1,
+              op, ": keys and values must be float32 or bfloat16 [rows, heads, positions, head_dim], head_dim "
+              "contiguous");
   const int64_t rows = keys.size(0), heads = keys.size(1), positions = keys.size(2), head_dim = keys.size(3);
   TORCH_CHECK(head_dim == 64 || head_dim == 128, op, ": head_dim must be 64 or 128");
   TORCH_CHECK(positions >= 1, op, ": no positions");
@@ -265,6 +285,25 @@ void check_attention(const char* op, const at::Tensor& q, const at::Tensor& keys
               op, ": bias must be float32 [rows or 1, heads or 1, 1, positions]");
 }
 
+// blocks() for this ISA, head_dim (64: D 4 or 8; 128: 8 or 16) and prefetch hint
+template <typename T>
+void dispatch(bool l2, bool wide, const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
+              const at::Tensor& bias, const int64_t* valid, const Written& written, at::Tensor& scores,
+              at::Tensor& out) {
+  if (peft_t5_kernels::avx512_used()) {
+    if (wide) l2 ? blocks<true, 8, _MM_HINT_T1, T>(q, keys, values, bias, valid, written, scores, out)
+                 : blocks<true, 8, _MM_HINT_T0, T>(q, keys, values, bias, valid, written, scores, out);
+    else l2 ? blocks<true, 4, _MM_HINT_T1, T>(q, keys, values, bias, valid, written, scores, out)
+            : blocks<true, 4, _MM_HINT_T0, T>(q, keys, values, bias, valid, written, scores, out);
+  } else {
+    TORCH_CHECK(peft_t5_kernels::avx2_usable(), "decode_attention: the CPU has neither AVX-512 nor AVX2 with FMA");
+    if (wide) l2 ? blocks<false, 16, _MM_HINT_T1, T>(q, keys, values, bias, valid, written, scores, out)
+                 : blocks<false, 16, _MM_HINT_T0, T>(q, keys, values, bias, valid, written, scores, out);
+    else l2 ? blocks<false, 8, _MM_HINT_T1, T>(q, keys, values, bias, valid, written, scores, out)
+            : blocks<false, 8, _MM_HINT_T0, T>(q, keys, values, bias, valid, written, scores, out);
+  }
+}
+
 // The attention of checked tensors: row r reads its first valid[r] positions
 at::Tensor attend_blocks(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values, const at::Tensor& bias,
                          const int64_t* valid, const Written& written = Written()) {
@@ -272,18 +311,10 @@ at::Tensor attend_blocks(const at::Tensor& q, const at::Tensor& keys, const at::
   at::Tensor out = at::empty({rows, heads * head_dim}, q.options());
   at::Tensor scores = at::empty({rows * heads, positions}, q.options());
   const bool l2 = peft_t5_kernels::prefetch_to_l2(), wide = head_dim == 128;
-  if (peft_t5_kernels::avx512_used()) {
-    if (wide) l2 ? blocks<true, 8, _MM_HINT_T1>(q, keys, values, bias, valid, written, scores, out)
-                 : blocks<true, 8, _MM_HINT_T0>(q, keys, values, bias, valid, written, scores, out);
-    else l2 ? blocks<true, 4, _MM_HINT_T1>(q, keys, values, bias, valid, written, scores, out)
-            : blocks<true, 4, _MM_HINT_T0>(q, keys, values, bias, valid, written, scores, out);
-  } else {
-    TORCH_CHECK(peft_t5_kernels::avx2_usable(), "decode_attention: the CPU has neither AVX-512 nor AVX2 with FMA");
-    if (wide) l2 ? blocks<false, 16, _MM_HINT_T1>(q, keys, values, bias, valid, written, scores, out)
-                 : blocks<false, 16, _MM_HINT_T0>(q, keys, values, bias, valid, written, scores, out);
-    else l2 ? blocks<false, 8, _MM_HINT_T1>(q, keys, values, bias, valid, written, scores, out)
-            : blocks<false, 8, _MM_HINT_T0>(q, keys, values, bias, valid, written, scores, out);
-  }
+  if (keys.scalar_type() == at::kBFloat16)
+    dispatch<bf16>(l2, wide, q, keys, values, bias, valid, written, scores, out);
+  else
+    dispatch<float>(l2, wide, q, keys, values, bias, valid, written, scores, out);
   return out;
 }
 

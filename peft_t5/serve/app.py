@@ -63,6 +63,7 @@ class ServeSettings:
     shutdown_timeout: float = 10.0  # on SIGTERM: seconds rows in flight may take to finish; then they are cut
     compile: bool = True  # the base-and-LoRA lane's decoder step and encoder compiled (eager until then)
     compile_cache: str | None = None  # where inductor keeps what it builds (None: TORCHINDUCTOR_CACHE_DIR or its own)
+    kv_cache_dtype: str = "auto"  # the base-and-LoRA lane's attention caches (t5_runner.cache_dtype)
 
     @property
     def max_body_bytes(self) -> int:
@@ -102,7 +103,8 @@ class Metrics:
         self.evictions = Counter("peft_t5_adapter_evictions", "Adapters unloaded to make room (--max_loaded_adapters)",
                                  registry=r)
         self.engine = Info("peft_t5_engine", "How the engine computes: its decoder step, the base's weights, "
-                                             "what runs int8 matmuls and peft-t5's own kernels", registry=r)
+                                             "the attention caches' dtype, what runs int8 matmuls and peft-t5's own "
+                                             "kernels", registry=r)
         self.compiled = {part: Gauge(f"peft_t5_{part}_compiled", f"The {what}'s graph for this many rows is "
                                                                  "compiled (1), or failed and runs eagerly (-1)",
                                      ["rows"], registry=r) for part, what in PARTS.items()}
@@ -306,7 +308,7 @@ def make_engine(bank: AdapterBank, settings: ServeSettings, metrics: Metrics) ->
     engine = Engine(bank, settings.max_rows, settings.max_queue_rows,
                     max_rows_per_request=settings.max_rows_per_request, threads=settings.threads,
                     on_step=metrics.step, compile=settings.compile, compile_cache=settings.compile_cache,
-                    on_compiled=metrics.graph_compiled)
+                    on_compiled=metrics.graph_compiled, kv_cache_dtype=settings.kv_cache_dtype)
     metrics.engine.info(engine.describe())
     logger.info("engine: %s", ", ".join(f"{k} {v}" for k, v in engine.describe().items()))
     metrics.active_rows.set_function(lambda: engine.active_rows)  # read when /metrics is scraped

@@ -44,7 +44,7 @@ from .compiled import CompiledStep
 from .decoding import GREEDY, BeamGroup, Sampling, choose, generator_for
 from .failures import AdapterGone, Busy, DeadlineExceeded, Stopping, TooLarge
 from .module_runner import ModuleRunner, release_when_idle
-from .t5_runner import T5Runner, slot_problem, static_problem
+from .t5_runner import T5Runner, cache_dtype, slot_problem, static_problem
 
 logger = logging.getLogger(__name__)
 IDLE_RELEASE_S = 5.0  # no row for this long: the slots a burst of rows grew go back to the OS (release_when_idle);
@@ -184,8 +184,11 @@ class Lane:
 class Engine:
     def __init__(self, bank: AdapterBank, max_rows: int = 64, max_queue_rows: int = 1024,
                  max_encode_tokens: int = 512, max_rows_per_request: int | None = 8, threads: int | None = None,
-                 on_step=None, compile: bool = True, compile_cache: str | None = None, on_compiled=None):
+                 on_step=None, compile: bool = True, compile_cache: str | None = None, on_compiled=None,
+                 kv_cache_dtype: str = "auto"):
+        """kv_cache_dtype: of the base-and-LoRA lane's attention caches (t5_runner.cache_dtype)."""
         self.bank, self.max_rows, self.max_queue_rows = bank, max_rows, max_queue_rows
+        self.kv_cache_dtype = cache_dtype(bank.base, kv_cache_dtype)
         self.max_rows_per_request = max_rows_per_request or max_rows
         self.threads = threads  # torch's threads on the model thread (see model_thread_threads)
         self.max_encode_tokens = max_encode_tokens
@@ -222,6 +225,7 @@ class Engine:
         step = ("compiled (torch.compile, inductor)" if self.compiled is not None else
                 "eager (--compile off)" if self.static_problem is None else f"eager: {self.static_problem}")
         return {"step": step, "weights": "int8" if int8 else str(self.bank.base.dtype).removeprefix("torch."),
+                "kv_cache": str(self.kv_cache_dtype).removeprefix("torch."),
                 "int8": int8_path() if int8 else "off", "kernels": kernels_used(self.bank.base.device)}
 
     # --- the event loop's side -------------------------------------------------------------------------------
@@ -573,7 +577,7 @@ class Engine:
 
     def _static_lane(self, holder) -> Lane:
         if self.static is None:
-            self.static = T5Runner(holder, capacity=8, compiled=self.compiled)
+            self.static = T5Runner(holder, capacity=8, compiled=self.compiled, cache_dtype=self.kv_cache_dtype)
         lane = self.lanes.get(("static",))
         if lane is None or lane.holder is not holder and not lane.rows:
             self.static.holder = holder  # LoRA adapters are read from it; the base's layers are every holder's

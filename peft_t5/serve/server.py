@@ -63,6 +63,8 @@ def check_settings(s: dict) -> None:
             raise PeftT5Error("--dtype bfloat16: this machine has no fast bfloat16 (a GPU with it, or a CPU with AMX "
                               "or AVX512-BF16), where it would be slower than float32; serve in float32 or with "
                               "--quantize int8")
+    if s["kv_cache_dtype"] not in ("auto", "float32", "bfloat16"):
+        raise PeftT5Error(f"--kv_cache_dtype {s['kv_cache_dtype']}: auto, float32 or bfloat16")
     if s["compile_cache"] and Path(s["compile_cache"]).exists() and not Path(s["compile_cache"]).is_dir():
         raise PeftT5Error(f"--compile_cache {s['compile_cache']}: not a folder; pass a folder (made if missing)")
     if not s["adapters"] and not s["model"]:
@@ -113,7 +115,7 @@ def serve(adapters: dict[str, str], model: str | None = None, qlora: bool = Fals
           max_input_chars: int = 20_000, read_timeout: float = 30.0, limit_concurrency: int = 512,
           shutdown_timeout: float = 10.0, rate: str | None = None, rate_systems: str | list[str] | None = None,
           ratings: str = "ratings.db", dtype: str = "float32", compile: bool = True,
-          compile_cache: str | None = None) -> None:
+          compile_cache: str | None = None, kv_cache_dtype: str = "auto") -> None:
     """Serve `adapters` ({name: folder}) on one base until SIGTERM or Ctrl-C. The keywords are serve's flags."""
     s = dict(locals())
     check_settings(s)
@@ -148,14 +150,16 @@ def serve(adapters: dict[str, str], model: str | None = None, qlora: bool = Fals
                              request_timeout=request_timeout or None, max_request_tokens=max_request_tokens,
                              max_new_tokens=max_new_tokens, rate_questions=questions,
                              rate_systems=s["rate_systems"], ratings=ratings if rate else None,
-                             trust_pickle=trust_pickle, compile=compile, compile_cache=compile_cache)
+                             trust_pickle=trust_pickle, compile=compile, compile_cache=compile_cache,
+                             kv_cache_dtype=kv_cache_dtype)
     app = create_app(bank, settings)
     bound = listening.getsockname()[1]
     described = app.state.engine.describe()
     kept = (f" (kernels kept in {os.environ['TORCHINDUCTOR_CACHE_DIR']})"  # compile_cache's folder for this CPU
             if app.state.engine.compiled is not None else "")
     int8 = f", {described['int8']}" if described["int8"] != "off" else ""
-    print(f"decoder step {described['step']}{kept}; weights {described['weights']}{int8}; kernels "
+    print(f"decoder step {described['step']}{kept}; weights {described['weights']}{int8}; attention caches "
+          f"{described['kv_cache']}; kernels "
           f"{described['kernels']}", flush=True)
     print(f"serving {', '.join(bank.names)} on http://{host}:{bound}/ "
           f"({'API key required' if s['api_key'] else 'no API key: loopback only'})", flush=True)

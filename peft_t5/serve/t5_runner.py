@@ -38,6 +38,23 @@ STEP_LAYERS = ("qkv", "o", "cq", "co", "wi", "wi_0", "wi_1", "wo")  # a decoder 
 PACK_ROWS = 16  # oneDNN lays a held float weight out for products of about this many rows (compiled.EXAMPLE_ROWS)
 
 
+def cache_dtype(model, setting: str = "auto") -> torch.dtype:
+    """The attention caches' dtype for serve --kv_cache_dtype: float32 or bfloat16 as named; auto, the base's float
+    dtype, but bfloat16 for an int8 base on a CPU: the step of many rows streams its caches from memory (t5-small, 32
+    jokes rows, int8: self- and cross-attention 370 and 243 us a layer in float32, 187 and 162 in bfloat16), and int8
+    already trades exactness for speed. Keys and values are rounded to bfloat16 once; every sum stays float32."""
+    if setting not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"kv_cache_dtype {setting!r}: auto, float32 or bfloat16")
+    if setting != "auto":
+        return getattr(torch, setting)
+    from ..quantize import holds_int8
+
+    t5 = base_model(model)
+    if holds_int8(t5) and t5.shared.weight.device.type == "cpu":
+        return torch.bfloat16
+    return t5.shared.weight.dtype
+
+
 def base_model(model) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
@@ -173,8 +190,9 @@ def lora_delta(x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, slots: torch.
 class T5Weights(nn.Module):
     """The base's weights arranged for serving, and T5's math over them: encode (when rows join) and step."""
 
-    def __init__(self, model, hold_float: bool = False):
-        """hold_float: hold oneDNN's copies of the float weights compiled graphs would freeze (hold_for_onednn)."""
+    def __init__(self, model, hold_float: bool = False, cache_dtype: torch.dtype | None = None):
+        """hold_float: hold oneDNN's copies of the float weights compiled graphs would freeze (hold_for_onednn).
+        cache_dtype: of the attention caches (None: the model's float dtype)."""
         super().__init__()
         t5 = base_model(model)
         config = t5.config
@@ -196,7 +214,8 @@ class T5Weights(nn.Module):
         self.head = step_linear(t5.lm_head)
         self.head_scale = config.d_model ** -0.5 if getattr(config, "scale_decoder_outputs",
                                                             config.tie_word_embeddings) else 1.0
-        self.dtype = self.embed.dtype  # of the caches: the model's float dtype
+        self.dtype = self.embed.dtype  # the model's float dtype
+        self.cache_dtype = cache_dtype or self.dtype
         for module in self.modules():  # int8: every product through peft-t5's AMX kernel where the CPU has AMX
             if isinstance(module, Int8Linear):
                 module.pack_for_amx()
@@ -287,7 +306,7 @@ class T5Weights(nn.Module):
         """Decoder layer i's cross-attention keys and values of encoded rows, in one matmul."""
         kv = self.project(self.decoder[i].ckv, hidden, lora, slots, (f"decoder.{i}.ck", f"decoder.{i}.cv"))
         k, v = kv.split(self.heads * self.head_dim, -1)
-        return self.heads_of(k).to(self.dtype), self.heads_of(v).to(self.dtype)
+        return self.heads_of(k).to(self.cache_dtype), self.heads_of(v).to(self.cache_dtype)
 
     def step(self, tokens, lengths, source_lengths, slots, self_k: list, self_v: list, cross_k: list, cross_v: list,
              lora: dict) -> torch.Tensor:
@@ -313,8 +332,8 @@ class T5Weights(nn.Module):
             if attends_by_kernel(self_k[i]):  # the kernel writes k and v into the caches too
                 out = torch.ops.peft_t5.decode_self_attention(q, k, v, lengths, self_k[i], self_v[i], self_bias)
             else:
-                self_k[i][row, :, lengths] = k.view(rows, self.heads, self.head_dim).to(self.dtype)
-                self_v[i][row, :, lengths] = v.view(rows, self.heads, self.head_dim).to(self.dtype)
+                self_k[i][row, :, lengths] = k.view(rows, self.heads, self.head_dim).to(self.cache_dtype)
+                self_v[i][row, :, lengths] = v.view(rows, self.heads, self.head_dim).to(self.cache_dtype)
                 out = attend(q, self_k[i], self_v[i], self_bias)
             h = h + self.project(block.o, out, lora, slots, (f"decoder.{i}.o",))
             x = self.norm(h, block.norm_ca)
@@ -327,29 +346,29 @@ class T5Weights(nn.Module):
 
 def attends_by_kernel(keys: torch.Tensor) -> bool:
     """Whether a compiled step attends over these caches through peft-t5's kernel (kernels.attention_problem): float32
-    on a CPU with AVX-512 or AVX2, several rows. It streams each row's and head's keys and values from memory at ~13
+    or bfloat16 caches on a CPU with AVX-512 or AVX2, several rows. It streams each row's and head's keys and values from memory at ~13
     GB/s where inductor's fused loops reached 5-8 (t5-small, 32 rows of ~40 positions, on a 2-core AMD EPYC: 1.10-1.25x
     the step at 8 and 32 SQuAD rows, benchmarks/attention_step.py); the one-row graph keeps inductor's, which are fused
     with the ops around them where each of the kernel's calls costs ~10-20 us (0.94-0.96x the one-row step)."""
-    return (torch.compiler.is_compiling() and kernels.attention_ready and keys.dtype == torch.float32
+    return (torch.compiler.is_compiling() and kernels.attention_ready and keys.dtype in (torch.float32, torch.bfloat16)
             and keys.shape[3] in (64, 128) and keys.shape[0] > 1 and keys.device.type == "cpu")
 
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
            valid: torch.Tensor | None = None) -> torch.Tensor:
-    """One query a row [rows, heads * head_dim] over keys and values [rows, heads, positions, head_dim], in the
-    caches' dtype (T5 folds the 1/sqrt(d) scaling into its weights). valid [rows]: the positions each row attends
+    """One query a row [rows, heads * head_dim] over keys and values [rows, heads, positions, head_dim] (T5 folds the
+    1/sqrt(d) scaling into its weights): compiled, in float32 whatever the caches' dtype; eagerly, in theirs. valid [rows]: the positions each row attends
     to, past which its bias masks; the kernel reads no further (cross-attention over sources shorter than the
     longest: 32 SQuAD rows' 1.5x faster)."""
     rows, heads, _, head_dim = keys.shape
     if valid is not None and attends_by_kernel(keys):
         return torch.ops.peft_t5.decode_attention(q, keys, values, bias, valid)
-    q = q.view(rows, heads, 1, head_dim).to(keys.dtype)
+    q = q.view(rows, heads, 1, head_dim)
     if torch.compiler.is_compiling():  # as reductions inductor fuses with the softmax: a third of the time of the
-        scores = (q * keys).sum(-1, keepdim=True).transpose(2, 3) + bias.to(keys.dtype)  # flash-attention call
-        out = (torch.softmax(scores.float(), -1).to(keys.dtype).transpose(2, 3) * values).sum(2)  # at 8 rows
+        scores = (q.float() * keys.float()).sum(-1, keepdim=True).transpose(2, 3) + bias  # flash-attention call
+        out = (torch.softmax(scores.float(), -1).transpose(2, 3) * values.float()).sum(2)  # at 8 rows
     else:
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias.to(keys.dtype), scale=1.0)
+        out = F.scaled_dot_product_attention(q.to(keys.dtype), keys, values, attn_mask=bias.to(keys.dtype), scale=1.0)
     return out.reshape(rows, heads * head_dim).float()
 
 
@@ -501,9 +520,10 @@ class T5Runner:
     logits = runner.step(last_tokens)      # [rows, vocab]
     """
 
-    def __init__(self, model, capacity: int = 8, compiled=None):
+    def __init__(self, model, capacity: int = 8, compiled=None, cache_dtype: torch.dtype | None = None):
+        """cache_dtype: of the attention caches (None: the model's float dtype; see cache_dtype())."""
         self.holder = model
-        self.weights = T5Weights(model, hold_float=compiled is not None).eval()
+        self.weights = T5Weights(model, hold_float=compiled is not None, cache_dtype=cache_dtype).eval()
         self.device = self.weights.embed.device
         self.slots = LoraSlots(self.device)
         self.compiled = compiled  # a compiled.CompiledStep; None: the eager step
@@ -521,7 +541,7 @@ class T5Runner:
         layers = len(w.decoder)
 
         def grown(old: torch.Tensor | None, size: int) -> torch.Tensor:
-            new = torch.zeros((rows, w.heads, size + 1, w.head_dim), dtype=w.dtype, device=self.device)
+            new = torch.zeros((rows, w.heads, size + 1, w.head_dim), dtype=w.cache_dtype, device=self.device)
             if old is not None and self.n:
                 keep = min(old.shape[2], size + 1)
                 new[:self.n, :, :keep] = old[:self.n, :, :keep]
