@@ -73,10 +73,10 @@ widened = False  # ... and found int8 summed in int16 pairs (AVX2, no AVX512-VNN
 onednn_ready = False  # ... once onednn_problem() has: oneDNN's products (int8 and float) take weights held by number
 amx_ready = False  # ... and once amx_problem() has found the AMX kernel usable
 attention_ready = False  # ... once attention_problem() has: compiled steps attend through decode_attention
-MOST_ROWS = 8  # eagerly, the int8 kernel takes products of up to this many rows (one row: always)
+MOST_ROWS = 8  # the int8 kernel takes products of up to this many rows (one row: always)
 MOST_WEIGHT = 2048 * 512  # ... through weights of up to N * K this large: T5's output layer (32128 x 512) is oneDNN's
-# from 2 rows (8 rows: the kernel 1.2 ms, oneDNN 0.8; 512 x 512: 22 us and 70); compiled graphs, up to 4 rows of them
-# (int8_rows, csrc/int8_matmul.cpp, whose kMostRows, kFewRows and kMostWeight repeat these). Where `widened`, up to
+# from 2 rows (8 rows: the kernel 1.2 ms, oneDNN 0.8; 512 x 512: 22 us and 70); compiled graphs too (int8_rows,
+# csrc/int8_matmul.cpp, whose kMostRows and kMostWeight repeat these). Where `widened`, up to
 # MOST_ROWS rows of every weight, compiled too: oneDNN's AVX2 int8 took 2-8x the kernel's time at 1-8 rows (8 rows of
 # 512 x 512: 61 us and 122; of the output layer 4.1 ms and 5.1), as much at 16 (benchmarks/kernel_products.py)
 
@@ -285,5 +285,5 @@ def kernels_used(device: torch.device) -> str:
     elif widened:
         int8 = f"int8 of 1-{MOST_ROWS} rows (AVX2)"
     else:
-        int8 = f"int8 of one row, 2-{MOST_ROWS} rows eagerly, 2-4 compiled (AVX512-VNNI)"
+        int8 = f"int8 of one row, 2-{MOST_ROWS} rows of layers up to 2048 x 512 (AVX512-VNNI)"
     return f"peft-t5's (float32 products of 1-4 rows ({instructions('AVX-512')}); {int8}); {held}; {attention}"

@@ -173,8 +173,8 @@ def int8_linear(x: torch.Tensor, layer: Int8Linear) -> torch.Tensor:
     elif takes_kernel(x, layer):
         y = torch.ops.peft_t5.int8_matmul(x, layer.weight, layer.weight_scale)
     elif kernels.ready and kernels.onednn_ready and torch.compiler.is_compiling() and not x.requires_grad:
-        # a compiled graph of several rows: the kernel where it is faster (AVX2: up to MOST_ROWS rows; VNNI: up to 4
-        # rows of the smaller weights), oneDNN's product past that, decided as the call runs (csrc/int8_matmul.cpp)
+        # a compiled graph of several rows: the kernel where it is faster (up to MOST_ROWS rows; with VNNI, of the
+        # smaller weights), oneDNN's product past that, decided as the call runs (csrc/int8_matmul.cpp)
         y = torch.ops.peft_t5.int8_rows(x, layer.weight, layer.weight_scale, layer.onednn_number(),
                                         layer.weight_zero_point)
     elif torch.compiler.is_compiling() and not kernels.onednn_ready:  # the pattern inductor freezes (see above)
@@ -251,7 +251,7 @@ def int8_path() -> str:
     held = "its weights prepacked once, held by number" if kernels.onednn_ready else "compiled graphs frozen"
     weights = "" if weight_levels() == 127 else " (weights in 63 levels: its int16 sums would saturate at 127)"
     rows = (f"1-{kernels.MOST_ROWS} rows" if kernels.widened
-            else f"one row (eager: 1-{kernels.MOST_ROWS}; compiled: 1-4, smaller layers)")
+            else f"one row, 2-{kernels.MOST_ROWS} rows of the smaller layers")
     return f"oneDNN int8 ({isa}){weights}, activations quantized per row, {held}; {rows}: {kernel}"
 
 

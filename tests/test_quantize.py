@@ -197,9 +197,9 @@ def test_eagerly_the_int8_kernel_takes_up_to_8_rows_through_weights_up_to_2048_b
 
 
 @pytest.mark.slow  # compiles a graph
-@pytest.mark.parametrize(("rows", "out", "kernel"), [(2, 512, True), (4, 2048, True), (5, 512, False),
-                                                     (2, 32128, False)])
-def test_a_compiled_graph_of_several_int8_rows_takes_the_vnni_kernel_up_to_4_rows_of_weights_up_to_2048_by_512(
+@pytest.mark.parametrize(("rows", "out", "kernel"), [(2, 512, True), (4, 2048, True), (8, 512, True),
+                                                     (9, 512, False), (2, 32128, False)])
+def test_a_compiled_graph_of_several_int8_rows_takes_the_vnni_kernel_up_to_8_rows_of_weights_up_to_2048_by_512(
         rows, out, kernel, monkeypatch):
     """One graph for every count (no guard on it): int8_rows decides as it runs, the kernel where it is faster than
     oneDNN (2 rows of 512 x 512: 9 us against 26), oneDNN's held product past that, the same results bit for bit."""

@@ -252,13 +252,14 @@ at::Tensor int8_matmul(const at::Tensor& x, const at::Tensor& weight, const at::
 // the weight held under `number` (the same results, bit for bit). Decided here, as the call runs: a graph of several
 // rows takes any count of them, and deciding in the graph would make it guard on the count (and compile again for
 // each other). The kernel's share (kernel_products.py): with AVX2, up to 8 rows of any weight (oneDNN's AVX2 int8
-// costs ~50-120 us a call); with AVX512-VNNI, up to 4 rows of weights up to 2048 x 512 (2 rows of 512 x 512: 9 us
-// against 26; 8 rows of 2048 x 512: 80 against 68).
-constexpr int64_t kMostRows = 8, kFewRows = 4, kMostWeight = 2048 * 512;  // kernels.MOST_ROWS, MOST_WEIGHT
+// costs ~50-120 us a call); with AVX512-VNNI, up to 8 rows of weights up to 2048 x 512 (2 rows of 512 x 512: 9 us
+// against 26). Call by call, from cache, oneDNN's product of 8 rows is as fast at some of those (2048 x 512: 68 us
+// against 80), but in the step, whose weights stream from memory, the kernel's 5-8 rows made the engine's 8 jokes
+// rows 4-7% faster (two A/B runs on an AMD EPYC; until then it took up to 4).
+constexpr int64_t kMostRows = 8, kMostWeight = 2048 * 512;  // kernels.MOST_ROWS, MOST_WEIGHT
 
 bool kernel_is_faster(int64_t rows, int64_t weight_size) {
-  if (!peft_t5_kernels::vnni_used()) return rows <= kMostRows;
-  return rows <= kFewRows && weight_size <= kMostWeight;
+  return rows <= kMostRows && (!peft_t5_kernels::vnni_used() || weight_size <= kMostWeight);
 }
 
 at::Tensor int8_rows(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale, int64_t number,
