@@ -17,8 +17,8 @@ one row streams them from memory whatever their layout (MKL's packing for one ro
 t5-small). So does its encoder on Intel's CPUs, where MKL's products are as fast unpacked (a frozen encoder was no
 faster at 1-32 SQuAD rows on a Xeon); elsewhere the encoder takes oneDNN's copy too (on an AMD EPYC MKL's were 12-17%
 slower at its shapes; the copy holds 88 MB for t5-small, kernels.intel_cpu). The step's graph for several rows attends
-over float32 caches through peft-t5's kernel where the CPU has AVX-512 (t5_runner.attends_by_kernel;
-kernels.attention_problem). On a GPU the graphs compile without freezing.
+over its caches (float32; an int8 base's bfloat16) through peft-t5's kernel where the CPU has AVX-512 or AVX2
+(t5_runner.attends_by_kernel; kernels.attention_problem). On a GPU the graphs compile without freezing.
 
 Compiles run on a thread of their own, one at a time. Until a graph is ready its calls run eagerly (the reference
 the compiled graphs are tested against), so no request waits for a compile. Inductor keeps the kernels it builds in
