@@ -346,10 +346,11 @@ class T5Weights(nn.Module):
 
 def attends_by_kernel(keys: torch.Tensor) -> bool:
     """Whether a compiled step attends over these caches through peft-t5's kernel (kernels.attention_problem): float32
-    or bfloat16 caches on a CPU with AVX-512 or AVX2, several rows. It streams each row's and head's keys and values from memory at ~13
-    GB/s where inductor's fused loops reached 5-8 (t5-small, 32 rows of ~40 positions, on a 2-core AMD EPYC: 1.10-1.25x
-    the step at 8 and 32 SQuAD rows, benchmarks/attention_step.py); the one-row graph keeps inductor's, which are fused
-    with the ops around them where each of the kernel's calls costs ~10-20 us (0.94-0.96x the one-row step)."""
+    or bfloat16 caches on a CPU with AVX-512 or AVX2, several rows. It streams each row's and head's keys and values
+    from memory at ~13 GB/s where inductor's fused loops reached 5-8 (t5-small, 32 rows of ~40 positions, on a 2-core
+    AMD EPYC: 1.10-1.25x the step at 8 and 32 SQuAD rows, benchmarks/attention_step.py); the one-row graph keeps
+    inductor's, which are fused with the ops around them where each of the kernel's calls costs ~10-20 us (0.94-0.96x
+    the one-row step)."""
     return (torch.compiler.is_compiling() and kernels.attention_ready and keys.dtype in (torch.float32, torch.bfloat16)
             and keys.shape[3] in (64, 128) and keys.shape[0] > 1 and keys.device.type == "cpu")
 
@@ -357,16 +358,16 @@ def attends_by_kernel(keys: torch.Tensor) -> bool:
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
            valid: torch.Tensor | None = None) -> torch.Tensor:
     """One query a row [rows, heads * head_dim] over keys and values [rows, heads, positions, head_dim] (T5 folds the
-    1/sqrt(d) scaling into its weights): compiled, in float32 whatever the caches' dtype; eagerly, in theirs. valid [rows]: the positions each row attends
-    to, past which its bias masks; the kernel reads no further (cross-attention over sources shorter than the
-    longest: 32 SQuAD rows' 1.5x faster)."""
+    1/sqrt(d) scaling into its weights): compiled, in float32 whatever the caches' dtype; eagerly, in theirs. valid
+    [rows]: the positions each row attends to, past which its bias masks; the kernel reads no further (cross-attention
+    over sources shorter than the longest: 32 SQuAD rows' 1.5x faster)."""
     rows, heads, _, head_dim = keys.shape
     if valid is not None and attends_by_kernel(keys):
         return torch.ops.peft_t5.decode_attention(q, keys, values, bias, valid)
     q = q.view(rows, heads, 1, head_dim)
     if torch.compiler.is_compiling():  # as reductions inductor fuses with the softmax: a third of the time of the
         scores = (q.float() * keys.float()).sum(-1, keepdim=True).transpose(2, 3) + bias  # flash-attention call
-        out = (torch.softmax(scores.float(), -1).transpose(2, 3) * values.float()).sum(2)  # at 8 rows
+        out = (torch.softmax(scores, -1).transpose(2, 3) * values.float()).sum(2)  # at 8 rows
     else:
         out = F.scaled_dot_product_attention(q.to(keys.dtype), keys, values, attn_mask=bias.to(keys.dtype), scale=1.0)
     return out.reshape(rows, heads * head_dim).float()
