@@ -8,8 +8,11 @@ tokens.
   engine_int8:   the compiled step after quantize_int8 (serve --quantize int8)
   engine_no_kernels, engine_int8_no_kernels: engine and engine_int8 with PEFT_T5_KERNELS=off (MKL's and oneDNN's
                  products only, none of peft-t5's kernels; not run unless named)
-  engine_int8_no_amx: engine_int8 with PEFT_T5_AMX=off (peft-t5's VNNI kernel at one row, oneDNN's products from 2
-                 rows: the int8 engine before its AMX kernel; not run unless named)
+  engine_int8_unpacked: engine_int8 with PEFT_T5_PACKED=off (the int8 layers row-major: peft-t5's VNNI kernel at 1-8
+                 rows of the smaller layers, oneDNN's other products: the int8 engine before its packed kernel
+                 without AMX; not run unless named)
+  engine_int8_no_amx: engine_int8 with PEFT_T5_AMX=off (on a CPU with AMX: AVX512-VNNI's tiles over the packed
+                 weights for several rows, not AMX's; not run unless named)
   engine_frozen, engine_int8_frozen, engine_bf16_frozen: engine, engine_int8 and engine_bf16 with PEFT_T5_HELD=off
                  (the compiled graphs' oneDNN products on inductor's frozen, prepacked weights: the engine before
                  weights held by number; not run unless named)
@@ -52,7 +55,7 @@ from common import jokes_records, machine, squad_records, write_results  # noqa:
 from serve_throughput import make_adapters  # noqa: E402
 
 SYSTEMS = ("engine", "engine_eager", "engine_int8", "engine_bf16", "ct2", "ct2_int8")
-OPTIONAL = ("engine_no_kernels", "engine_int8_no_kernels", "engine_int8_no_amx", "engine_frozen", "engine_int8_frozen",
+OPTIONAL = ("engine_no_kernels", "engine_int8_no_kernels", "engine_int8_unpacked", "engine_int8_no_amx", "engine_frozen", "engine_int8_frozen",
             "engine_bf16_frozen", "engine_inductor_attention", "engine_int8_inductor_attention", "engine_int8_f32_cache",
             "engine_cache_bf16")
 
@@ -112,6 +115,8 @@ def serve_system(system: str, base: str, adapters: dict, folder: str, rows: int,
         os.environ["PEFT_T5_KERNELS"] = "off"
     if system.endswith("_no_amx"):
         os.environ["PEFT_T5_AMX"] = "off"
+    if system.endswith("_unpacked"):
+        os.environ["PEFT_T5_PACKED"] = "off"
     if system.endswith("_frozen"):
         os.environ["PEFT_T5_HELD"] = "off"
     if system.endswith("_inductor_attention"):
@@ -239,7 +244,8 @@ def main() -> None:
     for ours, theirs in (("engine", "ct2"), ("engine_int8", "ct2_int8"), ("engine", "engine_no_kernels"),
                          ("engine_no_kernels", "ct2"), ("engine_int8", "engine_int8_no_kernels"),
                          ("engine_int8_no_kernels", "ct2_int8"), ("engine_int8", "engine_int8_no_amx"),
-                         ("engine_int8_no_amx", "ct2_int8"), ("engine_int8", "engine_int8_frozen"),
+                         ("engine_int8_no_amx", "ct2_int8"), ("engine_int8", "engine_int8_unpacked"),
+                         ("engine_int8_unpacked", "ct2_int8"), ("engine_int8", "engine_int8_frozen"),
                          ("engine_int8_frozen", "ct2_int8"), ("engine", "engine_frozen"), ("engine_frozen", "ct2"),
                          ("engine_bf16", "engine_bf16_frozen"), ("engine_bf16", "ct2"),
                          ("engine_bf16", "ct2_int8"), ("engine", "engine_eager"),
@@ -253,11 +259,15 @@ def main() -> None:
                 ratios[f"{ours}_vs_{theirs}_at_{b}"] = cost[theirs][b] / cost[ours][b]
     results["ratios"] = ratios  # throughput ratios: above 1, the first is faster
     agreement = {}
-    for other in ("engine_int8", "engine_int8_f32_cache", "engine_cache_bf16", "engine_bf16", "engine_eager"):
+    for other in ("engine_int8", "engine_int8_unpacked", "engine_int8_f32_cache", "engine_cache_bf16", "engine_bf16", "engine_eager"):
         if other in outputs and "engine" in outputs:
             pairs = [(a, b) for batch in args.batches for a, b in zip(outputs[other][batch], outputs["engine"][batch])]
             agreement[other] = sum(a == b for a, b in pairs) / len(pairs)
     results["outputs_equal_to_engine_float32"] = agreement
+    if "engine_int8" in outputs and "engine_int8_unpacked" in outputs:  # the same products, bit for bit
+        pairs = [(a, b) for batch in args.batches
+                 for a, b in zip(outputs["engine_int8"][batch], outputs["engine_int8_unpacked"][batch])]
+        results["engine_int8_outputs_equal_to_unpacked"] = sum(a == b for a, b in pairs) / len(pairs)
     print({k: round(v, 2) for k, v in ratios.items()}, {k: f"{v:.0%}" for k, v in agreement.items()},
           {k: round(v, 1) for k, v in results["compile_s"].items() if v})
     top = str(max(args.batches))

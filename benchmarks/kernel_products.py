@@ -1,8 +1,10 @@
-"""peft-t5's product kernels (peft_t5/csrc) against the libraries' in one process, call by call: the int8 product
-(int8_matmul) against oneDNN's over the same weight held by number (onednn_int8_matmul, the rows already quantized, as
-a compiled graph gives them), and the float32 one-row product (f32_matvec) against MKL's (F.linear). t5-small's
-shapes, 1 thread, medians of --rounds timings of --calls calls each; microseconds a call, and each kernel's speed as a
-ratio to the library's. Run it under the AVX2 switches (benchmarks/README.md) to see the AVX2 paths.
+"""peft-t5's product kernels (peft_t5/csrc) against the libraries' in one process, call by call: the int8 products
+(int8_matmul over the row-major weight, and int8_packed_matmul over the packed one: every product of the serving
+engine's int8 layers where the CPU has AVX512-VNNI) against oneDNN's over the same weight held by number
+(onednn_int8_matmul, the rows already quantized, as a compiled graph gives them; the kernels quantize theirs), and the
+float32 one-row product (f32_matvec) against MKL's (F.linear). t5-small's shapes, 1 thread, medians of --rounds timings
+of --calls calls each; microseconds a call, and each kernel's speed as a ratio to the library's. Run it under the AVX2
+switches (benchmarks/README.md) to see the AVX2 paths.
 
 python benchmarks/kernel_products.py [--rows 1 2 4 8 16 32] [--rounds 5] [--output F]
 """
@@ -53,6 +55,7 @@ def main() -> None:
     for n, k in SHAPES:
         weight = torch.randn(n, k)
         layer = Int8Linear(weight)
+        packed = kernels.pack_int8(layer.weight) if kernels.packed_problem() is None else None
         calls = 20 if n > 10000 else 200
         for rows in args.rows:
             x = torch.randn(rows, k)
@@ -65,6 +68,10 @@ def main() -> None:
                         lambda: torch.ops.peft_t5.onednn_int8_matmul(q, layer.onednn_number(), layer.weight_scale,
                                                                      layer.weight_zero_point), calls, args.rounds)}
             cell["int8_kernel_speed_ratio"] = cell["int8_onednn_us"] / cell["int8_kernel_us"]
+            if packed is not None:
+                cell["int8_packed_us"] = microseconds(lambda: torch.ops.peft_t5.int8_packed_matmul(
+                    x, packed, layer.weight_scale, kernels.amx_ready), calls, args.rounds)
+                cell["int8_packed_speed_ratio"] = cell["int8_onednn_us"] / cell["int8_packed_us"]
             if rows == 1:
                 cell["f32_kernel_us"] = microseconds(lambda: torch.ops.peft_t5.f32_matvec(x, weight), calls,
                                                      args.rounds)
@@ -72,7 +79,8 @@ def main() -> None:
                 cell["f32_kernel_speed_ratio"] = cell["f32_mkl_us"] / cell["f32_kernel_us"]
             cells.append(cell)
             f32 = f", float32 {cell['f32_kernel_us']:.0f} / {cell['f32_mkl_us']:.0f}" if rows == 1 else ""
-            print(f"{n:>6} x {k:<5} {rows:>3} rows: int8 {cell['int8_kernel_us']:.0f} us / oneDNN "
+            packed_us = f", packed {cell['int8_packed_us']:.0f} us" if packed is not None else ""
+            print(f"{n:>6} x {k:<5} {rows:>3} rows: int8 {cell['int8_kernel_us']:.0f} us{packed_us} / oneDNN "
                   f"{cell['int8_onednn_us']:.0f} us{f32}", flush=True)
     write_results({"machine": machine(), "date": time.strftime("%Y-%m-%d"), "threads": 1, "rounds": args.rounds,
                    "kernels": kernels.kernels_used(torch.device("cpu")), "cells": cells}, args.output)

@@ -9,8 +9,9 @@
                                                      # AVX-512, else AVX2
     torch.ops.peft_t5.f32_rows(x, weight, number, out_features)  # x [M, K]: the same loops over 2-4 rows, else
                                                      # oneDNN's product over the copy held under number
-    torch.ops.peft_t5.int8_amx_matmul(x, packed, scale)  # csrc/int8_amx.cpp: x [M, K] float32, the weight packed
-                                                         # by amx_pack(), scale [N] -> [M, N]; AMX
+    torch.ops.peft_t5.int8_packed_matmul(x, packed, scale, amx)  # csrc/int8_packed.cpp: x [M, K] float32, the
+                                                         # weight packed by pack_int8(), scale [N] -> [M, N]; several
+                                                         # rows through AMX's tiles (amx) or AVX512-VNNI's
     number = torch.ops.peft_t5.onednn_int8_pack(weight)  # csrc/onednn_held.cpp: oneDNN's prepacked copy of an int8
     torch.ops.peft_t5.onednn_int8_matmul(q, number, scale, zero_point)  # weight, held under a number; oneDNN's
                                                          # qlinear on it (q: uint8 levels + 128); any x86 CPU
@@ -25,12 +26,14 @@
                                                          # written at its length first); AVX-512, else AVX2
                                                          # (compiled steps only)
 
-int8: where the CPU has AMX, every product of the serving engine's int8 layers (quantize.Int8Linear.pack_for_amx,
-which then holds the weight in this kernel's layout only): oneDNN's per-call cost (~25-40 us, whatever the size) was
-most of the step's products at 1-32 rows (t5-small's 37 at 8 rows: 1.4 ms here, oneDNN's 3.5 eagerly and ~2-2.6
-compiled). One row there is summed with AVX512-VNNI over the packed tiles (as fast as the row-major loop: t5-small's
-compiled one-row step 2.4-2.6 ms against 2.3-2.5). The AVX512-VNNI kernel takes one row of activations of layers
-not packed and, without AMX, eagerly up to 8 rows.
+int8: where the CPU has AVX512-VNNI, every product of the serving engine's int8 layers (quantize.Int8Linear.
+pack_for_kernel, which then holds the weight in the packed layout only, and oneDNN holds no copy): oneDNN's per-call
+cost (~25-40 us, whatever the size) was most of the step's products at 1-32 rows (with AMX, t5-small's 37 at 8 rows:
+1.4 ms, oneDNN's 3.5 eagerly and ~2-2.6 compiled), and without AMX its products of 8-32 rows reached ~200-360 GOPS on
+an AMD EPYC's core where AVX512-VNNI's tiles of 8 rows x 48 outputs reach ~400-440 (benchmarks/kernel_products.py).
+Several rows take AMX's tiles where the CPU has AMX, else AVX512-VNNI's; one row AVX512-VNNI's (as fast as the
+row-major loop: t5-small's compiled one-row step 2.4-2.6 ms against 2.3-2.5). The row-major AVX512-VNNI kernel
+(int8_matmul) takes one row of activations of layers not packed and, eagerly, up to 8 rows.
 Rows are quantized and scaled as quantize.int8_linear does, and the products summed exactly in int32, so both give
 oneDNN's results bit for bit. float32: the one-row step's products (t5_runner.Linear), which stream their weights from
 memory: MKL's reached ~15 GB/s where this one, prefetching, reached 17-23 on a Xeon (its sums in another order:
@@ -49,9 +52,10 @@ loops read at 5-8 GB/s (each row's and head's block a fresh stream for the hardw
 prefetches the next block's keys and values while it sums the current one's: ~13 GB/s, 2x at 32 rows (t5-small, ~40
 positions, a 2-core AMD EPYC), within 1e-5 of SDPA. With AVX2, 8 positions' dot products are summed together, not 16.
 
-PEFT_T5_KERNELS=off leaves every product to oneDNN and MKL (and the attention to inductor), PEFT_T5_ATTENTION=off
-the attention alone, PEFT_T5_AMX=off the int8 ones to the VNNI kernel and
-oneDNN, PEFT_T5_HELD=off the compiled graphs' oneDNN products to inductor's frozen weights (to compare them).
+PEFT_T5_KERNELS=off leaves every product to oneDNN and MKL (and the attention to inductor), PEFT_T5_ATTENTION=off the
+attention alone, PEFT_T5_PACKED=off the int8 layers row-major (the row-major kernel and oneDNN take their products),
+PEFT_T5_AMX=off the packed kernel's several rows to AVX512-VNNI's tiles, PEFT_T5_HELD=off the compiled graphs' oneDNN
+products to inductor's frozen weights (to compare them).
 """
 from __future__ import annotations
 
@@ -67,11 +71,12 @@ import torch
 logger = logging.getLogger(__name__)
 LIBRARY = "peft_t5_kernels"
 SOURCES = [Path(__file__).parent / "csrc" / name
-           for name in ("int8_matmul.cpp", "f32_matvec.cpp", "int8_amx.cpp", "onednn_held.cpp", "decode_attention.cpp")]
+           for name in ("int8_matmul.cpp", "f32_matvec.cpp", "int8_packed.cpp", "onednn_held.cpp", "decode_attention.cpp")]
 ready = False  # set once kernel_problem() has loaded the kernels (a plain flag: compiled graphs read it as a constant)
 widened = False  # ... and found int8 summed in int16 pairs (AVX2, no AVX512-VNNI): oneDNN's int8 is slower there
 onednn_ready = False  # ... once onednn_problem() has: oneDNN's products (int8 and float) take weights held by number
-amx_ready = False  # ... and once amx_problem() has found the AMX kernel usable
+packed_ready = False  # ... once packed_problem() has found the kernel over packed int8 weights usable
+amx_ready = False  # ... and amx_problem() its AMX tiles (several rows; else AVX512-VNNI's)
 attention_ready = False  # ... once attention_problem() has: compiled steps attend through decode_attention
 MOST_ROWS = 8  # the int8 kernel takes products of up to this many rows (one row: always)
 MOST_WEIGHT = 2048 * 512  # ... through weights of up to N * K this large: T5's output layer (32128 x 512) is oneDNN's
@@ -174,8 +179,8 @@ def build_problem() -> str | None:
         lambda x, weight, scale: x.new_empty((x.shape[0], weight.shape[0])))
     torch.library.register_fake("peft_t5::int8_rows")(
         lambda x, weight, scale, number, zero_point: x.new_empty((x.shape[0], weight.shape[0])))
-    torch.library.register_fake("peft_t5::int8_amx_matmul")(
-        lambda x, packed, scale: x.new_empty((x.shape[0], scale.shape[0])))
+    torch.library.register_fake("peft_t5::int8_packed_matmul")(
+        lambda x, packed, scale, amx: x.new_empty((x.shape[0], scale.shape[0])))
     torch.library.register_fake("peft_t5::f32_matvec")(lambda x, weight: x.new_empty((x.shape[0], weight.shape[0])))
     torch.library.register_fake("peft_t5::f32_rows")(
         lambda x, weight, number, out_features: x.new_empty((x.shape[0], out_features)))
@@ -228,22 +233,42 @@ def building(folder: str):
         yield
 
 
+def packed_check(amx: bool) -> bool:
+    """Whether the packed kernel's products equal the VNNI kernel's over the row-major weight: 1, 3 and 11 rows (a
+    tile and a remainder), outputs and inputs with a tail."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(11, 96, generator=generator)
+    weight = torch.randint(-127, 128, (40, 96), dtype=torch.int8, generator=generator)
+    scale = torch.rand(40, generator=generator)
+    return all(torch.equal(torch.ops.peft_t5.int8_packed_matmul(rows, pack_int8(weight), scale, amx),
+                           torch.ops.peft_t5.int8_matmul(rows, weight, scale)) for rows in (x, x[:3], x[:1]))
+
+
+@functools.lru_cache(maxsize=1)
+def packed_problem() -> str | None:
+    """Why the int8 layers are not packed for peft-t5's kernel here (None: they are; csrc/int8_packed.cpp, AVX512-VNNI
+    and, for several rows where the CPU has it, AMX), its products checked against the row-major kernel's first."""
+    global packed_ready
+    problem = switched_off_or_unbuilt("PEFT_T5_PACKED", "AVX512-VNNI")
+    if problem is None and not packed_check(amx=False):
+        problem = "its check against the row-major kernel failed"
+    if problem is None:
+        packed_ready = True
+    return problem
+
+
 @functools.lru_cache(maxsize=1)
 def amx_problem() -> str | None:
-    """Why the AMX int8 kernel is not used here (None: it is); a product checked against the VNNI kernel first."""
-    if kernel_problem() is not None:
-        return kernel_problem()
+    """Why the packed kernel's products of several rows do not take AMX's tiles here (None: they do; else
+    AVX512-VNNI's), checked against the row-major kernel first."""
+    if packed_problem() is not None:
+        return packed_problem()
     if os.environ.get("PEFT_T5_AMX", "on") == "off":
         return "PEFT_T5_AMX=off"
     if (lacking := cpu_lacks("AMX")) is not None:
         return lacking
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 96, generator=generator)
-    weight = torch.randint(-127, 128, (40, 96), dtype=torch.int8, generator=generator)
-    scale = torch.rand(40, generator=generator)
-    try:  # 3 rows (the tiles) and one (VNNI over the packed weight)
-        same = all(torch.equal(torch.ops.peft_t5.int8_amx_matmul(rows, amx_pack(weight), scale),
-                               torch.ops.peft_t5.int8_matmul(rows, weight, scale)) for rows in (x, x[:1]))
+    try:
+        same = packed_check(amx=True)
     except RuntimeError as e:  # the kernel refused AMX's tile registers (the OS would not lend them)
         return str(e).splitlines()[0][:200]
     if not same:
@@ -253,17 +278,18 @@ def amx_problem() -> str | None:
     return None
 
 
-def amx_pack(weight: torch.Tensor) -> torch.Tensor:
-    """An int8 weight [N, K] in the AMX kernel's layout: [N / 16, K / 64, 16, 64], where byte c of row r of block
-    (nb, kb) is weight[16 * nb + c // 4, 64 * kb + 4 * r + c % 4] (N padded to 32 and K to 64 with zeros)."""
+def pack_int8(weight: torch.Tensor) -> torch.Tensor:
+    """An int8 weight [N, K] in the packed kernel's layout (AMX's B tiles, AVX512-VNNI's operands row by row): [N / 16,
+    K / 64, 16, 64], where byte c of row r of block (nb, kb) is weight[16 * nb + c // 4, 64 * kb + 4 * r + c % 4] (N
+    padded to 32 and K to 64 with zeros)."""
     n, k = weight.shape
     padded = torch.nn.functional.pad(weight, (0, -k % 64, 0, -n % 32))
     blocks = padded.view(padded.shape[0] // 16, 16, padded.shape[1] // 64, 16, 4)
     return blocks.permute(0, 2, 3, 1, 4).contiguous().view(padded.shape[0] // 16, padded.shape[1] // 64, 16, 64)
 
 
-def amx_unpack(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """amx_pack's weight [n, k] back from its layout (a new tensor)."""
+def unpack_int8(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """pack_int8's weight [n, k] back from its layout (a new tensor)."""
     blocks = packed.view(packed.shape[0], packed.shape[1], 16, 16, 4).permute(0, 3, 1, 2, 4)
     return blocks.reshape(packed.shape[0] * 16, packed.shape[1] * 64)[:n, :k].contiguous()
 
@@ -281,7 +307,9 @@ def kernels_used(device: torch.device) -> str:
     if problem is not None:
         return f"off ({problem}); {held}; {attention}"
     if amx_problem() is None:
-        int8 = "int8 of any rows (AMX; one row AVX512-VNNI over the same packed weights)"
+        int8 = "int8 of any rows over packed weights (AMX; one row AVX512-VNNI)"
+    elif packed_problem() is None:
+        int8 = "int8 of any rows over packed weights (AVX512-VNNI)"
     elif widened:
         int8 = f"int8 of 1-{MOST_ROWS} rows (AVX2)"
     else:

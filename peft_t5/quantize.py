@@ -5,22 +5,24 @@ rows it shares a step with), the matmul int8 x int8 in oneDNN or in peft-t5's ow
     quantize_int8(*bank.models())   # after the adapters are loaded or before: PEFT wraps Int8Linear as it wraps
                                     # nn.Linear, so adapters loaded later (on demand) sit on the int8 layers too
 
-Where the CPU has AMX, the serving engine's layers (pack_for_amx: t5_runner.T5Weights packs them) go to peft-t5's
-AMX kernel, eagerly and compiled (kernels.py: oneDNN's per-call cost was most of the step's products), a single row
-(one-row decoding) by AVX512-VNNI over the same packed weight; other layers' single rows, eagerly up to 8 rows and
-in compiled graphs up to 4 (int8_rows), go to its VNNI kernel; without VNNI, to its AVX2 kernel (int16 pairs), which
-takes 1-8 rows of any layer, in compiled graphs too. All give oneDNN's results bit for bit. Other products of several
-rows (layers not packed, or no AMX) are oneDNN's qlinear on a weight it prepacked once, held by peft-t5's library under
-a number (kernels.onednn_problem; the serving engine's layers numbered as it builds them), eagerly and in compiled
-graphs, which name the weight by its number: a graph holds no copy of it, and inductor's graph cache keeps the graph for
-the next start. Where that library cannot load, eagerly the layer holds oneDNN's prepacked weight, and inside
-torch.compile the product is written as the dequantize -> linear pattern that inductor lowers to the same qlinear
-with the weight prepacked and frozen into the graph (the path torchao's int8 dynamic quantization takes on a CPU; a
-second copy, and lowered again at each start); the row scales stay outside it, applied to its output. oneDNN is
-given each row's levels shifted by 128, as uint8 with zero point 128 (the same integers, so the same sums): without
-AMX, its fast int8 kernels take unsigned activations only, and signed ones fell to its
-reference loop (a 20 x 512 by 512 x 512 product took 118 ms instead of 0.06 on an AMD EPYC with AVX512-VNNI). This
-replaces torch.ao's dynamic quantization (deprecated; per-batch activation scales; a layer PEFT cannot wrap).
+Where the CPU has AVX512-VNNI, the serving engine's layers (pack_for_kernel: t5_runner.T5Weights packs them) hold their
+weights packed in blocks, and every product of theirs, eagerly and compiled, goes to peft-t5's kernel over them
+(kernels.py; csrc/int8_packed.cpp: oneDNN's per-call cost was most of the step's products, and its tiles of 8-32 rows
+were slower): several rows through AMX's tiles where the CPU has AMX, else AVX512-VNNI's, one row through AVX512-VNNI's.
+Other layers' single rows, eagerly up to 8 rows and in compiled graphs of the smaller layers (int8_rows), go to its
+row-major VNNI kernel; without VNNI, to its AVX2 kernel (int16 pairs), which takes 1-8 rows of any layer, in compiled
+graphs too. All give oneDNN's results bit for bit. Other products of several rows (layers not packed, or no VNNI) are
+oneDNN's qlinear on a weight it prepacked once, held by peft-t5's library under a number (kernels.onednn_problem; the
+serving engine's layers numbered as it builds them), eagerly and in compiled graphs, which name the weight by its
+number: a graph holds no copy of it, and inductor's graph cache keeps the graph for the next start. Where that library
+cannot load, eagerly the layer holds oneDNN's prepacked weight, and inside torch.compile the product is written as the
+dequantize -> linear pattern that inductor lowers to the same qlinear with the weight prepacked and frozen into the
+graph (the path torchao's int8 dynamic quantization takes on a CPU; a second copy, and lowered again at each start); the
+row scales stay outside it, applied to its output. oneDNN is given each row's levels shifted by 128, as uint8 with zero
+point 128 (the same integers, so the same sums): without AMX, its fast int8 kernels take unsigned activations only, and
+signed ones fell to its reference loop (a 20 x 512 by 512 x 512 product took 118 ms instead of 0.06 on an AMD EPYC with
+AVX512-VNNI). This replaces torch.ao's dynamic quantization (deprecated; per-batch activation scales; a layer PEFT
+cannot wrap).
 """
 from __future__ import annotations
 
@@ -53,18 +55,18 @@ class Int8Linear(nn.Linear):
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
         self._packed: tuple | None = None  # (weight, oneDNN's layout of it), where kernels.onednn_ready is not set
         self._held: tuple | None = None  # (weight, HeldByOneDNN: the number oneDNN's layout of it is held under)
-        self.amx_weight: torch.Tensor | None = None  # the weight in the AMX kernel's layout (pack_for_amx)
+        self.packed_weight: torch.Tensor | None = None  # the weight in the packed kernel's layout (pack_for_kernel)
 
     @classmethod
     def of(cls, linear: nn.Linear) -> "Int8Linear":
         return cls(linear.weight, linear.bias)
 
-    # The int8 weight [out, in]: held as is, or once packed for AMX (pack_for_amx) only in the kernel's layout and
+    # The int8 weight [out, in]: held as is, or once packed (pack_for_kernel) only in the packed kernel's layout and
     # unpacked where read (PEFT's checks, DoRA, oneDNN's fallback): every product then takes the packed one
     @property
     def weight(self) -> torch.Tensor:
         held = self._parameters["weight"]
-        return held if held is not None else kernels.amx_unpack(self.amx_weight, self.out_features, self.in_features)
+        return held if held is not None else kernels.unpack_int8(self.packed_weight, self.out_features, self.in_features)
 
     @weight.setter
     def weight(self, value: nn.Parameter) -> None:
@@ -74,12 +76,13 @@ class Int8Linear(nn.Linear):
         """Hold these int8 values and scales (views into a fused weight, see serve/t5_runner.py)."""
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.weight_scale = scale
-        self._packed = self._held = self.amx_weight = None
+        self._packed = self._held = self.packed_weight = None
 
     def set_packed(self, packed: torch.Tensor, scale: torch.Tensor) -> None:
-        """Hold these values in AMX's layout only (views into a fused layer's packed weight, see serve/t5_runner.py)."""
+        """Hold these values in the packed layout only (views into a fused layer's packed weight, see
+        serve/t5_runner.py)."""
         self._parameters["weight"] = self._packed = self._held = None
-        self.amx_weight, self.weight_scale = packed, scale
+        self.packed_weight, self.weight_scale = packed, scale
 
     def packed(self) -> torch.Tensor:
         if self._packed is None or self._packed[0] is not self._parameters["weight"]:
@@ -96,18 +99,18 @@ class Int8Linear(nn.Linear):
         return self._held[1].number
 
     def hold_for_onednn(self) -> None:
-        """Pack the weight for oneDNN now (where its products take held weights and this layer is not AMX's), in the
-        order the serving engine's layers are built: a restart gives each the same number, so that inductor's cache
-        finds the graphs that name them."""
-        if self.amx_weight is None and kernels.onednn_ready and self.weight.device.type == "cpu":
+        """Pack the weight for oneDNN now (where its products take held weights and this layer is not packed for
+        peft-t5's kernel), in the order the serving engine's layers are built: a restart gives each the same number,
+        so that inductor's cache finds the graphs that name them."""
+        if self.packed_weight is None and kernels.onednn_ready and self.weight.device.type == "cpu":
             self.onednn_number()
 
-    def pack_for_amx(self) -> None:
-        """Hold the weight in the AMX kernel's layout instead, so that every product of this layer takes that kernel
-        (where the CPU has AMX; else nothing): the same bytes, not a second copy (58 MiB for t5-small's int8 weights,
-        715 MiB for flan-t5-large's)."""
-        if self.amx_weight is None and kernels.amx_problem() is None and self.weight.device.type == "cpu":
-            self.amx_weight = kernels.amx_pack(self.weight.detach())
+    def pack_for_kernel(self) -> None:
+        """Hold the weight in the packed kernel's layout instead, so that every product of this layer takes that
+        kernel (where the CPU has AVX512-VNNI, kernels.packed_problem; else nothing): the same bytes, not a second copy
+        (58 MiB for t5-small's int8 weights, 715 MiB for flan-t5-large's), and no copy of oneDNN's."""
+        if self.packed_weight is None and kernels.packed_problem() is None and self.weight.device.type == "cpu":
+            self.packed_weight = kernels.pack_int8(self.weight.detach())
             self._parameters["weight"] = self._packed = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -168,8 +171,8 @@ def int8_linear(x: torch.Tensor, layer: Int8Linear) -> torch.Tensor:
     """x @ W.T with x quantized per row (symmetric int8, its own scale) and W int8 per channel."""
     shape, dtype = x.shape, x.dtype
     x = x.reshape(-1, shape[-1]).float()
-    if takes_amx(x, layer):  # peft-t5's kernels (kernels.py), oneDNN's results
-        y = torch.ops.peft_t5.int8_amx_matmul(x, layer.amx_weight, layer.weight_scale)
+    if takes_packed(x, layer):  # peft-t5's kernels (kernels.py), oneDNN's results
+        y = torch.ops.peft_t5.int8_packed_matmul(x, layer.packed_weight, layer.weight_scale, kernels.amx_ready)
     elif takes_kernel(x, layer):
         y = torch.ops.peft_t5.int8_matmul(x, layer.weight, layer.weight_scale)
     elif kernels.ready and kernels.onednn_ready and torch.compiler.is_compiling() and not x.requires_grad:
@@ -201,10 +204,10 @@ def int8_linear(x: torch.Tensor, layer: Int8Linear) -> torch.Tensor:
     return y.reshape(*shape[:-1], layer.out_features).to(dtype)
 
 
-def takes_amx(x: torch.Tensor, layer: Int8Linear) -> bool:
-    """Whether x [rows, K] goes to peft-t5's AMX kernel (one row: its VNNI loop over the same packed weight): a layer
-    packed for it (pack_for_amx), without autograd."""
-    return layer.amx_weight is not None and kernels.amx_ready and not x.requires_grad
+def takes_packed(x: torch.Tensor, layer: Int8Linear) -> bool:
+    """Whether x [rows, K] goes to peft-t5's kernel over packed weights (AMX's or AVX512-VNNI's tiles; one row
+    AVX512-VNNI's): a layer packed for it (pack_for_kernel), without autograd."""
+    return layer.packed_weight is not None and kernels.packed_ready and not x.requires_grad
 
 
 def takes_kernel(x: torch.Tensor, layer: Int8Linear) -> bool:
@@ -242,9 +245,10 @@ def int8_path() -> str:
     isa = os.environ.get("ONEDNN_MAX_CPU_ISA") or next(name for name, has in (
         ("AMX-INT8", cpu._is_amx_tile_supported), ("AVX512-VNNI", cpu._is_vnni_supported),
         ("AVX-512", cpu._is_avx512_supported), ("AVX2", cpu._is_avx2_supported), ("SSE", lambda: True)) if has())
-    if kernels.amx_problem() is None:
-        return "peft-t5's kernels for the serving engine's products (AMX; one row AVX512-VNNI), oneDNN " \
-               "int8 for the rest; activations quantized per row"
+    if kernels.packed_problem() is None:
+        tiles = "AMX" if kernels.amx_problem() is None else "AVX512-VNNI"
+        return f"peft-t5's kernel over packed weights for the serving engine's products ({tiles}; one row " \
+               "AVX512-VNNI), oneDNN int8 for the rest; activations quantized per row"
     kernel = kernels.kernel_problem()
     kernel = (f"peft-t5's {kernels.instructions('AVX512-VNNI')} kernel" if kernel is None
               else f"oneDNN too ({kernel})")

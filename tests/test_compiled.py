@@ -475,9 +475,9 @@ def test_int8s_compiled_graphs_stay_as_close_to_float32_as_its_eager_step_is(cap
     fused one, or eager's) can move a value a level: int8 compiled and eager are not bit-identical. What must hold:
     the compiled encoder and step are as faithful to float32 as the eager int8 step is (t5-small's widths, 2 LoRA
     adapters mixed per row, teacher-forced tokens), and they run with no eager call once compiled; the products
-    oneDNN runs (without AMX: the frozen graphs' qlinear, the eager encoder's) run in its kernels, not its reference
-    loop (which int8 activations fell to on a CPU without AMX). The int8 runners' caches are bfloat16, as the server
-    holds an int8 base's by default (--kv_cache_dtype auto), and the float32 reference's float32."""
+    oneDNN runs (without AVX512-VNNI: the compiled graphs' qlinear, the eager encoder's) run in its kernels, not its
+    reference loop (which int8 activations fell to on a CPU without AMX). The int8 runners' caches are bfloat16, as
+    the server holds an int8 base's by default (--kv_cache_dtype auto), and the float32 reference's float32."""
     import copy
 
     model = t5_small_wide_with_two_adapters()
@@ -520,15 +520,15 @@ def test_int8s_compiled_graphs_stay_as_close_to_float32_as_its_eager_step_is(cap
     assert compiled.steps == {"compiled": 7, "eager": 0} and compiled.encodes["eager"] == 0
     onednn = onednn_matmuls(capfd.readouterr().out)
     assert not [name for name in onednn if name.startswith("ref")], onednn
-    assert onednn or kernels.amx_problem() is None  # without AMX, oneDNN takes the many-row products
-    if kernels.kernel_problem() is None:  # one row: the VNNI kernel's, over the AMX layout where the CPU has AMX
+    assert onednn or kernels.packed_problem() is None  # unpacked (no VNNI), oneDNN takes the many-row products
+    if kernels.kernel_problem() is None:  # one row: the VNNI kernel's, over the packed layout where the CPU has VNNI
         ran = [event.name for event in profile.events()]
         products = 6 * len(fast.weights.decoder) + 1  # q/k/v (fused), o, cross q, cross o, wi, wo a layer; the head
-        one_row = "peft_t5::int8_amx_matmul" if kernels.amx_problem() is None else "peft_t5::int8_matmul"
+        one_row = "peft_t5::int8_packed_matmul" if kernels.packed_problem() is None else "peft_t5::int8_matmul"
         assert ran.count(one_row) == products and "onednn::qlinear_pointwise" not in ran
-    if kernels.amx_problem() is None:  # 5 rows: every product peft-t5's AMX kernel's, none oneDNN's
+    if kernels.packed_problem() is None:  # 5 rows: every product peft-t5's packed kernel's, none oneDNN's
         ran = [event.name for event in many_rows.events()]
-        assert ran.count("peft_t5::int8_amx_matmul") == products and "onednn::qlinear_pointwise" not in ran
+        assert ran.count("peft_t5::int8_packed_matmul") == products and "onednn::qlinear_pointwise" not in ran
 
 
 @pytest.mark.parametrize("int8", [False, True])

@@ -139,15 +139,15 @@ def adapter(folder, seed: int, use_dora: bool = False) -> str:
 def test_adapters_load_onto_a_base_quantized_before_them_and_answer_close_to_float(tmp_path, use_dora, packed):
     """The on-demand case: the server quantized its base at start, then a request names an adapter on disk (DoRA
     reads the base's weight itself: through Int8Linear.dequantize). packed: the base's layers hold their weights in
-    AMX's layout only, as the engine leaves them (where the CPU has AMX)."""
+    the packed layout only, as the engine leaves them (where the CPU has AVX512-VNNI)."""
     first, later = adapter(tmp_path / "first", 1), adapter(tmp_path / "later", 2, use_dora)
     int8, float32 = (AdapterBank.load("tiny", {"first": first}) for _ in range(2))
     assert quantize_int8(*int8.models()) > 0
     if packed:
-        amx_or_skip()
+        packed_or_skip()
         for layer in int8.base.modules():
             if isinstance(layer, Int8Linear):
-                layer.pack_for_amx()
+                layer.pack_for_kernel()
                 assert layer._parameters["weight"] is None
     for bank in (int8, float32):
         bank.add("later", later)
@@ -321,58 +321,72 @@ def test_a_lock_left_by_a_build_killed_midway_is_cleared_and_the_library_loads(m
     assert f"removed {stale}, left by a build of peft-t5's kernels that was killed midway" in caplog.text
 
 
-def amx_or_skip() -> None:
-    if kernels.amx_problem() is not None:
-        pytest.skip(f"peft-t5's AMX kernel is not used here: {kernels.amx_problem()}")
+def packed_or_skip() -> None:
+    if kernels.packed_problem() is not None:
+        pytest.skip(f"peft-t5's kernel over packed int8 weights is not used here: {kernels.packed_problem()}")
 
 
-def test_the_amx_kernel_gives_onednns_results_bit_for_bit(monkeypatch):
-    """Any number of rows through peft-t5's AMX kernel equals oneDNN's product exactly: widths with and without a tail
-    past 64 bytes, output counts with and without one past 32 (and past 64: one row's groups of four blocks), one row
-    (VNNI over the packed weight), row counts below, at and past the kernel's blocks of 16 and 32 rows, a row of
-    zeros, strided rows."""
-    amx_or_skip()
+@pytest.mark.parametrize("amx", [False, True])
+def test_the_packed_kernel_gives_onednns_results_bit_for_bit(monkeypatch, amx):
+    """Any number of rows through peft-t5's kernel over packed weights equals oneDNN's product exactly, through
+    AVX512-VNNI's tiles and AMX's: widths with and without a tail past 64 bytes, output counts with and without one
+    past 32 (and past 48 and 64: groups of blocks), one row, row counts below, at and past the tiles (8 rows; AMX's 16
+    and 32) and the chunks of 64, a row of zeros, strided rows."""
+    packed_or_skip()
+    if amx and kernels.amx_problem() is not None:
+        pytest.skip(f"AMX's tiles are not used here: {kernels.amx_problem()}")
+    monkeypatch.setattr(kernels, "amx_ready", amx)
     torch.manual_seed(0)
     for k, n in [(512, 512), (70, 5), (2048, 513), (1, 1), (100, 40), (64, 32128), (96, 100)]:
         layer = Int8Linear(torch.randn(n, k))
-        layer.pack_for_amx()
-        assert layer.amx_weight.shape == (-(-n // 32) * 2, -(-k // 64), 16, 64)
-        for rows in (1, 2, 16, 17, 33, 70):
+        layer.pack_for_kernel()
+        assert layer.packed_weight.shape == (-(-n // 32) * 2, -(-k // 64), 16, 64)
+        for rows in (1, 2, 7, 8, 9, 16, 17, 33, 70, 130):
+            if n * rows > 2_000_000:  # the output layer's shape: its few rows suffice
+                continue
             for x in (torch.randn(rows, k), torch.zeros(rows, k), torch.randn(k, 2 * rows)[:, ::2].t()):
                 ours = int8_linear(x, layer)
                 with monkeypatch.context() as patch:
                     patch.setattr(kernels, "ready", False)
-                    patch.setattr(kernels, "amx_ready", False)
+                    patch.setattr(kernels, "packed_ready", False)
                     assert torch.equal(int8_linear(x, layer), ours), (k, n, rows)
 
 
-def test_a_layer_packed_for_amx_takes_it_at_any_rows():
-    amx_or_skip()
+def test_a_packed_layer_takes_the_packed_kernel_at_any_rows():
+    packed_or_skip()
     layer = Int8Linear(torch.randn(32128, 512))
 
     def ran(rows: int) -> list[str]:
         with torch.profiler.profile() as profile:
             int8_linear(torch.randn(rows, 512), layer)
         return [event.name for event in profile.events()]
-    assert "peft_t5::int8_amx_matmul" not in ran(2)  # not packed: oneDNN's
+    assert "peft_t5::int8_packed_matmul" not in ran(2)  # not packed: oneDNN's
     weight = layer.weight.clone()
-    layer.pack_for_amx()
-    assert dict(layer.named_parameters()) == {} and torch.equal(layer.weight, weight)  # one copy, in AMX's layout
-    assert "peft_t5::int8_amx_matmul" in ran(2) and "onednn::qlinear_pointwise" not in ran(40)
-    assert "peft_t5::int8_amx_matmul" in ran(1) and "peft_t5::int8_matmul" not in ran(1)
+    layer.pack_for_kernel()
+    assert dict(layer.named_parameters()) == {} and torch.equal(layer.weight, weight)  # one copy, in the packed layout
+    assert "peft_t5::int8_packed_matmul" in ran(2) and "onednn::qlinear_pointwise" not in ran(40)
+    assert "peft_t5::int8_packed_matmul" in ran(1) and "peft_t5::int8_matmul" not in ran(1)
     layer.set_weight(layer.weight.clone(), layer.weight_scale)  # new values: the packed copy would be stale
-    assert layer.amx_weight is None and "peft_t5::int8_amx_matmul" not in ran(2)
+    assert layer.packed_weight is None and "peft_t5::int8_packed_matmul" not in ran(2)
 
 
-def test_amx_can_be_left_to_the_vnni_kernel_and_onednn(monkeypatch):
+def test_the_packed_kernel_and_its_amx_tiles_can_be_switched_off(monkeypatch):
+    """PEFT_T5_PACKED=off leaves int8 layers row-major (the row-major kernel and oneDNN take their products),
+    PEFT_T5_AMX=off leaves several rows to AVX512-VNNI's tiles; neither sets a flag that says the kernel is used."""
+    packed, amx = kernels.packed_ready, kernels.amx_ready
+    monkeypatch.setenv("PEFT_T5_PACKED", "off")
+    assert kernels.packed_problem.__wrapped__() in ("PEFT_T5_PACKED=off", kernels.kernel_problem())
+    monkeypatch.setenv("PEFT_T5_PACKED", "on")
     monkeypatch.setenv("PEFT_T5_AMX", "off")
-    assert kernels.amx_problem.__wrapped__() in ("PEFT_T5_AMX=off", kernels.kernel_problem())
+    assert kernels.amx_problem.__wrapped__() in ("PEFT_T5_AMX=off", kernels.packed_problem())
+    assert (kernels.packed_ready, kernels.amx_ready) == (packed, amx)
 
 
-def test_the_served_int8_base_holds_each_weight_once_in_amxs_layout():
-    """Where the CPU has AMX, building the engine's step leaves every int8 layer of the model (q, k, v too: views into
-    their fused layer's packed weight) without a row-major copy, and the model answers as before."""
-    amx_or_skip()
+def test_the_served_int8_base_holds_each_weight_once_packed():
+    """Where the CPU has AVX512-VNNI, building the engine's step leaves every int8 layer of the model (q, k, v too:
+    views into their fused layer's packed weight) without a row-major copy and without oneDNN's, and the model
+    answers as before."""
+    packed_or_skip()
     from peft_t5.serve.t5_runner import T5Runner
 
     model = tiny_model().eval()
@@ -382,15 +396,16 @@ def test_the_served_int8_base_holds_each_weight_once_in_amxs_layout():
         before = model(input_ids=ids, decoder_input_ids=start).logits
         runner = T5Runner(model)
         int8 = [m for m in model.modules() if isinstance(m, Int8Linear)]
-        assert int8 and all(m._parameters["weight"] is None and m.amx_weight is not None for m in int8)
+        assert int8 and all(m._parameters["weight"] is None and m.packed_weight is not None for m in int8)
+        assert all(m._held is None and m._packed is None for m in int8)
         assert torch.equal(model(input_ids=ids, decoder_input_ids=start).logits, before)
         runner.add([[5, 6, 7, 8, 1]], None, budgets=[2])
         torch.testing.assert_close(runner.step(torch.zeros(1, dtype=torch.long)), before[:, 0], rtol=1e-4, atol=1e-4)
 
 
-def test_fused_int8_layers_whose_outputs_do_not_fill_amx_blocks_keep_their_values_and_products():
+def test_fused_int8_layers_whose_outputs_do_not_fill_packed_blocks_keep_their_values_and_products():
     """q/k/v widths that are not multiples of 32 cannot be views into the fused layer's packed weight: they keep
-    row-major views of the fused values, and the fused product equals theirs side by side (AMX or not)."""
+    row-major views of the fused values, and the fused product equals theirs side by side (packed or not)."""
     from peft_t5.serve.t5_runner import fused
 
     torch.manual_seed(0)
@@ -400,6 +415,6 @@ def test_fused_int8_layers_whose_outputs_do_not_fill_amx_blocks_keep_their_value
     expected = torch.cat([int8_linear(x, p) for p in parts], -1)
     with torch.inference_mode():
         layer = fused(parts)
-        assert all(p.amx_weight is None and torch.equal(p.weight, w) for p, w in zip(parts, before))
+        assert all(p.packed_weight is None and torch.equal(p.weight, w) for p, w in zip(parts, before))
         assert torch.equal(int8_linear(x, layer), expected)
         assert torch.equal(torch.cat([int8_linear(x, p) for p in parts], -1), expected)

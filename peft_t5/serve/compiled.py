@@ -8,10 +8,10 @@ On a CPU, inductor compiles each into two graphs per layout of LoRA stacks: one 
 number of rows. Row count, lengths, LoRA slots and rank are symbolic sizes, so rows joining, buffers growing, prompts of
 every length and adapters loading never recompile. The step's graph for several rows takes the base's weights as a copy
 laid out for oneDNN (which several rows need: 1.7x the speed at 8 rows), as do every graph of a bfloat16 base and an
-int8 base's products of several rows without AMX (int8's encoder compiled: 1.6-2.1x its eager speed): a copy laid out
-once and held by peft-t5's library under a number (csrc/onednn_held.cpp; t5_runner.T5Weights.hold_for_onednn), which the
-graphs name, so no graph is frozen. Where that library cannot load (kernels.onednn_problem), inductor freezes such
-copies into the graphs instead. An int8 base's other products are peft-t5's kernels' (kernels.py). A float32 base's
+int8 base's products of several rows without AVX512-VNNI (int8's encoder compiled: 1.6-2.1x its eager speed): a copy
+laid out once and held by peft-t5's library under a number (csrc/onednn_held.cpp; t5_runner.T5Weights.hold_for_onednn),
+which the graphs name, so no graph is frozen. Where that library cannot load (kernels.onednn_problem), inductor freezes
+such copies into the graphs instead. An int8 base's other products are peft-t5's kernels' (kernels.py). A float32 base's
 one-row step where peft-t5's kernel runs (elsewhere that step takes oneDNN's copy too) reads the weights as they are:
 one row streams them from memory whatever their layout (MKL's packing for one row was no faster and held 300 MB more for
 t5-small). So does its encoder on Intel's CPUs, where MKL's products are as fast unpacked (a frozen encoder was no
@@ -205,7 +205,7 @@ def options(step, args: tuple) -> dict:
     from ..quantize import Int8Linear
 
     int8 = [m for m in step.weights.modules() if isinstance(m, Int8Linear)]
-    if step.weights.held or (int8 and all(m.amx_weight is not None for m in int8)):  # every product peft-t5's
+    if step.weights.held or (int8 and all(m.packed_weight is not None for m in int8)):  # every product peft-t5's
         return {"freezing": False}  # kernels' or oneDNN's over weights held by number: nothing for inductor to
     # prepack (and the graph stays in its cache)
     float32 = step.weights.dtype == torch.float32 and not int8

@@ -123,7 +123,7 @@ def step_linear(layer: nn.Module) -> nn.Module:
 
 def fused(layers: list[nn.Module]) -> nn.Module:
     """One layer computing these layers' outputs side by side; each layer's weight becomes a view into its
-    weight, so that the model and the step share it (int8 where the CPU has AMX: into its packed weight, the one
+    weight, so that the model and the step share it (int8 where the CPU has AVX512-VNNI: into its packed weight, the one
     copy, when each layer's outputs fill whole blocks of 32)."""
     layers = [base_layer(layer) for layer in layers]
     with torch.no_grad():
@@ -134,9 +134,9 @@ def fused(layers: list[nn.Module]) -> nn.Module:
             out.out_features, out.in_features = weight.shape
             out.weight_zero_point = torch.zeros(weight.shape[0], dtype=torch.long)
             out.set_weight(weight, scale)
-            out.pack_for_amx()
-            if out.amx_weight is not None and all(layer.out_features % 32 == 0 for layer in layers):
-                blocks = torch.split(out.amx_weight, [layer.out_features // 16 for layer in layers])
+            out.pack_for_kernel()
+            if out.packed_weight is not None and all(layer.out_features % 32 == 0 for layer in layers):
+                blocks = torch.split(out.packed_weight, [layer.out_features // 16 for layer in layers])
                 for layer, packed, s in zip(layers, blocks, views(scale, layers)):
                     layer.set_packed(packed, s)
                 return out
@@ -216,18 +216,18 @@ class T5Weights(nn.Module):
                                                             config.tie_word_embeddings) else 1.0
         self.dtype = self.embed.dtype  # the model's float dtype
         self.cache_dtype = cache_dtype or self.dtype
-        for module in self.modules():  # int8: every product through peft-t5's AMX kernel where the CPU has AMX
+        for module in self.modules():  # int8: every product through peft-t5's packed kernel where the CPU has VNNI
             if isinstance(module, Int8Linear):
-                module.pack_for_amx()
+                module.pack_for_kernel()
         self.held = self.hold_for_onednn(hold_float)
 
     def hold_for_onednn(self, hold_float: bool) -> bool:
         """Give oneDNN's products of several rows copies of the weights laid out once and held by number (kernels.
-        onednn_problem), numbered in this order (a restart gives each the same number, so that inductor's cache
-        finds the graphs that name them): int8 layers (not AMX's), and with hold_float the float layers whose
-        compiled graphs inductor would freeze otherwise (a bfloat16 base's; a float32 base's step, and its encoder
-        but on Intel's CPUs: its one-row step reads the weights as they are). Returns whether the compiled graphs
-        need no freezing."""
+        onednn_problem), numbered in this order (a restart gives each the same number, so that inductor's cache finds
+        the graphs that name them): int8 layers (not packed for peft-t5's kernel), and with hold_float the float layers
+        whose compiled graphs inductor would freeze otherwise (a bfloat16 base's; a float32 base's step, and its encoder
+        but on Intel's CPUs: its one-row step reads the weights as they are). Returns whether the compiled graphs need
+        no freezing."""
         if self.embed.device.type != "cpu" or kernels.onednn_problem() is not None:
             return False
         int8 = [m for m in self.modules() if isinstance(m, Int8Linear)]
