@@ -246,9 +246,9 @@ def int8_path() -> str:
         ("AMX-INT8", cpu._is_amx_tile_supported), ("AVX512-VNNI", cpu._is_vnni_supported),
         ("AVX-512", cpu._is_avx512_supported), ("AVX2", cpu._is_avx2_supported), ("SSE", lambda: True)) if has())
     if kernels.packed_problem() is None:
-        tiles = "AMX" if kernels.amx_problem() is None else "AVX512-VNNI"
-        return f"peft-t5's kernel over packed weights for the serving engine's products ({tiles}; one row " \
-               "AVX512-VNNI), oneDNN int8 for the rest; activations quantized per row"
+        tiles = "AMX; one row AVX512-VNNI" if kernels.amx_problem() is None else "AVX512-VNNI"
+        return f"peft-t5's kernel over packed weights for the serving engine's products ({tiles}), oneDNN int8 for " \
+               "the rest; activations quantized per row"
     kernel = kernels.kernel_problem()
     kernel = (f"peft-t5's {kernels.instructions('AVX512-VNNI')} kernel" if kernel is None
               else f"oneDNN too ({kernel})")
