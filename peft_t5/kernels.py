@@ -240,7 +240,8 @@ def packed_check(amx: bool) -> bool:
     x = torch.randn(11, 96, generator=generator)
     weight = torch.randint(-127, 128, (40, 96), dtype=torch.int8, generator=generator)
     scale = torch.rand(40, generator=generator)
-    return all(torch.equal(torch.ops.peft_t5.int8_packed_matmul(rows, pack_int8(weight), scale, amx),
+    packed = pack_int8(weight)
+    return all(torch.equal(torch.ops.peft_t5.int8_packed_matmul(rows, packed, scale, amx),
                            torch.ops.peft_t5.int8_matmul(rows, weight, scale)) for rows in (x, x[:3], x[:1]))
 
 

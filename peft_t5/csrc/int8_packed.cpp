@@ -137,7 +137,6 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void vnni_row(const int8_
   }
 }
 
-
 // acc + the sums of u8 x s8 products, updated in place: written with the intrinsic, GCC copied each of a large tile's
 // accumulators to another register (and to the stack) around every vpdpbusd: half the speed at 8 x 3
 __attribute__((target("avx512f,avx512vnni"))) inline __m512i dpbusd(__m512i acc, __m512i u8, __m512i s8) {
