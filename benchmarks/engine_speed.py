@@ -22,6 +22,8 @@ tokens.
   engine_int8_f32_cache: engine_int8 with float32 attention caches (serve --quantize int8 --kv_cache_dtype float32:
                  the int8 engine before its caches were bfloat16 by default; not run unless named)
   engine_cache_bf16: engine with bfloat16 attention caches (serve --kv_cache_dtype bfloat16; not run unless named)
+  engine_module_guards, engine_int8_module_guards: engine and engine_int8 with PEFT_T5_MODULE_GUARDS=on (dynamo's
+                 guards on the step's modules kept, as before compiled.own_forward; not run unless named)
   engine_bf16:   the compiled step, base loaded in bfloat16 (serve --dtype bfloat16; CPUs with AMX or AVX512-BF16)
   ct2:           CTranslate2 on the merged model (one adapter: what `peft-t5 export` writes), float32
   ct2_int8:      the same converted with --quantization int8
@@ -57,7 +59,7 @@ from serve_throughput import make_adapters  # noqa: E402
 SYSTEMS = ("engine", "engine_eager", "engine_int8", "engine_bf16", "ct2", "ct2_int8")
 OPTIONAL = ("engine_no_kernels", "engine_int8_no_kernels", "engine_int8_unpacked", "engine_int8_no_amx", "engine_frozen", "engine_int8_frozen",
             "engine_bf16_frozen", "engine_inductor_attention", "engine_int8_inductor_attention", "engine_int8_f32_cache",
-            "engine_cache_bf16")
+            "engine_cache_bf16", "engine_module_guards", "engine_int8_module_guards")
 
 
 class RunningEngine:
@@ -119,6 +121,8 @@ def serve_system(system: str, base: str, adapters: dict, folder: str, rows: int,
         os.environ["PEFT_T5_PACKED"] = "off"
     if system.endswith("_frozen"):
         os.environ["PEFT_T5_HELD"] = "off"
+    if system.endswith("_module_guards"):
+        os.environ["PEFT_T5_MODULE_GUARDS"] = "on"
     if system.endswith("_inductor_attention"):
         os.environ["PEFT_T5_ATTENTION"] = "off"
     if system.startswith("engine"):

@@ -167,13 +167,20 @@ class CompiledStep:
         from torch._inductor import config as inductor_config
 
         torch.set_num_threads(threads)
-        compiled = torch.compile(own_forward(step), dynamic=False,
-                                 options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+        compiled = torch.compile(own_forward(step), dynamic=False, options=guard_options())
         # set for the whole process while it compiles (nothing else compiles meanwhile): inductor registers its int8
         # patterns only where freezing is on in its config, not through torch.compile's options
         with inductor_config.patch(options(step, args)), torch.inference_mode():
             compiled(*args)
         return compiled
+
+
+def guard_options() -> dict | None:
+    """torch.compile's options: dynamo's guards on the modules skipped (own_forward), unless PEFT_T5_MODULE_GUARDS=on
+    keeps them (to compare)."""
+    if os.environ.get("PEFT_T5_MODULE_GUARDS", "off") == "on":
+        return None
+    return {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
 
 
 def own_forward(step):
