@@ -6,7 +6,7 @@
 
 On a CPU, inductor compiles each into two graphs per layout of LoRA stacks: one for a single row and one for any other
 number of rows. Row count, lengths, LoRA slots and rank are symbolic sizes, so rows joining, buffers growing, prompts of
-every length and adapters loading never recompile. The step's graph for several rows takes the base's weights as a copy
+every length and adapters loading never recompile. Dynamo's guards on the modules are skipped (own_forward). The step's graph for several rows takes the base's weights as a copy
 laid out for oneDNN (which several rows need: 1.7x the speed at 8 rows), as do every graph of a bfloat16 base and an
 int8 base's products of several rows without AVX512-VNNI (int8's encoder compiled: 1.6-2.1x its eager speed): a copy
 laid out once and held by peft-t5's library under a number (csrc/onednn_held.cpp; t5_runner.T5Weights.hold_for_onednn),
