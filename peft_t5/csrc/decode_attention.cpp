@@ -225,9 +225,8 @@ AVX2 void one_block8(const float* q, const T* k, const T* v, const float* bias, 
   }
 }
 
-// n floats (a multiple of 16) written as the caches hold them. To bfloat16 rounded to nearest even, NaN 0x7FC0, as
-// c10::BFloat16 converts one at a time (its scalar loop: 11-13 us of a 73 us self-attention call at 32 rows, 4 here)
-inline void write_row(const float* from, float* to, int64_t n) { std::copy_n(from, n, to); }
+// n floats (a multiple of 16) to bfloat16, rounded to nearest even, NaN 0x7FC0, as c10::BFloat16 converts one at a
+// time (its scalar loop: 11-13 us of a 73 us self-attention call at 32 rows, 4 here)
 AVX512 inline void write_row512(const float* from, bf16* to, int64_t n) {
   for (int64_t i = 0; i < n; i += 16) {
     const __m512 v = _mm512_loadu_ps(from + i);
@@ -249,9 +248,11 @@ AVX2 inline void write_row256(const float* from, bf16* to, int64_t n) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(to + i), _mm256_castsi256_si128(packed));
   }
 }
-template <bool Avx512>
-inline void write_row(const float* from, bf16* to, int64_t n) {
-  if constexpr (Avx512) write_row512(from, to, n);
+// n floats written as the caches hold them
+template <bool Avx512, typename T>
+inline void write_row(const float* from, T* to, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) std::copy_n(from, n, to);
+  else if constexpr (Avx512) write_row512(from, to, n);
   else write_row256(from, to, n);
 }
 
@@ -281,13 +282,8 @@ void blocks(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& value
       if (written.k != nullptr) {  // here rather than all first: each write's line is fetched with its block's reads
         const float *k_from = written.k + r * written.k_row + h * head_dim;
         const float *v_from = written.v + r * written.v_row + h * head_dim;
-        if constexpr (std::is_same_v<T, float>) {
-          write_row(k_from, kb + written.at[r] * keys.stride(2), head_dim);
-          write_row(v_from, vb + written.at[r] * values.stride(2), head_dim);
-        } else {
-          write_row<Avx512>(k_from, kb + written.at[r] * keys.stride(2), head_dim);
-          write_row<Avx512>(v_from, vb + written.at[r] * values.stride(2), head_dim);
-        }
+        write_row<Avx512>(k_from, kb + written.at[r] * keys.stride(2), head_dim);
+        write_row<Avx512>(v_from, vb + written.at[r] * values.stride(2), head_dim);
       }
       const int64_t positions = std::clamp<int64_t>(valid[r], 1, all);
       const float *qb = qd + r * q.stride(0) + h * head_dim, *bb = bd + r * bias_row + h * bias_head;

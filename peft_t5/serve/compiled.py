@@ -6,19 +6,20 @@
 
 On a CPU, inductor compiles each into two graphs per layout of LoRA stacks: one for a single row and one for any other
 number of rows. Row count, lengths, LoRA slots and rank are symbolic sizes, so rows joining, buffers growing, prompts of
-every length and adapters loading never recompile. Dynamo's guards on the modules are skipped (own_forward). The step's graph for several rows takes the base's weights as a copy
-laid out for oneDNN (which several rows need: 1.7x the speed at 8 rows), as do every graph of a bfloat16 base and an
-int8 base's products of several rows without AVX512-VNNI (int8's encoder compiled: 1.6-2.1x its eager speed): a copy
-laid out once and held by peft-t5's library under a number (csrc/onednn_held.cpp; t5_runner.T5Weights.hold_for_onednn),
-which the graphs name, so no graph is frozen. Where that library cannot load (kernels.onednn_problem), inductor freezes
-such copies into the graphs instead. An int8 base's other products are peft-t5's kernels' (kernels.py). A float32 base's
-one-row step where peft-t5's kernel runs (elsewhere that step takes oneDNN's copy too) reads the weights as they are:
-one row streams them from memory whatever their layout (MKL's packing for one row was no faster and held 300 MB more for
-t5-small). So does its encoder on Intel's CPUs, where MKL's products are as fast unpacked (a frozen encoder was no
-faster at 1-32 SQuAD rows on a Xeon); elsewhere the encoder takes oneDNN's copy too (on an AMD EPYC MKL's were 12-17%
-slower at its shapes; the copy holds 88 MB for t5-small, kernels.intel_cpu). The step's graph for several rows attends
-over its caches (float32; an int8 base's bfloat16) through peft-t5's kernel where the CPU has AVX-512 or AVX2
-(t5_runner.attends_by_kernel; kernels.attention_problem). On a GPU the graphs compile without freezing.
+every length and adapters loading never recompile; dynamo's guards on the modules are skipped (own_forward). The step's
+graph for several rows takes the base's weights as a copy laid out for oneDNN (which several rows need: 1.7x the speed
+at 8 rows), as do every graph of a bfloat16 base and an int8 base's products of several rows without AVX512-VNNI (int8's
+encoder compiled: 1.6-2.1x its eager speed): a copy laid out once and held by peft-t5's library under a number
+(csrc/onednn_held.cpp; t5_runner.T5Weights.hold_for_onednn), which the graphs name, so no graph is frozen. Where that
+library cannot load (kernels.onednn_problem), inductor freezes such copies into the graphs instead. An int8 base's other
+products are peft-t5's kernels' (kernels.py). A float32 base's one-row step where peft-t5's kernel runs (elsewhere that
+step takes oneDNN's copy too) reads the weights as they are: one row streams them from memory whatever their layout
+(MKL's packing for one row was no faster and held 300 MB more for t5-small). So does its encoder on Intel's CPUs, where
+MKL's products are as fast unpacked (a frozen encoder was no faster at 1-32 SQuAD rows on a Xeon); elsewhere the encoder
+takes oneDNN's copy too (on an AMD EPYC MKL's were 12-17% slower at its shapes; the copy holds 88 MB for t5-small,
+kernels.intel_cpu). The step's graph for several rows attends over its caches (float32; an int8 base's bfloat16) through
+peft-t5's kernel where the CPU has AVX-512 or AVX2 (t5_runner.attends_by_kernel; kernels.attention_problem). On a GPU
+the graphs compile without freezing.
 
 Compiles run on a thread of their own, one at a time. Until a graph is ready its calls run eagerly (the reference
 the compiled graphs are tested against), so no request waits for a compile. Inductor keeps the kernels it builds in
@@ -185,7 +186,7 @@ def guard_options() -> dict | None:
 
 def own_forward(step):
     """step.forward as a function of its own code object, bound to step. Dynamo keeps a code object's graphs together
-    and picks one by its guards; ~1,000 of a step's guards check its modules (their hooks, attributes and tensors:
+    and picks one by its guards; ~900 of a step graph's ~1,000 guards check its modules (their hooks, attributes and tensors:
     0.38 ms of a 14 ms step of 32 int8 rows, more than the rest together), whose state is fixed once the engine
     starts, so they are skipped. Each compiled module then needs graphs of its own: two Steps of one class (another
     layout of LoRA stacks, another runner's weights) would otherwise pass each other's remaining guards."""
