@@ -24,6 +24,8 @@ tokens.
   engine_cache_bf16: engine with bfloat16 attention caches (serve --kv_cache_dtype bfloat16; not run unless named)
   engine_module_guards, engine_int8_module_guards: engine and engine_int8 with PEFT_T5_MODULE_GUARDS=on (dynamo's
                  guards on the step's modules kept, as before compiled.own_forward; not run unless named)
+  engine_onednn_f32: engine with PEFT_T5_F32_TILES=off (the float32 step's products of several rows oneDNN's over
+                 its held copies, not peft-t5's f32_tiles: the engine before them; not run unless named)
   engine_bf16:   the compiled step, base loaded in bfloat16 (serve --dtype bfloat16; CPUs with AMX or AVX512-BF16)
   ct2:           CTranslate2 on the merged model (one adapter: what `peft-t5 export` writes), float32
   ct2_int8:      the same converted with --quantization int8
@@ -59,7 +61,7 @@ from serve_throughput import make_adapters  # noqa: E402
 SYSTEMS = ("engine", "engine_eager", "engine_int8", "engine_bf16", "ct2", "ct2_int8")
 OPTIONAL = ("engine_no_kernels", "engine_int8_no_kernels", "engine_int8_unpacked", "engine_int8_no_amx", "engine_frozen", "engine_int8_frozen",
             "engine_bf16_frozen", "engine_inductor_attention", "engine_int8_inductor_attention", "engine_int8_f32_cache",
-            "engine_cache_bf16", "engine_module_guards", "engine_int8_module_guards")
+            "engine_cache_bf16", "engine_module_guards", "engine_int8_module_guards", "engine_onednn_f32")
 
 
 class RunningEngine:
@@ -125,6 +127,8 @@ def serve_system(system: str, base: str, adapters: dict, folder: str, rows: int,
         os.environ["PEFT_T5_MODULE_GUARDS"] = "on"
     if system.endswith("_inductor_attention"):
         os.environ["PEFT_T5_ATTENTION"] = "off"
+    if system.endswith("_onednn_f32"):
+        os.environ["PEFT_T5_F32_TILES"] = "off"
     if system.startswith("engine"):
         from peft_t5.bank import AdapterBank
         from peft_t5.quantize import quantize_int8
@@ -257,13 +261,15 @@ def main() -> None:
                          ("engine_int8", "engine_int8_inductor_attention"),
                          ("engine_int8_inductor_attention", "ct2_int8"), ("engine_int8", "engine_int8_f32_cache"),
                          ("engine_int8_f32_cache", "ct2_int8"), ("engine_cache_bf16", "engine"),
-                         ("engine_cache_bf16", "ct2")):
+                         ("engine_cache_bf16", "ct2"), ("engine", "engine_onednn_f32"),
+                         ("engine_onednn_f32", "ct2")):
         if ours in cost and theirs in cost:
             for b in map(str, args.batches):
                 ratios[f"{ours}_vs_{theirs}_at_{b}"] = cost[theirs][b] / cost[ours][b]
     results["ratios"] = ratios  # throughput ratios: above 1, the first is faster
     agreement = {}
-    for other in ("engine_int8", "engine_int8_unpacked", "engine_int8_f32_cache", "engine_cache_bf16", "engine_bf16", "engine_eager"):
+    for other in ("engine_int8", "engine_int8_unpacked", "engine_int8_f32_cache", "engine_cache_bf16", "engine_bf16",
+                  "engine_eager", "engine_onednn_f32"):
         if other in outputs and "engine" in outputs:
             pairs = [(a, b) for batch in args.batches for a, b in zip(outputs[other][batch], outputs["engine"][batch])]
             agreement[other] = sum(a == b for a, b in pairs) / len(pairs)

@@ -9,6 +9,9 @@
                                                      # AVX-512, else AVX2
     torch.ops.peft_t5.f32_rows(x, weight, number, out_features)  # x [M, K]: the same loops over 2-4 rows, else
                                                      # oneDNN's product over the copy held under number
+    torch.ops.peft_t5.f32_tiles(x, packed, out_features)  # csrc/f32_tiles.cpp: x [M, K] float32, the weight packed
+                                                     # by pack_f32() -> [M, N]; AVX-512 (the float32 step's
+                                                     # products of 2 rows and more: f32_tiles_problem)
     torch.ops.peft_t5.int8_packed_matmul(x, packed, scale, amx)  # csrc/int8_packed.cpp: x [M, K] float32, the
                                                          # weight packed by pack_int8(), scale [N] -> [M, N]; several
                                                          # rows through AMX's tiles (amx) or AVX512-VNNI's
@@ -39,7 +42,11 @@ oneDNN's results bit for bit. float32: the one-row step's products (t5_runner.Li
 memory: MKL's reached ~15 GB/s where this one, prefetching, reached 17-23 on a Xeon (its sums in another order:
 within 2e-5 of MKL's on unit-scale weights); on an AMD EPYC, prefetching into L2 (csrc/prefetch.h), 20-22 to MKL's
 10.6. The step of 2-4 rows streams the weights too: f32_rows reads them once for all its rows, ~18 GB/s where
-oneDNN's product over its held copy read t5-small's decoder at ~10 (2 rows: 4.8 ms against 9.6). Without AVX-512 (or
+oneDNN's product over its held copy read t5-small's decoder at ~10 (2 rows: 4.8 ms against 9.6). With AVX-512 but on
+Intel's CPUs, the step of 2 rows and more takes f32_tiles over a packed copy of its layers instead of oneDNN's
+(f32_tiles_problem; the same size: oneDNN then holds none of them), tiles of 8 rows x 48 outputs whose fetching of
+the next weights is spread over the tiles: the step's products of 8 and 32 rows 1.6x and 1.18x oneDNN's, as fast at 2
+and 256 (on one core of an AMD EPYC; within 1e-4 of MKL's on unit-scale inputs). Without AVX-512 (or
 where torch is held below it, ATEN_CPU_CAPABILITY), both take AVX2 (csrc/isa.h): int8's rows widened to int16 pairs
 (vpmaddwd; oneDNN's AVX2 sums, in int16, saturate), taking 1-8 rows of any weight, compiled too (`widened`: oneDNN's
 AVX2 int8 is slower there; int8_rows decides by the count as the call runs); so does the attention below. Any CPU
@@ -55,7 +62,8 @@ positions, a 2-core AMD EPYC), within 1e-5 of SDPA. With AVX2, 8 positions' dot 
 PEFT_T5_KERNELS=off leaves every product to oneDNN and MKL (and the attention to inductor), PEFT_T5_ATTENTION=off the
 attention alone, PEFT_T5_PACKED=off the int8 layers row-major (the row-major kernel and oneDNN take their products),
 PEFT_T5_AMX=off the packed kernel's several rows to AVX512-VNNI's tiles, PEFT_T5_HELD=off the compiled graphs' oneDNN
-products to inductor's frozen weights (to compare them).
+products to inductor's frozen weights, PEFT_T5_F32_TILES=off the float32 step's several rows to oneDNN's held copies
+(=on: f32_tiles on Intel's CPUs too) (to compare them).
 """
 from __future__ import annotations
 
@@ -71,13 +79,15 @@ import torch
 logger = logging.getLogger(__name__)
 LIBRARY = "peft_t5_kernels"
 SOURCES = [Path(__file__).parent / "csrc" / name
-           for name in ("int8_matmul.cpp", "f32_matvec.cpp", "int8_packed.cpp", "onednn_held.cpp", "decode_attention.cpp")]
+           for name in ("int8_matmul.cpp", "f32_matvec.cpp", "f32_tiles.cpp", "int8_packed.cpp", "onednn_held.cpp",
+                        "decode_attention.cpp")]
 ready = False  # set once kernel_problem() has loaded the kernels (a plain flag: compiled graphs read it as a constant)
 widened = False  # ... and found int8 summed in int16 pairs (AVX2, no AVX512-VNNI): oneDNN's int8 is slower there
 onednn_ready = False  # ... once onednn_problem() has: oneDNN's products (int8 and float) take weights held by number
 packed_ready = False  # ... once packed_problem() has found the kernel over packed int8 weights usable
 amx_ready = False  # ... and amx_problem() its AMX tiles (several rows; else AVX512-VNNI's)
 attention_ready = False  # ... once attention_problem() has: compiled steps attend through decode_attention
+f32_tiles_ready = False  # ... once f32_tiles_problem() has: the float32 step's layers are packed for f32_tiles
 MOST_ROWS = 8  # the int8 kernel takes products of up to this many rows (one row: always)
 MOST_WEIGHT = 2048 * 512  # ... through weights of up to N * K this large: T5's output layer (32128 x 512) is oneDNN's
 # from 2 rows (8 rows: the kernel 1.2 ms, oneDNN 0.8; 512 x 512: 22 us and 70); compiled graphs too (int8_rows,
@@ -166,6 +176,33 @@ def attention_problem() -> str | None:
 
 
 @functools.lru_cache(maxsize=1)
+def f32_tiles_problem() -> str | None:
+    """Why the float32 step's products of 2 rows and more are not f32_tiles' over packed copies here (None: they are;
+    csrc/f32_tiles.cpp, AVX-512), its products checked against F.linear's first. On Intel's CPUs, where they were
+    not measured, oneDNN's held copies take them unless PEFT_T5_F32_TILES=on."""
+    global f32_tiles_ready
+    switch = os.environ.get("PEFT_T5_F32_TILES", "auto")
+    problem = switched_off_or_unbuilt("PEFT_T5_F32_TILES", "AVX-512")
+    if problem is None and intel_cpu() and switch != "on":
+        problem = "an Intel CPU: oneDNN's held copies (the tiles were measured on AMD's; PEFT_T5_F32_TILES=on)"
+    if problem is None and not f32_tiles_check():
+        problem = "its check against F.linear failed"
+    f32_tiles_ready = problem is None
+    return problem
+
+
+def f32_tiles_check() -> bool:
+    """Whether f32_tiles' products are F.linear's, to float32's rounding: 1, 11 and 70 rows (a tile, a remainder, past
+    a chunk of 64), 40 outputs (a tail) and 96 inputs."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(70, 96, generator=generator)
+    weight = torch.randn(40, 96, generator=generator)
+    packed = pack_f32(weight)
+    return all(torch.allclose(torch.ops.peft_t5.f32_tiles(rows, packed, 40), rows @ weight.T, rtol=1e-5, atol=1e-4)
+               for rows in (x, x[:11], x[:1]))
+
+
+@functools.lru_cache(maxsize=1)
 def build_problem() -> str | None:
     """Why peft-t5's library of kernels did not load (None: it did), building it on the first call."""
     try:
@@ -182,6 +219,8 @@ def build_problem() -> str | None:
     torch.library.register_fake("peft_t5::int8_packed_matmul")(
         lambda x, packed, scale, amx: x.new_empty((x.shape[0], scale.shape[0])))
     torch.library.register_fake("peft_t5::f32_matvec")(lambda x, weight: x.new_empty((x.shape[0], weight.shape[0])))
+    torch.library.register_fake("peft_t5::f32_tiles")(
+        lambda x, packed, out_features: x.new_empty((x.shape[0], out_features)))
     torch.library.register_fake("peft_t5::f32_rows")(
         lambda x, weight, number, out_features: x.new_empty((x.shape[0], out_features)))
     torch.library.register_fake("peft_t5::onednn_int8_matmul")(
@@ -289,6 +328,14 @@ def pack_int8(weight: torch.Tensor) -> torch.Tensor:
     return blocks.permute(0, 2, 3, 1, 4).contiguous().view(padded.shape[0] // 16, padded.shape[1] // 64, 16, 64)
 
 
+def pack_f32(weight: torch.Tensor) -> torch.Tensor:
+    """A float32 weight [N, K] in f32_tiles' layout: [N / 16, K, 16], element (nb, k, c) = weight[16 * nb + c, k] (N
+    padded to 16 with zeros)."""
+    n, k = weight.shape
+    padded = torch.nn.functional.pad(weight.detach().float(), (0, 0, 0, -n % 16))
+    return padded.view(-1, 16, k).transpose(1, 2).contiguous()
+
+
 def unpack_int8(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """pack_int8's weight [n, k] back from its layout (a new tensor)."""
     blocks = packed.view(packed.shape[0], packed.shape[1], 16, 16, 4).permute(0, 3, 1, 2, 4)
@@ -315,4 +362,6 @@ def kernels_used(device: torch.device) -> str:
         int8 = f"int8 of 1-{MOST_ROWS} rows (AVX2)"
     else:
         int8 = f"int8 of one row, 2-{MOST_ROWS} rows of layers up to 2048 x 512 (AVX512-VNNI)"
-    return f"peft-t5's (float32 products of 1-4 rows ({instructions('AVX-512')}); {int8}); {held}; {attention}"
+    f32 = ("float32 products of one row, and of the step's 2 rows and more over packed copies (AVX-512)"
+           if f32_tiles_problem() is None else f"float32 products of 1-4 rows ({instructions('AVX-512')})")
+    return f"peft-t5's ({f32}; {int8}); {held}; {attention}"

@@ -105,7 +105,8 @@ def test_the_compiled_step_answers_as_the_eager_one_on_real_shaped_random_weight
 
 def test_a_float32_one_row_graph_reads_the_bases_weights_rather_than_a_frozen_copy_of_them():
     """The one-row graph of a float32 base is not frozen (no prepacked copy of the decoder): a weight changed in place
-    changes its answer as it changes the eager step's. The step of several rows reads them as they are at 2-4 rows
+    changes its answer as it changes the eager step's. The step of several rows takes packed copies for peft-t5's
+    f32_tiles where kernels.f32_tiles_problem() allows; elsewhere it reads the weights as they are at 2-4 rows
     (peft-t5's kernel, f32_rows) and past 4 takes a copy oneDNN laid out, the same graph deciding as it runs."""
     if kernels.kernel_problem() is not None:  # a row's products then take oneDNN's copy too (t5_runner.Linear)
         pytest.skip(f"peft-t5's float32 kernel is not used here: {kernels.kernel_problem()}")
@@ -134,9 +135,14 @@ def test_a_float32_one_row_graph_reads_the_bases_weights_rather_than_a_frozen_co
                 with torch.profiler.profile() as profile:
                     fast_logits = fast.step(tokens)
                 ran = [event.name for event in profile.events()]
+                close = torch.allclose(fast_logits, eager.step(tokens), atol=1e-4)
+                if kernels.f32_tiles_problem() is None:  # every product of several rows f32_tiles', over copies
+                    assert ran.count("peft_t5::f32_tiles") == 6 * len(fast.weights.decoder) + 1  # packed before
+                    assert "peft_t5::f32_rows" not in ran and "peft_t5::onednn_float_linear" not in ran
+                    assert not close  # the change
+                    continue
                 assert ran.count("peft_t5::f32_rows") == 6 * len(fast.weights.decoder) + 1
                 assert ("peft_t5::onednn_float_linear" in ran) == (fast.n > 4)
-                close = torch.allclose(fast_logits, eager.step(tokens), atol=1e-4)
                 assert close == (fast.n <= 4)  # oneDNN's copy was laid out before the change
         finally:
             fast.weights.decoder[1].wo.weight.copy_(before)
@@ -210,7 +216,9 @@ def test_a_float32_encoder_takes_onednns_held_copies_except_on_intel_cpus(monkey
             weights = T5Weights(model, hold_float=True)
             layers = [m for b in weights.encoder for m in (b.qkv, b.o, b.wi, b.wo)] + [b.ckv for b in weights.decoder]
             assert [layer.held is None for layer in layers] == [intel] * len(layers)
-            assert weights.head.held is not None and weights.decoder[0].qkv.held is not None  # the step's, always
+            for step_layer in (weights.head, weights.decoder[0].qkv):  # the step's: always a copy, oneDNN's or tiles
+                tiled = kernels.f32_tiles_problem() is None
+                assert (step_layer.held is None, step_layer.tiles is not None) == (tiled, tiled)
             with torch.profiler.profile() as profile:
                 hidden = weights.encode(ids, mask, {}, slots)
                 weights.cross(0, hidden, {}, slots)
@@ -248,6 +256,76 @@ def test_the_float32_kernels_of_1_to_4_rows_are_as_close_to_float64_as_mkls_prod
         torch.ops.peft_t5.f32_matvec(torch.randn(1, 4), torch.randn(4, 8).t())
     with pytest.raises(RuntimeError, match="f32_rows: weight must be a contiguous"):
         torch.ops.peft_t5.f32_rows(torch.randn(2, 4), torch.randn(4, 8).t(), 0, 8)
+
+
+def test_the_float32_tiles_are_as_close_to_float64_as_mkls_product_at_any_rows_and_refuse_a_foreign_layout():
+    """f32_tiles (several rows of the float32 step over kernels.pack_f32's copy) sums each output over its inputs in
+    order: as exact as MKL's product at 2-70 rows (a tile of 8, its remainders, past a chunk of 64), outputs with and
+    without a tail past 16 and past 48, 1-2048 inputs; the packed copy is the weight, block by block; a copy of another
+    shape is refused, before anything is computed."""
+    problem = kernels.kernel_problem() or kernels.cpu_lacks("AVX-512")
+    if problem is not None:
+        pytest.skip(f"f32_tiles needs peft-t5's kernels and AVX-512: {problem}")
+    torch.manual_seed(0)
+    for k, n in [(512, 512), (70, 5), (2048, 513), (1, 1), (512, 1536), (96, 49)]:  # k inputs, n outputs
+        weight = torch.randn(n, k) * 0.05
+        packed = kernels.pack_f32(weight)
+        assert packed.shape == ((n + 15) // 16, k, 16)
+        assert torch.equal(packed.transpose(1, 2).reshape(-1, k)[:n], weight)
+        assert not packed.transpose(1, 2).reshape(-1, k)[n:].any()  # the padding: zeros
+        for rows in (2, 7, 8, 13, 64, 70):
+            x = torch.randn(rows, k)
+            exact = x.double() @ weight.double().t()
+            ours, mkl = torch.ops.peft_t5.f32_tiles(x, packed, n), torch.nn.functional.linear(x, weight)
+            assert ours.shape == (rows, n)
+            assert float((ours - exact).abs().max()) <= 2 * float((mkl - exact).abs().max()) + 1e-6, (k, n, rows)
+    head = torch.randn(32128, 512) * 0.05  # T5's output layer, its rows one by one as the whole
+    x = torch.randn(9, 512)
+    whole = torch.ops.peft_t5.f32_tiles(x, kernels.pack_f32(head), 32128)
+    assert torch.equal(whole[4:5], torch.ops.peft_t5.f32_tiles(x[4:5], kernels.pack_f32(head), 32128))
+    torch.testing.assert_close(whole, x @ head.t(), rtol=0, atol=1e-4)
+    with pytest.raises(RuntimeError, match="f32_tiles: packed must be kernels.pack_f32's"):
+        torch.ops.peft_t5.f32_tiles(torch.randn(2, 64), kernels.pack_f32(torch.randn(16, 32)), 16)
+    with pytest.raises(RuntimeError, match="f32_tiles: out_features does not fit the packed weight's 2 blocks"):
+        torch.ops.peft_t5.f32_tiles(torch.randn(2, 32), kernels.pack_f32(torch.randn(20, 32)), 40)
+
+
+def test_the_float32_steps_layers_take_tiles_where_allowed_and_onednns_copies_on_intel_or_switched_off(monkeypatch):
+    """f32_tiles_problem: on an AVX-512 CPU not Intel's the step's layers are packed for f32_tiles and oneDNN holds
+    none of them; on Intel's (unmeasured there) oneDNN's copies unless PEFT_T5_F32_TILES=on; =off, oneDNN's anywhere.
+    The log and /metrics say which."""
+    problem = kernels.kernel_problem() or kernels.cpu_lacks("AVX-512") or kernels.onednn_problem()
+    if problem is not None:  # (without oneDNN's held copies, the compiled graphs freeze the weights: no tiles either)
+        pytest.skip(f"f32_tiles needs peft-t5's kernels, AVX-512 and weights held by number: {problem}")
+    monkeypatch.setattr(kernels, "f32_tiles_ready", kernels.f32_tiles_ready)  # the real one, after
+    for intel, switch, problem in [(False, None, None), (True, None, "an Intel CPU: oneDNN's held copies"),
+                                   (True, "on", None), (False, "off", "PEFT_T5_F32_TILES=off")]:
+        monkeypatch.setattr(kernels, "intel_cpu", lambda: intel)
+        if switch is None:
+            monkeypatch.delenv("PEFT_T5_F32_TILES", raising=False)
+        else:
+            monkeypatch.setenv("PEFT_T5_F32_TILES", switch)
+        found = kernels.f32_tiles_problem.__wrapped__()
+        assert (found is None) if problem is None else found.startswith(problem), (intel, switch, found)
+        assert kernels.f32_tiles_ready == (problem is None)
+    config = T5Config(d_model=64, d_kv=16, d_ff=128, num_heads=4, num_layers=2, vocab_size=300,
+                      feed_forward_proj="relu", decoder_start_token_id=0)
+    model = T5ForConditionalGeneration(config).eval().requires_grad_(False)  # frozen, as a served base is
+    from peft_t5.serve.t5_runner import T5Weights
+    for tiles in (True, False):
+        monkeypatch.setattr(kernels, "f32_tiles_problem", lambda: None if tiles else "PEFT_T5_F32_TILES=off")
+        weights = T5Weights(model, hold_float=True)
+        step_layers = [weights.head] + [getattr(b, name) for b in weights.decoder for name in ("qkv", "o", "cq", "co",
+                                                                                                 "wi", "wo")]
+        assert all((layer.tiles is not None, layer.held is None) == (tiles, tiles) for layer in step_layers)
+        x = torch.randn(5, 64)
+        with torch.inference_mode(), torch.profiler.profile() as profile:
+            y = weights.head(x)
+        ran = [event.name for event in profile.events()]
+        assert ("peft_t5::f32_tiles" in ran) == tiles
+        torch.testing.assert_close(y, x @ weights.head.weight.t(), rtol=0, atol=1e-4)
+        said = kernels.kernels_used(torch.device("cpu"))
+        assert ("the step's 2 rows and more over packed copies" in said) == tiles
 
 
 def masked_bias(rows: int, heads: int, positions: int, generator, lengths=None) -> torch.Tensor:

@@ -81,17 +81,25 @@ class Linear(nn.Module):
         super().__init__()
         self.weight = weight
         self.held: HeldByOneDNN | None = None  # oneDNN's copy laid out for several rows (hold), where it has one
+        self.tiles: torch.Tensor | None = None  # or peft-t5's (tile): kernels.pack_f32's copy
 
     def hold(self) -> None:
         """Products of this layer (but a float32 row's) take a copy oneDNN lays out for several rows, held by number:
         what inductor's freezing would prepack into each graph, held once and named by the graphs."""
         self.held = HeldByOneDNN(torch.ops.peft_t5.onednn_float_pack(self.weight, PACK_ROWS))
 
+    def tile(self) -> None:
+        """Products of this float32 layer (but one row's) take f32_tiles over its packed copy (f32_tiles_problem)."""
+        self.tiles = kernels.pack_f32(self.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if one_row_float32(x, self.weight):  # the one-row step: peft-t5's kernel streams the weight (kernels.py)
             return torch.ops.peft_t5.f32_matvec(x, self.weight)
         # (as torch.mv, inductor would write a one-row product as its own reduction, fused with the norm before it:
         # 43% slower a step than the prepacked product)
+        if self.tiles is not None and by_kernel_float32(x, self.weight):
+            y = torch.ops.peft_t5.f32_tiles(x.reshape(-1, x.shape[-1]), self.tiles, self.weight.shape[0])
+            return y.reshape(*x.shape[:-1], self.weight.shape[0])
         if self.held is not None:
             rows = x.reshape(-1, x.shape[-1]).to(self.weight.dtype)
             if by_kernel_float32(rows, self.weight):  # 2-4 rows peft-t5's kernel, more oneDNN's, decided in the op
@@ -226,8 +234,9 @@ class T5Weights(nn.Module):
         onednn_problem), numbered in this order (a restart gives each the same number, so that inductor's cache finds
         the graphs that name them): int8 layers (not packed for peft-t5's kernel), and with hold_float the float layers
         whose compiled graphs inductor would freeze otherwise (a bfloat16 base's; a float32 base's step, and its encoder
-        but on Intel's CPUs: its one-row step reads the weights as they are). Returns whether the compiled graphs need
-        no freezing."""
+        but on Intel's CPUs: its one-row step reads the weights as they are). A float32 step's layers take packed copies
+        for peft-t5's f32_tiles instead where kernels.f32_tiles_problem() allows, and oneDNN holds none of them. Returns
+        whether the compiled graphs need no freezing."""
         if self.embed.device.type != "cpu" or kernels.onednn_problem() is not None:
             return False
         int8 = [m for m in self.modules() if isinstance(m, Int8Linear)]
@@ -238,6 +247,10 @@ class T5Weights(nn.Module):
         if self.dtype == torch.float32:
             layers = [getattr(b, name) for b in self.decoder for name in STEP_LAYERS if hasattr(b, name)]
             layers.append(self.head)
+            if kernels.f32_tiles_problem() is None:
+                for layer in layers:
+                    layer.tile()
+                layers = []
             if not kernels.intel_cpu():  # MKL's products are as fast as oneDNN's on Intel's CPUs only (a prepacked
                 # encoder was no faster on a Xeon); on an AMD EPYC oneDNN's were 12-17% faster at the encoder's shapes:
                 # 32 jokes rows encoded in 11.0 ms a row, not 13.2 (the copy: 88 MB for t5-small, 1.4 GB flan-t5-large)
