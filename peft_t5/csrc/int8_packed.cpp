@@ -150,8 +150,8 @@ __attribute__((target("avx512f,avx512vnni"))) inline __m512i dpbusd(__m512i acc,
 // next NB blocks are fetched too: of their 64-byte rows, this tile fetches rows phase, phase + period, ... (the output
 // layer at 8 rows, one tile fetching them all: 1.10 -> 0.75 ms). So the tiles over the same blocks (period of them)
 // share the fetching, and the next blocks arrive at an even pace while these are used: fetched by the first tile
-// alone, the requests came in a burst a quarter of the time at 32 rows (the int8 decoder's products of 32 rows,
-// weights from memory as in the step: 7.9 -> 7.0 ms a step).
+// alone, the requests came in a burst a quarter of the time at 32 rows (the 32-row int8 step 1.04-1.21x as fast in
+// alternating launches of benchmarks/step_profile.py on an AMD EPYC).
 template <int MR, int NB>
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) inline void vnni_tile(const int8_t* q, int64_t q_stride,
     const int32_t* q_sum, const float* x_scale, const int8_t* packed, const float* scale, float* out, int64_t k_blocks,
