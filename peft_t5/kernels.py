@@ -10,8 +10,8 @@
     torch.ops.peft_t5.f32_rows(x, weight, number, out_features)  # x [M, K]: the same loops over 2-4 rows, else
                                                      # oneDNN's product over the copy held under number
     torch.ops.peft_t5.f32_tiles(x, packed, out_features)  # csrc/f32_tiles.cpp: x [M, K] float32, the weight packed
-                                                     # by pack_f32() -> [M, N]; AVX-512 (the float32 step's
-                                                     # products of 2 rows and more: f32_tiles_problem)
+                                                     # by pack_f32() -> [M, N]; AVX-512 (the compiled float32
+                                                     # step's products: f32_tiles_problem)
     torch.ops.peft_t5.int8_packed_matmul(x, packed, scale, amx)  # csrc/int8_packed.cpp: x [M, K] float32, the
                                                          # weight packed by pack_int8(), scale [N] -> [M, N]; several
                                                          # rows through AMX's tiles (amx) or AVX512-VNNI's
@@ -42,11 +42,12 @@ oneDNN's results bit for bit. float32: the one-row step's products (t5_runner.Li
 memory: MKL's reached ~15 GB/s where this one, prefetching, reached 17-23 on a Xeon (its sums in another order:
 within 2e-5 of MKL's on unit-scale weights); on an AMD EPYC, prefetching into L2 (csrc/prefetch.h), 20-22 to MKL's
 10.6. The step of 2-4 rows streams the weights too: f32_rows reads them once for all its rows, ~18 GB/s where
-oneDNN's product over its held copy read t5-small's decoder at ~10 (2 rows: 4.8 ms against 9.6). With AVX-512 but on
-Intel's CPUs, the step of 2 rows and more takes f32_tiles over a packed copy of its layers instead of oneDNN's
-(f32_tiles_problem; the same size: oneDNN then holds none of them), tiles of 8 rows x 48 outputs whose fetching of
-the next weights is spread over the tiles: the step's products of 8 and 32 rows 1.6x and 1.18x oneDNN's, as fast at 2
-and 256 (on one core of an AMD EPYC; within 1e-4 of MKL's on unit-scale inputs). Without AVX-512 (or
+oneDNN's product over its held copy read t5-small's decoder at ~10 (2 rows: 4.8 ms against 9.6). With AVX-512 but not
+on Intel's CPUs, the compiled step of any rows takes f32_tiles over a packed copy of its layers instead of those and
+oneDNN's (f32_tiles_problem; the same size as oneDNN's, which then holds none of them), tiles of 8 rows x 48 outputs
+whose fetching of the next weights is spread over the tiles: the step's products 1.11-1.23x f32_matvec's at one row,
+1.19x, 1.23x and 1.14x f32_rows' and oneDNN's at 4, 8 and 32 rows, 0.96-1.04x at 2 (benchmarks/step_products.py,
+one core of an AMD EPYC; as close to float64's sums as MKL's). Without AVX-512 (or
 where torch is held below it, ATEN_CPU_CAPABILITY), both take AVX2 (csrc/isa.h): int8's rows widened to int16 pairs
 (vpmaddwd; oneDNN's AVX2 sums, in int16, saturate), taking 1-8 rows of any weight, compiled too (`widened`: oneDNN's
 AVX2 int8 is slower there; int8_rows decides by the count as the call runs); so does the attention below. Any CPU
@@ -177,7 +178,7 @@ def attention_problem() -> str | None:
 
 @functools.lru_cache(maxsize=1)
 def f32_tiles_problem() -> str | None:
-    """Why the float32 step's products of 2 rows and more are not f32_tiles' over packed copies here (None: they are;
+    """Why the compiled float32 step's products (of any rows) are not f32_tiles' over packed copies here (None: they are;
     csrc/f32_tiles.cpp, AVX-512), its products checked against F.linear's first. On Intel's CPUs, where they were
     not measured, oneDNN's held copies take them unless PEFT_T5_F32_TILES=on."""
     global f32_tiles_ready
@@ -362,6 +363,6 @@ def kernels_used(device: torch.device) -> str:
         int8 = f"int8 of 1-{MOST_ROWS} rows (AVX2)"
     else:
         int8 = f"int8 of one row, 2-{MOST_ROWS} rows of layers up to 2048 x 512 (AVX512-VNNI)"
-    f32 = ("float32 products of one row, and of the step's 2 rows and more over packed copies (AVX-512)"
+    f32 = ("float32 products of the step's rows over packed copies (AVX-512), of the rest's 1-4 rows"
            if f32_tiles_problem() is None else f"float32 products of 1-4 rows ({instructions('AVX-512')})")
     return f"peft-t5's ({f32}; {int8}); {held}; {attention}"

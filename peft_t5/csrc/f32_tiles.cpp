@@ -1,10 +1,11 @@
-// Several rows of activations times a float32 weight packed once in blocks of 16 outputs (kernels.pack_f32): the
-// float32 step's products of 2 rows and more, on an AVX-512 CPU where T5Weights gives its step layers this copy
+// Rows of activations times a float32 weight packed once in blocks of 16 outputs (kernels.pack_f32): the compiled
+// float32 step's products (one row's too), on an AVX-512 CPU where T5Weights gives its step layers this copy
 // (kernels.f32_tiles_problem). Written by hand because the step streams its weights from memory (t5-small's decoder
 // and output layer, 166 MB, past a 32 MiB L3), and oneDNN's product over its held copy read them at ~12 GB/s at 8
 // rows and ran at ~83 GFLOPS at 32, where these tiles, fetching the next blocks at an even pace, reach ~14 GB/s and
-// ~95 GFLOPS (one core of an AMD EPYC, benchmarks/step_products.py: the step's products 1.19x, 1.23x and 1.14x as
-// fast at 4, 8 and 32 rows, 0.96x and 1.05x at 2 and 64; the engine's step 1.28-1.37x at 8 jokes rows, 1.09x at 32).
+// ~95 GFLOPS (one core of an AMD EPYC, benchmarks/step_products.py: the step's products 1.11-1.19x, 1.23-1.27x and
+// 1.14-1.15x as fast at 4, 8 and 32 rows, 0.96-1.04x at 2, 1.03-1.05x at 64; and 1.11-1.23x f32_matvec's at one row;
+// the engine's step 1.28-1.37x at 8 jokes rows, 1.09x at 32).
 //
 // The layout: [N / 16, K, 16], row k of block nb holding input k of outputs 16 * nb .. 16 * nb + 15 (N padded to 16
 // with zeros): one 64-byte line per input, which a tile of MR rows x NB blocks multiplies by each row's input k

@@ -89,17 +89,17 @@ class Linear(nn.Module):
         self.held = HeldByOneDNN(torch.ops.peft_t5.onednn_float_pack(self.weight, PACK_ROWS))
 
     def tile(self) -> None:
-        """Products of this float32 layer (but one row's) take f32_tiles over its packed copy (f32_tiles_problem)."""
+        """Products of this float32 layer take f32_tiles over its packed copy (f32_tiles_problem), one row's too."""
         self.tiles = kernels.pack_f32(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tiles is not None and by_kernel_float32(x, self.weight):  # one row too: 1.11-1.23x f32_matvec's
+            y = torch.ops.peft_t5.f32_tiles(x.reshape(-1, x.shape[-1]), self.tiles, self.weight.shape[0])
+            return y.reshape(*x.shape[:-1], self.weight.shape[0])  # products in the step (step_products.py)
         if one_row_float32(x, self.weight):  # the one-row step: peft-t5's kernel streams the weight (kernels.py)
             return torch.ops.peft_t5.f32_matvec(x, self.weight)
         # (as torch.mv, inductor would write a one-row product as its own reduction, fused with the norm before it:
         # 43% slower a step than the prepacked product)
-        if self.tiles is not None and by_kernel_float32(x, self.weight):
-            y = torch.ops.peft_t5.f32_tiles(x.reshape(-1, x.shape[-1]), self.tiles, self.weight.shape[0])
-            return y.reshape(*x.shape[:-1], self.weight.shape[0])
         if self.held is not None:
             rows = x.reshape(-1, x.shape[-1]).to(self.weight.dtype)
             if by_kernel_float32(rows, self.weight):  # 2-4 rows peft-t5's kernel, more oneDNN's, decided in the op
@@ -235,7 +235,8 @@ class T5Weights(nn.Module):
         the graphs that name them): int8 layers (not packed for peft-t5's kernel), and with hold_float the float layers
         whose compiled graphs inductor would freeze otherwise (a bfloat16 base's; a float32 base's step, and its encoder
         but on Intel's CPUs: its one-row step reads the weights as they are). A float32 step's layers take packed copies
-        for peft-t5's f32_tiles instead where kernels.f32_tiles_problem() allows, and oneDNN holds none of them. Returns
+        for peft-t5's f32_tiles instead where kernels.f32_tiles_problem() allows (the one-row step's too), and oneDNN
+        holds none of them. Returns
         whether the compiled graphs need no freezing."""
         if self.embed.device.type != "cpu" or kernels.onednn_problem() is not None:
             return False
