@@ -103,14 +103,8 @@ def test_the_compiled_step_answers_as_the_eager_one_on_real_shaped_random_weight
                     fast.remove(fast.n - 1)
 
 
-def test_a_float32_one_row_graph_reads_the_bases_weights_rather_than_a_frozen_copy_of_them(monkeypatch):
-    """Where the step's layers take no tiles (Intel's CPUs, PEFT_T5_F32_TILES=off, no AVX-512), the one-row graph of
-    a float32 base is not frozen (no prepacked copy of the decoder): a weight changed in place changes its answer as it
-    changes the eager step's. The step of several rows reads them as they are at 2-4 rows (peft-t5's kernel,
-    f32_rows) and past 4 takes a copy oneDNN laid out, the same graph deciding as it runs."""
-    if kernels.kernel_problem() is not None:  # a row's products then take oneDNN's copy too (t5_runner.Linear)
-        pytest.skip(f"peft-t5's float32 kernel is not used here: {kernels.kernel_problem()}")
-    monkeypatch.setattr(kernels, "f32_tiles_problem", lambda: "PEFT_T5_F32_TILES=off")
+def small_compiled_runners():
+    """A small LoRA-wrapped T5 (seeded), an eager runner over it and one whose step and encoder are compiled (ready)."""
     config = T5Config(d_model=64, d_kv=16, d_ff=128, num_heads=4, num_layers=2, vocab_size=300,
                       feed_forward_proj="relu", decoder_start_token_id=0)
     torch.manual_seed(0)
@@ -120,6 +114,18 @@ def test_a_float32_one_row_graph_reads_the_bases_weights_rather_than_a_frozen_co
     fast.warm(["default"])
     compiled.wait()
     assert not compiled.failed
+    return model, compiled, eager, fast
+
+
+def test_a_float32_one_row_graph_reads_the_bases_weights_rather_than_a_frozen_copy_of_them(monkeypatch):
+    """Where the step's layers take no tiles (Intel's CPUs, PEFT_T5_F32_TILES=off, no AVX-512), the one-row graph of
+    a float32 base is not frozen (no prepacked copy of the decoder): a weight changed in place changes its answer as it
+    changes the eager step's. The step of several rows reads them as they are at 2-4 rows (peft-t5's kernel,
+    f32_rows) and past 4 takes a copy oneDNN laid out, the same graph deciding as it runs."""
+    if kernels.kernel_problem() is not None:  # a row's products then take oneDNN's copy too (t5_runner.Linear)
+        pytest.skip(f"peft-t5's float32 kernel is not used here: {kernels.kernel_problem()}")
+    monkeypatch.setattr(kernels, "f32_tiles_problem", lambda: "PEFT_T5_F32_TILES=off")
+    model, compiled, eager, fast = small_compiled_runners()
     source = [list(range(5, 25)) + [1]]
     with torch.inference_mode():
         lockstep(eager, fast, source, ["default"], 3)
@@ -159,15 +165,7 @@ def test_where_tiles_are_allowed_every_float32_product_of_the_compiled_step_is_f
     and its logits stay within 1e-4 of the eager step's, its greedy tokens the same."""
     if kernels.f32_tiles_problem() is not None:
         pytest.skip(f"the float32 step takes no tiles here: {kernels.f32_tiles_problem()}")
-    config = T5Config(d_model=64, d_kv=16, d_ff=128, num_heads=4, num_layers=2, vocab_size=300,
-                      feed_forward_proj="relu", decoder_start_token_id=0)
-    torch.manual_seed(0)
-    model = get_peft_model(T5ForConditionalGeneration(config).eval(), LoraConfig(r=4, target_modules=["q", "v"]))
-    compiled = CompiledStep()
-    eager, fast = T5Runner(model), T5Runner(model, compiled=compiled)
-    fast.warm(["default"])
-    compiled.wait()
-    assert not compiled.failed
+    model, compiled, eager, fast = small_compiled_runners()
     source = [list(range(5, 25)) + [1]]
     with torch.inference_mode():
         for rows in (1, 5):
