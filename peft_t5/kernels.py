@@ -63,8 +63,8 @@ positions, a 2-core AMD EPYC), within 1e-5 of SDPA. With AVX2, 8 positions' dot 
 PEFT_T5_KERNELS=off leaves every product to oneDNN and MKL (and the attention to inductor), PEFT_T5_ATTENTION=off the
 attention alone, PEFT_T5_PACKED=off the int8 layers row-major (the row-major kernel and oneDNN take their products),
 PEFT_T5_AMX=off the packed kernel's several rows to AVX512-VNNI's tiles, PEFT_T5_HELD=off the compiled graphs' oneDNN
-products to inductor's frozen weights, PEFT_T5_F32_TILES=off the float32 step's several rows to oneDNN's held copies
-(=on: f32_tiles on Intel's CPUs too) (to compare them).
+products to inductor's frozen weights, PEFT_T5_F32_TILES=off the compiled float32 step's products back to f32_matvec,
+f32_rows and oneDNN's held copies (=on: f32_tiles on Intel's CPUs too) (to compare them).
 """
 from __future__ import annotations
 
@@ -88,7 +88,6 @@ onednn_ready = False  # ... once onednn_problem() has: oneDNN's products (int8 a
 packed_ready = False  # ... once packed_problem() has found the kernel over packed int8 weights usable
 amx_ready = False  # ... and amx_problem() its AMX tiles (several rows; else AVX512-VNNI's)
 attention_ready = False  # ... once attention_problem() has: compiled steps attend through decode_attention
-f32_tiles_ready = False  # ... once f32_tiles_problem() has: the float32 step's layers are packed for f32_tiles
 MOST_ROWS = 8  # the int8 kernel takes products of up to this many rows (one row: always)
 MOST_WEIGHT = 2048 * 512  # ... through weights of up to N * K this large: T5's output layer (32128 x 512) is oneDNN's
 # from 2 rows (8 rows: the kernel 1.2 ms, oneDNN 0.8; 512 x 512: 22 us and 70); compiled graphs too (int8_rows,
@@ -181,14 +180,12 @@ def f32_tiles_problem() -> str | None:
     """Why the compiled float32 step's products (of any rows) are not f32_tiles' over packed copies here (None: they are;
     csrc/f32_tiles.cpp, AVX-512), its products checked against F.linear's first. On Intel's CPUs, where they were
     not measured, oneDNN's held copies take them unless PEFT_T5_F32_TILES=on."""
-    global f32_tiles_ready
     switch = os.environ.get("PEFT_T5_F32_TILES", "auto")
     problem = switched_off_or_unbuilt("PEFT_T5_F32_TILES", "AVX-512")
     if problem is None and intel_cpu() and switch != "on":
         problem = "an Intel CPU: oneDNN's held copies (the tiles were measured on AMD's; PEFT_T5_F32_TILES=on)"
     if problem is None and not f32_tiles_check():
         problem = "its check against F.linear failed"
-    f32_tiles_ready = problem is None
     return problem
 
 
@@ -363,6 +360,6 @@ def kernels_used(device: torch.device) -> str:
         int8 = f"int8 of 1-{MOST_ROWS} rows (AVX2)"
     else:
         int8 = f"int8 of one row, 2-{MOST_ROWS} rows of layers up to 2048 x 512 (AVX512-VNNI)"
-    f32 = ("float32 products of the step's rows over packed copies (AVX-512), of the rest's 1-4 rows"
+    f32 = ("float32 products of the compiled step over packed copies (AVX-512), of the eager step's row"
            if f32_tiles_problem() is None else f"float32 products of 1-4 rows ({instructions('AVX-512')})")
     return f"peft-t5's ({f32}; {int8}); {held}; {attention}"

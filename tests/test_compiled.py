@@ -322,7 +322,6 @@ def test_the_float32_steps_layers_take_tiles_where_allowed_and_onednns_copies_on
     problem = kernels.kernel_problem() or kernels.cpu_lacks("AVX-512") or kernels.onednn_problem()
     if problem is not None:  # (without oneDNN's held copies, the compiled graphs freeze the weights: no tiles either)
         pytest.skip(f"f32_tiles needs peft-t5's kernels, AVX-512 and weights held by number: {problem}")
-    monkeypatch.setattr(kernels, "f32_tiles_ready", kernels.f32_tiles_ready)  # the real one, after
     for intel, switch, problem in [(False, None, None), (True, None, "an Intel CPU: oneDNN's held copies"),
                                    (True, "on", None), (False, "off", "PEFT_T5_F32_TILES=off")]:
         monkeypatch.setattr(kernels, "intel_cpu", lambda: intel)
@@ -332,7 +331,6 @@ def test_the_float32_steps_layers_take_tiles_where_allowed_and_onednns_copies_on
             monkeypatch.setenv("PEFT_T5_F32_TILES", switch)
         found = kernels.f32_tiles_problem.__wrapped__()
         assert (found is None) if problem is None else found.startswith(problem), (intel, switch, found)
-        assert kernels.f32_tiles_ready == (problem is None)
     config = T5Config(d_model=64, d_kv=16, d_ff=128, num_heads=4, num_layers=2, vocab_size=300,
                       feed_forward_proj="relu", decoder_start_token_id=0)
     model = T5ForConditionalGeneration(config).eval().requires_grad_(False)  # frozen, as a served base is
@@ -350,7 +348,7 @@ def test_the_float32_steps_layers_take_tiles_where_allowed_and_onednns_copies_on
         assert ("peft_t5::f32_tiles" in ran) == tiles
         torch.testing.assert_close(y, x @ weights.head.weight.t(), rtol=0, atol=1e-4)
         said = kernels.kernels_used(torch.device("cpu"))
-        assert ("float32 products of the step's rows over packed copies" in said) == tiles
+        assert ("float32 products of the compiled step over packed copies" in said) == tiles
 
 
 def masked_bias(rows: int, heads: int, positions: int, generator, lengths=None) -> torch.Tensor:

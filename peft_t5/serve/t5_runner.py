@@ -236,8 +236,7 @@ class T5Weights(nn.Module):
         whose compiled graphs inductor would freeze otherwise (a bfloat16 base's; a float32 base's step, and its encoder
         but on Intel's CPUs: its one-row step reads the weights as they are). A float32 step's layers take packed copies
         for peft-t5's f32_tiles instead where kernels.f32_tiles_problem() allows (the one-row step's too), and oneDNN
-        holds none of them. Returns
-        whether the compiled graphs need no freezing."""
+        holds none of them. Returns whether the compiled graphs need no freezing."""
         if self.embed.device.type != "cpu" or kernels.onednn_problem() is not None:
             return False
         int8 = [m for m in self.modules() if isinstance(m, Int8Linear)]
