@@ -295,6 +295,34 @@ def return_freed_memory() -> None:
         pass
 
 
+MADV_PAGEOUT = 21  # Linux 5.4 and later
+
+
+def page_out_checkpoint(*models: nn.Module) -> int:
+    """Give the OS back the resident pages of the checkpoint files these models' weights are mapped from (safetensors
+    maps a file privately; transformers' weights are views of it), returning the bytes advised (0: no such mapping,
+    or a kernel without MADV_PAGEOUT). The compiled step reads copies of the weights (packed, fused, held by oneDNN),
+    but pages read once stay in the process's memory: t5-small float32, ~240 MB of its 1.58 GB peak at 32 SQuAD rows.
+    MADV_PAGEOUT lets clean pages go (read from the file again if touched: a norm's weight, an embedding row) and
+    never loses a written one (it would swap it out), so the weights read as before, wherever their bytes are."""
+    import ctypes
+
+    try:
+        with open("/proc/self/maps") as maps:
+            files = [tuple(int(a, 16) for a in line.split()[0].split("-")) for line in maps
+                     if len(line.split()) >= 6 and line.split()[4] != "0" and line.split()[5].startswith("/")]
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return 0
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    starts = {t.untyped_storage().data_ptr() for model in models for t in (*model.parameters(), *model.buffers())}
+    advised = 0
+    for lo, hi in {(lo, hi) for lo, hi in files for start in starts if lo <= start < hi}:
+        if libc.madvise(lo, hi - lo, MADV_PAGEOUT) == 0:
+            advised += hi - lo
+    return advised
+
+
 def is_adapter_weight(parent: nn.Module) -> bool:
     """LoRA's A and B (and other adapters' own layers) live in ModuleDicts keyed by adapter name."""
     return isinstance(parent, nn.ModuleDict)

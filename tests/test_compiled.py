@@ -516,17 +516,32 @@ def bank_of(folders, **adapters: str) -> AdapterBank:
     return AdapterBank.load(None, {name: str(folders / folder) for name, folder in adapters.items()})
 
 
-def test_every_kind_of_request_decodes_alike_compiled_and_eager_with_no_graph_past_those_of_the_start(folders):
+def test_every_kind_of_request_decodes_alike_compiled_and_eager_with_no_graph_past_those_of_the_start(folders,
+                                                                                                       monkeypatch):
+    """... and once its graphs are compiled, the engine gives the OS back the checkpoint's pages (they answer as
+    before: the compiled graphs read copies of the weights, the rest is read back from the file)."""
+    import peft_t5.serve.engine as engine_module
+
     bank = bank_of(folders, q_v="q_v", wide="wide")
     expected = decode(bank, requests(), compile=False)
+    paged, advised, real = threading.Event(), [], engine_module.page_out_checkpoint
+
+    def page_out(*models):
+        advised.append((models, real(*models)))
+        paged.set()
+        return advised[-1][1]
+    monkeypatch.setattr(engine_module, "page_out_checkpoint", page_out)
     engine = Engine(bank, max_rows=16, max_rows_per_request=16)
     counted = {}
 
     async def body(engine):
         counted["before"] = graphs()
+        assert paged.wait(300)  # a bound on a hang: it follows the last compile
+        counted["done"] = engine.compiled.done()
         return [await engine.complete(**ask) for ask in requests()]
     got = running(engine, body)
     same_completions(got, expected)
+    assert counted["done"] and len(advised) == 1 and advised[0][0] == tuple(bank.models()) and advised[0][1] > 0
     assert graphs() == counted["before"] and not engine.compiled.failed
     assert engine.compiled.steps["eager"] == 0 and engine.compiled.steps["compiled"] >= 14  # one step a token or more
     assert engine.compiled.encodes["eager"] == 0 and engine.compiled.encodes["compiled"] >= 4  # one a request or more

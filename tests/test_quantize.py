@@ -418,3 +418,41 @@ def test_fused_int8_layers_whose_outputs_do_not_fill_packed_blocks_keep_their_va
         assert all(p.packed_weight is None and torch.equal(p.weight, w) for p, w in zip(parts, before))
         assert torch.equal(int8_linear(x, layer), expected)
         assert torch.equal(torch.cat([int8_linear(x, p) for p in parts], -1), expected)
+
+
+def resident_in_mapping(tensor: torch.Tensor) -> int:
+    """Bytes resident of the file mapping that holds tensor (its Rss in /proc/self/smaps)."""
+    at, inside = tensor.untyped_storage().data_ptr(), False
+    for line in open("/proc/self/smaps"):
+        first = line.split()[0]
+        if "-" in first and ":" not in first:
+            lo, hi = (int(a, 16) for a in first.split("-"))
+            inside = lo <= at < hi
+        elif inside and first == "Rss:":
+            return int(line.split()[1]) * 1024
+    raise AssertionError("the tensor is in no mapping")
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="Linux's /proc: no file mappings to read")
+def test_the_checkpoints_pages_go_back_to_the_os_and_every_weight_reads_as_before_a_written_one_too(tmp_path):
+    """page_out_checkpoint: the pages of the safetensors file a base's weights are mapped from leave the process's
+    memory (the compiled engine reads copies of the weights), and the weights read as before: those only read
+    come back from the file, and one written in place (a private copy of its page) keeps what was written."""
+    from peft_t5.modeling import load_base_model
+    from peft_t5.quantize import page_out_checkpoint
+
+    tiny_model().save_pretrained(tmp_path / "base")
+    model = load_base_model(str(tmp_path / "base"))
+    weights = dict(model.named_parameters())
+    written = weights["decoder.block.0.layer.1.EncDecAttention.q.weight"]
+    with torch.no_grad():
+        written.mul_(2.0)
+    expected = {name: p.detach().clone() for name, p in weights.items()}
+    touched = resident_in_mapping(written)
+    assert touched > 0  # the checkpoint is a file mapping, read
+    if not page_out_checkpoint(model):
+        pytest.skip("the kernel has no MADV_PAGEOUT (Linux 5.4)")
+    assert resident_in_mapping(written) < touched / 2
+    for name, p in weights.items():
+        assert torch.equal(p, expected[name]), name
+    assert page_out_checkpoint(tiny_model()) == 0  # a model built in memory maps no checkpoint

@@ -107,13 +107,17 @@ class CompiledStep:
         # graph is only used where the count is the same (dynamo guards on it)
         self.work.put((key, examples(args, key[1], part_of(step)), torch.get_num_threads()))
 
+    def done(self) -> bool:
+        """Whether every requested graph is compiled (or failed)."""
+        with self.lock:
+            return not self.queued - set(self.ready) - set(self.failed)
+
     def wait(self, timeout: float = 600.0) -> None:
         """Block until every requested graph is compiled (or failed): benchmarks and tests."""
         deadline = time.monotonic() + timeout
         while True:
-            with self.lock:
-                if not self.queued - set(self.ready) - set(self.failed):
-                    return
+            if self.done():
+                return
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the step did not compile in {timeout:g} s")
             time.sleep(0.05)

@@ -40,6 +40,7 @@ from types import SimpleNamespace
 import torch
 
 from ..bank import BASE, AdapterBank
+from ..quantize import page_out_checkpoint
 from .compiled import CompiledStep
 from .decoding import GREEDY, BeamGroup, Sampling, choose, generator_for
 from .failures import AdapterGone, Busy, DeadlineExceeded, Stopping, TooLarge
@@ -199,7 +200,8 @@ class Engine:
         # the base-and-LoRA lane's runner and its compiled step live as long as the engine (a lane comes and goes)
         self.static: T5Runner | None = None
         self.static_problem = static_problem(bank.base)  # None: base and LoRA rows run on static buffers
-        self.compiled = CompiledStep(compile_cache, on_compiled) if compile and not self.static_problem else None
+        self.on_compiled = on_compiled
+        self.compiled = CompiledStep(compile_cache, self._compiled) if compile and not self.static_problem else None
         self.warmed: concurrent.futures.Future = concurrent.futures.Future()  # the start's compile requests are made
         config = bank.base.config
         self.start_token, self.eos = config.decoder_start_token_id, config.eos_token_id
@@ -227,6 +229,15 @@ class Engine:
         return {"step": step, "weights": "int8" if int8 else str(self.bank.base.dtype).removeprefix("torch."),
                 "kv_cache": str(self.kv_cache_dtype).removeprefix("torch."),
                 "int8": int8_path() if int8 else "off", "kernels": kernels_used(self.bank.base.device)}
+
+    def _compiled(self, part: str, kind: str, seconds: float | None, error: str | None) -> None:
+        """On the compiling thread, as a graph is ready or failed. With none left to compile, the pages of the
+        checkpoint the engine has read go back to the OS: the compiled graphs read copies of the weights
+        (quantize.page_out_checkpoint; a page touched again is read back)."""
+        if self.on_compiled is not None:
+            self.on_compiled(part, kind, seconds, error)
+        if self.compiled.done() and (advised := page_out_checkpoint(*self.bank.models())):
+            logger.info("the checkpoint's pages read so far (%d MB mapped) went back to the OS", advised >> 20)
 
     # --- the event loop's side -------------------------------------------------------------------------------
     def start(self) -> None:
