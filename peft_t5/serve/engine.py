@@ -232,11 +232,18 @@ class Engine:
 
     def _compiled(self, part: str, kind: str, seconds: float | None, error: str | None) -> None:
         """On the compiling thread, as a graph is ready or failed. With none left to compile, the pages of the
-        checkpoint the engine has read go back to the OS: the compiled graphs read copies of the weights
-        (quantize.page_out_checkpoint; a page touched again is read back)."""
+        checkpoint the engine has read go back to the OS, on the model thread (between steps, not while an adapter
+        loads): the compiled graphs read copies of the weights (quantize.page_out_checkpoint; a page touched again
+        is read back)."""
         if self.on_compiled is not None:
             self.on_compiled(part, kind, seconds, error)
-        if self.compiled.done() and (advised := page_out_checkpoint(*self.bank.models())):
+        if self.compiled.done():
+            with self.wake:
+                self.controls.append((self._page_out, (), concurrent.futures.Future()))
+                self.wake.notify_all()
+
+    def _page_out(self) -> None:
+        if advised := page_out_checkpoint(*self.bank.models()):
             logger.info("the checkpoint's pages read so far (%d MB mapped) went back to the OS", advised >> 20)
 
     # --- the event loop's side -------------------------------------------------------------------------------
