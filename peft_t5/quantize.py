@@ -308,12 +308,13 @@ def page_out_checkpoint(*models: nn.Module) -> int:
     import ctypes
 
     try:
-        with open("/proc/self/maps") as maps:
-            files = [tuple(int(a, 16) for a in line.split()[0].split("-")) for line in maps
-                     if len(line.split()) >= 6 and line.split()[4] != "0" and line.split()[5].startswith("/")]
+        with open("/proc/self/maps") as maps:  # address range, permissions, offset, device, inode, path
+            fields = [line.split() for line in maps]
         libc = ctypes.CDLL(None, use_errno=True)
     except OSError:
         return 0
+    files = [tuple(int(a, 16) for a in f[0].split("-")) for f in fields if len(f) >= 6 and f[4] != "0"
+             and f[5].startswith("/")]
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     starts = {t.untyped_storage().data_ptr() for model in models for t in (*model.parameters(), *model.buffers())}
     advised = 0

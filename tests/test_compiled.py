@@ -518,7 +518,8 @@ def bank_of(folders, **adapters: str) -> AdapterBank:
 
 def test_every_kind_of_request_decodes_alike_compiled_and_eager_with_no_graph_past_those_of_the_start(folders,
                                                                                                        monkeypatch):
-    """... and once its graphs are compiled, the engine gives the OS back the checkpoint's pages (they answer as
+    """Each kind of request answers as the eager engine does, with no graph but those asked for at start; and once
+    they are compiled, the engine gives the OS back the checkpoint's pages, before the requests (which answer as
     before: the compiled graphs read copies of the weights, the rest is read back from the file)."""
     import peft_t5.serve.engine as engine_module
 
