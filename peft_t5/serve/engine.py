@@ -238,9 +238,7 @@ class Engine:
         if self.on_compiled is not None:
             self.on_compiled(part, kind, seconds, error)
         if self.compiled.done():
-            with self.wake:
-                self.controls.append((self._page_out, (), concurrent.futures.Future()))
-                self.wake.notify_all()
+            self._between_steps(self._page_out)
 
     def _page_out(self) -> None:
         if advised := page_out_checkpoint(*self.bank.models()):
@@ -252,9 +250,7 @@ class Engine:
         self.thread = threading.Thread(target=self._run, daemon=True, name="peft-t5-model")
         self.thread.start()
         if self.compiled is not None:  # compile while the server has nothing to do yet (asked on the model
-            with self.wake:  # thread: graphs are built for its torch threads)
-                self.controls.append((self._warm, (), self.warmed))
-                self.wake.notify_all()
+            self._between_steps(self._warm, done=self.warmed)  # thread: graphs are built for its torch threads)
 
     def wait_compiled(self, timeout: float = 600.0) -> None:
         """Block this thread until the compiled graphs (step and encoder) asked for so far are ready (or failed): those
@@ -426,11 +422,16 @@ class Engine:
 
     async def on_model_thread(self, fn, *args):
         """Run fn(*args) on the model's thread between two steps (loading, unloading adapters)."""
-        done: concurrent.futures.Future = concurrent.futures.Future()
+        return await asyncio.wrap_future(self._between_steps(fn, *args))
+
+    def _between_steps(self, fn, *args, done: concurrent.futures.Future | None = None) -> concurrent.futures.Future:
+        """Queue fn(*args) for the model's thread, between two steps (any thread); `done` (new if None) gets its
+        result."""
+        done = done if done is not None else concurrent.futures.Future()
         with self.wake:
             self.controls.append((fn, args, done))
             self.wake.notify_all()
-        return await asyncio.wrap_future(done)
+        return done
 
     def _resolve(self, request: Request, result=None, error: Exception | None = None) -> None:
         request.failed = request.failed or error is not None
