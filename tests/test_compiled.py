@@ -254,6 +254,46 @@ def test_a_float32_encoder_takes_onednns_held_copies_except_on_intel_cpus(monkey
     assert kernels.kernels_used(torch.device("cpu")).count("a float32 encoder's products oneDNN's") == 1
 
 
+def padded_rows(m: int) -> int:
+    """onednn_held.cpp's padded_rows: counts past 64 up to one of 16 sizes an octave."""
+    size = (1 << (m.bit_length() - 1)) // 16
+    return m if m <= 64 else -(-m // size) * size
+
+
+def test_onednn_is_given_few_row_counts_and_every_rows_product_stays_exact(capfd):
+    """oneDNN builds and keeps a product for each row count it is given (~0.5 MB each, up to 1,024): an encoder fed
+    prompts of every length grew a server by ~440 MB. Past 64 rows (the step's counts are kept) the held products pad
+    the rows to one of 16 sizes an octave: counts 1-400 reach oneDNN as 105 sizes, and each row's product is as exact
+    as before, float32 and int8 (whose sums are exact: equal to the integer product)."""
+    if kernels.onednn_problem() is not None:
+        pytest.skip(f"oneDNN's products take no held weights here: {kernels.onednn_problem()}")
+    from peft_t5.quantize import Int8Linear
+
+    torch.manual_seed(0)
+    weight, x = torch.randn(64, 96) * 0.1, torch.randn(400, 96)
+    number = torch.ops.peft_t5.onednn_float_pack(weight, 16)
+    layer = Int8Linear(weight)
+    q = torch.randint(0, 256, (400, 96), dtype=torch.uint8)
+    exact_int8 = (q.double() - 128) @ layer.weight.double().t() * layer.weight_scale.double()
+    exact = x.double() @ weight.double().t()
+    try:
+        with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+            for m in range(1, 401):
+                y = torch.ops.peft_t5.onednn_float_linear(x[:m], number, 64)
+                assert y.shape == (m, 64) and y.is_contiguous()
+                assert float((y - exact[:m]).abs().max()) < 1e-4, m
+                if m in (65, 67, 130, 399):
+                    z = torch.ops.peft_t5.onednn_int8_matmul(q[:m], layer.onednn_number(), layer.weight_scale,
+                                                             layer.weight_zero_point)
+                    assert z.shape == (m, 64) and torch.allclose(z.double(), exact_int8[:m], rtol=1e-6), m
+        ran = capfd.readouterr().out
+    finally:
+        torch.ops.peft_t5.onednn_release(number)
+    counts = {int(line.split(",mb")[1].split("ic")[0]) for line in ran.splitlines() if ",exec,cpu,inner_product," in line}
+    assert counts == {padded_rows(m) for m in range(1, 401)} and len(counts) == 105
+    assert padded_rows(65) == 68 and padded_rows(399) == 400 and padded_rows(4000) == 4096
+
+
 def test_the_float32_kernels_of_1_to_4_rows_are_as_close_to_float64_as_mkls_product():
     """peft-t5's float32 products of one row (f32_matvec) and of 2-4 (f32_rows) sum in another order than MKL's: as
     exact, on widths with and without a tail past 16 floats, output counts with and without one past 4; past 4 rows

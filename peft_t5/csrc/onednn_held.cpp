@@ -31,6 +31,27 @@ at::Tensor held_weight(int64_t number, const char* op) {
   return found->second;
 }
 
+// oneDNN builds a primitive for each row count it is given and keeps up to 1,024 of them (~0.5 MB each, and another
+// cache of ideep's holds them too): an encoder fed prompts of every length (rows x tokens) grew a server's memory by
+// ~440 MB, and each new count cost ~1 ms of building a product. Counts past kExactRows (the step's: one per row
+// count) are padded to one of kSizesPerOctave sizes an octave, so few sizes recur: at most 1/16 more rows.
+constexpr int64_t kExactRows = 64, kSizesPerOctave = 16;
+
+int64_t padded_rows(int64_t m) {
+  if (m <= kExactRows) return m;
+  const int64_t size = (int64_t{1} << (63 - __builtin_clzll(static_cast<uint64_t>(m)))) / kSizesPerOctave;
+  return (m + size - 1) / size * size;
+}
+
+// x [M, K] contiguous, with zero rows added up to `rows`
+at::Tensor with_rows(const at::Tensor& x, int64_t rows) {
+  if (x.size(0) == rows) return x.contiguous();
+  at::Tensor out = at::empty({rows, x.size(1)}, x.options());
+  out.narrow(0, 0, x.size(0)).copy_(x);
+  out.narrow(0, x.size(0), rows - x.size(0)).zero_();
+  return out;
+}
+
 void onednn_release(int64_t number) {
   std::lock_guard<std::mutex> lock(held_mutex);
   held.erase(number);
@@ -52,10 +73,11 @@ at::Tensor onednn_int8_matmul(const at::Tensor& q, int64_t number, const at::Ten
   TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kByte, "onednn_int8_matmul: q must be [M, K] uint8");
   at::Tensor weight = held_weight(number, "onednn_int8_matmul");
   static const c10::OperatorHandle product = onednn_op("onednn::qlinear_pointwise");
-  torch::jit::Stack stack{q.contiguous(), 1.0, int64_t{128}, weight, scale, zero_point, c10::IValue(), 1.0,
-                          int64_t{0}, at::kFloat, "none", c10::List<std::optional<at::Scalar>>(), ""};
+  torch::jit::Stack stack{with_rows(q, padded_rows(q.size(0))), 1.0, int64_t{128}, weight, scale, zero_point,
+                          c10::IValue(), 1.0, int64_t{0}, at::kFloat, "none",
+                          c10::List<std::optional<at::Scalar>>(), ""};
   product.callBoxed(&stack);
-  return stack.at(0).toTensor();
+  return stack.at(0).toTensor().narrow(0, 0, q.size(0));
 }
 
 // weight [N, K] float32 or bfloat16 -> the number its copy, laid out by oneDNN for products of about `rows` rows,
@@ -75,10 +97,10 @@ at::Tensor onednn_float_linear(const at::Tensor& x, int64_t number, int64_t out_
   TORCH_CHECK(x.dim() == 2, "onednn_float_linear: x must be [M, K]");
   at::Tensor weight = held_weight(number, "onednn_float_linear");
   static const c10::OperatorHandle linear = onednn_op("mkldnn::_linear_pointwise");
-  torch::jit::Stack stack{x.contiguous(), weight, c10::IValue(), "none", c10::List<std::optional<at::Scalar>>(),
-                          c10::IValue()};
+  torch::jit::Stack stack{with_rows(x, padded_rows(x.size(0))), weight, c10::IValue(), "none",
+                          c10::List<std::optional<at::Scalar>>(), c10::IValue()};
   linear.callBoxed(&stack);
-  return stack.at(0).toTensor();
+  return stack.at(0).toTensor().narrow(0, 0, x.size(0));
 }
 
 }  // namespace
