@@ -187,14 +187,14 @@ class ModuleRunner:
             tensors = [None] * self.layers if fresh else getattr(self, name)
             for i in range(self.layers):  # in place, layer by layer: each old tensor goes before the next new one
                 tensors[i] = grown(tensors[i], size)  # is made, so growing never holds two whole caches at once
+                if not fresh and self.device.type == "cpu":
+                    return_freed_memory()  # the outgrown layer's memory back to the OS (T5Runner._allocate says why)
             setattr(self, name, tensors)
         for name in ("lengths", "source_lengths"):
             new = torch.zeros(rows, dtype=torch.long, device=self.device)
             if not fresh:
                 new[:self.n] = getattr(self, name)[:self.n]
             setattr(self, name, new)
-        if not fresh and self.device.type == "cpu":
-            return_freed_memory()  # the outgrown slots' memory back to the OS (T5Runner._allocate says why)
 
     @property
     def capacity(self) -> tuple[int, int, int]:
