@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
+import mmap
 import os
 
 import torch
@@ -293,6 +295,18 @@ def return_freed_memory() -> None:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def lazily_zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.zeros, but on a CPU (Linux) in memory of its own that the OS fills a page at a time as it is first
+    written: an attention cache's positions that no row reaches (past a short prompt's end) take no memory, and
+    freeing it gives it all back to the OS at once (a block of glibc's heap stayed held, and torch.zeros writes
+    every page). Reading an unwritten page reads zeros and takes none."""
+    count = math.prod(shape)
+    if device.type != "cpu" or not hasattr(mmap, "MAP_PRIVATE") or not count:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    memory = mmap.mmap(-1, count * dtype.itemsize, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(memory, dtype=dtype, count=count).view(shape)  # holds the mapping until freed
 
 
 MADV_PAGEOUT = 21  # Linux 5.4 and later

@@ -1,10 +1,15 @@
 """The decoder step's own math against what it replaces: RowLora against PEFT's adapter_names (adapters of different
 ranks and layers, base rows, an adapter replaced under the same name), the packed output projection against
 the plain one, and the fused RMS norm against T5's."""
+import os
+import struct
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
+from transformers import T5Config, T5ForConditionalGeneration
 
 from peft_t5.modeling import tiny_model
 from peft_t5.serve.module_runner import BASE_ADAPTER, DORA_SCALES, ModuleRunner, PackedHead, RowLora, linear, norm
@@ -119,27 +124,46 @@ def test_slots_grown_mid_decoding_keep_every_active_rows_state(mixed):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["module", "static"])
-def test_growing_the_slots_hands_the_outgrown_memory_back(mixed, monkeypatch, kind):
-    """A growth of either runner's slots asks malloc to give each outgrown cache back to the OS as soon as its layer's
-    new one is made (glibc keeps them otherwise: ~70 MB at 32 SQuAD rows; and once it has freed caches, it made each
-    new one beside the old: 16 -> 32 SQuAD rows peaked 190 MB higher); a first allocation or an add that fits does
-    not."""
-    from peft_t5.serve import module_runner, t5_runner
+def pages_written(tensor: torch.Tensor) -> tuple[int, int]:
+    """(pages of the tensor's memory the OS has given it, pages it spans), from /proc/self/pagemap's present bit."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    start = tensor.data_ptr() // page
+    end = (tensor.data_ptr() + tensor.numel() * tensor.element_size() - 1) // page + 1
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(start * 8)
+        entries = f.read((end - start) * 8)
+    return sum(entry >> 63 for (entry,) in struct.iter_unpack("<Q", entries)), end - start
 
-    trims = []
-    for module in (module_runner, t5_runner):
-        monkeypatch.setattr(module, "return_freed_memory", lambda: trims.append(1))
-    runner = ModuleRunner(mixed, capacity=1) if kind == "module" else t5_runner.T5Runner(mixed, capacity=1)
-    assert trims == []
-    runner.add([[5, 6, 1]], ["one"], budgets=[4])
-    before = len(trims)
-    runner.add([list(range(3, 40)) + [1]], ["two"], budgets=[4])  # a second row, a longer source: grown once
-    caches = 4 * len(runner.self_k)  # self- and cross-attention keys and values, a layer each
-    assert len(trims) == before + caches and runner.capacity[0] >= 2 and runner.capacity[2] >= 38
-    runner.remove(1)
-    runner.add([[7, 8, 1]], ["two"], budgets=[4])  # fits
-    assert len(trims) == before + caches
+
+@pytest.mark.skipif(not Path("/proc/self/pagemap").exists(), reason="Linux's /proc/self/pagemap")
+def test_the_caches_take_memory_for_the_positions_rows_have_written_only():
+    """The attention caches are lazily zeroed (quantize.lazily_zeroed): a row's positions past its source (or past
+    the tokens it has decoded) take no memory, as the rows no request holds. One 400-token source beside 11 of 10
+    tokens: the cross-attention keys of a layer hold a fifth of their pages, after the slots grew (only what rows
+    wrote is copied) and after the long row left (the last row moved into its slot, its positions only); the rows
+    decode exactly as in a runner that never held the long one (what it left in the slot is masked)."""
+    from peft_t5.serve.t5_runner import T5Runner
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=64, d_model=512, d_kv=64, num_heads=8, num_layers=1, d_ff=64, decoder_start_token_id=0)
+    model = T5ForConditionalGeneration(config).eval()  # t5-small's heads: a position is 256 bytes of a row's head
+    runner, fresh = T5Runner(model, capacity=8), T5Runner(model, capacity=8)
+    short = [[3 + i] * 9 + [1] for i in range(11)]
+    runner.add([list(range(2, 62)) * 6 + [1] * 40] + short[:7], None, budgets=[4] * 8)
+    assert runner.capacity[2] >= 400
+    written, spanned = pages_written(runner.cross_k[0])
+    assert written < spanned / 5, (written, spanned)
+    runner.add(short[7:], None, budgets=[4] * 4)  # past 8 rows: grown, and the rows' positions copied
+    written, spanned = pages_written(runner.cross_k[0])
+    assert runner.capacity[0] == 16 and written < spanned / 5, (written, spanned)
+    runner.remove(0)
+    assert pages_written(runner.cross_k[0])[0] <= written
+    fresh.add([short[10]] + short[:10], None, budgets=[4] * 11)  # the order remove() left them in
+    tokens = torch.zeros(11, dtype=torch.long)
+    for _ in range(3):
+        logits = runner.step(tokens)
+        assert torch.equal(logits, fresh.step(tokens))
+        tokens = logits.argmax(-1)
 
 
 @pytest.mark.parametrize("kind", ["module", "static"])
@@ -150,8 +174,7 @@ def test_an_idle_runners_slots_go_back_to_their_first_size_and_new_rows_decode_a
     from peft_t5.serve import module_runner, t5_runner
 
     trims = []
-    for module in (module_runner, t5_runner):
-        monkeypatch.setattr(module, "return_freed_memory", lambda: trims.append(1))
+    monkeypatch.setattr(module_runner, "return_freed_memory", lambda: trims.append(1))
     runners = [ModuleRunner(mixed, capacity=1) if kind == "module" else t5_runner.T5Runner(mixed, capacity=1)
                for _ in range(2)]
     runner, fresh = runners

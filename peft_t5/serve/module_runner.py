@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.lora import LoraLayer
 
-from ..quantize import return_freed_memory
+from ..quantize import lazily_zeroed, return_freed_memory
 
 BASE_ADAPTER = "__base__"  # PEFT's adapter_names entry for "no adapter"
 
@@ -178,18 +178,16 @@ class ModuleRunner:
         fresh = not hasattr(self, "self_k")
 
         def grown(old: torch.Tensor | None, size: int) -> torch.Tensor:
-            new = torch.zeros((rows, self.heads, size, self.head_dim), dtype=self.dtype, device=self.device)
+            new = lazily_zeroed((rows, self.heads, size, self.head_dim), self.dtype, self.device)
             if old is not None and self.n:
                 new[:self.n, :, :old.shape[2]] = old[:self.n]
             return new
 
         for name, size in (("self_k", length), ("self_v", length), ("cross_k", source), ("cross_v", source)):
             tensors = [None] * self.layers if fresh else getattr(self, name)
-            for i in range(self.layers):  # in place, layer by layer: each old tensor goes before the next new one
-                tensors[i] = grown(tensors[i], size)  # is made, so growing never holds two whole caches at once
-                if not fresh and self.device.type == "cpu":
-                    return_freed_memory()  # the outgrown layer's memory back to the OS (T5Runner._allocate says why)
-            setattr(self, name, tensors)
+            for i in range(self.layers):  # in place, layer by layer: each old tensor goes (back to the OS: its own
+                tensors[i] = grown(tensors[i], size)  # mapping) before the next new one is made, so growing never
+            setattr(self, name, tensors)  # holds two whole caches at once
         for name in ("lengths", "source_lengths"):
             new = torch.zeros(rows, dtype=torch.long, device=self.device)
             if not fresh:
@@ -373,9 +371,10 @@ def copy_sources(runner, copies: list[tuple[int, int]]) -> None:
     cross-attention keys and values and its source length."""
     if copies:
         to, of = (torch.tensor(c, device=runner.device) + runner.n for c in zip(*copies))
+        longest = int(runner.source_lengths[of].max())  # no further: pages past it stay unwritten (lazily_zeroed)
         for tensors in (runner.cross_k, runner.cross_v):
             for t in tensors:
-                t[to] = t[of]
+                t[to, :, :longest] = t[of, :, :longest]
         runner.source_lengths[to] = runner.source_lengths[of]
 
 

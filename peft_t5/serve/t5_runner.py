@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
-from ..quantize import HeldByOneDNN, Int8Linear, return_freed_memory
+from ..quantize import HeldByOneDNN, Int8Linear, lazily_zeroed
 from .module_runner import BASE_ADAPTER, ModuleRunner, copy_sources, encoding_plan, padded
 
 logger = logging.getLogger(__name__)
@@ -554,20 +554,22 @@ class T5Runner:
         w = self.weights
         layers = len(w.decoder)
 
-        def grown(old: torch.Tensor | None, size: int) -> torch.Tensor:
-            new = torch.zeros((rows, w.heads, size + 1, w.head_dim), dtype=w.cache_dtype, device=self.device)
-            if old is not None and self.n:
-                keep = min(old.shape[2], size + 1)
-                new[:self.n, :, :keep] = old[:self.n, :, :keep]
+        used = {"self": [], "cross": []}  # each active row's positions written so far: the only ones copied, so
+        if not fresh:  # that a new cache's pages past them stay unwritten (lazily_zeroed)
+            used = {"self": (self.lengths[:self.n] + 1).tolist(), "cross": self.source_lengths[:self.n].tolist()}
+
+        def grown(old: torch.Tensor | None, size: int, kind: str) -> torch.Tensor:
+            new = lazily_zeroed((rows, w.heads, size + 1, w.head_dim), w.cache_dtype, self.device)
+            for row, extent in enumerate(used[kind] if old is not None else []):
+                extent = min(extent, size + 1, old.shape[2])
+                new[row, :, :extent] = old[row, :, :extent]
             return new
 
         for name, size in (("self_k", length), ("self_v", length), ("cross_k", source), ("cross_v", source)):
             tensors = [None] * layers if fresh else getattr(self, name)
-            for i in range(layers):  # in place, layer by layer: each old tensor goes before the next new one is
-                tensors[i] = grown(tensors[i], size)  # made, so growing never holds two whole caches at once
-                if not fresh and self.device.type == "cpu":  # (given back at once: else glibc keeps it, and after
-                    return_freed_memory()  # it has freed caches once (idle) it makes each new one beside the old
-            setattr(self, name, tensors)  # ones: 16 -> 32 SQuAD rows peaked 190 MB higher, float32)
+            for i in range(layers):  # in place, layer by layer: each old tensor goes (back to the OS: its own
+                tensors[i] = grown(tensors[i], size, name[:-2])  # mapping) before the next new one is made, so
+            setattr(self, name, tensors)  # growing never holds two whole caches at once
         for name in ("lengths", "source_lengths", "row_slots"):
             new = torch.zeros(rows, dtype=torch.long, device=self.device)
             if not fresh:
@@ -668,10 +670,12 @@ class T5Runner:
     def remove(self, row: int) -> None:
         """Free row's slot: the last active row moves into it."""
         last = self.n - 1
-        if row != last:
-            for tensors in (self.self_k, self.self_v, self.cross_k, self.cross_v):
+        if row != last:  # the positions the last row has written, no further (its unwritten pages stay so)
+            written, source = int(self.lengths[last]) + 1, int(self.source_lengths[last])
+            for tensors, extent in ((self.self_k, written), (self.self_v, written), (self.cross_k, source),
+                                    (self.cross_v, source)):
                 for t in tensors:
-                    t[row] = t[last]
+                    t[row, :, :extent] = t[last, :, :extent]
             for t in (self.lengths, self.source_lengths, self.row_slots):
                 t[row] = t[last]
         self.n = last
