@@ -62,19 +62,8 @@ def engine_child(system: str, work: dict, phases: Phases) -> None:
     if system.endswith("int8"):
         quantize_int8(*bank.models())
     phases("model loaded")
-    loop = asyncio.new_event_loop()
-    threading.Thread(target=loop.run_forever, daemon=True).start()
-    engine = Engine(bank, max_rows=ROWS, max_rows_per_request=ROWS, threads=THREADS,
-                    compile="eager" not in system, compile_cache=work["cache"])
-
-    def call(coroutine):
-        return asyncio.run_coroutine_threadsafe(coroutine, loop).result()
-
-    async def start():
-        engine.start()
-
-    call(start())
-    engine.wait_compiled()
+    engine, call = started_engine(Engine(bank, max_rows=ROWS, max_rows_per_request=ROWS, threads=THREADS,
+                                         compile="eager" not in system, compile_cache=work["cache"]))
     phases("engine ready")
     names = list(work["adapters"])
     call(engine.generate(names[:1], [work["first"]], TOKENS, min_new_tokens=TOKENS))
@@ -84,6 +73,22 @@ def engine_child(system: str, work: dict, phases: Phases) -> None:
     engine.wait_until(lambda: not engine.busy and not engine._grown(), timeout=120)
     phases(f"idle ({IDLE_RELEASE_S:g} s)")
     call(engine.stop())
+
+
+def started_engine(engine):
+    """The engine started on an event loop of its own thread, its graphs compiled; and call(coroutine) -> its result."""
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+
+    def call(coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, loop).result()
+
+    async def start():
+        engine.start()
+
+    call(start())
+    engine.wait_compiled()
+    return engine, call
 
 
 def ct2_child(system: str, work: dict, phases: Phases) -> None:
@@ -107,8 +112,9 @@ def ct2_child(system: str, work: dict, phases: Phases) -> None:
     phases(f"{ROWS} SQuAD rows")
 
 
-def run_child(system: str, work_file: str) -> list[dict]:
-    process = subprocess.run([sys.executable, __file__, "--child", system, "--work", work_file], capture_output=True,
+def run_child(system: str, work_file: str, script: str = __file__) -> list[dict]:
+    """What `script --child system --work work_file` printed last, as JSON: one system in a process of its own."""
+    process = subprocess.run([sys.executable, script, "--child", system, "--work", work_file], capture_output=True,
                              text=True, env={**os.environ, "OMP_NUM_THREADS": str(THREADS), "HF_HUB_OFFLINE": "1"})
     if process.returncode:
         raise RuntimeError(f"{system} failed: {process.stderr[-2000:]}")

@@ -10,18 +10,14 @@ python benchmarks/engine_memory_rounds.py [--rounds 8] [--systems ...] [--output
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import os
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine_memory import SOURCE_LIMIT, THREADS, prepare  # noqa: E402  (imports no torch)
+from engine_memory import SOURCE_LIMIT, THREADS, prepare, run_child, started_engine  # noqa: E402  (no torch)
 
 TOKENS, ROWS = 32, 32
 SYSTEMS = ("engine_float32", "engine_int8", "ct2_float32")
@@ -46,19 +42,8 @@ def engine_child(system: str, work: dict, rounds: list[list[str]]) -> list[dict]
     bank = AdapterBank.load(work["base"], work["adapters"])
     if system.endswith("int8"):
         quantize_int8(*bank.models())
-    loop = asyncio.new_event_loop()
-    threading.Thread(target=loop.run_forever, daemon=True).start()
-    engine = Engine(bank, max_rows=ROWS, max_rows_per_request=ROWS, threads=THREADS, compile=True,
-                    compile_cache=work["cache"])
-
-    def call(coroutine):
-        return asyncio.run_coroutine_threadsafe(coroutine, loop).result()
-
-    async def start():
-        engine.start()
-
-    call(start())
-    engine.wait_compiled()
+    engine, call = started_engine(Engine(bank, max_rows=ROWS, max_rows_per_request=ROWS, threads=THREADS,
+                                         compile=True, compile_cache=work["cache"]))
     names, found = list(work["adapters"]), []
     for prompts in rounds:
         call(engine.generate([names[i % 2] for i in range(ROWS)], prompts, TOKENS, min_new_tokens=TOKENS))
@@ -83,14 +68,6 @@ def ct2_child(system: str, work: dict, rounds: list[list[str]]) -> list[dict]:
                                    max_decoding_length=TOKENS, min_decoding_length=TOKENS)
         found.append({**memory(), "idle": memory()["rss"]})  # it frees its caches after a batch
     return found
-
-
-def run_child(system: str, work_file: str) -> list[dict]:
-    process = subprocess.run([sys.executable, __file__, "--child", system, "--work", work_file], capture_output=True,
-                             text=True, env={**os.environ, "OMP_NUM_THREADS": str(THREADS), "HF_HUB_OFFLINE": "1"})
-    if process.returncode:
-        raise RuntimeError(f"{system} failed: {process.stderr[-2000:]}")
-    return json.loads(process.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -122,8 +99,8 @@ def main() -> None:
         Path(fill_file).write_text(json.dumps({**work, "rounds": work["rounds"][:1]}))
         for system in args.systems:
             if system.startswith("engine"):
-                run_child(system, fill_file)  # the compile cache filled (its figures not kept)
-            results["systems"][system] = run_child(system, work_file)
+                run_child(system, fill_file, __file__)  # the compile cache filled (its figures not kept)
+            results["systems"][system] = run_child(system, work_file, __file__)
             print(system, json.dumps(results["systems"][system]), flush=True)
     results["idle_growth"] = {  # MiB the idle RSS grew from the first round to the last
         system: found[-1]["idle"] - found[0]["idle"] for system, found in results["systems"].items()}
