@@ -136,9 +136,10 @@ def pages_written(tensor: torch.Tensor) -> tuple[int, int]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/pagemap").exists(), reason="Linux's /proc/self/pagemap")
-def test_the_caches_take_memory_for_the_positions_rows_have_written_only():
-    """The attention caches are lazily zeroed (quantize.lazily_zeroed): a row's positions past its source (or past
-    the tokens it has decoded) take no memory, as the rows no request holds. One 400-token source beside 11 of 10
+@pytest.mark.parametrize("kind", ["module", "static"])
+def test_the_caches_take_memory_for_the_positions_rows_have_written_only(kind):
+    """Either runner's attention caches are lazily zeroed (quantize.lazily_zeroed): a row's positions past its source
+    (or past the tokens it has decoded) take no memory, as the rows no request holds. One 400-token source beside 11 of 10
     tokens: the cross-attention keys of a layer hold a fifth of their pages, after the slots grew (only what rows
     wrote is copied) and after the long row left (the last row moved into its slot, its positions only); the rows
     decode exactly as in a runner that never held the long one (what it left in the slot is masked)."""
@@ -147,7 +148,7 @@ def test_the_caches_take_memory_for_the_positions_rows_have_written_only():
     torch.manual_seed(0)
     config = T5Config(vocab_size=64, d_model=512, d_kv=64, num_heads=8, num_layers=1, d_ff=64, decoder_start_token_id=0)
     model = T5ForConditionalGeneration(config).eval()  # t5-small's heads: a position is 256 bytes of a row's head
-    runner, fresh = T5Runner(model, capacity=8), T5Runner(model, capacity=8)
+    runner, fresh = ((ModuleRunner if kind == "module" else T5Runner)(model, capacity=8) for _ in range(2))
     short = [[3 + i] * 9 + [1] for i in range(11)]
     runner.add([list(range(2, 62)) * 6 + [1] * 40] + short[:7], None, budgets=[4] * 8)
     assert runner.capacity[2] >= 400
@@ -161,8 +162,8 @@ def test_the_caches_take_memory_for_the_positions_rows_have_written_only():
     fresh.add([short[10]] + short[:10], None, budgets=[4] * 11)  # the order remove() left them in
     tokens = torch.zeros(11, dtype=torch.long)
     for _ in range(3):
-        logits = runner.step(tokens)
-        assert torch.equal(logits, fresh.step(tokens))
+        logits = runner.step(tokens, None)
+        assert torch.equal(logits, fresh.step(tokens, None))
         tokens = logits.argmax(-1)
 
 

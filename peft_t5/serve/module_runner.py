@@ -177,17 +177,13 @@ class ModuleRunner:
         """(Re)allocate the slots, keeping what the active rows hold."""
         fresh = not hasattr(self, "self_k")
 
-        def grown(old: torch.Tensor | None, size: int) -> torch.Tensor:
-            new = lazily_zeroed((rows, self.heads, size, self.head_dim), self.dtype, self.device)
-            if old is not None and self.n:
-                new[:self.n, :, :old.shape[2]] = old[:self.n]
-            return new
-
+        used = {"self": [], "cross": []} if fresh else written_extents(self)
         for name, size in (("self_k", length), ("self_v", length), ("cross_k", source), ("cross_v", source)):
             tensors = [None] * self.layers if fresh else getattr(self, name)
             for i in range(self.layers):  # in place, layer by layer: each old tensor goes (back to the OS: its own
-                tensors[i] = grown(tensors[i], size)  # mapping) before the next new one is made, so growing never
-            setattr(self, name, tensors)  # holds two whole caches at once
+                tensors[i] = grown_cache(tensors[i], (rows, self.heads, size, self.head_dim), used[name[:-2]],
+                                         self.dtype, self.device)  # mapping) before the next new one is made, so
+            setattr(self, name, tensors)  # growing never holds two whole caches at once
         for name in ("lengths", "source_lengths"):
             new = torch.zeros(rows, dtype=torch.long, device=self.device)
             if not fresh:
@@ -302,9 +298,7 @@ class ModuleRunner:
         """Free row's slot: the last active row moves into it."""
         last = self.n - 1
         if row != last:
-            for tensors in (self.self_k, self.self_v, self.cross_k, self.cross_v):
-                for t in tensors:
-                    t[row] = t[last]
+            move_row(self, row, last)
             self.lengths[row], self.source_lengths[row] = self.lengths[last], self.source_lengths[last]
         self.n = last
 
@@ -364,6 +358,33 @@ def padded(sources: list[list[int]], group: list[int], device, least: int = 1) -
     for row, i in enumerate(group):
         ids[row, :len(sources[i])], mask[row, :len(sources[i])] = torch.tensor(sources[i]), True
     return ids, mask
+
+
+def written_extents(runner) -> dict[str, list[int]]:
+    """Each active row's positions written so far, of its self- and its cross-attention caches: what growing the
+    caches copies (no further: the new caches' pages past them stay unwritten, lazily_zeroed)."""
+    return {"self": (runner.lengths[:runner.n] + 1).tolist(), "cross": runner.source_lengths[:runner.n].tolist()}
+
+
+def grown_cache(old: torch.Tensor | None, shape: tuple[int, ...], extents: list[int], dtype: torch.dtype,
+                device: torch.device) -> torch.Tensor:
+    """A lazily zeroed cache of `shape` [rows, heads, positions, head_dim] holding the first extents[r] positions of
+    old's row r (old: None, or the cache it replaces)."""
+    new = lazily_zeroed(shape, dtype, device)
+    for row, extent in enumerate(extents if old is not None else []):
+        extent = min(extent, shape[2], old.shape[2])
+        new[row, :, :extent] = old[row, :, :extent]
+    return new
+
+
+def move_row(runner, row: int, last: int) -> None:
+    """Row last's caches into row's slot: the positions it has written, no further (its pages past them stay
+    unwritten; what the slot's old row left there is masked, as zeros were)."""
+    written, source = int(runner.lengths[last]) + 1, int(runner.source_lengths[last])
+    for tensors, extent in ((runner.self_k, written), (runner.self_v, written), (runner.cross_k, source),
+                            (runner.cross_v, source)):
+        for t in tensors:
+            t[row, :, :extent] = t[last, :, :extent]
 
 
 def copy_sources(runner, copies: list[tuple[int, int]]) -> None:

@@ -26,8 +26,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
-from ..quantize import HeldByOneDNN, Int8Linear, lazily_zeroed
-from .module_runner import BASE_ADAPTER, ModuleRunner, copy_sources, encoding_plan, padded
+from ..quantize import HeldByOneDNN, Int8Linear
+from .module_runner import (
+    BASE_ADAPTER,
+    ModuleRunner,
+    copy_sources,
+    encoding_plan,
+    grown_cache,
+    move_row,
+    padded,
+    written_extents,
+)
 
 logger = logging.getLogger(__name__)
 # a LoRA layer's place in T5 -> the projection's name in the step (cross-attention: c*)
@@ -554,22 +563,13 @@ class T5Runner:
         w = self.weights
         layers = len(w.decoder)
 
-        used = {"self": [], "cross": []}  # each active row's positions written so far: the only ones copied, so
-        if not fresh:  # that a new cache's pages past them stay unwritten (lazily_zeroed)
-            used = {"self": (self.lengths[:self.n] + 1).tolist(), "cross": self.source_lengths[:self.n].tolist()}
-
-        def grown(old: torch.Tensor | None, size: int, kind: str) -> torch.Tensor:
-            new = lazily_zeroed((rows, w.heads, size + 1, w.head_dim), w.cache_dtype, self.device)
-            for row, extent in enumerate(used[kind] if old is not None else []):
-                extent = min(extent, size + 1, old.shape[2])
-                new[row, :, :extent] = old[row, :, :extent]
-            return new
-
+        used = {"self": [], "cross": []} if fresh else written_extents(self)
         for name, size in (("self_k", length), ("self_v", length), ("cross_k", source), ("cross_v", source)):
             tensors = [None] * layers if fresh else getattr(self, name)
-            for i in range(layers):  # in place, layer by layer: each old tensor goes (back to the OS: its own
-                tensors[i] = grown(tensors[i], size, name[:-2])  # mapping) before the next new one is made, so
-            setattr(self, name, tensors)  # growing never holds two whole caches at once
+            for i in range(layers):  # in place, layer by layer, as ModuleRunner's
+                tensors[i] = grown_cache(tensors[i], (rows, w.heads, size + 1, w.head_dim), used[name[:-2]],
+                                         w.cache_dtype, self.device)
+            setattr(self, name, tensors)
         for name in ("lengths", "source_lengths", "row_slots"):
             new = torch.zeros(rows, dtype=torch.long, device=self.device)
             if not fresh:
@@ -670,12 +670,8 @@ class T5Runner:
     def remove(self, row: int) -> None:
         """Free row's slot: the last active row moves into it."""
         last = self.n - 1
-        if row != last:  # the positions the last row has written, no further (its unwritten pages stay so)
-            written, source = int(self.lengths[last]) + 1, int(self.source_lengths[last])
-            for tensors, extent in ((self.self_k, written), (self.self_v, written), (self.cross_k, source),
-                                    (self.cross_v, source)):
-                for t in tensors:
-                    t[row, :, :extent] = t[last, :, :extent]
+        if row != last:
+            move_row(self, row, last)
             for t in (self.lengths, self.source_lengths, self.row_slots):
                 t[row] = t[last]
         self.n = last
